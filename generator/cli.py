@@ -1,0 +1,376 @@
+"""`python -m generator`: list, emit, build, cache and explain kernel variants.
+
+Data goes to stdout (one JSON document with --json), progress and logs to stderr. Exit codes:
+0 ok, 1 build or verify failure, 2 usage error (a one-line message naming the argument).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from generator import __version__
+from generator.errors import MlaGenError, SpecError, ToolchainError
+from generator.spec import Arch, DType, Family, Tile, VariantSpec
+
+PROG = "python -m generator"
+DEFAULT_ARCH = "sm_90a"
+_FIELD_FLAGS = {"num_heads": "--heads", "ckv_dim": "--ckv", "rope_dim": "--rope", "arch": "--arch",
+                "preset": "--preset", "family": "--family", "tile": "--tile", "dtype": "--dtype",
+                "q_dtype": "--dtype", "tp": "--tp", "s_q": "--s-q", "variant id": "--id"}
+
+
+class UsageError(Exception):
+    """Bad command-line input: exit 2 with one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + 2 lines)
+        raise UsageError(message)
+
+
+def _usage_message(err: SpecError) -> str:
+    text = str(err)
+    field = text.split(":", 1)[0]
+    flag = _FIELD_FLAGS.get(field) or _FIELD_FLAGS.get(field.split(".")[0])
+    return f"argument {flag}: {text}" if flag else text
+
+
+# -- selection of variants ---------------------------------------------------------------------------
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("variant selection (a preset, or explicit dims)")
+    g.add_argument("--preset", action="append", metavar="NAME",
+                   help="model preset (repeatable); see `list --presets`")
+    g.add_argument("--heads", type=int, nargs="+", metavar="H", help="query heads per GPU")
+    g.add_argument("--ckv", type=int, metavar="C", help="compressed kv width (kv_lora_rank), e.g. 512")
+    g.add_argument("--rope", type=int, metavar="R", help="rope width (qk_rope_head_dim), e.g. 64")
+    g.add_argument("--dtype", default=None, help="bf16 or fp16 (default: the preset's, else bf16)")
+    g.add_argument("--arch", default=DEFAULT_ARCH, help=f"compile target, e.g. sm_80, sm_90a (default {DEFAULT_ARCH})")
+    g.add_argument("--family", action="append", metavar="F",
+                   help="kernel family (repeatable): simt, mma (default: the fastest for the arch)")
+    g.add_argument("--tile", default=None, help="tile override, e.g. m16n32s1w8")
+    g.add_argument("--tp", type=int, action="append", metavar="N", help="tensor-parallel sizes of a preset")
+    g.add_argument("--id", action="append", metavar="VARIANT_ID", help="an explicit variant id (repeatable)")
+    g.add_argument("--filter", default=None, metavar="GLOB", help="keep variant ids matching this glob")
+
+
+def _select(args: argparse.Namespace) -> list[VariantSpec]:
+    from generator.presets import preset_variants
+    from generator.select import default_tile, families_for
+
+    arch = Arch.parse(args.arch)
+    dtype = DType.parse(args.dtype) if args.dtype else None
+    families = [Family.parse(f) for f in args.family] if args.family else None
+    specs: list[VariantSpec] = [VariantSpec.from_id(i) for i in (args.id or [])]
+    for name in args.preset or []:
+        found = preset_variants(name, arch, dtype=dtype, families=families, tp_sizes=args.tp)
+        if args.tile:
+            found = [VariantSpec(s.num_heads, s.ckv_dim, s.rope_dim, s.q_dtype, s.kv_dtype, s.out_dtype,
+                                 s.family, Tile.parse(args.tile), s.arch) for s in found]
+        specs += found
+    if args.heads or args.ckv or args.rope:
+        if not (args.heads and args.ckv and args.rope):
+            raise UsageError("arguments --heads, --ckv and --rope go together")
+        dt = dtype or DType.BF16
+        for h in args.heads:
+            for fam in families or families_for(arch)[:1]:
+                tile = Tile.parse(args.tile) if args.tile else default_tile(fam, h, args.ckv, args.rope, arch)
+                specs.append(VariantSpec(h, args.ckv, args.rope, dt, dt, dt, fam, tile, arch))
+    if not specs:
+        raise UsageError("no variants selected: give --preset, --heads/--ckv/--rope or --id")
+    specs = list(dict.fromkeys(specs))
+    if args.filter:
+        specs = [s for s in specs if fnmatch.fnmatch(s.variant_id, args.filter)]
+    return specs
+
+
+def _spec_row(spec: VariantSpec) -> dict[str, Any]:
+    return {"variant_id": spec.variant_id, **spec.to_dict(), "smem_bytes": spec.smem_bytes,
+            "threads": spec.threads}
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.presets:
+        from generator.presets import model_config, preset_names
+
+        rows = []
+        for name in preset_names():
+            cfg = model_config(name)
+            rows.append({"preset": name, "num_heads": cfg.num_heads, "ckv_dim": cfg.kv_lora_rank,
+                         "rope_dim": cfg.qk_rope_head_dim, "tp_heads": cfg.tp_heads(),
+                         "sm_scale": cfg.sm_scale if cfg.sm_scale_known else None})
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['preset']:20s} heads {r['num_heads']:4d}  ckv {r['ckv_dim']}  rope {r['rope_dim']}  "
+                      f"tp heads {r['tp_heads']}  sm_scale "
+                      + (f"{r['sm_scale']:.6f}" if r["sm_scale"] is not None else "unknown (pass it explicitly)"))
+        return 0
+    specs = _select(args)
+    if args.json:
+        print(json.dumps([_spec_row(s) for s in specs], indent=2))
+    else:
+        for s in specs:
+            print(f"{s.variant_id}  smem {s.smem_bytes} B  threads {s.threads}")
+    return 0
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from generator.build import write_if_different
+    from generator.render import render_ninja, render_sources
+
+    out = Path(args.out)
+    try:
+        from generator.toolchain import toolchain
+        tc = toolchain()
+    except ToolchainError:
+        tc = None  # sources are still worth reading; build.ninja then names plain `nvcc` and `c++`
+    written = []
+    for spec in _select(args):
+        folder = out / spec.arch.value / spec.variant_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in render_sources(spec).items():
+            write_if_different(folder / name, text)
+        if tc is not None:
+            ninja = render_ninja(spec, nvcc=str(tc.nvcc), cxx=str(tc.cxx), nvcc_flags=tc.nvcc_flags(spec.arch),
+                                 cxx_flags=tc.cxx_flags(), ldflags=tc.link_flags(),
+                                 so_name=spec.variant_id + tc.ext_suffix)
+        else:
+            ninja = render_ninja(spec, nvcc="nvcc", cxx="c++", nvcc_flags=["-std=c++17", "-O3", spec.arch.gencode,
+                                 "-Xcompiler", "-fPIC", "-I."], cxx_flags=["-std=c++17", "-O2", "-fPIC", "-I."],
+                                 ldflags=["-shared"], so_name=spec.variant_id + ".so")
+        write_if_different(folder / "build.ninja", ninja)
+        written.append({"variant_id": spec.variant_id, "folder": str(folder)})
+    if args.json:
+        print(json.dumps(written, indent=2))
+    else:
+        for w in written:
+            print(w["folder"])
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from generator.build import build_many
+    from generator.cache import BinaryCache
+
+    specs = _select(args)
+    cache = BinaryCache(args.out) if args.out else BinaryCache()
+    total, done = len(specs), [0]
+    rows: list[dict[str, Any]] = []
+
+    def progress(spec, res, err) -> None:
+        done[0] += 1
+        if err is None:
+            what = f"built in {res.seconds:.1f} s" if res.built else f"cached ({res.seconds * 1e3:.0f} ms)"
+            print(f"[{done[0]}/{total}] {spec.variant_id}: {what} -> {res.entry.path}", file=sys.stderr, flush=True)
+            rows.append({"variant_id": spec.variant_id, "ok": True, "built": res.built,
+                         "seconds": round(res.seconds, 3), "entry": str(res.entry.path)})
+        else:
+            print(f"[{done[0]}/{total}] {spec.variant_id}: FAILED\n{err}", file=sys.stderr, flush=True)
+            rows.append({"variant_id": spec.variant_id, "ok": False, "error": str(err)})
+
+    start = time.perf_counter()
+    build_many(specs, args.jobs, cache, progress)
+    failed = sum(not r["ok"] for r in rows)
+    print(f"{total - failed}/{total} variants ready in {time.perf_counter() - start:.1f} s (cache {cache.root})",
+          file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 1 if failed else 0
+
+
+def _fmt_time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from generator.cache import BinaryCache
+
+    cache = BinaryCache(args.root) if args.root else BinaryCache()
+    if args.cache_cmd == "ls":
+        rows = []
+        for e in cache.entries():
+            problems = e.problems()
+            meta = {} if problems else e.meta()
+            rows.append({"entry": e.name, "arch": e.arch, "path": str(e.path), "ok": not problems,
+                         "problems": problems, "size_bytes": e.size_bytes(),
+                         "build_seconds": meta.get("build_seconds"), "created": meta.get("created"),
+                         "last_used": meta.get("last_used")})
+        if args.json:
+            print(json.dumps({"root": str(cache.root), "entries": rows}, indent=2))
+        else:
+            print(f"# cache {cache.root}: {len(rows)} entries")
+            for r in rows:
+                state = "ok" if r["ok"] else "CORRUPT"
+                print(f"{r['arch']:7s} {r['entry']}  {r['size_bytes'] / 1e6:6.2f} MB  built "
+                      f"{_fmt_time(r['created'])} in {r['build_seconds'] or 0:.1f} s  used {_fmt_time(r['last_used'])}  {state}")
+        return 0
+    if args.cache_cmd == "info":
+        found = cache.find(args.query)
+        if not found:
+            raise UsageError(f"argument query: no cache entry matches {args.query!r} in {cache.root}")
+        docs = []
+        for e in found:
+            problems = e.problems()
+            docs.append({"path": str(e.path), "ok": not problems, "problems": problems,
+                         "meta": None if any("meta.json" in p for p in problems) else e.meta()})
+        print(json.dumps(docs if len(docs) > 1 else docs[0], indent=2))
+        return 0
+    if args.cache_cmd == "verify":
+        entries = cache.find(args.query) if args.query else cache.entries()
+        rows, bad = [], 0
+        for e in entries:
+            problems = e.problems()
+            if not problems:
+                err = e.import_check()
+                if err:
+                    problems = [f"import failed: {err}"]
+            bad += bool(problems)
+            rows.append({"entry": str(e.path), "ok": not problems, "problems": problems})
+            if not args.json:
+                print(f"{'ok     ' if not problems else 'CORRUPT'} {e.path}" + "".join(f"\n    {p}" for p in problems))
+        if args.json:
+            print(json.dumps({"root": str(cache.root), "entries": rows, "corrupt": bad}, indent=2))
+        print(f"{len(entries) - bad}/{len(entries)} entries ok", file=sys.stderr)
+        return 1 if bad else 0
+    if args.cache_cmd == "prune":
+        removed = cache.prune(args.unused_days, dry_run=args.dry_run)
+        if args.json:
+            print(json.dumps({"removed": [str(p) for p in removed], "dry_run": args.dry_run}, indent=2))
+        else:
+            for p in removed:
+                print(("would remove " if args.dry_run else "removed ") + str(p))
+        return 0
+    if args.cache_cmd == "clear":
+        n = cache.clear()
+        if args.json:
+            print(json.dumps({"root": str(cache.root), "removed_entries": n}))
+        else:
+            print(f"removed {n} entries from {cache.root}")
+        return 0
+    raise UsageError("cache: expected one of ls, info, verify, prune, clear")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from generator.select import decide
+
+    decision = decide(arch=Arch.parse(args.arch), num_heads=args.heads, ckv_dim=args.ckv, rope_dim=args.rope,
+                      dtype=DType.parse(args.dtype), s_q=args.s_q, sm_count=args.sm_count,
+                      ctas_per_sm=args.ctas_per_sm, family=Family.parse(args.family) if args.family else None,
+                      num_parts=args.num_parts, batch=args.batch, mean_seqlen=args.seqlen)
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2))
+    else:
+        print(f"variant  {decision.spec.variant_id}")
+        print(f"grid     {decision.m_blocks} row block(s) x {decision.num_parts} parts, "
+              f"{decision.spec.threads} threads, {decision.spec.smem_bytes} B shared memory per CTA")
+        print("why:")
+        for r in decision.reasons:
+            print(f"  - {r}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------------
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="mla-gen's kernel compiler: list, emit, build and cache MLA decode "
+                                       "kernel variants, and explain dispatch decisions.")
+    p.add_argument("--version", action="version", version=f"mla-gen {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("list", help="list the variants of a preset or of explicit dims",
+                       description="List variants (id, shared memory, threads). --presets lists the model presets.")
+    _add_selection(s)
+    s.add_argument("--presets", action="store_true", help="list the model presets instead")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("emit", help="write sources and build.ninja to a folder",
+                       description="Render each variant's sources and build.ninja into OUT/<arch>/<variant-id>/.")
+    _add_selection(s)
+    s.add_argument("--out", default="build", help="output folder (default build/)")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
+    s.set_defaults(fn=cmd_emit)
+
+    s = sub.add_parser("build", help="compile variants into the cache (or --out)",
+                       description="Compile variants ahead of time, -j at once; one progress line per variant.")
+    _add_selection(s)
+    s.add_argument("--out", default=None, help="cache root to build into (default $MLA_GEN_CACHE_DIR)")
+    s.add_argument("-j", "--jobs", type=_positive, default=2, help="variants built at once (default 2)")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("cache", help="inspect and manage the binary cache",
+                       description="ls: entries; info QUERY: one entry's meta.json; verify [QUERY]: checksums "
+                                   "and a test import (exit 1 if any is corrupt); prune: drop unused entries "
+                                   "and leftovers; clear: drop everything.")
+    s.add_argument("--root", default=None, help="cache root (default $MLA_GEN_CACHE_DIR or ~/.cache/mla_gen)")
+    csub = s.add_subparsers(dest="cache_cmd", required=True, parser_class=_Parser)
+    c = csub.add_parser("ls", help="list entries")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("info", help="show one entry's metadata")
+    c.add_argument("query", help="variant id, id prefix, entry name or entry path")
+    c.add_argument("--json", action="store_true", help="(info always prints JSON)")
+    c = csub.add_parser("verify", help="check checksums and that modules import")
+    c.add_argument("query", nargs="?", default=None)
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("prune", help="remove entries unused for N days and leftovers")
+    c.add_argument("--unused-days", type=float, default=30.0, help="default 30")
+    c.add_argument("--dry-run", action="store_true")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("clear", help="remove every entry")
+    c.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_cache)
+
+    s = sub.add_parser("explain", help="print the dispatch decision for a shape and why",
+                       description="The variant, grid and split-kv plan that dispatch picks, with reasons.")
+    s.add_argument("--heads", type=int, required=True)
+    s.add_argument("--ckv", type=int, required=True)
+    s.add_argument("--rope", type=int, required=True)
+    s.add_argument("--dtype", default="bf16")
+    s.add_argument("--arch", default=DEFAULT_ARCH)
+    s.add_argument("--batch", type=_positive, default=None)
+    s.add_argument("--seqlen", type=_positive, default=None, help="mean cache length per request")
+    s.add_argument("--s-q", type=_positive, default=1, dest="s_q", help="query tokens per request")
+    s.add_argument("--sm-count", type=_positive, default=132, help="SMs of the device (default 132, H100 SXM)")
+    s.add_argument("--ctas-per-sm", type=_positive, default=None)
+    s.add_argument("--family", default=None)
+    s.add_argument("--num-parts", type=_positive, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_explain)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.fn(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except SpecError as e:
+        print(f"{PROG}: error: {_usage_message(e)}", file=sys.stderr)
+        return 2
+    except MlaGenError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1

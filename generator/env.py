@@ -1,0 +1,62 @@
+"""Every environment variable mla-gen reads, in one place. A bad value warns and falls back."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    warnings.warn(f"{name}={value!r} is not a boolean (1/0/true/false); treating it as off")
+    return False
+
+
+def cache_dir() -> Path:
+    """MLA_GEN_CACHE_DIR, default ~/.cache/mla_gen."""
+    value = os.environ.get("MLA_GEN_CACHE_DIR", "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "mla_gen"
+
+
+def lock_dir() -> Path | None:
+    """MLA_GEN_LOCK_DIR: a local folder for build locks when the cache sits on a network filesystem."""
+    value = os.environ.get("MLA_GEN_LOCK_DIR", "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def nvcc_override() -> str | None:
+    """MLA_GEN_NVCC: the nvcc to use, ahead of CUDA_HOME and PATH."""
+    return os.environ.get("MLA_GEN_NVCC", "").strip() or None
+
+
+def cuda_home() -> str | None:
+    return (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "").strip() or None
+
+
+def disable_jit() -> bool:
+    """MLA_GEN_DISABLE_JIT=1: a cache miss raises MissingJITCacheError instead of compiling."""
+    return _flag("MLA_GEN_DISABLE_JIT")
+
+
+def debug() -> bool:
+    """MLA_GEN_DEBUG=1: value checks that need a device sync (lengths, page ids) on every call."""
+    return _flag("MLA_GEN_DEBUG")
+
+
+def build_jobs() -> int:
+    """MLA_GEN_BUILD_JOBS: ninja jobs per variant build (default: ninja's own choice)."""
+    value = os.environ.get("MLA_GEN_BUILD_JOBS", "").strip()
+    if not value:
+        return 0
+    try:
+        jobs = int(value)
+        if jobs < 1:
+            raise ValueError
+        return jobs
+    except ValueError:
+        warnings.warn(f"MLA_GEN_BUILD_JOBS={value!r} is not a positive integer; using ninja's default")
+        return 0

@@ -1,0 +1,104 @@
+"""Dispatch RULES, torch-free: (arch, shape, dtype, batch and length statistics) -> the variant,
+the split-kv grid and the reasons. `python -m generator explain` prints a Decision; the runtime
+(mla_gen.dispatch) asks the same function with the device's numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from generator.errors import SpecError
+from generator.spec import Arch, DType, Family, Tile, VariantSpec
+
+# Families with a template, fastest first.
+FAMILY_ORDER = (Family.SIMT,)
+# Tokens of kv that one part must at least get before splitting pays for its fixed costs.
+MIN_TOKENS_PER_PART = 256
+# Fixed cost of a request or a split (q load, epilogue, merge), in kv tokens.
+FIXED_COST_TOKENS = 128
+
+
+def families_for(arch: Arch) -> list[Family]:
+    """Families that run on `arch`, fastest first."""
+    return [f for f in FAMILY_ORDER if arch.cc >= f.min_cc]
+
+
+def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None) -> Tile:
+    """The tile a family uses for a head count (heads decide rows per CTA)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= 1024:
+        raise SpecError(f"num_heads: expected 1..1024, got {num_heads!r}")
+    if family is Family.SIMT:
+        block_m = min(16, 1 << max(0, math.ceil(math.log2(num_heads))))
+        warps = 8 if ckv_dim % 512 == 0 else (4 if ckv_dim % 256 == 0 else 2 if ckv_dim % 128 == 0 else 1)
+        block_n = 16 if arch is not None and arch.max_smem_per_block < 96 * 1024 else 32
+        return Tile(block_m, block_n, 1, warps)
+    if family is Family.MMA:
+        if num_heads <= 16:
+            return Tile(16, 64, 2, 4)     # one row group, 4 warps split the ckv columns
+        if num_heads <= 32:
+            return Tile(32, 64, 2, 4)     # two row groups x 2 column halves
+        return Tile(64, 64, 2, 8)         # four row groups x 2 column halves
+    raise SpecError(f"family: no tile rules for {family.value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    spec: VariantSpec
+    m_blocks: int          # CTAs along the packed query rows
+    num_parts: int         # CTA columns along kv (the split-kv grid); the planner may use fewer
+    fixed_cost: int        # planner blocks charged per request
+    min_part_cost: int     # planner blocks a part must get before another part is used
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"variant_id": self.spec.variant_id, "spec": self.spec.to_dict(), "m_blocks": self.m_blocks,
+                "num_parts": self.num_parts, "grid": [self.m_blocks, self.num_parts],
+                "fixed_cost": self.fixed_cost, "min_part_cost": self.min_part_cost, "reasons": list(self.reasons)}
+
+
+def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DType, s_q: int = 1,
+           sm_count: int = 132, ctas_per_sm: int | None = None, family: Family | None = None,
+           tile: Tile | None = None, num_parts: int | None = None, batch: int | None = None,
+           mean_seqlen: float | None = None) -> Decision:
+    """Chooses family, tile and grid. Raises SpecError for an impossible request."""
+    reasons: list[str] = []
+    if s_q < 1:
+        raise SpecError(f"s_q: expected >= 1, got {s_q}")
+    available = families_for(arch)
+    if family is None:
+        family = available[0]
+        reasons.append(f"family {family.value}: fastest of {[f.value for f in available]} on {arch.nvcc_name}")
+    elif family not in available:
+        raise SpecError(f"family: {family.value} does not run on {arch.nvcc_name}; available: "
+                        f"{', '.join(f.value for f in available)}")
+    else:
+        reasons.append(f"family {family.value}: requested")
+    if tile is None:
+        tile = default_tile(family, num_heads, ckv_dim, rope_dim, arch)
+        reasons.append(f"tile {tile.name}: {family.value} rule for {num_heads} heads "
+                       f"({tile.block_m} rows per CTA, {tile.block_n} kv tokens per step)")
+    spec = VariantSpec(num_heads, ckv_dim, rope_dim, dtype, dtype, dtype, family, tile, arch)
+    rows = num_heads * s_q
+    m_blocks = math.ceil(rows / tile.block_m)
+    padded = m_blocks * tile.block_m
+    reasons.append(f"{rows} query rows (heads {num_heads} x s_q {s_q}) -> {m_blocks} row block(s) of "
+                   f"{tile.block_m}" + (f", {padded - rows} padded rows" if padded != rows else ""))
+    if ctas_per_sm is None:
+        ctas_per_sm = 1
+    fixed_cost = max(1, math.ceil(FIXED_COST_TOKENS / tile.block_n))
+    min_part_cost = math.ceil(MIN_TOKENS_PER_PART / tile.block_n) + fixed_cost
+    if num_parts is None:
+        num_parts = max(1, (sm_count * ctas_per_sm) // m_blocks)
+        reasons.append(f"{num_parts} parts: {sm_count} SMs x {ctas_per_sm} CTA(s)/SM over {m_blocks} row "
+                       f"block(s); the device planner balances kv blocks + {fixed_cost} per request over them "
+                       f"and uses fewer when a part would get under {min_part_cost} blocks")
+    else:
+        reasons.append(f"{num_parts} parts: requested")
+    if batch is not None and mean_seqlen is not None:
+        blocks = batch * (math.ceil(mean_seqlen / tile.block_n) + fixed_cost)
+        used = max(1, min(num_parts, math.ceil(blocks / min_part_cost)))
+        per_part = blocks / used
+        splits = "requests are split across parts" if used > batch else "whole requests per part"
+        reasons.append(f"batch {batch} x ~{mean_seqlen:.0f} tokens = ~{blocks} cost blocks over {used} parts "
+                       f"(~{per_part:.1f} each): {splits}")
+    return Decision(spec, m_blocks, num_parts, fixed_cost, min_part_cost, tuple(reasons))

@@ -1,0 +1,289 @@
+"""VariantSpec: the full description of one generated kernel variant.
+
+A spec is a frozen dataclass of ints and enums. It validates itself on
+construction (SpecError names the field, the value and what is allowed), has a
+readable stable id that parses back (`VariantSpec.from_id`), and hashes its
+build inputs with sha256 over canonical JSON, never Python's hash().
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import re
+from typing import Any, Mapping
+
+from generator.errors import SpecError
+
+
+class DType(enum.Enum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def c_type(self) -> str:
+        return {"bf16": "__nv_bfloat16", "fp16": "__half"}[self.value]
+
+    @property
+    def itemsize(self) -> int:
+        return 2
+
+    @classmethod
+    def parse(cls, text: str | DType, field: str = "dtype") -> DType:
+        if isinstance(text, DType):
+            return text
+        aliases = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+        key = aliases.get(str(text).strip().lower().removeprefix("torch."))
+        if key is None:
+            raise SpecError(f"{field}: unknown dtype {text!r}; expected one of bf16, fp16")
+        return cls(key)
+
+
+class Family(enum.Enum):
+    """Kernel designs (DESIGN.md section 3)."""
+    SIMT = "simt"   # CUDA cores, fp32 accumulation; any arch; the correctness baseline
+    MMA = "mma"     # tensor cores via mma.sync m16n8k16, cp.async pipeline; sm_80+
+
+    @property
+    def min_cc(self) -> int:
+        return {"simt": 75, "mma": 80}[self.value]
+
+    @classmethod
+    def parse(cls, text: str | Family) -> Family:
+        if isinstance(text, Family):
+            return text
+        try:
+            return cls(str(text).strip().lower())
+        except ValueError:
+            raise SpecError(f"family: unknown family {text!r}; expected one of "
+                            f"{', '.join(f.value for f in cls)}") from None
+
+
+class Arch(enum.Enum):
+    """Compile targets. Values are the id spelling (no underscore)."""
+    SM75 = "sm75"
+    SM80 = "sm80"
+    SM86 = "sm86"
+    SM89 = "sm89"
+    SM90 = "sm90"
+    SM90A = "sm90a"
+    SM100A = "sm100a"
+    SM120 = "sm120"
+
+    @property
+    def cc(self) -> int:
+        """Compute capability as major*10+minor, e.g. 90."""
+        return int(re.sub(r"\D", "", self.value))
+
+    @property
+    def arch_specific(self) -> bool:
+        return self.value.endswith("a")
+
+    @property
+    def nvcc_name(self) -> str:
+        return "sm_" + self.value[2:]
+
+    @property
+    def gencode(self) -> str:
+        # NOTE(arch): sm_90a must be spelled as -gencode; `-arch=sm_90a` also runs a plain sm_90
+        # pass with nvcc 13.0 that rejects arch-specific instructions (DESIGN.md section 4).
+        num = self.value[2:]
+        return f"-gencode=arch=compute_{num},code=sm_{num}"
+
+    @property
+    def max_smem_per_block(self) -> int:
+        """Opt-in dynamic shared memory per block, bytes."""
+        return {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                100: 227 * 1024, 120: 99 * 1024}[self.cc]
+
+    @classmethod
+    def parse(cls, text: str | Arch) -> Arch:
+        if isinstance(text, Arch):
+            return text
+        key = str(text).strip().lower().replace("_", "").replace(".", "")
+        if not key.startswith("sm"):
+            key = "sm" + key
+        try:
+            return cls(key)
+        except ValueError:
+            raise SpecError(f"arch: unknown arch {text!r}; expected one of "
+                            f"{', '.join(a.nvcc_name for a in cls)}") from None
+
+    @classmethod
+    def for_capability(cls, major: int, minor: int) -> Arch:
+        """The best target for a device: arch-specific where a family uses its instructions."""
+        table = {(7, 5): cls.SM75, (8, 0): cls.SM80, (8, 6): cls.SM86, (8, 7): cls.SM86, (8, 9): cls.SM89,
+                 (9, 0): cls.SM90A, (10, 0): cls.SM100A, (12, 0): cls.SM120}
+        if (major, minor) in table:
+            return table[(major, minor)]
+        raise SpecError(f"device: compute capability {major}.{minor} is not supported; "
+                        f"supported: {', '.join(f'{a}.{b}' for a, b in table)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """Tile shape: query rows per CTA, kv tokens per step, pipeline stages, warps per CTA."""
+    block_m: int
+    block_n: int
+    stages: int
+    warps: int
+
+    @property
+    def name(self) -> str:
+        return f"m{self.block_m}n{self.block_n}s{self.stages}w{self.warps}"
+
+    @classmethod
+    def parse(cls, text: str) -> Tile:
+        m = re.fullmatch(r"m(\d+)n(\d+)s(\d+)w(\d+)", text.strip())
+        if not m:
+            raise SpecError(f"tile: {text!r} is not of the form m<rows>n<tokens>s<stages>w<warps>, "
+                            f"e.g. m16n32s1w8")
+        return cls(*(int(g) for g in m.groups()))
+
+
+_ID_RE = re.compile(r"mla_decode_h(\d+)_c(\d+)_r(\d+)_([a-z0-9]+)_([a-z0-9]+)_([a-z]+)_"
+                    r"(m\d+n\d+s\d+w\d+)_(sm\d+a?)")
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    num_heads: int
+    ckv_dim: int
+    rope_dim: int
+    q_dtype: DType
+    kv_dtype: DType
+    out_dtype: DType
+    family: Family
+    tile: Tile
+    arch: Arch
+
+    def __post_init__(self) -> None:
+        _check_int("num_heads", self.num_heads, 1, 1024)
+        _check_int("ckv_dim", self.ckv_dim, 16, 1024)
+        _check_int("rope_dim", self.rope_dim, 16, 256)
+        for name in ("ckv_dim", "rope_dim"):
+            if getattr(self, name) % 16:
+                raise SpecError(f"{name}: expected a multiple of 16 (16-byte vector loads and k16 MMA "
+                                f"steps), got {getattr(self, name)}")
+        for name in ("q_dtype", "kv_dtype", "out_dtype", "family", "tile", "arch"):
+            want = {"family": Family, "tile": Tile, "arch": Arch}.get(name, DType)
+            if not isinstance(getattr(self, name), want):
+                raise SpecError(f"{name}: expected a {want.__name__}, got {getattr(self, name)!r}")
+        if self.kv_dtype != self.q_dtype:
+            raise SpecError(f"kv_dtype: expected the q dtype ({self.q_dtype.value}) until fp8 caches land, "
+                            f"got {self.kv_dtype.value}")
+        if self.out_dtype != self.q_dtype:
+            raise SpecError(f"out_dtype: expected the q dtype ({self.q_dtype.value}), got {self.out_dtype.value}")
+        if self.arch.cc < self.family.min_cc:
+            raise SpecError(f"arch: family {self.family.value} needs sm_{self.family.min_cc} or newer, "
+                            f"got {self.arch.nvcc_name}")
+        _FAMILY_CHECKS[self.family](self)
+        smem = self.smem_bytes
+        if smem > self.arch.max_smem_per_block:
+            raise SpecError(f"tile: {self.tile.name} needs {smem} bytes of shared memory, more than the "
+                            f"{self.arch.max_smem_per_block} a block may use on {self.arch.nvcc_name}")
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    @property
+    def variant_id(self) -> str:
+        """Readable, stable, [a-z0-9_] only; parses back with from_id."""
+        return (f"mla_decode_h{self.num_heads}_c{self.ckv_dim}_r{self.rope_dim}_{self.q_dtype.value}_"
+                f"{self.kv_dtype.value}_{self.family.value}_{self.tile.name}_{self.arch.value}")
+
+    @classmethod
+    def from_id(cls, variant_id: str) -> VariantSpec:
+        m = _ID_RE.fullmatch(variant_id.strip())
+        if not m:
+            raise SpecError(f"variant id: {variant_id!r} does not look like "
+                            f"mla_decode_h<heads>_c<ckv>_r<rope>_<q>_<kv>_<family>_<tile>_<arch>")
+        h, c, r, q, kv, fam, tile, arch = m.groups()
+        qd = DType.parse(q, "q_dtype")
+        return cls(int(h), int(c), int(r), qd, DType.parse(kv, "kv_dtype"), qd, Family.parse(fam),
+                   Tile.parse(tile), Arch.parse(arch))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_heads": self.num_heads, "ckv_dim": self.ckv_dim, "rope_dim": self.rope_dim,
+                "q_dtype": self.q_dtype.value, "kv_dtype": self.kv_dtype.value,
+                "out_dtype": self.out_dtype.value, "family": self.family.value,
+                "tile": dataclasses.asdict(self.tile), "arch": self.arch.value}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VariantSpec:
+        return cls(int(d["num_heads"]), int(d["ckv_dim"]), int(d["rope_dim"]),
+                   DType.parse(d["q_dtype"], "q_dtype"), DType.parse(d["kv_dtype"], "kv_dtype"),
+                   DType.parse(d["out_dtype"], "out_dtype"), Family.parse(d["family"]),
+                   Tile(**d["tile"]), Arch.parse(d["arch"]))
+
+    def content_hash(self, sources: Mapping[str, str], flags: list[str], toolchain: Mapping[str, str]) -> str:
+        """sha256 (hex) over everything that changes the binary: this spec, the rendered sources,
+        the compiler flags and the toolchain fingerprint (nvcc and host compiler versions,
+        generator version, Python extension suffix)."""
+        doc = {"spec": self.to_dict(), "sources": dict(sorted(sources.items())), "flags": list(flags),
+               "toolchain": dict(sorted(toolchain.items()))}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    # -- derived sizes ----------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        """Width of the single kv head: ckv + rope."""
+        return self.ckv_dim + self.rope_dim
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.tile.warps
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory of the decode kernel (must match the family's .cuh layout)."""
+        t, d, kv = self.tile, self.head_dim, self.kv_dtype.itemsize
+        if self.family is Family.SIMT:
+            # q tile in fp32, one kv tile, scores/probabilities in fp32, three per-row fp32 arrays
+            return t.block_m * d * 4 + t.block_n * d * kv + t.block_m * t.block_n * 4 + 3 * t.block_m * 4
+        # mma: q tile, `stages` kv tiles, P tile, row max/sum exchange between the kv-split warps
+        wn = t.warps // (t.block_m // 16)
+        return (t.block_m * d * self.q_dtype.itemsize + t.stages * t.block_n * d * kv
+                + t.block_m * t.block_n * self.q_dtype.itemsize + 2 * wn * t.block_m * 4)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{name}: expected an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise SpecError(f"{name}: expected {lo}..{hi}, got {value}")
+
+
+def _check_simt(spec: VariantSpec) -> None:
+    t = spec.tile
+    _check_int("tile.block_m", t.block_m, 1, 64)
+    if t.block_n not in (16, 32, 64):
+        raise SpecError(f"tile.block_n: simt takes 16, 32 or 64 kv tokens per step, got {t.block_n}")
+    if t.stages != 1:
+        raise SpecError(f"tile.stages: simt loads synchronously, expected 1, got {t.stages}")
+    if t.warps not in (1, 2, 4, 8, 16):
+        raise SpecError(f"tile.warps: expected 1, 2, 4, 8 or 16, got {t.warps}")
+    if spec.ckv_dim % (64 * t.warps):
+        raise SpecError(f"tile.warps: simt gives each thread a pair of output columns, so 64*warps must "
+                        f"divide ckv_dim {spec.ckv_dim}; got warps={t.warps}")
+
+
+def _check_mma(spec: VariantSpec) -> None:
+    t = spec.tile
+    if t.block_m not in (16, 32, 64):
+        raise SpecError(f"tile.block_m: mma takes 16, 32 or 64 query rows per CTA, got {t.block_m}")
+    groups = t.block_m // 16
+    if t.warps % groups or t.warps // groups not in (1, 2, 4, 8):
+        raise SpecError(f"tile.warps: mma needs warps = (block_m/16) x (1, 2, 4 or 8 column splits); "
+                        f"got warps={t.warps} for block_m={t.block_m}")
+    wn = t.warps // groups
+    if spec.ckv_dim % (16 * wn):
+        raise SpecError(f"tile.warps: {wn} column splits of ckv_dim {spec.ckv_dim} are not multiples of 16")
+    if t.block_n not in (16, 32, 64, 128) or t.block_n % (16 * wn):
+        raise SpecError(f"tile.block_n: expected 16, 32, 64 or 128 and a multiple of 16 x {wn} column "
+                        f"splits, got {t.block_n}")
+    _check_int("tile.stages", t.stages, 2, 8)
+
+
+_FAMILY_CHECKS = {Family.SIMT: _check_simt, Family.MMA: _check_mma}

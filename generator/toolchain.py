@@ -1,0 +1,159 @@
+"""The CUDA toolchain: find nvcc, fingerprint it, and give the flags of a build.
+
+nvcc is looked for in MLA_GEN_NVCC, CUDA_HOME (or CUDA_PATH), PATH, /usr/local/cuda and the pip
+package nvidia-cuda-nvcc, in that order. Its version text is memoised per binary (path, size,
+mtime) under the cache root, so a warm-cache load never runs nvcc.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from generator import __version__, env
+from generator.errors import ToolchainError
+from generator.spec import Arch
+
+INSTALL_HINT = ("install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads) and set CUDA_HOME, "
+                "or `pip install nvidia-cuda-nvcc`, or point MLA_GEN_NVCC at an nvcc binary")
+
+
+@dataclasses.dataclass(frozen=True)
+class Toolchain:
+    nvcc: Path
+    nvcc_version: str        # e.g. "13.0.88"
+    nvcc_version_text: str   # the full `nvcc --version` output
+    cxx: Path
+    cxx_version_text: str
+    python_include: Path
+    pybind11_include: Path
+    ext_suffix: str          # the Python ABI a module is built for, e.g. ".cpython-312-x86_64-linux-gnu.so"
+
+    @property
+    def cuda_home(self) -> Path:
+        return self.nvcc.resolve().parent.parent
+
+    def fingerprint(self) -> dict[str, str]:
+        """Everything about the toolchain that changes a binary (part of the cache key)."""
+        return {"nvcc": self.nvcc_version_text.strip(), "cxx": self.cxx_version_text.strip(),
+                "generator": __version__, "ext_suffix": self.ext_suffix}
+
+    def nvcc_flags(self, arch: Arch) -> list[str]:
+        return ["-std=c++17", "-O3", arch.gencode, "--ptxas-options=-v", "-lineinfo", "-Xcompiler", "-fPIC",
+                "-Xcompiler", "-Wall", "--expt-relaxed-constexpr", "-I."]
+
+    def cxx_flags(self) -> list[str]:
+        return ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-I.",
+                f"-isystem{self.pybind11_include}", f"-isystem{self.python_include}"]
+
+    def link_flags(self) -> list[str]:
+        # NOTE(cudart): static cudart keeps the module free of a libcudart.so search path; streams and
+        # pointers are driver objects shared with torch's own runtime in the same process.
+        return ["-shared", "-cudart", "static"]
+
+
+def _candidates() -> list[Path]:
+    out: list[Path] = []
+    if env.nvcc_override():
+        out.append(Path(env.nvcc_override()))
+    if env.cuda_home():
+        out.append(Path(env.cuda_home()) / "bin" / "nvcc")
+    on_path = shutil.which("nvcc")
+    if on_path:
+        out.append(Path(on_path))
+    out.append(Path("/usr/local/cuda/bin/nvcc"))
+    spec = importlib.util.find_spec("nvidia")
+    if spec and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            out.extend(sorted(Path(loc).glob("cu*/bin/nvcc")))
+            out.append(Path(loc) / "cuda_nvcc" / "bin" / "nvcc")
+    return out
+
+
+def find_nvcc() -> Path:
+    """The first nvcc that exists; ToolchainError with install advice when there is none."""
+    for path in _candidates():
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    if env.nvcc_override():
+        raise ToolchainError(f"MLA_GEN_NVCC={env.nvcc_override()} is not an executable file; {INSTALL_HINT}")
+    raise ToolchainError(f"no nvcc found (looked in MLA_GEN_NVCC, CUDA_HOME, PATH, /usr/local/cuda, "
+                         f"pip nvidia-cuda-nvcc); {INSTALL_HINT}")
+
+
+def _memo_path(binary: Path) -> Path | None:
+    try:
+        st = binary.stat()
+    except OSError:
+        return None
+    key = hashlib.sha256(f"{binary.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return env.cache_dir() / ".toolchain" / f"{binary.name}-{key}.json"
+
+
+def _version_text(binary: Path) -> str:
+    """`binary --version`, memoised on disk per binary identity; the memo is skipped if unwritable."""
+    memo = _memo_path(binary)
+    if memo is not None:
+        try:
+            return json.loads(memo.read_text())["version_text"]
+        except (OSError, ValueError, KeyError):
+            pass
+    try:
+        proc = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ToolchainError(f"{binary} --version failed: {e}; {INSTALL_HINT}") from None
+    if proc.returncode != 0:
+        raise ToolchainError(f"{binary} --version exited {proc.returncode}: {proc.stderr.strip()}")
+    text = proc.stdout
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"binary": str(binary), "version_text": text}))
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only cache still works; the next process asks nvcc again
+    return text
+
+
+def _find_cxx() -> Path:
+    for name in (os.environ.get("CXX", ""), "c++", "g++", "clang++"):
+        found = shutil.which(name) if name else None
+        if found:
+            return Path(found)
+    raise ToolchainError("no host C++ compiler (c++, g++ or clang++) on PATH; install build-essential or set CXX")
+
+
+@functools.lru_cache(maxsize=None)
+def _discover(nvcc: Path) -> Toolchain:
+    text = _version_text(nvcc)
+    m = re.search(r"release \S+, V(\d+\.\d+\.\d+)", text)
+    if not m:
+        raise ToolchainError(f"{nvcc} --version printed no release line:\n{text}")
+    cxx = _find_cxx()
+    try:
+        import pybind11
+    except ImportError:
+        raise ToolchainError("pybind11 is not installed; `pip install pybind11`") from None
+    py_inc = Path(sysconfig.get_paths()["include"])
+    if not (py_inc / "Python.h").is_file():
+        raise ToolchainError(f"Python.h not found in {py_inc}; install the Python development headers "
+                             f"(e.g. apt install python{sys.version_info.major}.{sys.version_info.minor}-dev)")
+    return Toolchain(nvcc=nvcc, nvcc_version=m.group(1), nvcc_version_text=text, cxx=cxx,
+                     cxx_version_text=(_version_text(cxx).splitlines() or [""])[0],
+                     python_include=py_inc, pybind11_include=Path(pybind11.get_include()),
+                     ext_suffix=sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+
+
+def toolchain() -> Toolchain:
+    """The toolchain of this machine (memoised per process). Raises ToolchainError."""
+    return _discover(find_nvcc())

@@ -1,0 +1,1 @@
+"""mla-gen's runtime: MLA decode attention on generated kernels, from PyTorch."""

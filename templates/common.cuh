@@ -1,0 +1,305 @@
+// mla-gen: device code every family shares: dtype helpers, the split-kv planner kernel,
+// the split merge kernel and the work-list walk. A variant's kernel.cu includes this once.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "params.h"
+
+namespace mla_gen {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- dtype helpers -------------------------------------------------------------------------------
+
+template <typename T> struct Vec2;
+template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
+template <> struct Vec2<__half> { using type = __half2; };
+
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+
+template <typename T> __device__ __forceinline__ typename Vec2<T>::type from_float2(float2 v);
+template <> __device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>(float2 v) {
+  return __float22bfloat162_rn(v);
+}
+template <> __device__ __forceinline__ __half2 from_float2<__half>(float2 v) { return __float22half2_rn(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---- work list -----------------------------------------------------------------------------------
+
+// Number of kv blocks of a request, 0 when its length is invalid (shorter than s_q or longer than
+// the pages the block table can hold). Planner and kernels must agree, so it lives here.
+__device__ __forceinline__ int request_blocks(int len, const DecodeParams& p, int block_n) {
+  const long long cap = static_cast<long long>(p.max_pages) * p.page_size;
+  if (len < p.s_q || len < 1 || static_cast<long long>(len) > cap) return 0;
+  return (len + block_n - 1) / block_n;
+}
+
+// One contiguous piece of one request's kv blocks that a part (CTA column) processes.
+struct Segment {
+  int req, len, blk_lo, blk_hi;
+  bool split;  // the request is shared with other parts: write a partial (o, lse) to `slot`
+  int slot;
+};
+
+// Walks the segments of part `part` in order, calling fn(segment).
+template <int kBlockN, typename Fn>
+__device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
+  const int* info = reinterpret_cast<const int*>(p.part_info) + 4 * part;
+  const int begin_req = info[0], begin_blk = info[1], end_req = info[2], end_blk = info[3];
+  const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
+  const int* req_info = reinterpret_cast<const int*>(p.req_info);
+  const int last = end_req < p.batch - 1 ? end_req : p.batch - 1;
+  for (int b = begin_req; b <= last; ++b) {
+    const int len = seqlens[b];
+    const int nb = request_blocks(len, p, kBlockN);
+    const int lo = b == begin_req ? begin_blk : 0;
+    int hi = b == end_req ? end_blk : nb;
+    hi = hi < nb ? hi : nb;
+    if (lo >= hi) continue;
+    const int num_splits = req_info[4 * b + 1];
+    Segment seg{b, len, lo, hi, num_splits > 1, 0};
+    if (seg.split) seg.slot = req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
+    fn(seg);
+  }
+}
+
+// ---- planner: device-resident lengths -> work list (one CTA; no host sync) -------------------------
+
+constexpr int kPlanThreads = 512;
+
+// Block-wide exclusive scan of one value per thread; returns the prefix and sets *total.
+__device__ __forceinline__ long long block_exclusive_scan(long long v, long long* total) {
+  __shared__ long long warp_sums[kPlanThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  long long x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    long long y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    long long w = lane < kPlanThreads / 32 ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      long long y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
+    }
+    if (lane < kPlanThreads / 32) warp_sums[lane] = w;
+  }
+  __syncthreads();
+  const long long before = (warp > 0 ? warp_sums[warp - 1] : 0) + x - v;
+  *total = warp_sums[kPlanThreads / 32 - 1];
+  __syncthreads();  // warp_sums is reused by the next call
+  return before;
+}
+
+// Position (request, block) as one sortable key.
+__device__ __forceinline__ long long pos_key(int req, int blk) {
+  return (static_cast<long long>(req) << 32) | static_cast<unsigned>(blk);
+}
+
+// Splits the total cost (kv blocks + fixed_cost per request) evenly over `active` parts: part p
+// starts at cost floor(p * total / active), so loads differ by at most one block. Mirrors
+// mla_gen/schedule.py exactly (tests compare the two).
+template <int kBlockN>
+__global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constant__ DecodeParams p) {
+  const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
+  int* req_info = reinterpret_cast<int*>(p.req_info);
+  int* part_info = reinterpret_cast<int*>(p.part_info);
+  const int tid = threadIdx.x;
+
+  // 1. cost per request and its exclusive prefix (req_info[.,3]).
+  long long carry = 0;
+  for (int base = 0; base < p.batch; base += kPlanThreads) {
+    const int b = base + tid;
+    long long cost = 0;
+    if (b < p.batch) {
+      const int nb = request_blocks(seqlens[b], p, kBlockN);
+      if (nb == 0) atomicOr(reinterpret_cast<int*>(p.status), 1);
+      cost = nb > 0 ? nb + p.fixed_cost : 0;
+    }
+    long long chunk_total;
+    const long long before = block_exclusive_scan(cost, &chunk_total);
+    if (b < p.batch) req_info[4 * b + 3] = static_cast<int>(carry + before);
+    carry += chunk_total;
+  }
+  const long long total = carry;
+  long long active = (total + p.min_part_cost - 1) / p.min_part_cost;  // parts worth their fixed costs
+  active = active < 1 ? 1 : (active > p.num_parts ? p.num_parts : active);
+  __syncthreads();
+
+  // 2. each part's begin position; its end is the next part's begin; parts past `active` are empty.
+  for (int part = tid; part <= p.num_parts; part += kPlanThreads) {
+    const long long x = part < active ? total * part / active : total;
+    int req = p.batch, blk = 0;
+    if (x < total) {
+      int lo = 0, hi = p.batch - 1;  // last b with cost_begin[b] <= x
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (req_info[4 * mid + 3] <= x) lo = mid; else hi = mid - 1;
+      }
+      req = lo;
+      const long long into = x - req_info[4 * lo + 3] - p.fixed_cost;
+      blk = into > 0 ? static_cast<int>(into) : 0;
+    }
+    if (part < p.num_parts) { part_info[4 * part + 0] = req; part_info[4 * part + 1] = blk; }
+    if (part > 0) { part_info[4 * (part - 1) + 2] = req; part_info[4 * (part - 1) + 3] = blk; }
+  }
+  __syncthreads();
+
+  // 3. per request: the first part holding its block 0, the number of parts it spans, and the
+  //    offset of its partial slots (only split requests take slots).
+  carry = 0;
+  for (int base = 0; base < p.batch; base += kPlanThreads) {
+    const int b = base + tid;
+    long long slots = 0;
+    if (b < p.batch) {
+      const int nb = request_blocks(seqlens[b], p, kBlockN);
+      int first = 0, last = 0;
+      if (nb > 0) {
+        const long long start = pos_key(b, 0), stop = pos_key(b, nb);
+        int lo = 0, hi = p.num_parts - 1;  // last part whose begin <= (b, 0)
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) >> 1;
+          if (pos_key(part_info[4 * mid], part_info[4 * mid + 1]) <= start) lo = mid; else hi = mid - 1;
+        }
+        first = lo;
+        hi = p.num_parts - 1;  // last part whose begin < (b, nb)
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) >> 1;
+          if (pos_key(part_info[4 * mid], part_info[4 * mid + 1]) < stop) lo = mid; else hi = mid - 1;
+        }
+        last = lo;
+      }
+      const int num_splits = nb > 0 ? last - first + 1 : 0;
+      req_info[4 * b + 0] = first;
+      req_info[4 * b + 1] = num_splits;
+      slots = num_splits > 1 ? num_splits : 0;
+    }
+    long long chunk_total;
+    const long long before = block_exclusive_scan(slots, &chunk_total);
+    if (b < p.batch) req_info[4 * b + 2] = static_cast<int>(carry + before);
+    carry += chunk_total;
+  }
+}
+
+// ---- merge: partial (o, lse) of split requests -> out, lse (exact log-sum-exp rescaling) ----------
+
+constexpr int kMergeWarps = 4;
+
+template <typename OutT, int kHeads, int kCkv>
+__global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(const __grid_constant__ DecodeParams p) {
+  static_assert(kCkv % 64 == 0 || kCkv % 32 == 0, "ckv must split over a warp in pairs or singles");
+  constexpr int kPairs = kCkv / 2;
+  constexpr int kIters = (kPairs + 31) / 32;
+  const int b = blockIdx.x;
+  const int rows = p.s_q * kHeads;
+  const int row = blockIdx.y * kMergeWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int* req_info = reinterpret_cast<const int*>(p.req_info);
+  const int num_splits = req_info[4 * b + 1];
+  if (num_splits == 1) return;  // the decode kernel wrote this request directly
+  const int s = row / kHeads, h = row % kHeads;
+  OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h;
+  float* lse_out = p.lse ? reinterpret_cast<float*>(p.lse) + b * p.lse_stride_b + s * p.lse_stride_s + h : nullptr;
+
+  if (num_splits == 0) {  // invalid length: poison the row so the error cannot pass unnoticed
+    const float nan = __int_as_float(0x7fffffff);
+    for (int i = lane; i < kCkv; i += 32) out[i] = from_float<OutT>(nan);
+    if (lse_out && lane == 0) *lse_out = nan;
+    return;
+  }
+  const int first_slot = req_info[4 * b + 2];
+  const float* part_lse = reinterpret_cast<const float*>(p.partial_lse);
+  float m = -INFINITY;
+  for (int k = lane; k < num_splits; k += 32) m = fmaxf(m, part_lse[(first_slot + k) * rows + row]);
+  m = warp_max(m);
+  float sum = 0.f;
+  if (m != -INFINITY)
+    for (int k = lane; k < num_splits; k += 32) sum += __expf(part_lse[(first_slot + k) * rows + row] - m);
+  sum = warp_sum(sum);
+  const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
+
+  float2 acc[kIters];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) acc[i] = make_float2(0.f, 0.f);
+  const float2* part_o = reinterpret_cast<const float2*>(p.partial_o);
+  for (int k = 0; k < num_splits; ++k) {
+    const float lk = part_lse[(first_slot + k) * rows + row];
+    const float w = lk == -INFINITY ? 0.f : __expf(lk - lse);
+    const float2* src = part_o + (static_cast<long long>(first_slot + k) * rows + row) * kPairs;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kPairs) {
+        const float2 v = src[c];
+        acc[i].x += w * v.x;
+        acc[i].y += w * v.y;
+      }
+    }
+  }
+  using Out2 = typename Vec2<OutT>::type;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int c = lane + 32 * i;
+    if (c < kPairs) reinterpret_cast<Out2*>(out)[c] = from_float2<OutT>(acc[i]);
+  }
+  if (lse_out && lane == 0) *lse_out = lse;
+}
+
+// ---- host-side launch helpers ----------------------------------------------------------------------
+
+template <int kBlockN>
+inline int launch_plan_kernel(const DecodeParams& p, uint64_t stream) {
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  // the status word is sticky across steps: the runtime clears it when it reads it
+  plan_kernel<kBlockN><<<1, kPlanThreads, 0, st>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename OutT, int kHeads, int kCkv>
+inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
+  const int rows = p.s_q * kHeads;
+  dim3 grid(p.batch, (rows + kMergeWarps - 1) / kMergeWarps);
+  merge_kernel<OutT, kHeads, kCkv><<<grid, 32 * kMergeWarps, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// Raises a kernel's dynamic shared-memory limit (needed above 48 KB) once per device.
+template <typename Kernel>
+inline int set_smem_limit(Kernel kernel, int bytes) {
+  static int done[64] = {};  // per device ordinal: 0 = not yet, 1 = set
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  if (device < 64 && done[device]) return 0;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && device < 64) done[device] = 1;
+  return static_cast<int>(err);
+}
+
+}  // namespace mla_gen

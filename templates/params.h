@@ -1,0 +1,51 @@
+// mla-gen: the one parameter block shared by the host binding (plain C++) and the kernels.
+// Pointers travel as uint64 so the binding needs neither CUDA nor torch headers.
+#pragma once
+#include <cstdint>
+
+namespace mla_gen {
+
+struct DecodeParams {
+  // Queries q_nope [B, s_q, H, C] and q_pe [B, s_q, H, R]; element strides, last dim contiguous.
+  uint64_t q_nope = 0;
+  int64_t q_nope_stride_b = 0, q_nope_stride_s = 0, q_nope_stride_h = 0;
+  uint64_t q_pe = 0;
+  int64_t q_pe_stride_b = 0, q_pe_stride_s = 0, q_pe_stride_h = 0;
+  // Paged latent cache ckv [num_pages, page_size, C] and kpe [num_pages, page_size, R].
+  uint64_t ckv = 0;
+  int64_t ckv_stride_page = 0, ckv_stride_tok = 0;
+  uint64_t kpe = 0;
+  int64_t kpe_stride_page = 0, kpe_stride_tok = 0;
+  // block_table [B, max_pages] int32 (row stride), cache_seqlens [B] int32.
+  uint64_t block_table = 0;
+  int64_t block_table_stride = 0;
+  uint64_t seqlens = 0;
+  // Output [B, s_q, H, C] in the query dtype; lse [B, s_q, H] fp32 natural log (0 = not wanted).
+  uint64_t out = 0;
+  int64_t out_stride_b = 0, out_stride_s = 0, out_stride_h = 0;
+  uint64_t lse = 0;
+  int64_t lse_stride_b = 0, lse_stride_s = 0;
+  // Split-kv workspace, owned by the runtime's plan:
+  //   partial_o [max_partials, s_q*H, C] fp32, partial_lse [max_partials, s_q*H] fp32,
+  //   part_info [num_parts, 4] int32 = begin_req, begin_blk, end_req, end_blk (end exclusive),
+  //   req_info [B, 4] int32 = first_part, num_splits (0: invalid length), partial_offset, cost_begin,
+  //   status [1] int32: bit 0 set when some length was invalid (that request's output is NaN).
+  uint64_t partial_o = 0;
+  uint64_t partial_lse = 0;
+  uint64_t part_info = 0;
+  uint64_t req_info = 0;
+  uint64_t status = 0;
+  int32_t batch = 0, s_q = 0, page_size = 0, num_pages = 0, max_pages = 0;
+  // num_parts: CTA columns of the grid; the planner uses min(num_parts, ceil(total / min_part_cost))
+  // of them so short batches are not cut into slivers; fixed_cost: blocks charged per request.
+  int32_t num_parts = 0, max_partials = 0, fixed_cost = 0, min_part_cost = 1;
+  float sm_scale = 0.f;
+};
+
+// Entry points of a variant's kernel.cu. Each returns a cudaError_t value (0 = success).
+int launch_plan(const DecodeParams& params, uint64_t stream);
+int launch_decode(const DecodeParams& params, uint64_t stream);
+int launch_merge(const DecodeParams& params, uint64_t stream);
+const char* error_string(int code);
+
+}  // namespace mla_gen
