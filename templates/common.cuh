@@ -289,17 +289,12 @@ inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-// Raises a kernel's dynamic shared-memory limit (needed above 48 KB) once per device.
+// Raises a kernel's dynamic shared-memory limit (needed above 48 KB) on the current device. Called
+// on every launch: it is a cheap host-side attribute write, legal during graph capture, and a
+// per-process "done" flag would be wrong with several devices.
 template <typename Kernel>
 inline int set_smem_limit(Kernel kernel, int bytes) {
-  static int done[64] = {};  // per device ordinal: 0 = not yet, 1 = set
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  if (device < 64 && done[device]) return 0;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess && device < 64) done[device] = 1;
-  return static_cast<int>(err);
+  return static_cast<int>(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
 }  // namespace mla_gen

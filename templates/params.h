@@ -46,6 +46,7 @@ struct DecodeParams {
 int launch_plan(const DecodeParams& params, uint64_t stream);
 int launch_decode(const DecodeParams& params, uint64_t stream);
 int launch_merge(const DecodeParams& params, uint64_t stream);
+int max_active_ctas(int* num);  // decode CTAs resident per SM on the current device
 const char* error_string(int code);
 
 }  // namespace mla_gen

@@ -1,0 +1,66 @@
+"""Random paged decode inputs for tests and the benchmark: scattered pages, NaN in every cache slot
+no request may read (unused pages and the tail of each request's last page), and unused
+block-table slots pointing at a page full of NaN, so a stray read shows in the output."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class DecodeInputs:
+    q_nope: torch.Tensor
+    q_pe: torch.Tensor
+    ckv_cache: torch.Tensor
+    kpe_cache: torch.Tensor
+    block_table: torch.Tensor
+    cache_seqlens: torch.Tensor
+    sm_scale: float
+
+    def args(self) -> tuple:
+        return (self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.block_table, self.cache_seqlens,
+                self.sm_scale)
+
+
+def make_inputs(lengths: list[int], *, heads: int, ckv: int = 512, rope: int = 64, s_q: int = 1,
+                page_size: int = 64, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                combined: bool = False, extra_pages: int = 3, generator: torch.Generator | None = None,
+                sm_scale: float = 192 ** -0.5) -> DecodeInputs:
+    """combined=True stores the cache as one [num_pages, page_size, ckv+rope] tensor and passes views.
+    Random values are drawn on the generator's device (fast on a GPU), then moved to `device`."""
+    g = generator
+    gdev = g.device if g is not None else torch.device("cpu")
+    batch = len(lengths)
+    pages_per = [-(-n // page_size) for n in lengths]
+    max_pages = max(pages_per) + 1  # one spare column, poisoned
+    num_pages = sum(pages_per) + extra_pages + 1
+    poison_page = num_pages - 1
+    perm = torch.randperm(num_pages - 1, generator=g, device=gdev).tolist()
+    block_table = torch.full((batch, max_pages), poison_page, dtype=torch.int32)
+    used = torch.zeros(num_pages, page_size, dtype=torch.bool)
+    cursor = 0
+    for b, (n, npg) in enumerate(zip(lengths, pages_per)):
+        ids = perm[cursor:cursor + npg]
+        cursor += npg
+        block_table[b, :npg] = torch.tensor(ids, dtype=torch.int32)
+        for j, pid in enumerate(ids):
+            used[pid, : min(page_size, n - j * page_size)] = True
+    kv = torch.randn(num_pages, page_size, ckv + rope, generator=g, dtype=torch.float32, device=gdev)
+    kv[~used.to(gdev)] = float("nan")
+    kv = kv.to(dtype).to(device)
+    if combined:
+        ckv_cache, kpe_cache = kv[..., :ckv], kv[..., ckv:]
+    else:
+        ckv_cache, kpe_cache = kv[..., :ckv].contiguous(), kv[..., ckv:].contiguous()
+    q = torch.randn(batch, s_q, heads, ckv + rope, generator=g, dtype=torch.float32, device=gdev).to(dtype).to(device)
+    return DecodeInputs(q[..., :ckv].contiguous(), q[..., ckv:].contiguous(), ckv_cache, kpe_cache,
+                        block_table.to(device), torch.tensor(lengths, dtype=torch.int32, device=device), sm_scale)
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def max_abs(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).abs().max())

@@ -1,0 +1,175 @@
+"""Argument checks of mla_decode, before anything is launched.
+
+Three stages, in order: `check_structure` (types, dtypes, dims, shapes agreeing, strides,
+alignment, sm_scale), `check_values` (lengths and page ids: reads device memory, so it runs on
+request or with MLA_GEN_DEBUG=1), `check_devices` (every tensor on q's CUDA device). Errors name
+the argument and what was expected: `ckv_cache: expected dtype torch.bfloat16, got torch.float16`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    batch: int
+    s_q: int
+    num_heads: int
+    ckv_dim: int
+    rope_dim: int
+    dtype: torch.dtype
+    num_pages: int
+    page_size: int
+    max_pages: int
+
+
+def _tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _dims(name: str, t: torch.Tensor, layout: str) -> None:
+    want = len(layout.split(","))
+    if t.dim() != want:
+        raise ValueError(f"{name}: expected {want} dims [{layout}], got shape {tuple(t.shape)}")
+
+
+def _dtype(name: str, t: torch.Tensor, want: torch.dtype | tuple[torch.dtype, ...]) -> None:
+    options = want if isinstance(want, tuple) else (want,)
+    if t.dtype not in options:
+        expected = " or ".join(str(d) for d in options)
+        raise TypeError(f"{name}: expected dtype {expected}, got {t.dtype}")
+
+
+def _agree(name: str, what: str, got: int, want: int, source: str) -> None:
+    if got != want:
+        raise ValueError(f"{name}: expected {what} {want} (as {source}), got {got}")
+
+
+def _vector_rows(name: str, t: torch.Tensor, leading: int) -> None:
+    """Last dim contiguous; rows and the base 16-byte aligned (the kernels load 16-byte vectors)."""
+    if t.numel() == 0:
+        return
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a contiguous last dim (stride 1), got strides {tuple(t.stride())}")
+    item = t.element_size()
+    for d in range(leading):
+        if t.shape[d] > 1 and (t.stride(d) * item) % 16:
+            raise ValueError(f"{name}: stride {t.stride(d)} of dim {d} is not a multiple of 16 bytes "
+                             f"({16 // item} elements); the kernels load 16-byte vectors")
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}: data pointer is not 16-byte aligned (a view at an odd offset?)")
+
+
+def check_sm_scale(sm_scale: object) -> float:
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"sm_scale: expected a float, got {type(sm_scale).__name__}")
+    value = float(sm_scale)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"sm_scale: expected a finite number > 0, got {value}")
+    return value
+
+
+def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale,
+                    out=None, lse=None) -> DecodeShape:
+    """Everything checkable from tensor metadata alone (no device access). Raises TypeError/ValueError."""
+    q_nope, q_pe = _tensor("q_nope", q_nope), _tensor("q_pe", q_pe)
+    ckv_cache, kpe_cache = _tensor("ckv_cache", ckv_cache), _tensor("kpe_cache", kpe_cache)
+    block_table, cache_seqlens = _tensor("block_table", block_table), _tensor("cache_seqlens", cache_seqlens)
+    _dims("q_nope", q_nope, "batch, s_q, heads, ckv_dim")
+    _dtype("q_nope", q_nope, SUPPORTED_DTYPES)
+    dtype = q_nope.dtype
+    batch, s_q, heads, ckv_dim = q_nope.shape
+    if batch < 1 or s_q < 1 or heads < 1:
+        raise ValueError(f"q_nope: expected batch, s_q and heads >= 1, got shape {tuple(q_nope.shape)}")
+    _dims("q_pe", q_pe, "batch, s_q, heads, rope_dim")
+    _dtype("q_pe", q_pe, dtype)
+    for i, what in enumerate(("batch", "s_q", "heads")):
+        _agree("q_pe", what, q_pe.shape[i], q_nope.shape[i], "q_nope")
+    rope_dim = q_pe.shape[3]
+    _dims("ckv_cache", ckv_cache, "num_pages, page_size, ckv_dim")
+    _dtype("ckv_cache", ckv_cache, dtype)
+    _agree("ckv_cache", "ckv_dim (last dim)", ckv_cache.shape[2], ckv_dim, "q_nope's last dim")
+    num_pages, page_size = ckv_cache.shape[0], ckv_cache.shape[1]
+    if num_pages < 1 or page_size < 1:
+        raise ValueError(f"ckv_cache: expected num_pages and page_size >= 1, got shape {tuple(ckv_cache.shape)}")
+    _dims("kpe_cache", kpe_cache, "num_pages, page_size, rope_dim")
+    _dtype("kpe_cache", kpe_cache, dtype)
+    _agree("kpe_cache", "num_pages", kpe_cache.shape[0], num_pages, "ckv_cache")
+    _agree("kpe_cache", "page_size", kpe_cache.shape[1], page_size, "ckv_cache")
+    _agree("kpe_cache", "rope_dim (last dim)", kpe_cache.shape[2], rope_dim, "q_pe's last dim")
+    for dim_name, dim in (("ckv_dim", ckv_dim), ("rope_dim", rope_dim)):
+        if dim % 16:
+            raise ValueError(f"q_nope/q_pe: {dim_name} {dim} is not a multiple of 16")
+    _dims("block_table", block_table, "batch, max_pages")
+    _dtype("block_table", block_table, torch.int32)
+    _agree("block_table", "batch (dim 0)", block_table.shape[0], batch, "q_nope")
+    if block_table.shape[1] < 1:
+        raise ValueError("block_table: expected at least one page column, got 0")
+    if block_table.stride(1) != 1:
+        raise ValueError(f"block_table: expected contiguous rows (stride 1 on dim 1), got {tuple(block_table.stride())}")
+    _dims("cache_seqlens", cache_seqlens, "batch")
+    _dtype("cache_seqlens", cache_seqlens, torch.int32)
+    _agree("cache_seqlens", "batch", cache_seqlens.shape[0], batch, "q_nope")
+    if cache_seqlens.stride(0) != 1:
+        raise ValueError("cache_seqlens: expected a contiguous tensor")
+    for name, t, leading in (("q_nope", q_nope, 3), ("q_pe", q_pe, 3), ("ckv_cache", ckv_cache, 2),
+                             ("kpe_cache", kpe_cache, 2)):
+        _vector_rows(name, t, leading)
+    check_sm_scale(sm_scale)
+    if out is not None:
+        out = _tensor("out", out)
+        if tuple(out.shape) != (batch, s_q, heads, ckv_dim):
+            raise ValueError(f"out: expected shape {(batch, s_q, heads, ckv_dim)}, got {tuple(out.shape)}")
+        _dtype("out", out, dtype)
+        _vector_rows("out", out, 3)
+    if lse is not None:
+        lse = _tensor("lse", lse)
+        if tuple(lse.shape) != (batch, s_q, heads):
+            raise ValueError(f"lse: expected shape {(batch, s_q, heads)}, got {tuple(lse.shape)}")
+        _dtype("lse", lse, torch.float32)
+        if lse.stride(2) != 1:
+            raise ValueError(f"lse: expected a contiguous last dim (heads), got strides {tuple(lse.stride())}")
+    return DecodeShape(batch, s_q, heads, ckv_dim, rope_dim, dtype, num_pages, page_size, block_table.shape[1])
+
+
+def check_values(cache_seqlens: torch.Tensor, block_table: torch.Tensor, shape: DecodeShape) -> None:
+    """Lengths in [s_q, max_pages*page_size] and page ids in [0, num_pages). Copies to the host."""
+    lengths = cache_seqlens.detach().cpu().tolist()
+    capacity = shape.max_pages * shape.page_size
+    for b, length in enumerate(lengths):
+        if length < 0:
+            raise ValueError(f"cache_seqlens: negative length {length} at index {b}")
+        if length < shape.s_q:
+            raise ValueError(f"cache_seqlens: length {length} at index {b} is shorter than s_q={shape.s_q} "
+                             f"(the s_q new tokens are the last s_q of the cache)")
+        if length > capacity:
+            raise ValueError(f"cache_seqlens: length {length} at index {b} needs "
+                             f"{-(-length // shape.page_size)} pages of {shape.page_size}, but block_table "
+                             f"has {shape.max_pages} columns")
+    table = block_table.detach().cpu()
+    for b, length in enumerate(lengths):
+        used = table[b, : -(-length // shape.page_size)]
+        bad = ((used < 0) | (used >= shape.num_pages)).nonzero()
+        if bad.numel():
+            j = int(bad[0, 0])
+            raise ValueError(f"block_table: page id {int(used[j])} at [{b}, {j}] is out of range for "
+                             f"{shape.num_pages} pages")
+
+
+def check_devices(**tensors: torch.Tensor | None) -> torch.device:
+    """Every tensor on the first one's CUDA device; returns that device."""
+    items = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    if first.device.type != "cuda":
+        raise ValueError(f"{first_name}: expected a CUDA tensor, got device {first.device}")
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected a tensor on {first.device} (where {first_name} is), got {t.device}")
+    return first.device

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call (see README, "GPU"): build the variants the GPU tests need in parallel, then run
+# what is asked. Logs go under $OUT (the device tool brings them back).
+#   scripts/gpu_session.sh build            only the builds (and their ptxas summary)
+#   scripts/gpu_session.sh test [ARGS...]   builds, then python -m pytest -m gpu ARGS
+#   scripts/gpu_session.sh bench [ARGS...]  builds, then python -m mla_gen.bench ARGS
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MLA_GEN_CACHE_DIR=${MLA_GEN_CACHE_DIR:-$PWD/.cache/mla_gen}
+export NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/mla_gen_out}; mkdir -p "$OUT"
+what=${1:-test}; shift || true
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee "$OUT/gpu.txt"
+families=$(python -c "from generator.select import families_for; from generator.spec import Arch; print(' '.join('--family '+f.value for f in families_for(Arch.SM90A)))")
+start=$SECONDS
+for dims in "512 64" "256 32"; do
+  for dtype in bf16 fp16; do
+    read -r ckv rope <<<"$dims"
+    python -m generator build --heads 1 16 20 40 64 128 --ckv "$ckv" --rope "$rope" --dtype "$dtype" \
+      $families --arch sm_90a -j 4 >>"$OUT/build.log" 2>&1 &
+  done
+done
+wait
+echo "builds: $((SECONDS - start)) s, $(grep -c FAILED "$OUT/build.log") failed" | tee "$OUT/summary.txt"
+grep -A8 FAILED "$OUT/build.log" | head -60
+python - <<'PY' | tee -a "$OUT/summary.txt"
+import glob, json
+for m in sorted(glob.glob(".cache/mla_gen/sm90a/*/meta.json")):
+    d = json.load(open(m))
+    k = next(p for p in d["ptxas"] if p["function"] == "decode_kernel")
+    print(f"{d['variant_id']}: {k['registers']} regs, spill {k['spill_stores']}/{k['spill_loads']} B, {d['build_seconds']} s")
+PY
+case "$what" in
+  build) ;;
+  test) python -m pytest -m gpu -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+  bench) python -m mla_gen.bench "$@" 2>&1 | tee "$OUT/bench.log" ;;
+  *) echo "unknown step $what" >&2; exit 2 ;;
+esac

@@ -1,0 +1,223 @@
+"""mla_decode on the GPU against the float64 reference: the matrix of DESIGN.md section 6 for every
+kernel family the device runs, long requests, device plan == host plan, CUDA graphs, bad lengths."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mla_gen
+from generator.select import families_for
+from mla_gen.dispatch import device_info
+from mla_gen.reference import mla_decode_reference
+from mla_gen.schedule import PlanConfig, plan as host_plan
+from mla_gen.testing import make_inputs, max_abs, rel_l2
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+HEADS = [1, 16, 20, 40, 64, 128]
+DIMS = [(512, 64), (256, 32)]
+PAGES = [1, 16, 64]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# bf16 inputs are exact in the reference; the error is fp32 accumulation, P rounding and the output's rounding
+TOL = {torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 4e-3)}  # rel L2, max abs relative to max |ref|
+LSE_TOL = 2e-3
+
+
+def families() -> list[str]:
+    if not torch.cuda.is_available():
+        return ["simt"]
+    return [f.value for f in families_for(device_info(torch.cuda.current_device()).arch)]
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def check(out: torch.Tensor, lse: torch.Tensor, inp, dtype: torch.dtype) -> None:
+    ref, ref_lse = mla_decode_reference(*inp.args())
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements unwritten or NaN"
+    assert not lse.isnan().any(), f"{int(lse.isnan().sum())} lse elements unwritten or NaN"
+    l2, mx = rel_l2(out, ref), max_abs(out, ref)
+    tol_l2, tol_max = TOL[dtype]
+    assert l2 <= tol_l2, f"rel L2 {l2:.2e} > {tol_l2:.0e}"
+    assert mx <= tol_max * float(ref.abs().max()), f"max abs {mx:.2e} > {tol_max:.0e} x max|ref|"
+    assert max_abs(lse, ref_lse) <= LSE_TOL, f"lse max abs {max_abs(lse, ref_lse):.2e}"
+
+
+def case_lengths(page: int, s_q: int, rng: random.Random) -> list[int]:
+    lengths = [1, page - 1, page, page + 1, 4097, rng.randint(1, 3000)]
+    return [n for n in lengths if n >= max(1, s_q)]
+
+
+def poisoned(inp, dtype):
+    b, s_q, h, c = inp.q_nope.shape
+    out = torch.full((b, s_q, h, c), float("nan"), dtype=dtype, device="cuda")
+    lse = torch.full((b, s_q, h), float("nan"), dtype=torch.float32, device="cuda")
+    return out, lse
+
+
+@pytest.mark.parametrize("schedule", ["auto", "unsplit", "split"])
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("dims", DIMS, ids=lambda d: f"c{d[0]}r{d[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("family", families())
+def test_decode_matrix(family, dtype, dims, heads, page, s_q, schedule):
+    dt = DTYPES[dtype]
+    seed = hash((family, dtype, dims, heads, page, s_q, schedule)) % (1 << 30)
+    rng = random.Random(seed)
+    inp = make_inputs(case_lengths(page, s_q, rng), heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q,
+                      page_size=page, dtype=dt, device="cuda", generator=seeded(seed),
+                      combined=(heads + page) % 2 == 1)
+    out, lse = poisoned(inp, dt)
+    if schedule == "auto":
+        mla_gen.mla_decode(*inp.args(), out=out, lse=lse, family=family)
+    else:
+        w = mla_gen.MLADecodeWrapper(family=family, num_parts=1 if schedule == "unsplit" else 64)
+        w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=page,
+               max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
+        w.run(*inp.args()[:6], out=out, lse=lse)
+        splits = w.schedule()[1][:, 1]
+        if schedule == "split":
+            assert int(splits.max()) > 1, "the split schedule split no request"
+        else:
+            assert int(splits.max()) == 1
+    check(out, lse, inp, dt)
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("schedule", ["auto", "unsplit"])
+@pytest.mark.parametrize("family", families())
+def test_long_request(family, heads, schedule):
+    inp = make_inputs([32768 + 13, 7], heads=heads, page_size=64, device="cuda", generator=seeded(heads))
+    out, lse = poisoned(inp, torch.bfloat16)
+    mla_gen.mla_decode(*inp.args(), out=out, lse=lse, family=family, num_parts=1 if schedule == "unsplit" else None)
+    check(out, lse, inp, torch.bfloat16)
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("family", families())
+def test_combined_cache_views_and_return_lse(family, heads):
+    inp = make_inputs([100, 1, 257], heads=heads, page_size=16, device="cuda", combined=True, generator=seeded(5))
+    assert inp.ckv_cache.stride(1) == 576  # views of one [pages, page_size, 576] cache
+    out, lse = mla_gen.mla_decode(*inp.args(), return_lse=True, family=family)
+    check(out, lse, inp, torch.bfloat16)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_device_plan_equals_host_plan(seed):
+    rng = random.Random(seed)
+    batch = rng.choice([1, 3, 64, 300, 700])
+    lengths = [rng.randint(2, rng.choice([64, 5000, 20000])) for _ in range(batch)]
+    inp = make_inputs(lengths, heads=16, page_size=64, s_q=2, device="cuda", generator=seeded(seed), extra_pages=0)
+    w = mla_gen.MLADecodeWrapper(num_parts=rng.choice([None, 1, 5, 132, 600]))
+    pl = w.plan(inp.cache_seqlens, 2, num_heads=16, page_size=64, max_pages=inp.block_table.shape[1],
+                sm_scale=inp.sm_scale)
+    w.run(*inp.args()[:6])
+    d = pl.decision
+    cfg = PlanConfig(block_n=d.spec.tile.block_n, num_parts=d.num_parts, fixed_cost=d.fixed_cost,
+                     min_part_cost=d.min_part_cost, s_q=2, page_size=64, max_pages=inp.block_table.shape[1])
+    want = host_plan(lengths, cfg)
+    part_info, req_info = (t.cpu().tolist() for t in w.schedule())
+    assert [tuple(r) for r in part_info] == list(want.part_info)
+    assert [tuple(r) for r in req_info] == list(want.req_info)
+
+
+@pytest.mark.parametrize("family", families())
+def test_cuda_graph_replay_with_changing_lengths(family):
+    """One capture, five steps with new lengths, block tables and queries written in place."""
+    batch, heads, page, max_pages = 4, 16, 16, 80
+    num_pages = batch * max_pages + 1
+    first = make_inputs([300, 5, 1000, 64], heads=heads, page_size=page, device="cuda", generator=seeded(11))
+    q_nope, q_pe = first.q_nope.clone(), first.q_pe.clone()
+    ckv = torch.full((num_pages, page, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    kpe = torch.full((num_pages, page, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    table = torch.zeros(batch, max_pages, dtype=torch.int32, device="cuda")
+    seqlens = first.cache_seqlens.clone()
+    static = (q_nope, q_pe, ckv, kpe, table, seqlens)
+    w = mla_gen.MLADecodeWrapper(family=family)
+    w.plan(seqlens, 1, num_heads=heads, page_size=page, max_pages=max_pages, sm_scale=first.sm_scale,
+           return_lse=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        w.run(*static)  # warm-up outside capture (loads the module)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = w.run(*static)
+    rng = random.Random(3)
+    for step in range(5):
+        lengths = [rng.randint(1, max_pages * page // 2) for _ in range(batch)]
+        inp = make_inputs(lengths, heads=heads, page_size=page, device="cuda", generator=seeded(100 + step))
+        assert inp.ckv_cache.shape[0] <= num_pages
+        ckv.fill_(float("nan"))
+        kpe.fill_(float("nan"))
+        ckv[: inp.ckv_cache.shape[0]].copy_(inp.ckv_cache)
+        kpe[: inp.kpe_cache.shape[0]].copy_(inp.kpe_cache)
+        table.zero_()
+        table[:, : inp.block_table.shape[1]].copy_(inp.block_table)
+        q_nope.copy_(inp.q_nope)
+        q_pe.copy_(inp.q_pe)
+        seqlens.copy_(inp.cache_seqlens)
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        graph.replay()
+        check(out, lse, inp, torch.bfloat16)
+
+
+def test_invalid_lengths_poison_their_rows_and_raise_on_check():
+    inp = make_inputs([40, 50, 60], heads=16, page_size=16, device="cuda", generator=seeded(9), extra_pages=0)
+    bad = inp.cache_seqlens.clone()
+    bad[1] = inp.block_table.shape[1] * 16 + 1  # longer than the block table's pages
+    w = mla_gen.MLADecodeWrapper()
+    w.plan(bad, 1, num_heads=16, page_size=16, max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale)
+    out = w.run(*inp.args()[:5], bad)
+    assert out[1].isnan().all() and not out[0].isnan().any() and not out[2].isnan().any()
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        w.check_status()
+    w.check_status()  # the flag was cleared
+
+
+def test_module_loaded_once_per_process():
+    from mla_gen import loader
+
+    inp = make_inputs([70, 3], heads=16, page_size=16, device="cuda", generator=seeded(2))
+    mla_gen.mla_decode(*inp.args())
+    misses = loader._load.cache_info().misses
+    mla_gen.mla_decode(*inp.args())
+    assert loader._load.cache_info().misses == misses
+
+
+def test_warm_cache_new_process_runs_without_nvcc(tmp_path):
+    """A new process on a warm cache reaches its first result without invoking nvcc."""
+    log = tmp_path / "nvcc.log"
+    real = subprocess.run(["bash", "-c", "command -v nvcc || echo /usr/local/cuda/bin/nvcc"],
+                          capture_output=True, text=True).stdout.strip()
+    wrapper = tmp_path / "nvcc"
+    wrapper.write_text(f"#!/bin/bash\necho \"$@\" >> {log}\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = {**os.environ, "MLA_GEN_NVCC": str(wrapper), "MLA_GEN_CACHE_DIR": str(tmp_path / "cache")}
+    code = textwrap.dedent("""
+        import torch, mla_gen
+        from mla_gen.testing import make_inputs
+        inp = make_inputs([50, 9], heads=16, ckv=256, rope=32, page_size=16, device="cuda")
+        out = mla_gen.mla_decode(*inp.args(), family="simt")
+        torch.cuda.synchronize()
+        print("ok", bool(out.isnan().any()))
+    """)
+    cold = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert cold.returncode == 0 and "ok False" in cold.stdout, cold.stderr
+    assert " -c kernel.cu" in log.read_text()  # the cold process compiled
+    log.unlink()
+    warm = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0 and "ok False" in warm.stdout, warm.stderr
+    assert not log.exists(), f"nvcc ran on a warm cache: {log.read_text()}"

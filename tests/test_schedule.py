@@ -1,0 +1,89 @@
+"""The host split-kv planner: every kv block covered exactly once, balanced to one block, slots
+within the workspace bound (the device planner is compared with it in the GPU tests)."""
+import random
+
+import pytest
+
+from mla_gen.schedule import PlanConfig, max_partials, part_blocks, plan, segments
+
+
+def random_lengths(rng: random.Random, batch: int, hi: int) -> list[int]:
+    kind = rng.choice(["uniform", "one_long", "equal", "tiny"])
+    if kind == "uniform":
+        return [rng.randint(1, hi) for _ in range(batch)]
+    if kind == "one_long":
+        return [rng.randint(1, 64) for _ in range(batch - 1)] + [hi * 8]
+    if kind == "equal":
+        return [hi] * batch
+    return [rng.randint(1, 3) for _ in range(batch)]
+
+
+def check_plan(lengths: list[int], cfg: PlanConfig) -> None:
+    pl = plan(lengths, cfg)
+    segs = list(segments(pl, lengths, cfg))
+    # every kv block of every valid request exactly once
+    seen: dict[tuple[int, int], int] = {}
+    for s in segs:
+        for blk in range(s.blk_lo, s.blk_hi):
+            seen[(s.req, blk)] = seen.get((s.req, blk), 0) + 1
+    want = {(b, k) for b, n in enumerate(lengths) for k in range(cfg.request_blocks(n))}
+    assert set(seen) == want and all(c == 1 for c in seen.values())
+    # the blocks of each part are exactly the block units of its cost range [x_p, x_{p+1})
+    active, total = pl.active_parts, pl.total_cost
+    bounds = [total * p // active for p in range(active)] + [total] * (cfg.num_parts - active + 1)
+    blocks = part_blocks(pl, lengths, cfg)
+    for p in range(cfg.num_parts):
+        units = 0
+        for b, n in enumerate(lengths):
+            nb = cfg.request_blocks(n)
+            if nb:
+                start = pl.req_info[b][3] + cfg.fixed_cost
+                units += max(0, min(bounds[p + 1], start + nb) - max(bounds[p], start))
+        assert blocks[p] == units
+        assert bounds[p + 1] - bounds[p] <= -(-total // active)  # balanced: max cost = ceil(mean)
+    assert max(bounds[p + 1] - bounds[p] for p in range(active)) - min(
+        bounds[p + 1] - bounds[p] for p in range(active)) <= 1
+    # split requests: contiguous parts, slots packed and inside the workspace bound
+    slots = set()
+    for s in segs:
+        first, n, offset, _ = pl.req_info[s.req]
+        assert first <= s.part <= first + n - 1
+        assert s.split == (n > 1)
+        if s.split:
+            assert offset <= s.slot < offset + n and s.slot not in slots
+            slots.add(s.slot)
+    assert len(slots) == pl.num_partials <= max_partials(cfg.num_parts)
+    assert all(pl.req_info[b][1] == 0 for b, n in enumerate(lengths) if cfg.request_blocks(n) == 0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_batches(seed):
+    rng = random.Random(seed)
+    cfg = PlanConfig(block_n=rng.choice([16, 32, 64]), num_parts=rng.choice([1, 2, 7, 66, 132, 264]),
+                     fixed_cost=rng.choice([0, 1, 2, 5]), min_part_cost=rng.choice([1, 4, 12]),
+                     s_q=rng.choice([1, 2]), page_size=64)
+    lengths = [max(n, cfg.s_q) for n in random_lengths(rng, rng.randint(1, 300), rng.choice([64, 4096, 9000]))]
+    check_plan(lengths, cfg)
+
+
+def test_single_long_request_is_split_over_all_parts():
+    cfg = PlanConfig(block_n=64, num_parts=66, fixed_cost=2, min_part_cost=6)
+    pl = plan([32768], cfg)
+    assert pl.active_parts == 66 and pl.req_info[0][1] == 66
+    blocks = part_blocks(pl, [32768], cfg)
+    assert max(blocks) - min(blocks[1:]) <= 1  # part 0 also carries the request's fixed cost
+
+
+def test_short_batch_uses_few_parts():
+    """Work below min_part_cost per part does not get cut into slivers."""
+    cfg = PlanConfig(block_n=64, num_parts=132, fixed_cost=2, min_part_cost=10)
+    pl = plan([100, 60], cfg)
+    assert pl.active_parts == 1 and all(r[1] == 1 for r in pl.req_info)
+
+
+def test_invalid_lengths_get_no_work():
+    cfg = PlanConfig(block_n=32, num_parts=8, fixed_cost=1, min_part_cost=1, s_q=2, page_size=16, max_pages=4)
+    lengths = [1, 64, 65, 0, 10]  # 1 < s_q, 65 > 4 pages of 16, 0 < s_q
+    pl = plan(lengths, cfg)
+    assert [r[1] for r in pl.req_info][0] == 0 and pl.req_info[2][1] == 0 and pl.req_info[3][1] == 0
+    check_plan(lengths, cfg)
