@@ -41,11 +41,11 @@ def make_inputs(lengths: list[int], *, heads: int, ckv: int = 512, rope: int = 6
     used = torch.zeros(num_pages, page_size, dtype=torch.bool)
     cursor = 0
     for b, (n, npg) in enumerate(zip(lengths, pages_per)):
-        ids = perm[cursor:cursor + npg]
+        ids = torch.tensor(perm[cursor:cursor + npg], dtype=torch.int64)
         cursor += npg
-        block_table[b, :npg] = torch.tensor(ids, dtype=torch.int32)
-        for j, pid in enumerate(ids):
-            used[pid, : min(page_size, n - j * page_size)] = True
+        block_table[b, :npg] = ids.to(torch.int32)
+        t = torch.arange(n)
+        used[ids[t // page_size], t % page_size] = True
     kv = torch.randn(num_pages, page_size, ckv + rope, generator=g, dtype=torch.float32, device=gdev)
     kv[~used.to(gdev)] = float("nan")
     kv = kv.to(dtype).to(device)

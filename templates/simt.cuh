@@ -27,7 +27,7 @@ struct Layout {
 };
 
 template <class Cfg>
-__global__ void __launch_bounds__(32 * Cfg::kWarps)
+__global__ void __launch_bounds__(32 * Cfg::kWarps, 1)
 decode_kernel(const __grid_constant__ DecodeParams p) {
   using L = Layout<Cfg>;
   using Q = typename Cfg::QType;

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def poisoned(inp, dtype):
 @pytest.mark.parametrize("family", families())
 def test_decode_matrix(family, dtype, dims, heads, page, s_q, schedule):
     dt = DTYPES[dtype]
-    seed = hash((family, dtype, dims, heads, page, s_q, schedule)) % (1 << 30)
+    seed = zlib.crc32(repr((family, dtype, dims, heads, page, s_q, schedule)).encode())
     rng = random.Random(seed)
     inp = make_inputs(case_lengths(page, s_q, rng), heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q,
                       page_size=page, dtype=dt, device="cuda", generator=seeded(seed),
