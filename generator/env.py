@@ -1,4 +1,14 @@
-"""Every environment variable mla-gen reads, in one place. A bad value warns and falls back."""
+"""Every environment variable mla-gen reads, in one place. A bad value warns and falls back.
+
+- MLA_GEN_CACHE_DIR: binary cache root (default ~/.cache/mla_gen).
+- MLA_GEN_LOCK_DIR: a local folder for build locks when the cache sits on a network filesystem.
+- MLA_GEN_NVCC: the nvcc to use, ahead of CUDA_HOME (or CUDA_PATH) and PATH.
+- MLA_GEN_TEMPLATE_DIR: render from this folder instead of the packaged templates (template
+  development, and tests that inject a broken template into a copy).
+- MLA_GEN_DISABLE_JIT: a cache miss raises MissingJITCacheError instead of compiling.
+- MLA_GEN_BUILD_JOBS: ninja jobs per variant build.
+- MLA_GEN_DEBUG: value checks that need a device sync on every call.
+"""
 from __future__ import annotations
 
 import os
@@ -31,6 +41,20 @@ def lock_dir() -> Path | None:
 def nvcc_override() -> str | None:
     """MLA_GEN_NVCC: the nvcc to use, ahead of CUDA_HOME and PATH."""
     return os.environ.get("MLA_GEN_NVCC", "").strip() or None
+
+
+def template_dir() -> Path | None:
+    """MLA_GEN_TEMPLATE_DIR: a templates folder to render from instead of the packaged one.
+
+    A folder without kernel.cu.jinja warns and falls back to the packaged templates."""
+    value = os.environ.get("MLA_GEN_TEMPLATE_DIR", "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not (path / "kernel.cu.jinja").is_file():
+        warnings.warn(f"MLA_GEN_TEMPLATE_DIR={value!r} holds no kernel.cu.jinja; using the packaged templates")
+        return None
+    return path.resolve()
 
 
 def cuda_home() -> str | None:

@@ -77,18 +77,24 @@ def try_load(spec: VariantSpec, cache: BinaryCache | None = None) -> ModuleType 
 
 def load(spec: VariantSpec, cache: BinaryCache | None = None) -> ModuleType:
     cache = cache or BinaryCache()
-    module = try_load(spec, cache)
-    if module is not None:
-        return module
+    entry = find_entry(spec, cache)
+    if entry is not None:
+        try:
+            module = entry.import_module()
+        except ImportError as e:
+            # NOTE(import-check): a whole entry that a fresh process imports is fine; the clash is in
+            # this process (e.g. a module of that name already loaded), and a rebuild would discard
+            # a good entry and fail the same way.
+            if entry.import_check() is None:
+                raise CacheError(f"{entry.path}: imports in a fresh process but not in this one: {e}") from None
+            warnings.warn(f"mla-gen: cache entry {entry.path} does not import ({e}); rebuilding", stacklevel=2)
+            cache.discard(entry)
+        else:
+            entry.touch()
+            return module
     if env.disable_jit():
         raise MissingJITCacheError(spec.variant_id, cache.root)
-    plan = plan_build(spec)
-    entry = cache.entry(spec.arch.value, plan.entry_name)
-    if entry.path.exists() and not entry.problems():
-        # whole but does not import (e.g. an ABI mismatch): rebuild it once
-        warnings.warn(f"mla-gen: cache entry {entry.path} does not import; rebuilding", stacklevel=2)
-        cache.discard(entry)
-    result = build(spec, cache, plan)
+    result = build(spec, cache, plan_build(spec))
     try:
         module = result.entry.import_module()
     except ImportError as e:

@@ -8,12 +8,16 @@ from pathlib import Path
 
 import jinja2
 
-from generator import __version__
+from generator import __version__, env
 from generator.spec import VariantSpec
 
 
 def templates_dir() -> Path:
-    """templates/ beside the package in a checkout; generator/templates in an installed wheel."""
+    """$MLA_GEN_TEMPLATE_DIR if set; else templates/ beside the package in a checkout, or
+    generator/templates in an installed wheel. Raises FileNotFoundError when there is none."""
+    override = env.template_dir()
+    if override is not None:
+        return override
     here = Path(__file__).resolve().parent
     for candidate in (here / "templates", here.parent / "templates"):
         if (candidate / "kernel.cu.jinja").is_file():
@@ -21,24 +25,39 @@ def templates_dir() -> Path:
     raise FileNotFoundError(f"mla-gen templates not found beside {here}")
 
 
-@functools.lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+    return _env_for(templates_dir())
+
+
+# NOTE(template-dir): keyed on the folder, so a changed MLA_GEN_TEMPLATE_DIR takes effect in-process.
+@functools.lru_cache(maxsize=8)
+def _env_for(directory: Path) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(directory)),
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                               trim_blocks=True, lstrip_blocks=True, autoescape=False)
 
 
-@functools.lru_cache(maxsize=1)
 def param_fields() -> tuple[str, ...]:
     """Field names of DecodeParams, read from params.h so the binding cannot drift from it."""
-    text = (templates_dir() / "params.h").read_text()
-    body = text[text.index("struct DecodeParams {"):text.index("};", text.index("struct DecodeParams {"))]
+    return _param_fields(templates_dir() / "params.h")
+
+
+@functools.lru_cache(maxsize=8)
+def _param_fields(params_h: Path) -> tuple[str, ...]:
+    # NOTE(params): every declarator counts, whatever its type; a field this reader skipped would be
+    # silently missing from the binding.
+    text = params_h.read_text()
+    start = text.index("struct DecodeParams {") + len("struct DecodeParams {")
+    body = re.sub(r"//[^\n]*", "", text[start:text.index("};", start)])
     fields: list[str] = []
-    for line in body.splitlines():
-        line = line.split("//")[0].strip()
-        m = re.match(r"(?:u?int(?:32|64)_t|float)\s+(.+);", line)
-        if m:
-            fields += [part.split("=")[0].strip() for part in m.group(1).split(",")]
+    for stmt in filter(None, (s.strip() for s in body.split(";"))):
+        decls = stmt.split(",")
+        first = decls[0].split("=")[0].split()
+        names = [first[-1] if len(first) > 1 else ""] + [d.split("=")[0].strip() for d in decls[1:]]
+        for name in (n.lstrip("*&") for n in names):
+            if not name.isidentifier():
+                raise ValueError(f"{params_h}: cannot read the DecodeParams declaration {stmt!r}")
+            fields.append(name)
     return tuple(fields)
 
 

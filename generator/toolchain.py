@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import warnings
 from pathlib import Path
 
 from generator import __version__, env
@@ -81,8 +82,11 @@ def _candidates() -> list[Path]:
 
 def find_nvcc() -> Path:
     """The first nvcc that exists; ToolchainError with install advice when there is none."""
+    override = env.nvcc_override()
     for path in _candidates():
         if path.is_file() and os.access(path, os.X_OK):
+            if override and path != Path(override):
+                warnings.warn(f"MLA_GEN_NVCC={override} is not an executable file; using {path}")
             return path
     if env.nvcc_override():
         raise ToolchainError(f"MLA_GEN_NVCC={env.nvcc_override()} is not an executable file; {INSTALL_HINT}")
