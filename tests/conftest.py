@@ -1,0 +1,69 @@
+"""Shared fixtures.
+
+- Every test runs with MLA_GEN_CACHE_DIR pointing at a session-wide temporary folder, so a test run
+  never reads or writes the user's ~/.cache/mla_gen; `cache_root` gives one test a fresh cache of
+  its own (subprocesses inherit it through os.environ).
+- Tests marked `gpu` are skipped when torch is missing or sees no CUDA device; `multigpu` needs two.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    try:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver install reads as "no GPU", not as a collection error
+        return 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs = [it for it in items if it.get_closest_marker("gpu") or it.get_closest_marker("multigpu")]
+    if not needs:
+        return  # do not import torch for a CPU-only selection
+    count = _cuda_device_count()
+    for item in needs:
+        if count == 0:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false "
+                                                    "or torch is not installed)"))
+        elif item.get_closest_marker("multigpu") and count < 2:
+            item.add_marker(pytest.mark.skip(reason=f"needs 2 or more CUDA devices, found {count}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("mla_gen_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLA_GEN_CACHE_DIR", str(root))
+        for name in ("MLA_GEN_TEMPLATE_DIR", "MLA_GEN_DISABLE_JIT"):  # would change what the tests test
+            mp.delenv(name, raising=False)
+        yield root
+
+
+@pytest.fixture
+def cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty cache root for this test, exported as MLA_GEN_CACHE_DIR."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("MLA_GEN_CACHE_DIR", str(root))
+    return root
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m generator ARGS` in a new process (the repo on PYTHONPATH), output captured."""
+    full_env = dict(os.environ if env is None else env)
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "generator", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,177 @@
+"""`python -m generator`: JSON listings, emit, one-line usage errors with exit 2, cache subcommands."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from generator.presets import preset_variants
+from generator.spec import Arch
+
+
+def _json(*args: str) -> object:
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("preset, heads, ckv, rope", [
+    ("deepseek-v3", {128, 64, 32, 16}, 512, 64),
+    ("minicpm3-4b", {40, 20, 10, 5}, 256, 32),
+])
+def test_list_preset_json(preset: str, heads: set[int], ckv: int, rope: int) -> None:
+    rows = _json("list", "--preset", preset, "--json")
+    assert isinstance(rows, list) and rows
+    assert [r["variant_id"] for r in rows] == [s.variant_id for s in preset_variants(preset, Arch.SM90A)]
+    assert {r["num_heads"] for r in rows} == heads
+    assert {(r["ckv_dim"], r["rope_dim"], r["arch"]) for r in rows} == {(ckv, rope, "sm90a")}
+    assert all(r["smem_bytes"] > 0 and r["threads"] % 32 == 0 for r in rows)
+
+
+def test_list_text_and_filter() -> None:
+    proc = run_cli("list", "--preset", "deepseek-v3", "--arch", "sm_80", "--filter", "*_h16_*")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len([s for s in preset_variants("deepseek-v3", Arch.SM80) if s.num_heads == 16]) >= 1
+    assert all(line.startswith("mla_decode_h16_c512_r64_") and "_sm80" in line for line in lines)
+
+
+def test_list_presets_json() -> None:
+    rows = {r["preset"]: r for r in _json("list", "--presets", "--json")}
+    assert rows["minicpm3-4b"]["num_heads"] == 40 and rows["minicpm3-4b"]["ckv_dim"] == 256
+    assert rows["deepseek-v3"]["sm_scale"] == pytest.approx(0.1352337788608801)
+    assert rows["deepseek-v2"]["sm_scale"] is None
+
+
+def test_emit_writes_readable_sources(tmp_path: Path) -> None:
+    out = tmp_path / "emitted"
+    docs = _json("emit", "--preset", "deepseek-v3", "--out", str(out), "--json")
+    specs = preset_variants("deepseek-v3", Arch.SM90A)
+    assert [d["variant_id"] for d in docs] == [s.variant_id for s in specs]
+    for spec in specs:
+        folder = out / "sm90a" / spec.variant_id
+        names = {p.name for p in folder.iterdir()}
+        assert {"kernel.cu", "binding.cpp", "build.ninja", "params.h", "common.cuh", "simt.cuh"} <= names
+        kernel = (folder / "kernel.cu").read_text()
+        assert f"static constexpr int kNumHeads = {spec.num_heads};" in kernel
+        assert "static constexpr int kCkvDim = 512;" in kernel and "static constexpr int kRopeDim = 64;" in kernel
+        assert "code=sm_90a" in (folder / "build.ninja").read_text()
+    # a second emit leaves unchanged files untouched (ninja would otherwise rebuild)
+    kernel = out / "sm90a" / specs[0].variant_id / "kernel.cu"
+    before = kernel.stat().st_mtime_ns
+    time.sleep(0.05)
+    _json("emit", "--preset", "deepseek-v3", "--out", str(out), "--json")
+    assert kernel.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("args, names", [
+    (["list", "--preset", "no-such-model"], ["--preset", "no-such-model"]),
+    (["list", "--heads", "16", "--ckv", "100", "--rope", "32"], ["--ckv", "100"]),
+    (["list", "--heads", "0", "--ckv", "256", "--rope", "32"], ["--heads", "0"]),
+    (["list", "--preset", "deepseek-v3", "--arch", "sm_99"], ["--arch", "sm_99"]),
+    (["list", "--preset", "deepseek-v3", "--bogus-flag"], ["--bogus-flag"]),
+    (["emit", "--preset", "deepseek-v3", "--dtype", "fp32"], ["--dtype", "fp32"]),
+    (["build", "--preset", "deepseek-v3", "-j", "0"], ["--jobs"]),
+    (["list", "--preset", "deepseek-v3", "--tp", "3"], ["--tp"]),
+    (["list", "--heads", "16", "--ckv", "256"], ["--rope"]),
+    (["list", "--id", "not_a_variant"], ["--id", "not_a_variant"]),
+])
+def test_bad_input_exits_2_with_one_line(args: list[str], names: list[str]) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert all(n in lines[0] for n in names), lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("sub", [[], ["list"], ["emit"], ["build"], ["explain"], ["cache"], ["cache", "ls"],
+                                 ["cache", "info"], ["cache", "verify"], ["cache", "prune"], ["cache", "clear"]])
+def test_help(sub: list[str]) -> None:
+    proc = run_cli(*sub, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m generator")
+    assert len(proc.stdout.splitlines()) > 3
+
+
+def test_version() -> None:
+    from generator import __version__
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"mla-gen {__version__}"
+
+
+# -- cache subcommands on hand-made entries (real builds are in test_build_cache.py) --------------------
+
+ID = "mla_decode_h16_c256_r32_bf16_bf16_simt_m16n32s1w4_sm90a"
+
+
+def _fake_entry(root: Path, suffix: str, *, meta: bool = True, age_days: float = 0.0) -> Path:
+    """An entry folder whose .so is not a real module (checksums match; importing fails)."""
+    entry = root / "sm90a" / f"{ID}-{suffix}"
+    entry.mkdir(parents=True)
+    so = entry / f"{ID}.so"
+    so.write_bytes(b"not an ELF file")
+    if meta:
+        stamp = time.time() - age_days * 86400
+        doc = {"schema": 1, "variant_id": ID, "module": ID, "key": suffix * 5,
+               "so": {"file": so.name, "sha256": hashlib.sha256(so.read_bytes()).hexdigest(),
+                      "size": so.stat().st_size},
+               "build_seconds": 1.5, "created": stamp, "last_used": stamp}
+        (entry / "meta.json").write_text(json.dumps(doc))
+    return entry
+
+
+def test_cache_commands_on_an_empty_cache(cache_root: Path) -> None:
+    assert _json("cache", "ls", "--json") == {"root": str(cache_root), "entries": []}
+    assert _json("cache", "verify", "--json")["corrupt"] == 0
+    assert _json("cache", "prune", "--json") == {"removed": [], "dry_run": False}
+    assert _json("cache", "clear", "--json")["removed_entries"] == 0
+
+
+def test_cache_ls_info_verify(cache_root: Path) -> None:
+    bad_import = _fake_entry(cache_root, "aaaaaaaaaaaa")
+    no_meta = _fake_entry(cache_root, "bbbbbbbbbbbb", meta=False)
+    (cache_root / "sm90a" / f".tmp-{ID}-cccccccccccc-1-x").mkdir()  # a builder's temp dir is no entry
+    listing = _json("cache", "ls", "--json")
+    rows = {r["entry"]: r for r in listing["entries"]}
+    assert set(rows) == {bad_import.name, no_meta.name}
+    assert rows[bad_import.name]["ok"] and rows[bad_import.name]["build_seconds"] == 1.5
+    assert not rows[no_meta.name]["ok"] and "meta.json is missing" in rows[no_meta.name]["problems"][0]
+
+    info = _json("cache", "info", bad_import.name)
+    assert info["ok"] and info["meta"]["variant_id"] == ID and info["path"] == str(bad_import)
+
+    proc = run_cli("cache", "verify", "--json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["corrupt"] == 2
+    problems = {Path(r["entry"]).name: r["problems"] for r in doc["entries"]}
+    assert problems[bad_import.name][0].startswith("import failed")
+    assert "meta.json is missing" in problems[no_meta.name][0]
+    assert "0/2 entries ok" in proc.stderr
+
+    text = run_cli("cache", "verify", bad_import.name)  # one entry by name, text output
+    assert text.returncode == 1 and text.stdout.startswith(f"CORRUPT {bad_import}") and "0/1 entries ok" in text.stderr
+
+
+def test_cache_prune_and_clear(cache_root: Path) -> None:
+    old = _fake_entry(cache_root, "dddddddddddd", age_days=40)
+    fresh = _fake_entry(cache_root, "eeeeeeeeeeee")
+    dry = _json("cache", "prune", "--dry-run", "--json")
+    assert dry == {"removed": [str(old)], "dry_run": True} and old.exists()
+    assert _json("cache", "prune", "--json")["removed"] == [str(old)]
+    assert not old.exists() and fresh.exists()
+    cleared = _json("cache", "clear", "--json")
+    assert cleared == {"root": str(cache_root), "removed_entries": 1}
+    assert not fresh.exists()
+
+
+def test_cache_info_unknown_entry_is_a_usage_error(cache_root: Path) -> None:
+    proc = run_cli("cache", "info", "mla_decode_nothing_here")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "mla_decode_nothing_here" in proc.stderr
