@@ -55,7 +55,7 @@ def test_emit_writes_readable_sources(tmp_path: Path) -> None:
     for spec in specs:
         folder = out / "sm90a" / spec.variant_id
         names = {p.name for p in folder.iterdir()}
-        assert {"kernel.cu", "binding.cpp", "build.ninja", "params.h", "common.cuh", "simt.cuh"} <= names
+        assert {"kernel.cu", "binding.cpp", "build.ninja", "params.h", "common.cuh", f"{spec.family.value}.cuh"} <= names
         kernel = (folder / "kernel.cu").read_text()
         assert f"static constexpr int kNumHeads = {spec.num_heads};" in kernel
         assert "static constexpr int kCkvDim = 512;" in kernel and "static constexpr int kRopeDim = 64;" in kernel
