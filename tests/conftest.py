@@ -1,7 +1,7 @@
 """Shared fixtures.
 
-- Every test runs with MLA_GEN_CACHE_DIR pointing at a session-wide temporary folder, so a test run
-  never reads or writes the user's ~/.cache/mla_gen; `cache_root` gives one test a fresh cache of
+- Every test runs with MLA_GEN_CACHE_DIR pointing at a session-wide temporary folder (unless the
+  variable is set explicitly), so a test run never reads or writes the user's ~/.cache/mla_gen; `cache_root` gives one test a fresh cache of
   its own (subprocesses inherit it through os.environ).
 - Tests marked `gpu` are skipped when torch is missing or sees no CUDA device; `multigpu` needs two.
 """
@@ -44,7 +44,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("mla_gen_cache")
+    # An explicit MLA_GEN_CACHE_DIR is kept (scripts/gpu_session.sh builds the GPU tests' variants
+    # there ahead of time, in parallel); otherwise the run gets a temporary one.
+    explicit = os.environ.get("MLA_GEN_CACHE_DIR", "").strip()
+    root = Path(explicit) if explicit else tmp_path_factory.mktemp("mla_gen_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLA_GEN_CACHE_DIR", str(root))
         for name in ("MLA_GEN_TEMPLATE_DIR", "MLA_GEN_DISABLE_JIT"):  # would change what the tests test
