@@ -17,6 +17,8 @@ class DecodeInputs:
     block_table: torch.Tensor
     cache_seqlens: torch.Tensor
     sm_scale: float
+    kv: torch.Tensor | None = None   # combined=True: the [num_pages, page_size, ckv+rope] cache
+    q: torch.Tensor | None = None    # combined=True: the [batch, s_q, heads, ckv+rope] query (FlashMLA's layout)
 
     def args(self) -> tuple:
         return (self.q_nope, self.q_pe, self.ckv_cache, self.kpe_cache, self.block_table, self.cache_seqlens,
@@ -27,7 +29,8 @@ def make_inputs(lengths: list[int], *, heads: int, ckv: int = 512, rope: int = 6
                 page_size: int = 64, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                 combined: bool = False, extra_pages: int = 3, generator: torch.Generator | None = None,
                 sm_scale: float = 192 ** -0.5) -> DecodeInputs:
-    """combined=True stores the cache as one [num_pages, page_size, ckv+rope] tensor and passes views.
+    """combined=True stores the cache as one [num_pages, page_size, ckv+rope] tensor, passes views of it,
+    and returns it as `kv` with the whole query as `q`.
     Random values are drawn on the generator's device (fast on a GPU), then moved to `device`."""
     g = generator
     gdev = g.device if g is not None else torch.device("cpu")
@@ -55,7 +58,8 @@ def make_inputs(lengths: list[int], *, heads: int, ckv: int = 512, rope: int = 6
         ckv_cache, kpe_cache = kv[..., :ckv].contiguous(), kv[..., ckv:].contiguous()
     q = torch.randn(batch, s_q, heads, ckv + rope, generator=g, dtype=torch.float32, device=gdev).to(dtype).to(device)
     return DecodeInputs(q[..., :ckv].contiguous(), q[..., ckv:].contiguous(), ckv_cache, kpe_cache,
-                        block_table.to(device), torch.tensor(lengths, dtype=torch.int32, device=device), sm_scale)
+                        block_table.to(device), torch.tensor(lengths, dtype=torch.int32, device=device), sm_scale,
+                        kv if combined else None, q if combined else None)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,0 +1,273 @@
+"""`python -m mla_gen.bench`: MLA decode times beside the device's measured ceilings and the peers.
+
+    python -m mla_gen.bench                         # the default suite (bench_cases.default_suite)
+    python -m mla_gen.bench --peers --json r.json --plot roofline.png
+    python -m mla_gen.bench --preset kimi-k2 --batch 32 --seqlens-random 1,16384
+    python -m mla_gen.bench --heads 16 --ckv 512 --rope 64 --batch 8 --seqlen 65536 --s-q 2
+    python -m mla_gen.bench --from-json r.json --plot roofline.png      # table and plot again, no GPU
+
+Per case: inputs built once (random, paged, one combined cache); a float64 reference of a few requests;
+then every mla-gen family (plan once, run timed), the torch baseline and, with --peers, every peer.
+Each output is checked before its time counts: mla-gen's against the reference, the others' against
+mla-gen's output (max abs diff shown). Times: CUDA events, warm-up, L2 flushed before each call, median
+and p10-p90 of --iters runs. Bytes and FLOPs: mla_gen/bench_cases.py; ceilings: mla_gen/bench_timing.py.
+
+Table on stdout, progress on stderr. Exit 0; 1 without a CUDA device or when an mla-gen or torch row
+is WRONG or error (peers' rows never fail the run); 2 for a usage error (one line naming the argument).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+import torch
+
+from generator import __version__, env, jit
+from generator.build import build_many
+from generator.errors import MlaGenError, SpecError
+from generator.select import decide, families_for
+from generator.spec import DType, Family, VariantSpec
+from mla_gen.bench_args import PROG, Options, UsageError, parse_options
+from mla_gen.bench_cases import Case, subsample, work
+from mla_gen.bench_impls import (PEER_TOL, NotApplicable, Peers, Prepared, Reference, build_inputs, compare,
+                                 prepare_mlagen, prepare_peer, prepare_torch)
+from mla_gen.bench_report import (Check, Record, balance_lines, format_table, header_lines, json_document,
+                                  make_record, read_document)
+from mla_gen.bench_timing import FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
+from mla_gen.dispatch import DeviceInfo, device_info
+from mla_gen.roofline import Ceilings, plot_roofline
+
+WARMUP = 5
+REF_REQUESTS = 4
+TORCH_IMPL = "torch"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Context:
+    """What every case shares: device, timer, ceilings, families, peers, variants that failed to build."""
+    device: torch.device
+    info: DeviceInfo
+    timer: Timer
+    ceilings: Ceilings
+    families: list[Family]
+    available: list[Family]
+    peers: Peers | None
+    build_errors: dict[VariantSpec, Exception]
+
+    def absent_records(self, case: Case) -> list[Record]:
+        absent = self.peers.absent if self.peers else {}
+        return [make_record(case, work(case), name, self.ceilings, "absent", note=why) for name, why in absent.items()]
+
+    def failed_case(self, case: Case, why: str) -> list[Record]:
+        """Every implementation's row of a case that could not run at all."""
+        names = [f"mla-gen:{f.value}" for f in self.families] + [TORCH_IMPL] + (self.peers.names if self.peers else [])
+        return ([make_record(case, work(case), name, self.ceilings, "error", note=why) for name in names]
+                + self.absent_records(case))
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+def _decision_spec(case: Case, family: Family, info: DeviceInfo) -> VariantSpec:
+    return decide(arch=info.arch, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
+                  dtype=DType.parse(case.dtype), s_q=case.s_q, sm_count=info.sm_count, family=family).spec
+
+
+def prebuild(cases: Sequence[Case], families: Sequence[Family], info: DeviceInfo) -> dict[VariantSpec, Exception]:
+    """Builds the variants the cases need in parallel (a cold cache would otherwise build them one by one
+    inside plan()). Returns the variants that failed, so their rows report it without building again."""
+    specs = []
+    for case in cases:
+        for family in families:
+            try:
+                specs.append(_decision_spec(case, family, info))
+            except SpecError:
+                continue  # plan() raises the same on the case's row
+    missing = [s for s in dict.fromkeys(specs) if jit.find_entry(s) is None]
+    if not missing or env.disable_jit():
+        return {}
+    log(f"building {len(missing)} variant(s): {', '.join(s.variant_id for s in missing)}")
+    start = time.perf_counter()
+    try:
+        results = build_many(missing, jobs=min(len(missing), max(1, (os.cpu_count() or 2) // 2)))
+    except MlaGenError as e:
+        log(f"prebuild skipped: {_error_text(e)}")
+        return {}
+    failed = {spec: err for spec, _, err in results if err is not None}
+    log(f"built {len(missing) - len(failed)} of {len(missing)} in {time.perf_counter() - start:.0f} s")
+    for spec, err in failed.items():
+        log(f"  {spec.variant_id}: {_error_text(err)}")
+    return failed
+
+
+def evaluate(ctx: Context, case: Case, impl: str, prepare: Callable[[], Prepared],
+             judge: Callable[[torch.Tensor], Check]) -> tuple[Record, torch.Tensor | None]:
+    """Prepares, checks, then times one implementation: (record, its checked output or None)."""
+    record = functools.partial(make_record, case, work(case), impl, ctx.ceilings)
+    try:
+        prepared = prepare()
+        out = prepared.check_run()
+        torch.cuda.synchronize()
+        check = judge(out)
+        if not check.ok:
+            return record("WRONG", note=check.why_wrong(), check=check), None
+        return record("ok", note=prepared.note, timing=ctx.timer.time(prepared.run), check=check), out
+    except NotApplicable as e:
+        return record("n/a", note=str(e)), None
+    except Exception as e:  # one implementation failing on one case is a row, not the end of the run
+        return record("error", note=_error_text(e)), None
+
+
+def _progress(r: Record) -> str:
+    if r.status == "ok":
+        return (f"  {r.impl}: {r.time_us:.1f} us, {r.gbps:.0f} GB/s ({r.bw_frac:.2f} of copy), "
+                f"{r.tflops:.1f} TFLOP/s, {r.time_over_floor:.2f}x floor; vs {r.check_against} max abs {r.max_abs_diff:.1e}")
+    return f"  {r.impl}: {r.status}: {r.note.splitlines()[0] if r.note else ''}"
+
+
+def bench_case(ctx: Context, case: Case) -> list[Record]:
+    """Every implementation's record for one case; the case's tensors are freed before the next."""
+    records = _bench_case(ctx, case)
+    torch.cuda.empty_cache()
+    return records
+
+
+def _bench_case(ctx: Context, case: Case) -> list[Record]:
+    try:
+        inp = build_inputs(case, ctx.device)
+        ref = Reference.compute(inp, subsample(case.lengths(), REF_REQUESTS, case.seed))
+    except Exception as e:
+        return ctx.failed_case(case, f"inputs or reference: {_error_text(e)}")
+    records: list[Record] = []
+    anchor: tuple[str, torch.Tensor] | None = None
+
+    def mlagen(family: Family) -> Prepared:
+        if family not in ctx.available:
+            raise NotApplicable(f"family {family.value} does not run on {ctx.info.arch.nvcc_name} (available: "
+                                f"{', '.join(f.value for f in ctx.available)})")
+        err = ctx.build_errors.get(_decision_spec(case, family, ctx.info))
+        if err is not None:
+            raise err
+        return prepare_mlagen(family, inp, case)
+
+    def judge(out: torch.Tensor) -> Check:
+        if anchor is None:
+            return ref.check(out, case.dtype)
+        return compare(out, anchor[1], anchor[0], PEER_TOL[case.dtype])
+
+    def add(rec: Record) -> None:
+        records.append(rec)
+        log(_progress(rec))
+
+    for family in ctx.families:
+        rec, out = evaluate(ctx, case, f"mla-gen:{family.value}", functools.partial(mlagen, family),
+                            lambda o: ref.check(o, case.dtype))
+        add(rec)
+        if anchor is None and out is not None:
+            anchor = (rec.impl, out)
+    add(evaluate(ctx, case, TORCH_IMPL, lambda: prepare_torch(inp, case), judge)[0])
+    if ctx.peers is not None:
+        for name in ctx.peers.names:
+            add(evaluate(ctx, case, name, functools.partial(prepare_peer, ctx.peers, name, inp, case), judge)[0])
+    return records + ctx.absent_records(case)
+
+
+def _device_doc(info: DeviceInfo) -> dict[str, Any]:
+    return {"name": info.name, "arch": info.arch.nvcc_name, "sm_count": info.sm_count, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "mla_gen": __version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _settings(opts: Options, ctx: Context) -> dict[str, Any]:
+    return {"iters": opts.iters, "warmup": WARMUP, "flush_bytes": FLUSH_BYTES, "spin_cycles": SPIN_CYCLES,
+            "reference_requests": REF_REQUESTS, "families": [f.value for f in ctx.families],
+            "peers_dir": str(opts.peers_dir) if opts.peers_dir else None,
+            "cache_layout": "one combined [num_pages, page_size, C+R] cache; mla-gen reads views of it",
+            "argv": sys.argv[1:]}
+
+
+def run(opts: Options) -> int:
+    device = torch.device("cuda", torch.cuda.current_device())
+    info = device_info(device.index)
+    device_doc = _device_doc(info)
+    timer = Timer(device, opts.iters, WARMUP)
+    log(f"device {info.name} ({info.arch.nvcc_name}, {info.sm_count} SMs): measuring the ceilings")
+    ceilings = measure_ceilings(timer, device)
+    for line in header_lines(device_doc, ceilings):
+        log(line)
+    available = families_for(info.arch)
+    families = opts.families or available
+    peers = Peers.load(opts.peers_dir) if opts.peers_dir else None
+    if peers is not None:
+        log(f"peers from {opts.peers_dir}: {', '.join(peers.names) or 'none'} load"
+            + "".join(f"; {n} absent ({why})" for n, why in peers.absent.items()))
+    build_errors = prebuild(opts.cases, [f for f in families if f in available], info)
+    ctx = Context(device, info, timer, ceilings, families, available, peers, build_errors)
+    records: list[Record] = []
+    start = time.perf_counter()
+    for i, case in enumerate(opts.cases, 1):
+        log(f"[{i}/{len(opts.cases)}] case {case.name}: {case.shape} ({time.perf_counter() - start:.0f} s)")
+        try:
+            records += bench_case(ctx, case)
+        except Exception as e:  # e.g. a CUDA error that outlives the row that caused it: keep the table
+            log(f"  case {case.name} failed: {_error_text(e)}")
+            records += ctx.failed_case(case, _error_text(e))
+    log(f"done in {time.perf_counter() - start:.0f} s")
+    if opts.json_path:
+        doc = json_document(device_doc, ceilings, _settings(opts, ctx), opts.cases, records)
+        opts.json_path.write_text(json.dumps(doc, indent=1) + "\n")
+        log(f"wrote {opts.json_path}")
+    report(device_doc, ceilings, records, opts)
+    ours = [r for r in records if r.impl.startswith("mla-gen:") or r.impl == TORCH_IMPL]
+    return 1 if any(r.status in ("WRONG", "error") for r in ours) else 0
+
+
+def report(device: dict[str, Any], ceilings: Ceilings, records: Sequence[Record], opts: Options) -> None:
+    """The table on stdout, and the plot if asked."""
+    print("\n".join(header_lines(device, ceilings)))
+    print(format_table(records))
+    for line in balance_lines(records):
+        print(line)
+    if opts.plot_path:
+        n = plot_roofline(records, ceilings, opts.plot_path, f"MLA decode, {device.get('name')}, {device.get('date')}")
+        log(f"wrote {opts.plot_path} ({n} points)")
+
+
+def replay(opts: Options) -> int:
+    try:
+        device, ceilings, records = read_document(json.loads(opts.from_json.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"{PROG}: error: argument --from-json: {opts.from_json}: {e}", file=sys.stderr)
+        return 2
+    report(device, ceilings, records, opts)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        opts = parse_options(argv)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if opts.from_json:
+        return replay(opts)
+    if not torch.cuda.is_available():
+        print(f"{PROG}: error: no CUDA device (torch {torch.__version__} sees none); "
+              f"--from-json prints an earlier run's table without one", file=sys.stderr)
+        return 1
+    return run(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Arguments of `python -m mla_gen.bench`: the parser, and Options with the cases to run. Usage errors
+raise UsageError with one line naming the argument (exit 2)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+from generator.errors import SpecError
+from generator.presets import model_config, preset_names
+from generator.spec import Family
+from mla_gen.bench_cases import DEFAULT_SM_SCALE, Case, default_suite
+from mla_gen.roofline import require_matplotlib
+
+PROG = "python -m mla_gen.bench"
+REPO = Path(__file__).resolve().parents[1]
+MIN_ITERS = 20
+_FIELD_FLAGS = {"batch": "--batch", "heads": "--heads", "ckv": "--ckv", "rope": "--rope", "s_q": "--s-q",
+                "seqlen": "--seqlen", "seqlens_random": "--seqlens-random", "page_size": "--page-size",
+                "dtype": "--dtype"}
+_SHAPE_FLAGS = ("preset", "heads", "ckv", "rope", "batch", "seqlen", "seqlens_random", "s_q")
+
+
+class UsageError(Exception):
+    """Bad command-line input: exit 2 with one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + 2 lines)
+        raise UsageError(message)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seqlens_random(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        lo = hi = 0
+    if len(parts) != 2 or not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _families(text: str) -> list[Family]:
+    try:
+        families = list(dict.fromkeys(Family.parse(f) for f in text.split(",") if f.strip()))
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not families:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of families, got {text!r}")
+    return families
+
+
+def _preset(text: str) -> str:
+    if text not in preset_names():
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r}; expected one of {', '.join(preset_names())}")
+    return text
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="MLA decode benchmark: mla-gen, a torch baseline and peers under the "
+                "device's measured ceilings. No case arguments: the default suite.")
+    g = p.add_argument_group("one case instead of the suite (a preset, or explicit dims)")
+    g.add_argument("--preset", type=_preset, help=f"model preset: {', '.join(preset_names())}")
+    g.add_argument("--heads", type=_positive, metavar="H", help="query heads per GPU (with --ckv and --rope)")
+    g.add_argument("--ckv", type=_positive, metavar="C", help="compressed kv width (kv_lora_rank), e.g. 512")
+    g.add_argument("--rope", type=_positive, metavar="R", help="rope width (qk_rope_head_dim), e.g. 64")
+    g.add_argument("--batch", type=_positive, metavar="B", help="requests (default 64)")
+    seq = g.add_mutually_exclusive_group()
+    seq.add_argument("--seqlen", type=_positive, metavar="S", help="tokens per request (default 4096)")
+    seq.add_argument("--seqlens-random", type=_seqlens_random, metavar="LO,HI",
+                     help="lengths uniform in [LO, HI], drawn with --seed")
+    g.add_argument("--s-q", type=_positive, metavar="N", help="query tokens per request, causal (default 1)")
+    p.add_argument("--page-size", type=_positive, metavar="P", help="cache page size (default 64; suite too)")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], help="q/cache/out dtype (default bf16; suite too)")
+    p.add_argument("--cases", metavar="LIST", help="suite cases to run, comma-separated, e.g. 6,6eq (default all: "
+                   + ", ".join(c.name for c in default_suite()) + ")")
+    p.add_argument("--families", type=_families, metavar="LIST",
+                   help="mla-gen families, comma-separated, e.g. simt,mma (default: all the device runs)")
+    p.add_argument("--peers", action="store_true", help="also time the peers that load (FlashMLA, Triton)")
+    p.add_argument("--peers-dir", type=Path, metavar="DIR",
+                   help="folder holding peers.py (default .peers in the repo root; implies --peers)")
+    p.add_argument("--iters", type=_positive, default=30, metavar="N", help=f"timed runs per (case, impl), "
+                   f">= {MIN_ITERS} (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random lengths and data (default 0)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write one JSON document of all records")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="write a roofline PNG (needs matplotlib)")
+    p.add_argument("--from-json", type=Path, metavar="FILE",
+                   help="print the table (and --plot) of an earlier --json document; runs nothing")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    cases: list[Case]
+    families: list[Family] | None      # None: every family the device runs
+    peers_dir: Path | None             # None: no peers
+    iters: int
+    json_path: Path | None
+    plot_path: Path | None
+    from_json: Path | None
+
+
+def _writable(flag: str, path: Path | None) -> None:
+    if path is not None and not path.resolve().parent.is_dir():
+        raise UsageError(f"argument {flag}: folder {path.resolve().parent} does not exist")
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    return [n for n in names if getattr(args, n) is not None]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _single_case(args: argparse.Namespace, page_size: int, dtype: str) -> Case:
+    dims = _given(args, ("heads", "ckv", "rope"))
+    if args.preset and dims:
+        raise UsageError(f"argument --preset: give --preset or --heads/--ckv/--rope, not both ({_flag(dims[0])})")
+    sm_scale, model = DEFAULT_SM_SCALE, None
+    if args.preset:
+        cfg = model_config(args.preset)
+        heads, ckv, rope, model = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.name
+        # NOTE(sm_scale): where the preset's YaRN scale is unknown, 1/sqrt(nope + rope); time does not depend on it.
+        sm_scale = cfg.sm_scale if cfg.sm_scale_known else (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    elif dims:
+        missing = [_flag(n) for n in ("heads", "ckv", "rope") if n not in dims]
+        if missing:
+            raise UsageError(f"argument {_flag(dims[0])}: needs {' and '.join(missing)} too")
+        heads, ckv, rope = args.heads, args.ckv, args.rope
+    else:
+        first = _flag(_given(args, _SHAPE_FLAGS)[0])
+        raise UsageError(f"argument {first}: one case needs --preset or --heads/--ckv/--rope "
+                         f"(with no case arguments the default suite runs)")
+    seqlen = None if args.seqlens_random else (args.seqlen or 4096)
+    try:
+        return Case(args.preset or "custom", args.batch or 64, heads, ckv, rope, s_q=args.s_q or 1, seqlen=seqlen,
+                    seqlens_random=args.seqlens_random, page_size=page_size, dtype=dtype, sm_scale=sm_scale,
+                    seed=args.seed, model=model)
+    except ValueError as e:
+        field = str(e).split(":", 1)[0]
+        raise UsageError(f"argument {_FIELD_FLAGS.get(field, _flag(field))}: {e}") from None
+
+
+def _suite(args: argparse.Namespace, page_size: int, dtype: str) -> list[Case]:
+    suite = [dataclasses.replace(c, page_size=page_size, dtype=dtype) for c in default_suite(args.seed)]
+    if args.cases is None:
+        return suite
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    known = [c.name for c in suite]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UsageError(f"argument --cases: unknown case {unknown[0] if unknown else args.cases!r}; "
+                         f"the suite has {', '.join(known)}")
+    return [c for c in suite if c.name in names]
+
+
+def parse_options(argv: Sequence[str] | None) -> Options:
+    args = make_parser().parse_args(argv)
+    if args.from_json is not None:
+        others = _given(args, (*_SHAPE_FLAGS, "page_size", "dtype", "cases", "families", "peers_dir", "json"))
+        if others or args.peers:
+            raise UsageError(f"argument --from-json: takes --plot only, not {_flag(others[0]) if others else '--peers'}")
+        if not args.from_json.is_file():
+            raise UsageError(f"argument --from-json: no file {args.from_json}")
+    if args.iters < MIN_ITERS:
+        raise UsageError(f"argument --iters: expected >= {MIN_ITERS} timed runs (median and spread), got {args.iters}")
+    if args.plot is not None:
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            raise UsageError(f"argument --plot: {e}") from None
+    _writable("--json", args.json)
+    _writable("--plot", args.plot)
+    page_size, dtype = args.page_size or 64, args.dtype or "bf16"
+    if _given(args, _SHAPE_FLAGS):
+        if args.cases is not None:
+            raise UsageError("argument --cases: selects cases of the default suite, not with one case's arguments")
+        cases = [_single_case(args, page_size, dtype)]
+    else:
+        cases = _suite(args, page_size, dtype)
+    peers_dir = args.peers_dir or (REPO / ".peers" if args.peers else None)
+    return Options(cases, args.families, peers_dir, args.iters, args.json, args.plot, args.from_json)

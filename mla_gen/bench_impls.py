@@ -1,0 +1,177 @@
+"""The implementations `python -m mla_gen.bench` times, each prepared once per case (plan, metadata,
+index tensors: not timed) into a zero-argument call returning out [B, s_q, H, C]; the output checks.
+
+- mla-gen, one per family: MLADecodeWrapper.plan once, run() timed.
+- torch: gather the tokens + bmm + fp32 softmax + bmm, bf16/fp16 operands.
+- peers (shared/peers, copied to .peers): FlashMLA, vLLM's and SGLang's Triton decode, through
+  peers.prepare. A peer that does not load is absent; one that cannot take a case is n/a.
+All read the same combined cache [num_pages, page_size, C + R] (mla-gen through views of it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from generator.spec import Family
+from mla_gen.api import MLADecodeWrapper
+from mla_gen.bench_cases import Case
+from mla_gen.bench_report import Check
+from mla_gen.reference import mla_decode_reference
+from mla_gen.testing import DecodeInputs, make_inputs, max_abs, rel_l2
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PEER_NAMES = ("flashmla", "vllm_triton", "sglang_triton")   # shared/peers/peers.py's list
+# (rel L2, max abs / max |ref|). Against the float64 reference: as tests/test_decode_gpu.py. Against
+# mla-gen's output, two low-precision results differ by up to both errors: twice that.
+REF_TOL = {"bf16": (1e-2, 2e-2), "fp16": (2e-3, 4e-3)}
+PEER_TOL = {"bf16": (2e-2, 4e-2), "fp16": (4e-3, 8e-3)}
+
+
+class NotApplicable(Exception):
+    """The implementation cannot take this case (reported as n/a with the reason)."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    run: Callable[[], torch.Tensor]          # the timed call
+    check_run: Callable[[], torch.Tensor]    # one call whose output is checked (into a poisoned buffer where possible)
+    note: str = ""
+
+
+def build_inputs(case: Case, device: torch.device) -> DecodeInputs:
+    """Random paged inputs with a combined cache, drawn on the GPU from the case's seed."""
+    gen = torch.Generator(device=device).manual_seed(case.seed)
+    return make_inputs(case.lengths(), heads=case.heads, ckv=case.ckv, rope=case.rope, s_q=case.s_q,
+                       page_size=case.page_size, dtype=TORCH_DTYPES[case.dtype], device=device, combined=True,
+                       generator=gen, sm_scale=case.sm_scale)
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+def compare(out: torch.Tensor, ref: torch.Tensor, against: str, tolerance: tuple[float, float]) -> Check:
+    nan, ref_max = int(out.isnan().sum()), float(ref.double().abs().max())
+    if nan:
+        return Check(against, float("nan"), float("nan"), nan, ref_max, tolerance)
+    return Check(against, max_abs(out, ref), rel_l2(out, ref), 0, ref_max, tolerance)
+
+
+@dataclasses.dataclass
+class Reference:
+    """float64 outputs of a few requests (`rows`), to check mla-gen's output without a full-batch reference."""
+    rows: list[int]
+    out: torch.Tensor
+
+    @classmethod
+    def compute(cls, inp: DecodeInputs, rows: list[int]) -> Reference:
+        idx = torch.tensor(rows, dtype=torch.long, device=inp.q_nope.device)
+        out, _ = mla_decode_reference(inp.q_nope[idx], inp.q_pe[idx], inp.ckv_cache, inp.kpe_cache,
+                                      inp.block_table[idx].contiguous(), inp.cache_seqlens[idx].contiguous(),
+                                      inp.sm_scale)
+        return cls(rows, out)
+
+    def check(self, out: torch.Tensor, dtype: str) -> Check:
+        """Every output element must be finite (an unwritten poisoned one is NaN); the subsample's must
+        match the reference."""
+        nan = int(out.isnan().sum())
+        sub = out[torch.tensor(self.rows, dtype=torch.long, device=out.device)]
+        check = compare(sub, self.out, f"reference[{len(self.rows)} req]", REF_TOL[dtype])
+        return dataclasses.replace(check, nan_count=nan) if nan else check
+
+
+# -- mla-gen ---------------------------------------------------------------------------------------
+
+def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case) -> Prepared:
+    wrapper = MLADecodeWrapper(inp.q_nope.device, family=family.value)
+    plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
+                        page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,
+                        dtype=TORCH_DTYPES[case.dtype])
+    args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.block_table, inp.cache_seqlens)
+
+    def check_run() -> torch.Tensor:
+        out = torch.full((case.batch, case.s_q, case.heads, case.ckv), float("nan"), dtype=inp.q_nope.dtype,
+                         device=inp.q_nope.device)
+        return wrapper.run(*args, out=out)
+
+    d = plan.decision
+    return Prepared(lambda: wrapper.run(*args), check_run,
+                    f"{plan.spec.variant_id} grid {d.m_blocks}x{d.num_parts}")
+
+
+# -- torch -----------------------------------------------------------------------------------------
+
+def prepare_torch(inp: DecodeInputs, case: Case) -> Prepared:
+    """Gathers each request's tokens (padded to the longest with a valid token, masked out), then
+    QK^T (bmm), fp32 scale + mask + softmax, PV (bmm). The index and mask tensors are built here."""
+    batch, s_q, heads, ckv = case.batch, case.s_q, case.heads, case.ckv
+    device, page = inp.q.device, case.page_size
+    kv_flat = inp.kv.view(-1, case.ckv + case.rope)
+    lengths = inp.cache_seqlens.long()
+    longest = int(lengths.max())
+    t = torch.arange(longest, device=device)
+    pages = inp.block_table.long().gather(1, (t // page).expand(batch, -1))
+    slots = pages * page + t % page
+    slots = torch.where(t[None, :] < lengths[:, None], slots, slots[:, :1])   # padding reads token 0
+    limit = lengths[:, None] - s_q + torch.arange(s_q, device=device)[None, :] + 1        # [B, s_q]
+    bias = torch.zeros(batch, s_q, 1, longest, dtype=torch.float32, device=device)
+    bias.masked_fill_(t[None, None, None, :] >= limit[:, :, None, None], float("-inf"))
+    q = inp.q.reshape(batch, s_q * heads, -1)
+    scale, dtype = case.sm_scale, q.dtype
+
+    def run() -> torch.Tensor:
+        kv = kv_flat[slots]                                          # [B, T, C+R]
+        scores = torch.bmm(q, kv.transpose(1, 2)).float().view(batch, s_q, heads, longest)
+        p = torch.softmax(scores * scale + bias, dim=-1).to(dtype).view(batch, s_q * heads, longest)
+        return torch.bmm(p, kv[..., :ckv]).view(batch, s_q, heads, ckv)
+
+    return Prepared(run, run, "gather + bmm + fp32 softmax + bmm")
+
+
+# -- peers -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Peers:
+    """The peers module loaded from a folder, which peers load, and why the others do not."""
+    module: ModuleType | None
+    names: list[str]
+    absent: dict[str, str]
+
+    @classmethod
+    def load(cls, folder: Path) -> Peers:
+        path = folder / "peers.py"
+        if not path.is_file():
+            why = f"no peers.py in {folder} (copy shared/peers there: see shared/peers/README.md)"
+            return cls(None, [], {name: why for name in PEER_NAMES})
+        try:
+            spec = importlib.util.spec_from_file_location("peers", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            names, absent = module.available()
+        except Exception as e:  # a broken peers folder is reported, never fatal
+            why = f"{path} does not import: {type(e).__name__}: {e}"
+            return cls(None, [], {name: why for name in PEER_NAMES})
+        return cls(module, list(names), dict(absent))
+
+
+def peer_support(name: str, case: Case) -> str | None:
+    """Why peer `name` cannot take `case`, or None."""
+    if name == "flashmla":
+        if case.page_size != 64:
+            return f"FlashMLA takes page size 64 only, not {case.page_size}"
+        if (case.ckv, case.rope) != (512, 64):
+            return f"FlashMLA takes ckv/rope 512/64 only, not {case.ckv}/{case.rope}"
+    elif case.s_q > 1:
+        return f"{name} runs s_q > 1 as independent rows, without the causal mask among the new tokens"
+    return None
+
+
+def prepare_peer(peers: Peers, name: str, inp: DecodeInputs, case: Case) -> Prepared:
+    reason = peer_support(name, case)
+    if reason:
+        raise NotApplicable(reason)
+    run = peers.module.prepare(name, inp.q, inp.kv, inp.block_table, inp.cache_seqlens, case.sm_scale, dv=case.ckv)
+    return Prepared(run, run)

@@ -1,0 +1,202 @@
+"""Results of `python -m mla_gen.bench`: timings, output checks, one Record per (case, implementation),
+the aligned table and the JSON document. Torch-free: records are built from plain numbers."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from typing import Any, Sequence
+
+from mla_gen.bench_cases import Case, Work
+from mla_gen.roofline import Ceilings
+
+# ok: checked and timed; WRONG: output mismatch, not timed; n/a: the implementation cannot take the
+# case; absent: the implementation does not load here; error: it raised (message in `note`).
+STATUSES = ("ok", "WRONG", "n/a", "absent", "error")
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Device times (us) of the timed calls, and the median host time of one call (the launch cost)."""
+    samples_us: tuple[float, ...]
+    host_us: float
+
+    def __post_init__(self) -> None:
+        if len(self.samples_us) < 2:
+            raise ValueError(f"samples_us: expected at least 2 timed runs, got {len(self.samples_us)}")
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.samples_us)
+
+    def deciles(self) -> tuple[float, float]:
+        """(p10, p90)."""
+        cuts = statistics.quantiles(self.samples_us, n=10, method="inclusive")
+        return cuts[0], cuts[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """An output compared with a reference: NaN count, relative L2 and max abs error; `ok` within
+    tolerance = (max rel L2, max abs as a fraction of max |reference|)."""
+    against: str
+    max_abs: float
+    rel_l2: float
+    nan_count: int
+    ref_max: float
+    tolerance: tuple[float, float]
+
+    @property
+    def ok(self) -> bool:
+        return (self.nan_count == 0 and self.rel_l2 <= self.tolerance[0]
+                and self.max_abs <= self.tolerance[1] * self.ref_max)
+
+    def why_wrong(self) -> str:
+        if self.nan_count:
+            return f"{self.nan_count} NaN outputs (unwritten or non-finite)"
+        return (f"vs {self.against}: rel L2 {self.rel_l2:.2e} (tolerance {self.tolerance[0]:.0e}), max abs "
+                f"{self.max_abs:.2e} (tolerance {self.tolerance[1]:.0e} x max|ref| {self.ref_max:.2e})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One (case, implementation). Time fields are None unless status is 'ok'; check fields are set
+    when the output was compared (ok and WRONG)."""
+    case: str
+    shape: str
+    impl: str
+    status: str
+    note: str
+    bytes: int
+    flops: int
+    intensity: float              # FLOP / byte
+    floor_us: float               # max(bytes / copy bandwidth, flops / matmul rate)
+    bound: str                    # the larger term of the floor: memory or compute
+    twin_of: str | None
+    time_us: float | None = None  # median
+    min_us: float | None = None
+    p10_us: float | None = None
+    p90_us: float | None = None
+    max_us: float | None = None
+    iters: int | None = None
+    host_us: float | None = None
+    gbps: float | None = None
+    tflops: float | None = None
+    bw_frac: float | None = None        # gbps / measured copy bandwidth
+    compute_frac: float | None = None   # tflops / measured matmul rate
+    time_over_floor: float | None = None
+    check_against: str | None = None
+    max_abs_diff: float | None = None
+    rel_l2: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Record:
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def make_record(case: Case, work: Work, impl: str, ceilings: Ceilings, status: str, *, note: str = "",
+                timing: Timing | None = None, check: Check | None = None) -> Record:
+    if status not in STATUSES:
+        raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
+    if (status == "ok") != (timing is not None):
+        raise ValueError("timing: a record has a timing exactly when its status is 'ok'")
+    floor = ceilings.floor_us(work.bytes, work.flops)
+    fields: dict[str, Any] = {}
+    if check is not None:  # NaN (outputs with NaN) is stored as None: the document stays valid JSON
+        fields.update(check_against=check.against, max_abs_diff=_finite(check.max_abs), rel_l2=_finite(check.rel_l2))
+    if timing is not None:
+        t = timing.median_us
+        gbps, tflops = work.bytes / t / 1e3, work.flops / t / 1e6
+        p10, p90 = timing.deciles()
+        fields.update(time_us=t, min_us=min(timing.samples_us), p10_us=p10, p90_us=p90,
+                      max_us=max(timing.samples_us), iters=len(timing.samples_us), host_us=timing.host_us,
+                      gbps=gbps, tflops=tflops, bw_frac=gbps / ceilings.copy_gbps,
+                      compute_frac=tflops / ceilings.matmul_tflops, time_over_floor=t / floor)
+    return Record(case=case.name, shape=case.shape, impl=impl, status=status, note=note, bytes=work.bytes,
+                  flops=work.flops, intensity=work.intensity, floor_us=floor,
+                  bound=ceilings.bound(work.bytes, work.flops), twin_of=case.twin_of, **fields)
+
+
+# -- text ------------------------------------------------------------------------------------------
+
+_COLUMNS = ("case", "shape", "impl", "time_us", "p10-p90", "host_us", "GB/s", "of_copy", "TFLOP/s", "of_mma",
+            "floor_us", "x_floor", "check (max abs diff)", "note")
+
+
+def _us(x: float) -> str:
+    """Microseconds with about 3-4 significant digits."""
+    return f"{x:.0f}" if x >= 1000 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _note(text: str, width: int = 110) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def _row(r: Record) -> list[str]:
+    check = "" if not r.check_against else f"{r.check_against} " + (
+        f"{r.max_abs_diff:.1e}" if r.max_abs_diff is not None else "NaN")
+    if r.status != "ok":
+        return [r.case, r.shape, r.impl, r.status, "", "", "", "", "", "", _us(r.floor_us), "", check, _note(r.note)]
+    return [r.case, r.shape, r.impl, _us(r.time_us), f"{_us(r.p10_us)}-{_us(r.p90_us)}", _us(r.host_us),
+            f"{r.gbps:.0f}", f"{r.bw_frac:.2f}", f"{r.tflops:.1f}", f"{r.compute_frac:.2f}", _us(r.floor_us),
+            f"{r.time_over_floor:.2f}", check, ""]
+
+
+def format_table(records: Sequence[Record]) -> str:
+    """Aligned columns, numbers right-aligned; absent implementations are listed once below."""
+    shown = [r for r in records if r.status != "absent"]
+    rows = [list(_COLUMNS)] + [_row(r) for r in shown]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    left = {0, 1, 2, 12, 13}
+    lines = []
+    for row in rows:
+        cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    absent = {r.impl: r.note for r in records if r.status == "absent"}
+    lines += [f"absent: {impl}: {why}" for impl, why in absent.items()]
+    return "\n".join(lines)
+
+
+def balance_lines(records: Sequence[Record]) -> list[str]:
+    """time(ragged) / time(equal-length twin) per implementation timed on both."""
+    ok = {(r.case, r.impl): r for r in records if r.status == "ok"}
+    lines = []
+    for twin in (r for r in records if r.twin_of and r.status == "ok"):
+        ragged = ok.get((twin.twin_of, twin.impl))
+        if ragged:
+            lines.append(f"balance {twin.impl}: time({ragged.case}) / time({twin.case}) = "
+                         f"{ragged.time_us / twin.time_us:.3f}")
+    return lines
+
+
+def header_lines(device: dict[str, Any], ceilings: Ceilings) -> list[str]:
+    return [f"device: {device.get('name')} ({device.get('arch')}, {device.get('sm_count')} SMs), "
+            f"torch {device.get('torch')}",
+            f"ceilings: copy {ceilings.copy_gbps:.0f} GB/s ({ceilings.copy_bytes / 2**30:.0f} GiB read + written), "
+            f"bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s ({ceilings.matmul_n}^3), "
+            f"ridge {ceilings.ridge:.0f} FLOP/B"]
+
+
+# -- JSON ------------------------------------------------------------------------------------------
+
+def json_document(device: dict[str, Any], ceilings: Ceilings, settings: dict[str, Any], cases: Sequence[Case],
+                  records: Sequence[Record]) -> dict[str, Any]:
+    return {"schema": SCHEMA_VERSION, "tool": "mla_gen.bench", "device": device, "ceilings": ceilings.to_dict(),
+            "settings": settings, "cases": [c.to_dict() for c in cases], "records": [r.to_dict() for r in records]}
+
+
+def read_document(doc: dict[str, Any]) -> tuple[dict[str, Any], Ceilings, list[Record]]:
+    """(device, ceilings, records) of a json_document. Raises ValueError naming what is missing."""
+    for key in ("device", "ceilings", "records"):
+        if key not in doc:
+            raise ValueError(f"{key}: missing from the document (not a `python -m mla_gen.bench --json` file?)")
+    return doc["device"], Ceilings.from_dict(doc["ceilings"]), [Record.from_dict(r) for r in doc["records"]]

@@ -1,0 +1,71 @@
+"""GPU timing for the benchmark (/work/.library/device/METHOD.md): CUDA events around each call, warm-up
+first, L2 flushed before every timed call (a write of a buffer larger than L2, outside the timed
+region), and the device's ceilings measured the same way."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from mla_gen.bench_report import Timing
+from mla_gen.roofline import Ceilings
+
+FLUSH_BYTES = 256 * 2**20
+# NOTE(host-lead): after the flush the GPU spins ~0.1 ms (outside the timed region), so the host has
+# queued the timed call's launches before the start event runs; otherwise a call whose Python launch
+# cost exceeds the flush time would count host time. host_us reports that cost separately.
+SPIN_CYCLES = 200_000
+COPY_BYTES = 2 * 2**30          # the copied buffer; read + written = twice this
+MATMUL_N = 8192
+CEILING_ITERS = 20
+
+
+class Timer:
+    """Times zero-argument callables on the current CUDA stream."""
+
+    def __init__(self, device: torch.device, iters: int, warmup: int):
+        self.iters, self.warmup = iters, warmup
+        self._flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+    def time(self, fn: Callable[[], object], iters: int | None = None) -> Timing:
+        iters = iters or self.iters
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        host = []
+        for start, end in zip(starts, ends):
+            self._flush.zero_()
+            torch.cuda._sleep(SPIN_CYCLES)
+            start.record()
+            t0 = time.perf_counter()
+            fn()
+            host.append(time.perf_counter() - t0)
+            end.record()
+        torch.cuda.synchronize()
+        host.sort()
+        return Timing(tuple(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)), host[len(host) // 2] * 1e6)
+
+
+def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
+    """Device-to-device copy bandwidth (bytes read + written) and dense bf16 matmul rate, random data."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    ceilings = Ceilings(copy_gbps=_copy_gbps(timer, device, gen), matmul_tflops=_matmul_tflops(timer, device, gen),
+                        copy_bytes=2 * COPY_BYTES, matmul_n=MATMUL_N)
+    torch.cuda.empty_cache()
+    return ceilings
+
+
+def _copy_gbps(timer: Timer, device: torch.device, gen: torch.Generator) -> float:
+    src = torch.randn(COPY_BYTES // 2, dtype=torch.bfloat16, device=device, generator=gen)
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / timer.time(lambda: dst.copy_(src), CEILING_ITERS).median_us / 1e3
+
+
+def _matmul_tflops(timer: Timer, device: torch.device, gen: torch.Generator) -> float:
+    a = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device=device, generator=gen)
+    b = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device=device, generator=gen)
+    c = torch.empty_like(a)
+    return 2 * MATMUL_N**3 / timer.time(lambda: torch.matmul(a, b, out=c), CEILING_ITERS).median_us / 1e6

@@ -1,0 +1,100 @@
+"""The device's measured ceilings, the floor time they give a workload, and the roofline plot.
+
+Torch-free: the ceilings are measured by mla_gen.bench_timing; this module only does their arithmetic
+and draws (matplotlib, an optional dependency: `pip install 'mla-gen[plot]'`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from mla_gen.bench_report import Record
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    """Measured on the device: a large device-to-device copy (bytes read + written) and a dense bf16
+    matmul (n^3, random data)."""
+    copy_gbps: float
+    matmul_tflops: float
+    copy_bytes: int        # read + written by one timed copy
+    matmul_n: int
+
+    def memory_us(self, nbytes: int) -> float:
+        return nbytes / (self.copy_gbps * 1e3)
+
+    def compute_us(self, flops: int) -> float:
+        return flops / (self.matmul_tflops * 1e6)
+
+    def floor_us(self, nbytes: int, flops: int) -> float:
+        """No kernel runs much faster: max(bytes / bandwidth, FLOPs / rate)."""
+        return max(self.memory_us(nbytes), self.compute_us(flops))
+
+    def bound(self, nbytes: int, flops: int) -> str:
+        """Which ceiling sets the floor: 'memory' or 'compute'."""
+        return "memory" if self.memory_us(nbytes) >= self.compute_us(flops) else "compute"
+
+    @property
+    def ridge(self) -> float:
+        """Arithmetic intensity (FLOP/B) where the two ceilings meet."""
+        return self.matmul_tflops * 1e3 / self.copy_gbps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"ridge_flop_per_byte": self.ridge}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Ceilings:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+def require_matplotlib() -> None:
+    """Raises ImportError with what to install when matplotlib is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("matplotlib is not installed (pip install matplotlib, or 'mla-gen[plot]')")
+
+
+def plot_roofline(records: Sequence[Record], ceilings: Ceilings, path: Path, title: str) -> int:
+    """Log-log roofline PNG: x = FLOP/B, y = TFLOP/s; the bandwidth slope, the compute roof, and one
+    point per timed (case, implementation), labelled with the case. Returns the number of points."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    timed = [r for r in records if r.status == "ok" and r.tflops]
+    xs = [r.intensity for r in timed] or [ceilings.ridge]
+    lo, hi = min(min(xs), ceilings.ridge) / 3, max(max(xs), ceilings.ridge) * 3
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    ax.plot(grid, [min(ceilings.matmul_tflops, ceilings.copy_gbps * x / 1e3) for x in grid], color="black", lw=1.5,
+            label=f"roof: copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s")
+    ax.axvline(ceilings.ridge, color="gray", lw=0.8, ls=":")
+    markers = "os^Dv<>Ph*X"
+    for i, impl in enumerate(dict.fromkeys(r.impl for r in timed)):
+        mine = [r for r in timed if r.impl == impl]
+        ax.scatter([r.intensity for r in mine], [r.tflops for r in mine], marker=markers[i % len(markers)],
+                   s=40, label=impl, zorder=3)
+        for r in mine:
+            ax.annotate(r.case, (r.intensity, r.tflops), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte of cache + q + out)")
+    ax.set_ylabel("TFLOP/s  (2 H (C+R+C) per visible token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(timed)

@@ -1,0 +1,306 @@
+"""`python -m mla_gen.bench` on the CPU: the byte and FLOP formulas worked by hand, the roofline numbers
+of a record, the CLI's usage errors, the JSON document, the table and plot from a document, the torch
+baseline against the float64 reference, and the rules that mark peers n/a or absent. The GPU path
+(timing, ceilings, kernels, peers) runs only on a device: `python -m mla_gen.bench --peers`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from mla_gen.bench import main
+from mla_gen.bench_args import parse_options
+from mla_gen.bench_cases import Case, default_suite, subsample, visible_pairs, work
+from mla_gen.bench_impls import REF_TOL, Peers, Reference, compare, peer_support, prepare_torch
+from mla_gen.bench_report import (Check, Record, Timing, balance_lines, format_table, json_document, make_record,
+                                  read_document)
+from mla_gen.roofline import Ceilings
+from mla_gen.testing import make_inputs
+
+CEILINGS = Ceilings(copy_gbps=3000.0, matmul_tflops=800.0, copy_bytes=2 * 2**31, matmul_n=8192)
+
+
+# -- arithmetic ------------------------------------------------------------------------------------
+
+def test_work_of_case_3_by_hand() -> None:
+    """B64 S8192 H128 s_q 2, ckv/rope 512/64, bf16 (2 bytes)."""
+    w = work(Case("3", 64, 128, s_q=2, seqlen=8192))
+    assert w.cache_bytes == 64 * 8192 * (512 + 64) * 2 == 603_979_776      # each token's ckv + kpe once
+    assert w.q_bytes == 64 * 2 * 128 * (512 + 64) * 2 == 18_874_368        # B x s_q x H x (C + R)
+    assert w.out_bytes == 64 * 2 * 128 * 512 * 2 == 16_777_216             # B x s_q x H x C
+    assert w.bytes == 639_631_360
+    # causal: query 0 sees 8191 tokens, query 1 sees 8192, so 16383 pairs per request and head
+    assert visible_pairs([8192] * 64, 2) == 64 * 16383 == 1_048_512
+    assert w.flops == 2 * 128 * (512 + 64 + 512) * 1_048_512 == 292_039_950_336   # QK over C+R, PV over C
+    assert w.intensity == pytest.approx(292_039_950_336 / 639_631_360)
+
+
+def test_visible_pairs_ragged_by_hand() -> None:
+    # s_q 3: a request of 5 sees 3, 4, 5 tokens; one of 3 sees 1, 2, 3
+    assert visible_pairs([5, 3], 3) == (3 + 4 + 5) + (1 + 2 + 3) == 18
+    assert visible_pairs([5, 3], 1) == 8
+
+
+def test_work_minicpm3_dims_by_hand() -> None:
+    w = work(Case("m", 2, 40, ckv=256, rope=32, seqlen=100))
+    assert w.cache_bytes == 200 * (256 + 32) * 2
+    assert w.flops == 2 * 40 * (256 + 32 + 256) * 200
+
+
+def test_record_roofline_numbers_by_hand() -> None:
+    """Case 1 (B128 S4096 H16) timed at 250 us median under a 3000 GB/s, 800 TFLOP/s device."""
+    case = Case("1", 128, 16, seqlen=4096)
+    w = work(case)
+    assert w.bytes == 128 * 4096 * 1152 + 128 * 16 * 576 * 2 + 128 * 16 * 512 * 2 == 608_436_224
+    assert w.flops == 2 * 16 * 1088 * 128 * 4096 == 18_253_611_008
+    samples = tuple([240.0] * 10 + [250.0] + [260.0] * 10)
+    r = make_record(case, w, "mla-gen:simt", CEILINGS, "ok", timing=Timing(samples, host_us=12.0))
+    assert r.time_us == 250.0 and r.min_us == 240.0 and r.max_us == 260.0 and r.iters == 21
+    assert r.gbps == pytest.approx(608_436_224 / 250e-6 / 1e9)              # 2433.7 GB/s
+    assert r.tflops == pytest.approx(18_253_611_008 / 250e-6 / 1e12)         # 73.0 TFLOP/s
+    assert r.bw_frac == pytest.approx(r.gbps / 3000) and r.compute_frac == pytest.approx(r.tflops / 800)
+    # floor = max(608436224 B / 3000 GB/s = 202.8 us, 18.25 GFLOP / 800 TFLOP/s = 22.8 us): memory-bound
+    assert r.floor_us == pytest.approx(608_436_224 / 3000e9 * 1e6) and r.bound == "memory"
+    assert r.time_over_floor == pytest.approx(250 / r.floor_us)
+
+
+def test_compute_bound_floor() -> None:
+    r = make_record(Case("3", 64, 128, s_q=2, seqlen=8192), work(Case("3", 64, 128, s_q=2, seqlen=8192)), "x",
+                    CEILINGS, "n/a", note="n/a")
+    assert r.bound == "compute" and r.floor_us == pytest.approx(292_039_950_336 / 800e12 * 1e6)
+    assert r.time_us is None and r.gbps is None
+
+
+def test_default_suite() -> None:
+    suite = {c.name: c for c in default_suite()}
+    assert [(c.batch, c.heads, c.s_q, c.seqlen) for c in map(suite.get, "12345")] == [
+        (128, 16, 1, 4096), (128, 128, 1, 4096), (64, 128, 2, 8192), (32, 16, 1, 1024), (1, 128, 1, 32768)]
+    ragged, twin = suite["6"], suite["6eq"]
+    assert ragged.seqlens_random == (1, 8192) and ragged.lengths() == default_suite()[5].lengths()  # fixed seed
+    assert twin.twin_of == "6" and twin.batch == ragged.batch
+    assert abs(sum(twin.lengths()) - sum(ragged.lengths())) <= twin.batch // 2
+    m = suite["minicpm3"]
+    assert (m.heads, m.ckv, m.rope, m.model) == (40, 256, 32, "minicpm3-4b") and m.sm_scale != 192 ** -0.5
+    assert all(c.page_size == 64 and c.dtype == "bf16" for c in suite.values())
+
+
+def test_subsample_keeps_extremes() -> None:
+    lengths = [50, 3, 900, 7, 7, 60]
+    rows = subsample(lengths, 4, seed=0)
+    assert len(rows) == 4 and 1 in rows and 2 in rows and rows == sorted(rows)
+    assert subsample([5], 4, 0) == [0]
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--seqlens-random", "5"], "--seqlens-random"),
+    (["--heads", "16", "--ckv", "512", "--rope", "64", "--seqlens-random", "9,3"], "--seqlens-random"),
+    (["--seqlens-random", "a,b"], "--seqlens-random"),
+    (["--preset", "no-such-model"], "--preset"),
+    (["--heads", "16"], "--heads"),
+    (["--heads", "16", "--rope", "64"], "--heads"),
+    (["--families", "simt,warp9"], "--families"),
+    (["--families", ","], "--families"),
+    (["--batch", "8"], "--batch"),
+    (["--preset", "deepseek-v3", "--heads", "16"], "--preset"),
+    (["--preset", "deepseek-v3", "--s-q", "4", "--seqlen", "2"], "--seqlen"),
+    (["--seqlen", "5", "--seqlens-random", "1,9"], "--seqlens-random"),
+    (["--iters", "5"], "--iters"),
+    (["--cases", "1,99"], "--cases"),
+    (["--cases", "1", "--preset", "kimi-k2"], "--cases"),
+    (["--dtype", "fp8"], "--dtype"),
+    (["--json", "/no/such/folder/r.json"], "--json"),
+    (["--from-json", "/no/such/file.json"], "--from-json"),
+])
+def test_usage_errors_exit_2_with_one_line(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("python -m mla_gen.bench: error: argument ") and flag in err, err
+
+
+def test_heads_without_ckv_names_both(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--heads", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--heads" in err and "--ckv" in err and "--rope" in err
+
+
+def test_help() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mla_gen.bench", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m mla_gen.bench")
+    for flag in ("--preset", "--seqlens-random", "--families", "--peers-dir", "--json", "--plot", "--iters"):
+        assert flag in proc.stdout
+
+
+def test_options_single_case_and_suite() -> None:
+    opts = parse_options(["--preset", "minicpm3-4b", "--batch", "8", "--seqlens-random", "2,300", "--s-q", "2",
+                          "--page-size", "16", "--families", "simt", "--peers"])
+    (case,) = opts.cases
+    assert (case.batch, case.heads, case.ckv, case.rope, case.s_q, case.page_size) == (8, 40, 256, 32, 2, 16)
+    assert case.seqlens_random == (2, 300) and [f.value for f in opts.families] == ["simt"]
+    assert opts.peers_dir == REPO / ".peers"
+    suite = parse_options(["--cases", "6,6eq", "--dtype", "fp16", "--peers-dir", "/x"])
+    assert [c.name for c in suite.cases] == ["6", "6eq"] and all(c.dtype == "fp16" for c in suite.cases)
+    assert suite.peers_dir == Path("/x") and suite.families is None
+    assert len(parse_options([]).cases) == 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the suite where there is a GPU")
+def test_no_gpu_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--cases", "4"]) == 1
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# -- records, JSON, table, plot ---------------------------------------------------------------------
+
+def _records() -> tuple[list[Case], list[Record]]:
+    """One record of each status, built from plain numbers (no GPU)."""
+    ragged = Case("6", 4, 16, seqlen=None, seqlens_random=(1, 500), seed=3)
+    twin = Case("6eq", 4, 16, seqlen=round(sum(ragged.lengths()) / 4), twin_of="6")
+    timing = Timing(tuple(float(x) for x in range(100, 130)), host_us=20.0)
+    check = Check("reference[4 req]", 1e-3, 2e-3, 0, 0.5, REF_TOL["bf16"])
+    wrong = Check("mla-gen:simt", float("nan"), float("nan"), 7, 0.5, (2e-2, 4e-2))
+    records = [
+        make_record(ragged, work(ragged), "mla-gen:simt", CEILINGS, "ok", timing=timing, check=check, note="id"),
+        make_record(ragged, work(ragged), "torch", CEILINGS, "WRONG", check=wrong, note=wrong.why_wrong()),
+        make_record(ragged, work(ragged), "vllm_triton", CEILINGS, "n/a", note="s_q > 1"),
+        make_record(ragged, work(ragged), "flashmla", CEILINGS, "absent", note="ImportError: x"),
+        make_record(ragged, work(ragged), "sglang_triton", CEILINGS, "error", note="RuntimeError: boom\nmore"),
+        make_record(twin, work(twin), "mla-gen:simt", CEILINGS, "ok",
+                    timing=Timing(tuple(float(x) for x in range(90, 120)), host_us=20.0), check=check),
+    ]
+    return [ragged, twin], records
+
+
+def test_json_document_schema(tmp_path: Path) -> None:
+    cases, records = _records()
+    device = {"name": "NVIDIA H100 80GB HBM3", "arch": "sm_90a", "sm_count": 132, "torch": "2.11"}
+    doc = json.loads(json.dumps(json_document(device, CEILINGS, {"iters": 30}, cases, records), allow_nan=False))
+    assert {"schema", "tool", "device", "ceilings", "settings", "cases", "records"} <= set(doc)
+    assert doc["device"]["name"] == "NVIDIA H100 80GB HBM3"
+    assert doc["ceilings"]["copy_gbps"] == 3000.0 and doc["ceilings"]["matmul_tflops"] == 800.0
+    assert doc["ceilings"]["ridge_flop_per_byte"] == pytest.approx(800e12 / 3000e9)
+    fields = {f.name for f in dataclasses.fields(Record)}
+    assert all(set(r) == fields for r in doc["records"])
+    assert len({(r["case"], r["impl"]) for r in doc["records"]}) == len(doc["records"])
+    ok = doc["records"][0]
+    assert ok["status"] == "ok" and ok["time_us"] == 114.5 and ok["iters"] == 30
+    assert ok["p10_us"] < ok["time_us"] < ok["p90_us"] and ok["check_against"] == "reference[4 req]"
+    for key in ("gbps", "tflops", "bw_frac", "compute_frac", "floor_us", "time_over_floor", "bytes", "flops"):
+        assert isinstance(ok[key], (int, float)) and ok[key] > 0
+    assert {r["status"] for r in doc["records"]} == {"ok", "WRONG", "n/a", "absent", "error"}
+    assert all(r["time_us"] is None for r in doc["records"] if r["status"] != "ok")
+    assert doc["cases"][0]["total_tokens"] == sum(cases[0].lengths())
+    wrong = doc["records"][1]
+    assert wrong["status"] == "WRONG" and wrong["max_abs_diff"] is None and "7 NaN" in wrong["note"]
+    device2, ceilings, back = read_document(doc)
+    assert device2 == device and ceilings == CEILINGS and back == records
+
+
+def test_make_record_rejects_inconsistent_status() -> None:
+    case = Case("x", 1, 16)
+    with pytest.raises(ValueError, match="timing"):
+        make_record(case, work(case), "torch", CEILINGS, "ok")
+    with pytest.raises(ValueError, match="status"):
+        make_record(case, work(case), "torch", CEILINGS, "slow")
+
+
+def test_table_and_balance() -> None:
+    _, records = _records()
+    table = format_table(records)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["case", "shape", "impl"]
+    assert len(lines) == 1 + 5 + 1                      # header, rows but the absent one, the absent line
+    assert "absent: flashmla: ImportError: x" in lines[-1]
+    assert "WRONG" in table and "mla-gen:simt NaN" in table and "n/a" in table and "RuntimeError: boom" in table and "more" not in table
+    assert balance_lines(records) == ["balance mla-gen:simt: time(6) / time(6eq) = 1.096"]   # 114.5 / 104.5
+
+
+def test_from_json_prints_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases, records = _records()
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(json_document({"name": "GPU", "date": "today"}, CEILINGS, {}, cases, records)))
+    assert main(["--from-json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ceilings: copy 3000 GB/s" in out and "mla-gen:simt" in out and "balance" in out
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "roofline.png"
+    assert main(["--from-json", str(path), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_from_json_rejects_other_documents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    assert main(["--from-json", str(path)]) == 2
+    assert "--from-json" in capsys.readouterr().err
+
+
+# -- implementations on the CPU -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_torch_baseline_matches_reference(dtype: str) -> None:
+    """Ragged lengths, s_q 2 (causal), page 16 with NaN in every slot no request may read."""
+    case = Case("t", 4, 8, ckv=64, rope=16, s_q=2, seqlen=None, seqlens_random=(2, 90), page_size=16, dtype=dtype,
+                seed=5)
+    inp = make_inputs(case.lengths(), heads=8, ckv=64, rope=16, s_q=2, page_size=16, combined=True,
+                      dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
+                      generator=torch.Generator().manual_seed(5))
+    out = prepare_torch(inp, case).run()
+    assert out.shape == (4, 2, 8, 64) and out.dtype == inp.q.dtype
+    check = Reference.compute(inp, list(range(4))).check(out, dtype)
+    assert check.ok, check.why_wrong()
+
+
+def test_checks_catch_nan_and_mismatch() -> None:
+    ref = torch.randn(2, 1, 4, 8, dtype=torch.float64)
+    good = ref.to(torch.bfloat16)
+    assert compare(good, ref, "ref", REF_TOL["bf16"]).ok
+    bad = good.clone()
+    bad[0, 0, 0, 0] += 1.0
+    assert not compare(bad, ref, "ref", REF_TOL["bf16"]).ok
+    bad[1, 0, 0, 0] = float("nan")
+    check = compare(bad, ref, "ref", REF_TOL["bf16"])
+    assert not check.ok and check.nan_count == 1 and "NaN" in check.why_wrong()
+
+
+def test_peer_support_rules() -> None:
+    base = Case("x", 2, 16)
+    assert all(peer_support(p, base) is None for p in ("flashmla", "vllm_triton", "sglang_triton"))
+    assert "page size 64" in peer_support("flashmla", dataclasses.replace(base, page_size=16))
+    assert "512/64" in peer_support("flashmla", dataclasses.replace(base, ckv=256, rope=32))
+    assert peer_support("flashmla", dataclasses.replace(base, s_q=2)) is None
+    assert "causal" in peer_support("vllm_triton", dataclasses.replace(base, s_q=2))
+    assert peer_support("sglang_triton", dataclasses.replace(base, ckv=256, rope=32, page_size=16)) is None
+
+
+def test_peers_absent_never_raise(tmp_path: Path) -> None:
+    empty = Peers.load(tmp_path)
+    assert empty.names == [] and set(empty.absent) == {"flashmla", "vllm_triton", "sglang_triton"}
+    assert "no peers.py" in empty.absent["flashmla"]
+    (tmp_path / "peers.py").write_text("raise ImportError('no triton here')\n")
+    broken = Peers.load(tmp_path)
+    assert broken.names == [] and "no triton here" in broken.absent["vllm_triton"]
+    (tmp_path / "peers.py").write_text("def available():\n    return ['vllm_triton'], {'flashmla': 'no .so'}\n")
+    some = Peers.load(tmp_path)
+    assert some.names == ["vllm_triton"] and some.absent == {"flashmla": "no .so"}
+
+
+def test_plot_without_matplotlib_is_a_usage_error(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["--plot", "roofline.png"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --plot: matplotlib is not installed" in err and len(err.strip().splitlines()) == 1
