@@ -41,6 +41,19 @@ def test_work_of_case_3_by_hand() -> None:
     assert w.intensity == pytest.approx(292_039_950_336 / 639_631_360)
 
 
+@pytest.mark.parametrize("batch, heads, ckv, rope, s_q, seqlen", [(128, 16, 512, 64, 1, 4096),
+                                                                    (64, 128, 512, 64, 2, 8192),
+                                                                    (3, 40, 256, 32, 4, 77)])
+def test_work_agrees_with_the_cost_model(batch: int, heads: int, ckv: int, rope: int, s_q: int, seqlen: int) -> None:
+    """mla_gen.cost prices the same kernel ('latent attention'), with cache_len = tokens before the step."""
+    from mla_gen.cost import AttnDims, absorbed_cost
+
+    part = next(p for p in absorbed_cost(AttnDims(heads, ckv, rope, 128, 128), batch, s_q, seqlen - s_q).parts
+                if p.name == "latent attention")
+    w = work(Case("x", batch, heads, ckv, rope, s_q=s_q, seqlen=seqlen))
+    assert (w.flops, w.bytes) == (part.flops, part.bytes)
+
+
 def test_visible_pairs_ragged_by_hand() -> None:
     # s_q 3: a request of 5 sees 3, 4, 5 tokens; one of 3 sees 1, 2, 3
     assert visible_pairs([5, 3], 3) == (3 + 4 + 5) + (1 + 2 + 3) == 18
