@@ -61,6 +61,14 @@ def find_entry(spec: VariantSpec, cache: BinaryCache | None = None) -> Entry | N
     return entry
 
 
+_compiled: list[str] = []
+
+
+def compiled_here() -> list[str]:
+    """Variant ids this process compiled (not loaded from the cache): for build-once checks."""
+    return list(_compiled)
+
+
 def try_load(spec: VariantSpec, cache: BinaryCache | None = None) -> ModuleType | None:
     entry = find_entry(spec, cache)
     if entry is None:
@@ -95,6 +103,8 @@ def load(spec: VariantSpec, cache: BinaryCache | None = None) -> ModuleType:
     if env.disable_jit():
         raise MissingJITCacheError(spec.variant_id, cache.root)
     result = build(spec, cache, plan_build(spec))
+    if result.built:
+        _compiled.append(spec.variant_id)
     try:
         module = result.entry.import_module()
     except ImportError as e:
