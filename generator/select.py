@@ -11,7 +11,7 @@ from generator.errors import SpecError
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
 
 # Families with a template, fastest first.
-FAMILY_ORDER = (Family.SIMT,)
+FAMILY_ORDER = (Family.MMA, Family.SIMT)
 # Tokens of kv that one part must at least get before splitting pays for its fixed costs.
 MIN_TOKENS_PER_PART = 256
 # Fixed cost of a request or a split (q load, epilogue, merge), in kv tokens.
@@ -33,12 +33,34 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
         block_n = 16 if arch is not None and arch.max_smem_per_block < 96 * 1024 else 32
         return Tile(block_m, block_n, 1, warps)
     if family is Family.MMA:
-        if num_heads <= 16:
-            return Tile(16, 64, 2, 4)     # one row group, 4 warps split the ckv columns
-        if num_heads <= 32:
-            return Tile(32, 64, 2, 4)     # two row groups x 2 column halves
-        return Tile(64, 64, 2, 8)         # four row groups x 2 column halves
+        return _mma_tile(num_heads, ckv_dim, rope_dim, arch)
     raise SpecError(f"family: no tile rules for {family.value}")
+
+
+def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
+    """mma tile: rows per CTA from the head count (a warp owns 16 rows at block_m 16, else 32, and
+    a quarter of the ckv columns), then as many kv stages as shared memory holds (at most 8), so
+    the memory-bound small-head cases keep the most bytes in flight. Candidates that do not fit
+    the arch's shared memory fall back to smaller tiles."""
+    if num_heads <= 16:
+        candidates = [(16, 32, 4)]                      # 16 rows x 4 warps of 128 (ckv 512) columns
+    elif num_heads <= 32:
+        candidates = [(32, 32, 4), (16, 32, 4)]          # 32 rows x 4 column quarters
+    else:
+        candidates = [(64, 64, 8), (64, 32, 8), (32, 32, 4), (16, 32, 4)]  # 2 row groups x 4 quarters
+    for block_m, block_n, warps in candidates:
+        for stages in range(8, 1, -1):
+            tile = Tile(block_m, block_n, stages, warps)
+            try:  # validates the tile for these dims and checks its shared memory against the arch
+                VariantSpec(num_heads, ckv_dim, rope_dim, DType.BF16, DType.BF16, DType.BF16, Family.MMA, tile,
+                            arch or Arch.SM80)
+            except SpecError as e:
+                if "shared memory" in str(e):
+                    continue  # fewer stages
+                break  # this shape does not suit the dims: next candidate
+            return tile
+    # nothing fits: return the smallest so that VariantSpec reports the problem with its field
+    return Tile(*candidates[-1][:2], 2, candidates[-1][2])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -242,10 +242,11 @@ class VariantSpec:
         if self.family is Family.SIMT:
             # q tile in fp32, one kv tile, scores/probabilities in fp32, three per-row fp32 arrays
             return t.block_m * d * 4 + t.block_n * d * kv + t.block_m * t.block_n * 4 + 3 * t.block_m * 4
-        # mma: q tile, `stages` kv tiles, P tile, row max/sum exchange between the kv-split warps
-        wn = t.warps // (t.block_m // 16)
+        # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
+        # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
+        wn = _mma_column_splits(t)
         return (t.block_m * d * self.q_dtype.itemsize + t.stages * t.block_n * d * kv
-                + t.block_m * t.block_n * self.q_dtype.itemsize + 2 * wn * t.block_m * 4)
+                + t.block_m * t.block_n * kv + 2 * wn * t.block_m * 4)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
@@ -269,20 +270,44 @@ def _check_simt(spec: VariantSpec) -> None:
                         f"divide ckv_dim {spec.ckv_dim}; got warps={t.warps}")
 
 
+def _mma_warp_rows(tile: Tile) -> int:
+    """Query rows a warp of the mma family owns: one m16 tile at block_m 16, else two."""
+    return 16 if tile.block_m <= 16 else 32
+
+
+def _mma_column_splits(tile: Tile) -> int:
+    """Warps sharing a row group in the mma family (they split O's columns and S's tokens)."""
+    return max(1, tile.warps // max(1, tile.block_m // _mma_warp_rows(tile)))
+
+
 def _check_mma(spec: VariantSpec) -> None:
     t = spec.tile
     if t.block_m not in (16, 32, 64):
         raise SpecError(f"tile.block_m: mma takes 16, 32 or 64 query rows per CTA, got {t.block_m}")
-    groups = t.block_m // 16
-    if t.warps % groups or t.warps // groups not in (1, 2, 4, 8):
-        raise SpecError(f"tile.warps: mma needs warps = (block_m/16) x (1, 2, 4 or 8 column splits); "
-                        f"got warps={t.warps} for block_m={t.block_m}")
+    for name in ("ckv_dim", "rope_dim"):
+        dim = getattr(spec, name)
+        if dim % 64 and dim not in (16, 32):
+            raise SpecError(f"{name}: mma swizzles rows of 16-byte chunks and needs 16, 32 or a multiple of 64, "
+                            f"got {dim}")
+    warp_rows = _mma_warp_rows(t)
+    groups = t.block_m // warp_rows
+    if t.warps not in (1, 2, 4, 8) or t.warps % groups:
+        raise SpecError(f"tile.warps: mma needs warps in (1, 2, 4, 8), a multiple of the {groups} row group(s) of "
+                        f"{warp_rows} rows at block_m={t.block_m}; got warps={t.warps}")
     wn = t.warps // groups
     if spec.ckv_dim % (16 * wn):
         raise SpecError(f"tile.warps: {wn} column splits of ckv_dim {spec.ckv_dim} are not multiples of 16")
-    if t.block_n not in (16, 32, 64, 128) or t.block_n % (16 * wn):
-        raise SpecError(f"tile.block_n: expected 16, 32, 64 or 128 and a multiple of 16 x {wn} column "
-                        f"splits, got {t.block_n}")
+    o_floats = (warp_rows // 16) * (spec.ckv_dim // wn // 8) * 4
+    if o_floats > 128:
+        raise SpecError(f"tile.warps: {wn} column split(s) leave each thread {o_floats} fp32 output accumulators "
+                        f"(at most 128); use more warps for block_m={t.block_m}, ckv_dim={spec.ckv_dim}")
+    if t.block_n not in (16, 32, 64, 128) or t.block_n % (8 * wn):
+        raise SpecError(f"tile.block_n: expected 16, 32, 64 or 128 and at least 8 tokens for each of the {wn} "
+                        f"column-split warps, got {t.block_n}")
+    s_floats = (warp_rows // 16) * (t.block_n // wn // 8) * 4
+    if s_floats > 32:
+        raise SpecError(f"tile.block_n: {t.block_n} tokens over {wn} warp(s) leave each thread {s_floats} fp32 "
+                        f"score accumulators (at most 32)")
     _check_int("tile.stages", t.stages, 2, 8)
 
 

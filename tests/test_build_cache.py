@@ -29,7 +29,7 @@ from generator.select import default_tile
 from generator.spec import Arch, DType, Family, VariantSpec
 from generator.toolchain import find_nvcc
 
-SMALL = ["--heads", "16", "--ckv", "256", "--rope", "32"]  # a small simt variant: a build takes ~8 s
+SMALL = ["--heads", "16", "--ckv", "256", "--rope", "32", "--family", "simt"]  # a small simt variant: ~8 s
 
 
 def small_spec(arch: Arch) -> VariantSpec:
