@@ -297,6 +297,10 @@ def _check_mma(spec: VariantSpec) -> None:
     wn = t.warps // groups
     if spec.ckv_dim % (16 * wn):
         raise SpecError(f"tile.warps: {wn} column splits of ckv_dim {spec.ckv_dim} are not multiples of 16")
+    cols = spec.ckv_dim // wn
+    if cols > 64 and cols % 64:
+        raise SpecError(f"tile.warps: each of the {wn} column splits gets {cols} ckv columns; mma needs at most 64 "
+                        f"or a multiple of 64")
     o_floats = (warp_rows // 16) * (spec.ckv_dim // wn // 8) * 4
     if o_floats > 128:
         raise SpecError(f"tile.warps: {wn} column split(s) leave each thread {o_floats} fp32 output accumulators "
