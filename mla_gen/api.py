@@ -138,12 +138,19 @@ class MLADecodeWrapper:
             raise ValueError(f"q_nope: expected a tensor on {plan.device} (the plan's device), got {q_nope.device}")
         p = self._params(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse, shape)
         stream = torch.cuda.current_stream(plan.device).cuda_stream
-        mod = self._module
-        with torch.cuda.device(plan.device):
-            mod.plan(p, stream)
-            mod.decode(p, stream)
-            mod.merge(p, stream)
+        if torch.cuda.current_device() == plan.device.index:
+            self._launch(p, stream)
+        else:
+            with torch.cuda.device(plan.device):
+                self._launch(p, stream)
         return (out, lse) if (plan.return_lse or lse is not None) else out
+
+    def _launch(self, p, stream: int) -> None:
+        """Device planner, decode, merge: three launches on `stream`, nothing else."""
+        mod = self._module
+        mod.plan(p, stream)
+        mod.decode(p, stream)
+        mod.merge(p, stream)
 
     def _params(self, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse, shape):
         plan = self._plan
