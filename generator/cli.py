@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from generator import __version__
+from generator.argtypes import OneLineParser, UsageError, positive_int
 from generator.errors import MlaGenError, SpecError, ToolchainError
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
 
@@ -23,15 +24,6 @@ DEFAULT_ARCH = "sm_90a"
 _FIELD_FLAGS = {"num_heads": "--heads", "ckv_dim": "--ckv", "rope_dim": "--rope", "arch": "--arch",
                 "preset": "--preset", "family": "--family", "tile": "--tile", "dtype": "--dtype",
                 "q_dtype": "--dtype", "tp": "--tp", "s_q": "--s-q", "variant id": "--id"}
-
-
-class UsageError(Exception):
-    """Bad command-line input: exit 2 with one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + 2 lines)
-        raise UsageError(message)
 
 
 def _usage_message(err: SpecError) -> str:
@@ -281,21 +273,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------------
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="mla-gen's kernel compiler: list, emit, build and cache MLA decode "
+    p = OneLineParser(prog=PROG, description="mla-gen's kernel compiler: list, emit, build and cache MLA decode "
                                        "kernel variants, and explain dispatch decisions.")
     p.add_argument("--version", action="version", version=f"mla-gen {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
 
     s = sub.add_parser("list", help="list the variants of a preset or of explicit dims",
                        description="List variants (id, shared memory, threads). --presets lists the model presets.")
@@ -315,7 +297,7 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Compile variants ahead of time, -j at once; one progress line per variant.")
     _add_selection(s)
     s.add_argument("--out", default=None, help="cache root to build into (default $MLA_GEN_CACHE_DIR)")
-    s.add_argument("-j", "--jobs", type=_positive, default=2, help="variants built at once (default 2)")
+    s.add_argument("-j", "--jobs", type=positive_int, default=2, help="variants built at once (default 2)")
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(fn=cmd_build)
 
@@ -324,7 +306,7 @@ def make_parser() -> argparse.ArgumentParser:
                                    "and a test import (exit 1 if any is corrupt); prune: drop unused entries "
                                    "and leftovers; clear: drop everything.")
     s.add_argument("--root", default=None, help="cache root (default $MLA_GEN_CACHE_DIR or ~/.cache/mla_gen)")
-    csub = s.add_subparsers(dest="cache_cmd", required=True, parser_class=_Parser)
+    csub = s.add_subparsers(dest="cache_cmd", required=True, parser_class=OneLineParser)
     c = csub.add_parser("ls", help="list entries")
     c.add_argument("--json", action="store_true")
     c = csub.add_parser("info", help="show one entry's metadata")
@@ -348,13 +330,13 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--rope", type=int, required=True)
     s.add_argument("--dtype", default="bf16")
     s.add_argument("--arch", default=DEFAULT_ARCH)
-    s.add_argument("--batch", type=_positive, default=None)
-    s.add_argument("--seqlen", type=_positive, default=None, help="mean cache length per request")
-    s.add_argument("--s-q", type=_positive, default=1, dest="s_q", help="query tokens per request")
-    s.add_argument("--sm-count", type=_positive, default=132, help="SMs of the device (default 132, H100 SXM)")
-    s.add_argument("--ctas-per-sm", type=_positive, default=None)
+    s.add_argument("--batch", type=positive_int, default=None)
+    s.add_argument("--seqlen", type=positive_int, default=None, help="mean cache length per request")
+    s.add_argument("--s-q", type=positive_int, default=1, dest="s_q", help="query tokens per request")
+    s.add_argument("--sm-count", type=positive_int, default=132, help="SMs of the device (default 132, H100 SXM)")
+    s.add_argument("--ctas-per-sm", type=positive_int, default=None)
     s.add_argument("--family", default=None)
-    s.add_argument("--num-parts", type=_positive, default=None)
+    s.add_argument("--num-parts", type=positive_int, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_explain)
     return p

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+from generator.argtypes import OneLineParser, UsageError, positive_int
 from generator.errors import SpecError
 from generator.presets import model_config, preset_names
 from generator.spec import Family
@@ -20,25 +21,6 @@ _FIELD_FLAGS = {"batch": "--batch", "heads": "--heads", "ckv": "--ckv", "rope": 
                 "seqlen": "--seqlen", "seqlens_random": "--seqlens-random", "page_size": "--page-size",
                 "dtype": "--dtype"}
 _SHAPE_FLAGS = ("preset", "heads", "ckv", "rope", "batch", "seqlen", "seqlens_random", "s_q")
-
-
-class UsageError(Exception):
-    """Bad command-line input: exit 2 with one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + 2 lines)
-        raise UsageError(message)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _seqlens_random(text: str) -> tuple[int, int]:
@@ -69,20 +51,20 @@ def _preset(text: str) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="MLA decode benchmark: mla-gen, a torch baseline and peers under the "
+    p = OneLineParser(prog=PROG, description="MLA decode benchmark: mla-gen, a torch baseline and peers under the "
                 "device's measured ceilings. No case arguments: the default suite.")
     g = p.add_argument_group("one case instead of the suite (a preset, or explicit dims)")
     g.add_argument("--preset", type=_preset, help=f"model preset: {', '.join(preset_names())}")
-    g.add_argument("--heads", type=_positive, metavar="H", help="query heads per GPU (with --ckv and --rope)")
-    g.add_argument("--ckv", type=_positive, metavar="C", help="compressed kv width (kv_lora_rank), e.g. 512")
-    g.add_argument("--rope", type=_positive, metavar="R", help="rope width (qk_rope_head_dim), e.g. 64")
-    g.add_argument("--batch", type=_positive, metavar="B", help="requests (default 64)")
+    g.add_argument("--heads", type=positive_int, metavar="H", help="query heads per GPU (with --ckv and --rope)")
+    g.add_argument("--ckv", type=positive_int, metavar="C", help="compressed kv width (kv_lora_rank), e.g. 512")
+    g.add_argument("--rope", type=positive_int, metavar="R", help="rope width (qk_rope_head_dim), e.g. 64")
+    g.add_argument("--batch", type=positive_int, metavar="B", help="requests (default 64)")
     seq = g.add_mutually_exclusive_group()
-    seq.add_argument("--seqlen", type=_positive, metavar="S", help="tokens per request (default 4096)")
+    seq.add_argument("--seqlen", type=positive_int, metavar="S", help="tokens per request (default 4096)")
     seq.add_argument("--seqlens-random", type=_seqlens_random, metavar="LO,HI",
                      help="lengths uniform in [LO, HI], drawn with --seed")
-    g.add_argument("--s-q", type=_positive, metavar="N", help="query tokens per request, causal (default 1)")
-    p.add_argument("--page-size", type=_positive, metavar="P", help="cache page size (default 64; suite too)")
+    g.add_argument("--s-q", type=positive_int, metavar="N", help="query tokens per request, causal (default 1)")
+    p.add_argument("--page-size", type=positive_int, metavar="P", help="cache page size (default 64; suite too)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], help="q/cache/out dtype (default bf16; suite too)")
     p.add_argument("--cases", metavar="LIST", help="suite cases to run, comma-separated, e.g. 6,6eq (default all: "
                    + ", ".join(c.name for c in default_suite()) + ")")
@@ -91,7 +73,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", action="store_true", help="also time the peers that load (FlashMLA, Triton)")
     p.add_argument("--peers-dir", type=Path, metavar="DIR",
                    help="folder holding peers.py (default .peers in the repo root; implies --peers)")
-    p.add_argument("--iters", type=_positive, default=30, metavar="N", help=f"timed runs per (case, impl), "
+    p.add_argument("--iters", type=positive_int, default=30, metavar="N", help=f"timed runs per (case, impl), "
                    f">= {MIN_ITERS} (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random lengths and data (default 0)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write one JSON document of all records")

@@ -29,6 +29,8 @@ import math
 import sys
 from typing import Sequence
 
+from generator.argtypes import OneLineParser, UsageError, nonneg_int, positive_float, positive_int
+
 H100_BF16_RATE = 795e12  # dense bf16 tensor-core FLOP/s (H100 SXM)
 H100_BANDWIDTH = 3.02e12  # HBM3 bytes/s (H100 SXM)
 FORMS = ("absorbed", "vanilla")
@@ -163,53 +165,18 @@ def crossover(dims, batch: int, cache_len: int, *, dtype_bytes: float = 2, rate:
 
 
 # ----------------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (STYLE.md: 2 = usage)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m mla_gen.cost",
+    p = OneLineParser(prog="python -m mla_gen.cost",
                 description="FLOPs, bytes and roofline time of vanilla vs absorbed MLA attention per layer and "
                             "step, and the query count where vanilla becomes cheaper.")
     p.add_argument("--preset", required=True, help="model preset (generator/models.json), e.g. deepseek-v3")
-    p.add_argument("--batch", type=_positive_int, default=1, help="requests per step (default 1)")
-    p.add_argument("--seqlen", type=_nonneg_int, default=4096, help="cached tokens per request before the step")
-    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (heads per rank = heads / tp)")
-    p.add_argument("--rate", type=_positive_float, default=H100_BF16_RATE, help="matmul FLOP/s (default H100 bf16)")
-    p.add_argument("--bandwidth", type=_positive_float, default=H100_BANDWIDTH, help="memory B/s (default H100)")
+    p.add_argument("--batch", type=positive_int, default=1, help="requests per step (default 1)")
+    p.add_argument("--seqlen", type=nonneg_int, default=4096, help="cached tokens per request before the step")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size (heads per rank = heads / tp)")
+    p.add_argument("--rate", type=positive_float, default=H100_BF16_RATE, help="matmul FLOP/s (default H100 bf16)")
+    p.add_argument("--bandwidth", type=positive_float, default=H100_BANDWIDTH, help="memory B/s (default H100)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="activation/cache/weight dtype")
-    p.add_argument("--max-s-q", type=_positive_int, default=4096, help="largest query count in the table")
+    p.add_argument("--max-s-q", type=positive_int, default=4096, help="largest query count in the table")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     return p
 
@@ -221,17 +188,22 @@ def _table(rows: list[list[str]], right: Sequence[bool]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point. Returns 0; bad input exits 2 with one line naming the argument."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """CLI entry point. Returns 0, or 2 for bad input (one line on stderr naming the argument)."""
     from generator.errors import SpecError
     from generator.presets import model_config
+
+    prog = "python -m mla_gen.cost"
     try:
-        cfg = model_config(args.preset)
-    except SpecError as exc:
-        parser.error(f"argument --preset: {str(exc).removeprefix('preset: ')}")
-    if cfg.num_heads % args.tp:
-        parser.error(f"argument --tp: {args.preset} has {cfg.num_heads} heads; {args.tp} does not divide them")
+        args = _parser().parse_args(argv)
+        try:
+            cfg = model_config(args.preset)
+        except SpecError as exc:
+            raise UsageError(f"argument --preset: {str(exc).removeprefix('preset: ')}") from None
+        if cfg.num_heads % args.tp:
+            raise UsageError(f"argument --tp: {args.preset} has {cfg.num_heads} heads; {args.tp} does not divide them")
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     dims = AttnDims.from_config(cfg, tp=args.tp)
     e = DTYPE_BYTES[args.dtype]
     counts = [1 << i for i in range(args.max_s_q.bit_length()) if 1 << i <= args.max_s_q]
