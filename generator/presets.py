@@ -85,8 +85,9 @@ def model_config(name: str) -> ModelConfig:
 
 def preset_variants(name: str, arch: Arch, *, dtype: DType | None = None, families: list[Family] | None = None,
                     tp_sizes: list[int] | None = None) -> list[VariantSpec]:
-    """Every variant preset `name` needs on `arch`: one per tensor-parallel head count and family."""
-    from generator.select import default_tile, families_for  # select imports presets' neighbours only
+    """The variants preset `name` needs on `arch`: per tensor-parallel head count, the one dispatch
+    picks (generator.select.decide), or one per family in `families`. Raises SpecError."""
+    from generator.select import decide, default_tile  # select builds on spec; presets stay below it
 
     cfg = model_config(name)
     heads = cfg.tp_heads()
@@ -97,10 +98,12 @@ def preset_variants(name: str, arch: Arch, *, dtype: DType | None = None, famili
                             f"{sorted(heads)} divide them, not {bad}")
         heads = {tp: heads[tp] for tp in tp_sizes}
     dt = dtype or cfg.dtype
-    fams = families or families_for(arch)
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     out: list[VariantSpec] = []
     for h in sorted(set(heads.values()), reverse=True):
-        for fam in fams:
-            tile = default_tile(fam, h, cfg.kv_lora_rank, cfg.qk_rope_head_dim, arch)
-            out.append(VariantSpec(h, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dt, dt, dt, fam, tile, arch))
+        if families is None:
+            out.append(decide(arch=arch, num_heads=h, ckv_dim=C, rope_dim=R, dtype=dt).spec)
+            continue
+        for fam in families:
+            out.append(VariantSpec(h, C, R, dt, dt, dt, fam, default_tile(fam, h, C, R, arch), arch))
     return out
