@@ -11,7 +11,7 @@ from generator.errors import SpecError
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
 
 # Families with a template, fastest first.
-FAMILY_ORDER = (Family.MMA, Family.SIMT)
+FAMILY_ORDER = (Family.MMA, Family.SIMT, Family.WGMMA)
 # Tokens of kv that one part must at least get before splitting pays for its fixed costs.
 MIN_TOKENS_PER_PART = 256
 # Fixed cost of a request or a split (q load, epilogue, merge), in kv tokens.
@@ -20,7 +20,7 @@ FIXED_COST_TOKENS = 128
 
 def families_for(arch: Arch) -> list[Family]:
     """Families that run on `arch`, fastest first."""
-    return [f for f in FAMILY_ORDER if arch.cc >= f.min_cc]
+    return [f for f in FAMILY_ORDER if f.runs_on(arch)]
 
 
 def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None) -> Tile:
@@ -34,6 +34,8 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
         return Tile(block_m, block_n, 1, warps)
     if family is Family.MMA:
         return _mma_tile(num_heads, ckv_dim, rope_dim, arch)
+    if family is Family.WGMMA:
+        return _wgmma_tile(ckv_dim, rope_dim, arch)
     raise SpecError(f"family: no tile rules for {family.value}")
 
 
@@ -61,6 +63,22 @@ def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) ->
             return tile
     # nothing fits: return the smallest so that VariantSpec reports the problem with its field
     return Tile(*candidates[-1][:2], 2, candidates[-1][2])
+
+
+def _wgmma_tile(ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
+    """wgmma tile: 64 rows (one m64 tile) x 64 tokens, two warpgroups, as many kv stages as shared
+    memory holds, at most 4 (512/64: 2 stages, 225 KB; 256/32: 4 stages)."""
+    for stages in range(4, 1, -1):
+        tile = Tile(64, 64, stages, 8)
+        try:
+            VariantSpec(64, ckv_dim, rope_dim, DType.BF16, DType.BF16, DType.BF16, Family.WGMMA, tile,
+                        arch or Arch.SM90A)
+        except SpecError as e:
+            if "shared memory" in str(e):
+                continue
+            break
+        return tile
+    return Tile(64, 64, 2, 8)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,10 +44,18 @@ class Family(enum.Enum):
     """Kernel designs (DESIGN.md section 3)."""
     SIMT = "simt"   # CUDA cores, fp32 accumulation; any arch; the correctness baseline
     MMA = "mma"     # tensor cores via mma.sync m16n8k16, cp.async pipeline; sm_80+
+    WGMMA = "wgmma"  # Hopper warpgroup MMA (wgmma.mma_async), cp.async pipeline; sm_90a only
 
     @property
     def min_cc(self) -> int:
-        return {"simt": 75, "mma": 80}[self.value]
+        return {"simt": 75, "mma": 80, "wgmma": 90}[self.value]
+
+    def runs_on(self, arch: Arch) -> bool:
+        """Whether variants of this family can be built for `arch`: wgmma is an arch-specific
+        (sm_90a) instruction, so that family needs exactly sm_90a."""
+        if self is Family.WGMMA:
+            return arch is Arch.SM90A
+        return arch.cc >= self.min_cc
 
     @classmethod
     def parse(cls, text: str | Family) -> Family:
@@ -178,6 +186,9 @@ class VariantSpec:
         if self.arch.cc < self.family.min_cc:
             raise SpecError(f"arch: family {self.family.value} needs sm_{self.family.min_cc} or newer, "
                             f"got {self.arch.nvcc_name}")
+        if not self.family.runs_on(self.arch):
+            raise SpecError(f"arch: family {self.family.value} uses sm_90a-specific instructions (wgmma) and "
+                            f"builds only for sm_90a, got {self.arch.nvcc_name}")
         _FAMILY_CHECKS[self.family](self)
         smem = self.smem_bytes
         if smem > self.arch.max_smem_per_block:
@@ -242,6 +253,8 @@ class VariantSpec:
         if self.family is Family.SIMT:
             # q tile in fp32, one kv tile, scores/probabilities in fp32, three per-row fp32 arrays
             return t.block_m * d * 4 + t.block_n * d * kv + t.block_m * t.block_n * 4 + 3 * t.block_m * 4
+        if self.family is Family.WGMMA:
+            return _wgmma_smem_bytes(t, self.ckv_dim, self.rope_dim, kv)
         # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
         # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
         wn = _mma_column_splits(t)
@@ -315,4 +328,29 @@ def _check_mma(spec: VariantSpec) -> None:
     _check_int("tile.stages", t.stages, 2, 8)
 
 
-_FAMILY_CHECKS = {Family.SIMT: _check_simt, Family.MMA: _check_mma}
+def _wgmma_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
+    """templates/wgmma.cuh Layout: q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
+    (16-bit), then row max and row sum exchange arrays [2][M] fp32 between the two warpgroups."""
+    d = ckv + rope
+    return (tile.block_m * d * itemsize + tile.stages * tile.block_n * d * itemsize
+            + tile.block_m * tile.block_n * itemsize + 2 * 2 * tile.block_m * 4)
+
+
+def _check_wgmma(spec: VariantSpec) -> None:
+    t = spec.tile
+    if t.block_m != 64:
+        raise SpecError(f"tile.block_m: wgmma takes 64 query rows per CTA (one m64 tile), got {t.block_m}")
+    if t.block_n not in (32, 64):
+        raise SpecError(f"tile.block_n: wgmma takes 32 or 64 kv tokens per step, got {t.block_n}")
+    if t.warps != 8:
+        raise SpecError(f"tile.warps: wgmma runs two warpgroups (8 warps), got {t.warps}")
+    _check_int("tile.stages", t.stages, 2, 8)
+    if spec.ckv_dim % 128 or spec.ckv_dim > 512:
+        raise SpecError(f"ckv_dim: wgmma splits ckv into two halves of whole 64-column blocks (wgmma n <= 256): "
+                        f"expected a multiple of 128 up to 512, got {spec.ckv_dim}")
+    if spec.rope_dim % 64 and spec.rope_dim not in (16, 32):
+        raise SpecError(f"rope_dim: wgmma stores rows in 32-, 64- or 128-byte swizzle atoms: expected 16, 32 or a "
+                        f"multiple of 64, got {spec.rope_dim}")
+
+
+_FAMILY_CHECKS = {Family.SIMT: _check_simt, Family.MMA: _check_mma, Family.WGMMA: _check_wgmma}

@@ -1,0 +1,90 @@
+"""The wgmma family (templates/wgmma.cuh): sm_90a only, tile rules, the shared-memory formula, and (slow,
+real nvcc) a build with no spills and no warnings whose SASS carries HGMMA, V read transposed."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from generator.errors import SpecError
+from generator.select import decide, default_tile, families_for
+from generator.spec import Arch, DType, Family, Tile, VariantSpec
+
+BF16 = DType.BF16
+
+
+def wgmma(heads: int = 128, ckv: int = 512, rope: int = 64, tile: Tile | None = None,
+          arch: Arch = Arch.SM90A) -> VariantSpec:
+    tile = tile or default_tile(Family.WGMMA, heads, ckv, rope, Arch.SM90A)
+    return VariantSpec(heads, ckv, rope, BF16, BF16, BF16, Family.WGMMA, tile, arch)
+
+
+@pytest.mark.parametrize("arch", [a for a in Arch if a is not Arch.SM90A], ids=lambda a: a.nvcc_name)
+def test_wgmma_only_for_sm90a(arch: Arch) -> None:
+    assert Family.WGMMA not in families_for(arch)
+    with pytest.raises(SpecError, match=r"^arch: family wgmma"):
+        wgmma(arch=arch)
+    with pytest.raises(SpecError, match=r"^family: wgmma does not run on"):
+        decide(arch=arch, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, family=Family.WGMMA)
+
+
+def test_wgmma_offered_on_sm90a() -> None:
+    assert Family.WGMMA in families_for(Arch.SM90A)
+    assert Family.WGMMA.min_cc == 90
+
+
+def test_default_tiles_and_shared_memory() -> None:
+    big = wgmma()
+    assert big.tile == Tile(64, 64, 2, 8)
+    # q 64x576 + 2 stages x 64x576 + P 64x64 (16-bit) + red_max/red_sum [2][64] fp32
+    assert big.smem_bytes == 64 * 576 * 2 + 2 * 64 * 576 * 2 + 64 * 64 * 2 + 2 * 2 * 64 * 4 == 230400
+    assert big.smem_bytes <= Arch.SM90A.max_smem_per_block
+    small = wgmma(heads=40, ckv=256, rope=32)
+    assert small.tile == Tile(64, 64, 4, 8)
+    assert small.smem_bytes <= Arch.SM90A.max_smem_per_block
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(tile=Tile(32, 64, 2, 8)), "tile.block_m"),
+    (dict(tile=Tile(64, 16, 2, 8)), "tile.block_n"),
+    (dict(tile=Tile(64, 64, 2, 4)), "tile.warps"),
+    (dict(tile=Tile(64, 64, 1, 8)), "tile.stages"),
+    (dict(tile=Tile(64, 64, 3, 8)), "tile"),  # 3 x 72 KB stages do not fit
+    (dict(ckv=192, tile=Tile(64, 64, 2, 8)), "ckv_dim"),
+    (dict(ckv=640, tile=Tile(64, 32, 2, 8)), "ckv_dim"),
+    (dict(rope=48, tile=Tile(64, 64, 2, 8)), "rope_dim"),
+])
+def test_invalid_tiles_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(SpecError) as info:
+        wgmma(**kwargs)
+    assert str(info.value).startswith(f"{field}:"), str(info.value)
+
+
+@pytest.fixture(scope="module")
+def wgmma_entry(tmp_path_factory):
+    from generator.build import build
+    from generator.cache import BinaryCache
+
+    result = build(wgmma(), BinaryCache(tmp_path_factory.mktemp("wgmma_cache")))
+    assert result.built
+    return result.entry
+
+
+@pytest.mark.slow
+def test_wgmma_variant_has_no_spills_and_no_warnings(wgmma_entry):
+    log = (wgmma_entry.path / "build.log").read_text()
+    decode = next(k for k in wgmma_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
+    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
+    assert "warning" not in log.lower(), log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+def test_wgmma_sass_uses_hgmma(wgmma_entry):
+    sass = subprocess.run(["cuobjdump", "--dump-sass", str(wgmma_entry.so_path())], capture_output=True, text=True,
+                          check=True).stdout
+    assert "HGMMA.64x32x16.F32.BF16" in sass        # S = Q K^T, 32 tokens per warpgroup
+    assert "HGMMA.64x256x16.F32.BF16" in sass and ".tnspB" in sass  # O += P V, V MN-major
+    assert "LDGSTS.E.BYPASS.128" in sass            # 16-byte cp.async gathers
+    assert " LDL" not in sass and " STL" not in sass
