@@ -11,7 +11,7 @@ from generator.errors import SpecError
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
 
 # Families with a template, fastest first.
-FAMILY_ORDER = (Family.MMA, Family.SIMT, Family.WGMMA)
+FAMILY_ORDER = (Family.WGMMA, Family.MMA, Family.SIMT)
 # Tokens of kv that one part must at least get before splitting pays for its fixed costs.
 MIN_TOKENS_PER_PART = 256
 # Fixed cost of a request or a split (q load, epilogue, merge), in kv tokens.

@@ -92,6 +92,13 @@ __device__ __forceinline__ void fence_regs(float (&d)[K]) {
 #pragma unroll
   for (int i = 0; i < K; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+template <int K, int J>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[K][J]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+#pragma unroll
+    for (int j = 0; j < J; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
 
 // Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte units),
 // swizzle mode (1 = 128 B, 2 = 64 B, 3 = 32 B) in bits 62-63; base offset 0 (atoms are aligned).
@@ -180,6 +187,64 @@ __device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) { re
                  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
                : "l"(a), "l"(b), "r"(scale_d), "n"(TransB))
 
+#define MLA_WGMMA_RS_N64(DT) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." DT "." DT " {" \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+               "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(TransB))
+#define MLA_WGMMA_RS_N128(DT) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." DT "." DT " {" \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+               "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(TransB))
+#define MLA_WGMMA_RS_N256(DT) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32." DT "." DT " {" \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+               "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+               "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+               "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+               "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+               "}, {%128, %129, %130, %131}, %132, p, 1, 1, %134;\n}\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+                 "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+                 "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+                 "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+                 "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+                 "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+                 "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+                 "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+                 "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d), "n"(TransB))
+
 template <int N, typename T, int TransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {
   static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit inputs");
@@ -198,11 +263,30 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t
   }
 }
 
+// The same with A (16 rows per warp, k16) in registers: a[0..3] = rows (g, g + 8) x k (2 (lane % 4), + 8),
+// each a pair of 16-bit values, lower k in the low half (the m16n8k16 A fragment of each warp).
+template <int N, typename T, int TransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int scale_d) {
+  static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value, "16-bit inputs");
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  if constexpr (N == 64) {
+    if constexpr (kBf16) MLA_WGMMA_RS_N64("bf16"); else MLA_WGMMA_RS_N64("f16");
+  } else if constexpr (N == 128) {
+    if constexpr (kBf16) MLA_WGMMA_RS_N128("bf16"); else MLA_WGMMA_RS_N128("f16");
+  } else {
+    static_assert(N == 256, "wgmma_rs n: 64, 128 or 256");
+    if constexpr (kBf16) MLA_WGMMA_RS_N256("bf16"); else MLA_WGMMA_RS_N256("f16");
+  }
+}
+
 #undef MLA_WGMMA_SS_N16
 #undef MLA_WGMMA_SS_N32
 #undef MLA_WGMMA_SS_N64
 #undef MLA_WGMMA_SS_N128
 #undef MLA_WGMMA_SS_N256
+#undef MLA_WGMMA_RS_N64
+#undef MLA_WGMMA_RS_N128
+#undef MLA_WGMMA_RS_N256
 
 // Two fp32 -> one register of two 16-bit values (the lower column in the low half).
 template <typename T>
@@ -441,12 +525,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       cp_async_wait<S - 2>();
       fence_proxy_async();  // this thread's copies of tile `it` -> visible to wgmma
       __syncthreads();      // tile `it` is in shared memory; every warp is done with tile it-1 (its stage, P)
-      if (it + S - 1 < n_tiles) {
-        issue_tile(load_stage);
-        prefetch_pages(seg.blk_lo + it + S);
-      }
-      cp_async_commit();
-      load_stage = load_stage + 1 == S ? 0 : load_stage + 1;
 
       const uint32_t st_off = comp_stage * L::kStageBytes;
       const uint64_t d_kn_s = desc_add(d_kn, st_off), d_kp_s = desc_add(d_kp, st_off), d_v_s = desc_add(d_v, st_off);
@@ -458,13 +536,24 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       for (int i = 0; i < SV; ++i) sacc[i] = 0.f;
       fence_regs(sacc);
       wgmma_fence();
+#ifndef MLA_WG_EXP_NOQK
 #pragma unroll
       for (int ks = 0; ks < QN::kSteps; ++ks)
         wgmma_ss<NW, KV, 0>(sacc, desc_add(d_qn, QN::step(ks)), desc_add(d_kn_s, KN::step(ks)), 1);
 #pragma unroll
       for (int ks = 0; ks < QP::kSteps; ++ks)
         wgmma_ss<NW, KV, 0>(sacc, desc_add(d_qp, QP::step(ks)), desc_add(d_kp_s, KP::step(ks)), 1);
+#endif
       wgmma_commit();
+      // the gathers of tile it + S - 1 (into the stage tile it-1 left) are issued while QK runs
+#ifndef MLA_WG_EXP_NOLOAD
+      if (it + S - 1 < n_tiles) {
+        issue_tile(load_stage);
+        prefetch_pages(seg.blk_lo + it + S);
+      }
+#endif
+      cp_async_commit();
+      load_stage = load_stage + 1 == S ? 0 : load_stage + 1;
       wgmma_wait<0>();
       fence_regs(sacc);
 
@@ -507,7 +596,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       tmax[0] = fmaxf(tmax[0], lds_f32(red_other));
       tmax[1] = fmaxf(tmax[1], lds_f32(red_other + 32));
 
-      // ---- online softmax; P (16-bit) to shared memory; O rescaled
+      // ---- online softmax; P (16-bit): own half to shared memory and into A fragments; O rescaled
       float alpha[2], m_use[2];
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
@@ -517,6 +606,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         m_run[hh] = m_new;
         l_run[hh] *= alpha[hh];
       }
+      // pa[kk] = the m64 x k16 A fragment of own tokens 16 kk .. 16 kk + 15: n8 tiles j = 2 kk, 2 kk + 1
+      uint32_t pa[NW / 16][4];
 #pragma unroll
       for (int j = 0; j < NW / 8; ++j)
 #pragma unroll
@@ -524,7 +615,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
           const float p0 = exp2f(x[4 * j + 2 * hh] - m_use[hh]);
           const float p1 = exp2f(x[4 * j + 2 * hh + 1] - m_use[hh]);
           l_run[hh] += p0 + p1;
-          sts_u32(s_p + PP::off(wrow + g + 8 * hh, wg * (NW / 8) + j) + 4 * tq, pack2<KV>(p0, p1));
+          const uint32_t u = pack2<KV>(p0, p1);
+          pa[j >> 1][2 * (j & 1) + hh] = u;
+          sts_u32(s_p + PP::off(wrow + g + 8 * hh, wg * (NW / 8) + j) + 4 * tq, u);
         }
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
@@ -535,18 +628,31 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
           o[4 * j + 3] *= alpha[1];
         }
       }
-      fence_proxy_async();  // P -> visible to wgmma
-      __syncthreads();      // P of both warpgroups is in shared memory
+      fence_proxy_async();  // P -> visible to wgmma (the other warpgroup's)
 
-      // ---- O[:, wg * CW ..] += P V (V = the first C columns of the kv tile, MN-major)
+      // ---- O[:, wg * CW ..] += P V (V = the first C columns of the kv tile, MN-major): own tokens
+      //      from registers while the other warpgroup finishes its P, then the other half from shared memory
       fence_regs(o);
+      fence_regs(pa);
       wgmma_fence();
+#ifndef MLA_WG_EXP_NOPV
 #pragma unroll
-      for (int kt = 0; kt < N / 16; ++kt)
+      for (int kk = 0; kk < NW / 16; ++kk)
+        wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v_s, (wg * NW + 16 * kk) * KN::kRowBytes), 1);
+#endif
+      wgmma_commit();
+      __syncthreads();  // P of both warpgroups is in shared memory
+#ifndef MLA_WG_EXP_NOPV
+#pragma unroll
+      for (int kk = 0; kk < NW / 16; ++kk) {
+        const int kt = (wg ^ 1) * (NW / 16) + kk;  // the other warpgroup's k16 steps
         wgmma_ss<CW, KV, 1>(o, desc_add(d_p, PP::step(kt)), desc_add(d_v_s, kt * 16 * KN::kRowBytes), 1);
+      }
+#endif
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o);
+      fence_regs(pa);
     }
     cp_async_wait<0>();
 
