@@ -16,10 +16,14 @@ for dims in "512 64" "256 32"; do for dtype in bf16 fp16; do
 done; done
 python -m generator build --heads 16 128 --ckv 512 --rope 64 --family mma --arch sm_90a -j 2 >>"$OUT/build.log" 2>&1 &
 python -m generator build --heads 40 --ckv 256 --rope 32 --family mma --family wgmma --arch sm_90a -j 2 >>"$OUT/build.log" 2>&1 &
-# probe variants: NAME=DIR (a folder holding wgmma.cuh) or NAME=+MACRO (the working tree's wgmma.cuh with MACRO defined)
+# probe variants: NAME=DIR (a folder holding wgmma.cuh) or NAME=+MACRO[:VALUE] (the working tree's wgmma.cuh with
+# MACRO defined as VALUE, default 1)
 for spec in $PROBES; do
   name=${spec%%=*}; what=${spec#*=}; dir=/tmp/tpl_$name; rm -rf "$dir"; cp -r templates "$dir"
-  if [[ $what == +* ]]; then sed -i "1i #define ${what#+} 1" "$dir/wgmma.cuh"; else cp "$what/wgmma.cuh" "$dir/wgmma.cuh"; fi
+  if [[ $what == +* ]]; then
+    m=${what#+}; v=1; [[ $m == *:* ]] && { v=${m#*:}; m=${m%%:*}; }
+    sed -i "1i #define $m $v" "$dir/wgmma.cuh"
+  else cp "$what/wgmma.cuh" "$dir/wgmma.cuh"; fi
   MLA_GEN_TEMPLATE_DIR=$dir python -m generator build --heads 16 128 --ckv 512 --rope 64 --family wgmma --arch sm_90a \
     >>"$OUT/build_probe.log" 2>&1 &
 done
@@ -28,16 +32,23 @@ echo "builds: $((SECONDS - start)) s, $(grep -c FAILED "$OUT/build.log" "$OUT/bu
 grep -A20 FAILED "$OUT/build.log" | head -40
 python scripts/family_check.py --family wgmma 2>&1 | tee "$OUT/check.log"
 echo "== tests"
-timeout "$TEST_S" python -m pytest -m gpu -q -x -p no:cacheprovider tests/test_decode_gpu.py tests/test_layer_gpu.py -k "$TEST_K" 2>&1 \
+timeout "$TEST_S" python -m pytest -m gpu -q -x -p no:cacheprovider tests/test_decode_gpu.py tests/test_layer_gpu.py tests/test_readme_gpu.py tests/test_tp_decode.py -k "$TEST_K" 2>&1 \
   | tee "$OUT/pytest.log" | tail -8
 echo "== probes"
-python scripts/family_probe.py --family wgmma --label tree --cases ${PROBE_CASES:-2,3} 2>&1 | tee -a "$OUT/probe.log"
+if [[ -n "$PROBES" && ${PROBE_WITH:-bench} == probe ]]; then
+  python scripts/family_probe.py --family wgmma --label tree --cases ${PROBE_CASES:-2,3} 2>&1 | tee -a "$OUT/probe.log"
+fi
 for spec in $PROBES; do
   name=${spec%%=*}
-  MLA_GEN_TEMPLATE_DIR=/tmp/tpl_$name python scripts/family_probe.py --family wgmma --label "$name" \
-    --cases ${PROBE_CASES:-2,3} 2>&1 | tee -a "$OUT/probe.log"
+  if [[ ${PROBE_WITH:-bench} == probe ]]; then  # unchecked timing (for kernels that skip work on purpose)
+    MLA_GEN_TEMPLATE_DIR=/tmp/tpl_$name python scripts/family_probe.py --family wgmma --label "$name" \
+      --cases ${PROBE_CASES:-2,3} 2>&1 | tee -a "$OUT/probe.log"
+  else  # the bench (checked, L2 flushed) on the variant's templates
+    MLA_GEN_TEMPLATE_DIR=/tmp/tpl_$name timeout 120 python -m mla_gen.bench --families wgmma --cases ${PROBE_CASES:-2,3} \
+      --iters "$ITERS" > "$OUT/bench_$name.log" 2>&1
+    echo "variant $name:"; grep "mla-gen:wgmma" "$OUT/bench_$name.log" | grep -v "^  " | cut -c1-100
+  fi
 done
-python scripts/family_probe.py --family wgmma --label tree --cases ${PROBE_CASES:-2,3} 2>&1 | tee -a "$OUT/probe.log"
 echo "== bench"
 timeout ${BENCH_S:-200} python -m mla_gen.bench --families wgmma,mma --cases "$BENCH_CASES" --iters "$ITERS" ${BENCH_EXTRA:-} \
   --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-26}

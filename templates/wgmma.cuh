@@ -9,15 +9,20 @@
 //   1. S = Q K^T, split over tokens: WG w computes the 64 rows x NW = N / 2 tokens w*NW .. w*NW+NW-1
 //      over the full C + R depth with wgmma m64n{NW}k16, both operands from shared memory (SS):
 //      A = Q (K-major), B = the token rows of the kv tile (K-major: a token row is a column of K^T).
-//   2. Online softmax in the log2 domain (x = s * sm_scale * log2 e). The tile row max is reduced over
-//      the quad (shfl_xor 1, 2), then the two WGs swap theirs through shared memory (red_max): both
-//      then hold the same running max. Masked scores are -inf; a row whose max is still -inf uses 0
-//      as its reference, so exp2 gives 0, never NaN. Each WG keeps its own partial row sum.
-//   3. P (16-bit) of both halves goes to shared memory (K-major A operand [64][N]); after a CTA
-//      barrier each WG computes O[:, w*CW .. w*CW+CW-1] += P V with wgmma m64n{CW}k16 (CW = C / 2),
-//      A = P, B = V = the first C columns of the SAME kv tile read MN-major (imm-trans-b = 1; legal
-//      for 16-bit types): the cache is read from HBM once. O stays in fp32 registers: CW / 2 per
-//      thread (128 at C = 512).
+//      The k16 steps alternate between two accumulator sets (independent chains in the tensor pipe).
+//      While it runs, the threads issue the cp.async gathers of tile it + S - 1.
+//   2. Online softmax in the log2 domain (p = 2^(s * sm_scale * log2 e - m)). The tile row max of the
+//      raw scores is reduced over the quad (shfl_xor 1, 2), then the two WGs swap theirs through shared
+//      memory (red_max): both hold the same reference max m. m is lazy: it moves only when a row max
+//      exceeds it by more than 8 (so p <= 256, and O and l are rescaled only then, in practice on the
+//      first tile). Masked scores are -inf; a row that has seen nothing keeps m = -inf and uses 0 as
+//      its reference, so 2^x gives 0, never NaN. Each WG keeps its own partial row sum.
+//   3. O[:, w*CW .. w*CW+CW-1] += P V with wgmma m64n{CW}k16 (CW = C / 2), B = V = the first C columns
+//      of the SAME kv tile read MN-major (imm-trans-b = 1, legal for 16-bit types): the cache is read
+//      from HBM once. The own token half's P goes straight from registers (RS: the accumulator layout
+//      of S is the A-fragment layout) while the other WG finishes its P; the other half's P comes
+//      through shared memory (SS, K-major [64][N]) after a CTA barrier. O stays in fp32 registers:
+//      CW / 2 per thread (128 at C = 512).
 //
 // Shared memory (dynamic, 1024-byte aligned; every sub-array is a "panel" of 16-bit elements):
 //   Q ckv [64][C] | Q rope [64][R] | stages x (kv ckv [N][C] | kv rope [N][R]) | P [64][N] |
@@ -35,8 +40,10 @@
 // past the length, so V rows past the length are 0), a team of 8 lanes per 128 contiguous bytes,
 // kStages deep. Shared memory written by cp.async or st.shared and read by wgmma next is made visible
 // to the async proxy (fence.proxy.async) before the CTA barrier that publishes it. Per tile: barrier
-// (tile landed, previous stage free), issue the loads of tile it + S - 1, QK, max exchange barrier,
-// softmax, P barrier, PV. The Q tile is loaded with the first kv tile of each segment.
+// (tile landed, previous stage free), QK issued, loads of tile it + S - 1 issued, QK wait, max exchange
+// barrier, softmax, own-half PV issued, P barrier, other-half PV, wait. The Q tile is loaded with the
+// first kv tile of each segment. Descriptors are built from a warp-uniform warpgroup index (uniform
+// registers, no per-wgmma R2UR).
 #pragma once
 #include <type_traits>
 
@@ -297,6 +304,13 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return u;
 }
 
+// 2^x with one MUFU.EX2 (subnormal results flush to 0: such probabilities add nothing); 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // An empty volatile asm the optimiser cannot see through (keeps cheap per-thread values from being
 // hoisted out of loops and held in registers).
 __device__ __forceinline__ int opaque(int v) {
@@ -423,7 +437,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const uint32_t s_qn = s_base + L::kOffQn, s_qp = s_base + L::kOffQp;
   const uint32_t s_kv = s_base + L::kOffKV, s_p = s_base + L::kOffP;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31;
+  // lane 0's value: the compiler then knows it is warp-uniform (descriptors live in uniform registers)
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int wg = warp >> 2;            // warpgroup: its token half of S and column half of O
   const int wrow = (warp & 3) * 16;    // first tile row of this warp in the m64 accumulators
   const int g = lane >> 2, tq = lane & 3;  // accumulator rows wrow + g (+ 8), columns 8 j + 2 tq (+ 1)
@@ -520,6 +536,11 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
 #pragma unroll
     for (int i = 0; i < OV; ++i) o[i] = 0.f;
 
+    uint32_t pa[NW / 16][4];  // P of the own token half as wgmma A fragments (live until its P V completes)
+#pragma unroll
+    for (int kk = 0; kk < NW / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = 0u;
     int comp_stage = 0;
     for (int it = 0; it < n_tiles; ++it) {
       cp_async_wait<S - 2>();
@@ -530,38 +551,47 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       const uint64_t d_kn_s = desc_add(d_kn, st_off), d_kp_s = desc_add(d_kp, st_off), d_v_s = desc_add(d_v, st_off);
       comp_stage = comp_stage + 1 == S ? 0 : comp_stage + 1;
 
-      // ---- S = Q K^T: 64 rows x this WG's NW tokens, k over C (ckv) then R (rope)
-      float sacc[SV];
+      // ---- S = Q K^T: 64 rows x this WG's NW tokens, k over C (ckv) then R (rope); k16 step ks
+      //      accumulates into chain ks % QC (independent chains keep the tensor pipe busy)
+      constexpr int QC = 2;
+      float sacc[QC][SV];
 #pragma unroll
-      for (int i = 0; i < SV; ++i) sacc[i] = 0.f;
-      fence_regs(sacc);
+      for (int c = 0; c < QC; ++c)
+#pragma unroll
+        for (int i = 0; i < SV; ++i) sacc[c][i] = 0.f;
+#pragma unroll
+      for (int c = 0; c < QC; ++c) fence_regs(sacc[c]);
       wgmma_fence();
-#ifndef MLA_WG_EXP_NOQK
 #pragma unroll
       for (int ks = 0; ks < QN::kSteps; ++ks)
-        wgmma_ss<NW, KV, 0>(sacc, desc_add(d_qn, QN::step(ks)), desc_add(d_kn_s, KN::step(ks)), 1);
+        wgmma_ss<NW, KV, 0>(sacc[ks % QC], desc_add(d_qn, QN::step(ks)), desc_add(d_kn_s, KN::step(ks)), 1);
 #pragma unroll
       for (int ks = 0; ks < QP::kSteps; ++ks)
-        wgmma_ss<NW, KV, 0>(sacc, desc_add(d_qp, QP::step(ks)), desc_add(d_kp_s, KP::step(ks)), 1);
-#endif
+        wgmma_ss<NW, KV, 0>(sacc[(QN::kSteps + ks) % QC], desc_add(d_qp, QP::step(ks)), desc_add(d_kp_s, KP::step(ks)),
+                            1);
       wgmma_commit();
       // the gathers of tile it + S - 1 (into the stage tile it-1 left) are issued while QK runs
-#ifndef MLA_WG_EXP_NOLOAD
       if (it + S - 1 < n_tiles) {
         issue_tile(load_stage);
         prefetch_pages(seg.blk_lo + it + S);
       }
-#endif
       cp_async_commit();
       load_stage = load_stage + 1 == S ? 0 : load_stage + 1;
       wgmma_wait<0>();
-      fence_regs(sacc);
+#pragma unroll
+      for (int c = 0; c < QC; ++c) fence_regs(sacc[c]);
 
-      // ---- scale, mask, tile row max (quad, then the other warpgroup through shared memory)
+      // ---- mask, tile row max of the raw scores (quad, then the other warpgroup through shared memory);
+      //      the scale is positive, so max(s) * scale_log2 is the max of the scaled scores
       const int t_tile = (seg.blk_lo + it) * N;
       float x[SV];
 #pragma unroll
-      for (int i = 0; i < SV; ++i) x[i] = sacc[i] * scale_log2;
+      for (int i = 0; i < SV; ++i) {
+        float v = sacc[0][i];
+#pragma unroll
+        for (int c = 1; c < QC; ++c) v += sacc[c][i];
+        x[i] = v;
+      }
       if (t_tile + N > mask_from) {  // the last tile(s): per-row causal / length limit
         const int t_lane = t_tile + wg * NW + 2 * tq;
         const int r_lane = opaque(row0 + wrow + g);
@@ -593,27 +623,32 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         sts_f32(red_own + 32, tmax[1]);
       }
       __syncthreads();  // both halves' tile maxima are in red_max
-      tmax[0] = fmaxf(tmax[0], lds_f32(red_other));
-      tmax[1] = fmaxf(tmax[1], lds_f32(red_other + 32));
+      tmax[0] = fmaxf(tmax[0], lds_f32(red_other)) * scale_log2;
+      tmax[1] = fmaxf(tmax[1], lds_f32(red_other + 32)) * scale_log2;
 
-      // ---- online softmax; P (16-bit): own half to shared memory and into A fragments; O rescaled
-      float alpha[2], m_use[2];
+      // ---- online softmax with a lazy reference: m_run (the same in both warpgroups) moves only when a
+      //      row's max exceeds it by more than kRescaleLog2, so p = 2^(x - m_run) <= 2^8 (exact in bf16/fp16
+      //      range, fp32 sums) and O is rescaled only on such jumps (in practice: the first tile).
+      //      P (16-bit): own half into A fragments and to shared memory for the other warpgroup.
+      constexpr float kRescaleLog2 = 8.f;
+      float alpha[2], neg_m[2];
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const float m_new = fmaxf(m_run[hh], tmax[hh]);
-        m_use[hh] = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: p = 0, no NaN
-        alpha[hh] = exp2f(m_run[hh] - m_use[hh]);
-        m_run[hh] = m_new;
-        l_run[hh] *= alpha[hh];
+        alpha[hh] = 1.f;
+        if (tmax[hh] > m_run[hh] + kRescaleLog2) {  // false while tmax is -inf (nothing seen yet)
+          alpha[hh] = fast_exp2(m_run[hh] - tmax[hh]);  // 0 when m_run was -inf
+          m_run[hh] = tmax[hh];
+          l_run[hh] *= alpha[hh];
+        }
+        neg_m[hh] = m_run[hh] == -INFINITY ? 0.f : -m_run[hh];  // fully masked so far: p = 0, no NaN
       }
       // pa[kk] = the m64 x k16 A fragment of own tokens 16 kk .. 16 kk + 15: n8 tiles j = 2 kk, 2 kk + 1
-      uint32_t pa[NW / 16][4];
 #pragma unroll
       for (int j = 0; j < NW / 8; ++j)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const float p0 = exp2f(x[4 * j + 2 * hh] - m_use[hh]);
-          const float p1 = exp2f(x[4 * j + 2 * hh + 1] - m_use[hh]);
+          const float p0 = fast_exp2(fmaf(x[4 * j + 2 * hh], scale_log2, neg_m[hh]));
+          const float p1 = fast_exp2(fmaf(x[4 * j + 2 * hh + 1], scale_log2, neg_m[hh]));
           l_run[hh] += p0 + p1;
           const uint32_t u = pack2<KV>(p0, p1);
           pa[j >> 1][2 * (j & 1) + hh] = u;
@@ -635,20 +670,16 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       fence_regs(o);
       fence_regs(pa);
       wgmma_fence();
-#ifndef MLA_WG_EXP_NOPV
 #pragma unroll
       for (int kk = 0; kk < NW / 16; ++kk)
         wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v_s, (wg * NW + 16 * kk) * KN::kRowBytes), 1);
-#endif
       wgmma_commit();
       __syncthreads();  // P of both warpgroups is in shared memory
-#ifndef MLA_WG_EXP_NOPV
 #pragma unroll
       for (int kk = 0; kk < NW / 16; ++kk) {
         const int kt = (wg ^ 1) * (NW / 16) + kk;  // the other warpgroup's k16 steps
         wgmma_ss<CW, KV, 1>(o, desc_add(d_p, PP::step(kt)), desc_add(d_v_s, kt * 16 * KN::kRowBytes), 1);
       }
-#endif
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o);
