@@ -11,18 +11,20 @@
 //      A = Q (K-major), B = the token rows of the kv tile (K-major: a token row is a column of K^T).
 //      The k16 steps alternate between two accumulator sets (independent chains in the tensor pipe).
 //      While it runs, the threads issue the cp.async gathers of tile it + S - 1.
-//   2. Online softmax in the log2 domain (p = 2^(s * sm_scale * log2 e - m)). The tile row max of the
-//      raw scores is reduced over the quad (shfl_xor 1, 2), then the two WGs swap theirs through shared
-//      memory (red_max): both hold the same reference max m. m is lazy: it moves only when a row max
-//      exceeds it by more than 8 (so p <= 256, and O and l are rescaled only then, in practice on the
-//      first tile). Masked scores are -inf; a row that has seen nothing keeps m = -inf and uses 0 as
-//      its reference, so 2^x gives 0, never NaN. Each WG keeps its own partial row sum.
+//   2. Online softmax in the log2 domain (p = 2^(s * sm_scale * log2 e - m)) against a lazy reference
+//      max m, the same in both WGs: m moves only when a row max exceeds it by more than 8 (so p <= 256,
+//      and O and l are rescaled only then, in practice on a segment's first tile). Each WG computes P of
+//      its half against the current m speculatively and publishes it (shared memory) with its tile row
+//      max (quad-reduced, red_max); one barrier with an OR vote says whether any row must move m. If not
+//      (the common case) that is the softmax's only barrier; else every thread takes the slow path:
+//      both halves' maxima, new m, rescale, P recomputed, a second barrier. Masked scores are -inf; a
+//      row that has seen nothing keeps m = -inf and uses 0 as its reference, so 2^x gives 0, never NaN.
+//      Each WG keeps its own partial row sum.
 //   3. O[:, w*CW .. w*CW+CW-1] += P V with wgmma m64n{CW}k16 (CW = C / 2), B = V = the first C columns
 //      of the SAME kv tile read MN-major (imm-trans-b = 1, legal for 16-bit types): the cache is read
 //      from HBM once. The own token half's P goes straight from registers (RS: the accumulator layout
-//      of S is the A-fragment layout) while the other WG finishes its P; the other half's P comes
-//      through shared memory (SS, K-major [64][N]) after a CTA barrier. O stays in fp32 registers:
-//      CW / 2 per thread (128 at C = 512).
+//      of S is the A-fragment layout), the other half's P through shared memory (SS, K-major [64][N]).
+//      O stays in fp32 registers: CW / 2 per thread (128 at C = 512).
 //
 // Shared memory (dynamic, 1024-byte aligned; every sub-array is a "panel" of 16-bit elements):
 //   Q ckv [64][C] | Q rope [64][R] | stages x (kv ckv [N][C] | kv rope [N][R]) | P [64][N] |
@@ -40,8 +42,8 @@
 // past the length, so V rows past the length are 0), a team of 8 lanes per 128 contiguous bytes,
 // kStages deep. Shared memory written by cp.async or st.shared and read by wgmma next is made visible
 // to the async proxy (fence.proxy.async) before the CTA barrier that publishes it. Per tile: barrier
-// (tile landed, previous stage free), QK issued, loads of tile it + S - 1 issued, QK wait, max exchange
-// barrier, softmax, own-half PV issued, P barrier, other-half PV, wait. The Q tile is loaded with the
+// (tile landed, previous stage free), QK issued, loads of tile it + S - 1 issued, QK wait, softmax,
+// P + max vote barrier (+ the rare slow path), PV, wait. The Q tile is loaded with the
 // first kv tile of each segment. Descriptors are built from a warp-uniform warpgroup index (uniform
 // registers, no per-wgmma R2UR).
 #pragma once
@@ -616,65 +618,79 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         float v = tmax[hh];
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-        tmax[hh] = v;
+        tmax[hh] = v * scale_log2;
       }
+
+      // ---- online softmax with a lazy reference m_run (the same in both warpgroups): it moves only when
+      //      a row max exceeds it by more than kRescaleLog2, so p = 2^(x - m_run) <= 2^8 (in range for bf16
+      //      and fp16, fp32 sums) and O is rescaled only then (in practice on a segment's first tile).
+      //      Speculatively, P of the own token half is computed against the current m_run and published
+      //      (A fragments for the own P V, shared memory for the other warpgroup) together with this half's
+      //      tile max; one barrier tells every thread whether any row anywhere needs to move m_run. If none
+      //      does (the common case), that barrier was the only one of the softmax; otherwise all threads take
+      //      the slow path: both halves' maxima, new m_run, rescale, P recomputed and published again.
+      constexpr float kRescaleLog2 = 8.f;
       if (tq == 0) {
         sts_f32(red_own, tmax[0]);
         sts_f32(red_own + 32, tmax[1]);
       }
-      __syncthreads();  // both halves' tile maxima are in red_max
-      tmax[0] = fmaxf(tmax[0], lds_f32(red_other)) * scale_log2;
-      tmax[1] = fmaxf(tmax[1], lds_f32(red_other + 32)) * scale_log2;
-
-      // ---- online softmax with a lazy reference: m_run (the same in both warpgroups) moves only when a
-      //      row's max exceeds it by more than kRescaleLog2, so p = 2^(x - m_run) <= 2^8 (exact in bf16/fp16
-      //      range, fp32 sums) and O is rescaled only on such jumps (in practice: the first tile).
-      //      P (16-bit): own half into A fragments and to shared memory for the other warpgroup.
-      constexpr float kRescaleLog2 = 8.f;
-      float alpha[2], neg_m[2];
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        alpha[hh] = 1.f;
-        if (tmax[hh] > m_run[hh] + kRescaleLog2) {  // false while tmax is -inf (nothing seen yet)
-          alpha[hh] = fast_exp2(m_run[hh] - tmax[hh]);  // 0 when m_run was -inf
-          m_run[hh] = tmax[hh];
-          l_run[hh] *= alpha[hh];
-        }
-        neg_m[hh] = m_run[hh] == -INFINITY ? 0.f : -m_run[hh];  // fully masked so far: p = 0, no NaN
-      }
-      // pa[kk] = the m64 x k16 A fragment of own tokens 16 kk .. 16 kk + 15: n8 tiles j = 2 kk, 2 kk + 1
-#pragma unroll
-      for (int j = 0; j < NW / 8; ++j)
+      // a row that has seen nothing has m_run = -inf: reference 0, and it needs a move once it sees a token
+      const bool move = tmax[0] > m_run[0] + kRescaleLog2 || tmax[1] > m_run[1] + kRescaleLog2;
+      float lsum[2];
+      auto make_p = [&]() {  // P of the own half against m_run -> pa, shared memory, lsum
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          const float p0 = fast_exp2(fmaf(x[4 * j + 2 * hh], scale_log2, neg_m[hh]));
-          const float p1 = fast_exp2(fmaf(x[4 * j + 2 * hh + 1], scale_log2, neg_m[hh]));
-          l_run[hh] += p0 + p1;
-          const uint32_t u = pack2<KV>(p0, p1);
-          pa[j >> 1][2 * (j & 1) + hh] = u;
-          sts_u32(s_p + PP::off(wrow + g + 8 * hh, wg * (NW / 8) + j) + 4 * tq, u);
-        }
-      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+          const float neg_m = m_run[hh] == -INFINITY ? 0.f : -m_run[hh];
+          lsum[hh] = 0.f;
 #pragma unroll
-        for (int j = 0; j < OV / 4; ++j) {
-          o[4 * j + 0] *= alpha[0];
-          o[4 * j + 1] *= alpha[0];
-          o[4 * j + 2] *= alpha[1];
-          o[4 * j + 3] *= alpha[1];
+          for (int j = 0; j < NW / 8; ++j) {
+            const float p0 = fast_exp2(fmaf(x[4 * j + 2 * hh], scale_log2, neg_m));
+            const float p1 = fast_exp2(fmaf(x[4 * j + 2 * hh + 1], scale_log2, neg_m));
+            lsum[hh] += p0 + p1;
+            const uint32_t u = pack2<KV>(p0, p1);
+            // pa[kk] = the m64 x k16 A fragment of own tokens 16 kk .. 16 kk + 15 (n8 tiles j = 2 kk, 2 kk + 1)
+            pa[j >> 1][2 * (j & 1) + hh] = u;
+            sts_u32(s_p + PP::off(wrow + g + 8 * hh, wg * (NW / 8) + j) + 4 * tq, u);
+          }
         }
+        fence_proxy_async();  // P -> visible to wgmma (the other warpgroup's)
+      };
+      make_p();
+      if (__syncthreads_or(move)) {  // P and tile maxima of both halves published; some row must move
+        float alpha[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const float t = fmaxf(tmax[hh], lds_f32(red_other + 32 * hh));
+          alpha[hh] = 1.f;
+          if (t > m_run[hh] + kRescaleLog2) {  // the same decision in both warpgroups
+            alpha[hh] = fast_exp2(m_run[hh] - t);  // 0 when m_run was -inf
+            m_run[hh] = t;
+            l_run[hh] *= alpha[hh];
+          }
+        }
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+          for (int j = 0; j < OV / 4; ++j) {
+            o[4 * j + 0] *= alpha[0];
+            o[4 * j + 1] *= alpha[0];
+            o[4 * j + 2] *= alpha[1];
+            o[4 * j + 3] *= alpha[1];
+          }
+        }
+        make_p();
+        __syncthreads();  // the recomputed P of both halves
       }
-      fence_proxy_async();  // P -> visible to wgmma (the other warpgroup's)
+      l_run[0] += lsum[0];
+      l_run[1] += lsum[1];
 
-      // ---- O[:, wg * CW ..] += P V (V = the first C columns of the kv tile, MN-major): own tokens
-      //      from registers while the other warpgroup finishes its P, then the other half from shared memory
+      // ---- O[:, wg * CW ..] += P V (V = the first C columns of the kv tile, MN-major): own tokens from
+      //      registers, the other half from shared memory
       fence_regs(o);
       fence_regs(pa);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < NW / 16; ++kk)
         wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v_s, (wg * NW + 16 * kk) * KN::kRowBytes), 1);
-      wgmma_commit();
-      __syncthreads();  // P of both warpgroups is in shared memory
 #pragma unroll
       for (int kk = 0; kk < NW / 16; ++kk) {
         const int kt = (wg ^ 1) * (NW / 16) + kk;  // the other warpgroup's k16 steps

@@ -88,3 +88,11 @@ def test_wgmma_sass_uses_hgmma(wgmma_entry):
     assert "HGMMA.64x256x16.F32.BF16" in sass and ".tnspB" in sass  # O += P V, V MN-major
     assert "LDGSTS.E.BYPASS.128" in sass            # 16-byte cp.async gathers
     assert " LDL" not in sass and " STL" not in sass
+
+
+@pytest.mark.parametrize("heads", [1, 16, 40, 128])
+def test_dispatch_picks_wgmma_on_sm90a_for_any_head_count(heads: int) -> None:
+    d = decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16)
+    assert d.spec.family is Family.WGMMA
+    assert "also for few heads" in d.reasons[0]
+    assert decide(arch=Arch.SM80, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16).spec.family is Family.MMA
