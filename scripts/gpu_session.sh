@@ -32,7 +32,8 @@ for m in sorted(glob.glob(".cache/mla_gen/sm90a/*/meta.json")):
 PY
 case "$what" in
   build) ;;
-  test) python -m pytest -m gpu -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+  test) python -m pytest -m gpu -q -p no:cacheprovider "$@" >"$OUT/pytest.log" 2>&1
+        rc=$?; tail -40 "$OUT/pytest.log"; echo "pytest exit status $rc" | tee -a "$OUT/summary.txt"; exit $rc ;;
   bench) python -m mla_gen.bench "$@" 2>&1 | tee "$OUT/bench.log" ;;
   *) echo "unknown step $what" >&2; exit 2 ;;
 esac
