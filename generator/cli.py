@@ -356,3 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     except MlaGenError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
