@@ -80,7 +80,7 @@ def template_context(spec: VariantSpec) -> dict[str, object]:
 def render_sources(spec: VariantSpec) -> dict[str, str]:
     """File name -> text of every source a variant's build reads (rendered and shared headers)."""
     env, ctx = _env(), template_context(spec)
-    headers = ["params.h", "common.cuh", f"{spec.family.value}.cuh"]
+    headers = ["params.h", "common.cuh", "ptx.cuh", f"{spec.family.value}.cuh"]
     out = {name: (templates_dir() / name).read_text() for name in headers}
     out["kernel.cu"] = env.get_template("kernel.cu.jinja").render(ctx)
     out["binding.cpp"] = env.get_template("binding.cpp.jinja").render(ctx)

@@ -297,4 +297,15 @@ inline int set_smem_limit(Kernel kernel, int bytes) {
   return static_cast<int>(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// A family's decode kernel on grid (row blocks of kBlockM, parts), 32 * kWarps threads, kSmemBytes.
+template <class Cfg, typename Kernel>
+inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream) {
+  const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
+  if (err) return err;
+  const int rows = p.s_q * Cfg::kNumHeads;
+  dim3 grid((rows + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_parts);
+  kernel<<<grid, 32 * Cfg::kWarps, Cfg::kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
 }  // namespace mla_gen

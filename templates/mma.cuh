@@ -45,42 +45,20 @@
 // (<= 32) and m64n64s2w8 on sm_90a for 512/64.
 #pragma once
 #include "common.cuh"
+#include "ptx.cuh"
 
 namespace mla_gen {
 namespace mma {
 
 // ---- PTX primitives ------------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
 
-// 16-byte global -> shared copy; src_bytes 0 writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Barrier over the `threads` threads (whole warps) of one row group.
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-__device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-__device__ __forceinline__ void sts_f32(uint32_t addr, float v) {
-  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
-}
-__device__ __forceinline__ float lds_f32(uint32_t addr) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
-  return v;
-}
 
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -658,17 +636,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       }
     __syncthreads();  // the next segment rewrites Q, the kv stages and the exchange arrays
   });
-}
-
-template <class Cfg>
-inline int launch_decode(const DecodeParams& p, uint64_t stream) {
-  auto kernel = decode_kernel<Cfg>;
-  const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
-  if (err) return err;
-  const int rows = p.s_q * Cfg::kNumHeads;
-  dim3 grid((rows + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_parts);
-  kernel<<<grid, 32 * Cfg::kWarps, Cfg::kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace mma

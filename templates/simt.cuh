@@ -216,16 +216,5 @@ decode_kernel(const __grid_constant__ DecodeParams p) {
   });
 }
 
-template <class Cfg>
-inline int launch_decode(const DecodeParams& p, uint64_t stream) {
-  auto kernel = decode_kernel<Cfg>;
-  const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
-  if (err) return err;
-  const int rows = p.s_q * Cfg::kNumHeads;
-  dim3 grid((rows + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_parts);
-  kernel<<<grid, 32 * Cfg::kWarps, Cfg::kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
-}
-
 }  // namespace simt
 }  // namespace mla_gen

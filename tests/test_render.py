@@ -50,7 +50,7 @@ def test_sources_differ_by_spec_and_are_deterministic() -> None:
     b = render_sources(VariantSpec.from_id(V3_TP1.replace("h128", "h64")))
     assert a == render_sources(VariantSpec.from_id(V3_TP1))
     assert a["kernel.cu"] != b["kernel.cu"] and "kNumHeads = 64;" in b["kernel.cu"]
-    assert set(a) == {"kernel.cu", "binding.cpp", "params.h", "common.cuh", "simt.cuh"}
+    assert set(a) == {"kernel.cu", "binding.cpp", "params.h", "common.cuh", "ptx.cuh", "simt.cuh"}
     assert a["simt.cuh"] == (templates_dir() / "simt.cuh").read_text()
 
 
