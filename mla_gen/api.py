@@ -17,7 +17,7 @@ from generator import env
 from generator.select import Decision
 from generator.spec import VariantSpec
 from mla_gen import validate
-from mla_gen.dispatch import choose
+from mla_gen.dispatch import choose, to_dtype
 from mla_gen.loader import get_module
 from mla_gen.schedule import max_partials
 
@@ -84,7 +84,7 @@ class MLADecodeWrapper:
                             ("page_size", page_size), ("max_pages", max_pages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        validate._dtype("dtype", torch.empty(0, dtype=dtype), validate.SUPPORTED_DTYPES)
+        to_dtype(dtype)  # TypeError naming `dtype` unless bf16 or fp16
         sm_scale = validate.check_sm_scale(sm_scale)
         batch = cache_seqlens.shape[0]
         if batch < 1:
