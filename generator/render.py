@@ -61,6 +61,13 @@ def _param_fields(params_h: Path) -> tuple[str, ...]:
     return tuple(fields)
 
 
+# wgmma n values rendered into wgmma_ops.cuh: every multiple of 8 up to 64 (query rows of the narrow
+# family, score tiles) and the output-column widths 128 and 256.
+WGMMA_NS = tuple(range(8, 65, 8)) + (128, 256)
+# Families whose kernels include the rendered wgmma_ops.cuh.
+WGMMA_FAMILIES = ("wgmma", "narrow")
+
+
 def module_name(spec: VariantSpec) -> str:
     return spec.variant_id
 
@@ -74,6 +81,7 @@ def template_context(spec: VariantSpec) -> dict[str, object]:
         "num_heads": spec.num_heads, "ckv_dim": spec.ckv_dim, "rope_dim": spec.rope_dim,
         "block_m": t.block_m, "block_n": t.block_n, "stages": t.stages, "warps": t.warps,
         "smem_bytes": spec.smem_bytes, "param_fields": param_fields(),
+        "wgmma_ns": WGMMA_NS, "wgmma_dt": {"bf16": "bf16", "fp16": "f16"}[spec.kv_dtype.value],
     }
 
 
@@ -81,7 +89,11 @@ def render_sources(spec: VariantSpec) -> dict[str, str]:
     """File name -> text of every source a variant's build reads (rendered and shared headers)."""
     env, ctx = _env(), template_context(spec)
     headers = ["params.h", "common.cuh", "ptx.cuh", f"{spec.family.value}.cuh"]
+    if spec.family.value in WGMMA_FAMILIES:
+        headers.append("sm90.cuh")
     out = {name: (templates_dir() / name).read_text() for name in headers}
+    if spec.family.value in WGMMA_FAMILIES:
+        out["wgmma_ops.cuh"] = env.get_template("wgmma_ops.cuh.jinja").render(ctx)
     out["kernel.cu"] = env.get_template("kernel.cu.jinja").render(ctx)
     out["binding.cpp"] = env.get_template("binding.cpp.jinja").render(ctx)
     return out
