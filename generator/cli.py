@@ -47,6 +47,8 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--family", action="append", metavar="F",
                    help="kernel family (repeatable): simt, mma (default: the fastest for the arch)")
     g.add_argument("--tile", default=None, help="tile override, e.g. m16n32s1w8")
+    g.add_argument("--s-q", type=positive_int, nargs="+", default=[1], dest="s_q", metavar="N",
+                   help="query tokens per request the tiles are chosen for (default 1; rows = heads x s_q)")
     g.add_argument("--tp", type=int, action="append", metavar="N", help="tensor-parallel sizes of a preset")
     g.add_argument("--id", action="append", metavar="VARIANT_ID", help="an explicit variant id (repeatable)")
     g.add_argument("--filter", default=None, metavar="GLOB", help="keep variant ids matching this glob")
@@ -72,8 +74,10 @@ def _select(args: argparse.Namespace) -> list[VariantSpec]:
         dt = dtype or DType.BF16
         for h in args.heads:
             for fam in families or families_for(arch)[:1]:
-                tile = Tile.parse(args.tile) if args.tile else default_tile(fam, h, args.ckv, args.rope, arch)
-                specs.append(VariantSpec(h, args.ckv, args.rope, dt, dt, dt, fam, tile, arch))
+                for s_q in args.s_q:
+                    tile = (Tile.parse(args.tile) if args.tile
+                            else default_tile(fam, h, args.ckv, args.rope, arch, s_q))
+                    specs.append(VariantSpec(h, args.ckv, args.rope, dt, dt, dt, fam, tile, arch))
     if not specs:
         raise UsageError("no variants selected: give --preset, --heads/--ckv/--rope or --id")
     specs = list(dict.fromkeys(specs))
