@@ -76,7 +76,7 @@ def template_context(spec: VariantSpec) -> dict[str, object]:
     t = spec.tile
     return {
         "generator_version": __version__, "variant_id": spec.variant_id, "module_name": module_name(spec),
-        "family": spec.family.value, "arch": spec.arch.nvcc_name, "q_dtype": spec.q_dtype.value,
+        "family": spec.family.value, "arch": spec.arch.nvcc_name, "arch_cc": spec.arch.cc, "q_dtype": spec.q_dtype.value,
         "q_ctype": spec.q_dtype.c_type, "kv_ctype": spec.kv_dtype.c_type, "out_ctype": spec.out_dtype.c_type,
         "num_heads": spec.num_heads, "ckv_dim": spec.ckv_dim, "rope_dim": spec.rope_dim,
         "block_m": t.block_m, "block_n": t.block_n, "stages": t.stages, "warps": t.warps,

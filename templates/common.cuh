@@ -45,6 +45,21 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// ---- programmatic dependent launch (sm_90+; no-ops before) ------------------------------------------
+
+// The decode kernel is launched with programmatic stream serialization, so it may start while the
+// planner runs: it waits here before reading the work list. The planner lets it start at once.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void start_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // ---- work list -----------------------------------------------------------------------------------
 
 // Number of kv blocks of a request, 0 when its length is invalid (shorter than s_q or longer than
@@ -62,9 +77,80 @@ struct Segment {
   int slot;
 };
 
-// Walks the segments of part `part` in order, calling fn(segment).
-template <int kBlockN, typename Fn>
+// One row of a split request: the exact log-sum-exp merge of its num_splits partials (o normalised
+// per split, lse natural log) -> out, lse. One warp; partials are read from L2 (other SMs wrote them).
+template <typename OutT, int kHeads, int kCkv>
+__device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row, int lane) {
+  static_assert(kCkv % 64 == 0 || kCkv % 32 == 0, "ckv must split over a warp in pairs or singles");
+  constexpr int kPairs = kCkv / 2;
+  constexpr int kIters = (kPairs + 31) / 32;
+  const int rows = p.s_q * kHeads;
+  const int* req_info = reinterpret_cast<const int*>(p.req_info);
+  const int num_splits = req_info[4 * b + 1], first_slot = req_info[4 * b + 2];
+  const int s = row / kHeads, h = row % kHeads;
+  OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h;
+  const float* part_lse = reinterpret_cast<const float*>(p.partial_lse);
+  float m = -INFINITY;
+  for (int k = lane; k < num_splits; k += 32) m = fmaxf(m, __ldcg(part_lse + (first_slot + k) * rows + row));
+  m = warp_max(m);
+  float sum = 0.f;
+  if (m != -INFINITY)
+    for (int k = lane; k < num_splits; k += 32) sum += __expf(__ldcg(part_lse + (first_slot + k) * rows + row) - m);
+  sum = warp_sum(sum);
+  const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
+
+  float2 acc[kIters];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) acc[i] = make_float2(0.f, 0.f);
+  const float2* part_o = reinterpret_cast<const float2*>(p.partial_o);
+  for (int k = 0; k < num_splits; ++k) {
+    const float lk = __ldcg(part_lse + (first_slot + k) * rows + row);
+    const float w = lk == -INFINITY ? 0.f : __expf(lk - lse);
+    const float2* src = part_o + (static_cast<long long>(first_slot + k) * rows + row) * kPairs;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kPairs) {
+        const float2 v = __ldcg(src + c);
+        acc[i].x += w * v.x;
+        acc[i].y += w * v.y;
+      }
+    }
+  }
+  using Out2 = typename Vec2<OutT>::type;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int c = lane + 32 * i;
+    if (c < kPairs) reinterpret_cast<Out2*>(out)[c] = from_float2<OutT>(acc[i]);
+  }
+  if (p.lse && lane == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+}
+
+// After a CTA wrote its partial rows of split request `b`: the last of the request's parts to finish
+// (an atomic ticket per request and row block) merges the request's rows of this row block, so no
+// merge launch is needed. Every thread of the CTA calls it.
+template <class Cfg>
+__device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
+  __threadfence();  // this thread's partial writes, device-wide, before the ticket
+  bool last = false;
+  if (threadIdx.x == 0) {
+    const int num_splits = reinterpret_cast<const int*>(p.req_info)[4 * b + 1];
+    last = atomicAdd(reinterpret_cast<int*>(p.tickets) + b * p.row_blocks + blockIdx.x, 1) + 1 == num_splits;
+    __threadfence();  // the other parts' partials, seen through the ticket, before this CTA reads them
+  }
+  if (!__syncthreads_or(last)) return;
+  const int rows = p.s_q * Cfg::kNumHeads;
+  const int row0 = blockIdx.x * Cfg::kBlockM, lane = threadIdx.x & 31;
+  for (int m = threadIdx.x >> 5; m < Cfg::kBlockM && row0 + m < rows; m += Cfg::kWarps)
+    merge_row<typename Cfg::OutType, Cfg::kNumHeads, Cfg::kCkvDim>(p, b, row0 + m, lane);
+}
+
+// Walks the segments of part `part` in order, calling fn(segment); a split segment's part then takes
+// its ticket (merge_if_last). fn must end with a CTA barrier after its last shared-memory use.
+template <class Cfg, typename Fn>
 __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
+  constexpr int kBlockN = Cfg::kBlockN;
+  wait_for_previous_grid();  // the planner's work list and tickets
   const int* info = reinterpret_cast<const int*>(p.part_info) + 4 * part;
   const int begin_req = info[0], begin_blk = info[1], end_req = info[2], end_blk = info[3];
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
@@ -81,6 +167,7 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     Segment seg{b, len, lo, hi, num_splits > 1, 0};
     if (seg.split) seg.slot = req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
     fn(seg);
+    if (seg.split) merge_if_last<Cfg>(p, b);
   }
 }
 
@@ -123,13 +210,17 @@ __device__ __forceinline__ long long pos_key(int req, int blk) {
 
 // Splits the total cost (kv blocks + fixed_cost per request) evenly over `active` parts: part p
 // starts at cost floor(p * total / active), so loads differ by at most one block. Mirrors
-// mla_gen/schedule.py exactly (tests compare the two).
-template <int kBlockN>
+// mla_gen/schedule.py exactly (tests compare the two). Also zeroes the merge tickets and writes NaN
+// rows (out and lse) for requests of invalid length, which no part processes.
+template <class Cfg>
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constant__ DecodeParams p) {
+  constexpr int kBlockN = Cfg::kBlockN;
+  start_next_grid();  // the decode kernel may launch now; it waits for this grid's results
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
   int* req_info = reinterpret_cast<int*>(p.req_info);
   int* part_info = reinterpret_cast<int*>(p.part_info);
   const int tid = threadIdx.x;
+  for (int i = tid; i < p.batch * p.row_blocks; i += kPlanThreads) reinterpret_cast<int*>(p.tickets)[i] = 0;
 
   // 1. cost per request and its exclusive prefix (req_info[.,3]).
   long long carry = 0;
@@ -204,88 +295,30 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
     if (b < p.batch) req_info[4 * b + 2] = static_cast<int>(carry + before);
     carry += chunk_total;
   }
-}
 
-// ---- merge: partial (o, lse) of split requests -> out, lse (exact log-sum-exp rescaling) ----------
-
-constexpr int kMergeWarps = 4;
-
-template <typename OutT, int kHeads, int kCkv>
-__global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(const __grid_constant__ DecodeParams p) {
-  static_assert(kCkv % 64 == 0 || kCkv % 32 == 0, "ckv must split over a warp in pairs or singles");
-  constexpr int kPairs = kCkv / 2;
-  constexpr int kIters = (kPairs + 31) / 32;
-  const int b = blockIdx.x;
-  const int rows = p.s_q * kHeads;
-  const int row = blockIdx.y * kMergeWarps + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const int* req_info = reinterpret_cast<const int*>(p.req_info);
-  const int num_splits = req_info[4 * b + 1];
-  if (num_splits == 1) return;  // the decode kernel wrote this request directly
-  const int s = row / kHeads, h = row % kHeads;
-  OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h;
-  float* lse_out = p.lse ? reinterpret_cast<float*>(p.lse) + b * p.lse_stride_b + s * p.lse_stride_s + h : nullptr;
-
-  if (num_splits == 0) {  // invalid length: poison the row so the error cannot pass unnoticed
-    const float nan = __int_as_float(0x7fffffff);
-    for (int i = lane; i < kCkv; i += 32) out[i] = from_float<OutT>(nan);
-    if (lse_out && lane == 0) *lse_out = nan;
-    return;
-  }
-  const int first_slot = req_info[4 * b + 2];
-  const float* part_lse = reinterpret_cast<const float*>(p.partial_lse);
-  float m = -INFINITY;
-  for (int k = lane; k < num_splits; k += 32) m = fmaxf(m, part_lse[(first_slot + k) * rows + row]);
-  m = warp_max(m);
-  float sum = 0.f;
-  if (m != -INFINITY)
-    for (int k = lane; k < num_splits; k += 32) sum += __expf(part_lse[(first_slot + k) * rows + row] - m);
-  sum = warp_sum(sum);
-  const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
-
-  float2 acc[kIters];
-#pragma unroll
-  for (int i = 0; i < kIters; ++i) acc[i] = make_float2(0.f, 0.f);
-  const float2* part_o = reinterpret_cast<const float2*>(p.partial_o);
-  for (int k = 0; k < num_splits; ++k) {
-    const float lk = part_lse[(first_slot + k) * rows + row];
-    const float w = lk == -INFINITY ? 0.f : __expf(lk - lse);
-    const float2* src = part_o + (static_cast<long long>(first_slot + k) * rows + row) * kPairs;
-#pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kPairs) {
-        const float2 v = src[c];
-        acc[i].x += w * v.x;
-        acc[i].y += w * v.y;
-      }
+  // 4. requests of invalid length: NaN rows, so the error cannot pass unnoticed
+  using OutT = typename Cfg::OutType;
+  constexpr int kRowElems = Cfg::kCkvDim;
+  const int rows = p.s_q * Cfg::kNumHeads;
+  const float nan = __int_as_float(0x7fffffff);
+  for (int b = 0; b < p.batch; ++b) {
+    if (request_blocks(seqlens[b], p, kBlockN) > 0) continue;
+    for (int i = tid; i < rows * kRowElems; i += kPlanThreads) {
+      const int row = i / kRowElems, s = row / Cfg::kNumHeads, h = row % Cfg::kNumHeads;
+      reinterpret_cast<OutT*>(p.out)[b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + i % kRowElems] =
+          from_float<OutT>(nan);
+      if (p.lse && i % kRowElems == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = nan;
     }
   }
-  using Out2 = typename Vec2<OutT>::type;
-#pragma unroll
-  for (int i = 0; i < kIters; ++i) {
-    const int c = lane + 32 * i;
-    if (c < kPairs) reinterpret_cast<Out2*>(out)[c] = from_float2<OutT>(acc[i]);
-  }
-  if (lse_out && lane == 0) *lse_out = lse;
 }
 
 // ---- host-side launch helpers ----------------------------------------------------------------------
 
-template <int kBlockN>
+template <class Cfg>
 inline int launch_plan_kernel(const DecodeParams& p, uint64_t stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   // the status word is sticky across steps: the runtime clears it when it reads it
-  plan_kernel<kBlockN><<<1, kPlanThreads, 0, st>>>(p);
-  return static_cast<int>(cudaGetLastError());
-}
-
-template <typename OutT, int kHeads, int kCkv>
-inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
-  const int rows = p.s_q * kHeads;
-  dim3 grid(p.batch, (rows + kMergeWarps - 1) / kMergeWarps);
-  merge_kernel<OutT, kHeads, kCkv><<<grid, 32 * kMergeWarps, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
+  plan_kernel<Cfg><<<1, kPlanThreads, 0, st>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -298,14 +331,24 @@ inline int set_smem_limit(Kernel kernel, int bytes) {
 }
 
 // A family's decode kernel on grid (row blocks of kBlockM, parts), 32 * kWarps threads, kSmemBytes.
+// Where the device has programmatic dependent launch (sm_90+), the launch overlaps the planner's run.
 template <class Cfg, typename Kernel>
 inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream) {
   const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
   if (err) return err;
   const int rows = p.s_q * Cfg::kNumHeads;
-  dim3 grid((rows + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_parts);
-  kernel<<<grid, 32 * Cfg::kWarps, Cfg::kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  if (p.row_blocks != (rows + Cfg::kBlockM - 1) / Cfg::kBlockM) return static_cast<int>(cudaErrorInvalidValue);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(p.row_blocks, p.num_parts);
+  config.blockDim = dim3(32 * Cfg::kWarps);
+  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.stream = reinterpret_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = Cfg::kDependentLaunch ? 1 : 0;
+  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, p));
 }
 
 }  // namespace mla_gen

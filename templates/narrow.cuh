@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const uint64_t d_vt = make_desc(s_stage, KN::kBlockBytes, 8u * KN::kRowBytes, 1u);
   const uint32_t s_wred = s_base + L::kOffWarpRed, s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
 
-  for_each_segment<N>(p, part, [&](const Segment& seg) {
+  for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;

@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const uint32_t red_own = s_base + L::kOffRedMax + 4 * (wg * M + wrow + g);
   const uint32_t red_other = s_base + L::kOffRedMax + 4 * ((wg ^ 1) * M + wrow + g);
 
-  for_each_segment<N>(p, part, [&](const Segment& seg) {
+  for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
