@@ -357,9 +357,10 @@ def _check_wgmma(spec: VariantSpec) -> None:
 
 
 def narrow_max_rows(ckv_dim: int) -> int:
-    """Most query rows a narrow CTA takes: its O^T accumulators, ckv / 64 m-tiles x rows / 2 per thread,
-    stay at most 128 (and wgmma n at most 64 here)."""
-    return min(64, 256 * 64 // ckv_dim // 8 * 8)
+    """Most query rows a narrow CTA takes: O^T (ckv / 64 m-tiles x rows / 2 per thread) and the two S^T
+    chains (rows each) must fit 255 registers without spills: measured 254 at 32 rows (ckv 512) and 40
+    rows (ckv 256); 64 rows at ckv 256 spilled."""
+    return 32 if ckv_dim > 256 else 40
 
 
 def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
@@ -374,13 +375,13 @@ def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
 
 def _check_narrow(spec: VariantSpec) -> None:
     t = spec.tile
-    limit = narrow_max_rows(spec.ckv_dim) if spec.ckv_dim % 64 == 0 else 0
+    limit = narrow_max_rows(spec.ckv_dim)
     if spec.ckv_dim % 64 or spec.ckv_dim > 512:
         raise SpecError(f"ckv_dim: narrow reads V in 64-column blocks: expected a multiple of 64 up to 512, "
                         f"got {spec.ckv_dim}")
     if t.block_m % 8 or not 8 <= t.block_m <= limit:
         raise SpecError(f"tile.block_m: narrow takes a multiple of 8 query rows up to {limit} at ckv {spec.ckv_dim} "
-                        f"(wgmma n; O^T accumulators), got {t.block_m}")
+                        f"(wgmma n; registers), got {t.block_m}")
     if t.block_n != 64:
         raise SpecError(f"tile.block_n: narrow takes 64 kv tokens per step (wgmma m64), got {t.block_n}")
     if t.stages != 2:

@@ -53,9 +53,10 @@ class MLADecodeWrapper:
 
     plan(cache_seqlens, s_q, num_heads=..., ...) once per batch shape: picks the variant, builds or
     loads it, allocates the schedule and split workspace and the output buffers.
-    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens) per step: two launches on the
-    current stream (the device planner, then the decode kernel, whose launch overlaps the planner on
-    sm_90 and which merges split requests itself); no host sync, no allocation. Without
+    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens) per step: three launches on the
+    current stream (the device planner; the decode kernel, which merges requests split over a few parts
+    itself; the merge of requests split over many), each overlapping the one before on sm_90 (programmatic
+    dependent launch); no host sync, no allocation. Without
     `out=`, the result is the plan's own output buffer, overwritten by the next run.
     """
 
@@ -104,6 +105,7 @@ class MLADecodeWrapper:
         self._req_info = torch.zeros(batch, 4, **i32)
         self._status = torch.zeros(1, **i32)
         self._tickets = torch.zeros(batch, decision.m_blocks, **i32)
+        self._merge_list = torch.zeros(1 + batch, **i32)
         self._partial_o = torch.empty(slots, rows, ckv_dim, dtype=torch.float32, device=device)
         self._partial_lse = torch.empty(slots, rows, dtype=torch.float32, device=device)
         self._out = torch.empty(batch, s_q, num_heads, ckv_dim, dtype=dtype, device=device)
@@ -148,10 +150,11 @@ class MLADecodeWrapper:
         return (out, lse) if (plan.return_lse or lse is not None) else out
 
     def _launch(self, p, stream: int) -> None:
-        """Device planner, then decode (which merges split requests): two launches on `stream`."""
+        """Device planner, decode, merge: three launches on `stream`, nothing else."""
         mod = self._module
         mod.plan(p, stream)
         mod.decode(p, stream)
+        mod.merge(p, stream)
 
     def _params(self, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse, shape):
         plan = self._plan
@@ -178,6 +181,7 @@ class MLADecodeWrapper:
         p.req_info = self._req_info.data_ptr()
         p.status = self._status.data_ptr()
         p.tickets = self._tickets.data_ptr()
+        p.merge_list = self._merge_list.data_ptr()
         p.batch, p.s_q, p.page_size = shape.batch, shape.s_q, shape.page_size
         p.num_pages, p.max_pages = shape.num_pages, shape.max_pages
         d = plan.decision

@@ -126,9 +126,13 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row,
   if (p.lse && lane == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
 }
 
-// After a CTA wrote its partial rows of split request `b`: the last of the request's parts to finish
-// (an atomic ticket per request and row block) merges the request's rows of this row block, so no
-// merge launch is needed. Every thread of the CTA calls it.
+// A split request of at most this many parts is merged inside the decode kernel by its last part; one
+// of more parts would make that one CTA read too much, so the merge kernel spreads it over the GPU.
+constexpr int kInlineMergeSplits = 4;
+
+// After a CTA wrote its partial rows of split request `b` (of at most kInlineMergeSplits parts): the
+// last of the request's parts to finish (an atomic ticket per request and row block) merges the
+// request's rows of this row block. Every thread of the CTA calls it.
 template <class Cfg>
 __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
   __threadfence();  // this thread's partial writes, device-wide, before the ticket
@@ -151,6 +155,7 @@ template <class Cfg, typename Fn>
 __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
   constexpr int kBlockN = Cfg::kBlockN;
   wait_for_previous_grid();  // the planner's work list and tickets
+  start_next_grid();         // the merge kernel may launch; it waits for this grid's results
   const int* info = reinterpret_cast<const int*>(p.part_info) + 4 * part;
   const int begin_req = info[0], begin_blk = info[1], end_req = info[2], end_blk = info[3];
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
@@ -167,7 +172,7 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     Segment seg{b, len, lo, hi, num_splits > 1, 0};
     if (seg.split) seg.slot = req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
     fn(seg);
-    if (seg.split) merge_if_last<Cfg>(p, b);
+    if (seg.split && num_splits <= kInlineMergeSplits) merge_if_last<Cfg>(p, b);
   }
 }
 
@@ -211,7 +216,8 @@ __device__ __forceinline__ long long pos_key(int req, int blk) {
 // Splits the total cost (kv blocks + fixed_cost per request) evenly over `active` parts: part p
 // starts at cost floor(p * total / active), so loads differ by at most one block. Mirrors
 // mla_gen/schedule.py exactly (tests compare the two). Also zeroes the merge tickets and writes NaN
-// rows (out and lse) for requests of invalid length, which no part processes.
+// rows (out and lse) for requests of invalid length, which no part processes, and lists the requests
+// the merge kernel merges (more than kInlineMergeSplits parts).
 template <class Cfg>
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kBlockN = Cfg::kBlockN;
@@ -219,7 +225,11 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
   int* req_info = reinterpret_cast<int*>(p.req_info);
   int* part_info = reinterpret_cast<int*>(p.part_info);
+  int* merge_list = reinterpret_cast<int*>(p.merge_list);
   const int tid = threadIdx.x;
+  __shared__ int s_invalid;
+  if (tid == 0) s_invalid = 0;
+  __syncthreads();
   for (int i = tid; i < p.batch * p.row_blocks; i += kPlanThreads) reinterpret_cast<int*>(p.tickets)[i] = 0;
 
   // 1. cost per request and its exclusive prefix (req_info[.,3]).
@@ -229,7 +239,10 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
     long long cost = 0;
     if (b < p.batch) {
       const int nb = request_blocks(seqlens[b], p, kBlockN);
-      if (nb == 0) atomicOr(reinterpret_cast<int*>(p.status), 1);
+      if (nb == 0) {
+        atomicOr(reinterpret_cast<int*>(p.status), 1);
+        s_invalid = 1;
+      }
       cost = nb > 0 ? nb + p.fixed_cost : 0;
     }
     long long chunk_total;
@@ -264,9 +277,10 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
   // 3. per request: the first part holding its block 0, the number of parts it spans, and the
   //    offset of its partial slots (only split requests take slots).
   carry = 0;
+  long long listed = 0;
   for (int base = 0; base < p.batch; base += kPlanThreads) {
     const int b = base + tid;
-    long long slots = 0;
+    long long slots = 0, wide = 0;
     if (b < p.batch) {
       const int nb = request_blocks(seqlens[b], p, kBlockN);
       int first = 0, last = 0;
@@ -289,14 +303,21 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
       req_info[4 * b + 0] = first;
       req_info[4 * b + 1] = num_splits;
       slots = num_splits > 1 ? num_splits : 0;
+      wide = num_splits > kInlineMergeSplits;
     }
     long long chunk_total;
     const long long before = block_exclusive_scan(slots, &chunk_total);
     if (b < p.batch) req_info[4 * b + 2] = static_cast<int>(carry + before);
     carry += chunk_total;
+    const long long at = block_exclusive_scan(wide, &chunk_total);
+    if (wide) merge_list[1 + listed + at] = b;
+    listed += chunk_total;
   }
+  if (tid == 0) merge_list[0] = static_cast<int>(listed);
 
-  // 4. requests of invalid length: NaN rows, so the error cannot pass unnoticed
+  // 4. requests of invalid length (rare): NaN rows, so the error cannot pass unnoticed
+  __syncthreads();
+  if (!s_invalid) return;
   using OutT = typename Cfg::OutType;
   constexpr int kRowElems = Cfg::kCkvDim;
   const int rows = p.s_q * Cfg::kNumHeads;
@@ -309,6 +330,59 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
           from_float<OutT>(nan);
       if (p.lse && i % kRowElems == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = nan;
     }
+  }
+}
+
+// ---- merge kernel: split requests of more than kInlineMergeSplits parts ----------------------------
+
+// Grid-stride over (listed request, row); a thread owns 4 columns and keeps several splits' loads in
+// flight. Launched with programmatic dependent launch after the decode kernel, whose results it waits for.
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_constant__ DecodeParams p) {
+  using OutT = typename Cfg::OutType;
+  using Out2 = typename Vec2<OutT>::type;
+  constexpr int kHeads = Cfg::kNumHeads, kCkv = Cfg::kCkvDim, kUnroll = 4;
+  static_assert(kCkv % 4 == 0, "ckv: 4 columns per thread");
+  wait_for_previous_grid();
+  const int* list = reinterpret_cast<const int*>(p.merge_list);
+  const int* req_info = reinterpret_cast<const int*>(p.req_info);
+  const float* part_lse = reinterpret_cast<const float*>(p.partial_lse);
+  const float4* part_o = reinterpret_cast<const float4*>(p.partial_o);
+  const int rows = p.s_q * kHeads, col = 4 * threadIdx.x;
+  const int items = list[0] * rows;
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int b = list[1 + item / rows], row = item % rows;
+    const int num_splits = req_info[4 * b + 1], first = req_info[4 * b + 2];
+    float m = -INFINITY;
+    for (int k = 0; k < num_splits; ++k) m = fmaxf(m, __ldcg(part_lse + (first + k) * rows + row));
+    float sum = 0.f;
+    if (m != -INFINITY)
+      for (int k = 0; k < num_splits; ++k) sum += __expf(__ldcg(part_lse + (first + k) * rows + row) - m);
+    const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k0 = 0; k0 < num_splits; k0 += kUnroll) {
+      float4 v[kUnroll];
+      float w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // all loads first, then the sums
+        const int k = k0 + u < num_splits ? k0 + u : k0;
+        v[u] = __ldcg(part_o + ((static_cast<long long>(first + k) * rows + row) * kCkv + col) / 4);
+        const float lk = __ldcg(part_lse + (first + k) * rows + row);
+        w[u] = (k0 + u < num_splits && lk != -INFINITY) ? __expf(lk - lse) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        acc.x += w[u] * v[u].x;
+        acc.y += w[u] * v[u].y;
+        acc.z += w[u] * v[u].z;
+        acc.w += w[u] * v[u].w;
+      }
+    }
+    const int s = row / kHeads, h = row % kHeads;
+    OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + col;
+    reinterpret_cast<Out2*>(out)[0] = from_float2<OutT>(make_float2(acc.x, acc.y));
+    reinterpret_cast<Out2*>(out)[1] = from_float2<OutT>(make_float2(acc.z, acc.w));
+    if (p.lse && threadIdx.x == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
   }
 }
 
@@ -330,18 +404,14 @@ inline int set_smem_limit(Kernel kernel, int bytes) {
   return static_cast<int>(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-// A family's decode kernel on grid (row blocks of kBlockM, parts), 32 * kWarps threads, kSmemBytes.
-// Where the device has programmatic dependent launch (sm_90+), the launch overlaps the planner's run.
+// Launches kernel(p) after the previous work on the stream; where the device has programmatic
+// dependent launch (sm_90+), the launch overlaps the previous kernel, which the kernel waits for.
 template <class Cfg, typename Kernel>
-inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream) {
-  const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
-  if (err) return err;
-  const int rows = p.s_q * Cfg::kNumHeads;
-  if (p.row_blocks != (rows + Cfg::kBlockM - 1) / Cfg::kBlockM) return static_cast<int>(cudaErrorInvalidValue);
+inline int launch_dependent(Kernel kernel, dim3 grid, dim3 block, int smem, const DecodeParams& p, uint64_t stream) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.row_blocks, p.num_parts);
-  config.blockDim = dim3(32 * Cfg::kWarps);
-  config.dynamicSmemBytes = Cfg::kSmemBytes;
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
   config.stream = reinterpret_cast<cudaStream_t>(stream);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -349,6 +419,24 @@ inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t s
   config.attrs = attr;
   config.numAttrs = Cfg::kDependentLaunch ? 1 : 0;
   return static_cast<int>(cudaLaunchKernelEx(&config, kernel, p));
+}
+
+// A family's decode kernel on grid (row blocks of kBlockM, parts), 32 * kWarps threads, kSmemBytes.
+template <class Cfg, typename Kernel>
+inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream) {
+  const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
+  if (err) return err;
+  const int rows = p.s_q * Cfg::kNumHeads;
+  if (p.row_blocks != (rows + Cfg::kBlockM - 1) / Cfg::kBlockM) return static_cast<int>(cudaErrorInvalidValue);
+  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(32 * Cfg::kWarps), Cfg::kSmemBytes, p,
+                               stream);
+}
+
+// The merge kernel over as many CTAs as the decode grid has (it strides over the listed rows).
+template <class Cfg>
+inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
+  return launch_dependent<Cfg>(merge_kernel<Cfg>, dim3(p.row_blocks * p.num_parts), dim3(Cfg::kCkvDim / 4), 0, p,
+                               stream);
 }
 
 }  // namespace mla_gen

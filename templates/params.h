@@ -31,13 +31,16 @@ struct DecodeParams {
   //   req_info [B, 4] int32 = first_part, num_splits (0: invalid length), partial_offset, cost_begin,
   //   status [1] int32: bit 0 set when some length was invalid (that request's output is NaN),
   //   tickets [B, row_blocks] int32: parts of a split request that have written their partial (the planner
-  //   zeroes them; the part that completes the count merges the request's rows).
+  //   zeroes them; the part that completes the count merges the request's rows when it has at most
+  //   kInlineMergeSplits parts), merge_list [1 + B] int32: the number of requests with more parts, then
+  //   those requests (the merge kernel's work).
   uint64_t partial_o = 0;
   uint64_t partial_lse = 0;
   uint64_t part_info = 0;
   uint64_t req_info = 0;
   uint64_t status = 0;
   uint64_t tickets = 0;
+  uint64_t merge_list = 0;
   int32_t batch = 0, s_q = 0, page_size = 0, num_pages = 0, max_pages = 0;
   // num_parts: CTA columns of the grid; the planner uses min(num_parts, ceil(total / min_part_cost))
   // of them so short batches are not cut into slivers; fixed_cost: blocks charged per request.
@@ -49,6 +52,7 @@ struct DecodeParams {
 // Entry points of a variant's kernel.cu. Each returns a cudaError_t value (0 = success).
 int launch_plan(const DecodeParams& params, uint64_t stream);
 int launch_decode(const DecodeParams& params, uint64_t stream);
+int launch_merge(const DecodeParams& params, uint64_t stream);
 int max_active_ctas(int* num);  // decode CTAs resident per SM on the current device
 const char* error_string(int code);
 
