@@ -118,7 +118,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_emit(args: argparse.Namespace) -> int:
     from generator.build import write_if_different
-    from generator.render import render_ninja, render_sources
+    from generator.render import render_sources
 
     out = Path(args.out)
     try:
@@ -132,22 +132,47 @@ def cmd_emit(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in render_sources(spec).items():
             write_if_different(folder / name, text)
-        if tc is not None:
-            ninja = render_ninja(spec, nvcc=str(tc.nvcc), cxx=str(tc.cxx), nvcc_flags=tc.nvcc_flags(spec.arch),
-                                 cxx_flags=tc.cxx_flags(), ldflags=tc.link_flags(),
-                                 so_name=spec.variant_id + tc.ext_suffix)
-        else:
-            ninja = render_ninja(spec, nvcc="nvcc", cxx="c++", nvcc_flags=["-std=c++17", "-O3", spec.arch.gencode,
-                                 "-Xcompiler", "-fPIC", "-I."], cxx_flags=["-std=c++17", "-O2", "-fPIC", "-I."],
-                                 ldflags=["-shared"], so_name=spec.variant_id + ".so")
-        write_if_different(folder / "build.ninja", ninja)
+        write_if_different(folder / "build.ninja", _emit_ninja(spec, tc))
         written.append({"variant_id": spec.variant_id, "folder": str(folder)})
+    written.append(_emit_launcher(out, tc))
     if args.json:
         print(json.dumps(written, indent=2))
     else:
         for w in written:
             print(w["folder"])
     return 0
+
+
+def _emit_ninja(spec: VariantSpec, tc: Any) -> str:
+    from generator.render import render_ninja
+
+    if tc is not None:
+        return render_ninja(spec, nvcc=str(tc.nvcc), nvcc_flags=tc.nvcc_flags(spec.arch), ldflags=tc.link_flags(),
+                            so_name=spec.variant_id + ".so")
+    return render_ninja(spec, nvcc="nvcc", nvcc_flags=["-std=c++17", "-O3", spec.arch.gencode, "-Xcompiler", "-fPIC",
+                        "-I."], ldflags=["-shared"], so_name=spec.variant_id + ".so")
+
+
+def _emit_launcher(out: Path, tc: Any) -> dict[str, str]:
+    """The launcher's sources (shared by every variant) into OUT/launcher/<name>/."""
+    from generator.build import write_if_different
+    from generator.cache import LAUNCHER_FOLDER, this_ext_suffix
+    from generator.launcher import launcher_name, plan_launcher
+    from generator.render import LAUNCHER_MODULE, render_launcher_ninja, render_launcher_sources
+
+    if tc is not None:
+        plan = plan_launcher(tc)
+        name, sources, ninja = plan.name, plan.sources, plan.ninja
+    else:
+        name, sources = launcher_name(this_ext_suffix()), render_launcher_sources()
+        ninja = render_launcher_ninja(launcher_name=name, cxx="c++", cxx_flags=["-std=c++17", "-O2", "-fPIC", "-I."],
+                                      ldflags=["-shared", "-ldl"], so_name=LAUNCHER_MODULE + this_ext_suffix())
+    folder = out / LAUNCHER_FOLDER / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, text in sources.items():
+        write_if_different(folder / file, text)
+    write_if_different(folder / "build.ninja", ninja)
+    return {"launcher": name, "folder": str(folder)}
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -287,7 +312,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("emit", help="write sources and build.ninja to a folder",
-                       description="Render each variant's sources and build.ninja into OUT/<arch>/<variant-id>/.")
+                       description="Render each variant's sources and build.ninja into OUT/<arch>/<variant-id>/, "
+                                   "and the launcher's (one per Python, shared by every variant) into "
+                                   "OUT/launcher/<name>/.")
     _add_selection(s)
     s.add_argument("--out", default="build", help="output folder (default build/)")
     s.add_argument("--json", action="store_true", help="print one JSON document")

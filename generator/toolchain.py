@@ -37,29 +37,40 @@ class Toolchain:
     cxx_version_text: str
     python_include: Path
     pybind11_include: Path
-    ext_suffix: str          # the Python ABI a module is built for, e.g. ".cpython-312-x86_64-linux-gnu.so"
+    pybind11_version: str
+    ext_suffix: str          # the Python ABI the launcher is built for, e.g. ".cpython-312-x86_64-linux-gnu.so"
 
     @property
     def cuda_home(self) -> Path:
         return self.nvcc.resolve().parent.parent
 
     def fingerprint(self) -> dict[str, str]:
-        """Everything about the toolchain that changes a binary (part of the cache key)."""
+        """Everything about the toolchain that changes a variant's binary (part of its cache key): no
+        Python version, since a variant is a plain shared object."""
         return {"nvcc": self.nvcc_version_text.strip(), "cxx": self.cxx_version_text.strip(),
-                "generator": __version__, "ext_suffix": self.ext_suffix}
+                "generator": __version__}
+
+    def launcher_fingerprint(self) -> dict[str, str]:
+        """Everything about the toolchain that changes the launcher's binary: the Python ABI included."""
+        return {"cxx": self.cxx_version_text.strip(), "generator": __version__, "ext_suffix": self.ext_suffix,
+                "pybind11": self.pybind11_version}
 
     def nvcc_flags(self, arch: Arch) -> list[str]:
         return ["-std=c++17", "-O3", arch.gencode, "--ptxas-options=-v", "-lineinfo", "-Xcompiler", "-fPIC",
-                "-Xcompiler", "-Wall", "--expt-relaxed-constexpr", "-I."]
+                "-Xcompiler", "-fvisibility=hidden", "-Xcompiler", "-Wall", "--expt-relaxed-constexpr", "-I."]
 
-    def cxx_flags(self) -> list[str]:
+    def link_flags(self) -> list[str]:
+        # NOTE(cudart): static cudart keeps the variant free of a libcudart.so search path (streams and
+        # pointers are driver objects shared with torch's own runtime in the same process), and
+        # --exclude-libs keeps its symbols out of the variant's exports: only the C entry points show.
+        return ["-shared", "-cudart", "static", "-Xlinker", "--exclude-libs,ALL"]
+
+    def launcher_cxx_flags(self) -> list[str]:
         return ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-I.",
                 f"-isystem{self.pybind11_include}", f"-isystem{self.python_include}"]
 
-    def link_flags(self) -> list[str]:
-        # NOTE(cudart): static cudart keeps the module free of a libcudart.so search path; streams and
-        # pointers are driver objects shared with torch's own runtime in the same process.
-        return ["-shared", "-cudart", "static"]
+    def launcher_link_flags(self) -> list[str]:
+        return ["-shared", "-ldl"]
 
 
 def _candidates() -> list[Path]:
@@ -155,6 +166,7 @@ def _discover(nvcc: Path) -> Toolchain:
     return Toolchain(nvcc=nvcc, nvcc_version=m.group(1), nvcc_version_text=text, cxx=cxx,
                      cxx_version_text=(_version_text(cxx).splitlines() or [""])[0],
                      python_include=py_inc, pybind11_include=Path(pybind11.get_include()),
+                     pybind11_version=pybind11.__version__,
                      ext_suffix=sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 
