@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import warnings
 from pathlib import Path
 
 from generator import __version__, env
@@ -75,8 +74,6 @@ class Toolchain:
 
 def _candidates() -> list[Path]:
     out: list[Path] = []
-    if env.nvcc_override():
-        out.append(Path(env.nvcc_override()))
     if env.cuda_home():
         out.append(Path(env.cuda_home()) / "bin" / "nvcc")
     on_path = shutil.which("nvcc")
@@ -92,15 +89,19 @@ def _candidates() -> list[Path]:
 
 
 def find_nvcc() -> Path:
-    """The first nvcc that exists; ToolchainError with install advice when there is none."""
+    """MLA_GEN_NVCC if set (ToolchainError naming it when it is no executable file: never another nvcc
+    in its place), else the first nvcc that exists; ToolchainError with install advice when none does."""
     override = env.nvcc_override()
+    if override:
+        path = Path(override).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ToolchainError(f"MLA_GEN_NVCC={override}: expected an executable nvcc file, "
+                                 f"{'found no such file' if not path.exists() else 'it is not one'}; "
+                                 f"fix it or unset MLA_GEN_NVCC to search CUDA_HOME and PATH")
+        return path
     for path in _candidates():
         if path.is_file() and os.access(path, os.X_OK):
-            if override and path != Path(override):
-                warnings.warn(f"MLA_GEN_NVCC={override} is not an executable file; using {path}")
             return path
-    if env.nvcc_override():
-        raise ToolchainError(f"MLA_GEN_NVCC={env.nvcc_override()} is not an executable file; {INSTALL_HINT}")
     raise ToolchainError(f"no nvcc found (looked in MLA_GEN_NVCC, CUDA_HOME, PATH, /usr/local/cuda, "
                          f"pip nvidia-cuda-nvcc); {INSTALL_HINT}")
 
