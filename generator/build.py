@@ -56,11 +56,6 @@ def sources_sha256(sources: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(sources.items())).encode()).hexdigest()
 
 
-def toolchain_meta(tc: Toolchain) -> dict[str, str]:
-    return {"nvcc": str(tc.nvcc), "nvcc_version": tc.nvcc_version, "cxx": str(tc.cxx),
-            "cxx_version": tc.cxx_version_text.strip(), "generator_version": __version__}
-
-
 def plan_build(spec: VariantSpec, tc: Toolchain | None = None) -> BuildPlan:
     """Renders a variant's sources and computes its cache key (no Python ABI in it: a variant is a
     plain shared object). Raises ToolchainError without nvcc."""
@@ -73,7 +68,9 @@ def plan_build(spec: VariantSpec, tc: Toolchain | None = None) -> BuildPlan:
     binary = spec.variant_id + ".so"
     ninja = render_ninja(spec, nvcc=str(tc.nvcc), nvcc_flags=nvcc_flags, ldflags=link_flags, so_name=binary)
     meta = {"variant_id": spec.variant_id, "spec": spec.to_dict(),
-            "flags": {"nvcc": nvcc_flags, "link": link_flags}, "toolchain": toolchain_meta(tc),
+            "flags": {"nvcc": nvcc_flags, "link": link_flags},
+            "toolchain": {"nvcc": str(tc.nvcc), "nvcc_version": tc.nvcc_version, "cxx": str(tc.cxx),
+                          "cxx_version": tc.cxx_version_text.strip(), "generator_version": __version__},
             # any Python's launcher of this params.h opens the variant; built_with: the one of its builder
             "launcher": {"params_hash": params_hash(), "built_with": plan_launcher(tc).entry_name}}
     return BuildPlan("variant", spec.variant_id, spec.arch.value, sources, ninja, binary, key, meta)

@@ -277,8 +277,10 @@ def _cache_info(cache: Any, args: argparse.Namespace) -> int:
             print(f"    {p}")
         if meta:
             tc = meta["toolchain"]
+            compilers = ", ".join(filter(None, [tc.get("nvcc_version") and f"nvcc {tc['nvcc_version']}",
+                                                tc.get("cxx_version")]))
             print(f"  built    {_fmt_time(meta['created'])} in {meta['build_seconds']:.1f} s, used "
-                  f"{_fmt_time(meta['last_used'])}; nvcc {tc.get('nvcc_version')}, {tc.get('cxx_version')}")
+                  f"{_fmt_time(meta['last_used'])}; {compilers}")
             print(f"  binary   {meta['so']['file']} ({meta['so']['size']} bytes, sha256 {meta['so']['sha256'][:16]})")
         if doc["kind"] == "launcher" and meta:
             print(f"  python   {meta['ext_suffix']}; params.h {meta['params_hash']}")

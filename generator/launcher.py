@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from generator import __version__, env
-from generator.build import BuildPlan, ensure, sources_sha256, toolchain_meta
+from generator.build import BuildPlan, ensure, sources_sha256
 from generator.cache import LAUNCHER_FOLDER, BinaryCache, Entry, this_ext_suffix
 from generator.errors import CacheError, MissingJITCacheError, ToolchainError
 from generator.render import LAUNCHER_MODULE, params_hash, render_launcher_ninja, render_launcher_sources
@@ -49,7 +49,8 @@ def plan_launcher(tc: Toolchain | None = None) -> BuildPlan:
                                   so_name=binary)
     meta = {"module": LAUNCHER_MODULE, "ext_suffix": tc.ext_suffix, "params_hash": params_hash(),
             "flags": {"cxx": cxx_flags, "link": link_flags},
-            "toolchain": {**toolchain_meta(tc), "pybind11_version": tc.pybind11_version}}
+            "toolchain": {"cxx": str(tc.cxx), "cxx_version": tc.cxx_version_text.strip(),
+                          "generator_version": __version__, "pybind11_version": tc.pybind11_version}}
     return BuildPlan("launcher", name, LAUNCHER_FOLDER, sources, ninja, binary, key, meta)
 
 
