@@ -113,3 +113,22 @@ def test_cache_info_prints_text_and_json_only_with_json(cache_root: Path) -> Non
         json.loads(text.stdout)
     doc = json.loads(run_cli("cache", "info", path.name, "--json").stdout)
     assert doc["path"] == str(path) and doc["ok"] and doc["meta"]["variant_id"] in path.name
+
+
+def test_a_full_disk_while_writing_the_build_is_a_cache_error_and_publishes_nothing(
+        cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from generator import build as build_mod
+    from generator.select import default_tile
+    from generator.spec import Arch, DType, Family, VariantSpec
+
+    def no_space(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(cache_root))
+
+    monkeypatch.setattr(build_mod, "write_sources", no_space)
+    tile = default_tile(Family.SIMT, 16, 256, 32, Arch.SM90A)
+    spec = VariantSpec(16, 256, 32, DType.BF16, DType.BF16, DType.BF16, Family.SIMT, tile, Arch.SM90A)
+    with pytest.raises(CacheError, match=f"{spec.variant_id}: cannot write the build in .*No space left"):
+        build_mod.build(spec)
+    assert BinaryCache(cache_root).entries() == [] and not list(cache_root.glob("*/.tmp-*"))
