@@ -98,20 +98,25 @@ _loaded: dict[Path, ModuleType] = {}
 _lock = threading.Lock()
 
 
+def _import_once(entry: Entry) -> ModuleType:
+    """Imports a launcher entry once per process (callers hold _lock); ImportError as import_launcher."""
+    if entry.path not in _loaded:
+        _loaded[entry.path] = import_launcher(entry)
+        entry.touch()
+    return _loaded[entry.path]
+
+
 def try_load_launcher(cache: BinaryCache) -> ModuleType | None:
     """This Python's launcher if it is cached whole and imports, else None (logs why). Never builds."""
     with _lock:
         entry = find_launcher(cache)
-        if entry is None or entry.path in _loaded:
-            return None if entry is None else _loaded[entry.path]
+        if entry is None:
+            return None
         try:
-            module = import_launcher(entry)
+            return _import_once(entry)
         except ImportError as e:
             log.warning("%s: cached launcher does not import: %s", entry.path, e)
             return None
-        _loaded[entry.path] = module
-        entry.touch()
-        return module
 
 
 def load_launcher(cache: BinaryCache) -> ModuleType:
@@ -120,27 +125,20 @@ def load_launcher(cache: BinaryCache) -> ModuleType:
     CacheError."""
     with _lock:
         entry = find_launcher(cache)
-        if entry is not None and entry.path in _loaded:
-            return _loaded[entry.path]
         if entry is not None:
             try:
-                module = import_launcher(entry)
+                return _import_once(entry)
             except ImportError as e:
+                # NOTE(load-check): as for variants (jit.load), a launcher that imports in a fresh
+                # process is whole; a rebuild would not help this process.
                 if entry.load_check() is None:
                     raise CacheError(f"{entry.path}: imports in a fresh process but not in this one: {e}") from None
                 warnings.warn(f"mla-gen: cache entry {entry.path} does not import ({e}); rebuilding", stacklevel=2)
                 cache.discard(entry)
-            else:
-                _loaded[entry.path] = module
-                entry.touch()
-                return module
         if env.disable_jit():
             raise MissingJITCacheError("the launcher", cache.root)
         entry = ensure(plan_launcher(), cache).entry
         try:
-            module = import_launcher(entry)
+            return _import_once(entry)
         except ImportError as e:
             raise CacheError(f"{entry.path}: freshly built launcher does not import: {e}") from None
-        _loaded[entry.path] = module
-        entry.touch()
-        return module

@@ -384,6 +384,19 @@ def test_a_launcher_built_for_another_python_is_never_loaded(built90: Built, cac
     assert find_launcher(cache) is None
 
 
+def test_disable_jit_with_the_launcher_missing_raises_naming_it(built90: Built, cache_root: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from generator.errors import MissingJITCacheError
+
+    shutil.copytree(built90.root, cache_root, symlinks=True)
+    shutil.rmtree(cache_root / "launcher")
+    monkeypatch.setenv("MLA_GEN_DISABLE_JIT", "1")
+    assert jit.try_load(built90.spec) is None
+    with pytest.raises(MissingJITCacheError, match=f"the launcher: not in the cache at {cache_root}"):
+        jit.load(built90.spec)
+    assert not (cache_root / "launcher").exists()
+
+
 def read_only(root: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Runs `args` with the cache `root` read-only: as root (who ignores file modes) in a private mount
     namespace with `root` bind-mounted read-only; otherwise with its write bits cleared."""
