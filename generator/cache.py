@@ -155,7 +155,7 @@ class Entry:
                     "for name in ('mla_gen_variant_id', 'mla_gen_params_hash'):\n"
                     "    getattr(lib, name).restype = ctypes.c_char_p\n"
                     "print(lib.mla_gen_variant_id().decode(), lib.mla_gen_params_hash().decode())\n")
-            want = f"{meta['variant_id']} {meta['launcher']['params_hash']}"
+            args, want = [so], f"{meta['variant_id']} {meta['launcher']['params_hash']}"
         elif meta["ext_suffix"] != this_ext_suffix():
             return None
         else:
@@ -163,9 +163,8 @@ class Entry:
                     "l = m.ExtensionFileLoader(sys.argv[2], sys.argv[1])\n"
                     "mod = u.module_from_spec(u.spec_from_file_location(sys.argv[2], sys.argv[1], loader=l))\n"
                     "l.exec_module(mod); print(mod.PARAMS_HASH)\n")
-            want = meta["params_hash"]
-        proc = subprocess.run([sys.executable, "-c", code, so, meta.get("module", "")], capture_output=True,
-                              text=True, timeout=120)
+            args, want = [so, meta["module"]], meta["params_hash"]
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         if proc.stdout.strip() != want:

@@ -187,6 +187,11 @@ def test_meta_json_and_build_log(built90: Built) -> None:
     assert meta["launcher"] == {"params_hash": lmeta["params_hash"], "built_with": launcher.name}
     assert lmeta["kind"] == "launcher" and lmeta["ext_suffix"] == sysconfig.get_config_var("EXT_SUFFIX")
     assert lmeta["so"]["file"].endswith(lmeta["ext_suffix"])
+    info = run_cli("cache", "info", built90.entry.name, "--json", env=built90.env)
+    assert json.loads(info.stdout)["launchers"] == [{"path": str(launcher.path), "ext_suffix": lmeta["ext_suffix"],
+                                                      "this_python": True}]
+    text = run_cli("cache", "info", built90.entry.name, env=built90.env).stdout
+    assert f"built with {launcher.name}" in text and f"{launcher.path} ({lmeta['ext_suffix']}, this Python)" in text
 
 
 def test_warm_cache_hit_is_fast_and_runs_no_compiler(built90: Built) -> None:
