@@ -223,11 +223,12 @@ def ensure(plan: BuildPlan, cache: BinaryCache) -> BuildResult:
 
 
 def build_many(specs: Iterable[VariantSpec], jobs: int, cache: BinaryCache | None = None,
-               on_done: Callable[[VariantSpec, BuildResult | None, Exception | None], None] | None = None
+               on_done: Callable[[VariantSpec, BuildResult | None, Exception | None], None] | None = None,
+               on_launcher: Callable[[BuildResult], None] | None = None
                ) -> list[tuple[VariantSpec, BuildResult | None, Exception | None]]:
     """Builds variants in parallel (`jobs` at once), and this Python's launcher beside them, so that a
-    warm load needs no compiler; calls on_done per variant as it finishes. Raises BuildError or
-    CacheError when the launcher fails."""
+    warm load needs no compiler; calls on_done per variant as it finishes, on_launcher once the
+    launcher is ready. Raises BuildError or CacheError when the launcher fails."""
     from generator.launcher import plan_launcher
 
     cache = cache or BinaryCache()
@@ -250,5 +251,7 @@ def build_many(specs: Iterable[VariantSpec], jobs: int, cache: BinaryCache | Non
             results.append((spec, res, err))
             if on_done:
                 on_done(spec, res, err)
-        launcher.result()
+        ready = launcher.result()  # a failed launcher raises here, after every variant was reported
+        if on_launcher:
+            on_launcher(ready)
     return results

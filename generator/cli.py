@@ -194,8 +194,12 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"[{done[0]}/{total}] {spec.variant_id}: FAILED\n{err}", file=sys.stderr, flush=True)
             rows.append({"variant_id": spec.variant_id, "ok": False, "error": str(err)})
 
+    def launcher_ready(res) -> None:
+        what = f"built in {res.seconds:.1f} s" if res.built else "cached"
+        print(f"launcher for this Python {res.entry.name}: {what} -> {res.entry.path}", file=sys.stderr, flush=True)
+
     start = time.perf_counter()
-    build_many(specs, args.jobs, cache, progress)
+    build_many(specs, args.jobs, cache, progress, launcher_ready)
     failed = sum(not r["ok"] for r in rows)
     print(f"{total - failed}/{total} variants ready in {time.perf_counter() - start:.1f} s (cache {cache.root})",
           file=sys.stderr)

@@ -139,6 +139,7 @@ def test_build_publishes_one_entry_and_prints_its_time(built90: Built) -> None:
     assert {"kernel.cu", "params.h", "simt.cuh", "build.ninja", "build.log", "meta.json", f"{vid}.so"} <= names
     assert not any(n.endswith((".o", ".d", ".cpp")) for n in names) and not temp_dirs(built90.root)
     (launcher,) = launcher_entries(built90.root)
+    assert f"launcher for this Python {launcher.name}: built in " in built90.proc.stderr
     assert launcher.path.parent == built90.root / "launcher"
     assert {p.name for p in launcher.path.iterdir()} == {"launcher.cpp", "params.h", "build.ninja", "build.log",
                                                          "meta.json", launcher.meta()["so"]["file"]}
