@@ -367,6 +367,23 @@ def test_variant_entries_are_shared_by_pythons_and_launchers_are_not() -> None:
     assert theirs.meta["ext_suffix"] == other.ext_suffix and theirs.binary.endswith(other.ext_suffix)
 
 
+def test_the_launcher_refuses_a_variant_of_another_params_h(built90: Built, tmp_path: Path) -> None:
+    from generator.launcher import load_launcher
+    from generator.render import params_hash
+
+    so = Entry(built90.entry).so_path()
+    data = so.read_bytes()
+    assert data.count(params_hash().encode()) == 1
+    other = tmp_path / so.name
+    other.write_bytes(data.replace(params_hash().encode(), b"0123456789abcdef"))
+    launcher = load_launcher(BinaryCache(built90.root))
+    assert launcher.Variant(str(so)).variant_id == built90.spec.variant_id
+    with pytest.raises(ImportError, match=f"built for params.h 0123456789abcdef, this launcher for {params_hash()}"):
+        launcher.Variant(str(other))
+    with pytest.raises(ImportError, match="cannot load a variant"):
+        launcher.Variant(str(tmp_path / "missing.so"))
+
+
 def test_a_launcher_built_for_another_python_is_never_loaded(built90: Built, cache_root: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from generator.launcher import find_launcher, import_launcher, launcher_name
