@@ -1,5 +1,5 @@
-// mla-gen: the one parameter block shared by the host binding (plain C++) and the kernels.
-// Pointers travel as uint64 so the binding needs neither CUDA nor torch headers.
+// mla-gen: the one parameter block shared by the launcher (plain C++) and the kernels.
+// Pointers travel as uint64 so the launcher needs neither CUDA nor torch headers.
 #pragma once
 #include <cstdint>
 
@@ -49,11 +49,17 @@ struct DecodeParams {
   float sm_scale = 0.f;
 };
 
-// Entry points of a variant's kernel.cu. Each returns a cudaError_t value (0 = success).
-int launch_plan(const DecodeParams& params, uint64_t stream);
-int launch_decode(const DecodeParams& params, uint64_t stream);
-int launch_merge(const DecodeParams& params, uint64_t stream);
-int max_active_ctas(int* num);  // decode CTAs resident per SM on the current device
-const char* error_string(int code);
-
 }  // namespace mla_gen
+
+// The C entry points of a variant's shared object (kernel.cu), found by the launcher with dlsym: a
+// plain C interface, so a variant depends on no Python version. Launches return a cudaError_t value
+// (0 = success); mla_gen_params_hash names the params.h the variant was built from, so a launcher
+// never hands a variant a DecodeParams of another layout.
+#define MLA_GEN_EXPORT extern "C" __attribute__((visibility("default")))
+MLA_GEN_EXPORT const char* mla_gen_variant_id();
+MLA_GEN_EXPORT const char* mla_gen_params_hash();
+MLA_GEN_EXPORT int mla_gen_plan(const mla_gen::DecodeParams* params, uint64_t stream);
+MLA_GEN_EXPORT int mla_gen_decode(const mla_gen::DecodeParams* params, uint64_t stream);
+MLA_GEN_EXPORT int mla_gen_merge(const mla_gen::DecodeParams* params, uint64_t stream);
+MLA_GEN_EXPORT int mla_gen_max_active_ctas(int* num);  // decode CTAs resident per SM on the current device
+MLA_GEN_EXPORT const char* mla_gen_error_string(int code);
