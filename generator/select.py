@@ -18,7 +18,10 @@ FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.MMA, Family.SIMT)
 WGMMA_FEW_HEADS_NOTE = ("also for few heads: measured on H100 at 16 heads no slower than mma "
                         "(238 vs 241 us B128 S4096, 40 vs 42 us B32 S1024)")
 # Tokens of kv that one part must at least get before splitting pays for its fixed costs.
-MIN_TOKENS_PER_PART = 256
+MIN_TOKENS_PER_PART = 128
+# Most CTA columns a grid may have: the merge kernel holds one weight per part of a request in shared
+# memory (templates/common.cuh kMergeMaxSplits).
+MAX_PARTS = 2048
 # Fixed cost of a request or a split (q load, epilogue, merge), in kv tokens.
 FIXED_COST_TOKENS = 128
 
@@ -147,11 +150,13 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     fixed_cost = max(1, math.ceil(FIXED_COST_TOKENS / tile.block_n))
     min_part_cost = math.ceil(MIN_TOKENS_PER_PART / tile.block_n) + fixed_cost
     if num_parts is None:
-        num_parts = max(1, (sm_count * ctas_per_sm) // m_blocks)
+        num_parts = min(MAX_PARTS, max(1, (sm_count * ctas_per_sm) // m_blocks))
         reasons.append(f"{num_parts} parts: {sm_count} SMs x {ctas_per_sm} CTA(s)/SM over {m_blocks} row "
                        f"block(s); the device planner balances kv blocks + {fixed_cost} per request over them "
                        f"and uses fewer when a part would get under {min_part_cost} blocks")
     else:
+        if isinstance(num_parts, bool) or not isinstance(num_parts, int) or not 1 <= num_parts <= MAX_PARTS:
+            raise SpecError(f"num_parts: expected 1..{MAX_PARTS}, got {num_parts!r}")
         reasons.append(f"{num_parts} parts: requested")
     if batch is not None and mean_seqlen is not None:
         blocks = batch * (math.ceil(mean_seqlen / tile.block_n) + fixed_cost)
