@@ -77,10 +77,15 @@ def template_context(spec: VariantSpec) -> dict[str, object]:
     }
 
 
+# Family headers another family's header includes (seesaw reuses wgmma.cuh's primitives and panels).
+_FAMILY_DEPS = {"seesaw": ("wgmma.cuh",)}
+
+
 def render_sources(spec: VariantSpec) -> dict[str, str]:
     """File name -> text of every source a variant's build reads (rendered and shared headers)."""
     env, ctx = _env(), template_context(spec)
-    headers = ["params.h", "common.cuh", "ptx.cuh", f"{spec.family.value}.cuh"]
+    headers = ["params.h", "common.cuh", "ptx.cuh", *_FAMILY_DEPS.get(spec.family.value, ()),
+               f"{spec.family.value}.cuh"]
     out = {name: (templates_dir() / name).read_text() for name in headers}
     out["kernel.cu"] = env.get_template("kernel.cu.jinja").render(ctx)
     out["binding.cpp"] = env.get_template("binding.cpp.jinja").render(ctx)
