@@ -209,25 +209,28 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
 
-    // ---- this WG's part of kv tile blk (segment-relative index it) into buffer `stage`: ckv half wg, plus the
-    //      rope panel when `rope`. Token n = team + 16 k.
-    auto issue = [&](uint32_t stage, int it, bool rope) {
-      int page[L::ITERS], off[L::ITERS];
+    // ---- this WG's part of kv tile `it` (segment-relative) into buffer `stage`: ckv half wg, plus the rope
+    //      panel when `rope`. Token n = team + 16 k. lookup() reads the block table (issued early, before a
+    //      wait, so its latency hides there), copy() issues the cp.async copies.
+    int pg_page[L::ITERS], pg_off[L::ITERS];
+    auto lookup = [&](int it) {
 #pragma unroll
-      for (int k = 0; k < L::ITERS; ++k) {  // block-table reads first: one latency for the four
+      for (int k = 0; k < L::ITERS; ++k) {
         const int t = (seg.blk_lo + it) * N + team + k * L::TEAMS;
-        off[k] = -1;  // -1: past the length (zero fill)
-        page[k] = 0;
+        pg_off[k] = -1;  // -1: past the length (zero fill)
+        pg_page[k] = 0;
         if (t < len) {
-          page[k] = bt_row[t / p.page_size];
-          off[k] = t % p.page_size;
+          pg_page[k] = bt_row[t / p.page_size];
+          pg_off[k] = t % p.page_size;
         }
       }
+    };
+    auto copy = [&](uint32_t stage, bool rope) {
 #pragma unroll
       for (int k = 0; k < L::ITERS; ++k) {
         const int n = team + k * L::TEAMS;
-        const bool valid = off[k] >= 0;
-        const long long pg = page[k], o = valid ? off[k] : 0;
+        const bool valid = pg_off[k] >= 0;
+        const long long pg = pg_page[k], o = valid ? pg_off[k] : 0;
         const KV* src_ckv = ckv + (pg * p.ckv_stride_page + o * p.ckv_stride_tok + tl * 8);
         copy_half_row<KN>(stage, n, src_ckv, tl, valid ? 16 : 0, wg);
         if (rope) {
@@ -254,9 +257,13 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
       }
     }
-    issue(s_k0, 0, wg == 1);
+    lookup(0);
+    copy(s_k0, wg == 1);
     cp_async_commit();
-    if (1 < n_tiles) issue(s_k1, 1, wg == 0);
+    if (1 < n_tiles) {
+      lookup(1);
+      copy(s_k1, wg == 0);
+    }
     cp_async_commit();
 
     // ---- row state: rows wrow + g + 8 hh of the tile (the same rows in both warpgroups)
@@ -400,6 +407,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_commit();
 
         // ---- P1, m1 from WG1; scale1 = 2^(m0 - m1)
+        if (it + 2 < n_tiles) lookup(it + 2);
         bar_sync(kBarP1, 256);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -409,7 +417,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        if (it + 2 < n_tiles) issue(s_k0, it + 2, false);  // K0 ckv-left is free: tile it + 2
+        if (it + 2 < n_tiles) copy(s_k0, false);  // K0 ckv-left is free: tile it + 2
         cp_async_commit();
         rescale(sc1);
 
@@ -421,10 +429,11 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
           for (int kk = 0; kk < N / 16; ++kk)
             wgmma_ss<CW, KV, 1>(o, desc_add(d_p1, PP::step(kk)), desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
           wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(o);
         }
-        if (it + 3 < n_tiles) issue(s_k1, it + 3, true);  // K1 ckv-left + rope (and P1) are free: tile it + 3
+        if (it + 3 < n_tiles) lookup(it + 3);
+        wgmma_wait<0>();
+        fence_regs(o);
+        if (it + 3 < n_tiles) copy(s_k1, true);  // K1 ckv-left + rope (and P1) are free: tile it + 3
         cp_async_commit();
       } else {
         // ---- signal WG0 that the right half + rope of K0 landed; S1 = Q K1^T: own (right) half, then the left
@@ -445,8 +454,11 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         qk_rope(sacc);
         wgmma_commit();
 
-        // ---- P0, m0 from WG0: scale0 = 2^(m - m0); O_R += P0 V0_R (SS) runs under this WG's softmax
+        // ---- P0, m0 from WG0: scale0 = 2^(m - m0); O_R += P0 V0_R (SS) runs under this WG's softmax. S1 is
+        //      waited for first (O_R is rescaled here, and ptxas would insert that wait anyway).
         bar_sync(kBarP0, 256);
+        wgmma_wait<0>();
+        fence_regs(sacc);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           m_mid[hh] = lds_f32(red_m0 + 32 * hh);
@@ -459,8 +471,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         for (int kk = 0; kk < N / 16; ++kk)
           wgmma_ss<CW, KV, 1>(o, desc_add(d_p0, PP::step(kk)), desc_add(d_v0, 16 * kk * KN::kRowBytes), 1);
         wgmma_commit();
-        wgmma_wait<1>();  // S1 done (P0 V0_R may still run)
-        fence_regs(sacc);
+        if (it + 2 < n_tiles) lookup(it + 2);
 
         // ---- softmax S1 against m0 -> m1; publish P1, m1
         softmax(sacc, it + 1, has_k1, m_mid, m_end, sc1, lsum, red_m1);
@@ -469,7 +480,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        if (it + 2 < n_tiles) issue(s_k0, it + 2, true);  // K0 ckv-right + rope (and P0) are free: tile it + 2
+        if (it + 2 < n_tiles) copy(s_k0, true);  // K0 ckv-right + rope (and P0) are free: tile it + 2
         cp_async_commit();
         rescale(sc1);
         l_run[0] += lsum[0];
@@ -484,11 +495,12 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
           for (int kk = 0; kk < N / 16; ++kk)
             wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
           wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(o);
-          fence_regs(pa);
         }
-        if (it + 3 < n_tiles) issue(s_k1, it + 3, false);  // K1 ckv-right is free: tile it + 3
+        if (it + 3 < n_tiles) lookup(it + 3);
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pa);
+        if (it + 3 < n_tiles) copy(s_k1, false);  // K1 ckv-right is free: tile it + 3
         cp_async_commit();
       }
       m_run[0] = m_end[0];
