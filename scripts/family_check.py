@@ -4,6 +4,10 @@ test matrix: prints, per case, the output's relative L2 and max error and the ls
 output and per 16-row group, and NaN counts. Exit status 1 if any case is out of tolerance.
 
     PYTHONPATH=. python scripts/family_check.py --family wgmma [--quick]
+    PYTHONPATH=. python scripts/family_check.py --family seesaw [--quick]
+
+--family takes any family name (simt, mma, wgmma, seesaw); cases that exercise seesaw's pairs of tiles:
+"one tile" (a lone K0, K1 missing), "len 37", "4 tiles" (two full pairs), "h128 len 4097" (65 tiles: odd).
 """
 from __future__ import annotations
 
