@@ -13,8 +13,8 @@
 //        more than 8 (log2 domain), then m0 = that max and scale0 = 2^(m - m0) rescales O_L, l0 -> P0 to shared
 //        memory and m0 to red_max[0] (publish P0) -> O_L += P0 V0_L (RS: P0 from registers) -> wait for P1 ->
 //        scale1 = 2^(m0 - m1) (1 unless WG1 moved m) rescales O_L, l0 -> O_L += P1 V1_L (SS) -> m = m1.
-//   WG1: S1 = Q K1^T -> wait for P0 -> scale0 (from m, m0) rescales O_R, l1 -> O_R += P0 V0_R (SS, runs while
-//        WG1 does its softmax) -> softmax S1 against m0 -> m1, scale1, P1 to shared memory and m1 to red_max[1]
+//   WG1: S1 = Q K1^T -> wait for P0 (and S1) -> scale0 (from m, m0) rescales O_R, l1 -> O_R += P0 V0_R (SS, runs
+//        while WG1 does its softmax) -> softmax S1 against m0 -> m1, scale1, P1 to shared memory and m1 to red_max[1]
 //        (publish P1) -> scale1 rescales O_R, l1 (after P0 V0_R retired) -> O_R += P1 V1_R (RS) -> m = m1.
 //   While one WG does exp/max, the tensor pipe runs the other's wgmma: S1 under softmax S0, P0 V0_{L,R} under
 //   softmax S1, the next pair's S0 under WG1's last P V and its load wait. V = the first C columns of the same kv
