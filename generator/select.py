@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from generator.errors import SpecError
-from generator.spec import Arch, DType, Family, Tile, VariantSpec
+from generator.spec import Arch, DType, Family, Tile, VariantSpec, smem_bytes
 
 # Families with a template, fastest first.
 FAMILY_ORDER = (Family.WGMMA, Family.MMA, Family.SIMT)
@@ -44,6 +44,11 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
     raise SpecError(f"family: no tile rules for {family.value}")
 
 
+def _fits(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, arch: Arch) -> bool:
+    """Whether the tile's shared memory (16-bit q and kv, as every kernel dtype) fits a block on `arch`."""
+    return smem_bytes(family, tile, ckv_dim, rope_dim, DType.BF16.itemsize) <= arch.max_smem_per_block
+
+
 def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
     """mma tile: rows per CTA from the head count (a warp owns 16 rows at block_m 16, else 32, and
     a quarter of the ckv columns), then as many kv stages as shared memory holds (at most 8), so
@@ -58,12 +63,12 @@ def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) ->
     for block_m, block_n, warps in candidates:
         for stages in range(8, 1, -1):
             tile = Tile(block_m, block_n, stages, warps)
-            try:  # validates the tile for these dims and checks its shared memory against the arch
+            if not _fits(Family.MMA, tile, ckv_dim, rope_dim, arch or Arch.SM80):
+                continue  # fewer stages
+            try:  # the family's other rules for these dims (stage-independent)
                 VariantSpec(num_heads, ckv_dim, rope_dim, DType.BF16, DType.BF16, DType.BF16, Family.MMA, tile,
                             arch or Arch.SM80)
-            except SpecError as e:
-                if "shared memory" in str(e):
-                    continue  # fewer stages
+            except SpecError:
                 break  # this shape does not suit the dims: next candidate
             return tile
     # nothing fits: return the smallest so that VariantSpec reports the problem with its field
@@ -75,14 +80,8 @@ def _wgmma_tile(ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
     memory holds, at most 4 (512/64: 2 stages, 225 KB; 256/32: 4 stages)."""
     for stages in range(4, 1, -1):
         tile = Tile(64, 64, stages, 8)
-        try:
-            VariantSpec(64, ckv_dim, rope_dim, DType.BF16, DType.BF16, DType.BF16, Family.WGMMA, tile,
-                        arch or Arch.SM90A)
-        except SpecError as e:
-            if "shared memory" in str(e):
-                continue
-            break
-        return tile
+        if _fits(Family.WGMMA, tile, ckv_dim, rope_dim, arch or Arch.SM90A):
+            return tile
     return Tile(64, 64, 2, 8)
 
 

@@ -1,9 +1,10 @@
 """Argument checks of mla_decode, before anything is launched.
 
-Three stages, in order: `check_structure` (types, dtypes, dims, shapes agreeing, strides,
-alignment, sm_scale), `check_values` (lengths and page ids: reads device memory, so it runs on
-request or with MLA_GEN_DEBUG=1), `check_devices` (every tensor on q's CUDA device). Errors name
-the argument and what was expected: `ckv_cache: expected dtype torch.bfloat16, got torch.float16`.
+A call runs three stages, in order: `check_structure` (types, dtypes, dims, shapes agreeing,
+strides, alignment, sm_scale), `check_values` (lengths and page ids: reads device memory, so it runs
+on request or with MLA_GEN_DEBUG=1), `check_devices` (every tensor on q's CUDA device). A plan runs
+`check_plan`. Errors name the argument and what was expected:
+`ckv_cache: expected dtype torch.bfloat16, got torch.float16`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import math
 
 import torch
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+from generator.spec import Family
+from mla_gen.dtypes import KERNEL_DTYPES, to_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,64 @@ def check_sm_scale(sm_scale: object) -> float:
     return value
 
 
+def check_device(device: object) -> torch.device:
+    """The CUDA device a wrapper runs on: None (the current one), 'cuda', 'cuda:1', an index or a
+    torch.device. Raises ValueError naming `device`."""
+    try:
+        if device is None:
+            dev = torch.device("cuda")
+        elif isinstance(device, int) and not isinstance(device, bool):
+            dev = torch.device("cuda", device)
+        else:
+            dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected a CUDA device ('cuda', 'cuda:1', an index), got {device!r}") from None
+    if dev.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device, got {dev}")
+    if dev.index is None:
+        if not torch.cuda.is_available():
+            raise ValueError("device: expected a CUDA device, but torch sees none (torch.cuda.is_available() "
+                             "is false)")
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def check_overrides(family: object, num_parts: object) -> tuple[str | None, int | None]:
+    """Dispatch overrides: a family name (generator.spec.Family) and a positive part count, or None.
+    Raises ValueError naming `family` or `num_parts`."""
+    if family is not None and not isinstance(family, str):
+        raise ValueError(f"family: expected a family name ({', '.join(f.value for f in Family)}), got {family!r}")
+    if family is not None:
+        family = Family.parse(family).value  # SpecError, a ValueError, naming `family`
+    if num_parts is not None and (isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1):
+        raise ValueError(f"num_parts: expected a positive integer or None, got {num_parts!r}")
+    return family, num_parts
+
+
+def check_plan(cache_seqlens: object, s_q: object, *, num_heads: object, ckv_dim: object, rope_dim: object,
+               page_size: object, max_pages: object, sm_scale: object, dtype: object,
+               device: torch.device) -> tuple[int, float]:
+    """MLADecodeWrapper.plan's arguments: cache_seqlens an int32 [batch] tensor on `device` with
+    batch >= 1, positive integer sizes, a kernel dtype, a finite sm_scale > 0. Returns
+    (batch, sm_scale as a float). Raises TypeError/ValueError naming the argument."""
+    cache_seqlens = _tensor("cache_seqlens", cache_seqlens)
+    _dims("cache_seqlens", cache_seqlens, "batch")
+    _dtype("cache_seqlens", cache_seqlens, torch.int32)
+    for name, value in (("s_q", s_q), ("num_heads", num_heads), ("ckv_dim", ckv_dim), ("rope_dim", rope_dim),
+                        ("page_size", page_size), ("max_pages", max_pages)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    to_dtype(dtype)
+    scale = check_sm_scale(sm_scale)
+    batch = cache_seqlens.shape[0]
+    if batch < 1:
+        raise ValueError("cache_seqlens: expected a batch of at least one request, got 0")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens: expected a tensor on {device} (the wrapper's device), "
+                         f"got {cache_seqlens.device}")
+    return batch, scale
+
+
 def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale,
                     out=None, lse=None) -> DecodeShape:
     """Everything checkable from tensor metadata alone (no device access). Raises TypeError/ValueError."""
@@ -83,7 +143,7 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
     ckv_cache, kpe_cache = _tensor("ckv_cache", ckv_cache), _tensor("kpe_cache", kpe_cache)
     block_table, cache_seqlens = _tensor("block_table", block_table), _tensor("cache_seqlens", cache_seqlens)
     _dims("q_nope", q_nope, "batch, s_q, heads, ckv_dim")
-    _dtype("q_nope", q_nope, SUPPORTED_DTYPES)
+    _dtype("q_nope", q_nope, KERNEL_DTYPES)
     dtype = q_nope.dtype
     batch, s_q, heads, ckv_dim = q_nope.shape
     if batch < 1 or s_q < 1 or heads < 1:
