@@ -121,6 +121,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
     from generator.render import render_ninja, render_sources
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {out} is a file, expected a folder")
     try:
         from generator.toolchain import toolchain
         tc = toolchain()
@@ -129,9 +131,6 @@ def cmd_emit(args: argparse.Namespace) -> int:
     written = []
     for spec in _select(args):
         folder = out / spec.arch.value / spec.variant_id
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, text in render_sources(spec).items():
-            write_if_different(folder / name, text)
         if tc is not None:
             ninja = render_ninja(spec, nvcc=str(tc.nvcc), cxx=str(tc.cxx), nvcc_flags=tc.nvcc_flags(spec.arch),
                                  cxx_flags=tc.cxx_flags(), ldflags=tc.link_flags(),
@@ -140,7 +139,12 @@ def cmd_emit(args: argparse.Namespace) -> int:
             ninja = render_ninja(spec, nvcc="nvcc", cxx="c++", nvcc_flags=["-std=c++17", "-O3", spec.arch.gencode,
                                  "-Xcompiler", "-fPIC", "-I."], cxx_flags=["-std=c++17", "-O2", "-fPIC", "-I."],
                                  ldflags=["-shared"], so_name=spec.variant_id + ".so")
-        write_if_different(folder / "build.ninja", ninja)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in {**render_sources(spec), "build.ninja": ninja}.items():
+                write_if_different(folder / name, text)
+        except OSError as e:
+            raise UsageError(f"argument --out: cannot write {e.filename or folder}: {e.strerror}") from None
         written.append({"variant_id": spec.variant_id, "folder": str(folder)})
     if args.json:
         print(json.dumps(written, indent=2))
@@ -273,8 +277,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------------
 
-def make_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="mla-gen's kernel compiler: list, emit, build and cache MLA decode "
+def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="mla-gen's kernel compiler: list, emit, build and cache MLA decode "
                                        "kernel variants, and explain dispatch decisions.")
     p.add_argument("--version", action="version", version=f"mla-gen {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
@@ -342,20 +346,26 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Runs one command; `prog` names the program in usage lines and errors."""
+    parser = make_parser(prog)
     try:
         args = parser.parse_args(argv)
         return args.fn(args)
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except SpecError as e:
-        print(f"{PROG}: error: {_usage_message(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_usage_message(e)}", file=sys.stderr)
         return 2
     except MlaGenError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `... | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0
+
+
+def console_main() -> int:
+    """The `mla-gen` console script: the same commands, named as the user typed them."""
+    return main(prog=Path(sys.argv[0]).name or PROG)

@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from generator.errors import SpecError
-from generator.spec import Arch, DType, Family, Tile, VariantSpec, smem_bytes
+from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, smem_bytes
 
 # Families with a template, fastest first.
 FAMILY_ORDER = (Family.WGMMA, Family.MMA, Family.SIMT)
@@ -30,8 +30,8 @@ def families_for(arch: Arch) -> list[Family]:
 
 def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None) -> Tile:
     """The tile a family uses for a head count (heads decide rows per CTA)."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= 1024:
-        raise SpecError(f"num_heads: expected 1..1024, got {num_heads!r}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= MAX_HEADS:
+        raise SpecError(f"num_heads: expected 1..{MAX_HEADS}, got {num_heads!r}")
     if family is Family.SIMT:
         block_m = min(16, 1 << max(0, math.ceil(math.log2(num_heads))))
         warps = 8 if ckv_dim % 512 == 0 else (4 if ckv_dim % 256 == 0 else 2 if ckv_dim % 128 == 0 else 1)

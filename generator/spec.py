@@ -150,6 +150,9 @@ class Tile:
         return cls(*(int(g) for g in m.groups()))
 
 
+# Query heads per GPU: every MLA model has at most 128 (DeepSeek-V2/V3), and the GPU tests cover 1..128.
+MAX_HEADS = 128
+
 _ID_RE = re.compile(r"mla_decode_h(\d+)_c(\d+)_r(\d+)_([a-z0-9]+)_([a-z0-9]+)_([a-z]+)_"
                     r"(m\d+n\d+s\d+w\d+)_(sm\d+a?)")
 
@@ -167,7 +170,7 @@ class VariantSpec:
     arch: Arch
 
     def __post_init__(self) -> None:
-        _check_int("num_heads", self.num_heads, 1, 1024)
+        _check_int("num_heads", self.num_heads, 1, MAX_HEADS, "the most query heads of an MLA model and of the tests")
         _check_int("ckv_dim", self.ckv_dim, 16, 1024)
         _check_int("rope_dim", self.rope_dim, 16, 256)
         for name in ("ckv_dim", "rope_dim"):
@@ -268,11 +271,11 @@ def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, itemsize
             + 2 * wn * t.block_m * 4)
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{name}: expected an integer, got {value!r}")
     if not lo <= value <= hi:
-        raise SpecError(f"{name}: expected {lo}..{hi}, got {value}")
+        raise SpecError(f"{name}: expected {lo}..{hi}{f' ({why})' if why else ''}, got {value}")
 
 
 def _check_simt(spec: VariantSpec) -> None:

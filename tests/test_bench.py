@@ -317,3 +317,40 @@ def test_plot_without_matplotlib_is_a_usage_error(monkeypatch: pytest.MonkeyPatc
     assert main(["--plot", "roofline.png"]) == 2
     err = capsys.readouterr().err
     assert "argument --plot: matplotlib is not installed" in err and len(err.strip().splitlines()) == 1
+
+
+# -- no machine paths in what a run records ------------------------------------------------------
+
+def _strings(doc: object):
+    if isinstance(doc, str):
+        yield doc
+    elif isinstance(doc, dict):
+        for k, v in doc.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _strings(v)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "docs").glob("*.json")), ids=lambda p: p.name)
+def test_committed_bench_documents_carry_no_machine_paths(path: Path) -> None:
+    absolute = [s for s in _strings(json.loads(path.read_text())) if Path(s).is_absolute()]
+    assert not absolute, absolute
+
+
+def test_settings_record_paths_relative_to_cwd_or_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mla_gen.bench import runner
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    (here / "peers").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    argv = ["--peers-dir", str(here / "peers"), "--json", str(elsewhere / "r.json"), "--iters", "30"]
+    monkeypatch.setattr(sys, "argv", ["python -m mla_gen.bench", *argv])
+    opts = parse_options(argv)
+    ctx = dataclasses.make_dataclass("Ctx", ["families"])([])
+    settings = runner._settings(opts, ctx)
+    assert settings["peers_dir"] == "peers"
+    assert settings["argv"] == ["--peers-dir", "peers", "--json", "r.json", "--iters", "30"]
+    assert not any(Path(s).is_absolute() for s in _strings(settings))

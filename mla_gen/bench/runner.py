@@ -191,7 +191,7 @@ def _settings(opts: Options, ctx: Context) -> dict[str, Any]:
             "reference_requests": REF_REQUESTS, "families": [f.value for f in ctx.families],
             "peers_dir": portable_path(opts.peers_dir) if opts.peers_dir else None,
             "cache_layout": "one combined [num_pages, page_size, C+R] cache; mla-gen reads views of it",
-            "argv": sys.argv[1:]}
+            "argv": [portable_path(Path(a)) if os.path.isabs(a) else a for a in sys.argv[1:]]}
 
 
 def run(opts: Options) -> int:
