@@ -60,11 +60,9 @@ class MLADecodeWrapper:
 
     def __init__(self, device: torch.device | str | int | None = None, *, family: str | None = None,
                  num_parts: int | None = None):
-        self._device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        if self._device.type == "cuda" and self._device.index is None:
-            self._device = torch.device("cuda", torch.cuda.current_device())
-        self._family = family
-        self._num_parts = num_parts
+        """Raises ValueError naming `device`, `family` or `num_parts` for a bad one."""
+        self._device = validate.check_device(device)
+        self._family, self._num_parts = validate.check_overrides(family, num_parts)
         self._plan: DecodePlan | None = None
 
     @property
@@ -236,17 +234,26 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
     head dim (e.g. 1/sqrt(192) x YaRN mscale^2), never 1/sqrt(C+R).
 
     Returns out [B, s_q, H, C] in q's dtype, and lse [B, s_q, H] fp32 (natural log of the scaled
-    scores' sum) when return_lse. check_values (default: MLA_GEN_DEBUG) checks lengths and page ids
-    on the host first (a device sync). family/num_parts override dispatch. Raises TypeError or
-    ValueError naming the argument; nothing is launched on bad input.
+    scores' sum) when return_lse. check_values (default: MLA_GEN_DEBUG) checks lengths, page ids
+    and that q is finite on the host first (a device sync). family/num_parts override dispatch. Raises
+    TypeError or ValueError naming the argument; nothing is launched on bad input.
+
+    Edge cases: B = 0 returns empty results and launches nothing; a request may be exactly its s_q new
+    tokens (seqlen == s_q). q's values are not inspected without check_values: a NaN or inf in a
+    query row makes that row's lse NaN or -inf (its out NaN or 0) and leaves every other row exact.
     """
     shape = validate.check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
                                      sm_scale, out, lse)
-    debug = env.debug() if check_values is None else check_values
-    if debug:
-        validate.check_values(cache_seqlens, block_table, shape)
+    family, num_parts = validate.check_overrides(family, num_parts)
+    if env.debug() if check_values is None else check_values:  # host reads: the kernels then see valid values
+        validate.check_values(cache_seqlens, block_table, shape, q_nope, q_pe)
     device = validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
                                     block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
+    if shape.batch == 0:  # nothing to decode: empty results, no launch
+        out = q_nope.new_empty(0, shape.s_q, shape.num_heads, shape.ckv_dim) if out is None else out
+        if not return_lse:
+            return out
+        return out, (q_nope.new_empty(0, shape.s_q, shape.num_heads, dtype=torch.float32) if lse is None else lse)
     wrapper = _wrapper_for(shape, device, float(sm_scale), return_lse, family, num_parts)
     if out is None:
         out = torch.empty(shape.batch, shape.s_q, shape.num_heads, shape.ckv_dim, dtype=shape.dtype, device=device)
@@ -254,8 +261,6 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
         lse = torch.empty(shape.batch, shape.s_q, shape.num_heads, dtype=torch.float32, device=device)
     result = wrapper._run_checked(shape, device, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
                                   out, lse)
-    if debug:
-        wrapper.check_status()
     if return_lse:
         return result
     return result[0] if isinstance(result, tuple) else result
