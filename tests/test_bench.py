@@ -22,6 +22,7 @@ from mla_gen.bench.report import (Check, Record, Timing, balance_lines, format_t
 from mla_gen.bench.roofline import Ceilings
 from mla_gen.bench.runner import main
 from mla_gen.cost import visible_pairs
+from mla_gen.dtypes import torch_dtype
 from mla_gen.testing import REF_TOL, make_inputs
 
 CEILINGS = Ceilings(copy_gbps=3000.0, matmul_tflops=800.0, copy_bytes=2 * 2**31, matmul_n=8192)
@@ -266,7 +267,7 @@ def test_torch_baseline_matches_reference(dtype: str) -> None:
     case = Case("t", 4, 8, ckv=64, rope=16, s_q=2, seqlen=None, seqlens_random=(2, 90), page_size=16, dtype=dtype,
                 seed=5)
     inp = make_inputs(case.lengths(), heads=8, ckv=64, rope=16, s_q=2, page_size=16, combined=True,
-                      dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
+                      dtype=torch_dtype(dtype),
                       generator=torch.Generator().manual_seed(5))
     out = prepare_torch(inp, case).run()
     assert out.shape == (4, 2, 8, 64) and out.dtype == inp.q.dtype
