@@ -17,24 +17,26 @@ def test_constants_the_hand_numbers_assume() -> None:
     assert (FIXED_COST_TOKENS, MIN_TOKENS_PER_PART) == (128, 256)
 
 
+WGMMA = dict(arch=Arch.SM90A, family=Family.WGMMA)
+
+
 def test_wgmma_h128_grid_by_hand() -> None:
-    d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16)
+    d = decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16)
     assert d.spec.tile == Tile(64, 64, 2, 8)
     assert d.m_blocks == 2                      # 128 rows / 64 per CTA
     assert d.fixed_cost == 2                    # 128 tokens / 64 per block
     assert d.min_part_cost == 4 + 2             # 256 tokens / 64, plus the fixed cost
     assert d.num_parts == 66                    # 132 SMs x 1 CTA / 2 row blocks
-    assert decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16,
-                  ctas_per_sm=2).num_parts == 132
+    assert decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, ctas_per_sm=2).num_parts == 132
 
 
 def test_s_q_multiplies_the_rows() -> None:
-    d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=2)
+    d = decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=2)
     assert (d.m_blocks, d.num_parts) == (4, 33)          # 256 rows / 64; 132 // 4
 
 
 def test_padded_rows_are_reported() -> None:
-    d = decide(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16)
+    d = decide(**WGMMA, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16)
     assert (d.m_blocks, d.num_parts) == (1, 132)
     assert any("48 padded rows" in r for r in d.reasons)  # one 64-row tile for 16 rows
 
@@ -48,7 +50,7 @@ def test_simt_h40_s_q2_by_hand() -> None:
 
 
 def test_at_least_one_part_when_rows_outnumber_the_sms() -> None:
-    d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=4, sm_count=4)
+    d = decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=4, sm_count=4)
     assert (d.m_blocks, d.num_parts) == (8, 1)
 
 
@@ -63,7 +65,7 @@ def test_requested_parts_are_kept() -> None:
     (8, 1000, 14, 8 * 18 / 14, "requests are split across parts"),   # 8 x (16 + 2) = 144; 24 parts, capped at 14
 ])
 def test_split_reason_by_hand(batch: int, seqlen: int, used: int, per_part: float, how: str) -> None:
-    d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, batch=batch,
+    d = decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, batch=batch,
                mean_seqlen=seqlen, num_parts=14 if batch == 8 else None)
     line = d.reasons[-1]
     assert f"over {used} parts (~{per_part:.1f} each): {how}" in line, line
@@ -97,7 +99,7 @@ def test_wgmma_stages_by_hand(dims: tuple[int, int], stages: int) -> None:
 def test_default_tiles_fit_and_take_the_most_stages(arch: Arch, heads: int, dims: tuple[int, int]) -> None:
     """The rule is computed, not guessed: each tile fits, and one more stage would not (or is past the cap)."""
     cap = {Family.MMA: 8, Family.WGMMA: 4, Family.SIMT: 1}
-    for family in families_for(arch):
+    for family in [f for f in families_for(arch) if f in cap]:  # the families whose stages the fit decides
         tile = default_tile(family, heads, *dims, arch)
         assert smem_bytes(family, tile, *dims, 2) <= arch.max_smem_per_block
         more = dataclasses.replace(tile, stages=tile.stages + 1)
