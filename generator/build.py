@@ -1,7 +1,9 @@
-"""Builds: a VariantSpec -> sources + build.ninja in a temp dir -> ninja -> a published cache entry.
+"""Builds: a VariantSpec (or the launcher) -> sources + build.ninja in a temp dir -> ninja -> a
+published cache entry.
 
-`build(spec)` is idempotent and safe across processes: fast path without a lock, then a per-entry
-file lock, a re-check, and one build. `build_many` runs several variants in parallel.
+`build(spec)` and `ensure(plan)` are idempotent and safe across processes: fast path without a
+lock, then a per-entry file lock, a re-check, and one build. `build_many` runs several variants in
+parallel, and the launcher beside them.
 """
 from __future__ import annotations
 
@@ -13,15 +15,16 @@ import re
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import filelock
 
 from generator import __version__, env
 from generator.cache import META, SCHEMA, BinaryCache, Entry, sha256_file, write_json_atomic
 from generator.errors import BuildError, CacheError
-from generator.render import module_name, render_ninja, render_sources
+from generator.render import params_hash, render_ninja, render_sources
 from generator.spec import VariantSpec
 from generator.toolchain import Toolchain, toolchain
 
@@ -30,22 +33,19 @@ LOCK_TIMEOUT_S = 1800.0
 
 @dataclasses.dataclass(frozen=True)
 class BuildPlan:
-    """Everything one variant's build needs, and the cache key that names its entry."""
-    spec: VariantSpec
+    """Everything one entry's build needs (a variant, or the launcher), and the cache key that names it."""
+    kind: str                 # "variant" or "launcher"
+    name: str                 # the variant id, or the launcher's name (it carries the Python ABI tag)
+    folder: str               # the cache folder of its entries: the arch, or "launcher"
     sources: dict[str, str]
-    nvcc_flags: list[str]
-    cxx_flags: list[str]
-    link_flags: list[str]
-    toolchain: Toolchain
-    key: str  # sha256 hex of spec, sources, flags and toolchain fingerprint
+    ninja: str                # build.ninja
+    binary: str               # file name of the shared object it builds
+    key: str                  # sha256 hex of sources, flags and toolchain fingerprint
+    meta: dict[str, Any]      # the kind's own fields of meta.json
 
     @property
     def entry_name(self) -> str:
-        return f"{self.spec.variant_id}-{self.key[:12]}"
-
-    @property
-    def so_name(self) -> str:
-        return module_name(self.spec) + self.toolchain.ext_suffix
+        return f"{self.name}-{self.key[:12]}"
 
     @property
     def sources_sha256(self) -> str:
@@ -57,12 +57,23 @@ def sources_sha256(sources: dict[str, str]) -> str:
 
 
 def plan_build(spec: VariantSpec, tc: Toolchain | None = None) -> BuildPlan:
-    """Renders the sources and computes the cache key. Raises ToolchainError without nvcc."""
+    """Renders a variant's sources and computes its cache key (no Python ABI in it: a variant is a
+    plain shared object). Raises ToolchainError without nvcc."""
+    from generator.launcher import plan_launcher
+
     tc = tc or toolchain()
     sources = render_sources(spec)
-    nvcc_flags, cxx_flags, link_flags = tc.nvcc_flags(spec.arch), tc.cxx_flags(), tc.link_flags()
-    key = spec.content_hash(sources, nvcc_flags + ["|"] + cxx_flags + ["|"] + link_flags, tc.fingerprint())
-    return BuildPlan(spec, sources, nvcc_flags, cxx_flags, link_flags, tc, key)
+    nvcc_flags, link_flags = tc.nvcc_flags(spec.arch), tc.link_flags()
+    key = spec.content_hash(sources, nvcc_flags + ["|"] + link_flags, tc.fingerprint())
+    binary = spec.variant_id + ".so"
+    ninja = render_ninja(spec, nvcc=str(tc.nvcc), nvcc_flags=nvcc_flags, ldflags=link_flags, so_name=binary)
+    meta = {"variant_id": spec.variant_id, "spec": spec.to_dict(),
+            "flags": {"nvcc": nvcc_flags, "link": link_flags},
+            "toolchain": {"nvcc": str(tc.nvcc), "nvcc_version": tc.nvcc_version, "cxx": str(tc.cxx),
+                          "cxx_version": tc.cxx_version_text.strip(), "generator_version": __version__},
+            # any Python's launcher of this params.h opens the variant; built_with: the one of its builder
+            "launcher": {"params_hash": params_hash(), "built_with": plan_launcher(tc).entry_name}}
+    return BuildPlan("variant", spec.variant_id, spec.arch.value, sources, ninja, binary, key, meta)
 
 
 def write_if_different(path: Path, text: str) -> None:
@@ -73,14 +84,11 @@ def write_if_different(path: Path, text: str) -> None:
 
 
 def write_sources(plan: BuildPlan, folder: Path) -> None:
-    """The variant's sources and build.ninja (no dates or temp paths in them)."""
+    """The entry's sources and build.ninja (no dates or temp paths in them)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in plan.sources.items():
         write_if_different(folder / name, text)
-    tc = plan.toolchain
-    write_if_different(folder / "build.ninja", render_ninja(
-        plan.spec, nvcc=str(tc.nvcc), cxx=str(tc.cxx), nvcc_flags=plan.nvcc_flags, cxx_flags=plan.cxx_flags,
-        ldflags=plan.link_flags, so_name=plan.so_name))
+    write_if_different(folder / "build.ninja", plan.ninja)
 
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
@@ -117,10 +125,10 @@ def _first_errors(log: str, limit: int = 20) -> str:
 
 
 def run_ninja(plan: BuildPlan, folder: Path) -> tuple[str, float]:
-    """Runs ninja in `folder`; returns (log, seconds). Raises BuildError with nvcc's message."""
+    """Runs ninja in `folder`; returns (log, seconds). Raises BuildError with the compiler's message."""
     ninja = shutil.which("ninja")
     if ninja is None:
-        raise BuildError(plan.spec.variant_id, "ninja not found on PATH; `pip install ninja`", None)
+        raise BuildError(plan.name, "ninja not found on PATH; `pip install ninja`", None)
     cmd = [ninja, "-C", str(folder), "-v"]
     if env.build_jobs():
         cmd += ["-j", str(env.build_jobs())]
@@ -130,43 +138,42 @@ def run_ninja(plan: BuildPlan, folder: Path) -> tuple[str, float]:
     log = proc.stdout
     (folder / "build.log").write_text(log)
     if proc.returncode != 0:
-        raise BuildError(plan.spec.variant_id, _first_errors(log), folder / "build.log")
+        raise BuildError(plan.name, _first_errors(log), folder / "build.log")
     return log, seconds
 
 
 def build_into(plan: BuildPlan, cache: BinaryCache) -> Entry:
-    """Builds in a fresh temp dir and publishes the entry (no locking: callers hold the lock)."""
-    arch = plan.spec.arch.value
-    temp = cache.new_temp_dir(arch, plan.entry_name)
+    """Builds in a fresh temp dir and publishes the entry (no locking: callers hold the lock).
+
+    Raises BuildError (the compiler failed: its temp dir is kept under .failed/ for reading) or
+    CacheError (the cache could not be written, e.g. a full disk); nothing is published then."""
+    temp = cache.new_temp_dir(plan.folder, plan.entry_name)
     try:
-        write_sources(plan, temp)
         try:
+            write_sources(plan, temp)
             log, seconds = run_ninja(plan, temp)
         except BuildError as e:
-            failed = cache.failed_dir(arch, plan.entry_name)
+            failed = cache.failed_dir(plan.folder, plan.entry_name)
             shutil.rmtree(failed, ignore_errors=True)
             failed.parent.mkdir(parents=True, exist_ok=True)
             temp.rename(failed)  # kept for reading: the log and the sources that failed
             raise BuildError(e.variant_id, e.compiler_message, failed / "build.log") from None
         for junk in list(temp.glob("*.o")) + list(temp.glob("*.d")) + list(temp.glob(".ninja_*")):
             junk.unlink()
-        so = temp / plan.so_name
+        binary = temp / plan.binary
         now = time.time()
-        tc = plan.toolchain
-        meta = {
-            "schema": SCHEMA, "variant_id": plan.spec.variant_id, "module": module_name(plan.spec),
-            "key": plan.key, "spec": plan.spec.to_dict(), "sources_sha256": plan.sources_sha256,
-            "flags": {"nvcc": plan.nvcc_flags, "cxx": plan.cxx_flags, "link": plan.link_flags},
-            "toolchain": {"nvcc": str(tc.nvcc), "nvcc_version": tc.nvcc_version, "cxx": str(tc.cxx),
-                          "cxx_version": tc.cxx_version_text.strip(), "generator_version": __version__,
-                          "ext_suffix": tc.ext_suffix},
-            "so": {"file": plan.so_name, "sha256": sha256_file(so), "size": so.stat().st_size},
-            "ptxas": parse_ptxas(log), "build_seconds": round(seconds, 3), "created": now, "last_used": now,
-        }
+        meta = {"schema": SCHEMA, "kind": plan.kind, "name": plan.name, "key": plan.key, **plan.meta,
+                "sources_sha256": plan.sources_sha256,
+                "so": {"file": plan.binary, "sha256": sha256_file(binary), "size": binary.stat().st_size},
+                "build_seconds": round(seconds, 3), "created": now, "last_used": now}
+        if plan.kind == "variant":
+            meta["ptxas"] = parse_ptxas(log)
         write_json_atomic(temp / META, meta)  # written last: an entry with meta.json is whole
-        entry = cache.entry(arch, plan.entry_name)
+        entry = cache.entry(plan.folder, plan.entry_name)
         cache.publish(temp, entry)
         return entry
+    except OSError as e:  # ENOSPC, EFBIG, EROFS: the cache folder, not the sources, is at fault
+        raise CacheError(f"{plan.name}: cannot write the build in {cache.root}: {e}; nothing was published") from None
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
@@ -180,20 +187,19 @@ class BuildResult:
 
 
 def build(spec: VariantSpec, cache: BinaryCache | None = None, plan: BuildPlan | None = None) -> BuildResult:
-    """Ensures the variant is in the cache, building it at most once across processes.
+    """Ensures the variant is in the cache, building it at most once across processes (see ensure)."""
+    return ensure(plan or plan_build(spec), cache or BinaryCache())
 
-    A corrupt entry is moved aside (with a warning) and rebuilt. Raises BuildError, ToolchainError,
-    CacheError.
-    """
-    import warnings
 
-    cache = cache or BinaryCache()
-    plan = plan or plan_build(spec)
+def ensure(plan: BuildPlan, cache: BinaryCache) -> BuildResult:
+    """Ensures the planned entry is in the cache, building it at most once across processes.
+
+    A corrupt entry is moved aside (with a warning) and rebuilt. Raises BuildError, CacheError."""
     start = time.perf_counter()
-    entry = cache.entry(spec.arch.value, plan.entry_name)
+    entry = cache.entry(plan.folder, plan.entry_name)
     if entry.path.exists() and not entry.problems():
         return BuildResult(entry, False, time.perf_counter() - start)
-    lock_file = cache.lock_path(spec.arch.value, plan.entry_name)
+    lock_file = cache.lock_path(plan.folder, plan.entry_name)
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -206,20 +212,25 @@ def build(spec: VariantSpec, cache: BinaryCache | None = None, plan: BuildPlan |
                 if not problems:
                     return BuildResult(entry, False, time.perf_counter() - start)
                 warnings.warn(f"mla-gen: rebuilding corrupt cache entry {entry.path}: {'; '.join(problems)}",
-                              stacklevel=2)
+                              stacklevel=3)
                 cache.discard(entry)
-            cache.remove_stale_temps(spec.arch.value, plan.entry_name)
+            cache.remove_stale_temps(plan.folder, plan.entry_name)
             entry = build_into(plan, cache)
             return BuildResult(entry, True, time.perf_counter() - start)
     except filelock.Timeout:
-        raise CacheError(f"{spec.variant_id}: waited {LOCK_TIMEOUT_S:.0f} s for the build lock {lock_file}; "
+        raise CacheError(f"{plan.name}: waited {LOCK_TIMEOUT_S:.0f} s for the build lock {lock_file}; "
                          f"is another build stuck?") from None
 
 
 def build_many(specs: Iterable[VariantSpec], jobs: int, cache: BinaryCache | None = None,
-               on_done: Callable[[VariantSpec, BuildResult | None, Exception | None], None] | None = None
+               on_done: Callable[[VariantSpec, BuildResult | None, Exception | None], None] | None = None,
+               on_launcher: Callable[[BuildResult], None] | None = None
                ) -> list[tuple[VariantSpec, BuildResult | None, Exception | None]]:
-    """Builds variants in parallel (`jobs` at once); calls on_done per variant as it finishes."""
+    """Builds variants in parallel (`jobs` at once), and this Python's launcher beside them, so that a
+    warm load needs no compiler; calls on_done per variant as it finishes, on_launcher once the
+    launcher is ready. Raises BuildError or CacheError when the launcher fails."""
+    from generator.launcher import plan_launcher
+
     cache = cache or BinaryCache()
     tc = toolchain()
     specs = list(dict.fromkeys(specs))
@@ -229,6 +240,7 @@ def build_many(specs: Iterable[VariantSpec], jobs: int, cache: BinaryCache | Non
         return build(spec, cache, plan_build(spec, tc))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        launcher = pool.submit(ensure, plan_launcher(tc), cache)
         futures = {pool.submit(one, s): s for s in specs}
         for fut in concurrent.futures.as_completed(futures):
             spec = futures[fut]
@@ -239,4 +251,7 @@ def build_many(specs: Iterable[VariantSpec], jobs: int, cache: BinaryCache | Non
             results.append((spec, res, err))
             if on_done:
                 on_done(spec, res, err)
+        ready = launcher.result()  # a failed launcher raises here, after every variant was reported
+        if on_launcher:
+            on_launcher(ready)
     return results

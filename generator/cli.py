@@ -10,11 +10,10 @@ import fnmatch
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from generator import __version__
+from generator import __version__, cache_cli
 from generator.argtypes import OneLineParser, UsageError, positive_int
 from generator.errors import MlaGenError, SpecError, ToolchainError
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
@@ -47,6 +46,8 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--family", action="append", metavar="F",
                    help="kernel family (repeatable): simt, mma (default: the fastest for the arch)")
     g.add_argument("--tile", default=None, help="tile override, e.g. m16n32s1w8")
+    g.add_argument("--s-q", type=positive_int, nargs="+", default=[1], dest="s_q", metavar="N",
+                   help="query tokens per request the tiles are chosen for (default 1; rows = heads x s_q)")
     g.add_argument("--tp", type=int, action="append", metavar="N", help="tensor-parallel sizes of a preset")
     g.add_argument("--id", action="append", metavar="VARIANT_ID", help="an explicit variant id (repeatable)")
     g.add_argument("--filter", default=None, metavar="GLOB", help="keep variant ids matching this glob")
@@ -72,8 +73,10 @@ def _select(args: argparse.Namespace) -> list[VariantSpec]:
         dt = dtype or DType.BF16
         for h in args.heads:
             for fam in families or families_for(arch)[:1]:
-                tile = Tile.parse(args.tile) if args.tile else default_tile(fam, h, args.ckv, args.rope, arch)
-                specs.append(VariantSpec(h, args.ckv, args.rope, dt, dt, dt, fam, tile, arch))
+                for s_q in args.s_q:
+                    tile = (Tile.parse(args.tile) if args.tile
+                            else default_tile(fam, h, args.ckv, args.rope, arch, s_q))
+                    specs.append(VariantSpec(h, args.ckv, args.rope, dt, dt, dt, fam, tile, arch))
     if not specs:
         raise UsageError("no variants selected: give --preset, --heads/--ckv/--rope or --id")
     specs = list(dict.fromkeys(specs))
@@ -116,9 +119,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_emit(args: argparse.Namespace) -> int:
+def _write_folder(folder: Path, files: dict[str, str]) -> None:
+    """emit's files into `folder`; a folder that cannot be made or written is a usage error of --out."""
     from generator.build import write_if_different
-    from generator.render import render_ninja, render_sources
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            write_if_different(folder / name, text)
+    except OSError as e:
+        raise UsageError(f"argument --out: cannot write {e.filename or folder}: {e.strerror}") from None
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from generator.render import render_sources
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -131,27 +145,43 @@ def cmd_emit(args: argparse.Namespace) -> int:
     written = []
     for spec in _select(args):
         folder = out / spec.arch.value / spec.variant_id
-        if tc is not None:
-            ninja = render_ninja(spec, nvcc=str(tc.nvcc), cxx=str(tc.cxx), nvcc_flags=tc.nvcc_flags(spec.arch),
-                                 cxx_flags=tc.cxx_flags(), ldflags=tc.link_flags(),
-                                 so_name=spec.variant_id + tc.ext_suffix)
-        else:
-            ninja = render_ninja(spec, nvcc="nvcc", cxx="c++", nvcc_flags=["-std=c++17", "-O3", spec.arch.gencode,
-                                 "-Xcompiler", "-fPIC", "-I."], cxx_flags=["-std=c++17", "-O2", "-fPIC", "-I."],
-                                 ldflags=["-shared"], so_name=spec.variant_id + ".so")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, text in {**render_sources(spec), "build.ninja": ninja}.items():
-                write_if_different(folder / name, text)
-        except OSError as e:
-            raise UsageError(f"argument --out: cannot write {e.filename or folder}: {e.strerror}") from None
+        _write_folder(folder, {**render_sources(spec), "build.ninja": _emit_ninja(spec, tc)})
         written.append({"variant_id": spec.variant_id, "folder": str(folder)})
+    written.append(_emit_launcher(out, tc))
     if args.json:
         print(json.dumps(written, indent=2))
     else:
         for w in written:
             print(w["folder"])
     return 0
+
+
+def _emit_ninja(spec: VariantSpec, tc: Any) -> str:
+    from generator.render import render_ninja
+
+    if tc is not None:
+        return render_ninja(spec, nvcc=str(tc.nvcc), nvcc_flags=tc.nvcc_flags(spec.arch), ldflags=tc.link_flags(),
+                            so_name=spec.variant_id + ".so")
+    return render_ninja(spec, nvcc="nvcc", nvcc_flags=["-std=c++17", "-O3", spec.arch.gencode, "-Xcompiler", "-fPIC",
+                        "-I."], ldflags=["-shared"], so_name=spec.variant_id + ".so")
+
+
+def _emit_launcher(out: Path, tc: Any) -> dict[str, str]:
+    """The launcher's sources (shared by every variant) into OUT/launcher/<name>/."""
+    from generator.cache import LAUNCHER_FOLDER, this_ext_suffix
+    from generator.launcher import launcher_name, plan_launcher
+    from generator.render import LAUNCHER_MODULE, render_launcher_ninja, render_launcher_sources
+
+    if tc is not None:
+        plan = plan_launcher(tc)
+        name, sources, ninja = plan.name, plan.sources, plan.ninja
+    else:
+        name, sources = launcher_name(this_ext_suffix()), render_launcher_sources()
+        ninja = render_launcher_ninja(launcher_name=name, cxx="c++", cxx_flags=["-std=c++17", "-O2", "-fPIC", "-I."],
+                                      ldflags=["-shared", "-ldl"], so_name=LAUNCHER_MODULE + this_ext_suffix())
+    folder = out / LAUNCHER_FOLDER / name
+    _write_folder(folder, {**sources, "build.ninja": ninja})
+    return {"launcher": name, "folder": str(folder)}
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -174,86 +204,18 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"[{done[0]}/{total}] {spec.variant_id}: FAILED\n{err}", file=sys.stderr, flush=True)
             rows.append({"variant_id": spec.variant_id, "ok": False, "error": str(err)})
 
+    def launcher_ready(res) -> None:
+        what = f"built in {res.seconds:.1f} s" if res.built else "cached"
+        print(f"launcher for this Python {res.entry.name}: {what} -> {res.entry.path}", file=sys.stderr, flush=True)
+
     start = time.perf_counter()
-    build_many(specs, args.jobs, cache, progress)
+    build_many(specs, args.jobs, cache, progress, launcher_ready)
     failed = sum(not r["ok"] for r in rows)
     print(f"{total - failed}/{total} variants ready in {time.perf_counter() - start:.1f} s (cache {cache.root})",
           file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
     return 1 if failed else 0
-
-
-def _fmt_time(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M") if ts else "-"
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    from generator.cache import BinaryCache
-
-    cache = BinaryCache(args.root) if args.root else BinaryCache()
-    if args.cache_cmd == "ls":
-        rows = []
-        for e in cache.entries():
-            problems = e.problems()
-            meta = {} if problems else e.meta()
-            rows.append({"entry": e.name, "arch": e.arch, "path": str(e.path), "ok": not problems,
-                         "problems": problems, "size_bytes": e.size_bytes(),
-                         "build_seconds": meta.get("build_seconds"), "created": meta.get("created"),
-                         "last_used": meta.get("last_used")})
-        if args.json:
-            print(json.dumps({"root": str(cache.root), "entries": rows}, indent=2))
-        else:
-            print(f"# cache {cache.root}: {len(rows)} entries")
-            for r in rows:
-                state = "ok" if r["ok"] else "CORRUPT"
-                print(f"{r['arch']:7s} {r['entry']}  {r['size_bytes'] / 1e6:6.2f} MB  built "
-                      f"{_fmt_time(r['created'])} in {r['build_seconds'] or 0:.1f} s  used {_fmt_time(r['last_used'])}  {state}")
-        return 0
-    if args.cache_cmd == "info":
-        found = cache.find(args.query)
-        if not found:
-            raise UsageError(f"argument query: no cache entry matches {args.query!r} in {cache.root}")
-        docs = []
-        for e in found:
-            problems = e.problems()
-            docs.append({"path": str(e.path), "ok": not problems, "problems": problems,
-                         "meta": None if any("meta.json" in p for p in problems) else e.meta()})
-        print(json.dumps(docs if len(docs) > 1 else docs[0], indent=2))
-        return 0
-    if args.cache_cmd == "verify":
-        entries = cache.find(args.query) if args.query else cache.entries()
-        rows, bad = [], 0
-        for e in entries:
-            problems = e.problems()
-            if not problems:
-                err = e.import_check()
-                if err:
-                    problems = [f"import failed: {err}"]
-            bad += bool(problems)
-            rows.append({"entry": str(e.path), "ok": not problems, "problems": problems})
-            if not args.json:
-                print(f"{'ok     ' if not problems else 'CORRUPT'} {e.path}" + "".join(f"\n    {p}" for p in problems))
-        if args.json:
-            print(json.dumps({"root": str(cache.root), "entries": rows, "corrupt": bad}, indent=2))
-        print(f"{len(entries) - bad}/{len(entries)} entries ok", file=sys.stderr)
-        return 1 if bad else 0
-    if args.cache_cmd == "prune":
-        removed = cache.prune(args.unused_days, dry_run=args.dry_run)
-        if args.json:
-            print(json.dumps({"removed": [str(p) for p in removed], "dry_run": args.dry_run}, indent=2))
-        else:
-            for p in removed:
-                print(("would remove " if args.dry_run else "removed ") + str(p))
-        return 0
-    if args.cache_cmd == "clear":
-        n = cache.clear()
-        if args.json:
-            print(json.dumps({"root": str(cache.root), "removed_entries": n}))
-        else:
-            print(f"removed {n} entries from {cache.root}")
-        return 0
-    raise UsageError("cache: expected one of ls, info, verify, prune, clear")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -291,7 +253,9 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_list)
 
     s = sub.add_parser("emit", help="write sources and build.ninja to a folder",
-                       description="Render each variant's sources and build.ninja into OUT/<arch>/<variant-id>/.")
+                       description="Render each variant's sources and build.ninja into OUT/<arch>/<variant-id>/, "
+                                   "and the launcher's (one per Python, shared by every variant) into "
+                                   "OUT/launcher/<name>/.")
     _add_selection(s)
     s.add_argument("--out", default="build", help="output folder (default build/)")
     s.add_argument("--json", action="store_true", help="print one JSON document")
@@ -305,27 +269,7 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(fn=cmd_build)
 
-    s = sub.add_parser("cache", help="inspect and manage the binary cache",
-                       description="ls: entries; info QUERY: one entry's meta.json; verify [QUERY]: checksums "
-                                   "and a test import (exit 1 if any is corrupt); prune: drop unused entries "
-                                   "and leftovers; clear: drop everything.")
-    s.add_argument("--root", default=None, help="cache root (default $MLA_GEN_CACHE_DIR or ~/.cache/mla_gen)")
-    csub = s.add_subparsers(dest="cache_cmd", required=True, parser_class=OneLineParser)
-    c = csub.add_parser("ls", help="list entries")
-    c.add_argument("--json", action="store_true")
-    c = csub.add_parser("info", help="show one entry's metadata")
-    c.add_argument("query", help="variant id, id prefix, entry name or entry path")
-    c.add_argument("--json", action="store_true", help="(info always prints JSON)")
-    c = csub.add_parser("verify", help="check checksums and that modules import")
-    c.add_argument("query", nargs="?", default=None)
-    c.add_argument("--json", action="store_true")
-    c = csub.add_parser("prune", help="remove entries unused for N days and leftovers")
-    c.add_argument("--unused-days", type=float, default=30.0, help="default 30")
-    c.add_argument("--dry-run", action="store_true")
-    c.add_argument("--json", action="store_true")
-    c = csub.add_parser("clear", help="remove every entry")
-    c.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_cache)
+    cache_cli.add_parser(sub)
 
     s = sub.add_parser("explain", help="print the dispatch decision for a shape and why",
                        description="The variant, grid and split-kv plan that dispatch picks, with reasons.")

@@ -1,4 +1,5 @@
-"""Every environment variable mla-gen reads, in one place. A bad value warns and falls back.
+"""Every environment variable mla-gen reads, in one place. A bad value warns and falls back, except
+MLA_GEN_NVCC: a compiler named on purpose is never silently replaced (toolchain.find_nvcc raises).
 
 - MLA_GEN_CACHE_DIR: binary cache root (default ~/.cache/mla_gen).
 - MLA_GEN_LOCK_DIR: a local folder for build locks when the cache sits on a network filesystem.

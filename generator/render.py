@@ -3,6 +3,7 @@ parameter is an error, never an empty string)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from pathlib import Path
 
@@ -38,14 +39,14 @@ def _env_for(directory: Path) -> jinja2.Environment:
 
 
 def param_fields() -> tuple[str, ...]:
-    """Field names of DecodeParams, read from params.h so the binding cannot drift from it."""
+    """Field names of DecodeParams, read from params.h so the launcher cannot drift from it."""
     return _param_fields(templates_dir() / "params.h")
 
 
 @functools.lru_cache(maxsize=8)
 def _param_fields(params_h: Path) -> tuple[str, ...]:
     # NOTE(params): every declarator counts, whatever its type; a field this reader skipped would be
-    # silently missing from the binding.
+    # silently missing from the launcher.
     text = params_h.read_text()
     start = text.index("struct DecodeParams {") + len("struct DecodeParams {")
     body = re.sub(r"//[^\n]*", "", text[start:text.index("};", start)])
@@ -61,35 +62,62 @@ def _param_fields(params_h: Path) -> tuple[str, ...]:
     return tuple(fields)
 
 
-def module_name(spec: VariantSpec) -> str:
-    return spec.variant_id
+# wgmma n values rendered into wgmma_ops.cuh: every multiple of 8 up to 64 (query rows of the narrow
+# family, score tiles) and the output-column widths 128 and 256.
+WGMMA_NS = tuple(range(8, 65, 8)) + (128, 256)
+# Families whose kernels include the rendered wgmma_ops.cuh.
+WGMMA_FAMILIES = ("wgmma", "narrow")
+
+LAUNCHER_MODULE = "mla_gen_launcher"
+
+
+def params_hash() -> str:
+    """16 hex of sha256 over params.h: names the DecodeParams layout a variant and a launcher share."""
+    return hashlib.sha256((templates_dir() / "params.h").read_bytes()).hexdigest()[:16]
 
 
 def template_context(spec: VariantSpec) -> dict[str, object]:
     t = spec.tile
     return {
-        "generator_version": __version__, "variant_id": spec.variant_id, "module_name": module_name(spec),
-        "family": spec.family.value, "arch": spec.arch.nvcc_name, "q_dtype": spec.q_dtype.value,
-        "q_ctype": spec.q_dtype.c_type, "kv_ctype": spec.kv_dtype.c_type, "out_ctype": spec.out_dtype.c_type,
-        "num_heads": spec.num_heads, "ckv_dim": spec.ckv_dim, "rope_dim": spec.rope_dim,
-        "block_m": t.block_m, "block_n": t.block_n, "stages": t.stages, "warps": t.warps,
-        "smem_bytes": spec.smem_bytes, "param_fields": param_fields(),
+        "generator_version": __version__, "variant_id": spec.variant_id, "params_hash": params_hash(),
+        "family": spec.family.value, "arch": spec.arch.nvcc_name, "arch_cc": spec.arch.cc,
+        "q_dtype": spec.q_dtype.value, "q_ctype": spec.q_dtype.c_type, "kv_ctype": spec.kv_dtype.c_type,
+        "out_ctype": spec.out_dtype.c_type, "num_heads": spec.num_heads, "ckv_dim": spec.ckv_dim,
+        "rope_dim": spec.rope_dim, "block_m": t.block_m, "block_n": t.block_n, "stages": t.stages,
+        "warps": t.warps, "smem_bytes": spec.smem_bytes,
+        "wgmma_ns": WGMMA_NS, "wgmma_dt": {"bf16": "bf16", "fp16": "f16"}[spec.kv_dtype.value],
     }
 
 
 def render_sources(spec: VariantSpec) -> dict[str, str]:
     """File name -> text of every source a variant's build reads (rendered and shared headers)."""
-    env, ctx = _env(), template_context(spec)
     headers = ["params.h", "common.cuh", "ptx.cuh", f"{spec.family.value}.cuh"]
+    if spec.family.value in WGMMA_FAMILIES:
+        headers.append("sm90.cuh")
     out = {name: (templates_dir() / name).read_text() for name in headers}
-    out["kernel.cu"] = env.get_template("kernel.cu.jinja").render(ctx)
-    out["binding.cpp"] = env.get_template("binding.cpp.jinja").render(ctx)
+    ctx = template_context(spec)
+    if spec.family.value in WGMMA_FAMILIES:
+        out["wgmma_ops.cuh"] = _env().get_template("wgmma_ops.cuh.jinja").render(ctx)
+    out["kernel.cu"] = _env().get_template("kernel.cu.jinja").render(ctx)
     return out
 
 
-def render_ninja(spec: VariantSpec, *, nvcc: str, cxx: str, nvcc_flags: list[str], cxx_flags: list[str],
-                 ldflags: list[str], so_name: str) -> str:
+def render_launcher_sources() -> dict[str, str]:
+    """File name -> text of the launcher's sources (the same for every variant)."""
+    launcher = _env().get_template("launcher.cpp.jinja").render(
+        generator_version=__version__, module_name=LAUNCHER_MODULE, params_hash=params_hash(),
+        param_fields=param_fields())
+    return {"params.h": (templates_dir() / "params.h").read_text(), "launcher.cpp": launcher}
+
+
+def render_ninja(spec: VariantSpec, *, nvcc: str, nvcc_flags: list[str], ldflags: list[str], so_name: str) -> str:
     return _env().get_template("build.ninja.jinja").render(
-        generator_version=__version__, variant_id=spec.variant_id, nvcc=nvcc, cxx=cxx,
-        nvcc_flags=" ".join(nvcc_flags), cxx_flags=" ".join(cxx_flags), ldflags=" ".join(ldflags),
-        so_name=so_name)
+        generator_version=__version__, variant_id=spec.variant_id, nvcc=nvcc, nvcc_flags=" ".join(nvcc_flags),
+        ldflags=" ".join(ldflags), so_name=so_name)
+
+
+def render_launcher_ninja(*, launcher_name: str, cxx: str, cxx_flags: list[str], ldflags: list[str],
+                          so_name: str) -> str:
+    return _env().get_template("launcher.ninja.jinja").render(
+        generator_version=__version__, launcher_name=launcher_name, cxx=cxx, cxx_flags=" ".join(cxx_flags),
+        ldflags=" ".join(ldflags), so_name=so_name)

@@ -8,10 +8,10 @@ import dataclasses
 import math
 
 from generator.errors import SpecError
-from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, smem_bytes
+from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, narrow_max_rows, smem_bytes
 
-# Families with a template, fastest first.
-FAMILY_ORDER = (Family.WGMMA, Family.MMA, Family.SIMT)
+# Families with a template, fastest first (narrow: only where all rows fit one narrow CTA, see decide).
+FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.MMA, Family.SIMT)
 # Why few heads do not go back to mma on sm_90a: wgmma pads rows to a 64-row tile, but measured it is
 # not slower there (H100 bench, same runs, us wgmma vs mma): B128 S4096 H16 238 vs 241, B32 S1024 H16
 # 40.3 vs 42.3, B128 S4096 H40 c256/r32 143 vs 201, B64 S8192 H128 s_q 2 623 vs 1078.
@@ -28,8 +28,9 @@ def families_for(arch: Arch) -> list[Family]:
     return [f for f in FAMILY_ORDER if f.runs_on(arch)]
 
 
-def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None) -> Tile:
-    """The tile a family uses for a head count (heads decide rows per CTA)."""
+def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None,
+                 s_q: int = 1) -> Tile:
+    """The tile a family uses for a head count and query length (rows per CTA)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= MAX_HEADS:
         raise SpecError(f"num_heads: expected 1..{MAX_HEADS}, got {num_heads!r}")
     if family is Family.SIMT:
@@ -41,6 +42,10 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
         return _mma_tile(num_heads, ckv_dim, rope_dim, arch)
     if family is Family.WGMMA:
         return _wgmma_tile(ckv_dim, rope_dim, arch)
+    if family is Family.NARROW:
+        # all rows in one CTA where they fit (else row blocks of the most rows, each reading the cache)
+        rows = -(-num_heads * s_q // 8) * 8
+        return Tile(min(rows, narrow_max_rows(ckv_dim)) if ckv_dim % 64 == 0 else 8, 64, 2, 8)
     raise SpecError(f"family: no tile rules for {family.value}")
 
 
@@ -111,15 +116,23 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     available = families_for(arch)
     if family is None:
         family = available[0]
-        note = f" ({WGMMA_FEW_HEADS_NOTE})" if family is Family.WGMMA else ""
-        reasons.append(f"family {family.value}: fastest of {[f.value for f in available]} on {arch.nvcc_name}{note}")
+        rows = num_heads * s_q
+        if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= narrow_max_rows(ckv_dim):
+            family = Family.NARROW
+            reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most "
+                           f"{narrow_max_rows(ckv_dim)} at ckv {ckv_dim}): kv tokens on wgmma's M, no padding "
+                           f"of the rows to 64")
+        else:
+            note = f" ({WGMMA_FEW_HEADS_NOTE})" if family is Family.WGMMA else ""
+            reasons.append(f"family {family.value}: fastest of {[f.value for f in available]} on "
+                           f"{arch.nvcc_name}{note}")
     elif family not in available:
         raise SpecError(f"family: {family.value} does not run on {arch.nvcc_name}; available: "
                         f"{', '.join(f.value for f in available)}")
     else:
         reasons.append(f"family {family.value}: requested")
     if tile is None:
-        tile = default_tile(family, num_heads, ckv_dim, rope_dim, arch)
+        tile = default_tile(family, num_heads, ckv_dim, rope_dim, arch, s_q)
         reasons.append(f"tile {tile.name}: {family.value} rule for {num_heads} heads "
                        f"({tile.block_m} rows per CTA, {tile.block_n} kv tokens per step)")
     spec = VariantSpec(num_heads, ckv_dim, rope_dim, dtype, dtype, dtype, family, tile, arch)

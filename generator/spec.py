@@ -45,15 +45,16 @@ class Family(enum.Enum):
     SIMT = "simt"   # CUDA cores, fp32 accumulation; any arch; the correctness baseline
     MMA = "mma"     # tensor cores via mma.sync m16n8k16, cp.async pipeline; sm_80+
     WGMMA = "wgmma"  # Hopper warpgroup MMA (wgmma.mma_async), cp.async pipeline; sm_90a only
+    NARROW = "narrow"  # Hopper wgmma with kv tokens on M and few query rows on N; sm_90a only
 
     @property
     def min_cc(self) -> int:
-        return {"simt": 75, "mma": 80, "wgmma": 90}[self.value]
+        return {"simt": 75, "mma": 80, "wgmma": 90, "narrow": 90}[self.value]
 
     def runs_on(self, arch: Arch) -> bool:
         """Whether variants of this family can be built for `arch`: wgmma is an arch-specific
         (sm_90a) instruction, so that family needs exactly sm_90a."""
-        if self is Family.WGMMA:
+        if self in (Family.WGMMA, Family.NARROW):
             return arch is Arch.SM90A
         return arch.cc >= self.min_cc
 
@@ -264,6 +265,8 @@ def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, itemsize
         return t.block_m * d * 4 + t.block_n * d * kv + t.block_m * t.block_n * 4 + 3 * t.block_m * 4
     if family is Family.WGMMA:
         return _wgmma_smem_bytes(t, ckv_dim, rope_dim, kv)
+    if family is Family.NARROW:
+        return _narrow_smem_bytes(t, ckv_dim, rope_dim, kv)
     # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
     # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
     wn = _mma_column_splits(t)
@@ -362,4 +365,42 @@ def _check_wgmma(spec: VariantSpec) -> None:
                         f"multiple of 64, got {spec.rope_dim}")
 
 
-_FAMILY_CHECKS = {Family.SIMT: _check_simt, Family.MMA: _check_mma, Family.WGMMA: _check_wgmma}
+def narrow_max_rows(ckv_dim: int) -> int:
+    """Most query rows a narrow CTA takes: O^T (ckv / 64 m-tiles x rows / 2 per thread) and the two S^T
+    chains (rows each) must fit 255 registers without spills: measured 254 at 32 rows (ckv 512) and 40
+    rows (ckv 256); 64 rows at ckv 256 spilled."""
+    return 32 if ckv_dim > 256 else 40
+
+
+def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
+    """templates/narrow.cuh Layout: q [M][C] and [M][R] (each panel 1024-byte aligned), two kv stages
+    [N][C + R], P^T [2][M][N] (16-bit), per-warp row max/sum [2][4][M], m [2][M] and lse [M] fp32."""
+    up = lambda x: -(-x // 1024) * 1024  # noqa: E731 - the kernel's align()
+    rows, n = tile.block_m, tile.block_n
+    kv_off = up(up(rows * ckv * itemsize) + rows * rope * itemsize)
+    p_off = kv_off + 2 * n * (ckv + rope) * itemsize
+    return p_off + 2 * rows * n * itemsize + (2 * 4 + 2 + 1) * rows * 4
+
+
+def _check_narrow(spec: VariantSpec) -> None:
+    t = spec.tile
+    limit = narrow_max_rows(spec.ckv_dim)
+    if spec.ckv_dim % 64 or spec.ckv_dim > 512:
+        raise SpecError(f"ckv_dim: narrow reads V in 64-column blocks: expected a multiple of 64 up to 512, "
+                        f"got {spec.ckv_dim}")
+    if t.block_m % 8 or not 8 <= t.block_m <= limit:
+        raise SpecError(f"tile.block_m: narrow takes a multiple of 8 query rows up to {limit} at ckv {spec.ckv_dim} "
+                        f"(wgmma n; registers), got {t.block_m}")
+    if t.block_n != 64:
+        raise SpecError(f"tile.block_n: narrow takes 64 kv tokens per step (wgmma m64), got {t.block_n}")
+    if t.stages != 2:
+        raise SpecError(f"tile.stages: narrow has one kv stage per warpgroup, expected 2, got {t.stages}")
+    if t.warps != 8:
+        raise SpecError(f"tile.warps: narrow runs two warpgroups (8 warps), got {t.warps}")
+    if spec.rope_dim % 64 and spec.rope_dim not in (16, 32):
+        raise SpecError(f"rope_dim: narrow stores rows in 32-, 64- or 128-byte swizzle atoms: expected 16, 32 or a "
+                        f"multiple of 64, got {spec.rope_dim}")
+
+
+_FAMILY_CHECKS = {Family.SIMT: _check_simt, Family.MMA: _check_mma, Family.WGMMA: _check_wgmma,
+                  Family.NARROW: _check_narrow}

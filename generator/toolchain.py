@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import warnings
 from pathlib import Path
 
 from generator import __version__, env
@@ -37,35 +36,44 @@ class Toolchain:
     cxx_version_text: str
     python_include: Path
     pybind11_include: Path
-    ext_suffix: str          # the Python ABI a module is built for, e.g. ".cpython-312-x86_64-linux-gnu.so"
+    pybind11_version: str
+    ext_suffix: str          # the Python ABI the launcher is built for, e.g. ".cpython-312-x86_64-linux-gnu.so"
 
     @property
     def cuda_home(self) -> Path:
         return self.nvcc.resolve().parent.parent
 
     def fingerprint(self) -> dict[str, str]:
-        """Everything about the toolchain that changes a binary (part of the cache key)."""
+        """Everything about the toolchain that changes a variant's binary (part of its cache key): no
+        Python version, since a variant is a plain shared object."""
         return {"nvcc": self.nvcc_version_text.strip(), "cxx": self.cxx_version_text.strip(),
-                "generator": __version__, "ext_suffix": self.ext_suffix}
+                "generator": __version__}
+
+    def launcher_fingerprint(self) -> dict[str, str]:
+        """Everything about the toolchain that changes the launcher's binary: the Python ABI included."""
+        return {"cxx": self.cxx_version_text.strip(), "generator": __version__, "ext_suffix": self.ext_suffix,
+                "pybind11": self.pybind11_version}
 
     def nvcc_flags(self, arch: Arch) -> list[str]:
         return ["-std=c++17", "-O3", arch.gencode, "--ptxas-options=-v", "-lineinfo", "-Xcompiler", "-fPIC",
-                "-Xcompiler", "-Wall", "--expt-relaxed-constexpr", "-I."]
+                "-Xcompiler", "-fvisibility=hidden", "-Xcompiler", "-Wall", "--expt-relaxed-constexpr", "-I."]
 
-    def cxx_flags(self) -> list[str]:
+    def link_flags(self) -> list[str]:
+        # NOTE(cudart): static cudart keeps the variant free of a libcudart.so search path (streams and
+        # pointers are driver objects shared with torch's own runtime in the same process), and
+        # --exclude-libs keeps its symbols out of the variant's exports: only the C entry points show.
+        return ["-shared", "-cudart", "static", "-Xlinker", "--exclude-libs,ALL"]
+
+    def launcher_cxx_flags(self) -> list[str]:
         return ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-I.",
                 f"-isystem{self.pybind11_include}", f"-isystem{self.python_include}"]
 
-    def link_flags(self) -> list[str]:
-        # NOTE(cudart): static cudart keeps the module free of a libcudart.so search path; streams and
-        # pointers are driver objects shared with torch's own runtime in the same process.
-        return ["-shared", "-cudart", "static"]
+    def launcher_link_flags(self) -> list[str]:
+        return ["-shared", "-ldl"]
 
 
 def _candidates() -> list[Path]:
     out: list[Path] = []
-    if env.nvcc_override():
-        out.append(Path(env.nvcc_override()))
     if env.cuda_home():
         out.append(Path(env.cuda_home()) / "bin" / "nvcc")
     on_path = shutil.which("nvcc")
@@ -81,15 +89,19 @@ def _candidates() -> list[Path]:
 
 
 def find_nvcc() -> Path:
-    """The first nvcc that exists; ToolchainError with install advice when there is none."""
+    """MLA_GEN_NVCC if set (ToolchainError naming it when it is no executable file: never another nvcc
+    in its place), else the first nvcc that exists; ToolchainError with install advice when none does."""
     override = env.nvcc_override()
+    if override:
+        path = Path(override).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ToolchainError(f"MLA_GEN_NVCC={override}: expected an executable nvcc file, "
+                                 f"{'found no such file' if not path.exists() else 'it is not one'}; "
+                                 f"fix it or unset MLA_GEN_NVCC to search CUDA_HOME and PATH")
+        return path
     for path in _candidates():
         if path.is_file() and os.access(path, os.X_OK):
-            if override and path != Path(override):
-                warnings.warn(f"MLA_GEN_NVCC={override} is not an executable file; using {path}")
             return path
-    if env.nvcc_override():
-        raise ToolchainError(f"MLA_GEN_NVCC={env.nvcc_override()} is not an executable file; {INSTALL_HINT}")
     raise ToolchainError(f"no nvcc found (looked in MLA_GEN_NVCC, CUDA_HOME, PATH, /usr/local/cuda, "
                          f"pip nvidia-cuda-nvcc); {INSTALL_HINT}")
 
@@ -155,6 +167,7 @@ def _discover(nvcc: Path) -> Toolchain:
     return Toolchain(nvcc=nvcc, nvcc_version=m.group(1), nvcc_version_text=text, cxx=cxx,
                      cxx_version_text=(_version_text(cxx).splitlines() or [""])[0],
                      python_include=py_inc, pybind11_include=Path(pybind11.get_include()),
+                     pybind11_version=pybind11.__version__,
                      ext_suffix=sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 

@@ -53,8 +53,10 @@ class MLADecodeWrapper:
 
     plan(cache_seqlens, s_q, num_heads=..., ...) once per batch shape: picks the variant, builds or
     loads it, allocates the schedule and split workspace and the output buffers.
-    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens) per step: three launches
-    (device planner, decode, merge) on the current stream; no host sync, no allocation. Without
+    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens) per step: three launches on the
+    current stream (the device planner; the decode kernel, which merges requests split over a few parts
+    itself; the merge of requests split over many), each overlapping the one before on sm_90 (programmatic
+    dependent launch); no host sync, no allocation. Without
     `out=`, the result is the plan's own output buffer, overwritten by the next run.
     """
 
@@ -90,6 +92,8 @@ class MLADecodeWrapper:
         self._part_info = torch.zeros(parts, 4, **i32)
         self._req_info = torch.zeros(batch, 4, **i32)
         self._status = torch.zeros(1, **i32)
+        self._tickets = torch.zeros(batch, decision.m_blocks, **i32)
+        self._merge_list = torch.zeros(1 + batch, **i32)
         self._partial_o = torch.empty(slots, rows, ckv_dim, dtype=torch.float32, device=device)
         self._partial_lse = torch.empty(slots, rows, dtype=torch.float32, device=device)
         self._out = torch.empty(batch, s_q, num_heads, ckv_dim, dtype=dtype, device=device)
@@ -170,11 +174,14 @@ class MLADecodeWrapper:
         p.part_info = self._part_info.data_ptr()
         p.req_info = self._req_info.data_ptr()
         p.status = self._status.data_ptr()
+        p.tickets = self._tickets.data_ptr()
+        p.merge_list = self._merge_list.data_ptr()
         p.batch, p.s_q, p.page_size = shape.batch, shape.s_q, shape.page_size
         p.num_pages, p.max_pages = shape.num_pages, shape.max_pages
         d = plan.decision
         p.num_parts, p.max_partials = d.num_parts, plan.max_partials
         p.fixed_cost, p.min_part_cost = d.fixed_cost, d.min_part_cost
+        p.row_blocks = d.m_blocks
         p.sm_scale = plan.sm_scale
         return p
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from types import ModuleType
 
 import torch
 
+from generator import jit
 from generator.select import Decision, decide
 from generator.spec import Arch, Family
 from mla_gen.dtypes import to_dtype
@@ -40,8 +40,8 @@ def choose(device_index: int, num_heads: int, ckv_dim: int, rope_dim: int, dtype
                   num_parts=num_parts, ctas_per_sm=ctas_per_sm)
 
 
-def occupancy(module: ModuleType, device_index: int) -> int:
-    """CTAs of a loaded variant's decode kernel resident on one SM of the device (from its real
+def occupancy(variant: jit.Variant, device_index: int) -> int:
+    """CTAs of an opened variant's decode kernel resident on one SM of the device (from its real
     registers and shared memory; at least 1)."""
     with torch.cuda.device(device_index):
-        return max(1, module.max_active_ctas())
+        return max(1, variant.max_active_ctas())

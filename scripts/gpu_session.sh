@@ -17,7 +17,7 @@ for dims in "512 64" "256 32"; do
   for dtype in bf16 fp16; do
     read -r ckv rope <<<"$dims"
     python -m generator build --heads 1 16 20 40 64 128 --ckv "$ckv" --rope "$rope" --dtype "$dtype" \
-      $families --arch sm_90a -j 4 >>"$OUT/build.log" 2>&1 &
+      $families --s-q 1 2 --arch sm_90a -j 4 >>"$OUT/build.log" 2>&1 &
   done
 done
 wait

@@ -1,9 +1,9 @@
 """The reduced GPU matrix that scripts/sanitizer.sh runs under compute-sanitizer, once, in one process.
 
-Per kernel family the device runs (simt, mma, wgmma on sm_90a): heads 16 and 128, ckv/rope 512/64 and
-256/32, page 1 and 64, s_q 1 and 2, split and unsplit schedules, in 8 cases (a 2^(5-2) fractional
-factorial: every pair of those five factors meets in all four combinations), each a ragged batch of
-3 short requests (racecheck is slow). Every output is poisoned with NaN first and checked against the
+Per kernel family the device runs (every family of generator.select.families_for): heads 16 and 128,
+ckv/rope 512/64 and 256/32, page 1 and 64, s_q 1 and 2, split and unsplit schedules, in 8 cases (a
+2^(5-2) fractional factorial: every pair of those five factors meets in all four combinations), each
+a ragged batch of 3 or 4 short requests (racecheck is slow). Every output is poisoned with NaN first and checked against the
 float64 reference on the CPU (mla_gen.testing.accuracy_problems), and every schedule is checked to
 split (or not) as its case says.
 
@@ -29,6 +29,7 @@ from generator.spec import Arch, DType, Family  # noqa: E402
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 SPLIT_PARTS = 16     # num_parts of the split schedule: more parts than these short batches fill
+INLINE_MERGE_SPLITS = 4  # templates/common.cuh kInlineMergeSplits: wider splits go to the merge kernel
 DONE = "sanitizer_driver: {ok}/{total} cases ok"
 
 
@@ -46,10 +47,10 @@ class Case:
     @property
     def lengths(self) -> list[int]:
         """Ragged and short: a request of its s_q new tokens only, one at a 64-token edge (63, 64 or 65),
-        and one of 500 tokens, long enough for the split schedule to cut it in two (the planner gives a
-        part at least 256 tokens of work)."""
+        one of 500 tokens; split cases add one of 2000, so that the split schedule cuts one request into
+        2..4 parts (merged inside the decode kernel) and one into more (merged by the merge kernel)."""
         edge = {(64, 1): 63, (64, 2): 64}.get((self.page, self.s_q), 65)
-        return [self.s_q, edge, 500]
+        return [self.s_q, edge, 500] + ([2000] if self.split else [])
 
     def decision(self, arch: Arch) -> Decision:
         return decide(arch=arch, num_heads=self.heads, ckv_dim=self.ckv, rope_dim=self.rope, dtype=DType.BF16,
@@ -73,6 +74,14 @@ def cases(arch: Arch) -> list[Case]:
 
 # -- the run (needs CUDA) ---------------------------------------------------------------------------
 
+def splits_as_named(case: Case, splits: list[int]) -> bool:
+    """An unsplit case splits nothing; a split case has a request merged in the kernel (2..4 parts)
+    and one merged by the merge kernel (more)."""
+    if not case.split:
+        return max(splits) == 1
+    return any(1 < n <= INLINE_MERGE_SPLITS for n in splits) and max(splits) > INLINE_MERGE_SPLITS
+
+
 def run_case(case: Case) -> list[str]:
     """Problems of one case (empty when it is right)."""
     import torch
@@ -94,10 +103,9 @@ def run_case(case: Case) -> list[str]:
     w.run(*inp.args()[:6], out=out, lse=lse)
     w.check_status()  # syncs
     problems = []
-    most_splits = int(w.schedule()[1][:, 1].max())
-    if (most_splits > 1) != case.split:
-        problems.append(f"schedule: expected {'a split' if case.split else 'no split'}, the most splits of a "
-                        f"request were {most_splits}")
+    splits = sorted(int(n) for n in w.schedule()[1][:, 1].tolist())
+    if not splits_as_named(case, splits):
+        problems.append(f"schedule: splits per request {splits} do not match the case ({'split' if case.split else 'unsplit'})")
     cpu_args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in inp.args()]
     ref, ref_lse = mla_decode_reference(*cpu_args)  # on the CPU: no reference kernels under the sanitizer
     return problems + accuracy_problems(out.cpu(), lse.cpu(), ref, ref_lse, "bf16")

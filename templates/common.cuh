@@ -45,6 +45,21 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// ---- programmatic dependent launch (sm_90+; no-ops before) ------------------------------------------
+
+// The decode kernel is launched with programmatic stream serialization, so it may start while the
+// planner runs: it waits here before reading the work list. The planner lets it start at once.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void start_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // ---- work list -----------------------------------------------------------------------------------
 
 // Number of kv blocks of a request, 0 when its length is invalid (shorter than s_q or longer than
@@ -62,9 +77,85 @@ struct Segment {
   int slot;
 };
 
-// Walks the segments of part `part` in order, calling fn(segment).
-template <int kBlockN, typename Fn>
+// One row of a split request: the exact log-sum-exp merge of its num_splits partials (o normalised
+// per split, lse natural log) -> out, lse. One warp; partials are read from L2 (other SMs wrote them).
+template <typename OutT, int kHeads, int kCkv>
+__device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row, int lane) {
+  static_assert(kCkv % 64 == 0 || kCkv % 32 == 0, "ckv must split over a warp in pairs or singles");
+  constexpr int kPairs = kCkv / 2;
+  constexpr int kIters = (kPairs + 31) / 32;
+  const int rows = p.s_q * kHeads;
+  const int* req_info = reinterpret_cast<const int*>(p.req_info);
+  const int num_splits = req_info[4 * b + 1], first_slot = req_info[4 * b + 2];
+  const int s = row / kHeads, h = row % kHeads;
+  OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h;
+  const float* part_lse = reinterpret_cast<const float*>(p.partial_lse);
+  float m = -INFINITY;
+  for (int k = lane; k < num_splits; k += 32) m = fmaxf(m, __ldcg(part_lse + (first_slot + k) * rows + row));
+  m = warp_max(m);
+  float sum = 0.f;
+  if (m != -INFINITY)
+    for (int k = lane; k < num_splits; k += 32) sum += __expf(__ldcg(part_lse + (first_slot + k) * rows + row) - m);
+  sum = warp_sum(sum);
+  const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
+
+  float2 acc[kIters];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) acc[i] = make_float2(0.f, 0.f);
+  const float2* part_o = reinterpret_cast<const float2*>(p.partial_o);
+  for (int k = 0; k < num_splits; ++k) {
+    const float lk = __ldcg(part_lse + (first_slot + k) * rows + row);
+    const float w = lk == -INFINITY ? 0.f : __expf(lk - lse);
+    const float2* src = part_o + (static_cast<long long>(first_slot + k) * rows + row) * kPairs;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      if (c < kPairs) {
+        const float2 v = __ldcg(src + c);
+        acc[i].x += w * v.x;
+        acc[i].y += w * v.y;
+      }
+    }
+  }
+  using Out2 = typename Vec2<OutT>::type;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int c = lane + 32 * i;
+    if (c < kPairs) reinterpret_cast<Out2*>(out)[c] = from_float2<OutT>(acc[i]);
+  }
+  if (p.lse && lane == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+}
+
+// A split request of at most this many parts is merged inside the decode kernel by its last part; one
+// of more parts would make that one CTA read too much, so the merge kernel spreads it over the GPU.
+constexpr int kInlineMergeSplits = 4;
+
+// After a CTA wrote its partial rows of split request `b` (of at most kInlineMergeSplits parts): the
+// last of the request's parts to finish (an atomic ticket per request and row block) merges the
+// request's rows of this row block. Every thread of the CTA calls it.
+template <class Cfg>
+__device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
+  __threadfence();  // this thread's partial writes, device-wide, before the ticket
+  bool last = false;
+  if (threadIdx.x == 0) {
+    const int num_splits = reinterpret_cast<const int*>(p.req_info)[4 * b + 1];
+    last = atomicAdd(reinterpret_cast<int*>(p.tickets) + b * p.row_blocks + blockIdx.x, 1) + 1 == num_splits;
+    __threadfence();  // the other parts' partials, seen through the ticket, before this CTA reads them
+  }
+  if (!__syncthreads_or(last)) return;
+  const int rows = p.s_q * Cfg::kNumHeads;
+  const int row0 = blockIdx.x * Cfg::kBlockM, lane = threadIdx.x & 31;
+  for (int m = threadIdx.x >> 5; m < Cfg::kBlockM && row0 + m < rows; m += Cfg::kWarps)
+    merge_row<typename Cfg::OutType, Cfg::kNumHeads, Cfg::kCkvDim>(p, b, row0 + m, lane);
+}
+
+// Walks the segments of part `part` in order, calling fn(segment); a split segment's part then takes
+// its ticket (merge_if_last). fn must end with a CTA barrier after its last shared-memory use.
+template <class Cfg, typename Fn>
 __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
+  constexpr int kBlockN = Cfg::kBlockN;
+  wait_for_previous_grid();  // the planner's work list and tickets
+  start_next_grid();         // the merge kernel may launch; it waits for this grid's results
   const int* info = reinterpret_cast<const int*>(p.part_info) + 4 * part;
   const int begin_req = info[0], begin_blk = info[1], end_req = info[2], end_blk = info[3];
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
@@ -81,6 +172,7 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     Segment seg{b, len, lo, hi, num_splits > 1, 0};
     if (seg.split) seg.slot = req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
     fn(seg);
+    if (seg.split && num_splits <= kInlineMergeSplits) merge_if_last<Cfg>(p, b);
   }
 }
 
@@ -123,13 +215,22 @@ __device__ __forceinline__ long long pos_key(int req, int blk) {
 
 // Splits the total cost (kv blocks + fixed_cost per request) evenly over `active` parts: part p
 // starts at cost floor(p * total / active), so loads differ by at most one block. Mirrors
-// mla_gen/schedule.py exactly (tests compare the two).
-template <int kBlockN>
+// mla_gen/schedule.py exactly (tests compare the two). Also zeroes the merge tickets and writes NaN
+// rows (out and lse) for requests of invalid length, which no part processes, and lists the requests
+// the merge kernel merges (more than kInlineMergeSplits parts).
+template <class Cfg>
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constant__ DecodeParams p) {
+  constexpr int kBlockN = Cfg::kBlockN;
+  start_next_grid();  // the decode kernel may launch now; it waits for this grid's results
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
   int* req_info = reinterpret_cast<int*>(p.req_info);
   int* part_info = reinterpret_cast<int*>(p.part_info);
+  int* merge_list = reinterpret_cast<int*>(p.merge_list);
   const int tid = threadIdx.x;
+  __shared__ int s_invalid;
+  if (tid == 0) s_invalid = 0;
+  __syncthreads();
+  for (int i = tid; i < p.batch * p.row_blocks; i += kPlanThreads) reinterpret_cast<int*>(p.tickets)[i] = 0;
 
   // 1. cost per request and its exclusive prefix (req_info[.,3]).
   long long carry = 0;
@@ -138,7 +239,10 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
     long long cost = 0;
     if (b < p.batch) {
       const int nb = request_blocks(seqlens[b], p, kBlockN);
-      if (nb == 0) atomicOr(reinterpret_cast<int*>(p.status), 1);
+      if (nb == 0) {
+        atomicOr(reinterpret_cast<int*>(p.status), 1);
+        s_invalid = 1;
+      }
       cost = nb > 0 ? nb + p.fixed_cost : 0;
     }
     long long chunk_total;
@@ -173,9 +277,10 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
   // 3. per request: the first part holding its block 0, the number of parts it spans, and the
   //    offset of its partial slots (only split requests take slots).
   carry = 0;
+  long long listed = 0;
   for (int base = 0; base < p.batch; base += kPlanThreads) {
     const int b = base + tid;
-    long long slots = 0;
+    long long slots = 0, wide = 0;
     if (b < p.batch) {
       const int nb = request_blocks(seqlens[b], p, kBlockN);
       int first = 0, last = 0;
@@ -198,94 +303,96 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
       req_info[4 * b + 0] = first;
       req_info[4 * b + 1] = num_splits;
       slots = num_splits > 1 ? num_splits : 0;
+      wide = num_splits > kInlineMergeSplits;
     }
     long long chunk_total;
     const long long before = block_exclusive_scan(slots, &chunk_total);
     if (b < p.batch) req_info[4 * b + 2] = static_cast<int>(carry + before);
     carry += chunk_total;
+    const long long at = block_exclusive_scan(wide, &chunk_total);
+    if (wide) merge_list[1 + listed + at] = b;
+    listed += chunk_total;
+  }
+  if (tid == 0) merge_list[0] = static_cast<int>(listed);
+
+  // 4. requests of invalid length (rare): NaN rows, so the error cannot pass unnoticed
+  __syncthreads();
+  if (!s_invalid) return;
+  using OutT = typename Cfg::OutType;
+  constexpr int kRowElems = Cfg::kCkvDim;
+  const int rows = p.s_q * Cfg::kNumHeads;
+  const float nan = __int_as_float(0x7fffffff);
+  for (int b = 0; b < p.batch; ++b) {
+    if (request_blocks(seqlens[b], p, kBlockN) > 0) continue;
+    for (int i = tid; i < rows * kRowElems; i += kPlanThreads) {
+      const int row = i / kRowElems, s = row / Cfg::kNumHeads, h = row % Cfg::kNumHeads;
+      reinterpret_cast<OutT*>(p.out)[b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + i % kRowElems] =
+          from_float<OutT>(nan);
+      if (p.lse && i % kRowElems == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = nan;
+    }
   }
 }
 
-// ---- merge: partial (o, lse) of split requests -> out, lse (exact log-sum-exp rescaling) ----------
+// ---- merge kernel: split requests of more than kInlineMergeSplits parts ----------------------------
 
-constexpr int kMergeWarps = 4;
-
-template <typename OutT, int kHeads, int kCkv>
-__global__ void __launch_bounds__(32 * kMergeWarps) merge_kernel(const __grid_constant__ DecodeParams p) {
-  static_assert(kCkv % 64 == 0 || kCkv % 32 == 0, "ckv must split over a warp in pairs or singles");
-  constexpr int kPairs = kCkv / 2;
-  constexpr int kIters = (kPairs + 31) / 32;
-  const int b = blockIdx.x;
-  const int rows = p.s_q * kHeads;
-  const int row = blockIdx.y * kMergeWarps + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
+// Grid-stride over (listed request, row); a thread owns 4 columns and keeps several splits' loads in
+// flight. Launched with programmatic dependent launch after the decode kernel, whose results it waits for.
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_constant__ DecodeParams p) {
+  using OutT = typename Cfg::OutType;
+  using Out2 = typename Vec2<OutT>::type;
+  constexpr int kHeads = Cfg::kNumHeads, kCkv = Cfg::kCkvDim, kUnroll = 4;
+  static_assert(kCkv % 4 == 0, "ckv: 4 columns per thread");
+  wait_for_previous_grid();
+  const int* list = reinterpret_cast<const int*>(p.merge_list);
   const int* req_info = reinterpret_cast<const int*>(p.req_info);
-  const int num_splits = req_info[4 * b + 1];
-  if (num_splits == 1) return;  // the decode kernel wrote this request directly
-  const int s = row / kHeads, h = row % kHeads;
-  OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h;
-  float* lse_out = p.lse ? reinterpret_cast<float*>(p.lse) + b * p.lse_stride_b + s * p.lse_stride_s + h : nullptr;
-
-  if (num_splits == 0) {  // invalid length: poison the row so the error cannot pass unnoticed
-    const float nan = __int_as_float(0x7fffffff);
-    for (int i = lane; i < kCkv; i += 32) out[i] = from_float<OutT>(nan);
-    if (lse_out && lane == 0) *lse_out = nan;
-    return;
-  }
-  const int first_slot = req_info[4 * b + 2];
   const float* part_lse = reinterpret_cast<const float*>(p.partial_lse);
-  float m = -INFINITY;
-  for (int k = lane; k < num_splits; k += 32) m = fmaxf(m, part_lse[(first_slot + k) * rows + row]);
-  m = warp_max(m);
-  float sum = 0.f;
-  if (m != -INFINITY)
-    for (int k = lane; k < num_splits; k += 32) sum += __expf(part_lse[(first_slot + k) * rows + row] - m);
-  sum = warp_sum(sum);
-  const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
-
-  float2 acc[kIters];
+  const float4* part_o = reinterpret_cast<const float4*>(p.partial_o);
+  const int rows = p.s_q * kHeads, col = 4 * threadIdx.x;
+  const int items = list[0] * rows;
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int b = list[1 + item / rows], row = item % rows;
+    const int num_splits = req_info[4 * b + 1], first = req_info[4 * b + 2];
+    float m = -INFINITY;
+    for (int k = 0; k < num_splits; ++k) m = fmaxf(m, __ldcg(part_lse + (first + k) * rows + row));
+    float sum = 0.f;
+    if (m != -INFINITY)
+      for (int k = 0; k < num_splits; ++k) sum += __expf(__ldcg(part_lse + (first + k) * rows + row) - m);
+    const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k0 = 0; k0 < num_splits; k0 += kUnroll) {
+      float4 v[kUnroll];
+      float w[kUnroll];
 #pragma unroll
-  for (int i = 0; i < kIters; ++i) acc[i] = make_float2(0.f, 0.f);
-  const float2* part_o = reinterpret_cast<const float2*>(p.partial_o);
-  for (int k = 0; k < num_splits; ++k) {
-    const float lk = part_lse[(first_slot + k) * rows + row];
-    const float w = lk == -INFINITY ? 0.f : __expf(lk - lse);
-    const float2* src = part_o + (static_cast<long long>(first_slot + k) * rows + row) * kPairs;
+      for (int u = 0; u < kUnroll; ++u) {  // all loads first, then the sums
+        const int k = k0 + u < num_splits ? k0 + u : k0;
+        v[u] = __ldcg(part_o + ((static_cast<long long>(first + k) * rows + row) * kCkv + col) / 4);
+        const float lk = __ldcg(part_lse + (first + k) * rows + row);
+        w[u] = (k0 + u < num_splits && lk != -INFINITY) ? __expf(lk - lse) : 0.f;
+      }
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kPairs) {
-        const float2 v = src[c];
-        acc[i].x += w * v.x;
-        acc[i].y += w * v.y;
+      for (int u = 0; u < kUnroll; ++u) {
+        acc.x += w[u] * v[u].x;
+        acc.y += w[u] * v[u].y;
+        acc.z += w[u] * v[u].z;
+        acc.w += w[u] * v[u].w;
       }
     }
+    const int s = row / kHeads, h = row % kHeads;
+    OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + col;
+    reinterpret_cast<Out2*>(out)[0] = from_float2<OutT>(make_float2(acc.x, acc.y));
+    reinterpret_cast<Out2*>(out)[1] = from_float2<OutT>(make_float2(acc.z, acc.w));
+    if (p.lse && threadIdx.x == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
   }
-  using Out2 = typename Vec2<OutT>::type;
-#pragma unroll
-  for (int i = 0; i < kIters; ++i) {
-    const int c = lane + 32 * i;
-    if (c < kPairs) reinterpret_cast<Out2*>(out)[c] = from_float2<OutT>(acc[i]);
-  }
-  if (lse_out && lane == 0) *lse_out = lse;
 }
 
 // ---- host-side launch helpers ----------------------------------------------------------------------
 
-template <int kBlockN>
+template <class Cfg>
 inline int launch_plan_kernel(const DecodeParams& p, uint64_t stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   // the status word is sticky across steps: the runtime clears it when it reads it
-  plan_kernel<kBlockN><<<1, kPlanThreads, 0, st>>>(p);
-  return static_cast<int>(cudaGetLastError());
-}
-
-template <typename OutT, int kHeads, int kCkv>
-inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
-  const int rows = p.s_q * kHeads;
-  dim3 grid(p.batch, (rows + kMergeWarps - 1) / kMergeWarps);
-  merge_kernel<OutT, kHeads, kCkv><<<grid, 32 * kMergeWarps, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
+  plan_kernel<Cfg><<<1, kPlanThreads, 0, st>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -297,15 +404,39 @@ inline int set_smem_limit(Kernel kernel, int bytes) {
   return static_cast<int>(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// Launches kernel(p) after the previous work on the stream; where the device has programmatic
+// dependent launch (sm_90+), the launch overlaps the previous kernel, which the kernel waits for.
+template <class Cfg, typename Kernel>
+inline int launch_dependent(Kernel kernel, dim3 grid, dim3 block, int smem, const DecodeParams& p, uint64_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = reinterpret_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = Cfg::kDependentLaunch ? 1 : 0;
+  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, p));
+}
+
 // A family's decode kernel on grid (row blocks of kBlockM, parts), 32 * kWarps threads, kSmemBytes.
 template <class Cfg, typename Kernel>
 inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream) {
   const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
   if (err) return err;
   const int rows = p.s_q * Cfg::kNumHeads;
-  dim3 grid((rows + Cfg::kBlockM - 1) / Cfg::kBlockM, p.num_parts);
-  kernel<<<grid, 32 * Cfg::kWarps, Cfg::kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  if (p.row_blocks != (rows + Cfg::kBlockM - 1) / Cfg::kBlockM) return static_cast<int>(cudaErrorInvalidValue);
+  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(32 * Cfg::kWarps), Cfg::kSmemBytes, p,
+                               stream);
+}
+
+// The merge kernel over as many CTAs as the decode grid has (it strides over the listed rows).
+template <class Cfg>
+inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
+  return launch_dependent<Cfg>(merge_kernel<Cfg>, dim3(p.row_blocks * p.num_parts), dim3(Cfg::kCkvDim / 4), 0, p,
+                               stream);
 }
 
 }  // namespace mla_gen

@@ -1,5 +1,5 @@
-// mla-gen: the one parameter block shared by the host binding (plain C++) and the kernels.
-// Pointers travel as uint64 so the binding needs neither CUDA nor torch headers.
+// mla-gen: the one parameter block shared by the launcher (plain C++) and the kernels.
+// Pointers travel as uint64 so the launcher needs neither CUDA nor torch headers.
 #pragma once
 #include <cstdint>
 
@@ -29,24 +29,37 @@ struct DecodeParams {
   //   partial_o [max_partials, s_q*H, C] fp32, partial_lse [max_partials, s_q*H] fp32,
   //   part_info [num_parts, 4] int32 = begin_req, begin_blk, end_req, end_blk (end exclusive),
   //   req_info [B, 4] int32 = first_part, num_splits (0: invalid length), partial_offset, cost_begin,
-  //   status [1] int32: bit 0 set when some length was invalid (that request's output is NaN).
+  //   status [1] int32: bit 0 set when some length was invalid (that request's output is NaN),
+  //   tickets [B, row_blocks] int32: parts of a split request that have written their partial (the planner
+  //   zeroes them; the part that completes the count merges the request's rows when it has at most
+  //   kInlineMergeSplits parts), merge_list [1 + B] int32: the number of requests with more parts, then
+  //   those requests (the merge kernel's work).
   uint64_t partial_o = 0;
   uint64_t partial_lse = 0;
   uint64_t part_info = 0;
   uint64_t req_info = 0;
   uint64_t status = 0;
+  uint64_t tickets = 0;
+  uint64_t merge_list = 0;
   int32_t batch = 0, s_q = 0, page_size = 0, num_pages = 0, max_pages = 0;
   // num_parts: CTA columns of the grid; the planner uses min(num_parts, ceil(total / min_part_cost))
   // of them so short batches are not cut into slivers; fixed_cost: blocks charged per request.
   int32_t num_parts = 0, max_partials = 0, fixed_cost = 0, min_part_cost = 1;
+  int32_t row_blocks = 0;  // CTAs along the packed query rows (gridDim.x of the decode launch)
   float sm_scale = 0.f;
 };
 
-// Entry points of a variant's kernel.cu. Each returns a cudaError_t value (0 = success).
-int launch_plan(const DecodeParams& params, uint64_t stream);
-int launch_decode(const DecodeParams& params, uint64_t stream);
-int launch_merge(const DecodeParams& params, uint64_t stream);
-int max_active_ctas(int* num);  // decode CTAs resident per SM on the current device
-const char* error_string(int code);
-
 }  // namespace mla_gen
+
+// The C entry points of a variant's shared object (kernel.cu), found by the launcher with dlsym: a
+// plain C interface, so a variant depends on no Python version. Launches return a cudaError_t value
+// (0 = success); mla_gen_params_hash names the params.h the variant was built from, so a launcher
+// never hands a variant a DecodeParams of another layout.
+#define MLA_GEN_EXPORT extern "C" __attribute__((visibility("default")))
+MLA_GEN_EXPORT const char* mla_gen_variant_id();
+MLA_GEN_EXPORT const char* mla_gen_params_hash();
+MLA_GEN_EXPORT int mla_gen_plan(const mla_gen::DecodeParams* params, uint64_t stream);
+MLA_GEN_EXPORT int mla_gen_decode(const mla_gen::DecodeParams* params, uint64_t stream);
+MLA_GEN_EXPORT int mla_gen_merge(const mla_gen::DecodeParams* params, uint64_t stream);
+MLA_GEN_EXPORT int mla_gen_max_active_ctas(int* num);  // decode CTAs resident per SM on the current device
+MLA_GEN_EXPORT const char* mla_gen_error_string(int code);

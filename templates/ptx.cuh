@@ -30,4 +30,21 @@ __device__ __forceinline__ float lds_f32(uint32_t addr) {
   return v;
 }
 
+// Named barriers (ids 1..15; 0 is __syncthreads) over `threads` threads, a multiple of 32: sync, and
+// sync with an OR of a predicate over those threads.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ bool named_barrier_or(int id, int threads, bool pred) {
+  int any;
+  asm volatile("{\n.reg .pred pi, po;\nsetp.ne.b32 pi, %1, 0;\nbar.red.or.pred po, %2, %3, pi;\n"
+               "selp.b32 %0, 1, 0, po;\n}\n"
+               : "=r"(any) : "r"(static_cast<int>(pred)), "r"(id), "r"(threads) : "memory");
+  return any != 0;
+}
+
+__device__ __forceinline__ void sts_u16(uint32_t addr, uint16_t v) {
+  asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(addr), "h"(v) : "memory");
+}
+
 }  // namespace mla_gen

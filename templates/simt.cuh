@@ -57,7 +57,7 @@ decode_kernel(const __grid_constant__ DecodeParams p) {
   const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
 
-  for_each_segment<N>(p, part, [&](const Segment& seg) {
+  for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     // ---- query rows -> fp32 shared memory; padded rows are zero
     for (int idx = tid; idx < M * kChunks; idx += T) {

@@ -1,7 +1,6 @@
 """`python -m generator`: JSON listings, emit, one-line usage errors with exit 2, cache subcommands."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cache_fakes import ID, fake_entry
 from conftest import run_cli
 from generator.presets import preset_variants
 from generator.spec import Arch
@@ -52,13 +52,15 @@ def test_list_presets_json() -> None:
 
 def test_emit_writes_readable_sources(tmp_path: Path) -> None:
     out = tmp_path / "emitted"
-    docs = _json("emit", "--preset", "deepseek-v3", "--out", str(out), "--json")
+    *docs, launcher = _json("emit", "--preset", "deepseek-v3", "--out", str(out), "--json")
     specs = preset_variants("deepseek-v3", Arch.SM90A)
     assert [d["variant_id"] for d in docs] == [s.variant_id for s in specs]
+    assert Path(launcher["folder"]) == out / "launcher" / launcher["launcher"]
+    assert {p.name for p in Path(launcher["folder"]).iterdir()} == {"launcher.cpp", "params.h", "build.ninja"}
     for spec in specs:
         folder = out / "sm90a" / spec.variant_id
         names = {p.name for p in folder.iterdir()}
-        assert {"kernel.cu", "binding.cpp", "build.ninja", "params.h", "common.cuh", f"{spec.family.value}.cuh"} <= names
+        assert {"kernel.cu", "build.ninja", "params.h", "common.cuh", f"{spec.family.value}.cuh"} <= names
         kernel = (folder / "kernel.cu").read_text()
         assert f"static constexpr int kNumHeads = {spec.num_heads};" in kernel
         assert "static constexpr int kCkvDim = 512;" in kernel and "static constexpr int kRopeDim = 64;" in kernel
@@ -181,35 +183,16 @@ def test_console_script_names_itself() -> None:
 
 # -- cache subcommands on hand-made entries (real builds are in test_build_cache.py) --------------------
 
-ID = "mla_decode_h16_c256_r32_bf16_bf16_simt_m16n32s1w4_sm90a"
-
-
-def _fake_entry(root: Path, suffix: str, *, meta: bool = True, age_days: float = 0.0) -> Path:
-    """An entry folder whose .so is not a real module (checksums match; importing fails)."""
-    entry = root / "sm90a" / f"{ID}-{suffix}"
-    entry.mkdir(parents=True)
-    so = entry / f"{ID}.so"
-    so.write_bytes(b"not an ELF file")
-    if meta:
-        stamp = time.time() - age_days * 86400
-        doc = {"schema": 1, "variant_id": ID, "module": ID, "key": suffix * 5,
-               "so": {"file": so.name, "sha256": hashlib.sha256(so.read_bytes()).hexdigest(),
-                      "size": so.stat().st_size},
-               "build_seconds": 1.5, "created": stamp, "last_used": stamp}
-        (entry / "meta.json").write_text(json.dumps(doc))
-    return entry
-
-
 def test_cache_commands_on_an_empty_cache(cache_root: Path) -> None:
     assert _json("cache", "ls", "--json") == {"root": str(cache_root), "entries": []}
     assert _json("cache", "verify", "--json")["corrupt"] == 0
-    assert _json("cache", "prune", "--json") == {"removed": [], "dry_run": False}
+    assert _json("cache", "prune", "--json") == {"removed": [], "dry_run": False, "failed": []}
     assert _json("cache", "clear", "--json")["removed_entries"] == 0
 
 
 def test_cache_ls_info_verify(cache_root: Path) -> None:
-    bad_import = _fake_entry(cache_root, "aaaaaaaaaaaa")
-    no_meta = _fake_entry(cache_root, "bbbbbbbbbbbb", meta=False)
+    bad_import = fake_entry(cache_root, "aaaaaaaaaaaa")
+    no_meta = fake_entry(cache_root, "bbbbbbbbbbbb", meta=False)
     (cache_root / "sm90a" / f".tmp-{ID}-cccccccccccc-1-x").mkdir()  # a builder's temp dir is no entry
     listing = _json("cache", "ls", "--json")
     rows = {r["entry"]: r for r in listing["entries"]}
@@ -217,7 +200,7 @@ def test_cache_ls_info_verify(cache_root: Path) -> None:
     assert rows[bad_import.name]["ok"] and rows[bad_import.name]["build_seconds"] == 1.5
     assert not rows[no_meta.name]["ok"] and "meta.json is missing" in rows[no_meta.name]["problems"][0]
 
-    info = _json("cache", "info", bad_import.name)
+    info = _json("cache", "info", bad_import.name, "--json")
     assert info["ok"] and info["meta"]["variant_id"] == ID and info["path"] == str(bad_import)
 
     proc = run_cli("cache", "verify", "--json")
@@ -225,7 +208,7 @@ def test_cache_ls_info_verify(cache_root: Path) -> None:
     doc = json.loads(proc.stdout)
     assert doc["corrupt"] == 2
     problems = {Path(r["entry"]).name: r["problems"] for r in doc["entries"]}
-    assert problems[bad_import.name][0].startswith("import failed")
+    assert problems[bad_import.name][0].startswith("does not load")
     assert "meta.json is missing" in problems[no_meta.name][0]
     assert "0/2 entries ok" in proc.stderr
 
@@ -234,14 +217,14 @@ def test_cache_ls_info_verify(cache_root: Path) -> None:
 
 
 def test_cache_prune_and_clear(cache_root: Path) -> None:
-    old = _fake_entry(cache_root, "dddddddddddd", age_days=40)
-    fresh = _fake_entry(cache_root, "eeeeeeeeeeee")
+    old = fake_entry(cache_root, "dddddddddddd", age_days=40)
+    fresh = fake_entry(cache_root, "eeeeeeeeeeee")
     dry = _json("cache", "prune", "--dry-run", "--json")
-    assert dry == {"removed": [str(old)], "dry_run": True} and old.exists()
+    assert dry == {"removed": [str(old)], "dry_run": True, "failed": []} and old.exists()
     assert _json("cache", "prune", "--json")["removed"] == [str(old)]
     assert not old.exists() and fresh.exists()
     cleared = _json("cache", "clear", "--json")
-    assert cleared == {"root": str(cache_root), "removed_entries": 1}
+    assert cleared == {"root": str(cache_root), "removed_entries": 1, "failed": []}
     assert not fresh.exists()
 
 

@@ -1,4 +1,4 @@
-"""Rendering: fast, strict (StrictUndefined), readable constants, and a binding that matches params.h."""
+"""Rendering: fast, strict (StrictUndefined), readable constants, and a launcher that matches params.h."""
 from __future__ import annotations
 
 import re
@@ -11,7 +11,8 @@ import pytest
 
 from generator import __version__, render
 from generator.presets import preset_names, preset_variants
-from generator.render import param_fields, render_ninja, render_sources, template_context, templates_dir
+from generator.render import (param_fields, params_hash, render_launcher_ninja, render_launcher_sources, render_ninja,
+                             render_sources, template_context, templates_dir)
 from generator.spec import Arch, VariantSpec
 
 V3_TP1 = "mla_decode_h128_c512_r64_bf16_bf16_simt_m16n32s1w8_sm90a"
@@ -50,15 +51,26 @@ def test_sources_differ_by_spec_and_are_deterministic() -> None:
     b = render_sources(VariantSpec.from_id(V3_TP1.replace("h128", "h64")))
     assert a == render_sources(VariantSpec.from_id(V3_TP1))
     assert a["kernel.cu"] != b["kernel.cu"] and "kNumHeads = 64;" in b["kernel.cu"]
-    assert set(a) == {"kernel.cu", "binding.cpp", "params.h", "common.cuh", "ptx.cuh", "simt.cuh"}
+    assert set(a) == {"kernel.cu", "params.h", "common.cuh", "ptx.cuh", "simt.cuh"}
     assert a["simt.cuh"] == (templates_dir() / "simt.cuh").read_text()
 
 
-def test_binding_is_torch_free_and_names_the_variant() -> None:
-    binding = render_sources(VariantSpec.from_id(V3_TP1))["binding.cpp"]
-    assert f"PYBIND11_MODULE({V3_TP1}, m)" in binding
-    assert f'm.attr("VARIANT_ID") = "{V3_TP1}";' in binding
-    assert "torch" not in binding.replace("depends on neither torch", "")
+def test_kernel_exports_c_entry_points_naming_the_variant_and_params_h() -> None:
+    kernel = render_sources(VariantSpec.from_id(V3_TP1))["kernel.cu"]
+    assert f'MLA_GEN_EXPORT const char* mla_gen_variant_id() {{ return "{V3_TP1}"; }}' in kernel
+    assert f'MLA_GEN_EXPORT const char* mla_gen_params_hash() {{ return "{params_hash()}"; }}' in kernel
+    for name in ("mla_gen_plan", "mla_gen_decode", "mla_gen_merge", "mla_gen_max_active_ctas", "mla_gen_error_string"):
+        assert f" {name}(" in kernel, name
+    assert "pybind11" not in kernel and "Python.h" not in kernel
+
+
+def test_launcher_is_the_same_for_every_variant_and_torch_free() -> None:
+    launcher = render_launcher_sources()
+    assert set(launcher) == {"launcher.cpp", "params.h"}
+    text = launcher["launcher.cpp"]
+    assert "PYBIND11_MODULE(mla_gen_launcher, m)" in text
+    assert f'constexpr const char* kParamsHash = "{params_hash()}";' in text
+    assert "mla_decode_" not in text and "torch" not in text.replace("depends on torch", "")
 
 
 def _params_h_fields(text: str) -> list[str]:
@@ -75,8 +87,8 @@ def test_param_fields_match_params_h() -> None:
     fields = param_fields()
     assert list(fields) == _params_h_fields((templates_dir() / "params.h").read_text())
     assert {"q_nope", "ckv", "kpe", "block_table", "seqlens", "out", "lse", "sm_scale", "num_parts"} <= set(fields)
-    binding = render_sources(VariantSpec.from_id(V3_TP1))["binding.cpp"]
-    bound = re.findall(r'\.def_readwrite\("(\w+)", &DecodeParams::(\w+)\)', binding)
+    launcher = render_launcher_sources()["launcher.cpp"]
+    bound = re.findall(r'\.def_readwrite\("(\w+)", &DecodeParams::(\w+)\)', launcher)
     assert [a for a, b in bound if a == b] == list(fields)
 
 
@@ -94,18 +106,24 @@ def test_param_fields_follow_a_changed_params_h(template_copy: Path) -> None:
     params.write_text(params.read_text().replace("float sm_scale = 0.f;", "float sm_scale = 0.f;\n  double extra_knob = 0;"))
     assert templates_dir() == template_copy.resolve()
     assert param_fields()[-2:] == ("sm_scale", "extra_knob")
-    assert 'def_readwrite("extra_knob"' in render_sources(VariantSpec.from_id(V3_TP1))["binding.cpp"]
+    assert 'def_readwrite("extra_knob"' in render_launcher_sources()["launcher.cpp"]
 
 
 @pytest.mark.parametrize("key", ["num_heads", "ckv_dim", "rope_dim", "block_m", "block_n", "variant_id",
-                                 "q_ctype", "param_fields", "module_name"])
+                                 "q_ctype", "params_hash"])
 def test_missing_context_value_raises(key: str) -> None:
-    env = render._env()
     ctx = template_context(VariantSpec.from_id(V3_TP1))
     del ctx[key]
     with pytest.raises(jinja2.UndefinedError, match=key):
-        for name in ("kernel.cu.jinja", "binding.cpp.jinja"):
-            env.get_template(name).render(ctx)
+        render._env().get_template("kernel.cu.jinja").render(ctx)
+
+
+@pytest.mark.parametrize("key", ["param_fields", "module_name", "params_hash"])
+def test_missing_launcher_context_value_raises(key: str) -> None:
+    ctx = {"generator_version": __version__, "module_name": "m", "params_hash": "0", "param_fields": ("batch",)}
+    del ctx[key]
+    with pytest.raises(jinja2.UndefinedError, match=key):
+        render._env().get_template("launcher.cpp.jinja").render(ctx)
 
 
 def test_unknown_variable_in_a_template_raises(template_copy: Path) -> None:
@@ -124,9 +142,13 @@ def test_bad_template_dir_warns_and_falls_back(tmp_path: Path, monkeypatch: pyte
 
 def test_build_ninja_has_separate_edges_and_no_temp_paths() -> None:
     spec = VariantSpec.from_id(V3_TP1)
-    text = render_ninja(spec, nvcc="/opt/cuda/bin/nvcc", cxx="/usr/bin/c++", nvcc_flags=["-O3", spec.arch.gencode],
-                        cxx_flags=["-O2"], ldflags=["-shared"], so_name=f"{V3_TP1}.so")
-    assert "build kernel.o: nvcc kernel.cu" in text and "build binding.o: cxx binding.cpp" in text
-    assert f"build {V3_TP1}.so: link kernel.o binding.o" in text
+    text = render_ninja(spec, nvcc="/opt/cuda/bin/nvcc", nvcc_flags=["-O3", spec.arch.gencode], ldflags=["-shared"],
+                        so_name=f"{V3_TP1}.so")
+    assert "build kernel.o: nvcc kernel.cu" in text and f"build {V3_TP1}.so: link kernel.o" in text
     assert "nvcc_flags = -O3 -gencode=arch=compute_90a,code=sm_90a" in text
+    assert "cxx" not in text and "binding" not in text  # a variant compiles only its kernel code
     assert "/tmp" not in text and ".tmp-" not in text
+    launcher = render_launcher_ninja(launcher_name="launcher_x", cxx="/usr/bin/c++", cxx_flags=["-O2"],
+                                     ldflags=["-shared"], so_name="mla_gen_launcher.so")
+    assert "build launcher.o: cxx launcher.cpp" in launcher and "build mla_gen_launcher.so: link launcher.o" in launcher
+    assert "nvcc" not in launcher

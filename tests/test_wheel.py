@@ -53,8 +53,9 @@ def test_wheel_ships_templates_and_emits_outside_the_repo(tmp_path: Path) -> Non
     emit = subprocess.run([sys.executable, "-m", "generator", "emit", "--preset", "deepseek-v3", "--out", str(out)],
                           cwd=outside, env=env, capture_output=True, text=True, timeout=120)
     assert emit.returncode == 0, emit.stderr
-    folders = [Path(line) for line in emit.stdout.split()]
+    *folders, launcher = [Path(line) for line in emit.stdout.split()]
     assert folders and all((f / "kernel.cu").is_file() for f in folders)
+    assert launcher.parent == out / "launcher" and (launcher / "launcher.cpp").is_file()
     tp1 = [f for f in folders if f.name.startswith("mla_decode_h128_c512_r64_bf16_bf16_")]
     assert tp1 and all(f.parent == out / "sm90a" for f in folders)
     assert "static constexpr int kNumHeads = 128;" in (tp1[0] / "kernel.cu").read_text()

@@ -126,7 +126,8 @@ def work(case: Case) -> Work:
 def default_suite(seed: int = 0) -> list[Case]:
     """The suite of issue 6: four DeepSeek shapes, a single long request, a ragged batch and its
     equal-length twin (same total tokens: time(6) / time(6eq) judges the plan's balance), and
-    MiniCPM3-4B (40 heads, 256/32)."""
+    MiniCPM3-4B (40 heads, 256/32); then DeepSeek-V3's tensor-parallel head counts, MTP query lengths,
+    a batch of 256, and few long requests."""
     minicpm3 = model_config("minicpm3-4b")
     ragged = Case("6", 64, 128, seqlen=None, seqlens_random=(1, 8192), seed=seed)
     lengths = ragged.lengths()
@@ -140,6 +141,17 @@ def default_suite(seed: int = 0) -> list[Case]:
         Case("6eq", 64, 128, seqlen=round(sum(lengths) / len(lengths)), seed=seed, twin_of="6"),
         Case("minicpm3", 128, minicpm3.num_heads, ckv=minicpm3.kv_lora_rank, rope=minicpm3.qk_rope_head_dim,
              seqlen=4096, sm_scale=minicpm3.sm_scale, seed=seed, model=minicpm3.name),
+        # DeepSeek-V3 tensor-parallel head splits, MTP / speculative query lengths, a wide batch (issue 11)
+        Case("tp32", 128, 32, seqlen=4096, seed=seed),
+        Case("tp40", 128, 40, seqlen=4096, seed=seed),
+        Case("tp64", 128, 64, seqlen=4096, seed=seed),
+        Case("mtp2", 128, 16, s_q=2, seqlen=4096, seed=seed),
+        Case("mtp5", 128, 16, s_q=5, seqlen=4096, seed=seed),
+        Case("tp64mtp2", 128, 64, s_q=2, seqlen=4096, seed=seed),
+        Case("b256", 256, 16, seqlen=2048, seed=seed),
+        # few long requests (issue 12)
+        Case("b8long", 8, 16, seqlen=16384, seed=seed),
+        Case("b4long", 4, 128, seqlen=65536, seed=seed),
     ]
 
 

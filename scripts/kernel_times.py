@@ -1,0 +1,35 @@
+"""Runs one decode shape a few times, for a profiler to time each kernel (planner, decode) of a call:
+
+    ncu --clock-control none --metrics gpu__time_duration.sum -k regex:'plan_kernel|decode_kernel' \
+        python scripts/kernel_times.py --batch 32 --seqlen 1024 --heads 16 [--family narrow] [--s-q 1]
+
+The bench (python -m mla_gen.bench) is the instrument for speed claims; this only splits a call's time.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import mla_gen
+from mla_gen.testing import make_inputs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--seqlen", type=int, required=True)
+    ap.add_argument("--heads", type=int, required=True)
+    ap.add_argument("--s-q", type=int, default=1, dest="s_q")
+    ap.add_argument("--family", default=None)
+    ap.add_argument("--calls", type=int, default=3)
+    a = ap.parse_args()
+    inp = make_inputs([a.seqlen] * a.batch, heads=a.heads, s_q=a.s_q, page_size=64, device="cuda",
+                      generator=torch.Generator(device="cuda").manual_seed(0))
+    for _ in range(a.calls):
+        mla_gen.mla_decode(*inp.args(), family=a.family)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+// mla-gen family `narrow`: Hopper wgmma (sm_90a only) with the kv tokens on wgmma's M axis and the packed
+// query rows on N, for few rows (heads x s_q up to 32 at ckv 512, 64 at ckv 256).
+//
+// Why: wgmma's M is 64. The wgmma family puts query rows on M, so 16 heads are padded to 64 rows and
+// three quarters of its tensor work and softmax are waste, which on an H200 costs more than the memory
+// time at 16 heads. Here S^T = K Q^T (M = the 64 tokens of a kv tile, N = RN query rows, k = C + R) and
+// O^T = V^T P^T (M = 64 output columns per m-tile, N = RN, k = tokens): rows are padded to 8 only.
+//
+// Work: the contract of the other families. Grid (row blocks of RN = kBlockM packed rows r = s * heads + h,
+// parts); a CTA walks the kv segments of its part (for_each_segment) in 64-token tiles.
+//
+// Threads: two warpgroups, each an independent pipeline over alternate tiles of a segment (WG w takes
+// tiles w, w + 2, ...) with its own kv stage, P buffer, running max and sums: one warpgroup's softmax
+// and waits run under the other's tensor work, and both keep a tile of loads in flight. They meet
+// only at segment boundaries (the Q load; the epilogue that merges their softmax states).
+// Phases per tile, in one warpgroup (128 threads, named barrier 1 + wg):
+//   load     the WG's previous iteration issued this tile's cp.async gathers (token rows looked up in
+//            the block table: any page size; zero fill past the length); wait, fence.proxy.async, barrier.
+//   QK       S^T = K Q^T: wgmma m64nRNk16, A = the tile's token rows (K-major), B = Q (K-major), k16
+//            steps over C then R alternating two accumulator chains.
+//   softmax  over tokens (the M axis: lanes lane / 4 and the 4 warps) against a lazy reference max m per
+//            row shared by the warpgroup: P^T = 2^(s * scale * log2 e - m) is computed speculatively and
+//            stored, each warp publishes its tile max per row, and one barrier-reduction (bar.red.or)
+//            says whether some row's max passed m + 8. Rarely (a segment's first tile) all threads then
+//            take the slow path: the warpgroup's tile max, new m, O and l rescaled, P recomputed, a
+//            second barrier. So p <= 2^8 and a row that has seen nothing (m = -inf) uses reference 0.
+//   PV       O^T += V^T P^T: wgmma m64nRNk16 per 64-column m-tile, A = V^T = the first C columns of the
+//            same kv tile read MN-major (imm-trans-a 1: the cache is read once), B = P^T (K-major [RN][64]).
+//   next     wait, barrier (stage and P free in all 4 warps), issue the gathers of the WG's next tile.
+// Epilogue per segment: both warpgroups' (m, l, O) meet in shared memory (log-sum-exp merge), O is
+// normalised and written row-major (out, or the split's fp32 partial and lse, as the other families).
+//
+// Shared memory (1024-byte aligned panels, see sm90.cuh Panel): Q ckv [RN][C] | Q rope [RN][R] |
+// 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][RN][64] | per-warp row max/sum [2][4][RN] fp32 |
+// m [2][RN] fp32 | lse [RN] fp32. The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
+#pragma once
+#include "sm90.cuh"
+
+namespace mla_gen {
+namespace narrow {
+
+using namespace sm90;
+
+template <class Cfg>
+struct Layout {
+  using KV = typename Cfg::KVType;
+  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv");
+  static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim;
+  static constexpr int RN = Cfg::kBlockM, N = Cfg::kBlockN, W = Cfg::kWarps;
+  static constexpr int MT = C / 64;   // m64 tiles of O^T
+  using QN = Panel<C, RN>;
+  using QP = Panel<R, RN>;
+  using KN = Panel<C, N>;
+  using KP = Panel<R, N>;
+  using PP = Panel<N, RN>;
+
+  static constexpr int align(int x) { return (x + 1023) / 1024 * 1024; }
+  static constexpr int kOffQn = 0;
+  static constexpr int kOffQp = align(QN::kBytes);
+  static constexpr int kOffKV = align(kOffQp + QP::kBytes);
+  static constexpr int kStageBytes = KN::kBytes + KP::kBytes;
+  static constexpr int kOffP = kOffKV + 2 * kStageBytes;
+  static constexpr int kOffWarpRed = kOffP + 2 * PP::kBytes;  // [2][4][RN] fp32
+  static constexpr int kOffM = kOffWarpRed + 2 * 4 * RN * 4;  // [2][RN] fp32
+  static constexpr int kOffLse = kOffM + 2 * RN * 4;          // [RN] fp32
+  static constexpr int kSmemBytes = kOffLse + RN * 4;
+  static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
+  static constexpr int kOStride = C + 4;  // fp32 staging row: +4 floats keep the column writes conflict-free
+  static_assert(RN * kOStride * 4 <= 2 * kStageBytes, "the O staging fits over the kv stages");
+
+  static_assert(N == 64, "block_n: one wgmma m64 tile of tokens");
+  static_assert(W == 8, "warps: two warpgroups");
+  static_assert(RN % 8 == 0 && RN >= 8 && RN <= 64, "block_m: 8..64 rows, a multiple of 8 (wgmma n)");
+  static_assert(C % 64 == 0 && MT * RN / 2 <= 128, "O^T accumulators: at most 128 per thread");
+  static_assert(KN::kRowBytes == 128, "V is read MN-major from 128-byte swizzled column blocks");
+  static_assert(kOffKV % 1024 == 0 && kStageBytes % 1024 == 0 && KN::kBytes % 1024 == 0 && kOffP % 1024 == 0 &&
+                    PP::kBytes % 1024 == 0,
+                "panels start on 1024-byte boundaries (swizzle atoms)");
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+  using L = Layout<Cfg>;
+  using KV = typename Cfg::KVType;
+  using Q = typename Cfg::QType;
+  using OutT = typename Cfg::OutType;
+  using Out2 = typename Vec2<OutT>::type;
+  using QN = typename L::QN;
+  using QP = typename L::QP;
+  using KN = typename L::KN;
+  using KP = typename L::KP;
+  using PP = typename L::PP;
+  constexpr int H = L::H, C = L::C, RN = L::RN, N = L::N, MT = L::MT;
+  constexpr int SV = RN / 2;  // accumulators per thread of one m64nRN tile
+  constexpr int J = RN / 8;   // n8 column groups: a thread holds rows 8 j + 2 (lane % 4) + e, e = 0, 1
+  constexpr int kWgThreads = 128;
+  constexpr int TEAMS = kWgThreads / 8;  // copy teams of 8 lanes (128 contiguous bytes) per warpgroup
+  constexpr int TOK_ITERS = N / TEAMS;
+  constexpr int Q_ITERS = (RN + 2 * TEAMS - 1) / (2 * TEAMS);
+  constexpr float kRescaleLog2 = 8.f;
+
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t s_base = smem_u32(smem);
+  if (s_base & 1023u) __trap();  // the swizzle atoms of the descriptors need 1024-byte alignment
+  const uint32_t s_qn = s_base + L::kOffQn, s_qp = s_base + L::kOffQp;
+
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);  // warp-uniform (descriptors in uniform registers)
+  const int wg = warp >> 2, wq = warp & 3;
+  const int g = lane >> 2, tq = lane & 3;  // accumulator tokens 16 wq + g (+ 8), rows 8 j + 2 tq (+ 1)
+  const int bar_id = 1 + wg;
+  const int rows = p.s_q * H;
+  const int row0 = blockIdx.x * RN;
+  const int part = blockIdx.y;
+  const float scale_log2 = p.sm_scale * kLog2e;
+  const int* block_table = reinterpret_cast<const int*>(p.block_table);
+  const KV* ckv = reinterpret_cast<const KV*>(p.ckv);
+  const KV* kpe = reinterpret_cast<const KV*>(p.kpe);
+  const int team = (tid & (kWgThreads - 1)) >> 3, tl = tid & 7;
+
+  // this warpgroup's stage and P^T buffer; descriptors (uniform per warpgroup)
+  const uint32_t s_stage = s_base + L::kOffKV + wg * L::kStageBytes;
+  const uint32_t s_pt = s_base + L::kOffP + wg * PP::kBytes;
+  const uint64_t d_qn = QN::desc(s_qn), d_qp = QP::desc(s_qp), d_pt = PP::desc(s_pt);
+  const uint64_t d_kn = KN::desc(s_stage), d_kp = KP::desc(s_stage + KN::kBytes);
+  // V^T: MN-major A, m = 64 columns of one column block, k = tokens (8-row atoms SBO apart)
+  const uint64_t d_vt = make_desc(s_stage, KN::kBlockBytes, 8u * KN::kRowBytes, 1u);
+  const uint32_t s_wred = s_base + L::kOffWarpRed, s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
+
+  for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
+    const int b = seg.req;
+    const int len = seg.len;
+    const int n_tiles = seg.blk_hi - seg.blk_lo;
+    const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
+
+    // ---- load: token n of a tile is copied by team n mod TEAMS of the warpgroup; pages prefetched
+    int pf_page[TOK_ITERS], pf_off[TOK_ITERS];
+    auto prefetch_pages = [&](int blk) {
+#pragma unroll
+      for (int k = 0; k < TOK_ITERS; ++k) {
+        const int t = blk * N + team + k * TEAMS;
+        pf_page[k] = 0;
+        pf_off[k] = -1;  // -1: past the length (zero fill)
+        if (t < len) {
+          pf_page[k] = bt_row[t / p.page_size];
+          pf_off[k] = t % p.page_size;
+        }
+      }
+    };
+    auto issue_tile = [&]() {
+#pragma unroll
+      for (int k = 0; k < TOK_ITERS; ++k) {
+        const int n = team + k * TEAMS;
+        const bool valid = pf_off[k] >= 0;
+        const long long page = pf_page[k], off = valid ? pf_off[k] : 0;
+        KN::copy_row(s_stage, n, ckv + (page * p.ckv_stride_page + off * p.ckv_stride_tok + tl * 8), tl,
+                     valid ? 16 : 0);
+        KP::copy_row(s_stage + KN::kBytes, n, kpe + (page * p.kpe_stride_page + off * p.kpe_stride_tok + tl * 8),
+                     tl, valid ? 16 : 0);
+      }
+    };
+
+    // Q rows (zero padding past the last row) by all 256 threads, then each WG's first tile
+#pragma unroll
+    for (int k = 0; k < Q_ITERS; ++k) {
+      const int m = (tid >> 3) + k * 2 * TEAMS;
+      if (Q_ITERS * 2 * TEAMS == RN || m < RN) {
+        const int r = opaque(row0 + m);
+        const bool valid = r < rows;
+        const int s = valid ? r / H : 0, h = valid ? r % H : 0;
+        QN::copy_row(s_qn, m,
+                     reinterpret_cast<const Q*>(p.q_nope) +
+                         (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8),
+                     tl, valid ? 16 : 0);
+        QP::copy_row(s_qp, m,
+                     reinterpret_cast<const Q*>(p.q_pe) +
+                         (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8),
+                     tl, valid ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+    if (wg < n_tiles) {
+      prefetch_pages(seg.blk_lo + wg);
+      issue_tile();
+    }
+    cp_async_commit();
+    cp_async_wait<1>();   // this thread's Q copies
+    fence_proxy_async();  // -> visible to wgmma
+    __syncthreads();      // Q of every thread
+
+    // ---- per-thread row state: rows 8 j + 2 tq + e of the block (the same in the warpgroup's threads)
+    float m_run[J][2], l_run[J][2];
+    float o[MT][SV];
+#pragma unroll
+    for (int j = 0; j < J; ++j) m_run[j][0] = m_run[j][1] = -INFINITY, l_run[j][0] = l_run[j][1] = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < SV; ++i) o[mt][i] = 0.f;
+    // causal: row r (query token r / H) sees tokens t < len - s_q + r / H + 1; padding rows see t < len.
+    const int mask_from = len - p.s_q + 1;
+
+    for (int it = wg; it < n_tiles; it += 2) {
+      cp_async_wait<0>();
+      fence_proxy_async();  // this thread's copies of the tile -> visible to wgmma
+      named_barrier_sync(bar_id, kWgThreads);
+
+      // ---- QK: S^T = K Q^T, 64 tokens x RN rows
+      float sacc[2][SV];
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+#pragma unroll
+        for (int i = 0; i < SV; ++i) sacc[c][i] = 0.f;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) fence_regs(sacc[c]);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < QN::kSteps; ++ks)
+        wgmma_ss<RN, KV, 0>(sacc[ks % 2], desc_add(d_kn, KN::step(ks)), desc_add(d_qn, QN::step(ks)), 1);
+#pragma unroll
+      for (int ks = 0; ks < QP::kSteps; ++ks)
+        wgmma_ss<RN, KV, 0>(sacc[(QN::kSteps + ks) % 2], desc_add(d_kp, KP::step(ks)), desc_add(d_qp, QP::step(ks)),
+                            1);
+      wgmma_commit();
+      const bool more = it + 2 < n_tiles;
+      if (more) prefetch_pages(seg.blk_lo + it + 2);  // block-table reads overlap the tensor work
+      wgmma_wait<0>();
+#pragma unroll
+      for (int c = 0; c < 2; ++c) fence_regs(sacc[c]);
+
+      // ---- softmax over tokens: x[4 j + 2 h + e] = score of token 16 wq + g + 8 h, row 8 j + 2 tq + e
+      float x[SV];
+#pragma unroll
+      for (int i = 0; i < SV; ++i) x[i] = sacc[0][i] + sacc[1][i];
+      const int t_tile = (seg.blk_lo + it) * N;
+      if (t_tile + N > mask_from) {  // the last tile(s): per-row causal / length limit
+        const int r_lane = opaque(row0 + 2 * tq);
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = r_lane + 8 * j + e;
+            const int limit = r < rows ? mask_from + r / H : len;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              if (t_tile + 16 * wq + g + 8 * h >= limit) x[4 * j + 2 * h + e] = -INFINITY;
+          }
+      }
+      // tile max per row over this warp's 16 tokens (own 2, then lanes lane / 4); the scale is positive
+      float wmax[J][2];
+      bool move = false;
+#pragma unroll
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = fmaxf(x[4 * j + e], x[4 * j + 2 + e]);
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+          wmax[j][e] = v * scale_log2;
+          move |= wmax[j][e] > m_run[j][e] + kRescaleLog2;
+        }
+      if (g == 0) {
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) sts_f32(s_wred + 4 * ((wg * 4 + wq) * RN + 8 * j + 2 * tq + e), wmax[j][e]);
+      }
+      float lsum[J][2];
+      auto make_p = [&]() {  // P^T of this warp's tokens against m_run -> shared memory, lsum
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float neg_m = m_run[j][e] == -INFINITY ? 0.f : -m_run[j][e];
+            const int r = 8 * j + 2 * tq + e;
+            lsum[j][e] = 0.f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float pv = fast_exp2(fmaf(x[4 * j + 2 * h + e], scale_log2, neg_m));
+              lsum[j][e] += pv;
+              const int t = 16 * wq + g + 8 * h;
+              const KV pk = from_float<KV>(pv);
+              uint16_t bits;
+              memcpy(&bits, &pk, sizeof(bits));
+              sts_u16(s_pt + PP::off(r, t >> 3) + 2 * (t & 7), bits);
+            }
+          }
+        fence_proxy_async();  // P^T -> visible to wgmma
+      };
+      make_p();
+      if (named_barrier_or(bar_id, kWgThreads, move)) {  // P^T and warp maxima published; some row must move
+        float alpha[J][2];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 8 * j + 2 * tq + e;
+            float t = lds_f32(s_wred + 4 * ((wg * 4) * RN + r));
+#pragma unroll
+            for (int w = 1; w < 4; ++w) t = fmaxf(t, lds_f32(s_wred + 4 * ((wg * 4 + w) * RN + r)));
+            alpha[j][e] = 1.f;
+            if (t > m_run[j][e] + kRescaleLog2) {  // the same decision in every thread of the warpgroup
+              alpha[j][e] = fast_exp2(m_run[j][e] - t);  // 0 when m_run was -inf
+              m_run[j][e] = t;
+              l_run[j][e] *= alpha[j][e];
+              any = true;
+            }
+          }
+        if (any) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < J; ++j)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) o[mt][4 * j + i] *= alpha[j][i & 1];
+        }
+        make_p();
+        named_barrier_sync(bar_id, kWgThreads);  // the recomputed P^T of all 4 warps
+      }
+#pragma unroll
+      for (int j = 0; j < J; ++j) l_run[j][0] += lsum[j][0], l_run[j][1] += lsum[j][1];
+
+      // ---- PV: O^T[64 mt ..][rows] += V^T P^T, k = the tile's 64 tokens
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) fence_regs(o[mt]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          wgmma_ss<RN, KV, 0, 1>(o[mt], desc_add(d_vt, mt * KN::kBlockBytes + 16 * kk * KN::kRowBytes),
+                                 desc_add(d_pt, PP::step(kk)), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) fence_regs(o[mt]);
+
+      // ---- next: the stage and P^T are free once every warp of the warpgroup is past its wait
+      named_barrier_sync(bar_id, kWgThreads);
+      if (more) issue_tile();
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue: row sums over lanes and warps, the two warpgroups merged by log-sum-exp
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = l_run[j][e];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        l_run[j][e] = v;
+      }
+    __syncthreads();  // both warpgroups are done with their tiles: warp maxima, stages and P are free
+    if (g == 0) {
+#pragma unroll
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = 8 * j + 2 * tq + e;
+          sts_f32(s_wred + 4 * ((wg * 4 + wq) * RN + r), l_run[j][e]);
+          if (wq == 0) sts_f32(s_m + 4 * (wg * RN + r), m_run[j][e]);
+        }
+    }
+    __syncthreads();
+    float scale_own[J][2];
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = 8 * j + 2 * tq + e;
+        float mw[2], lw[2];
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          mw[w] = lds_f32(s_m + 4 * (w * RN + r));
+          lw[w] = 0.f;
+#pragma unroll
+          for (int q4 = 0; q4 < 4; ++q4) lw[w] += lds_f32(s_wred + 4 * ((w * 4 + q4) * RN + r));
+        }
+        const float m = fmaxf(mw[0], mw[1]);
+        const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
+        const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
+        const float l = a0 * lw[0] + a1 * lw[1];
+        scale_own[j][e] = l > 0.f ? (wg == 0 ? a0 : a1) / l : 0.f;
+        if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY);
+      }
+    // O staged row-major [RN][C + 4] fp32 over the kv stages: WG 0 stores, WG 1 adds
+    const uint32_t s_o = s_base + L::kOffKV;
+    auto o_addr = [&](int mt, int j, int i) {  // element O[row 8 j + 2 tq + (i & 1)][col 64 mt + 16 wq + g + 8 (i >> 1)]
+      return s_o + 4 * ((8 * j + 2 * tq + (i & 1)) * L::kOStride + 64 * mt + 16 * wq + g + 8 * (i >> 1));
+    };
+    if (wg == 0) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sts_f32(o_addr(mt, j, i), o[mt][4 * j + i] * scale_own[j][i & 1]);
+    }
+    __syncthreads();
+    if (wg == 1) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t a = o_addr(mt, j, i);
+            sts_f32(a, lds_f32(a) + o[mt][4 * j + i] * scale_own[j][i & 1]);
+          }
+    }
+    __syncthreads();
+
+    // ---- write: each thread 4 consecutive columns of a row
+    constexpr int kQuads = C / 4;
+    for (int idx = tid; idx < RN * kQuads; idx += 32 * Cfg::kWarps) {
+      const int rl = idx / kQuads, c = 4 * (idx % kQuads);
+      const int r = row0 + rl;
+      if (r >= rows) continue;
+      const float4 v = *reinterpret_cast<const float4*>(smem + L::kOffKV + 4 * (rl * L::kOStride + c));
+      const float lse = lds_f32(s_lse + 4 * rl);
+      if (seg.split) {
+        float* dst = reinterpret_cast<float*>(p.partial_o) + (static_cast<long long>(seg.slot) * rows + r) * C + c;
+        *reinterpret_cast<float4*>(dst) = v;
+        if (c == 0) reinterpret_cast<float*>(p.partial_lse)[static_cast<long long>(seg.slot) * rows + r] = lse;
+      } else {
+        const int s = r / H, h = r % H;
+        OutT* dst = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + c;
+        reinterpret_cast<Out2*>(dst)[0] = from_float2<OutT>(make_float2(v.x, v.y));
+        reinterpret_cast<Out2*>(dst)[1] = from_float2<OutT>(make_float2(v.z, v.w));
+        if (p.lse && c == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+      }
+    }
+    __syncthreads();  // the next segment rewrites Q, the stages and the exchange arrays
+  });
+}
+
+}  // namespace narrow
+}  // namespace mla_gen

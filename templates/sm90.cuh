@@ -1,0 +1,157 @@
+// mla-gen: what the Hopper (sm_90a) families share: async-proxy fences, wgmma ordering, shared-memory
+// matrix descriptors, the generated wgmma wrappers, and Panel, a [rows][width] tile of 16-bit elements
+// stored in wgmma's 128/64/32-byte swizzle atoms (see Panel).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common.cuh"
+#include "ptx.cuh"
+#include "wgmma_ops.cuh"
+
+namespace mla_gen {
+namespace sm90 {
+
+// ---- PTX primitives ------------------------------------------------------------------------------
+
+// Generic-proxy writes to shared memory (st.shared, cp.async) -> visible to the async proxy (wgmma).
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// wgmma ordering: fence before the first wgmma that reads registers written by other instructions,
+// commit the issued wgmmas as one group, wait until at most N groups are pending.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins accumulator registers at this point of the program: the compiler may not move their reads
+// or writes across it (so nothing touches them while a wgmma that writes them is in flight).
+template <int K>
+__device__ __forceinline__ void fence_regs(float (&d)[K]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int K, int J>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[K][J]) {
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+#pragma unroll
+    for (int j = 0; j < J; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+
+// Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte units),
+// swizzle mode (1 = 128 B, 2 = 64 B, 3 = 32 B) in bits 62-63; base offset 0 (atoms are aligned).
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo, uint32_t mode) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (static_cast<uint64_t>(mode) << 62);
+}
+// The same descriptor `bytes` further on (the address field does not overflow: smem < 256 KB).
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+// wgmma.mma_async m64nNk16 (generated wrappers: wgmma_ops.cuh.jinja, rendered for the variant's dtype).
+// wgmma_ss: A and B from shared memory, A K-major unless TransA; B K-major (TransB 0) or MN-major (1).
+// wgmma_rs: A from registers. scale_d 0 overwrites d instead of adding.
+template <int N, typename T, int TransB, int TransA = 0>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {
+  static_assert(std::is_same<T, wgmma_ops::Element>::value, "wgmma_ops.cuh was rendered for another dtype");
+  wgmma_ops::mma_ss<N, TransA, TransB>(d, a, b, scale_d);
+}
+template <int N, typename T, int TransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int scale_d) {
+  static_assert(std::is_same<T, wgmma_ops::Element>::value, "wgmma_ops.cuh was rendered for another dtype");
+  wgmma_ops::mma_rs<N, TransB>(d, a, b, scale_d);
+}
+
+// Two fp32 -> one register of two 16-bit values (the lower column in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const typename Vec2<T>::type v = from_float2<T>(make_float2(lo, hi));
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// 2^x with one MUFU.EX2 (subnormal results flush to 0: such probabilities add nothing); 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// An empty volatile asm the optimiser cannot see through (keeps cheap per-thread values from being
+// hoisted out of loops and held in registers).
+__device__ __forceinline__ int opaque(int v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ const T* opaque(const T* v) {
+  asm volatile("" : "+l"(v));
+  return v;
+}
+
+// ---- end PTX primitives --------------------------------------------------------------------------
+
+// A [ROWS][W] panel of 16-bit elements in wgmma swizzle atoms. A panel of width W is stored as W / 64
+// column blocks [rows][64] (128-byte rows, 128-byte swizzle: 16-byte chunk c of row r at chunk c ^ (r & 7))
+// when 64 divides W, else as one block of 64-byte rows (W = 32, 64-byte swizzle: c ^ ((r >> 1) & 3)) or
+// 32-byte rows (W = 16, c ^ ((r >> 2) & 1)). These are exactly the canonical wgmma swizzle atoms (8 rows x
+// row bytes), so descriptors describe panels directly: K-major with SBO = 8 rows (k16 step = +32 bytes
+// inside a row, next block = +block bytes); MN-major (128-byte rows only) with LBO = one column block
+// (64 columns) and SBO = 8 rows.
+template <int W, int ROWS>
+struct Panel {
+  static_assert(W % 64 == 0 || W == 32 || W == 16, "panel width: 16, 32 or a multiple of 64");
+  static_assert(ROWS % 8 == 0, "panel rows: whole 8-row atoms");
+  static constexpr int kBlockCols = W % 64 == 0 ? 64 : W;
+  static constexpr int kRowBytes = 2 * kBlockCols;  // 128, 64 or 32
+  static constexpr int kChunks = kRowBytes / 16;    // 16-byte chunks per block row
+  static constexpr int kBlocks = W / kBlockCols;
+  static constexpr int kBlockBytes = ROWS * kRowBytes;
+  static constexpr int kBytes = kBlocks * kBlockBytes;
+  static constexpr uint32_t kMode = kRowBytes == 128 ? 1u : (kRowBytes == 64 ? 2u : 3u);
+  static constexpr uint32_t kSbo = 8u * kRowBytes;  // one 8-row atom
+  static constexpr int kSteps = W / 16;             // k16 steps when the panel is a K-major operand
+
+  __device__ __forceinline__ static int swz(int row, int chunk) {
+    if constexpr (kChunks == 8) return chunk ^ (row & 7);
+    else if constexpr (kChunks == 4) return chunk ^ ((row >> 1) & 3);
+    else return chunk ^ ((row >> 2) & 1);
+  }
+  // byte offset of 16-byte chunk c (0 .. W/8-1) of row r
+  __device__ __forceinline__ static uint32_t off(int r, int c) {
+    return static_cast<uint32_t>((c / kChunks) * kBlockBytes + r * kRowBytes + swz(r, c % kChunks) * 16);
+  }
+  // byte offset of k16 step ks (K-major operand): 32 bytes per step inside a row, then the next block
+  static constexpr uint32_t step(int ks) {
+    return static_cast<uint32_t>((ks * 32) / kRowBytes * kBlockBytes + (ks * 32) % kRowBytes);
+  }
+  // K-major descriptor of rows row0 .. of this panel at `base` (LBO unused with swizzling: 1)
+  __device__ __forceinline__ static uint64_t desc(uint32_t base, int row0 = 0) {
+    return make_desc(base + row0 * kRowBytes, 16u, kSbo, kMode);
+  }
+
+  // Copies one row: lane tl of a team of 8 copies chunks tl, tl + 8, ... from src (already advanced
+  // by tl chunks); bytes = 0 zero-fills and reads nothing.
+  template <typename T>
+  __device__ __forceinline__ static void copy_row(uint32_t dst, int row, const T* src, int tl, int bytes) {
+    src = opaque(src);  // chunk tl + 8 i is then src + 128 i bytes: immediates, not a register per chunk
+    if constexpr (kChunks == 8) {
+      const uint32_t d = dst + row * kRowBytes + swz(row, tl) * 16;
+#pragma unroll
+      for (int i = 0; i < kBlocks; ++i) cp_async_16(d + i * kBlockBytes, src + 64 * i, bytes);
+    } else {
+      if (tl < kChunks) cp_async_16(dst + row * kRowBytes + swz(row, tl) * 16, src, bytes);
+    }
+  }
+};
+
+
+}  // namespace sm90
+}  // namespace mla_gen

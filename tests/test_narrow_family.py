@@ -1,0 +1,104 @@
+"""The narrow family (templates/narrow.cuh): sm_90a only, tile rules (rows on wgmma n, at most 128 O^T
+accumulators per thread), the shared-memory formula, dispatch for few rows, and (slow, real nvcc) a build
+with no spills and no warnings whose SASS carries HGMMA with the query rows as n."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from generator.errors import SpecError
+from generator.select import decide, default_tile, families_for
+from generator.spec import Arch, DType, Family, Tile, VariantSpec, narrow_max_rows
+
+BF16 = DType.BF16
+
+
+def narrow(heads: int = 16, ckv: int = 512, rope: int = 64, tile: Tile | None = None, s_q: int = 1,
+           arch: Arch = Arch.SM90A) -> VariantSpec:
+    tile = tile or default_tile(Family.NARROW, heads, ckv, rope, Arch.SM90A, s_q)
+    return VariantSpec(heads, ckv, rope, BF16, BF16, BF16, Family.NARROW, tile, arch)
+
+
+@pytest.mark.parametrize("arch", [a for a in Arch if a is not Arch.SM90A], ids=lambda a: a.nvcc_name)
+def test_narrow_only_for_sm90a(arch: Arch) -> None:
+    assert Family.NARROW not in families_for(arch)
+    with pytest.raises(SpecError, match=r"^arch: family narrow"):
+        narrow(arch=arch)
+
+
+@pytest.mark.parametrize("heads, s_q, ckv, rope, rows", [
+    (1, 1, 512, 64, 8), (16, 1, 512, 64, 16), (20, 1, 512, 64, 24), (16, 2, 512, 64, 32),
+    (40, 1, 512, 64, 32), (128, 1, 512, 64, 32), (40, 1, 256, 32, 40), (128, 2, 256, 32, 40)])
+def test_default_tile_rows(heads: int, s_q: int, ckv: int, rope: int, rows: int) -> None:
+    spec = narrow(heads, ckv, rope, s_q=s_q)
+    assert spec.tile == Tile(rows, 64, 2, 8)
+    assert spec.smem_bytes <= Arch.SM90A.max_smem_per_block
+
+
+def test_max_rows_keep_o_accumulators_at_128() -> None:
+    assert narrow_max_rows(512) == 32 and narrow_max_rows(256) == 40 and narrow_max_rows(128) == 40
+    for ckv in (128, 256, 512):
+        assert ckv // 64 * narrow_max_rows(ckv) // 2 <= 128
+
+
+def test_shared_memory_formula() -> None:
+    # q 16x512 + 16x64 (each 1024-aligned), 2 stages of 64x576, P^T 2x16x64, [2][4][16] + [2][16] + [16] fp32
+    assert narrow().smem_bytes == 16 * 512 * 2 + 2048 + 2 * 64 * 576 * 2 + 2 * 16 * 64 * 2 + 11 * 16 * 4 == 170688
+    # rope 32 at 24 rows: the q rope panel (1536 B) is padded to 2048 before the kv stages
+    spec = narrow(heads=24, ckv=256, rope=32)
+    assert spec.smem_bytes == 24 * 256 * 2 + 2048 + 2 * 64 * 288 * 2 + 2 * 24 * 64 * 2 + 11 * 24 * 4
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(tile=Tile(12, 64, 2, 8)), "tile.block_m"),
+    (dict(tile=Tile(40, 64, 2, 8)), "tile.block_m"),   # 8 m-tiles x 20 > 128 accumulators at ckv 512
+    (dict(tile=Tile(16, 32, 2, 8)), "tile.block_n"),
+    (dict(tile=Tile(16, 64, 3, 8)), "tile.stages"),
+    (dict(tile=Tile(16, 64, 2, 4)), "tile.warps"),
+    (dict(ckv=480, tile=Tile(16, 64, 2, 8)), "ckv_dim"),
+    (dict(ckv=640, tile=Tile(16, 64, 2, 8)), "ckv_dim"),
+    (dict(rope=48, tile=Tile(16, 64, 2, 8)), "rope_dim"),
+])
+def test_invalid_tiles_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(SpecError) as info:
+        narrow(**kwargs)
+    assert str(info.value).startswith(f"{field}:"), str(info.value)
+
+
+@pytest.mark.parametrize("heads, s_q, ckv, rope", [(1, 1, 512, 64), (16, 1, 512, 64), (16, 2, 512, 64),
+                                                   (32, 1, 512, 64), (40, 1, 256, 32), (20, 2, 256, 32)])
+def test_dispatch_picks_narrow_for_few_rows(heads: int, s_q: int, ckv: int, rope: int) -> None:
+    d = decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=ckv, rope_dim=rope, dtype=BF16, s_q=s_q)
+    assert d.spec.family is Family.NARROW and d.m_blocks == 1
+    assert d.reasons[0].startswith("family narrow:")
+
+
+@pytest.fixture(scope="module")
+def narrow_entry(tmp_path_factory):
+    from generator.build import build
+    from generator.cache import BinaryCache
+
+    result = build(narrow(heads=32), BinaryCache(tmp_path_factory.mktemp("narrow_cache")))
+    assert result.built
+    return result.entry
+
+
+@pytest.mark.slow
+def test_narrow_variant_has_no_spills_and_no_warnings(narrow_entry):
+    log = (narrow_entry.path / "build.log").read_text()
+    decode = next(k for k in narrow_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
+    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
+    assert "warning" not in log.lower(), log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+def test_narrow_sass_uses_hgmma_with_rows_as_n(narrow_entry):
+    sass = subprocess.run(["cuobjdump", "--dump-sass", str(narrow_entry.so_path())], capture_output=True, text=True,
+                          check=True).stdout
+    # 36 k16 steps of S^T = K Q^T and 8 m-tiles x 4 k16 steps of O^T = V^T P^T, all m64 n32
+    assert sass.count("HGMMA.64x32x16.F32.BF16") == 36 + 32
+    assert "LDGSTS.E.BYPASS.128" in sass
+    assert " LDL" not in sass and " STL" not in sass
