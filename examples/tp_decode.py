@@ -7,16 +7,19 @@ o_proj by its input columns), a full copy of the paged latent cache, and decodes
 mla-gen; the o_proj partial sums are all-reduced. Rank 0 then runs the whole layer on its GPU and
 prints the relative L2 error of the tensor-parallel result against it and against a float64
 vanilla layer, the compile count per kernel variant (all ranks start on one cache directory; with
---cold it is emptied first: each variant must be compiled once and loaded by every rank), and
-every rank's decode step time.
+--cold they share a new empty one, removed afterwards, so each variant must be compiled once and
+loaded by every rank; the user's cache is never touched), and every rank's decode step time.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -36,13 +39,40 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=2048, help="cached tokens per request before the decode step")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed decode steps")
-    p.add_argument("--cold", action="store_true", help="empty MLA_GEN_CACHE_DIR first (rank 0, before a barrier)")
+    p.add_argument("--cold", action="store_true", help="start every rank on a new empty cache folder (removed at the end), "
+                                                           "not MLA_GEN_CACHE_DIR")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@contextlib.contextmanager
+def cold_cache(share: Callable[[str | None], str], rank: int = 0) -> Iterator[Path]:
+    """A new empty cache folder for this run, exported as MLA_GEN_CACHE_DIR: rank 0 makes it,
+    `share` hands its path to every rank, and rank 0 removes it on exit. The cache the user had
+    (MLA_GEN_CACHE_DIR or ~/.cache/mla_gen) is never written or deleted."""
+    made = tempfile.mkdtemp(prefix="mla_gen_cold_") if rank == 0 else None
+    path = share(made)
+    before = os.environ.get("MLA_GEN_CACHE_DIR")
+    os.environ["MLA_GEN_CACHE_DIR"] = path
+    try:
+        yield Path(path)
+    finally:
+        if before is None:
+            del os.environ["MLA_GEN_CACHE_DIR"]
+        else:
+            os.environ["MLA_GEN_CACHE_DIR"] = before
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def from_rank0(value: str | None) -> str:
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def main() -> int:
@@ -53,12 +83,16 @@ def main() -> int:
     local = int(os.environ.get("LOCAL_RANK", rank))
     torch.cuda.set_device(local)
     dev = torch.device("cuda", local)
-    cfg = model_config(args.preset)
-    if args.cold and rank == 0:
-        cache_dir = Path(os.environ.get("MLA_GEN_CACHE_DIR", Path.home() / ".cache" / "mla_gen"))
-        shutil.rmtree(cache_dir, ignore_errors=True)
-    dist.barrier()
+    with cold_cache(from_rank0, rank) if args.cold else contextlib.nullcontext():
+        decode_and_compare(args, rank, world, dev)
+        dist.barrier()  # every rank done with the cache before rank 0 removes a cold one
+    dist.destroy_process_group()
+    return 0
 
+
+def decode_and_compare(args: argparse.Namespace, rank: int, world: int, dev: torch.device) -> None:
+    """The tensor-parallel decode on every rank; rank 0 prints the comparison and compile counts."""
+    cfg = model_config(args.preset)
     # One full layer, the same random weights on every rank (float32 on the CPU), sliced per rank.
     full = MLAAttention(cfg, hidden_size=args.hidden, generator=torch.Generator().manual_seed(args.seed))
     state = full.state_dict()
@@ -124,9 +158,6 @@ def main() -> int:
         for g_ in gathered:
             print(f"rank {g_['rank']}: heads [{g_['heads'][0]}, {g_['heads'][1]}), decode step "
                   f"(layer + all-reduce) {g_['step_us']:.1f} us median of {args.steps}, backend {g_['backend']}")
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -119,11 +119,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_emit(args: argparse.Namespace) -> int:
+def _write_folder(folder: Path, files: dict[str, str]) -> None:
+    """emit's files into `folder`; a folder that cannot be made or written is a usage error of --out."""
     from generator.build import write_if_different
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            write_if_different(folder / name, text)
+    except OSError as e:
+        raise UsageError(f"argument --out: cannot write {e.filename or folder}: {e.strerror}") from None
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
     from generator.render import render_sources
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {out} is a file, expected a folder")
     try:
         from generator.toolchain import toolchain
         tc = toolchain()
@@ -132,10 +145,7 @@ def cmd_emit(args: argparse.Namespace) -> int:
     written = []
     for spec in _select(args):
         folder = out / spec.arch.value / spec.variant_id
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, text in render_sources(spec).items():
-            write_if_different(folder / name, text)
-        write_if_different(folder / "build.ninja", _emit_ninja(spec, tc))
+        _write_folder(folder, {**render_sources(spec), "build.ninja": _emit_ninja(spec, tc)})
         written.append({"variant_id": spec.variant_id, "folder": str(folder)})
     written.append(_emit_launcher(out, tc))
     if args.json:
@@ -158,7 +168,6 @@ def _emit_ninja(spec: VariantSpec, tc: Any) -> str:
 
 def _emit_launcher(out: Path, tc: Any) -> dict[str, str]:
     """The launcher's sources (shared by every variant) into OUT/launcher/<name>/."""
-    from generator.build import write_if_different
     from generator.cache import LAUNCHER_FOLDER, this_ext_suffix
     from generator.launcher import launcher_name, plan_launcher
     from generator.render import LAUNCHER_MODULE, render_launcher_ninja, render_launcher_sources
@@ -171,10 +180,7 @@ def _emit_launcher(out: Path, tc: Any) -> dict[str, str]:
         ninja = render_launcher_ninja(launcher_name=name, cxx="c++", cxx_flags=["-std=c++17", "-O2", "-fPIC", "-I."],
                                       ldflags=["-shared", "-ldl"], so_name=LAUNCHER_MODULE + this_ext_suffix())
     folder = out / LAUNCHER_FOLDER / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for file, text in sources.items():
-        write_if_different(folder / file, text)
-    write_if_different(folder / "build.ninja", ninja)
+    _write_folder(folder, {**sources, "build.ninja": ninja})
     return {"launcher": name, "folder": str(folder)}
 
 
@@ -233,8 +239,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------------
 
-def make_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="mla-gen's kernel compiler: list, emit, build and cache MLA decode "
+def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="mla-gen's kernel compiler: list, emit, build and cache MLA decode "
                                        "kernel variants, and explain dispatch decisions.")
     p.add_argument("--version", action="version", version=f"mla-gen {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
@@ -284,20 +290,26 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Runs one command; `prog` names the program in usage lines and errors."""
+    parser = make_parser(prog)
     try:
         args = parser.parse_args(argv)
         return args.fn(args)
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except SpecError as e:
-        print(f"{PROG}: error: {_usage_message(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_usage_message(e)}", file=sys.stderr)
         return 2
     except MlaGenError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `... | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0
+
+
+def console_main() -> int:
+    """The `mla-gen` console script: the same commands, named as the user typed them."""
+    return main(prog=Path(sys.argv[0]).name or PROG)

@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from generator.errors import SpecError
-from generator.spec import Arch, DType, Family, Tile, VariantSpec, narrow_max_rows
+from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, narrow_max_rows, smem_bytes
 
 # Families with a template, fastest first (narrow: only where all rows fit one narrow CTA, see decide;
 # seesaw: not yet measured, after wgmma, so dispatch keeps wgmma by default).
@@ -19,7 +19,7 @@ FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.SEESAW, Family.MMA, Family.S
 WGMMA_FEW_HEADS_NOTE = ("also for few heads: measured on H100 at 16 heads no slower than mma "
                         "(238 vs 241 us B128 S4096, 40 vs 42 us B32 S1024)")
 # Tokens of kv that one part must at least get before splitting pays for its fixed costs.
-MIN_TOKENS_PER_PART = 128
+MIN_TOKENS_PER_PART = 256
 # Most CTA columns a grid may have: the merge kernel holds one weight per part of a request in shared
 # memory (templates/common.cuh kMergeMaxSplits).
 MAX_PARTS = 2048
@@ -35,8 +35,8 @@ def families_for(arch: Arch) -> list[Family]:
 def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None,
                  s_q: int = 1) -> Tile:
     """The tile a family uses for a head count and query length (rows per CTA)."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= 1024:
-        raise SpecError(f"num_heads: expected 1..1024, got {num_heads!r}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= MAX_HEADS:
+        raise SpecError(f"num_heads: expected 1..{MAX_HEADS}, got {num_heads!r}")
     if family is Family.SIMT:
         block_m = min(16, 1 << max(0, math.ceil(math.log2(num_heads))))
         warps = 8 if ckv_dim % 512 == 0 else (4 if ckv_dim % 256 == 0 else 2 if ckv_dim % 128 == 0 else 1)
@@ -55,6 +55,11 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
     raise SpecError(f"family: no tile rules for {family.value}")
 
 
+def _fits(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, arch: Arch) -> bool:
+    """Whether the tile's shared memory (16-bit q and kv, as every kernel dtype) fits a block on `arch`."""
+    return smem_bytes(family, tile, ckv_dim, rope_dim, DType.BF16.itemsize) <= arch.max_smem_per_block
+
+
 def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
     """mma tile: rows per CTA from the head count (a warp owns 16 rows at block_m 16, else 32, and
     a quarter of the ckv columns), then as many kv stages as shared memory holds (at most 8), so
@@ -69,12 +74,12 @@ def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) ->
     for block_m, block_n, warps in candidates:
         for stages in range(8, 1, -1):
             tile = Tile(block_m, block_n, stages, warps)
-            try:  # validates the tile for these dims and checks its shared memory against the arch
+            if not _fits(Family.MMA, tile, ckv_dim, rope_dim, arch or Arch.SM80):
+                continue  # fewer stages
+            try:  # the family's other rules for these dims (stage-independent)
                 VariantSpec(num_heads, ckv_dim, rope_dim, DType.BF16, DType.BF16, DType.BF16, Family.MMA, tile,
                             arch or Arch.SM80)
-            except SpecError as e:
-                if "shared memory" in str(e):
-                    continue  # fewer stages
+            except SpecError:
                 break  # this shape does not suit the dims: next candidate
             return tile
     # nothing fits: return the smallest so that VariantSpec reports the problem with its field
@@ -86,14 +91,8 @@ def _wgmma_tile(ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
     memory holds, at most 4 (512/64: 2 stages, 225 KB; 256/32: 4 stages)."""
     for stages in range(4, 1, -1):
         tile = Tile(64, 64, stages, 8)
-        try:
-            VariantSpec(64, ckv_dim, rope_dim, DType.BF16, DType.BF16, DType.BF16, Family.WGMMA, tile,
-                        arch or Arch.SM90A)
-        except SpecError as e:
-            if "shared memory" in str(e):
-                continue
-            break
-        return tile
+        if _fits(Family.WGMMA, tile, ckv_dim, rope_dim, arch or Arch.SM90A):
+            return tile
     return Tile(64, 64, 2, 8)
 
 

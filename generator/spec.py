@@ -152,6 +152,9 @@ class Tile:
         return cls(*(int(g) for g in m.groups()))
 
 
+# Query heads per GPU: every MLA model has at most 128 (DeepSeek-V2/V3), and the GPU tests cover 1..128.
+MAX_HEADS = 128
+
 _ID_RE = re.compile(r"mla_decode_h(\d+)_c(\d+)_r(\d+)_([a-z0-9]+)_([a-z0-9]+)_([a-z]+)_"
                     r"(m\d+n\d+s\d+w\d+)_(sm\d+a?)")
 
@@ -169,7 +172,7 @@ class VariantSpec:
     arch: Arch
 
     def __post_init__(self) -> None:
-        _check_int("num_heads", self.num_heads, 1, 1024)
+        _check_int("num_heads", self.num_heads, 1, MAX_HEADS, "the most query heads of an MLA model and of the tests")
         _check_int("ckv_dim", self.ckv_dim, 16, 1024)
         _check_int("rope_dim", self.rope_dim, 16, 256)
         for name in ("ckv_dim", "rope_dim"):
@@ -251,28 +254,34 @@ class VariantSpec:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory of the decode kernel (must match the family's .cuh layout)."""
-        t, d, kv = self.tile, self.head_dim, self.kv_dtype.itemsize
-        if self.family is Family.SIMT:
-            # q tile in fp32, one kv tile, scores/probabilities in fp32, three per-row fp32 arrays
-            return t.block_m * d * 4 + t.block_n * d * kv + t.block_m * t.block_n * 4 + 3 * t.block_m * 4
-        if self.family is Family.WGMMA:
-            return _wgmma_smem_bytes(t, self.ckv_dim, self.rope_dim, kv)
-        if self.family is Family.NARROW:
-            return _narrow_smem_bytes(t, self.ckv_dim, self.rope_dim, kv)
-        if self.family is Family.SEESAW:
-            return _seesaw_smem_bytes(t, self.ckv_dim, self.rope_dim, kv)
-        # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
-        # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
-        wn = _mma_column_splits(t)
-        return (t.block_m * d * self.q_dtype.itemsize + t.stages * t.block_n * d * kv
-                + t.block_m * t.block_n * kv + 2 * wn * t.block_m * 4)
+        return smem_bytes(self.family, self.tile, self.ckv_dim, self.rope_dim, self.kv_dtype.itemsize)
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, itemsize: int) -> int:
+    """Dynamic shared memory of a family's decode kernel for a tile and dims, bytes (must match the
+    family's .cuh layout). Computable before a spec exists, so tile rules can test the fit."""
+    t, d, kv = tile, ckv_dim + rope_dim, itemsize
+    if family is Family.SIMT:
+        # q tile in fp32, one kv tile, scores/probabilities in fp32, three per-row fp32 arrays
+        return t.block_m * d * 4 + t.block_n * d * kv + t.block_m * t.block_n * 4 + 3 * t.block_m * 4
+    if family is Family.WGMMA:
+        return _wgmma_smem_bytes(t, ckv_dim, rope_dim, kv)
+    if family is Family.NARROW:
+        return _narrow_smem_bytes(t, ckv_dim, rope_dim, kv)
+    if family is Family.SEESAW:
+        return _seesaw_smem_bytes(t, ckv_dim, rope_dim, kv)
+    # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
+    # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
+    wn = _mma_column_splits(t)
+    return (t.block_m * d * kv + t.stages * t.block_n * d * kv + t.block_m * t.block_n * kv
+            + 2 * wn * t.block_m * 4)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{name}: expected an integer, got {value!r}")
     if not lo <= value <= hi:
-        raise SpecError(f"{name}: expected {lo}..{hi}, got {value}")
+        raise SpecError(f"{name}: expected {lo}..{hi}{f' ({why})' if why else ''}, got {value}")
 
 
 def _check_simt(spec: VariantSpec) -> None:

@@ -17,7 +17,7 @@ from generator import env
 from generator.select import Decision
 from generator.spec import VariantSpec
 from mla_gen import validate
-from mla_gen.dispatch import choose, to_dtype
+from mla_gen.dispatch import choose, occupancy
 from mla_gen.loader import get_module
 from mla_gen.schedule import max_partials
 
@@ -62,11 +62,9 @@ class MLADecodeWrapper:
 
     def __init__(self, device: torch.device | str | int | None = None, *, family: str | None = None,
                  num_parts: int | None = None):
-        self._device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        if self._device.type == "cuda" and self._device.index is None:
-            self._device = torch.device("cuda", torch.cuda.current_device())
-        self._family = family
-        self._num_parts = num_parts
+        """Raises ValueError naming `device`, `family` or `num_parts` for a bad one."""
+        self._device = validate.check_device(device)
+        self._family, self._num_parts = validate.check_overrides(family, num_parts)
         self._plan: DecodePlan | None = None
 
     @property
@@ -79,24 +77,14 @@ class MLADecodeWrapper:
         """Fixes batch size (cache_seqlens.shape[0]), s_q, heads, dims, dtype, page size and block-table
         width. Reads no length values. Raises TypeError/ValueError for bad arguments and BuildError,
         ToolchainError or CacheError when the variant cannot be built."""
-        cache_seqlens = validate._tensor("cache_seqlens", cache_seqlens)
-        validate._dims("cache_seqlens", cache_seqlens, "batch")
-        validate._dtype("cache_seqlens", cache_seqlens, torch.int32)
-        for name, value in (("s_q", s_q), ("num_heads", num_heads), ("ckv_dim", ckv_dim), ("rope_dim", rope_dim),
-                            ("page_size", page_size), ("max_pages", max_pages)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        to_dtype(dtype)  # TypeError naming `dtype` unless bf16 or fp16
-        sm_scale = validate.check_sm_scale(sm_scale)
-        batch = cache_seqlens.shape[0]
-        if batch < 1:
-            raise ValueError("cache_seqlens: expected a batch of at least one request, got 0")
         device = self._device
-        if cache_seqlens.device != device:
-            raise ValueError(f"cache_seqlens: expected a tensor on {device} (the wrapper's device), "
-                             f"got {cache_seqlens.device}")
-        decision = choose(device.index, num_heads, ckv_dim, rope_dim, dtype, s_q, self._family, self._num_parts)
-        self._module = get_module(decision.spec)
+        batch, sm_scale = validate.check_plan(cache_seqlens, s_q, num_heads=num_heads, ckv_dim=ckv_dim,
+                                              rope_dim=rope_dim, page_size=page_size, max_pages=max_pages,
+                                              sm_scale=sm_scale, dtype=dtype, device=device)
+        # variant by the rules, then the grid by that variant's occupancy on this device
+        shape = (device.index, num_heads, ckv_dim, rope_dim, dtype, s_q, self._family, self._num_parts)
+        self._module = get_module(choose(*shape).spec)
+        decision = choose(*shape, ctas_per_sm=occupancy(self._module, device.index))
         parts = decision.num_parts
         slots = max_partials(parts)
         rows = s_q * num_heads
@@ -129,17 +117,23 @@ class MLADecodeWrapper:
         """out [B, s_q, H, C] (and lse [B, s_q, H] fp32 when the plan asked for it or lse= is given)."""
         if self._plan is None:
             raise RuntimeError("MLADecodeWrapper.run: call plan() first")
-        plan = self._plan
         shape = validate.check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                         plan.sm_scale, out, lse)
+                                         self._plan.sm_scale, out, lse)
+        device = validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
+                                        block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
+        return self._run_checked(shape, device, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
+                                 out, lse)
+
+    def _run_checked(self, shape: validate.DecodeShape, device: torch.device, q_nope, q_pe, ckv_cache, kpe_cache,
+                     block_table, cache_seqlens, out, lse):
+        """run() after check_structure and check_devices, which mla_decode has already done for the call."""
+        plan = self._plan
         self._check_against_plan(shape)
+        if device != plan.device:
+            raise ValueError(f"q_nope: expected a tensor on {plan.device} (the plan's device), got {device}")
         out = self._out if out is None else out
         if lse is None and plan.return_lse:
             lse = self._lse
-        validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
-                               block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
-        if q_nope.device != plan.device:
-            raise ValueError(f"q_nope: expected a tensor on {plan.device} (the plan's device), got {q_nope.device}")
         p = self._params(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse, shape)
         stream = torch.cuda.current_stream(plan.device).cuda_stream
         if torch.cuda.current_device() == plan.device.index:
@@ -247,25 +241,33 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
     head dim (e.g. 1/sqrt(192) x YaRN mscale^2), never 1/sqrt(C+R).
 
     Returns out [B, s_q, H, C] in q's dtype, and lse [B, s_q, H] fp32 (natural log of the scaled
-    scores' sum) when return_lse. check_values (default: MLA_GEN_DEBUG) checks lengths and page ids
-    on the host first (a device sync). family/num_parts override dispatch. Raises TypeError or
-    ValueError naming the argument; nothing is launched on bad input.
+    scores' sum) when return_lse. check_values (default: MLA_GEN_DEBUG) checks lengths, page ids
+    and that q is finite on the host first (a device sync). family/num_parts override dispatch. Raises
+    TypeError or ValueError naming the argument; nothing is launched on bad input.
+
+    Edge cases: B = 0 returns empty results and launches nothing; a request may be exactly its s_q new
+    tokens (seqlen == s_q). q's values are not inspected without check_values: a NaN or inf in a
+    query row makes that row's lse NaN or -inf (its out NaN or 0) and leaves every other row exact.
     """
     shape = validate.check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
                                      sm_scale, out, lse)
-    debug = env.debug() if check_values is None else check_values
-    if debug:
-        validate.check_values(cache_seqlens, block_table, shape)
+    family, num_parts = validate.check_overrides(family, num_parts)
+    if env.debug() if check_values is None else check_values:  # host reads: the kernels then see valid values
+        validate.check_values(cache_seqlens, block_table, shape, q_nope, q_pe)
     device = validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
                                     block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
+    if shape.batch == 0:  # nothing to decode: empty results, no launch
+        out = q_nope.new_empty(0, shape.s_q, shape.num_heads, shape.ckv_dim) if out is None else out
+        if not return_lse:
+            return out
+        return out, (q_nope.new_empty(0, shape.s_q, shape.num_heads, dtype=torch.float32) if lse is None else lse)
     wrapper = _wrapper_for(shape, device, float(sm_scale), return_lse, family, num_parts)
     if out is None:
         out = torch.empty(shape.batch, shape.s_q, shape.num_heads, shape.ckv_dim, dtype=shape.dtype, device=device)
     if return_lse and lse is None:
         lse = torch.empty(shape.batch, shape.s_q, shape.num_heads, dtype=torch.float32, device=device)
-    result = wrapper.run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out=out, lse=lse)
-    if debug:
-        wrapper.check_status()
+    result = wrapper._run_checked(shape, device, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
+                                  out, lse)
     if return_lse:
         return result
     return result[0] if isinstance(result, tuple) else result

@@ -29,11 +29,13 @@ import sys
 from typing import Sequence
 
 from generator.argtypes import OneLineParser, UsageError, nonneg_int, positive_float, positive_int
+from generator.spec import DType
 
 H100_BF16_RATE = 795e12  # dense bf16 tensor-core FLOP/s (H100 SXM)
 H100_BANDWIDTH = 3.02e12  # HBM3 bytes/s (H100 SXM)
 FORMS = ("absorbed", "vanilla")
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# the kernels' dtypes (generator.spec.DType), and fp32 and fp8 for pricing other precisions
+DTYPE_BYTES = {"fp32": 4, **{d.value: d.itemsize for d in DType}, "fp8": 1}
 
 
 @dataclasses.dataclass(frozen=True)

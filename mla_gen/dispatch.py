@@ -1,4 +1,6 @@
-"""Reads the device, asks generator.select for the variant and grid, caches the decision per shape."""
+"""The runtime's dispatch in two explicit steps: `choose` asks generator.select for the variant and
+grid with the device's numbers (pure, cached per shape); `occupancy` asks a loaded variant how many
+of its CTAs fit on one SM, and choosing again with that number sizes the grid to the real kernel."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,11 +8,10 @@ import functools
 
 import torch
 
+from generator import jit
 from generator.select import Decision, decide
-from generator.spec import Arch, DType, Family
-from mla_gen.loader import get_module
-
-_DTYPES = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16}
+from generator.spec import Arch, Family
+from mla_gen.dtypes import to_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,21 +28,20 @@ def device_info(index: int) -> DeviceInfo:
     return DeviceInfo(index, props.name, Arch.for_capability(props.major, props.minor), props.multi_processor_count)
 
 
-def to_dtype(dtype: torch.dtype) -> DType:
-    if dtype not in _DTYPES:
-        raise TypeError(f"dtype: expected torch.bfloat16 or torch.float16, got {dtype}")
-    return _DTYPES[dtype]
-
-
 @functools.lru_cache(maxsize=1024)
 def choose(device_index: int, num_heads: int, ckv_dim: int, rope_dim: int, dtype: torch.dtype, s_q: int,
-           family: str | None = None, num_parts: int | None = None) -> Decision:
-    """The decision for a shape on a device, with the grid sized by the variant's real occupancy."""
+           family: str | None = None, num_parts: int | None = None, ctas_per_sm: int | None = None) -> Decision:
+    """The rules' decision for a shape on a device. Loads nothing: the grid assumes `ctas_per_sm`
+    CTAs per SM (1 when None), so size it by calling again with `occupancy` of the chosen variant.
+    Raises SpecError (a ValueError) naming the field for a shape no variant takes."""
     info = device_info(device_index)
-    kwargs = dict(arch=info.arch, num_heads=num_heads, ckv_dim=ckv_dim, rope_dim=rope_dim, dtype=to_dtype(dtype),
+    return decide(arch=info.arch, num_heads=num_heads, ckv_dim=ckv_dim, rope_dim=rope_dim, dtype=to_dtype(dtype),
                   s_q=s_q, sm_count=info.sm_count, family=Family.parse(family) if family else None,
-                  num_parts=num_parts)
-    first = decide(**kwargs)
+                  num_parts=num_parts, ctas_per_sm=ctas_per_sm)
+
+
+def occupancy(variant: jit.Variant, device_index: int) -> int:
+    """CTAs of an opened variant's decode kernel resident on one SM of the device (from its real
+    registers and shared memory; at least 1)."""
     with torch.cuda.device(device_index):
-        ctas = max(1, get_module(first.spec).max_active_ctas())
-    return decide(**kwargs, ctas_per_sm=ctas)
+        return max(1, variant.max_active_ctas())

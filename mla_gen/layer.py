@@ -31,10 +31,10 @@ from torch import nn
 
 from generator.presets import ModelConfig, model_config
 from mla_gen import cost
+from mla_gen.dtypes import KERNEL_DTYPES
 from mla_gen.rope import RotaryEmbedding
 
 FORMS = ("auto", "vanilla", "absorbed")
-KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Keys whose rows (out features) or columns (in features) hold per-head blocks, for shard_state_dict.
 _HEAD_ROWS = ("q_proj.weight", "q_b_proj.weight", "kv_b_proj.weight")
 _HEAD_COLS = ("o_proj.weight",)

@@ -1,11 +1,22 @@
 """Random paged decode inputs for tests and the benchmark: scattered pages, NaN in every cache slot
 no request may read (unused pages and the tail of each request's last page), and unused
-block-table slots pointing at a page full of NaN, so a stray read shows in the output."""
+block-table slots pointing at a page full of NaN, so a stray read shows in the output; and the one
+table of how close the kernels must come to the float64 reference (DESIGN.md section 6)."""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+
+from generator.spec import DType
+
+# (relative L2, max abs / max |ref|) of out against the float64 reference, by kernel dtype. bf16
+# inputs are exact in the reference; the error is fp32 accumulation, P rounding and out's rounding.
+REF_TOL = {DType.BF16.value: (1e-2, 2e-2), DType.FP16.value: (2e-3, 4e-3)}
+LSE_TOL = 2e-3  # max abs of lse (fp32 throughout, so independent of the dtype)
+# relative L2 of a whole bf16 MLA layer (mla_gen.layer) against the float64 vanilla layer: the bf16
+# rounding of activations, cache and q_abs, plus the kernel's own error
+LAYER_TOL = 2e-2
 
 
 @dataclasses.dataclass
@@ -68,3 +79,22 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def max_abs(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).abs().max())
+
+
+def accuracy_problems(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Tensor, ref_lse: torch.Tensor | None,
+                      dtype: str | DType) -> list[str]:
+    """What is wrong with a kernel's out (and lse) against the float64 reference, by REF_TOL and
+    LSE_TOL: NaN (an unwritten or poisoned element) first, then the errors. Empty when all is well."""
+    tol_l2, tol_max = REF_TOL[DType.parse(dtype).value]
+    problems = [f"{name}: {n} elements NaN (unwritten or poisoned)" for name, t in (("out", out), ("lse", lse))
+                if t is not None and (n := int(t.isnan().sum()))]
+    if problems:
+        return problems
+    l2, mx, ref_max = rel_l2(out, ref), max_abs(out, ref), float(ref.double().abs().max())
+    if l2 > tol_l2:
+        problems.append(f"out: rel L2 {l2:.2e} > {tol_l2:.0e}")
+    if mx > tol_max * ref_max:
+        problems.append(f"out: max abs {mx:.2e} > {tol_max:.0e} x max|ref| ({ref_max:.2e})")
+    if lse is not None and ref_lse is not None and (err := max_abs(lse, ref_lse)) > LSE_TOL:
+        problems.append(f"lse: max abs {err:.2e} > {LSE_TOL:.0e}")
+    return problems

@@ -1,18 +1,21 @@
 """Argument checks of mla_decode, before anything is launched.
 
-Three stages, in order: `check_structure` (types, dtypes, dims, shapes agreeing, strides,
-alignment, sm_scale), `check_values` (lengths and page ids: reads device memory, so it runs on
-request or with MLA_GEN_DEBUG=1), `check_devices` (every tensor on q's CUDA device). Errors name
-the argument and what was expected: `ckv_cache: expected dtype torch.bfloat16, got torch.float16`.
+A call runs three stages, in order: `check_structure` (types, dtypes, dims, shapes agreeing,
+strides, alignment, sm_scale), `check_values` (lengths and page ids: reads device memory, so it runs
+on request or with MLA_GEN_DEBUG=1), `check_devices` (every tensor on q's CUDA device). A plan runs
+`check_plan`. Errors name the argument and what was expected:
+`ckv_cache: expected dtype torch.bfloat16, got torch.float16`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+from generator.spec import Family
+from mla_gen.dtypes import KERNEL_DTYPES, to_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +70,79 @@ def _vector_rows(name: str, t: torch.Tensor, leading: int) -> None:
         raise ValueError(f"{name}: data pointer is not 16-byte aligned (a view at an odd offset?)")
 
 
+def _no_overlap(name: str, t: torch.Tensor) -> None:
+    """An output written in parallel must not alias itself (an expanded view has stride 0)."""
+    for d in range(t.dim()):
+        if t.shape[d] > 1 and t.stride(d) == 0:
+            raise ValueError(f"{name}: stride 0 of dim {d} makes its elements overlap (an expanded view?); "
+                             f"expected a tensor the kernels can write")
+
+
 def check_sm_scale(sm_scale: object) -> float:
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):  # numpy scalars too
         raise TypeError(f"sm_scale: expected a float, got {type(sm_scale).__name__}")
     value = float(sm_scale)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"sm_scale: expected a finite number > 0, got {value}")
     return value
+
+
+def check_device(device: object) -> torch.device:
+    """The CUDA device a wrapper runs on: None (the current one), 'cuda', 'cuda:1', an index or a
+    torch.device. Raises ValueError naming `device`."""
+    try:
+        if device is None:
+            dev = torch.device("cuda")
+        elif isinstance(device, int) and not isinstance(device, bool):
+            dev = torch.device("cuda", device)
+        else:
+            dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected a CUDA device ('cuda', 'cuda:1', an index), got {device!r}") from None
+    if dev.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device, got {dev}")
+    if dev.index is None:
+        if not torch.cuda.is_available():
+            raise ValueError("device: expected a CUDA device, but torch sees none (torch.cuda.is_available() "
+                             "is false)")
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def check_overrides(family: object, num_parts: object) -> tuple[str | None, int | None]:
+    """Dispatch overrides: a family name (generator.spec.Family) and a positive part count, or None.
+    Raises ValueError naming `family` or `num_parts`."""
+    if family is not None and not isinstance(family, str):
+        raise ValueError(f"family: expected a family name ({', '.join(f.value for f in Family)}), got {family!r}")
+    if family is not None:
+        family = Family.parse(family).value  # SpecError, a ValueError, naming `family`
+    if num_parts is not None and (isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1):
+        raise ValueError(f"num_parts: expected a positive integer or None, got {num_parts!r}")
+    return family, num_parts
+
+
+def check_plan(cache_seqlens: object, s_q: object, *, num_heads: object, ckv_dim: object, rope_dim: object,
+               page_size: object, max_pages: object, sm_scale: object, dtype: object,
+               device: torch.device) -> tuple[int, float]:
+    """MLADecodeWrapper.plan's arguments: cache_seqlens an int32 [batch] tensor on `device` with
+    batch >= 1, positive integer sizes, a kernel dtype, a finite sm_scale > 0. Returns
+    (batch, sm_scale as a float). Raises TypeError/ValueError naming the argument."""
+    cache_seqlens = _tensor("cache_seqlens", cache_seqlens)
+    _dims("cache_seqlens", cache_seqlens, "batch")
+    _dtype("cache_seqlens", cache_seqlens, torch.int32)
+    for name, value in (("s_q", s_q), ("num_heads", num_heads), ("ckv_dim", ckv_dim), ("rope_dim", rope_dim),
+                        ("page_size", page_size), ("max_pages", max_pages)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    to_dtype(dtype)
+    scale = check_sm_scale(sm_scale)
+    batch = cache_seqlens.shape[0]
+    if batch < 1:
+        raise ValueError("cache_seqlens: expected a batch of at least one request, got 0")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens: expected a tensor on {device} (the wrapper's device), "
+                         f"got {cache_seqlens.device}")
+    return batch, scale
 
 
 def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale,
@@ -83,11 +152,11 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
     ckv_cache, kpe_cache = _tensor("ckv_cache", ckv_cache), _tensor("kpe_cache", kpe_cache)
     block_table, cache_seqlens = _tensor("block_table", block_table), _tensor("cache_seqlens", cache_seqlens)
     _dims("q_nope", q_nope, "batch, s_q, heads, ckv_dim")
-    _dtype("q_nope", q_nope, SUPPORTED_DTYPES)
+    _dtype("q_nope", q_nope, KERNEL_DTYPES)
     dtype = q_nope.dtype
     batch, s_q, heads, ckv_dim = q_nope.shape
-    if batch < 1 or s_q < 1 or heads < 1:
-        raise ValueError(f"q_nope: expected batch, s_q and heads >= 1, got shape {tuple(q_nope.shape)}")
+    if s_q < 1 or heads < 1:  # batch 0 is a step with nothing to decode
+        raise ValueError(f"q_nope: expected s_q and heads >= 1, got shape {tuple(q_nope.shape)}")
     _dims("q_pe", q_pe, "batch, s_q, heads, rope_dim")
     _dtype("q_pe", q_pe, dtype)
     for i, what in enumerate(("batch", "s_q", "heads")):
@@ -105,8 +174,8 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
     _agree("kpe_cache", "page_size", kpe_cache.shape[1], page_size, "ckv_cache")
     _agree("kpe_cache", "rope_dim (last dim)", kpe_cache.shape[2], rope_dim, "q_pe's last dim")
     for dim_name, dim in (("ckv_dim", ckv_dim), ("rope_dim", rope_dim)):
-        if dim % 16:
-            raise ValueError(f"q_nope/q_pe: {dim_name} {dim} is not a multiple of 16")
+        if dim < 16 or dim % 16:
+            raise ValueError(f"q_nope/q_pe: {dim_name} {dim} is not a positive multiple of 16")
     _dims("block_table", block_table, "batch, max_pages")
     _dtype("block_table", block_table, torch.int32)
     _agree("block_table", "batch (dim 0)", block_table.shape[0], batch, "q_nope")
@@ -129,6 +198,7 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
             raise ValueError(f"out: expected shape {(batch, s_q, heads, ckv_dim)}, got {tuple(out.shape)}")
         _dtype("out", out, dtype)
         _vector_rows("out", out, 3)
+        _no_overlap("out", out)
     if lse is not None:
         lse = _tensor("lse", lse)
         if tuple(lse.shape) != (batch, s_q, heads):
@@ -136,11 +206,21 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
         _dtype("lse", lse, torch.float32)
         if lse.stride(2) != 1:
             raise ValueError(f"lse: expected a contiguous last dim (heads), got strides {tuple(lse.stride())}")
+        _no_overlap("lse", lse)
     return DecodeShape(batch, s_q, heads, ckv_dim, rope_dim, dtype, num_pages, page_size, block_table.shape[1])
 
 
-def check_values(cache_seqlens: torch.Tensor, block_table: torch.Tensor, shape: DecodeShape) -> None:
-    """Lengths in [s_q, max_pages*page_size] and page ids in [0, num_pages). Copies to the host."""
+def check_values(cache_seqlens: torch.Tensor, block_table: torch.Tensor, shape: DecodeShape,
+                 q_nope: torch.Tensor | None = None, q_pe: torch.Tensor | None = None) -> None:
+    """Lengths in [s_q, max_pages*page_size], page ids in [0, num_pages), and q finite (a NaN or inf
+    would make its row's output meaningless). Copies to the host."""
+    for name, q in (("q_nope", q_nope), ("q_pe", q_pe)):
+        if q is not None and q.device.type in ("cpu", "cuda") and not bool(torch.isfinite(q).all()):
+            b, s, h = (int(i) for i in (~torch.isfinite(q)).nonzero()[0][:3])
+            raise ValueError(f"{name}: a value is not finite (NaN or inf) at [{b}, {s}, {h}]")
+    for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table)):
+        if t.device.type not in ("cpu", "cuda"):  # no values to read (a meta tensor)
+            raise ValueError(f"{name}: expected a CUDA tensor, got device {t.device}")
     lengths = cache_seqlens.detach().cpu().tolist()
     capacity = shape.max_pages * shape.page_size
     for b, length in enumerate(lengths):

@@ -18,9 +18,8 @@ import torch
 
 import mla_gen
 from mla_gen.reference import mla_decode_reference
-from mla_gen.testing import make_inputs, max_abs, rel_l2
-
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+from mla_gen.dtypes import to_dtype
+from mla_gen.testing import LSE_TOL, REF_TOL, make_inputs, max_abs, rel_l2
 
 
 def run_case(family: str, name: str, lengths, *, heads, ckv=512, rope=64, s_q=1, page=64, dtype=torch.bfloat16,
@@ -46,7 +45,7 @@ def run_case(family: str, name: str, lengths, *, heads, ckv=512, rope=64, s_q=1,
     nan_o, nan_l = int(out.isnan().sum()), int(lse.isnan().sum())
     o, l = out.nan_to_num(0.0), lse.nan_to_num(0.0)
     l2, mx, lerr = rel_l2(o, ref), max_abs(o, ref) / float(ref.abs().max()), max_abs(l, ref_lse)
-    ok = nan_o == 0 and nan_l == 0 and l2 <= TOL[dtype] and lerr <= 2e-3
+    ok = nan_o == 0 and nan_l == 0 and l2 <= REF_TOL[to_dtype(dtype).value][0] and lerr <= LSE_TOL
     print(f"{name:44s} {'ok  ' if ok else 'FAIL'} relL2 {l2:.2e} max {mx:.2e} lse {lerr:.2e} nan {nan_o}/{nan_l}")
     if not ok:
         d = (o.double() - ref).abs()

@@ -153,6 +153,9 @@ decode_kernel(const __grid_constant__ DecodeParams p) {
           if (n < N) s_s[m * N + n] = pv;
         }
         sum = warp_sum(sum);
+        // Every lane read row_max[m] above; lane 0 rewrites it below. The shuffles in warp_sum do
+        // not order shared-memory accesses, so order them explicitly (racecheck's hazard otherwise).
+        __syncwarp();
         if (lane == 0) {
           const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);
           row_alpha[m] = alpha;

@@ -4,6 +4,9 @@
   variable is set explicitly), so a test run never reads or writes the user's ~/.cache/mla_gen; `cache_root` gives one test a fresh cache of
   its own (subprocesses inherit it through os.environ).
 - Tests marked `gpu` are skipped when torch is missing or sees no CUDA device; `multigpu` needs two.
+- Tests marked `needs_nvcc` are skipped when the toolchain finds no nvcc.
+- Tests marked `sanitizer` (compute-sanitizer runs, minutes) run only when selected, `-m sanitizer`,
+  and skip without a CUDA device; neither the default run nor `-m gpu` runs them.
 """
 from __future__ import annotations
 
@@ -29,8 +32,29 @@ def _cuda_device_count() -> int:
         return 0
 
 
+def _nvcc_found() -> bool:
+    from generator.errors import ToolchainError
+    from generator.toolchain import find_nvcc
+
+    try:
+        find_nvcc()
+    except ToolchainError:
+        return False
+    return True
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    needs = [it for it in items if it.get_closest_marker("gpu") or it.get_closest_marker("multigpu")]
+    selected_sanitizer = "sanitizer" in (config.getoption("markexpr") or "")
+    for item in items:
+        if item.get_closest_marker("sanitizer") and not selected_sanitizer:
+            item.add_marker(pytest.mark.skip(reason="a compute-sanitizer run (minutes): select it with -m sanitizer"))
+    if any(it.get_closest_marker("needs_nvcc") for it in items) and not _nvcc_found():
+        for item in items:
+            if item.get_closest_marker("needs_nvcc"):
+                item.add_marker(pytest.mark.skip(reason="needs nvcc (none in MLA_GEN_NVCC, CUDA_HOME, PATH or "
+                                                        "pip nvidia-cuda-nvcc)"))
+    needs = [it for it in items if it.get_closest_marker("gpu") or it.get_closest_marker("multigpu")
+             or it.get_closest_marker("sanitizer")]
     if not needs:
         return  # do not import torch for a CPU-only selection
     count = _cuda_device_count()

@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from conftest import REPO
-from mla_gen.bench import main
-from mla_gen.bench_args import parse_options
-from mla_gen.bench_cases import Case, default_suite, subsample, visible_pairs, work
-from mla_gen.bench_impls import REF_TOL, Peers, Reference, compare, peer_support, prepare_torch
-from mla_gen.bench_report import (Check, Record, Timing, balance_lines, format_table, json_document, make_record,
+from mla_gen.bench.args import parse_options
+from mla_gen.bench.cases import Case, default_suite, subsample, work
+from mla_gen.bench.impls import Peers, Reference, compare, peer_support, prepare_torch
+from mla_gen.bench.report import (Check, Record, Timing, balance_lines, format_table, json_document, make_record,
                                   read_document)
-from mla_gen.roofline import Ceilings
-from mla_gen.testing import make_inputs
+from mla_gen.bench.roofline import Ceilings
+from mla_gen.bench.runner import main
+from mla_gen.cost import visible_pairs
+from mla_gen.dtypes import torch_dtype
+from mla_gen.testing import REF_TOL, make_inputs
 
 CEILINGS = Ceilings(copy_gbps=3000.0, matmul_tflops=800.0, copy_bytes=2 * 2**31, matmul_n=8192)
 
@@ -36,7 +38,7 @@ def test_work_of_case_3_by_hand() -> None:
     assert w.out_bytes == 64 * 2 * 128 * 512 * 2 == 16_777_216             # B x s_q x H x C
     assert w.bytes == 639_631_360
     # causal: query 0 sees 8191 tokens, query 1 sees 8192, so 16383 pairs per request and head
-    assert visible_pairs([8192] * 64, 2) == 64 * 16383 == 1_048_512
+    assert 64 * visible_pairs(2, 8192 - 2) == 64 * 16383 == 1_048_512
     assert w.flops == 2 * 128 * (512 + 64 + 512) * 1_048_512 == 292_039_950_336   # QK over C+R, PV over C
     assert w.intensity == pytest.approx(292_039_950_336 / 639_631_360)
 
@@ -55,9 +57,8 @@ def test_work_agrees_with_the_cost_model(batch: int, heads: int, ckv: int, rope:
 
 
 def test_visible_pairs_ragged_by_hand() -> None:
-    # s_q 3: a request of 5 sees 3, 4, 5 tokens; one of 3 sees 1, 2, 3
-    assert visible_pairs([5, 3], 3) == (3 + 4 + 5) + (1 + 2 + 3) == 18
-    assert visible_pairs([5, 3], 1) == 8
+    # s_q 3: a request of 5 tokens (2 cached before the step) sees 3, 4, 5 tokens; one of 3 sees 1, 2, 3
+    assert visible_pairs(3, 5 - 3) + visible_pairs(3, 3 - 3) == (3 + 4 + 5) + (1 + 2 + 3) == 18
 
 
 def test_work_minicpm3_dims_by_hand() -> None:
@@ -266,7 +267,7 @@ def test_torch_baseline_matches_reference(dtype: str) -> None:
     case = Case("t", 4, 8, ckv=64, rope=16, s_q=2, seqlen=None, seqlens_random=(2, 90), page_size=16, dtype=dtype,
                 seed=5)
     inp = make_inputs(case.lengths(), heads=8, ckv=64, rope=16, s_q=2, page_size=16, combined=True,
-                      dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
+                      dtype=torch_dtype(dtype),
                       generator=torch.Generator().manual_seed(5))
     out = prepare_torch(inp, case).run()
     assert out.shape == (4, 2, 8, 64) and out.dtype == inp.q.dtype
@@ -317,3 +318,40 @@ def test_plot_without_matplotlib_is_a_usage_error(monkeypatch: pytest.MonkeyPatc
     assert main(["--plot", "roofline.png"]) == 2
     err = capsys.readouterr().err
     assert "argument --plot: matplotlib is not installed" in err and len(err.strip().splitlines()) == 1
+
+
+# -- no machine paths in what a run records ------------------------------------------------------
+
+def _strings(doc: object):
+    if isinstance(doc, str):
+        yield doc
+    elif isinstance(doc, dict):
+        for k, v in doc.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _strings(v)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "docs").glob("*.json")), ids=lambda p: p.name)
+def test_committed_bench_documents_carry_no_machine_paths(path: Path) -> None:
+    absolute = [s for s in _strings(json.loads(path.read_text())) if Path(s).is_absolute()]
+    assert not absolute, absolute
+
+
+def test_settings_record_paths_relative_to_cwd_or_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mla_gen.bench import runner
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    (here / "peers").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    argv = ["--peers-dir", str(here / "peers"), "--json", str(elsewhere / "r.json"), "--iters", "30"]
+    monkeypatch.setattr(sys, "argv", ["python -m mla_gen.bench", *argv])
+    opts = parse_options(argv)
+    ctx = dataclasses.make_dataclass("Ctx", ["families"])([])
+    settings = runner._settings(opts, ctx)
+    assert settings["peers_dir"] == "peers"
+    assert settings["argv"] == ["--peers-dir", "peers", "--json", "r.json", "--iters", "30"]
+    assert not any(Path(s).is_absolute() for s in _strings(settings))

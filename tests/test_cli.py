@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +84,8 @@ def test_emit_writes_readable_sources(tmp_path: Path) -> None:
     (["list", "--preset", "deepseek-v3", "--tp", "3"], ["--tp"]),
     (["list", "--heads", "16", "--ckv", "256"], ["--rope"]),
     (["list", "--id", "not_a_variant"], ["--id", "not_a_variant"]),
+    (["list", "--heads", "129", "--ckv", "512", "--rope", "64"], ["--heads", "129"]),
+    (["explain", "--heads", "129", "--ckv", "512", "--rope", "64"], ["--heads", "129"]),
 ])
 def test_bad_input_exits_2_with_one_line(args: list[str], names: list[str]) -> None:
     proc = run_cli(*args)
@@ -105,6 +110,75 @@ def test_version() -> None:
 
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"mla-gen {__version__}"
+
+
+def test_heads_range_agrees_in_spec_cli_and_readme() -> None:
+    from conftest import REPO
+    from generator.spec import MAX_HEADS
+
+    assert f"1..{MAX_HEADS} heads" in (REPO / "README.md").read_text()
+    assert _json("list", "--heads", str(MAX_HEADS), "--ckv", "512", "--rope", "64", "--json")[0]["num_heads"] == MAX_HEADS
+    assert run_cli("list", "--heads", str(MAX_HEADS + 1), "--ckv", "512", "--rope", "64").returncode == 2
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file", "read-only", "proc"])
+def test_emit_out_that_cannot_be_written_is_one_line_exit_2(tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    if where == "read-only":
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out = locked / "build"
+        if os.access(locked, os.W_OK):  # root writes anywhere
+            pytest.skip("running as root: a read-only folder is still writable")
+    elif where == "proc":
+        out = Path("/proc/mla_gen_emit_test")  # no one may make a folder here, root neither
+        if not Path("/proc/self").exists():
+            pytest.skip("no /proc here")
+    else:
+        out = blocker if where == "file" else blocker / "build"
+    proc = run_cli("emit", "--heads", "16", "--ckv", "256", "--rope", "32", "--out", str(out))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m generator: error: argument --out: "), proc.stderr
+    assert "Traceback" not in proc.stderr and blocker.read_text() == "not a folder"
+
+
+def test_readme_generator_lines_are_commands() -> None:
+    """Each `python -m generator` line of README is one command that parses, not alternatives joined by |."""
+    import shlex
+
+    from conftest import REPO
+    from generator.cli import make_parser
+
+    lines = [ln.split("#")[0].strip() for ln in (REPO / "README.md").read_text().splitlines()
+             if ln.startswith("python -m generator ")]
+    assert len(lines) >= 6
+    for line in lines:
+        assert "|" not in line, line
+        argv = shlex.split(line.replace("[--json]", "--json"))[3:]
+        make_parser().parse_args(argv)  # UsageError on anything that is not a command
+
+
+CONSOLE = ("import sys; sys.argv[0] = '/somewhere/bin/mla-gen'; "
+           "from generator.cli import console_main; sys.exit(console_main())")
+
+
+def test_console_script_names_itself() -> None:
+    import tomllib
+
+    from conftest import REPO
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"mla-gen": "generator.cli:console_main"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    usage = subprocess.run([sys.executable, "-c", CONSOLE, "list", "--help"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: mla-gen list"), usage.stdout
+    bad = subprocess.run([sys.executable, "-c", CONSOLE, "list", "--heads", "0", "--ckv", "256", "--rope", "32"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("mla-gen: error: argument --heads"), bad.stderr
 
 
 # -- cache subcommands on hand-made entries (real builds are in test_build_cache.py) --------------------

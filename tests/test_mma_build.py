@@ -24,6 +24,7 @@ def mma_entry(request, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_nvcc
 def test_mma_variant_has_no_spills_and_no_warnings(mma_entry):
     meta = mma_entry.meta()
     log = (mma_entry.path / "build.log").read_text()
@@ -36,6 +37,7 @@ def test_mma_variant_has_no_spills_and_no_warnings(mma_entry):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_mma_sass_uses_tensor_cores_and_cp_async(mma_entry):
     so = mma_entry.so_path()

@@ -86,6 +86,7 @@ def narrow_entry(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_nvcc
 def test_narrow_variant_has_no_spills_and_no_warnings(narrow_entry):
     log = (narrow_entry.path / "build.log").read_text()
     decode = next(k for k in narrow_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
@@ -94,6 +95,7 @@ def test_narrow_variant_has_no_spills_and_no_warnings(narrow_entry):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_narrow_sass_uses_hgmma_with_rows_as_n(narrow_entry):
     sass = subprocess.run(["cuobjdump", "--dump-sass", str(narrow_entry.so_path())], capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""The README's layer example runs as written (GPU)."""
+"""The README's layer example runs: as written on the GPU, and on the CPU with its device line changed."""
 import re
 from pathlib import Path
 
@@ -13,9 +13,13 @@ def layer_example() -> str:
     return block
 
 
-def test_readme_has_a_ten_line_layer_example():
-    lines = [ln for ln in layer_example().splitlines() if ln.strip()]
-    assert len(lines) <= 12
+def test_readme_layer_example_runs_on_the_cpu(capsys):
+    """Same code on the CPU: the layer takes its torch path there, so it prints that backend."""
+    example = layer_example()
+    cpu = example.replace('dev, bf16 = "cuda", torch.bfloat16', 'dev, bf16 = "cpu", torch.bfloat16')
+    assert cpu != example, "the README example no longer sets dev on one line"
+    exec(compile(cpu, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "absorbed torch torch.Size([4, 1, 1024])"
 
 
 @pytest.mark.gpu

@@ -40,9 +40,17 @@ def check_plan(lengths: list[int], cfg: PlanConfig) -> None:
                 start = pl.req_info[b][3] + cfg.fixed_cost
                 units += max(0, min(bounds[p + 1], start + nb) - max(bounds[p], start))
         assert blocks[p] == units
-        assert bounds[p + 1] - bounds[p] <= -(-total // active)  # balanced: max cost = ceil(mean)
-    assert max(bounds[p + 1] - bounds[p] for p in range(active)) - min(
-        bounds[p + 1] - bounds[p] for p in range(active)) <= 1
+    # balanced, measured on the plan's own segments: a part's load is its blocks plus the fixed cost of
+    # each request it starts; a part boundary inside a fixed-cost stretch moves up to fixed_cost of it
+    costs = [cfg.request_blocks(n) + cfg.fixed_cost for n in lengths if cfg.request_blocks(n)]
+    assert total == sum(costs)
+    assert active == min(cfg.num_parts, max(1, -(-total // cfg.min_part_cost)))
+    loads = list(blocks)
+    for s in segs:
+        loads[s.part] += cfg.fixed_cost if s.blk_lo == 0 else 0
+    assert sum(loads) == total and not any(loads[active:])
+    if total:
+        assert max(loads[:active]) - min(loads[:active]) <= 1 + 2 * cfg.fixed_cost, loads[:active]
     # split requests: contiguous parts, slots packed and inside the workspace bound
     slots = set()
     for s in segs:

@@ -31,6 +31,7 @@ def test_valid_spec_has_readable_id() -> None:
     (dict(rope=40), "rope_dim"),
     (dict(heads=0), "num_heads"),
     (dict(heads=2000), "num_heads"),
+    (dict(heads=129), "num_heads"),
     (dict(tile=Tile(16, 8, 1, 4)), "tile.block_n"),
     (dict(tile=Tile(16, 32, 2, 4)), "tile.stages"),
     (dict(tile=Tile(16, 32, 1, 3)), "tile.warps"),

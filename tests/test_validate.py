@@ -1,6 +1,8 @@
 """mla_decode rejects each class of bad input before launching, naming the argument (CPU)."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -25,6 +27,12 @@ def test_valid_inputs_reach_the_device_check():
         call(inputs())
 
 
+@pytest.mark.parametrize("scale", [np.float32(0.1), np.float64(0.1), 1], ids=["np.float32", "np.float64", "int"])
+def test_any_real_sm_scale_is_taken(scale):
+    with pytest.raises(ValueError, match=r"q_nope: expected a CUDA tensor"):
+        call(inputs(), sm_scale=scale)
+
+
 @pytest.mark.parametrize("override,exc,pattern", [
     (lambda i: {"q_nope": i.q_nope.float()}, TypeError, r"q_nope: expected dtype"),
     (lambda i: {"q_pe": i.q_pe.half()}, TypeError, r"q_pe: expected dtype torch.bfloat16"),
@@ -46,6 +54,14 @@ def test_valid_inputs_reach_the_device_check():
     (lambda i: {"ckv_cache": [1, 2]}, TypeError, r"ckv_cache: expected a torch.Tensor"),
     (lambda i: {"out": torch.empty(2, 1, 4, 256, dtype=torch.bfloat16)}, ValueError, r"out: expected shape"),
     (lambda i: {"lse": torch.empty(2, 1, 4, dtype=torch.float16)}, TypeError, r"lse: expected dtype torch.float32"),
+    (lambda i: {"q_nope": i.q_nope[..., :0], "ckv_cache": i.ckv_cache[..., :0]}, ValueError, r"q_nope/q_pe: ckv_dim 0"),
+    (lambda i: {"q_pe": i.q_pe[..., :0], "kpe_cache": i.kpe_cache[..., :0]}, ValueError, r"q_nope/q_pe: rope_dim 0"),
+    (lambda i: {"out": torch.empty(1, 1, 4, 512, dtype=torch.bfloat16).expand(2, 1, 4, 512)}, ValueError,
+     r"out: stride 0 of dim 0 .* overlap"),
+    (lambda i: {"lse": torch.empty(2, 1, 1, dtype=torch.float32).expand(2, 1, 4)}, ValueError,
+     r"lse: expected a contiguous last dim"),
+    (lambda i: {"lse": torch.empty(1, 1, 4, dtype=torch.float32).expand(2, 1, 4)}, ValueError,
+     r"lse: stride 0 of dim 0 .* overlap"),
 ])
 def test_structural_errors_name_the_argument(override, exc, pattern):
     inp = inputs()
@@ -96,8 +112,17 @@ def test_value_checks_are_skipped_unless_asked(monkeypatch):
         call(inp, check_values=None, cache_seqlens=seqlens)
 
 
+def test_wrapper_takes_only_a_cuda_device():
+    with pytest.raises(ValueError, match=r"^device: expected a CUDA device, got cpu"):
+        mla_gen.MLADecodeWrapper("cpu")
+    with pytest.raises(ValueError, match=r"^device: expected a CUDA device \('cuda', 'cuda:1', an index\), got 1.5"):
+        mla_gen.MLADecodeWrapper(1.5)
+    with pytest.raises(ValueError, match=r"^num_parts: expected a positive integer or None, got 0"):
+        mla_gen.MLADecodeWrapper("cuda:0", num_parts=0)
+
+
 def test_wrapper_plan_rejects_bad_arguments():
-    w = mla_gen.MLADecodeWrapper("cpu")
+    w = mla_gen.MLADecodeWrapper("cuda:0")  # made without a device; plan checks its arguments first
     seqlens = torch.tensor([3, 4], dtype=torch.int32)
     base = dict(num_heads=16, page_size=64, max_pages=4, sm_scale=0.1)
     with pytest.raises(ValueError, match=r"num_heads: expected a positive integer, got 0"):
@@ -106,5 +131,33 @@ def test_wrapper_plan_rejects_bad_arguments():
         w.plan(seqlens.long(), **base)
     with pytest.raises(ValueError, match=r"sm_scale: expected a finite number > 0"):
         w.plan(seqlens, **{**base, "sm_scale": -1.0})
+    with pytest.raises(ValueError, match=r"cache_seqlens: expected a tensor on cuda:0"):
+        w.plan(seqlens, **base)
     with pytest.raises(RuntimeError, match=r"call plan\(\) first"):
         w.run(*make_inputs([3, 4], heads=16).args()[:6])
+
+
+def empty_batch(device: str = "cpu") -> dict:
+    """Valid arguments for a batch of no requests (a serving step with nothing to decode)."""
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    return dict(q_nope=torch.empty(0, 1, 16, 512, **bf16), q_pe=torch.empty(0, 1, 16, 64, **bf16),
+                ckv_cache=torch.zeros(4, 16, 512, **bf16), kpe_cache=torch.zeros(4, 16, 64, **bf16),
+                block_table=torch.zeros(0, 2, dtype=torch.int32, device=device),
+                cache_seqlens=torch.zeros(0, dtype=torch.int32, device=device), sm_scale=0.1)
+
+
+def test_empty_batch_is_valid_input():
+    """B = 0 passes every structural and value check (on the CPU it then stops at the device check)."""
+    with pytest.raises(ValueError, match=r"q_nope: expected a CUDA tensor"):
+        mla_gen.mla_decode(**empty_batch(), check_values=True)
+
+
+def test_non_finite_q_is_rejected_when_values_are_checked():
+    inp = inputs()
+    for name in ("q_nope", "q_pe"):
+        bad = getattr(inp, name).clone()
+        bad[1, 0, 2, 5] = float("nan") if name == "q_nope" else float("inf")
+        with pytest.raises(ValueError, match=rf"^{name}: .*not finite .*\[1, 0, 2\]"):
+            call(inp, **{name: bad})
+        with pytest.raises(ValueError, match=r"q_nope: expected a CUDA tensor"):
+            call(inp, check_values=False, **{name: bad})  # not inspected without the check

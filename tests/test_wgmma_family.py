@@ -72,6 +72,7 @@ def wgmma_entry(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_nvcc
 def test_wgmma_variant_has_no_spills_and_no_warnings(wgmma_entry):
     log = (wgmma_entry.path / "build.log").read_text()
     decode = next(k for k in wgmma_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
@@ -80,6 +81,7 @@ def test_wgmma_variant_has_no_spills_and_no_warnings(wgmma_entry):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_wgmma_sass_uses_hgmma(wgmma_entry):
     sass = subprocess.run(["cuobjdump", "--dump-sass", str(wgmma_entry.so_path())], capture_output=True, text=True,

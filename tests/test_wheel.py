@@ -32,6 +32,7 @@ def test_wheel_ships_templates_and_emits_outside_the_repo(tmp_path: Path) -> Non
     templates = {p.name for p in (REPO / "templates").iterdir() if p.suffix in (".jinja", ".cuh", ".h")}
     assert {f"generator/templates/{t}" for t in templates} <= names
     assert "generator/models.json" in names and "generator/cli.py" in names
+    assert {"mla_gen/api.py", "mla_gen/bench/__main__.py", "mla_gen/bench/runner.py"} <= names
 
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",

@@ -3,8 +3,8 @@ index tensors: not timed) into a zero-argument call returning out [B, s_q, H, C]
 
 - mla-gen, one per family: MLADecodeWrapper.plan once, run() timed.
 - torch: gather the tokens + bmm + fp32 softmax + bmm, bf16/fp16 operands.
-- peers (shared/peers, copied to .peers): FlashMLA, vLLM's and SGLang's Triton decode, through
-  peers.prepare. A peer that does not load is absent; one that cannot take a case is n/a.
+- peers (peers.py in --peers-dir, default .peers in the repo root): FlashMLA, vLLM's and SGLang's
+  Triton decode, through peers.prepare. A peer that does not load is absent; one that cannot take a case is n/a.
 All read the same combined cache [num_pages, page_size, C + R] (mla-gen through views of it).
 """
 from __future__ import annotations
@@ -19,17 +19,16 @@ import torch
 
 from generator.spec import Family
 from mla_gen.api import MLADecodeWrapper
-from mla_gen.bench_cases import Case
-from mla_gen.bench_report import Check
+from mla_gen.bench.cases import Case
+from mla_gen.bench.report import Check
+from mla_gen.dtypes import torch_dtype
 from mla_gen.reference import mla_decode_reference
-from mla_gen.testing import DecodeInputs, make_inputs, max_abs, rel_l2
+from mla_gen.testing import REF_TOL, DecodeInputs, make_inputs, max_abs, rel_l2
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PEER_NAMES = ("flashmla", "vllm_triton", "sglang_triton")   # shared/peers/peers.py's list
-# (rel L2, max abs / max |ref|). Against the float64 reference: as tests/test_decode_gpu.py. Against
-# mla-gen's output, two low-precision results differ by up to both errors: twice that.
-REF_TOL = {"bf16": (1e-2, 2e-2), "fp16": (2e-3, 4e-3)}
-PEER_TOL = {"bf16": (2e-2, 4e-2), "fp16": (4e-3, 8e-3)}
+PEER_NAMES = ("flashmla", "vllm_triton", "sglang_triton")   # the names peers.py prepares
+# (rel L2, max abs / max |ref|) against mla-gen's output: two low-precision results differ by up to
+# both their errors against the float64 reference, so twice REF_TOL.
+PEER_TOL = {dtype: (2 * l2, 2 * mx) for dtype, (l2, mx) in REF_TOL.items()}
 
 
 class NotApplicable(Exception):
@@ -47,7 +46,7 @@ def build_inputs(case: Case, device: torch.device) -> DecodeInputs:
     """Random paged inputs with a combined cache, drawn on the GPU from the case's seed."""
     gen = torch.Generator(device=device).manual_seed(case.seed)
     return make_inputs(case.lengths(), heads=case.heads, ckv=case.ckv, rope=case.rope, s_q=case.s_q,
-                       page_size=case.page_size, dtype=TORCH_DTYPES[case.dtype], device=device, combined=True,
+                       page_size=case.page_size, dtype=torch_dtype(case.dtype), device=device, combined=True,
                        generator=gen, sm_scale=case.sm_scale)
 
 
@@ -89,7 +88,7 @@ def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case) -> Prepared:
     wrapper = MLADecodeWrapper(inp.q_nope.device, family=family.value)
     plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                         page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,
-                        dtype=TORCH_DTYPES[case.dtype])
+                        dtype=torch_dtype(case.dtype))
     args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.block_table, inp.cache_seqlens)
 
     def check_run() -> torch.Tensor:
@@ -144,7 +143,7 @@ class Peers:
     def load(cls, folder: Path) -> Peers:
         path = folder / "peers.py"
         if not path.is_file():
-            why = f"no peers.py in {folder} (copy shared/peers there: see shared/peers/README.md)"
+            why = f"no peers.py in {folder} (--peers-dir names the folder holding the peers' peers.py)"
             return cls(None, [], {name: why for name in PEER_NAMES})
         try:
             spec = importlib.util.spec_from_file_location("peers", path)

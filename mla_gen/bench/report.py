@@ -7,8 +7,8 @@ import math
 import statistics
 from typing import Any, Sequence
 
-from mla_gen.bench_cases import Case, Work
-from mla_gen.roofline import Ceilings
+from mla_gen.bench.cases import Case, Work
+from mla_gen.bench.roofline import Ceilings
 
 # ok: checked and timed; WRONG: output mismatch, not timed; n/a: the implementation cannot take the
 # case; absent: the implementation does not load here; error: it raised (message in `note`).

@@ -1,20 +1,5 @@
-"""`python -m mla_gen.bench`: MLA decode times beside the device's measured ceilings and the peers.
-
-    python -m mla_gen.bench                         # the default suite (bench_cases.default_suite)
-    python -m mla_gen.bench --peers --json r.json --plot roofline.png
-    python -m mla_gen.bench --preset kimi-k2 --batch 32 --seqlens-random 1,16384
-    python -m mla_gen.bench --heads 16 --ckv 512 --rope 64 --batch 8 --seqlen 65536 --s-q 2
-    python -m mla_gen.bench --from-json r.json --plot roofline.png      # table and plot again, no GPU
-
-Per case: inputs built once (random, paged, one combined cache); a float64 reference of a few requests;
-then every mla-gen family (plan once, run timed), the torch baseline and, with --peers, every peer.
-Each output is checked before its time counts: mla-gen's against the reference, the others' against
-mla-gen's output (max abs diff shown). Times: CUDA events, warm-up, L2 flushed before each call, median
-and p10-p90 of --iters runs. Bytes and FLOPs: mla_gen/bench_cases.py; ceilings: mla_gen/bench_timing.py.
-
-Table on stdout, progress on stderr. Exit 0; 1 without a CUDA device or when an mla-gen or torch row
-is WRONG or error (peers' rows never fail the run); 2 for a usage error (one line naming the argument).
-"""
+"""The bench run: prebuild, per case inputs, reference, each implementation checked then timed, the
+table, the JSON and the plot. `main` is `python -m mla_gen.bench` (see the package docstring)."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +9,7 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,15 +19,16 @@ from generator.build import build_many
 from generator.errors import MlaGenError, SpecError
 from generator.select import decide, families_for
 from generator.spec import DType, Family, VariantSpec
-from mla_gen.bench_args import PROG, Options, UsageError, parse_options
-from mla_gen.bench_cases import Case, subsample, work
-from mla_gen.bench_impls import (PEER_TOL, NotApplicable, Peers, Prepared, Reference, build_inputs, compare,
+from mla_gen.bench.args import PROG, Options, UsageError, parse_options
+from mla_gen.bench.cases import Case, subsample, work
+from mla_gen.bench.impls import (PEER_TOL, NotApplicable, Peers, Prepared, Reference, build_inputs, compare,
                                  prepare_mlagen, prepare_peer, prepare_torch)
-from mla_gen.bench_report import (Check, Record, balance_lines, format_table, header_lines, json_document,
+from mla_gen.bench.plot import plot_roofline
+from mla_gen.bench.report import (Check, Record, balance_lines, format_table, header_lines, json_document,
                                   make_record, read_document)
-from mla_gen.bench_timing import FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
+from mla_gen.bench.roofline import Ceilings
+from mla_gen.bench.timing import FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
 from mla_gen.dispatch import DeviceInfo, device_info
-from mla_gen.roofline import Ceilings, plot_roofline
 
 WARMUP = 5
 REF_REQUESTS = 4
@@ -189,12 +176,22 @@ def _device_doc(info: DeviceInfo) -> dict[str, Any]:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def portable_path(path: Path) -> str:
+    """A path as a result file may record it: relative to the working directory when inside it,
+    else the folder's name alone (never a machine's absolute path)."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return resolved.name
+
+
 def _settings(opts: Options, ctx: Context) -> dict[str, Any]:
     return {"iters": opts.iters, "warmup": WARMUP, "flush_bytes": FLUSH_BYTES, "spin_cycles": SPIN_CYCLES,
             "reference_requests": REF_REQUESTS, "families": [f.value for f in ctx.families],
-            "peers_dir": str(opts.peers_dir) if opts.peers_dir else None,
+            "peers_dir": portable_path(opts.peers_dir) if opts.peers_dir else None,
             "cache_layout": "one combined [num_pages, page_size, C+R] cache; mla-gen reads views of it",
-            "argv": sys.argv[1:]}
+            "argv": [portable_path(Path(a)) if os.path.isabs(a) else a for a in sys.argv[1:]]}
 
 
 def run(opts: Options) -> int:
@@ -267,7 +264,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"--from-json prints an earlier run's table without one", file=sys.stderr)
         return 1
     return run(opts)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

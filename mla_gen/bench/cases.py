@@ -1,5 +1,5 @@
-"""Cases of `python -m mla_gen.bench`: shapes, lengths, and the bytes and FLOPs each one must move and do
-(KERNELS.md section 1). Torch-free, so the arithmetic is testable anywhere.
+"""Cases of `python -m mla_gen.bench`: shapes, lengths, and the bytes and FLOPs each one must move and do.
+Torch-free, so the arithmetic is testable anywhere.
 
 Bytes (the fewest a kernel can move through device memory): each cache token's ckv and kpe read once
 (sum(lengths) x (C + R) x itemsize), q read once (B x s_q x H x (C + R)), out written once
@@ -15,8 +15,10 @@ import random
 from typing import Any
 
 from generator.presets import model_config
+from generator.spec import DType
+from mla_gen.cost import visible_pairs
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2}
+DTYPES = tuple(d.value for d in DType)
 DEFAULT_SM_SCALE = 192 ** -0.5   # DeepSeek: 1 / sqrt(qk_nope 128 + qk_rope 64)
 SUITE_PAGE_SIZE = 64
 
@@ -54,8 +56,8 @@ class Case:
             field = "seqlen" if self.seqlen is not None else "seqlens_random"
             raise ValueError(f"{field}: every length counts the s_q={self.s_q} new tokens, so it must be "
                              f">= {self.s_q}, got {low}")
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype: expected one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.sm_scale > 0:
             raise ValueError(f"sm_scale: expected a positive number, got {self.sm_scale!r}")
 
@@ -110,20 +112,15 @@ class Work:
         return self.flops / self.bytes
 
 
-def visible_pairs(lengths: list[int], s_q: int) -> int:
-    """(query token, cache token) pairs one head attends: query i of a request of length L sees
-    L - s_q + i + 1 tokens."""
-    return sum(s_q * n - s_q * (s_q - 1) // 2 for n in lengths)
-
-
 def work(case: Case) -> Work:
     lengths = case.lengths()
-    item = DTYPE_BYTES[case.dtype]
+    item = DType.parse(case.dtype).itemsize
+    pairs = sum(visible_pairs(case.s_q, n - case.s_q) for n in lengths)  # each length counts the s_q new tokens
     rows = case.batch * case.s_q * case.heads
     return Work(cache_bytes=sum(lengths) * (case.ckv + case.rope) * item,
                 q_bytes=rows * (case.ckv + case.rope) * item,
                 out_bytes=rows * case.ckv * item,
-                flops=2 * case.heads * (case.ckv + case.rope + case.ckv) * visible_pairs(lengths, case.s_q))
+                flops=2 * case.heads * (case.ckv + case.rope + case.ckv) * pairs)
 
 
 def default_suite(seed: int = 0) -> list[Case]:

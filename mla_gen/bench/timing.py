@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
-from mla_gen.bench_report import Timing
-from mla_gen.roofline import Ceilings
+from mla_gen.bench.report import Timing
+from mla_gen.bench.roofline import Ceilings
 
 FLUSH_BYTES = 256 * 2**20
 # NOTE(host-lead): after the flush the GPU spins ~0.1 ms (outside the timed region), so the host has

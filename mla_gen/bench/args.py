@@ -11,11 +11,11 @@ from generator.argtypes import OneLineParser, UsageError, positive_int
 from generator.errors import SpecError
 from generator.presets import model_config, preset_names
 from generator.spec import Family
-from mla_gen.bench_cases import DEFAULT_SM_SCALE, Case, default_suite
-from mla_gen.roofline import require_matplotlib
+from mla_gen.bench.cases import DEFAULT_SM_SCALE, DTYPES, Case, default_suite
+from mla_gen.bench.roofline import require_matplotlib
 
 PROG = "python -m mla_gen.bench"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIN_ITERS = 20
 _FIELD_FLAGS = {"batch": "--batch", "heads": "--heads", "ckv": "--ckv", "rope": "--rope", "s_q": "--s-q",
                 "seqlen": "--seqlen", "seqlens_random": "--seqlens-random", "page_size": "--page-size",
@@ -65,7 +65,7 @@ def make_parser() -> argparse.ArgumentParser:
                      help="lengths uniform in [LO, HI], drawn with --seed")
     g.add_argument("--s-q", type=positive_int, metavar="N", help="query tokens per request, causal (default 1)")
     p.add_argument("--page-size", type=positive_int, metavar="P", help="cache page size (default 64; suite too)")
-    p.add_argument("--dtype", choices=["bf16", "fp16"], help="q/cache/out dtype (default bf16; suite too)")
+    p.add_argument("--dtype", choices=DTYPES, help="q/cache/out dtype (default bf16; suite too)")
     p.add_argument("--cases", metavar="LIST", help="suite cases to run, comma-separated, e.g. 6,6eq (default all: "
                    + ", ".join(c.name for c in default_suite()) + ")")
     p.add_argument("--families", type=_families, metavar="LIST",

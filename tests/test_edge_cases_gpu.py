@@ -1,0 +1,85 @@
+"""The edge cases mla_decode defines (see its docstring and README): an empty batch, requests of only
+their s_q new tokens, length-1 requests, and NaN or inf in q, for every family the device runs (GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mla_gen
+import mla_gen.api
+from generator.select import families_for
+from generator.spec import Arch
+from mla_gen.dispatch import device_info
+from mla_gen.reference import mla_decode_reference
+from mla_gen.testing import accuracy_problems, make_inputs
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ARCH = device_info(torch.cuda.current_device()).arch if torch.cuda.is_available() else Arch.SM90A
+FAMILIES = [f.value for f in families_for(ARCH)]
+
+
+def run(inp, family: str, num_parts: int | None = None):
+    b, s_q, h, c = inp.q_nope.shape
+    out = torch.full((b, s_q, h, c), float("nan"), dtype=inp.q_nope.dtype, device="cuda")
+    lse = torch.full((b, s_q, h), float("nan"), dtype=torch.float32, device="cuda")
+    mla_gen.mla_decode(*inp.args(), out=out, lse=lse, family=family, num_parts=num_parts)
+    return out, lse
+
+
+def test_empty_batch_returns_empty_results_without_a_launch(monkeypatch):
+    from test_validate import empty_batch
+
+    def no_wrapper(*a, **k):
+        raise AssertionError("an empty batch must not plan or launch")
+
+    monkeypatch.setattr(mla_gen.api, "_wrapper_for", no_wrapper)
+    args = empty_batch("cuda")
+    out = mla_gen.mla_decode(**args)
+    assert out.shape == (0, 1, 16, 512) and out.dtype == torch.bfloat16 and out.is_cuda
+    out, lse = mla_gen.mla_decode(**args, return_lse=True, check_values=True)
+    assert lse.shape == (0, 1, 16) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_parts", [None, 1, 16], ids=["auto", "unsplit", "split16"])
+@pytest.mark.parametrize("s_q", [1, 2, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_requests_of_only_their_new_tokens(family: str, s_q: int, num_parts: int | None):
+    """seqlen == s_q (nothing cached before the step; 1 for s_q 1), beside longer requests."""
+    inp = make_inputs([s_q, 300, s_q, 65], heads=16, s_q=s_q, page_size=16, device="cuda",
+                      generator=torch.Generator(device="cuda").manual_seed(s_q))
+    out, lse = run(inp, family, num_parts)
+    ref, ref_lse = mla_decode_reference(*inp.args())
+    assert not accuracy_problems(out, lse, ref, ref_lse, "bf16")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_non_finite_q_spoils_only_its_row(family: str, bad: str):
+    inp = make_inputs([1, 130, 64], heads=16, s_q=1, page_size=64, device="cuda",
+                      generator=torch.Generator(device="cuda").manual_seed(7))
+    inp.q_nope[1, 0, 3, 10] = float(bad)
+    out, lse = run(inp, family)
+    assert not torch.isfinite(lse[1, 0, 3]), float(lse[1, 0, 3])
+    row = out[1, 0, 3]
+    assert bool(row.isnan().all()) or bool((row == 0).all()), row[:8]
+    keep = torch.ones_like(lse, dtype=torch.bool)
+    keep[1, 0, 3] = False
+    ref, ref_lse = mla_decode_reference(*inp.args())
+    problems = accuracy_problems(out[keep], lse[keep], ref[keep], ref_lse[keep], "bf16")
+    assert not problems, problems
+    with pytest.raises(ValueError, match=r"^q_nope: a value is not finite .* at \[1, 0, 3\]"):
+        mla_gen.mla_decode(*inp.args(), family=family, check_values=True)
+
+
+def test_a_checked_call_does_not_report_an_earlier_unchecked_one():
+    """An unchecked call with a bad length writes NaN for that request; a later checked call of the same
+    shape (the same cached plan) is judged on its own inputs."""
+    inp = make_inputs([40, 50], heads=16, page_size=16, device="cuda", generator=torch.Generator().manual_seed(3))
+    bad = inp.cache_seqlens.clone()
+    bad[0] = inp.block_table.shape[1] * 16 + 1
+    out = mla_gen.mla_decode(*inp.args()[:5], bad, inp.sm_scale, check_values=False)
+    assert out[0].isnan().all() and not out[1].isnan().any()
+    out = mla_gen.mla_decode(*inp.args(), check_values=True)
+    assert not out.isnan().any()
