@@ -7,8 +7,9 @@
   ToolchainError, CacheError.
 
 A variant is opened by the launcher (generator/launcher.py): the object returned has plan, decode,
-merge, max_active_ctas, DecodeParams, variant_id and path. On a machine without nvcc, a prebuilt
-cache still loads: entries are matched by name and rendered-sources hash instead of the full key.
+merge, run (the three in one call), launch (run with a call's pointers), max_active_ctas, DecodeParams,
+variant_id and path. On a machine without nvcc, a prebuilt cache still loads: entries are matched by
+name and rendered-sources hash instead of the full key.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ class Variant(Protocol):
     def plan(self, params: Any, stream: int) -> None: ...
     def decode(self, params: Any, stream: int) -> None: ...
     def merge(self, params: Any, stream: int) -> None: ...
+    def run(self, params: Any, stream: int) -> None: ...
+    def launch(self, params: Any, stream: int, q_nope: int, q_pe: int, ckv: int, kpe: int, block_table: int,
+               seqlens: int, out: int, lse: int) -> None: ...
     def max_active_ctas(self) -> int: ...
 
 
