@@ -5,11 +5,18 @@
 For serving, plan once per batch shape and run per step; `run` never syncs with the host and
 allocates nothing, so a CUDA graph can capture it, and the split-kv schedule is computed on the
 GPU from the device-resident lengths, so a captured graph stays valid while lengths change.
+
+The host path of a call (DESIGN.md section 7): inputs whose `validate.structure_key` (types, shapes,
+strides, dtypes, devices) passed every check once find a `_Site` holding the checked shape and a
+DecodeParams with every field set but the eight data pointers; such a call checks only the pointers'
+alignment, reads the current stream, and makes one call into the launcher (`launch`). Any other call
+runs every check, as the first one did.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -48,6 +55,39 @@ class DecodePlan:
         return self.s_q * self.num_heads
 
 
+def _stream_reader():
+    # NOTE(raw-stream): torch.cuda.current_stream(i).cuda_stream builds a Stream object per call (microseconds);
+    # the private binding torch's own compiled code uses returns the same cudaStream_t as an int.
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw if raw is not None else (lambda index: torch.cuda.current_stream(index).cuda_stream)
+
+
+def _device_reader():
+    raw = getattr(torch._C, "_cuda_getDevice", None)
+    return raw if raw is not None else torch.cuda.current_device
+
+
+# The current stream of a device index, and the current device index: read on every call (the caller may
+# switch either between calls). mla_gen.bench.host replaces them to run the host path without a GPU.
+_current_stream = _stream_reader()
+_current_device = _device_reader()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """One input structure a plan has checked: the shape, and the launch parameters with every field set
+    but the eight per-call pointers. out_ptr/lse_ptr: the plan's own buffers, used when a call passes
+    none (lse_ptr 0: no lse). pair: run returns (out, lse)."""
+    shape: validate.DecodeShape
+    params: Any
+    out_ptr: int
+    lse_ptr: int
+    pair: bool
+
+
+_MAX_SITES = 64
+
+
 class MLADecodeWrapper:
     """Plan/run interface (FlashInfer style).
 
@@ -56,8 +96,9 @@ class MLADecodeWrapper:
     run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens) per step: three launches on the
     current stream (the device planner; the decode kernel, which merges requests split over a few parts
     itself; the merge of requests split over many), each overlapping the one before on sm_90 (programmatic
-    dependent launch); no host sync, no allocation. Without
-    `out=`, the result is the plan's own output buffer, overwritten by the next run.
+    dependent launch), made by one call into the launcher; no host sync, no allocation. Without
+    `out=`, the result is the plan's own output buffer, overwritten by the next run. Inputs of a
+    structure (shapes, strides, dtypes, devices) seen before are checked only for pointer alignment.
     """
 
     def __init__(self, device: torch.device | str | int | None = None, *, family: str | None = None,
@@ -66,6 +107,7 @@ class MLADecodeWrapper:
         self._device = validate.check_device(device)
         self._family, self._num_parts = validate.check_overrides(family, num_parts)
         self._plan: DecodePlan | None = None
+        self._sites: dict[tuple, _Site] | None = None  # None until planned
 
     @property
     def plan_info(self) -> DecodePlan | None:
@@ -83,24 +125,32 @@ class MLADecodeWrapper:
                                               sm_scale=sm_scale, dtype=dtype, device=device)
         # variant by the rules, then the grid by that variant's occupancy on this device
         shape = (device.index, num_heads, ckv_dim, rope_dim, dtype, s_q, self._family, self._num_parts)
-        self._module = get_module(choose(*shape).spec)
-        decision = choose(*shape, ctas_per_sm=occupancy(self._module, device.index))
-        parts = decision.num_parts
-        slots = max_partials(parts)
-        rows = s_q * num_heads
+        module = get_module(choose(*shape).spec)
+        decision = choose(*shape, ctas_per_sm=occupancy(module, device.index))
+        plan = DecodePlan(device, batch, s_q, num_heads, ckv_dim, rope_dim, dtype, page_size, max_pages, sm_scale,
+                          return_lse, decision, max_partials(decision.num_parts))
+        self._install(plan, module)
+        return plan
+
+    def _install(self, plan: DecodePlan, module: Any) -> None:
+        """Allocates the plan's workspace and buffers on plan.device and forgets the checked structures.
+        `module` is the opened variant (mla_gen.bench.host passes one that launches nothing)."""
+        device, batch, rows = plan.device, plan.batch, plan.rows
         i32 = dict(dtype=torch.int32, device=device)
-        self._part_info = torch.zeros(parts, 4, **i32)
+        self._module = module
+        self._index = device.index
+        self._part_info = torch.zeros(plan.decision.num_parts, 4, **i32)
         self._req_info = torch.zeros(batch, 4, **i32)
         self._status = torch.zeros(1, **i32)
-        self._tickets = torch.zeros(batch, decision.m_blocks, **i32)
+        self._tickets = torch.zeros(batch, plan.decision.m_blocks, **i32)
         self._merge_list = torch.zeros(1 + batch, **i32)
-        self._partial_o = torch.empty(slots, rows, ckv_dim, dtype=torch.float32, device=device)
-        self._partial_lse = torch.empty(slots, rows, dtype=torch.float32, device=device)
-        self._out = torch.empty(batch, s_q, num_heads, ckv_dim, dtype=dtype, device=device)
-        self._lse = torch.empty(batch, s_q, num_heads, dtype=torch.float32, device=device) if return_lse else None
-        self._plan = DecodePlan(device, batch, s_q, num_heads, ckv_dim, rope_dim, dtype, page_size, max_pages,
-                                sm_scale, return_lse, decision, slots)
-        return self._plan
+        self._partial_o = torch.empty(plan.max_partials, rows, plan.ckv_dim, dtype=torch.float32, device=device)
+        self._partial_lse = torch.empty(plan.max_partials, rows, dtype=torch.float32, device=device)
+        self._out = torch.empty(batch, plan.s_q, plan.num_heads, plan.ckv_dim, dtype=plan.dtype, device=device)
+        self._lse = (torch.empty(batch, plan.s_q, plan.num_heads, dtype=torch.float32, device=device)
+                     if plan.return_lse else None)
+        self._plan = plan
+        self._sites = {}
 
     def _check_against_plan(self, shape: validate.DecodeShape) -> None:
         plan = self._plan
@@ -115,59 +165,87 @@ class MLADecodeWrapper:
             block_table: torch.Tensor, cache_seqlens: torch.Tensor, *, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """out [B, s_q, H, C] (and lse [B, s_q, H] fp32 when the plan asked for it or lse= is given)."""
-        if self._plan is None:
+        sites = self._sites
+        if sites is None:
             raise RuntimeError("MLADecodeWrapper.run: call plan() first")
+        try:
+            key = validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse)
+            site = sites.get(key)
+        except (AttributeError, TypeError):  # not a tensor: check_structure names it
+            key = site = None
+        stream = _current_stream(self._index)
+        args = None if site is None else self._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache,
+                                                          block_table, cache_seqlens, out, lse)
+        if args is None:
+            site = self._checked_site(key, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse)
+            args = self._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
+                                  out, lse)
+        self._launch(args)
+        if out is None:
+            out = self._out
+        if site.pair:
+            return out, (self._lse if lse is None else lse)
+        return out
+
+    def _checked_site(self, key: tuple | None, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
+                      out, lse) -> _Site:
+        """Every check of run(), then the inputs' site, kept under `key` (None: not kept)."""
+        plan = self._plan
         shape = validate.check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                         self._plan.sm_scale, out, lse)
+                                         plan.sm_scale, out, lse)
         device = validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
                                         block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
-        return self._run_checked(shape, device, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                 out, lse)
+        self._check_plan_device(shape, device)
+        site = self._site(shape, q_nope, q_pe, ckv_cache, kpe_cache, block_table, out, lse, plan.sm_scale,
+                          plan.return_lse or lse is not None)
+        if key is not None:
+            if len(self._sites) >= _MAX_SITES:
+                self._sites.clear()
+            self._sites[key] = site
+        return site
 
-    def _run_checked(self, shape: validate.DecodeShape, device: torch.device, q_nope, q_pe, ckv_cache, kpe_cache,
-                     block_table, cache_seqlens, out, lse):
-        """run() after check_structure and check_devices, which mla_decode has already done for the call."""
-        plan = self._plan
+    def _check_plan_device(self, shape: validate.DecodeShape, device: torch.device) -> None:
+        """The plan's checks of inputs that passed check_structure and check_devices."""
         self._check_against_plan(shape)
-        if device != plan.device:
-            raise ValueError(f"q_nope: expected a tensor on {plan.device} (the plan's device), got {device}")
-        out = self._out if out is None else out
-        if lse is None and plan.return_lse:
-            lse = self._lse
-        p = self._params(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse, shape)
-        stream = torch.cuda.current_stream(plan.device).cuda_stream
-        if torch.cuda.current_device() == plan.device.index:
-            self._launch(p, stream)
+        if device != self._plan.device:
+            raise ValueError(f"q_nope: expected a tensor on {self._plan.device} (the plan's device), got {device}")
+
+    def _pointers(self, site: _Site, stream: int, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
+                  out, lse) -> tuple | None:
+        """The launcher's launch() arguments for a call of `site`; None when a data pointer that
+        check_structure requires 16-byte aligned is not (check_structure then names it)."""
+        qn, qp, ckv, kpe = q_nope.data_ptr(), q_pe.data_ptr(), ckv_cache.data_ptr(), kpe_cache.data_ptr()
+        o = site.out_ptr if out is None else out.data_ptr()
+        if (qn | qp | ckv | kpe | o) & 15:
+            return None
+        return (site.params, stream, qn, qp, ckv, kpe, block_table.data_ptr(), cache_seqlens.data_ptr(), o,
+                site.lse_ptr if lse is None else lse.data_ptr())
+
+    def _launch(self, args: tuple) -> None:
+        """Device planner, decode, merge: three launches on the stream in `args`, one call into the launcher."""
+        if _current_device() == self._index:
+            self._module.launch(*args)
         else:
-            with torch.cuda.device(plan.device):
-                self._launch(p, stream)
-        return (out, lse) if (plan.return_lse or lse is not None) else out
+            with torch.cuda.device(self._index):
+                self._module.launch(*args)
 
-    def _launch(self, p, stream: int) -> None:
-        """Device planner, decode, merge: three launches on `stream`, nothing else."""
-        mod = self._module
-        mod.plan(p, stream)
-        mod.decode(p, stream)
-        mod.merge(p, stream)
-
-    def _params(self, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse, shape):
+    def _site(self, shape: validate.DecodeShape, q_nope, q_pe, ckv_cache, kpe_cache, block_table, out, lse,
+              sm_scale: float, pair: bool) -> _Site:
+        """The launch parameters of checked inputs, pointers left 0 (run() passes them per call); out/lse
+        None: the plan's buffers."""
         plan = self._plan
+        own_out = self._out if out is None else None
+        own_lse = self._lse if lse is None else None
+        out = self._out if out is None else out
+        lse = self._lse if lse is None else lse
         p = self._module.DecodeParams()
-        p.q_nope = q_nope.data_ptr()
         p.q_nope_stride_b, p.q_nope_stride_s, p.q_nope_stride_h = q_nope.stride()[:3]
-        p.q_pe = q_pe.data_ptr()
         p.q_pe_stride_b, p.q_pe_stride_s, p.q_pe_stride_h = q_pe.stride()[:3]
-        p.ckv = ckv_cache.data_ptr()
         p.ckv_stride_page, p.ckv_stride_tok = ckv_cache.stride()[:2]
-        p.kpe = kpe_cache.data_ptr()
         p.kpe_stride_page, p.kpe_stride_tok = kpe_cache.stride()[:2]
-        p.block_table = block_table.data_ptr()
         p.block_table_stride = block_table.stride(0)
-        p.seqlens = cache_seqlens.data_ptr()
-        p.out = out.data_ptr()
         p.out_stride_b, p.out_stride_s, p.out_stride_h = out.stride()[:3]
         if lse is not None:
-            p.lse = lse.data_ptr()
             p.lse_stride_b, p.lse_stride_s = lse.stride()[:2]
         p.partial_o = self._partial_o.data_ptr()
         p.partial_lse = self._partial_lse.data_ptr()
@@ -182,8 +260,9 @@ class MLADecodeWrapper:
         p.num_parts, p.max_partials = d.num_parts, plan.max_partials
         p.fixed_cost, p.min_part_cost = d.fixed_cost, d.min_part_cost
         p.row_blocks = d.m_blocks
-        p.sm_scale = plan.sm_scale
-        return p
+        p.sm_scale = sm_scale
+        return _Site(shape, p, 0 if own_out is None else own_out.data_ptr(),
+                     0 if own_lse is None else own_lse.data_ptr(), pair)
 
     def schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The device work list of the last run: part_info [num_parts, 4], req_info [batch, 4]."""
@@ -201,14 +280,38 @@ class MLADecodeWrapper:
                              "pages; those requests' outputs are NaN")
 
 
+# mla_decode's planned wrappers, least recently used first: one per (device, stream, shape, return_lse,
+# family, num_parts), so calls on different streams never share a workspace.
 _WRAPPERS: collections.OrderedDict[tuple, MLADecodeWrapper] = collections.OrderedDict()
 _MAX_WRAPPERS = 32
 
 
-def _wrapper_for(shape: validate.DecodeShape, device: torch.device, sm_scale: float, return_lse: bool,
-                 family: str | None, num_parts: int | None) -> MLADecodeWrapper:
-    stream = torch.cuda.current_stream(device).cuda_stream
-    key = (device.index, stream, dataclasses.astuple(shape), return_lse, family, num_parts)
+@dataclasses.dataclass
+class _Call:
+    """mla_decode's checked arguments of one structure (their structure_key, sm_scale, return_lse and the
+    overrides): the shape, the device, the sizes of the buffers a call allocates, and per stream the
+    wrapper (with its key in _WRAPPERS) and the site."""
+    shape: validate.DecodeShape
+    device: torch.device
+    out_size: tuple[int, ...]
+    lse_size: tuple[int, ...] | None   # None: no lse to allocate (not asked for, or given)
+    by_stream: dict[int, tuple[tuple, MLADecodeWrapper, _Site]]
+
+
+_CALLS: dict[tuple, _Call] = {}
+_MAX_CALLS = 256
+
+
+def _wrapper_key(shape: validate.DecodeShape, device: torch.device, stream: int, return_lse: bool,
+                 family: str | None, num_parts: int | None) -> tuple:
+    return device.index, stream, dataclasses.astuple(shape), return_lse, family, num_parts
+
+
+def _wrapper_for(shape: validate.DecodeShape, device: torch.device, stream: int, sm_scale: float,
+                 return_lse: bool, family: str | None, num_parts: int | None) -> tuple[tuple, MLADecodeWrapper]:
+    """(its key in _WRAPPERS, the planned wrapper) for a call; plans one on a miss, evicting the least
+    recently used (and every cached call, which may hold it)."""
+    key = _wrapper_key(shape, device, stream, return_lse, family, num_parts)
     wrapper = _WRAPPERS.get(key)
     if wrapper is None:
         wrapper = MLADecodeWrapper(device, family=family, num_parts=num_parts)
@@ -219,11 +322,10 @@ def _wrapper_for(shape: validate.DecodeShape, device: torch.device, sm_scale: fl
         _WRAPPERS[key] = wrapper
         if len(_WRAPPERS) > _MAX_WRAPPERS:
             _WRAPPERS.popitem(last=False)
+            _CALLS.clear()
     else:
         _WRAPPERS.move_to_end(key)
-        if wrapper._plan.sm_scale != sm_scale:
-            wrapper._plan = dataclasses.replace(wrapper._plan, sm_scale=sm_scale)
-    return wrapper
+    return key, wrapper
 
 
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
@@ -249,6 +351,36 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
     tokens (seqlen == s_q). q's values are not inspected without check_values: a NaN or inf in a
     query row makes that row's lse NaN or -inf (its out NaN or 0) and leaves every other row exact.
     """
+    try:
+        # type(sm_scale) and type(num_parts): True == 1 and np.float32(x) != x, but the checks tell them apart
+        key = (validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse),
+               type(sm_scale), sm_scale, return_lse, family, type(num_parts), num_parts)
+        call = _CALLS.get(key)
+    except (AttributeError, TypeError):  # a non-tensor or an unhashable argument: the checks name it
+        key = call = None
+    if call is not None:
+        stream = _current_stream(call.device.index)
+        hit = call.by_stream.get(stream)
+        if hit is not None:
+            wkey, wrapper, site = hit
+            o = torch.empty(call.out_size, dtype=call.shape.dtype, device=call.device) if out is None else out
+            l = lse if call.lse_size is None else torch.empty(call.lse_size, dtype=torch.float32, device=call.device)
+            args = wrapper._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
+                                     o, l)
+            if args is not None:  # else misaligned: the checks below name the tensor
+                # the order of the checks: structure (the key and the pointers), overrides (the key), values
+                if env.debug() if check_values is None else check_values:
+                    validate.check_values(cache_seqlens, block_table, call.shape, q_nope, q_pe)
+                _WRAPPERS.move_to_end(wkey)  # a wrapper evicted since has cleared _CALLS
+                wrapper._launch(args)
+                return (o, l) if return_lse else o
+    return _mla_decode_checked(key, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale,
+                               out, lse, return_lse, family, num_parts, check_values)
+
+
+def _mla_decode_checked(key: tuple | None, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
+                        sm_scale, out, lse, return_lse, family, num_parts, check_values):
+    """mla_decode with every check, in order; keeps what passed under `key` (None: not kept)."""
     shape = validate.check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
                                      sm_scale, out, lse)
     family, num_parts = validate.check_overrides(family, num_parts)
@@ -256,18 +388,30 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
         validate.check_values(cache_seqlens, block_table, shape, q_nope, q_pe)
     device = validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
                                     block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
-    if shape.batch == 0:  # nothing to decode: empty results, no launch
+    if shape.batch == 0:  # nothing to decode: empty results, no launch (and nothing kept)
         out = q_nope.new_empty(0, shape.s_q, shape.num_heads, shape.ckv_dim) if out is None else out
         if not return_lse:
             return out
         return out, (q_nope.new_empty(0, shape.s_q, shape.num_heads, dtype=torch.float32) if lse is None else lse)
-    wrapper = _wrapper_for(shape, device, float(sm_scale), return_lse, family, num_parts)
+    sm_scale = float(sm_scale)
+    stream = _current_stream(device.index)
+    wkey, wrapper = _wrapper_for(shape, device, stream, sm_scale, bool(return_lse), family, num_parts)
+    wrapper._check_plan_device(shape, device)
+    out_size = (shape.batch, shape.s_q, shape.num_heads, shape.ckv_dim)
+    lse_size = out_size[:3] if return_lse and lse is None else None
     if out is None:
-        out = torch.empty(shape.batch, shape.s_q, shape.num_heads, shape.ckv_dim, dtype=shape.dtype, device=device)
-    if return_lse and lse is None:
-        lse = torch.empty(shape.batch, shape.s_q, shape.num_heads, dtype=torch.float32, device=device)
-    result = wrapper._run_checked(shape, device, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                  out, lse)
-    if return_lse:
-        return result
-    return result[0] if isinstance(result, tuple) else result
+        out = torch.empty(out_size, dtype=shape.dtype, device=device)
+    if lse_size is not None:
+        lse = torch.empty(lse_size, dtype=torch.float32, device=device)
+    # a fresh out (or lse) has the same strides on every call of this key, so the site holds for them all
+    site = wrapper._site(shape, q_nope, q_pe, ckv_cache, kpe_cache, block_table, out, lse, sm_scale, bool(return_lse))
+    if key is not None:
+        call = _CALLS.get(key)
+        if call is None:
+            if len(_CALLS) >= _MAX_CALLS:
+                _CALLS.clear()
+            call = _CALLS[key] = _Call(shape, device, out_size, lse_size, {})
+        call.by_stream[stream] = (wkey, wrapper, site)
+    wrapper._launch(wrapper._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
+                                      out, lse))
+    return (out, lse) if return_lse else out

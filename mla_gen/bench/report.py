@@ -13,14 +13,16 @@ from mla_gen.bench.roofline import Ceilings
 # ok: checked and timed; WRONG: output mismatch, not timed; n/a: the implementation cannot take the
 # case; absent: the implementation does not load here; error: it raised (message in `note`).
 STATUSES = ("ok", "WRONG", "n/a", "absent", "error")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: records' spin_us, the "host" section
 
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Device times (us) of the timed calls, and the median host time of one call (the launch cost)."""
+    """Device times (us) of the timed calls, the median host time of one call (the launch cost), and the
+    GPU spin before each timed call (us; None: not measured), which must outlast the host time."""
     samples_us: tuple[float, ...]
     host_us: float
+    spin_us: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.samples_us) < 2:
@@ -81,6 +83,7 @@ class Record:
     max_us: float | None = None
     iters: int | None = None
     host_us: float | None = None
+    spin_us: float | None = None        # the GPU spin before each timed call; host_us must stay below it
     gbps: float | None = None
     tflops: float | None = None
     bw_frac: float | None = None        # gbps / measured copy bandwidth
@@ -118,6 +121,7 @@ def make_record(case: Case, work: Work, impl: str, ceilings: Ceilings, status: s
         p10, p90 = timing.deciles()
         fields.update(time_us=t, min_us=min(timing.samples_us), p10_us=p10, p90_us=p90,
                       max_us=max(timing.samples_us), iters=len(timing.samples_us), host_us=timing.host_us,
+                      spin_us=timing.spin_us,
                       gbps=gbps, tflops=tflops, bw_frac=gbps / ceilings.copy_gbps,
                       compute_frac=tflops / ceilings.matmul_tflops, time_over_floor=t / floor)
     return Record(case=case.name, shape=case.shape, impl=impl, status=status, note=note, bytes=work.bytes,
@@ -148,7 +152,13 @@ def _row(r: Record) -> list[str]:
         return [r.case, r.shape, r.impl, r.status, "", "", "", "", "", "", _us(r.floor_us), "", check, _note(r.note)]
     return [r.case, r.shape, r.impl, _us(r.time_us), f"{_us(r.p10_us)}-{_us(r.p90_us)}", _us(r.host_us),
             f"{r.gbps:.0f}", f"{r.bw_frac:.2f}", f"{r.tflops:.1f}", f"{r.compute_frac:.2f}", _us(r.floor_us),
-            f"{r.time_over_floor:.2f}", check, ""]
+            f"{r.time_over_floor:.2f}", check, _spin_note(r)]
+
+
+def _spin_note(r: Record) -> str:
+    if r.spin_us is not None and r.host_us is not None and r.host_us >= r.spin_us:
+        return f"WARNING: host {_us(r.host_us)} us >= GPU spin {_us(r.spin_us)} us"
+    return ""
 
 
 def format_table(records: Sequence[Record]) -> str:
@@ -186,12 +196,92 @@ def header_lines(device: dict[str, Any], ceilings: Ceilings) -> list[str]:
             f"ridge {ceilings.ridge:.0f} FLOP/B"]
 
 
+# -- host time per call ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HostTimes:
+    """The bench's host section: us per call of each entry point (`calls` back to back, wall / calls, no
+    sync inside; None: did not run, `notes` says why), the wall until the GPU drained (`drain`), and
+    upper bounds `targets` that each must also keep below the `reference` call's figure."""
+    shape: str
+    calls: int
+    host_us: dict[str, float | None]
+    drain_us: dict[str, float | None]
+    targets: dict[str, float]
+    reference: str
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def failures(self) -> list[str]:
+        """Each target missed, in words (empty: all met, or nothing measured to compare)."""
+        ref = self.host_us.get(self.reference)
+        out = []
+        for name, bound in self.targets.items():
+            us = self.host_us.get(name)
+            if us is None:
+                continue
+            if us > bound:
+                out.append(f"{name} {_us(us)} us > {_us(bound)} us")
+            if ref is not None and us >= ref:
+                out.append(f"{name} {_us(us)} us >= {self.reference} {_us(ref)} us")
+        return out
+
+    def lines(self) -> list[str]:
+        names = list(self.host_us)
+        width = max(len(n) for n in names)
+        lines = [f"host time per call ({self.shape}, {self.calls} calls back to back, warm, no sync inside, "
+                 f"wall / {self.calls}):"]
+        for name in names:
+            us, drain = self.host_us[name], self.drain_us.get(name)
+            if us is None:
+                lines.append(f"  {name.ljust(width)}  {'-':>7}     {self.notes.get(name, 'not run')}")
+                continue
+            bound = f"  (target <= {_us(self.targets[name])} us)" if name in self.targets else ""
+            drained = f"; {_us(drain)} us with the GPU drained" if drain is not None else ""
+            lines.append(f"  {name.ljust(width)}  {_us(us):>7} us{bound}{drained}")
+        failures = self.failures()
+        lines.append("host targets: " + ("met" if not failures else "MISSED: " + "; ".join(failures))
+                     + ("" if self.host_us.get(self.reference) is not None else f" ({self.reference} not measured)"))
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HostTimes:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def spin_lines(records: Sequence[Record]) -> list[str]:
+    """The GPU spin before each timed call against each implementation's host time per call: a timed call
+    whose host time is not below the spin may count host time in its GPU time (a warning row)."""
+    timed = [r for r in records if r.status == "ok" and r.spin_us is not None and r.host_us is not None]
+    if not timed:
+        return []
+    worst = max(timed, key=lambda r: r.host_us / r.spin_us)
+    lines = [f"GPU spin before each timed call: {_us(worst.spin_us)} us; longest host time per call "
+             f"{_us(worst.host_us)} us ({worst.impl}, case {worst.case}): "
+             + ("ok, no host time in the GPU times" if worst.host_us < worst.spin_us else "NOT below the spin")]
+    for r in timed:
+        if r.host_us >= r.spin_us:
+            lines.append(f"WARNING {r.case} {r.impl}: host time per call {_us(r.host_us)} us >= GPU spin "
+                         f"{_us(r.spin_us)} us; its time_us may hold host time")
+    return lines
+
+
 # -- JSON ------------------------------------------------------------------------------------------
 
 def json_document(device: dict[str, Any], ceilings: Ceilings, settings: dict[str, Any], cases: Sequence[Case],
-                  records: Sequence[Record]) -> dict[str, Any]:
-    return {"schema": SCHEMA_VERSION, "tool": "mla_gen.bench", "device": device, "ceilings": ceilings.to_dict(),
-            "settings": settings, "cases": [c.to_dict() for c in cases], "records": [r.to_dict() for r in records]}
+                  records: Sequence[Record], host: HostTimes | None = None) -> dict[str, Any]:
+    doc = {"schema": SCHEMA_VERSION, "tool": "mla_gen.bench", "device": device, "ceilings": ceilings.to_dict(),
+           "settings": settings, "cases": [c.to_dict() for c in cases], "records": [r.to_dict() for r in records]}
+    if host is not None:
+        doc["host"] = host.to_dict()
+    return doc
+
+
+def read_host(doc: dict[str, Any]) -> HostTimes | None:
+    """The host section of a json_document, or None (an earlier document, or a run without it)."""
+    return HostTimes.from_dict(doc["host"]) if doc.get("host") else None
 
 
 def read_document(doc: dict[str, Any]) -> tuple[dict[str, Any], Ceilings, list[Record]]:

@@ -21,11 +21,12 @@ from generator.select import decide, families_for
 from generator.spec import DType, Family, VariantSpec
 from mla_gen.bench.args import PROG, Options, UsageError, parse_options
 from mla_gen.bench.cases import Case, subsample, work
+from mla_gen.bench.host import HOST_CASE, host_times
 from mla_gen.bench.impls import (PEER_TOL, NotApplicable, Peers, Prepared, Reference, build_inputs, compare,
                                  prepare_mlagen, prepare_peer, prepare_torch)
 from mla_gen.bench.plot import plot_roofline
-from mla_gen.bench.report import (Check, Record, balance_lines, format_table, header_lines, json_document,
-                                  make_record, read_document)
+from mla_gen.bench.report import (Check, HostTimes, Record, balance_lines, format_table, header_lines,
+                                  json_document, make_record, read_document, read_host, spin_lines)
 from mla_gen.bench.roofline import Ceilings
 from mla_gen.bench.timing import FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
 from mla_gen.dispatch import DeviceInfo, device_info
@@ -170,6 +171,26 @@ def _bench_case(ctx: Context, case: Case) -> list[Record]:
     return records + ctx.absent_records(case)
 
 
+def host_section(ctx: Context) -> HostTimes | None:
+    """The three host figures on B1 S256 H16 (mla_gen.bench.host); None (logged) if it cannot run."""
+    case = HOST_CASE
+    try:
+        inp = build_inputs(case, ctx.device)
+        flashmla, why = None, "FlashMLA not loaded (--peers)"
+        if ctx.peers is not None:
+            if "flashmla" in ctx.peers.names:
+                flashmla = ctx.peers.module.prepare("flashmla", inp.q, inp.kv, inp.block_table, inp.cache_seqlens,
+                                                    case.sm_scale, dv=case.ckv)
+            else:
+                why = ctx.peers.absent.get("flashmla", "FlashMLA does not load")
+        return host_times(ctx.device, inp, case, flashmla, why)
+    except Exception as e:  # the cases' table still prints
+        log(f"host section failed: {_error_text(e)}")
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
 def _device_doc(info: DeviceInfo) -> dict[str, Any]:
     return {"name": info.name, "arch": info.arch.nvcc_name, "sm_count": info.sm_count, "torch": torch.__version__,
             "cuda": torch.version.cuda, "mla_gen": __version__,
@@ -220,21 +241,25 @@ def run(opts: Options) -> int:
         except Exception as e:  # e.g. a CUDA error that outlives the row that caused it: keep the table
             log(f"  case {case.name} failed: {_error_text(e)}")
             records += ctx.failed_case(case, _error_text(e))
+    log(f"host time per call: {HOST_CASE.shape} ({time.perf_counter() - start:.0f} s)")
+    host = host_section(ctx)
     log(f"done in {time.perf_counter() - start:.0f} s")
     if opts.json_path:
-        doc = json_document(device_doc, ceilings, _settings(opts, ctx), opts.cases, records)
+        settings = {**_settings(opts, ctx), "spin_us": timer.spin_us}  # the GPU spin's measured length
+        doc = json_document(device_doc, ceilings, settings, opts.cases, records, host)
         opts.json_path.write_text(json.dumps(doc, indent=1) + "\n")
         log(f"wrote {opts.json_path}")
-    report(device_doc, ceilings, records, opts)
+    report(device_doc, ceilings, records, opts, host)
     ours = [r for r in records if r.impl.startswith("mla-gen:") or r.impl == TORCH_IMPL]
     return 1 if any(r.status in ("WRONG", "error") for r in ours) else 0
 
 
-def report(device: dict[str, Any], ceilings: Ceilings, records: Sequence[Record], opts: Options) -> None:
-    """The table on stdout, and the plot if asked."""
+def report(device: dict[str, Any], ceilings: Ceilings, records: Sequence[Record], opts: Options,
+           host: HostTimes | None = None) -> None:
+    """The table, the spin check and the host section on stdout, and the plot if asked."""
     print("\n".join(header_lines(device, ceilings)))
     print(format_table(records))
-    for line in balance_lines(records):
+    for line in balance_lines(records) + spin_lines(records) + (host.lines() if host is not None else []):
         print(line)
     if opts.plot_path:
         n = plot_roofline(records, ceilings, opts.plot_path, f"MLA decode, {device.get('name')}, {device.get('date')}")
@@ -243,11 +268,13 @@ def report(device: dict[str, Any], ceilings: Ceilings, records: Sequence[Record]
 
 def replay(opts: Options) -> int:
     try:
-        device, ceilings, records = read_document(json.loads(opts.from_json.read_text()))
+        doc = json.loads(opts.from_json.read_text())
+        device, ceilings, records = read_document(doc)
+        host = read_host(doc)
     except (ValueError, KeyError, TypeError) as e:
         print(f"{PROG}: error: argument --from-json: {opts.from_json}: {e}", file=sys.stderr)
         return 2
-    report(device, ceilings, records, opts)
+    report(device, ceilings, records, opts, host)
     return 0
 
 

@@ -3,6 +3,7 @@ first, L2 flushed before every timed call (a write of a buffer larger than L2, o
 region), and the device's ceilings measured the same way."""
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -14,8 +15,10 @@ from mla_gen.bench.roofline import Ceilings
 FLUSH_BYTES = 256 * 2**20
 # NOTE(host-lead): after the flush the GPU spins ~0.1 ms (outside the timed region), so the host has
 # queued the timed call's launches before the start event runs; otherwise a call whose Python launch
-# cost exceeds the flush time would count host time. host_us reports that cost separately.
+# cost exceeds the flush time would count host time. host_us reports that cost separately, and the
+# spin's measured length (spin_us) rides beside it so the report can check host_us < spin_us.
 SPIN_CYCLES = 200_000
+SPIN_SAMPLES = 10
 COPY_BYTES = 2 * 2**30          # the copied buffer; read + written = twice this
 MATMUL_N = 8192
 CEILING_ITERS = 20
@@ -27,6 +30,20 @@ class Timer:
     def __init__(self, device: torch.device, iters: int, warmup: int):
         self.iters, self.warmup = iters, warmup
         self._flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        self.spin_us = self._spin_us()
+
+    def _spin_us(self) -> float:
+        """The GPU spin's length (median of a few, CUDA events around it alone)."""
+        torch.cuda._sleep(SPIN_CYCLES)  # warm
+        samples = []
+        for _ in range(SPIN_SAMPLES):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(SPIN_CYCLES)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(samples)
 
     def time(self, fn: Callable[[], object], iters: int | None = None) -> Timing:
         iters = iters or self.iters
@@ -46,7 +63,8 @@ class Timer:
             end.record()
         torch.cuda.synchronize()
         host.sort()
-        return Timing(tuple(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)), host[len(host) // 2] * 1e6)
+        return Timing(tuple(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)), host[len(host) // 2] * 1e6,
+                      self.spin_us)
 
 
 def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
