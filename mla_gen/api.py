@@ -66,6 +66,7 @@ class MLADecodeWrapper:
         self._device = validate.check_device(device)
         self._family, self._num_parts = validate.check_overrides(family, num_parts)
         self._plan: DecodePlan | None = None
+        self._work_list_planned = False
 
     @property
     def plan_info(self) -> DecodePlan | None:
@@ -100,6 +101,7 @@ class MLADecodeWrapper:
         self._lse = torch.empty(batch, s_q, num_heads, dtype=torch.float32, device=device) if return_lse else None
         self._plan = DecodePlan(device, batch, s_q, num_heads, ckv_dim, rope_dim, dtype, page_size, max_pages,
                                 sm_scale, return_lse, decision, slots)
+        self._work_list_planned = False
         return self._plan
 
     def _check_against_plan(self, shape: validate.DecodeShape) -> None:
@@ -113,19 +115,27 @@ class MLADecodeWrapper:
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
             block_table: torch.Tensor, cache_seqlens: torch.Tensor, *, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """out [B, s_q, H, C] (and lse [B, s_q, H] fp32 when the plan asked for it or lse= is given)."""
+            lse: torch.Tensor | None = None, replan: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """out [B, s_q, H, C] (and lse [B, s_q, H] fp32 when the plan asked for it or lse= is given).
+
+        replan=False skips the device planner and reuses the work list the last run of this wrapper
+        computed: for the other layers of a decoding step, whose lengths are the same (as engines reuse
+        FlashMLA's metadata). With lengths that changed since, the results are wrong."""
         if self._plan is None:
             raise RuntimeError("MLADecodeWrapper.run: call plan() first")
+        if not isinstance(replan, bool):
+            raise TypeError(f"replan: expected a bool, got {type(replan).__name__}")
+        if not replan and not self._work_list_planned:
+            raise ValueError("replan: False needs a work list, but no run with replan=True followed plan()")
         shape = validate.check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
                                          self._plan.sm_scale, out, lse)
         device = validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
                                         block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
         return self._run_checked(shape, device, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                 out, lse)
+                                 out, lse, replan)
 
     def _run_checked(self, shape: validate.DecodeShape, device: torch.device, q_nope, q_pe, ckv_cache, kpe_cache,
-                     block_table, cache_seqlens, out, lse):
+                     block_table, cache_seqlens, out, lse, replan: bool = True):
         """run() after check_structure and check_devices, which mla_decode has already done for the call."""
         plan = self._plan
         self._check_against_plan(shape)
@@ -137,16 +147,18 @@ class MLADecodeWrapper:
         p = self._params(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse, shape)
         stream = torch.cuda.current_stream(plan.device).cuda_stream
         if torch.cuda.current_device() == plan.device.index:
-            self._launch(p, stream)
+            self._launch(p, stream, replan)
         else:
             with torch.cuda.device(plan.device):
-                self._launch(p, stream)
+                self._launch(p, stream, replan)
+        self._work_list_planned = True
         return (out, lse) if (plan.return_lse or lse is not None) else out
 
-    def _launch(self, p, stream: int) -> None:
-        """Device planner, decode, merge: three launches on `stream`, nothing else."""
+    def _launch(self, p, stream: int, replan: bool) -> None:
+        """Device planner (unless the last work list is reused), decode, merge: launches on `stream` only."""
         mod = self._module
-        mod.plan(p, stream)
+        if replan:
+            mod.plan(p, stream)
         mod.decode(p, stream)
         mod.merge(p, stream)
 
