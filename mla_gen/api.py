@@ -151,6 +151,7 @@ class MLADecodeWrapper:
                      if plan.return_lse else None)
         self._plan = plan
         self._sites = {}
+        self._work_list_planned = False
 
     def _check_against_plan(self, shape: validate.DecodeShape) -> None:
         plan = self._plan
@@ -163,11 +164,19 @@ class MLADecodeWrapper:
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
             block_table: torch.Tensor, cache_seqlens: torch.Tensor, *, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """out [B, s_q, H, C] (and lse [B, s_q, H] fp32 when the plan asked for it or lse= is given)."""
+            lse: torch.Tensor | None = None, replan: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """out [B, s_q, H, C] (and lse [B, s_q, H] fp32 when the plan asked for it or lse= is given).
+
+        replan=False skips the device planner and reuses the work list the last run of this wrapper
+        computed: for the other layers of a decoding step, whose lengths are the same (as engines reuse
+        FlashMLA's metadata). With lengths that changed since, the results are wrong."""
         sites = self._sites
         if sites is None:
             raise RuntimeError("MLADecodeWrapper.run: call plan() first")
+        if replan is not True and replan is not False:
+            raise TypeError(f"replan: expected a bool, got {type(replan).__name__}")
+        if not replan and not self._work_list_planned:
+            raise ValueError("replan: False needs a work list, but no run with replan=True followed plan()")
         try:
             key = validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse)
             site = sites.get(key)
@@ -180,7 +189,7 @@ class MLADecodeWrapper:
             site = self._checked_site(key, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse)
             args = self._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
                                   out, lse)
-        self._launch(args)
+        self._launch(args, replan)
         if out is None:
             out = self._out
         if site.pair:
@@ -221,13 +230,15 @@ class MLADecodeWrapper:
         return (site.params, stream, qn, qp, ckv, kpe, block_table.data_ptr(), cache_seqlens.data_ptr(), o,
                 site.lse_ptr if lse is None else lse.data_ptr())
 
-    def _launch(self, args: tuple) -> None:
-        """Device planner, decode, merge: three launches on the stream in `args`, one call into the launcher."""
+    def _launch(self, args: tuple, replan: bool = True) -> None:
+        """Device planner (unless the last work list is reused), decode, merge: launches on the stream in
+        `args` only, made by one call into the launcher."""
         if _current_device() == self._index:
-            self._module.launch(*args)
+            self._module.launch(*args, replan)
         else:
             with torch.cuda.device(self._index):
-                self._module.launch(*args)
+                self._module.launch(*args, replan)
+        self._work_list_planned = True
 
     def _site(self, shape: validate.DecodeShape, q_nope, q_pe, ckv_cache, kpe_cache, block_table, out, lse,
               sm_scale: float, pair: bool) -> _Site:

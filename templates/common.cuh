@@ -142,7 +142,9 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
   bool last = false;
   if (threadIdx.x == 0) {
     const int num_splits = reinterpret_cast<const int*>(p.req_info)[4 * b + 1];
-    last = atomicAdd(reinterpret_cast<int*>(p.tickets) + b * p.row_blocks + blockIdx.x, 1) + 1 == num_splits;
+    int* ticket = reinterpret_cast<int*>(p.tickets) + b * p.row_blocks + blockIdx.x;
+    last = atomicAdd(ticket, 1) + 1 == num_splits;
+    if (last) *ticket = 0;  // no other part touches it in this launch: ready for a run that reuses the plan
     __threadfence();  // the other parts' partials, seen through the ticket, before this CTA reads them
   }
   if (!__syncthreads_or(last)) return;

@@ -75,7 +75,8 @@ def test_a_hit_launches_with_the_calls_own_pointers(fake) -> None:
     assert wrapper.run(**second, out=given) is given
     wrapper.run(**second)
     assert len(wrapper._sites) == 2  # out= given is another structure
-    (p1, s1, ptr1), (p2, s2, ptr2), (p3, s3, ptr3) = launcher.launches
+    (p1, s1, ptr1, r1), (p2, s2, ptr2, r2), (p3, s3, ptr3, r3) = launcher.launches
+    assert r1 and r2 and r3
     assert ptr1 == _pointers(first) + (wrapper._out.data_ptr(), 0)
     assert ptr2 == _pointers(second) + (given.data_ptr(), 0)
     assert ptr3 == _pointers(second) + (wrapper._out.data_ptr(), 0)
@@ -91,7 +92,7 @@ def test_mla_decode_hit_allocates_a_fresh_out_per_call(fake) -> None:
     a = api.mla_decode(*inp.args())
     b = api.mla_decode(*inp.args())
     assert a.data_ptr() != b.data_ptr() and a.shape == b.shape == (2, 1, 4, 512)
-    assert len(api._CALLS) == 1 and [ptrs[6] for _, _, ptrs in launcher.launches] == [a.data_ptr(), b.data_ptr()]
+    assert len(api._CALLS) == 1 and [ptrs[6] for _, _, ptrs, _ in launcher.launches] == [a.data_ptr(), b.data_ptr()]
     given = torch.empty_like(a)
     assert api.mla_decode(*inp.args(), out=given) is given and launcher.launches[-1][2][6] == given.data_ptr()
 
@@ -187,6 +188,17 @@ def test_a_hit_still_checks_values_when_asked(fake) -> None:
     n = len(launcher.launches)
     api.mla_decode(**args, sm_scale=inp.sm_scale, check_values=False)  # unchecked: launched (the kernels flag it)
     assert len(launcher.launches) == n + 1 and len(api._CALLS) == 1
+
+
+def test_replan_false_reuses_the_work_list_on_a_hit_too(fake) -> None:
+    inp, wrapper, launcher = fake
+    with pytest.raises(ValueError, match=r"^replan: False needs a work list"):
+        wrapper.run(*inp.args()[:6], replan=False)
+    with pytest.raises(TypeError, match=r"^replan: expected a bool, got int"):
+        wrapper.run(*inp.args()[:6], replan=1)
+    wrapper.run(*inp.args()[:6])
+    wrapper.run(*inp.args()[:6], replan=False)
+    assert [replan for *_, replan in launcher.launches] == [True, False]
 
 
 def test_run_before_plan_and_a_replan_forget_the_sites(fake) -> None:
@@ -309,12 +321,14 @@ def test_launcher_run_and_launch(tmp_path: Path) -> None:
     p.q_nope, p.batch = 11, 3
     variant.run(p, 5)
     assert seen()[0] == seen()[2] == seen()[3] == 11 and seen()[1] == 5
-    variant.launch(p, 6, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 0)
+    variant.launch(p, 6, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 0, True)
     assert seen()[0] == seen()[2] == seen()[3] == 1024 and seen()[1] == 6
     assert p.q_nope == 11 and p.out == 0  # launch works on a copy
+    variant.launch(p, 7, 4096, 2048, 3072, 4096, 5120, 6144, 7168, 0, False)  # no planner
+    assert seen()[0] == 1024 and seen()[2] == seen()[3] == 4096 and seen()[1] == 6
     for fail, step in ((1, "plan"), (2, "decode"), (3, "merge")):
         with pytest.raises(RuntimeError, match=rf"^fake_variant: {step} failed: fake error$"):
-            launcher.Variant(str(libs[fail])).launch(p, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+            launcher.Variant(str(libs[fail])).launch(p, 0, 0, 0, 0, 0, 0, 0, 0, 0, True)
 
 
 # -- GPU ----------------------------------------------------------------------------------------------

@@ -99,12 +99,14 @@ class FakeLauncher:
         self.launches: list[tuple] = []
         self.record = False
 
-    def launch(self, params: Any, stream: int, *pointers: int) -> None:
+    def launch(self, params: Any, stream: int, q_nope: int, q_pe: int, ckv: int, kpe: int, block_table: int,
+               seqlens: int, out: int, lse: int, replan: bool) -> None:
         if self.record:
-            self.launches.append((params, stream, pointers))
+            self.launches.append((params, stream, (q_nope, q_pe, ckv, kpe, block_table, seqlens, out, lse), replan))
 
-    def run(self, params: Any, stream: int) -> None:
-        self.launch(params, stream)
+    def run(self, params: Any, stream: int, replan: bool = True) -> None:
+        if self.record:
+            self.launches.append((params, stream, None, replan))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """The implementations `python -m mla_gen.bench` times, each prepared once per case (plan, metadata,
 index tensors: not timed) into a zero-argument call returning out [B, s_q, H, C]; the output checks.
 
-- mla-gen, one per family: MLADecodeWrapper.plan once, run() timed.
+- mla-gen, one per family: MLADecodeWrapper.plan once, the device work list computed once (as engines do
+  once per decoding step for all layers, and as FlashMLA's metadata is for its timed call), run(replan=False)
+  timed; and "<family>+plan", the dispatched family with the device planner launched in every timed call.
 - torch: gather the tokens + bmm + fp32 softmax + bmm, bf16/fp16 operands.
 - peers (peers.py in --peers-dir, default .peers in the repo root): FlashMLA, vLLM's and SGLang's
   Triton decode, through peers.prepare. A peer that does not load is absent; one that cannot take a case is n/a.
@@ -84,7 +86,7 @@ class Reference:
 
 # -- mla-gen ---------------------------------------------------------------------------------------
 
-def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case) -> Prepared:
+def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case, replan: bool = False) -> Prepared:
     wrapper = MLADecodeWrapper(inp.q_nope.device, family=family.value)
     plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                         page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,
@@ -97,8 +99,9 @@ def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case) -> Prepared:
         return wrapper.run(*args, out=out)
 
     d = plan.decision
-    return Prepared(lambda: wrapper.run(*args), check_run,
-                    f"{plan.spec.variant_id} grid {d.m_blocks}x{d.num_parts}")
+    check_run()  # plans the work list on the GPU for these lengths (replan=False reuses it)
+    return Prepared(lambda: wrapper.run(*args, replan=replan), check_run,
+                    f"{plan.spec.variant_id} grid {d.m_blocks}x{d.num_parts}" + (", planner per call" if replan else ""))
 
 
 # -- torch -----------------------------------------------------------------------------------------

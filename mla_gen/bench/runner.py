@@ -140,14 +140,14 @@ def _bench_case(ctx: Context, case: Case) -> list[Record]:
     records: list[Record] = []
     anchor: tuple[str, torch.Tensor] | None = None
 
-    def mlagen(family: Family) -> Prepared:
+    def mlagen(family: Family, replan: bool = False) -> Prepared:
         if family not in ctx.available:
             raise NotApplicable(f"family {family.value} does not run on {ctx.info.arch.nvcc_name} (available: "
                                 f"{', '.join(f.value for f in ctx.available)})")
         err = ctx.build_errors.get(_decision_spec(case, family, ctx.info))
         if err is not None:
             raise err
-        return prepare_mlagen(family, inp, case)
+        return prepare_mlagen(family, inp, case, replan)
 
     def judge(out: torch.Tensor) -> Check:
         if anchor is None:
@@ -164,6 +164,10 @@ def _bench_case(ctx: Context, case: Case) -> list[Record]:
         add(rec)
         if anchor is None and out is not None:
             anchor = (rec.impl, out)
+    default = _decision_spec(case, None, ctx.info).family
+    if default in ctx.families:
+        add(evaluate(ctx, case, f"mla-gen:{default.value}+plan", functools.partial(mlagen, default, True),
+                     lambda o: ref.check(o, case.dtype))[0])
     add(evaluate(ctx, case, TORCH_IMPL, lambda: prepare_torch(inp, case), judge)[0])
     if ctx.peers is not None:
         for name in ctx.peers.names:
