@@ -213,6 +213,17 @@ def test_run_before_plan_and_a_replan_forget_the_sites(fake) -> None:
     assert wrapper._sites == {}
 
 
+def test_debug_flag_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from generator import env
+
+    monkeypatch.delenv("MLA_GEN_DEBUG", raising=False)
+    assert env.debug() is False
+    monkeypatch.setenv("MLA_GEN_DEBUG", "1")
+    assert env.debug() is True
+    monkeypatch.setenv("MLA_GEN_DEBUG", "0")
+    assert env.debug() is False
+
+
 def test_fake_launcher_harness_runs() -> None:
     times = cpu_host_times(FakeParams, calls=20)
     assert set(times) == {"MLADecodeWrapper.run", "mla_decode"}
