@@ -108,6 +108,7 @@ class MLADecodeWrapper:
         self._family, self._num_parts = validate.check_overrides(family, num_parts)
         self._plan: DecodePlan | None = None
         self._sites: dict[tuple, _Site] | None = None  # None until planned
+        self._work_list_planned = False
 
     @property
     def plan_info(self) -> DecodePlan | None:
@@ -339,6 +340,15 @@ def _wrapper_for(shape: validate.DecodeShape, device: torch.device, stream: int,
     return key, wrapper
 
 
+def _touch(wkey: tuple) -> bool:
+    """Marks a wrapper most recently used; False when it is no longer in _WRAPPERS."""
+    try:
+        _WRAPPERS.move_to_end(wkey)
+    except KeyError:
+        return False
+    return True
+
+
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
                block_table: torch.Tensor, cache_seqlens: torch.Tensor, sm_scale: float, *,
                out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False,
@@ -378,11 +388,12 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
             l = lse if call.lse_size is None else torch.empty(call.lse_size, dtype=torch.float32, device=call.device)
             args = wrapper._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
                                      o, l)
-            if args is not None:  # else misaligned: the checks below name the tensor
+            # None: a misaligned pointer (the checks below name the tensor); a wrapper evicted from _WRAPPERS
+            # has cleared _CALLS, but one dropped otherwise is planned again below
+            if args is not None and _touch(wkey):
                 # the order of the checks: structure (the key and the pointers), overrides (the key), values
                 if env.debug() if check_values is None else check_values:
                     validate.check_values(cache_seqlens, block_table, call.shape, q_nope, q_pe)
-                _WRAPPERS.move_to_end(wkey)  # a wrapper evicted since has cleared _CALLS
                 wrapper._launch(args)
                 return (o, l) if return_lse else o
     return _mla_decode_checked(key, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale,

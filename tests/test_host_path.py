@@ -97,6 +97,17 @@ def test_mla_decode_hit_allocates_a_fresh_out_per_call(fake) -> None:
     assert api.mla_decode(*inp.args(), out=given) is given and launcher.launches[-1][2][6] == given.data_ptr()
 
 
+def test_mla_decode_plans_again_for_a_wrapper_dropped_behind_its_back(fake, monkeypatch) -> None:
+    inp, wrapper, launcher = fake
+    api.mla_decode(*inp.args())
+    planned = []
+    monkeypatch.setattr(api, "_wrapper_for", lambda *a: planned.append(a) or (api._wrapper_key(*a[:3], *a[4:]),
+                                                                                wrapper))
+    api._WRAPPERS.clear()
+    api.mla_decode(*inp.args())
+    assert len(planned) == 1 and len(launcher.launches) == 2
+
+
 def _mutations(inp):
     """(name, inputs of the valid call's structure changed in one way)."""
     big = torch.zeros(inp.ckv_cache.shape[0], 16, 520, dtype=torch.bfloat16)
