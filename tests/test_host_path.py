@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import mla_gen.api as api
+from conftest import REPO
 from mla_gen.bench.cases import default_suite, work
 from mla_gen.bench.host import FakeLauncher, FakeParams, cpu_host_times, cpu_inputs, fake_host, fake_wrapper
 from mla_gen.bench.report import (HostTimes, Timing, format_table, json_document, make_record, read_host,
@@ -243,9 +245,34 @@ def test_fake_launcher_harness_runs() -> None:
     assert not api._CALLS and not api._WRAPPERS
 
 
+def test_the_bench_host_section_runs_on_the_fake_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """host_times as the bench calls it, with the wrapper planned on CPU (fake_wrapper) instead of a GPU."""
+    from mla_gen import validate
+    from mla_gen.bench.host import HOST_CASE, host_times
+
+    inp = cpu_inputs()
+    launcher = FakeLauncher()
+
+    def plan(self, cache_seqlens, s_q, **kw):
+        self.__dict__.update(fake_wrapper(inp, launcher).__dict__)
+
+    with fake_host():
+        monkeypatch.setattr(validate, "check_device", lambda device: torch.device("cpu"))
+        monkeypatch.setattr(api.MLADecodeWrapper, "plan", plan)
+        try:
+            host = host_times(torch.device("cpu"), inp, HOST_CASE, None, "absent here", sync=lambda: None)
+        finally:
+            api._WRAPPERS.clear()
+            api._CALLS.clear()
+    assert host.shape == "B1 S256 H16" and host.calls == 200 and host.host_us["flashmla"] is None
+    assert all(host.host_us[name] > 0 and host.drain_us[name] >= host.host_us[name]
+               for name in ("mla_decode", "MLADecodeWrapper.run"))
+    assert any("absent here" in line for line in host.lines())
+
+
 def test_harness_cli() -> None:
-    proc = subprocess.run(["python", "-m", "mla_gen.bench.host"], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "mla_gen.bench.host"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "MLADecodeWrapper.run: " in proc.stdout and "mla_decode: " in proc.stdout
 

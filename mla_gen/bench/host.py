@@ -58,7 +58,7 @@ def per_call_us(fn: Callable[[], object], sync: Callable[[], None], calls: int =
 # -- on the GPU (the bench's host section) ----------------------------------------------------------
 
 def host_times(device: torch.device, inp: DecodeInputs, case: Case, flashmla: Callable[[], object] | None,
-               flashmla_absent: str = "") -> HostTimes:
+               flashmla_absent: str = "", sync: Callable[[], None] = torch.cuda.synchronize) -> HostTimes:
     """The three figures on `device`: mla_decode, MLADecodeWrapper.run (planned once, default dispatch) and
     FlashMLA's call (None when absent: `flashmla_absent` says why)."""
     args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.block_table, inp.cache_seqlens)
@@ -74,7 +74,7 @@ def host_times(device: torch.device, inp: DecodeInputs, case: Case, flashmla: Ca
     host: dict[str, float | None] = {}
     drain: dict[str, float | None] = {}
     for name, fn in calls.items():
-        host[name], drain[name] = per_call_us(fn, torch.cuda.synchronize) if fn is not None else (None, None)
+        host[name], drain[name] = per_call_us(fn, sync) if fn is not None else (None, None)
     notes = {"flashmla": flashmla_absent} if flashmla is None else {}
     return HostTimes(case.shape, CALLS, host, drain, dict(TARGETS), "flashmla", notes)
 
