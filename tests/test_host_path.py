@@ -328,6 +328,15 @@ def test_spin_check_rows() -> None:
     assert spin_lines([make_record(case, work(case), "x", CEILINGS, "ok", timing=Timing(samples, 9.0))]) == []
 
 
+def test_the_spin_grows_with_a_slow_callables_host_time() -> None:
+    from mla_gen.bench.timing import SPIN_CYCLES, Timer
+
+    timer = Timer.__new__(Timer)  # no GPU: the base spin as if measured
+    timer.spin_us = 100.0
+    assert timer.spin_for(9.0) == (SPIN_CYCLES, 100.0) and timer.spin_for(50.0) == (SPIN_CYCLES, 100.0)
+    assert timer.spin_for(51.0) == (2 * SPIN_CYCLES, 200.0) and timer.spin_for(180.0) == (4 * SPIN_CYCLES, 400.0)
+
+
 # -- the launcher's run and launch, on a variant that launches nothing ------------------------------
 
 FAKE_VARIANT = r"""

@@ -3,6 +3,7 @@ first, L2 flushed before every timed call (a write of a buffer larger than L2, o
 region), and the device's ceilings measured the same way."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -13,10 +14,11 @@ from mla_gen.bench.report import Timing
 from mla_gen.bench.roofline import Ceilings
 
 FLUSH_BYTES = 256 * 2**20
-# NOTE(host-lead): after the flush the GPU spins ~0.1 ms (outside the timed region), so the host has
-# queued the timed call's launches before the start event runs; otherwise a call whose Python launch
-# cost exceeds the flush time would count host time. host_us reports that cost separately, and the
-# spin's measured length (spin_us) rides beside it so the report can check host_us < spin_us.
+# NOTE(host-lead): after the flush the GPU spins ~0.1 ms (outside the timed region; longer for a callable
+# whose host time nears it: Timer.spin_for), so the host has queued the timed call's launches before the
+# start event runs; otherwise a call whose Python launch cost exceeds the spin would count host time.
+# host_us reports that cost separately, and the spin's measured length (spin_us) rides beside it so the
+# report can check host_us < spin_us.
 SPIN_CYCLES = 200_000
 SPIN_SAMPLES = 10
 COPY_BYTES = 2 * 2**30          # the copied buffer; read + written = twice this
@@ -45,17 +47,29 @@ class Timer:
             samples.append(start.elapsed_time(end) * 1e3)
         return statistics.median(samples)
 
+    def spin_for(self, host_us: float) -> tuple[int, float]:
+        """(cycles, us) of the spin before each timed call of a callable taking `host_us` of host time per
+        call: the base spin, in whole multiples until it is at least twice the host time."""
+        scale = max(1, math.ceil(2 * host_us / self.spin_us))
+        return SPIN_CYCLES * scale, self.spin_us * scale
+
     def time(self, fn: Callable[[], object], iters: int | None = None) -> Timing:
         iters = iters or self.iters
+        warm = []
         for _ in range(self.warmup):
+            t0 = time.perf_counter()
             fn()
+            warm.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
+        # NOTE(host-lead): a callable whose host time nears the base spin gets a longer one, so its GPU times
+        # hold no host time; the Timing carries the spin it got and the report checks host_us against it.
+        cycles, spin_us = self.spin_for(statistics.median(warm) * 1e6 if warm else 0.0)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         host = []
         for start, end in zip(starts, ends):
             self._flush.zero_()
-            torch.cuda._sleep(SPIN_CYCLES)
+            torch.cuda._sleep(cycles)
             start.record()
             t0 = time.perf_counter()
             fn()
@@ -64,7 +78,7 @@ class Timer:
         torch.cuda.synchronize()
         host.sort()
         return Timing(tuple(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)), host[len(host) // 2] * 1e6,
-                      self.spin_us)
+                      spin_us)
 
 
 def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
