@@ -44,7 +44,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="bf16 or fp16 (default: the preset's, else bf16)")
     g.add_argument("--arch", default=DEFAULT_ARCH, help=f"compile target, e.g. sm_80, sm_90a (default {DEFAULT_ARCH})")
     g.add_argument("--family", action="append", metavar="F",
-                   help="kernel family (repeatable): simt, mma (default: the fastest for the arch)")
+                   help="kernel family (repeatable): simt, mma, wgmma, seesaw (default: the fastest for the arch)")
     g.add_argument("--tile", default=None, help="tile override, e.g. m16n32s1w8")
     g.add_argument("--s-q", type=positive_int, nargs="+", default=[1], dest="s_q", metavar="N",
                    help="query tokens per request the tiles are chosen for (default 1; rows = heads x s_q)")

@@ -66,7 +66,7 @@ def _param_fields(params_h: Path) -> tuple[str, ...]:
 # family, score tiles) and the output-column widths 128 and 256.
 WGMMA_NS = tuple(range(8, 65, 8)) + (128, 256)
 # Families whose kernels include the rendered wgmma_ops.cuh.
-WGMMA_FAMILIES = ("wgmma", "narrow")
+WGMMA_FAMILIES = ("wgmma", "narrow", "seesaw")
 
 LAUNCHER_MODULE = "mla_gen_launcher"
 
@@ -89,9 +89,14 @@ def template_context(spec: VariantSpec) -> dict[str, object]:
     }
 
 
+# Family headers another family's header includes (seesaw reuses wgmma.cuh's primitives and panels).
+_FAMILY_DEPS = {"seesaw": ("wgmma.cuh",)}
+
+
 def render_sources(spec: VariantSpec) -> dict[str, str]:
     """File name -> text of every source a variant's build reads (rendered and shared headers)."""
-    headers = ["params.h", "common.cuh", "ptx.cuh", f"{spec.family.value}.cuh"]
+    headers = ["params.h", "common.cuh", "ptx.cuh", *_FAMILY_DEPS.get(spec.family.value, ()),
+               f"{spec.family.value}.cuh"]
     if spec.family.value in WGMMA_FAMILIES:
         headers.append("sm90.cuh")
     out = {name: (templates_dir() / name).read_text() for name in headers}

@@ -10,15 +10,19 @@ import math
 from generator.errors import SpecError
 from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, narrow_max_rows, smem_bytes
 
-# Families with a template, fastest first (narrow: only where all rows fit one narrow CTA, see decide).
-FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.MMA, Family.SIMT)
+# Families with a template, fastest first (narrow: only where all rows fit one narrow CTA, see decide;
+# seesaw: not yet measured, after wgmma, so dispatch keeps wgmma by default).
+FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.SEESAW, Family.MMA, Family.SIMT)
 # Why few heads do not go back to mma on sm_90a: wgmma pads rows to a 64-row tile, but measured it is
 # not slower there (H100 bench, same runs, us wgmma vs mma): B128 S4096 H16 238 vs 241, B32 S1024 H16
 # 40.3 vs 42.3, B128 S4096 H40 c256/r32 143 vs 201, B64 S8192 H128 s_q 2 623 vs 1078.
 WGMMA_FEW_HEADS_NOTE = ("also for few heads: measured on H100 at 16 heads no slower than mma "
                         "(238 vs 241 us B128 S4096, 40 vs 42 us B32 S1024)")
 # Tokens of kv that one part must at least get before splitting pays for its fixed costs.
-MIN_TOKENS_PER_PART = 256
+MIN_TOKENS_PER_PART = 128
+# Most CTA columns a grid may have: the merge kernel holds one weight per part of a request in shared
+# memory (templates/common.cuh kMergeMaxSplits).
+MAX_PARTS = 2048
 # Fixed cost of a request or a split (q load, epilogue, merge), in kv tokens.
 FIXED_COST_TOKENS = 128
 
@@ -46,6 +50,8 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
         # all rows in one CTA where they fit (else row blocks of the most rows, each reading the cache)
         rows = -(-num_heads * s_q // 8) * 8
         return Tile(min(rows, narrow_max_rows(ckv_dim)) if ckv_dim % 64 == 0 else 8, 64, 2, 8)
+    if family is Family.SEESAW:
+        return Tile(64, 64, 2, 8)  # 64 rows x pairs of 64-token tiles (K0, K1), two warpgroups
     raise SpecError(f"family: no tile rules for {family.value}")
 
 
@@ -146,11 +152,13 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     fixed_cost = max(1, math.ceil(FIXED_COST_TOKENS / tile.block_n))
     min_part_cost = math.ceil(MIN_TOKENS_PER_PART / tile.block_n) + fixed_cost
     if num_parts is None:
-        num_parts = max(1, (sm_count * ctas_per_sm) // m_blocks)
+        num_parts = min(MAX_PARTS, max(1, (sm_count * ctas_per_sm) // m_blocks))
         reasons.append(f"{num_parts} parts: {sm_count} SMs x {ctas_per_sm} CTA(s)/SM over {m_blocks} row "
                        f"block(s); the device planner balances kv blocks + {fixed_cost} per request over them "
                        f"and uses fewer when a part would get under {min_part_cost} blocks")
     else:
+        if isinstance(num_parts, bool) or not isinstance(num_parts, int) or not 1 <= num_parts <= MAX_PARTS:
+            raise SpecError(f"num_parts: expected 1..{MAX_PARTS}, got {num_parts!r}")
         reasons.append(f"{num_parts} parts: requested")
     if batch is not None and mean_seqlen is not None:
         blocks = batch * (math.ceil(mean_seqlen / tile.block_n) + fixed_cost)

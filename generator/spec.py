@@ -46,15 +46,16 @@ class Family(enum.Enum):
     MMA = "mma"     # tensor cores via mma.sync m16n8k16, cp.async pipeline; sm_80+
     WGMMA = "wgmma"  # Hopper warpgroup MMA (wgmma.mma_async), cp.async pipeline; sm_90a only
     NARROW = "narrow"  # Hopper wgmma with kv tokens on M and few query rows on N; sm_90a only
+    SEESAW = "seesaw"  # wgmma with FlashMLA's seesaw: kv tiles in pairs, one WG's softmax under the other's MMA
 
     @property
     def min_cc(self) -> int:
-        return {"simt": 75, "mma": 80, "wgmma": 90, "narrow": 90}[self.value]
+        return {"simt": 75, "mma": 80, "wgmma": 90, "narrow": 90, "seesaw": 90}[self.value]
 
     def runs_on(self, arch: Arch) -> bool:
         """Whether variants of this family can be built for `arch`: wgmma is an arch-specific
         (sm_90a) instruction, so that family needs exactly sm_90a."""
-        if self in (Family.WGMMA, Family.NARROW):
+        if self in (Family.WGMMA, Family.NARROW, Family.SEESAW):
             return arch is Arch.SM90A
         return arch.cc >= self.min_cc
 
@@ -267,6 +268,8 @@ def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, itemsize
         return _wgmma_smem_bytes(t, ckv_dim, rope_dim, kv)
     if family is Family.NARROW:
         return _narrow_smem_bytes(t, ckv_dim, rope_dim, kv)
+    if family is Family.SEESAW:
+        return _seesaw_smem_bytes(t, ckv_dim, rope_dim, kv)
     # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
     # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
     wn = _mma_column_splits(t)
@@ -402,5 +405,40 @@ def _check_narrow(spec: VariantSpec) -> None:
                         f"multiple of 64, got {spec.rope_dim}")
 
 
+def _seesaw_p_in_rope(tile: Tile, rope: int) -> bool:
+    """templates/seesaw.cuh: P0 / P1 live in the first 64-column block of the rope panel of their kv
+    tile (dead after that tile's Q K^T) when rope_dim is a multiple of 64; else in buffers of their own."""
+    return rope % 64 == 0 and tile.block_m == tile.block_n == 64
+
+
+def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
+    """templates/seesaw.cuh Layout: q tile [M][C+R], two kv tiles [N][C+R] (K0, K1 of a pair), two P
+    tiles [M][N] (16-bit) unless they alias the rope panels, then the row max exchange [2][M] and row
+    sum exchange [2][M] fp32 between the two warpgroups. 512/64: 72 + 2 x 72 + 1 KB = 217 KB."""
+    d = ckv + rope
+    p = 0 if _seesaw_p_in_rope(tile, rope) else 2 * tile.block_m * tile.block_n * itemsize
+    return (tile.block_m * d * itemsize + tile.stages * tile.block_n * d * itemsize + p
+            + 2 * 2 * tile.block_m * 4)
+
+
+def _check_seesaw(spec: VariantSpec) -> None:
+    t = spec.tile
+    if t.block_m != 64:
+        raise SpecError(f"tile.block_m: seesaw takes 64 query rows per CTA (one m64 tile), got {t.block_m}")
+    if t.block_n != 64:
+        raise SpecError(f"tile.block_n: seesaw takes 64 kv tokens per tile (S = m64n64 per warpgroup), got {t.block_n}")
+    if t.warps != 8:
+        raise SpecError(f"tile.warps: seesaw runs two warpgroups (8 warps), got {t.warps}")
+    if t.stages != 2:
+        raise SpecError(f"tile.stages: seesaw holds exactly the two kv tiles of a pair (K0, K1), expected 2, "
+                        f"got {t.stages}")
+    if spec.ckv_dim not in (128, 256, 512):
+        raise SpecError(f"ckv_dim: seesaw gives each warpgroup ckv/2 output columns as one wgmma n (64, 128 or "
+                        f"256): expected 128, 256 or 512, got {spec.ckv_dim}")
+    if spec.rope_dim % 64 and spec.rope_dim not in (16, 32):
+        raise SpecError(f"rope_dim: seesaw stores rows in 32-, 64- or 128-byte swizzle atoms: expected 16, 32 or a "
+                        f"multiple of 64, got {spec.rope_dim}")
+
+
 _FAMILY_CHECKS = {Family.SIMT: _check_simt, Family.MMA: _check_mma, Family.WGMMA: _check_wgmma,
-                  Family.NARROW: _check_narrow}
+                  Family.NARROW: _check_narrow, Family.SEESAW: _check_seesaw}

@@ -4,6 +4,10 @@ test matrix: prints, per case, the output's relative L2 and max error and the ls
 output and per 16-row group, and NaN counts. Exit status 1 if any case is out of tolerance.
 
     PYTHONPATH=. python scripts/family_check.py --family wgmma [--quick]
+    PYTHONPATH=. python scripts/family_check.py --family seesaw [--quick]
+
+--family takes any family name (simt, mma, wgmma, seesaw); cases that exercise seesaw's pairs of tiles:
+"one tile" (a lone K0, K1 missing), "len 37", "4 tiles" (two full pairs), "h128 len 4097" (65 tiles: odd).
 """
 from __future__ import annotations
 
@@ -19,13 +23,16 @@ from mla_gen.testing import LSE_TOL, REF_TOL, make_inputs, max_abs, rel_l2
 
 
 def run_case(family: str, name: str, lengths, *, heads, ckv=512, rope=64, s_q=1, page=64, dtype=torch.bfloat16,
-             num_parts=None, zero_q=False, seed=0) -> bool:
+             num_parts=None, zero_q=False, q_scale=1.0, seed=0) -> bool:
     g = torch.Generator(device="cuda").manual_seed(seed)
     inp = make_inputs(lengths, heads=heads, ckv=ckv, rope=rope, s_q=s_q, page_size=page, dtype=dtype, device="cuda",
                       generator=g)
     if zero_q:
         inp.q_nope.zero_()
         inp.q_pe.zero_()
+    if q_scale != 1.0:  # spiky scores: row maxima jump by more than 8 (log2) between tiles, so the lazy
+        inp.q_nope.mul_(q_scale)  # softmax reference moves mid-segment (rescales of O and l in both warpgroups)
+        inp.q_pe.mul_(q_scale)
     out = torch.full((len(lengths), s_q, heads, ckv), float("nan"), dtype=dtype, device="cuda")
     lse = torch.full((len(lengths), s_q, heads), float("nan"), dtype=torch.float32, device="cuda")
     try:
@@ -76,9 +83,12 @@ def main() -> int:
         ("fp16 h128", [64, 1000], dict(heads=128, dtype=torch.float16)),
         ("fp16 c256r32 h40 split", [4097, 9], dict(heads=40, ckv=256, rope=32, dtype=torch.float16, num_parts=64)),
         ("h128 s_q4", [4, 700], dict(heads=128, s_q=4)),
+        ("h128 spiky scores (q x4)", [1000, 333, 64], dict(heads=128, q_scale=4.0)),
+        ("h64 spiky s_q2 page16 split", [130, 2000], dict(heads=64, s_q=2, page=16, q_scale=4.0, num_parts=40)),
+        ("fp16 h128 spiky 3 tiles", [150, 129], dict(heads=128, dtype=torch.float16, q_scale=4.0)),
     ]
     if a.quick:
-        cases = cases[:6]
+        cases = cases[:6] + cases[-3:-2]
     bad = 0
     for name, lengths, kw in cases:
         bad += not run_case(f, name, lengths, **kw)

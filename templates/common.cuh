@@ -128,7 +128,10 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row,
 
 // A split request of at most this many parts is merged inside the decode kernel by its last part; one
 // of more parts would make that one CTA read too much, so the merge kernel spreads it over the GPU.
-constexpr int kInlineMergeSplits = 4;
+constexpr int kInlineMergeSplits = 8;
+// Most parts (CTA columns) a grid has, so most parts a request can span: the planner keeps the part
+// begins and the merge kernel a request's split weights in shared memory (generator/select.py MAX_PARTS).
+constexpr int kMergeMaxSplits = 2048;
 
 // After a CTA wrote its partial rows of split request `b` (of at most kInlineMergeSplits parts): the
 // last of the request's parts to finish (an atomic ticket per request and row block) merges the
@@ -179,6 +182,7 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
 // ---- planner: device-resident lengths -> work list (one CTA; no host sync) -------------------------
 
 constexpr int kPlanThreads = 512;
+constexpr int kPlanSmemRequests = 4096;  // batches up to this size keep their cost prefixes in shared memory
 
 // Block-wide exclusive scan of one value per thread; returns the prefix and sets *total.
 __device__ __forceinline__ long long block_exclusive_scan(long long v, long long* total) {
@@ -227,6 +231,11 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
   int* part_info = reinterpret_cast<int*>(p.part_info);
   int* merge_list = reinterpret_cast<int*>(p.merge_list);
   const int tid = threadIdx.x;
+  // the binary searches read shared memory: request cost prefixes (when the batch fits) and part begins
+  __shared__ int s_cost[kPlanSmemRequests];
+  __shared__ long long s_begin[kMergeMaxSplits + 1];
+  const bool cost_in_smem = p.batch <= kPlanSmemRequests;
+  auto cost_begin = [&](int b) { return cost_in_smem ? s_cost[b] : req_info[4 * b + 3]; };
   __shared__ int s_invalid;
   if (tid == 0) s_invalid = 0;
   __syncthreads();
@@ -247,7 +256,10 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
     }
     long long chunk_total;
     const long long before = block_exclusive_scan(cost, &chunk_total);
-    if (b < p.batch) req_info[4 * b + 3] = static_cast<int>(carry + before);
+    if (b < p.batch) {
+      req_info[4 * b + 3] = static_cast<int>(carry + before);
+      if (cost_in_smem) s_cost[b] = static_cast<int>(carry + before);
+    }
     carry += chunk_total;
   }
   const long long total = carry;
@@ -263,13 +275,14 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
       int lo = 0, hi = p.batch - 1;  // last b with cost_begin[b] <= x
       while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
-        if (req_info[4 * mid + 3] <= x) lo = mid; else hi = mid - 1;
+        if (cost_begin(mid) <= x) lo = mid; else hi = mid - 1;
       }
       req = lo;
-      const long long into = x - req_info[4 * lo + 3] - p.fixed_cost;
+      const long long into = x - cost_begin(lo) - p.fixed_cost;
       blk = into > 0 ? static_cast<int>(into) : 0;
     }
     if (part < p.num_parts) { part_info[4 * part + 0] = req; part_info[4 * part + 1] = blk; }
+    s_begin[part] = pos_key(req, blk);
     if (part > 0) { part_info[4 * (part - 1) + 2] = req; part_info[4 * (part - 1) + 3] = blk; }
   }
   __syncthreads();
@@ -289,13 +302,13 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
         int lo = 0, hi = p.num_parts - 1;  // last part whose begin <= (b, 0)
         while (lo < hi) {
           const int mid = (lo + hi + 1) >> 1;
-          if (pos_key(part_info[4 * mid], part_info[4 * mid + 1]) <= start) lo = mid; else hi = mid - 1;
+          if (s_begin[mid] <= start) lo = mid; else hi = mid - 1;
         }
         first = lo;
         hi = p.num_parts - 1;  // last part whose begin < (b, nb)
         while (lo < hi) {
           const int mid = (lo + hi + 1) >> 1;
-          if (pos_key(part_info[4 * mid], part_info[4 * mid + 1]) < stop) lo = mid; else hi = mid - 1;
+          if (s_begin[mid] < stop) lo = mid; else hi = mid - 1;
         }
         last = lo;
       }
@@ -335,13 +348,13 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
 
 // ---- merge kernel: split requests of more than kInlineMergeSplits parts ----------------------------
 
-// Grid-stride over (listed request, row); a thread owns 4 columns and keeps several splits' loads in
-// flight. Launched with programmatic dependent launch after the decode kernel, whose results it waits for.
+// Grid-stride over (listed request, row); the splits' lse are read by all threads at once, and a thread
+// owns 4 columns and keeps kUnroll splits' loads in flight. Launched with programmatic dependent launch after the decode kernel, whose results it waits for.
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_constant__ DecodeParams p) {
   using OutT = typename Cfg::OutType;
   using Out2 = typename Vec2<OutT>::type;
-  constexpr int kHeads = Cfg::kNumHeads, kCkv = Cfg::kCkvDim, kUnroll = 4;
+  constexpr int kHeads = Cfg::kNumHeads, kCkv = Cfg::kCkvDim, kUnroll = 8;
   static_assert(kCkv % 4 == 0, "ckv: 4 columns per thread");
   wait_for_previous_grid();
   const int* list = reinterpret_cast<const int*>(p.merge_list);
@@ -350,32 +363,51 @@ __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_co
   const float4* part_o = reinterpret_cast<const float4*>(p.partial_o);
   const int rows = p.s_q * kHeads, col = 4 * threadIdx.x;
   const int items = list[0] * rows;
+  __shared__ float s_w[kMergeMaxSplits];  // each split's weight exp(lse_k - lse)
+  __shared__ float s_red[2][(kCkv / 4 + 31) / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) / 32;
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
     const int b = list[1 + item / rows], row = item % rows;
     const int num_splits = req_info[4 * b + 1], first = req_info[4 * b + 2];
+    // the splits' lse spread over the threads (all loads at once), max and sum reduced over the CTA
     float m = -INFINITY;
-    for (int k = 0; k < num_splits; ++k) m = fmaxf(m, __ldcg(part_lse + (first + k) * rows + row));
+    for (int k = threadIdx.x; k < num_splits; k += blockDim.x) {
+      s_w[k] = __ldcg(part_lse + (first + k) * rows + row);
+      m = fmaxf(m, s_w[k]);
+    }
+    m = warp_max(m);
+    if (lane == 0) s_red[0][warp] = m;
+    __syncthreads();
+    m = s_red[0][0];
+    for (int w = 1; w < nwarps; ++w) m = fmaxf(m, s_red[0][w]);
     float sum = 0.f;
-    if (m != -INFINITY)
-      for (int k = 0; k < num_splits; ++k) sum += __expf(__ldcg(part_lse + (first + k) * rows + row) - m);
+    for (int k = threadIdx.x; k < num_splits; k += blockDim.x) {
+      const float e = m == -INFINITY ? 0.f : __expf(s_w[k] - m);
+      s_w[k] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) s_red[1][warp] = sum;
+    __syncthreads();
+    sum = 0.f;
+    for (int w = 0; w < nwarps; ++w) sum += s_red[1][w];
     const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int k0 = 0; k0 < num_splits; k0 += kUnroll) {
       float4 v[kUnroll];
-      float w[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {  // all loads first, then the sums
         const int k = k0 + u < num_splits ? k0 + u : k0;
         v[u] = __ldcg(part_o + ((static_cast<long long>(first + k) * rows + row) * kCkv + col) / 4);
-        const float lk = __ldcg(part_lse + (first + k) * rows + row);
-        w[u] = (k0 + u < num_splits && lk != -INFINITY) ? __expf(lk - lse) : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        acc.x += w[u] * v[u].x;
-        acc.y += w[u] * v[u].y;
-        acc.z += w[u] * v[u].z;
-        acc.w += w[u] * v[u].w;
+        const float w = k0 + u < num_splits ? s_w[k0 + u] * inv : 0.f;
+        acc.x += w * v[u].x;
+        acc.y += w * v[u].y;
+        acc.z += w * v[u].z;
+        acc.w += w * v[u].w;
       }
     }
     const int s = row / kHeads, h = row % kHeads;
@@ -383,6 +415,7 @@ __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_co
     reinterpret_cast<Out2*>(out)[0] = from_float2<OutT>(make_float2(acc.x, acc.y));
     reinterpret_cast<Out2*>(out)[1] = from_float2<OutT>(make_float2(acc.z, acc.w));
     if (p.lse && threadIdx.x == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+    __syncthreads();  // s_w and s_red are rewritten by the next item
   }
 }
 

@@ -32,7 +32,7 @@ struct DecodeParams {
   //   status [1] int32: bit 0 set when some length was invalid (that request's output is NaN),
   //   tickets [B, row_blocks] int32: parts of a split request that have written their partial (the planner
   //   zeroes them; the part that completes the count merges the request's rows when it has at most
-  //   kInlineMergeSplits parts), merge_list [1 + B] int32: the number of requests with more parts, then
+  //   kInlineMergeSplits parts, common.cuh), merge_list [1 + B] int32: the number of requests with more parts, then
   //   those requests (the merge kernel's work).
   uint64_t partial_o = 0;
   uint64_t partial_lse = 0;

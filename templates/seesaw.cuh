@@ -1,0 +1,559 @@
+// mla-gen family `seesaw`: FlashMLA's seesaw schedule on Hopper wgmma (sm_90a only), bf16/fp16 in, fp32 accumulate.
+//
+// Work: the same contract as wgmma.cuh (grid (row blocks, parts), 64 packed query rows r = s * heads + h per CTA,
+// rows past s_q * heads are zero padding, never written; for_each_segment; out/lse or partial o/lse). Any head
+// count is correct; the design pays off from 64 packed rows up (128 heads: one CTA per 64 rows, both MMA-bound).
+//
+// Threads: two warpgroups, WG0 (warps 0-3) and WG1 (warps 4-7), 1 CTA per SM. WG0 owns O_L = O[:, 0 .. C/2),
+// WG1 owns O_R = O[:, C/2 .. C), fp32 in registers (C/4 per thread: 128 at C = 512). A segment's kv tiles are
+// taken in PAIRS: tile 2i lives in buffer K0, tile 2i+1 in buffer K1 (a missing K1 at an odd count is skipped and
+// counts as fully masked). Per pair (row state: a lazy running max m per row, the same in both WGs; each WG keeps
+// its own partial row sum l, rescaled together with its half of O):
+//   WG0: S0 = Q K0^T (m64n64k16, SS, C + R deep) -> softmax S0 against m: m0 = m unless a row max exceeds m by
+//        more than 8 (log2 domain), then m0 = that max and scale0 = 2^(m - m0) rescales O_L, l0 -> P0 to shared
+//        memory and m0 to red_max[0] (publish P0) -> O_L += P0 V0_L (RS: P0 from registers) -> wait for P1 ->
+//        scale1 = 2^(m0 - m1) (1 unless WG1 moved m) rescales O_L, l0 -> O_L += P1 V1_L (SS) -> m = m1.
+//   WG1: S1 = Q K1^T -> wait for P0 (and S1) -> scale0 (from m, m0) rescales O_R, l1 -> O_R += P0 V0_R (SS, runs
+//        while WG1 does its softmax) -> softmax S1 against m0 -> m1, scale1, P1 to shared memory and m1 to red_max[1]
+//        (publish P1) -> scale1 rescales O_R, l1 (after P0 V0_R retired) -> O_R += P1 V1_R (RS) -> m = m1.
+//   While one WG does exp/max, the tensor pipe runs the other's wgmma: S1 under softmax S0, P0 V0_{L,R} under
+//   softmax S1, the next pair's S0 under WG1's last P V and its load wait. V = the first C columns of the same kv
+//   tile read MN-major (as wgmma.cuh): the cache is read from HBM once.
+//
+// Loads (cp.async token gathers, any page size, zero fill past the length): each WG copies its own ckv half of
+// every tile and of Q (WG w: columns w*C/2 .. ), the rope panel goes with the half that frees last: K0's rope
+// (and Q's) is copied by WG1, K1's rope by WG0. A WG issues the next pair's copies into a buffer half as soon as
+// its own last reader of that half retired:
+//   WG0: K0 ckv-left  (tile 2i+2) after O_L += P0 V0_L   | K1 ckv-left + rope (tile 2i+3) after O_L += P1 V1_L
+//   WG1: K0 ckv-right + rope (2i+2) after O_R += P0 V0_R | K1 ckv-right       (tile 2i+3) after O_R += P1 V1_R
+// Each WG commits exactly two cp.async groups per pair (K0 part, then K1 part; empty when the tile is missing),
+// so at a pair's start cp.async.wait_group 1 = "my K0 part landed", 0 = "my K1 part landed". Q K^T is issued in
+// two parts: first the k-steps over the issuing WG's own ckv half (its own copies), then, after the cross
+// barrier, the other half and the rope.
+//
+// Barriers (named, bar.sync / bar.arrive, ids 1-6; each id always with the same thread count; every id is used
+// once per pair by the same threads, unconditionally):
+//   1 K0R    256: WG1 arrives (its K0 part + Q right half + Q rope landed, fence.proxy.async), WG0 syncs before
+//                 the second part of S0.
+//   2 K1L    256: WG0 arrives (its K1 part + Q left half landed, fenced), WG1 syncs before the second part of S1.
+//   3 P0     256: WG0 arrives (P0 + m0 stored, fenced), WG1 syncs before reading m0 and issuing P0 V0_R.
+//   4 P1     256: WG1 arrives (P1 + m1 stored, fenced), WG0 syncs before reading m1 and issuing P1 V1_L.
+//   5 LOCAL0 128: WG0 only, after its own K0 part landed (all WG0 copies visible to its wgmma).
+//   6 LOCAL1 128: WG1 only, after both its parts landed.
+// Order per pair: WG0 5, 1(sync), 2(arrive), 3(arrive), 4(sync); WG1 1(arrive), 6, 2(sync), 3(sync), 4(arrive):
+// no cycle. No id is arrived at twice before its previous instance completes: WG1 arrives 1 again only after
+// it synced 3 (after WG0 passed 1), WG0 arrives 2 again only after it synced 4 (after WG1 passed 2), WG0 arrives
+// 3 after syncing 1 (after WG1 passed 3), WG1 arrives 4 after syncing 2 (after WG0 passed 4).
+// WAR hazards: a buffer half is rewritten only by the WG whose wgmma read it last, after wgmma.wait_group; the
+// other WG's earlier reads of it (WG0's S0 over all of K0, WG1's S1 over all of K1) retired before that WG
+// arrived at 3 / 4, which the writer synced before. P0 / P1 and red_max[0/1] are rewritten at pair i+1 only after
+// barrier 1 / 2 of pair i+1, whose arrivals come after the reader's last use at pair i.
+//
+// Shared memory (dynamic, 1024-byte aligned, wgmma.cuh panels: 64-column blocks of 128-byte swizzled rows):
+//   Q ckv [64][C] | Q rope [64][R] | K0 (ckv [64][C] | rope [64][R]) | K1 (same) | P0 [64][64] | P1 [64][64] |
+//   red_max [2][64] fp32 | red_sum [2][64] fp32.
+// When R is a multiple of 64, P0 and P1 live in the first rope block of K0 / K1 instead (dead after that tile's
+// Q K^T; freed together with the half that holds the rope), so 512/64 needs 72 + 2 x 72 + 1 KB = 217 KB.
+// Epilogue: as wgmma.cuh (row sums over the quad and both WGs through red_sum; normalise; out + lse or partial).
+#pragma once
+#include "wgmma.cuh"
+
+namespace mla_gen {
+namespace seesaw {
+
+using wgmma::desc_add;
+using wgmma::fast_exp2;
+using wgmma::fence_proxy_async;
+using wgmma::fence_regs;
+using wgmma::make_desc;
+using wgmma::opaque;
+using wgmma::pack2;
+using wgmma::Panel;
+using wgmma::wgmma_commit;
+using wgmma::wgmma_fence;
+using wgmma::wgmma_rs;
+using wgmma::wgmma_ss;
+using wgmma::wgmma_wait;
+
+// Named barriers (id, thread count): bar.sync waits, bar.arrive signals without waiting. Both order the shared
+// memory accesses of the participating threads like __syncthreads does.
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+enum : int { kBarK0R = 1, kBarK1L = 2, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
+
+template <class Cfg>
+struct Layout {
+  using KV = typename Cfg::KVType;
+  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv");
+  static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim, D = C + R;
+  static constexpr int M = Cfg::kBlockM, N = Cfg::kBlockN, S = Cfg::kStages, W = Cfg::kWarps;
+  static constexpr int CW = C / 2;  // O columns per warpgroup
+  using QN = Panel<C, M>;
+  using QP = Panel<R, M>;
+  using KN = Panel<C, N>;
+  using KP = Panel<R, N>;
+  using PP = Panel<N, M>;
+  static constexpr int HB = QN::kBlocks / 2;  // 64-column blocks per ckv half
+
+  static constexpr bool kPInRope = R % 64 == 0 && M == 64 && N == 64;
+  static constexpr int kOffQn = 0;
+  static constexpr int kOffQp = QN::kBytes;
+  static constexpr int kOffKV = kOffQp + QP::kBytes;  // K0; K1 follows it
+  static constexpr int kStageBytes = KN::kBytes + KP::kBytes;
+  static constexpr int kOffP = kOffKV + 2 * kStageBytes;
+  static constexpr int kPBytes = kPInRope ? 0 : 2 * PP::kBytes;
+  static constexpr int kRedBytes = 2 * M * 4;
+  static constexpr int kOffRedMax = kOffP + kPBytes;
+  static constexpr int kOffRedSum = kOffRedMax + kRedBytes;
+  static constexpr int kSmemBytes = kOffRedSum + kRedBytes;
+  static constexpr int kOffP0 = kPInRope ? kOffKV + KN::kBytes : kOffP;
+  static constexpr int kOffP1 = kPInRope ? kOffKV + kStageBytes + KN::kBytes : kOffP + PP::kBytes;
+  static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
+  static_assert(kSmemBytes <= 227 * 1024, "seesaw: shared memory over the 227 KB a block may use on sm_90a");
+
+  // copy teams of 8 threads per warpgroup: 16 teams, 4 rows (tokens or query rows) each
+  static constexpr int TEAMS = 16;
+  static constexpr int ITERS = 4;
+
+  static_assert(M == 64, "block_m: one wgmma m64 tile");
+  static_assert(N == 64, "block_n: 64 tokens per tile (S = m64n64 per warpgroup)");
+  static_assert(W == 8, "warps: two warpgroups");
+  static_assert(S == 2, "stages: the two kv tiles of a pair");
+  static_assert(CW == 64 || CW == 128 || CW == 256, "ckv: 128, 256 or 512 (C/2 is one wgmma n)");
+  static_assert(KN::kRowBytes == 128 && QN::kRowBytes == 128 && QN::kBlockBytes == KN::kBlockBytes,
+                "ckv panels of 64-column blocks, Q and kv blocks the same size (M == N)");
+  static_assert(!kPInRope || (KP::kRowBytes == 128 && KP::kBlockBytes == PP::kBytes),
+                "P in the rope panel: its first block must be a [64][64] 128-byte swizzled block like P");
+  static_assert(kOffQp % 1024 == 0 && kOffKV % 1024 == 0 && kStageBytes % 1024 == 0 && KN::kBytes % 1024 == 0 &&
+                    kOffP % 1024 == 0 && kOffP0 % 1024 == 0 && kOffP1 % 1024 == 0,
+                "panels start on 1024-byte boundaries (swizzle atoms)");
+};
+
+// Copies ckv half `half` (HB 64-column blocks) of one row: lane tl of a team of 8 copies chunk tl of each block;
+// src points at the row's element tl * 8. bytes = 0 zero-fills and reads nothing.
+template <class P, typename T>
+__device__ __forceinline__ void copy_half_row(uint32_t dst, int row, const T* src, int tl, int bytes, int half) {
+  static_assert(P::kChunks == 8, "whole 64-column blocks");
+  constexpr int HB = P::kBlocks / 2;
+  src = opaque(src + half * HB * 64);
+  const uint32_t d = dst + half * HB * P::kBlockBytes + row * P::kRowBytes + P::swz(row, tl) * 16;
+#pragma unroll
+  for (int i = 0; i < HB; ++i) cp_async_16(d + i * P::kBlockBytes, src + 64 * i, bytes);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+  using L = Layout<Cfg>;
+  using KV = typename Cfg::KVType;
+  using Q = typename Cfg::QType;
+  using OutT = typename Cfg::OutType;
+  using Out2 = typename Vec2<OutT>::type;
+  using QN = typename L::QN;
+  using QP = typename L::QP;
+  using KN = typename L::KN;
+  using KP = typename L::KP;
+  using PP = typename L::PP;
+  constexpr int H = L::H, C = L::C, M = L::M, N = L::N, CW = L::CW, HB = L::HB;
+  constexpr int SV = N / 2;   // S accumulators per thread (m64n64)
+  constexpr int OV = CW / 2;  // O accumulators per thread
+  constexpr int KH = C / 32;  // k16 steps per ckv half
+
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t s_base = smem_u32(smem);
+  if (s_base & 1023u) __trap();  // the swizzle atoms of the descriptors need 1024-byte alignment
+  const uint32_t s_qn = s_base + L::kOffQn, s_qp = s_base + L::kOffQp;
+  const uint32_t s_k0 = s_base + L::kOffKV, s_k1 = s_k0 + L::kStageBytes;
+
+  const int tid = threadIdx.x, lane = tid & 31;
+  // lane 0's value: the compiler then knows it is warp-uniform (descriptors live in uniform registers)
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  const int wg = warp >> 2;                // 0: O_L, S0 over K0; 1: O_R, S1 over K1
+  const int wrow = (warp & 3) * 16;        // first tile row of this warp in the m64 accumulators
+  const int g = lane >> 2, tq = lane & 3;  // accumulator rows wrow + g (+ 8), columns 8 j + 2 tq (+ 1)
+  const int team = (tid & 127) >> 3, tl = tid & 7;  // copy team inside the warpgroup
+  const int rows = p.s_q * H;
+  const int row0 = blockIdx.x * M;
+  const int part = blockIdx.y;
+  const float scale_log2 = p.sm_scale * kLog2e;
+  const int* block_table = reinterpret_cast<const int*>(p.block_table);
+  const KV* ckv = reinterpret_cast<const KV*>(p.ckv);
+  const KV* kpe = reinterpret_cast<const KV*>(p.kpe);
+
+  // ---- descriptors (warp-uniform). Q K^T: part a = own ckv half, part b = the other half, then the rope.
+  const uint32_t s_kown = wg ? s_k1 : s_k0;
+  const uint64_t d_qa = desc_add(QN::desc(s_qn), wg * HB * QN::kBlockBytes);
+  const uint64_t d_qb = desc_add(QN::desc(s_qn), (wg ^ 1) * HB * QN::kBlockBytes);
+  const uint64_t d_qp = QP::desc(s_qp);
+  const uint64_t d_ka = desc_add(KN::desc(s_kown), wg * HB * KN::kBlockBytes);
+  const uint64_t d_kb = desc_add(KN::desc(s_kown), (wg ^ 1) * HB * KN::kBlockBytes);
+  const uint64_t d_kp = KP::desc(s_kown + KN::kBytes);
+  // V of this WG's columns in K0 and K1: MN-major, LBO = one 64-column block, SBO = 8 token rows
+  const uint64_t d_v0 = make_desc(s_k0 + wg * HB * KN::kBlockBytes, KN::kBlockBytes, 8u * KN::kRowBytes, 1u);
+  const uint64_t d_v1 = desc_add(d_v0, L::kStageBytes);
+  const uint32_t s_p0 = s_base + L::kOffP0, s_p1 = s_base + L::kOffP1;
+  const uint64_t d_p0 = PP::desc(s_p0), d_p1 = PP::desc(s_p1);
+  const uint32_t s_pown = wg ? s_p1 : s_p0;
+  // this lane's rows in red_max[k] (k = 0: m0 from WG0, 1: m1 from WG1) and red_sum[wg]
+  const uint32_t red_m0 = s_base + L::kOffRedMax + 4 * (wrow + g);
+  const uint32_t red_m1 = red_m0 + 4 * M;
+  const uint32_t red_own = s_base + L::kOffRedSum + 4 * (wg * M + wrow + g);
+  const uint32_t red_other = s_base + L::kOffRedSum + 4 * ((wg ^ 1) * M + wrow + g);
+
+  for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
+    const int b = seg.req;
+    const int len = seg.len;
+    const int n_tiles = seg.blk_hi - seg.blk_lo;
+    const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
+
+    // ---- this WG's part of kv tile `it` (segment-relative) into buffer `stage`: ckv half wg, plus the rope
+    //      panel when `rope`. Token n = team + 16 k. lookup() reads the block table (issued early, before a
+    //      wait, so its latency hides there), copy() issues the cp.async copies.
+    int pg_page[L::ITERS], pg_off[L::ITERS];
+    auto lookup = [&](int it) {
+#pragma unroll
+      for (int k = 0; k < L::ITERS; ++k) {
+        const int t = (seg.blk_lo + it) * N + team + k * L::TEAMS;
+        pg_off[k] = -1;  // -1: past the length (zero fill)
+        pg_page[k] = 0;
+        if (t < len) {
+          pg_page[k] = bt_row[t / p.page_size];
+          pg_off[k] = t % p.page_size;
+        }
+      }
+    };
+    auto copy = [&](uint32_t stage, bool rope) {
+#pragma unroll
+      for (int k = 0; k < L::ITERS; ++k) {
+        const int n = team + k * L::TEAMS;
+        const bool valid = pg_off[k] >= 0;
+        const long long pg = pg_page[k], o = valid ? pg_off[k] : 0;
+        const KV* src_ckv = ckv + (pg * p.ckv_stride_page + o * p.ckv_stride_tok + tl * 8);
+        copy_half_row<KN>(stage, n, src_ckv, tl, valid ? 16 : 0, wg);
+        if (rope) {
+          const KV* src_pe = kpe + (pg * p.kpe_stride_page + o * p.kpe_stride_tok + tl * 8);
+          KP::copy_row(stage + KN::kBytes, n, src_pe, tl, valid ? 16 : 0);
+        }
+      }
+    };
+
+    // ---- prologue: group 1 = Q (own ckv half; WG1 also the rope) + own part of tile 0 into K0;
+    //      group 2 = own part of tile 1 into K1
+#pragma unroll
+    for (int k = 0; k < L::ITERS; ++k) {
+      const int m = team + k * L::TEAMS;
+      const int r = opaque(row0 + m);
+      const bool valid = r < rows;
+      const int s = valid ? r / H : 0, h = valid ? r % H : 0;
+      const Q* src_n = reinterpret_cast<const Q*>(p.q_nope) +
+                       (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8);
+      copy_half_row<QN>(s_qn, m, src_n, tl, valid ? 16 : 0, wg);
+      if (wg == 1) {
+        const Q* src_p = reinterpret_cast<const Q*>(p.q_pe) +
+                         (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
+        QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
+      }
+    }
+    lookup(0);
+    copy(s_k0, wg == 1);
+    cp_async_commit();
+    if (1 < n_tiles) {
+      lookup(1);
+      copy(s_k1, wg == 0);
+    }
+    cp_async_commit();
+
+    // ---- row state: rows wrow + g + 8 hh of the tile (the same rows in both warpgroups)
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    // causal: row r (query token r / H) sees tokens t < len - s_q + r / H + 1; padding rows see t < len.
+    // Tiles wholly below the smallest limit (len - s_q + 1) need no mask.
+    const int mask_from = len - p.s_q + 1;
+    float o[OV];
+#pragma unroll
+    for (int i = 0; i < OV; ++i) o[i] = 0.f;
+    uint32_t pa[N / 16][4];  // own P as wgmma A fragments (k16 step kk = tokens 16 kk .. 16 kk + 15)
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = 0u;
+
+    // Softmax of one tile's scores against the reference m_ref (lazy: a row moves only when its max exceeds
+    // m_ref by more than kRescaleLog2, then to that max). Writes m_new, scale = 2^(m_ref - m_new) (1 when not
+    // moved), the row sums of P, P as A fragments (pa), P to shared memory at s_pown and m_new to red_m.
+    constexpr float kRescaleLog2 = 8.f;
+    auto softmax = [&](float (&sc)[SV], int it, bool present, const float (&m_ref)[2], float (&m_new)[2],
+                       float (&scale)[2], float (&lsum)[2], uint32_t red_m) {
+      if (!present) {
+#pragma unroll
+        for (int i = 0; i < SV; ++i) sc[i] = -INFINITY;
+      }
+      const int t_tile = (seg.blk_lo + it) * N;
+      if (present && t_tile + N > mask_from) {  // the last tile(s): per-row causal / length limit
+        const int t_lane = t_tile + 2 * tq;
+        const int r_lane = opaque(row0 + wrow + g);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int r = r_lane + 8 * hh;
+          const int limit = r < rows ? mask_from + r / H : len;
+#pragma unroll
+          for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (t_lane + 8 * j + e >= limit) sc[4 * j + 2 * hh + e] = -INFINITY;
+        }
+      }
+      float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tmax[e >> 1] = fmaxf(tmax[e >> 1], sc[4 * j + e]);
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float v = tmax[hh];
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+        v *= scale_log2;  // the scale is positive: max of the scaled scores
+        const bool move = v > m_ref[hh] + kRescaleLog2;  // m_ref = -inf: any finite max moves
+        m_new[hh] = move ? v : m_ref[hh];
+        scale[hh] = move ? fast_exp2(m_ref[hh] - v) : 1.f;  // 0 when m_ref was -inf
+      }
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        // a row that has seen nothing keeps m = -inf: reference 0, so 2^-inf = 0, never NaN
+        const float neg_m = m_new[hh] == -INFINITY ? 0.f : -m_new[hh];
+        lsum[hh] = 0.f;
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j) {
+          const float p0 = fast_exp2(fmaf(sc[4 * j + 2 * hh], scale_log2, neg_m));
+          const float p1 = fast_exp2(fmaf(sc[4 * j + 2 * hh + 1], scale_log2, neg_m));
+          lsum[hh] += p0 + p1;
+          const uint32_t u = pack2<KV>(p0, p1);
+          pa[j >> 1][2 * (j & 1) + hh] = u;  // n8 tiles j = 2 kk, 2 kk + 1 form the k16 step kk
+          sts_u32(s_pown + PP::off(wrow + g + 8 * hh, j) + 4 * tq, u);
+        }
+      }
+      if (tq == 0) {
+        sts_f32(red_m, m_new[0]);
+        sts_f32(red_m + 32, m_new[1]);
+      }
+    };
+    // O and l of this thread's rows times scale (skipped when the whole warp has scale 1)
+    auto rescale = [&](const float (&scale)[2]) {
+      l_run[0] *= scale[0];
+      l_run[1] *= scale[1];
+      if (__any_sync(0xffffffffu, scale[0] != 1.f || scale[1] != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < OV / 4; ++j) {
+          o[4 * j + 0] *= scale[0];
+          o[4 * j + 1] *= scale[0];
+          o[4 * j + 2] *= scale[1];
+          o[4 * j + 3] *= scale[1];
+        }
+      }
+    };
+    auto qk_part = [&](float (&sc)[SV], uint64_t dq, uint64_t dk) {
+#pragma unroll
+      for (int ks = 0; ks < KH; ++ks)
+        wgmma_ss<N, KV, 0>(sc, desc_add(dq, QN::step(ks)), desc_add(dk, KN::step(ks)), 1);
+    };
+    auto qk_rope = [&](float (&sc)[SV]) {
+#pragma unroll
+      for (int ks = 0; ks < QP::kSteps; ++ks)
+        wgmma_ss<N, KV, 0>(sc, desc_add(d_qp, QP::step(ks)), desc_add(d_kp, KP::step(ks)), 1);
+    };
+
+    for (int it = 0; it < n_tiles; it += 2) {  // the pair: tile it in K0, tile it + 1 in K1
+      const bool has_k1 = it + 1 < n_tiles;
+      float sacc[SV];
+#pragma unroll
+      for (int i = 0; i < SV; ++i) sacc[i] = 0.f;
+      float m_mid[2], m_end[2], sc0[2], sc1[2], lsum[2];
+
+      if (wg == 0) {
+        // ---- S0 = Q K0^T: own (left) ckv half, then, once WG1's copies landed, the right half and the rope
+        cp_async_wait<1>();
+        fence_proxy_async();
+        bar_sync(kBarLocal0, 128);
+        fence_regs(sacc);
+        wgmma_fence();
+        qk_part(sacc, d_qa, d_ka);
+        bar_sync(kBarK0R, 256);
+        qk_part(sacc, d_qb, d_kb);
+        qk_rope(sacc);
+        wgmma_commit();
+        cp_async_wait<0>();  // own K1 part (ckv left + rope) -> WG1
+        fence_proxy_async();
+        bar_arrive(kBarK1L, 256);
+        wgmma_wait<0>();
+        fence_regs(sacc);
+
+        // ---- softmax S0 against m_run -> m0; O_L, l0 rescaled (no wgmma of O_L in flight); publish P0, m0
+        softmax(sacc, it, true, m_run, m_mid, sc0, lsum, red_m0);
+        rescale(sc0);
+        l_run[0] += lsum[0];
+        l_run[1] += lsum[1];
+        fence_proxy_async();
+        bar_arrive(kBarP0, 256);
+
+        // ---- O_L += P0 V0_L (RS)
+        fence_regs(o);
+        fence_regs(pa);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < N / 16; ++kk) wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v0, 16 * kk * KN::kRowBytes), 1);
+        wgmma_commit();
+
+        // ---- P1, m1 from WG1; scale1 = 2^(m0 - m1)
+        if (it + 2 < n_tiles) lookup(it + 2);
+        bar_sync(kBarP1, 256);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          m_end[hh] = lds_f32(red_m1 + 32 * hh);
+          sc1[hh] = m_end[hh] != m_mid[hh] ? fast_exp2(m_mid[hh] - m_end[hh]) : 1.f;
+        }
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pa);
+        if (it + 2 < n_tiles) copy(s_k0, false);  // K0 ckv-left is free: tile it + 2
+        cp_async_commit();
+        rescale(sc1);
+
+        // ---- O_L += P1 V1_L (SS)
+        if (has_k1) {
+          fence_regs(o);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < N / 16; ++kk)
+            wgmma_ss<CW, KV, 1>(o, desc_add(d_p1, PP::step(kk)), desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
+          wgmma_commit();
+        }
+        if (it + 3 < n_tiles) lookup(it + 3);
+        wgmma_wait<0>();
+        fence_regs(o);
+        if (it + 3 < n_tiles) copy(s_k1, true);  // K1 ckv-left + rope (and P1) are free: tile it + 3
+        cp_async_commit();
+      } else {
+        // ---- signal WG0 that the right half + rope of K0 landed; S1 = Q K1^T: own (right) half, then the left
+        //      half and the rope once WG0's copies landed
+        cp_async_wait<1>();
+        fence_proxy_async();
+        bar_arrive(kBarK0R, 256);
+        cp_async_wait<0>();
+        fence_proxy_async();
+        bar_sync(kBarLocal1, 128);
+        fence_regs(sacc);
+        wgmma_fence();
+        // (unconditional even without a K1 tile: its scores are then overwritten by -inf in softmax; a wgmma
+        //  issue under a branch makes ptxas serialize the following wgmmas)
+        qk_part(sacc, d_qa, d_ka);
+        bar_sync(kBarK1L, 256);
+        qk_part(sacc, d_qb, d_kb);
+        qk_rope(sacc);
+        wgmma_commit();
+
+        // ---- P0, m0 from WG0: scale0 = 2^(m - m0); O_R += P0 V0_R (SS) runs under this WG's softmax. S1 is
+        //      waited for first (O_R is rescaled here, and ptxas would insert that wait anyway).
+        bar_sync(kBarP0, 256);
+        wgmma_wait<0>();
+        fence_regs(sacc);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          m_mid[hh] = lds_f32(red_m0 + 32 * hh);
+          sc0[hh] = m_mid[hh] != m_run[hh] ? fast_exp2(m_run[hh] - m_mid[hh]) : 1.f;
+        }
+        rescale(sc0);  // no wgmma of O_R in flight
+        fence_regs(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < N / 16; ++kk)
+          wgmma_ss<CW, KV, 1>(o, desc_add(d_p0, PP::step(kk)), desc_add(d_v0, 16 * kk * KN::kRowBytes), 1);
+        wgmma_commit();
+        if (it + 2 < n_tiles) lookup(it + 2);
+
+        // ---- softmax S1 against m0 -> m1; publish P1, m1
+        softmax(sacc, it + 1, has_k1, m_mid, m_end, sc1, lsum, red_m1);
+        fence_proxy_async();
+        bar_arrive(kBarP1, 256);
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pa);
+        if (it + 2 < n_tiles) copy(s_k0, true);  // K0 ckv-right + rope (and P0) are free: tile it + 2
+        cp_async_commit();
+        rescale(sc1);
+        l_run[0] += lsum[0];
+        l_run[1] += lsum[1];
+
+        // ---- O_R += P1 V1_R (RS)
+        if (has_k1) {
+          fence_regs(o);
+          fence_regs(pa);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < N / 16; ++kk)
+            wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
+          wgmma_commit();
+        }
+        if (it + 3 < n_tiles) lookup(it + 3);
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pa);
+        if (it + 3 < n_tiles) copy(s_k1, false);  // K1 ckv-right is free: tile it + 3
+        cp_async_commit();
+      }
+      m_run[0] = m_end[0];
+      m_run[1] = m_end[1];
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue: row sums over the quad and both warpgroups; normalise; write out/lse or the partial
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float v = l_run[hh];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      l_run[hh] = v;
+    }
+    if (tq == 0) {
+      sts_f32(red_own, l_run[0]);
+      sts_f32(red_own + 32, l_run[1]);
+    }
+    __syncthreads();
+    l_run[0] += lds_f32(red_other);
+    l_run[1] += lds_f32(red_other + 32);
+
+    const int r_lane = opaque(row0 + wrow + g);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = r_lane + 8 * hh;
+      if (r >= rows) continue;
+      const float l = l_run[hh];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float lse = l > 0.f ? (m_run[hh] + log2f(l)) * kLn2 : -INFINITY;
+      const int col0 = wg * CW + 2 * tq;
+      if (seg.split) {
+        float* dst = reinterpret_cast<float*>(p.partial_o) + (static_cast<long long>(seg.slot) * rows + r) * C + col0;
+#pragma unroll
+        for (int j = 0; j < OV / 4; ++j)
+          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
+        if (wg == 0 && tq == 0)
+          reinterpret_cast<float*>(p.partial_lse)[static_cast<long long>(seg.slot) * rows + r] = lse;
+      } else {
+        const int s = r / H, h = r % H;
+        OutT* dst = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + col0;
+#pragma unroll
+        for (int j = 0; j < OV / 4; ++j)
+          *reinterpret_cast<Out2*>(dst + 8 * j) =
+              from_float2<OutT>(make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv));
+        if (p.lse && wg == 0 && tq == 0)
+          reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+      }
+    }
+    __syncthreads();  // the next segment rewrites Q, the kv buffers and the exchange arrays
+  });
+}
+
+}  // namespace seesaw
+}  // namespace mla_gen

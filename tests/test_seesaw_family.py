@@ -1,0 +1,139 @@
+"""The seesaw family (templates/seesaw.cuh): sm_90a only, offered after wgmma (dispatch keeps wgmma by default),
+tile rules, the shared-memory formula, and (slow, real nvcc) builds with no spills and no warnings whose SASS
+carries HGMMA 64x64 (S per warpgroup) and 64xCW (P V, V read transposed, P from registers and from shared memory)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from generator.errors import SpecError
+from generator.render import render_sources
+from generator.select import FAMILY_ORDER, decide, default_tile, families_for
+from generator.spec import Arch, DType, Family, Tile, VariantSpec
+
+BF16, FP16 = DType.BF16, DType.FP16
+
+
+def seesaw(heads: int = 128, ckv: int = 512, rope: int = 64, tile: Tile | None = None, arch: Arch = Arch.SM90A,
+           dtype: DType = BF16) -> VariantSpec:
+    tile = tile or default_tile(Family.SEESAW, heads, ckv, rope, Arch.SM90A)
+    return VariantSpec(heads, ckv, rope, dtype, dtype, dtype, Family.SEESAW, tile, arch)
+
+
+@pytest.mark.parametrize("arch", [a for a in Arch if a is not Arch.SM90A], ids=lambda a: a.nvcc_name)
+def test_seesaw_only_for_sm90a(arch: Arch) -> None:
+    assert Family.SEESAW not in families_for(arch)
+    with pytest.raises(SpecError, match=r"^arch: family seesaw"):
+        seesaw(arch=arch)
+    with pytest.raises(SpecError, match=r"^family: seesaw does not run on"):
+        decide(arch=arch, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, family=Family.SEESAW)
+
+
+def test_seesaw_offered_after_wgmma_and_not_the_default() -> None:
+    assert Family.SEESAW.min_cc == 90
+    fams = families_for(Arch.SM90A)
+    assert Family.SEESAW in fams and fams.index(Family.WGMMA) < fams.index(Family.SEESAW)
+    assert FAMILY_ORDER[0] is Family.WGMMA
+    for heads in (40, 64, 128):  # (16 heads fit one narrow CTA)
+        assert decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16).spec.family \
+            is Family.WGMMA
+    d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=2, family=Family.SEESAW)
+    assert d.spec.family is Family.SEESAW and d.m_blocks == 4 and d.spec.tile == Tile(64, 64, 2, 8)
+
+
+def test_default_tile_and_shared_memory() -> None:
+    big = seesaw()
+    assert big.tile == Tile(64, 64, 2, 8)
+    # q 64x576 + K0, K1 64x576 (P0, P1 in their rope panels) + red_max/red_sum [2][64] fp32
+    assert big.smem_bytes == 64 * 576 * 2 + 2 * 64 * 576 * 2 + 2 * 2 * 64 * 4 == 222208
+    assert big.smem_bytes <= Arch.SM90A.max_smem_per_block
+    # rope 32: P0, P1 [64][64] 16-bit of their own
+    small = seesaw(heads=40, ckv=256, rope=32)
+    assert small.smem_bytes == 64 * 288 * 2 + 2 * 64 * 288 * 2 + 2 * 64 * 64 * 2 + 2 * 2 * 64 * 4
+    assert seesaw(ckv=128, rope=16).smem_bytes == 64 * 144 * 2 * 3 + 2 * 64 * 64 * 2 + 1024
+
+
+def test_sources_carry_wgmma_header() -> None:
+    src = render_sources(seesaw())
+    assert {"seesaw.cuh", "wgmma.cuh", "common.cuh", "ptx.cuh", "params.h", "kernel.cu"} <= set(src)
+    assert '#include "seesaw.cuh"' in src["kernel.cu"]
+    assert "seesaw::decode_kernel<VariantConfig>" in src["kernel.cu"]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(tile=Tile(32, 64, 2, 8)), "tile.block_m"),
+    (dict(tile=Tile(64, 32, 2, 8)), "tile.block_n"),
+    (dict(tile=Tile(64, 64, 2, 4)), "tile.warps"),
+    (dict(tile=Tile(64, 64, 3, 8)), "tile.stages"),
+    (dict(tile=Tile(64, 64, 1, 8)), "tile.stages"),
+    (dict(ckv=384), "ckv_dim"),
+    (dict(ckv=192), "ckv_dim"),
+    (dict(rope=48), "rope_dim"),
+    (dict(rope=128), "tile"),  # 72 + 2 x 80 KB: over 227 KB
+])
+def test_invalid_specs_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(SpecError) as info:
+        seesaw(**kwargs)
+    assert str(info.value).startswith(f"{field}:"), str(info.value)
+
+
+def test_family_round_trips_through_the_id() -> None:
+    spec = seesaw()
+    assert spec.variant_id == "mla_decode_h128_c512_r64_bf16_bf16_seesaw_m64n64s2w8_sm90a"
+    assert VariantSpec.from_id(spec.variant_id) == spec
+
+
+BUILDS = {
+    "h128_c512_r64_bf16": dict(),
+    "h64_c512_r64_bf16": dict(heads=64),
+    "h128_c512_r64_fp16": dict(dtype=FP16),
+    "h40_c256_r32_bf16": dict(heads=40, ckv=256, rope=32),
+}
+
+
+@pytest.fixture(scope="module", params=list(BUILDS), ids=list(BUILDS))
+def seesaw_entry(request, tmp_path_factory):
+    from generator.build import build
+    from generator.cache import BinaryCache
+
+    result = build(seesaw(**BUILDS[request.param]), BinaryCache(tmp_path_factory.mktemp("seesaw_cache")))
+    assert result.built
+    return request.param, result.entry
+
+
+@pytest.mark.slow
+def test_seesaw_variant_has_no_spills_and_no_warnings(seesaw_entry):
+    _, entry = seesaw_entry
+    log = (entry.path / "build.log").read_text()
+    decode = next(k for k in entry.meta()["ptxas"] if k["function"] == "decode_kernel")
+    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
+    assert decode["registers"] <= 255
+    assert "warning" not in log.lower(), log
+    assert "serialized" not in log.lower(), log  # ptxas: wgmma pipeline serialized
+    # ptxas inserts warpgroup.wait / warpgroup.arrive (C7517 / C7519) where it cannot prove the wgmma register
+    # discipline: such a wait would silently serialize the seesaw (e.g. P0 V0_R behind S1)
+    assert "is injected" not in log, log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+def test_seesaw_sass_uses_hgmma(seesaw_entry):
+    name, entry = seesaw_entry
+    sass = subprocess.run(["cuobjdump", "--dump-sass", str(entry.so_path())], capture_output=True, text=True,
+                          check=True).stdout
+    dt = "F32 " if "fp16" in name else "F32.BF16 "  # fp16 inputs print as plain HGMMA...F32
+    cw = 256 if "c512" in name else 128
+    lines = sass.splitlines()
+    qk = [ln for ln in lines if f"HGMMA.64x64x16.{dt}" in ln]
+    pv = [ln for ln in lines if f"HGMMA.64x{cw}x16.{dt}" in ln]
+    rope = 64 if "r64" in name else 32
+    ckv = 512 if "c512" in name else 256
+    assert len(qk) == 2 * (ckv + rope) // 16, len(qk)          # S0 and S1, each (C + R) / 16 k-steps
+    assert len(pv) == 4 * 4 and all(".tnspB" in ln for ln in pv)  # 4 P V products of 64 tokens, V MN-major
+    rs = [ln for ln in pv if "gdesc" in ln and ln.split("HGMMA")[1].split(",")[1].strip().startswith("R")]
+    assert len(rs) == 8                                         # own P from registers (RS) in both warpgroups
+    assert "LDGSTS.E.BYPASS.128" in sass                        # 16-byte cp.async gathers
+    assert "BAR.ARV" in sass and "BAR.SYNC.DEFER_BLOCKING 0x4, 0x100" in sass  # named-barrier handshakes
+    assert " LDL" not in sass and " STL" not in sass
