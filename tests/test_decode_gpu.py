@@ -13,9 +13,7 @@ import pytest
 import torch
 
 import mla_gen
-from generator.select import decide, families_for
-from generator.spec import Arch, DType, Family
-from mla_gen.dispatch import device_info
+from gpu_cases import families, variants
 from mla_gen.reference import mla_decode_reference
 from mla_gen.schedule import PlanConfig, plan as host_plan
 from mla_gen.dtypes import to_dtype, torch_dtype
@@ -28,24 +26,6 @@ HEADS = [1, 16, 20, 40, 64, 128]
 DIMS = [(512, 64), (256, 32)]
 PAGES = [1, 16, 64]
 DTYPES = ["bf16", "fp16"]
-
-
-# Where there is no device the cases are still collected (and skipped), named for sm_90a.
-ARCH = device_info(torch.cuda.current_device()).arch if torch.cuda.is_available() else Arch.SM90A
-
-
-def families() -> list[str]:
-    return [f.value for f in families_for(ARCH)]
-
-
-def variants(heads: list[int], dims: tuple[tuple[int, int], ...] = ((512, 64),), dtypes: tuple[str, ...] = ("bf16",),
-             s_qs: tuple[int, ...] = (1,)):
-    """(family, dtype, dims, heads, s_q) per variant the device runs, each case named by its variant id
-    (s_q too: a narrow tile holds heads x s_q rows)."""
-    return [pytest.param(f, dt, d, h, q, id=decide(arch=ARCH, num_heads=h, ckv_dim=d[0], rope_dim=d[1], s_q=q,
-                                                   dtype=DType.parse(dt), family=Family.parse(f)).spec.variant_id
-                         + f"-sq{q}")
-            for f in families() for dt in dtypes for d in dims for h in heads for q in s_qs]
 
 
 def seeded(seed: int) -> torch.Generator:
