@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mla_gen
-from gpu_cases import families, variants
+from gpu_cases import variants
 from mla_gen.reference import mla_decode_reference
 from mla_gen.schedule import PlanConfig, plan as host_plan
 from mla_gen.dtypes import to_dtype, torch_dtype
