@@ -76,3 +76,13 @@ def test_a_checked_call_does_not_report_an_earlier_unchecked_one():
     assert out[0].isnan().all() and not out[1].isnan().any()
     out = mla_gen.mla_decode(*inp.args(), check_values=True)
     assert not out.isnan().any()
+
+
+def test_run_names_the_argument_that_differs_from_the_plan():
+    small = make_inputs([40, 50], heads=16, page_size=16, device="cuda", generator=torch.Generator().manual_seed(4))
+    big = make_inputs([40, 50, 60], heads=16, page_size=16, device="cuda", generator=torch.Generator().manual_seed(5))
+    w = mla_gen.MLADecodeWrapper()
+    w.plan(small.cache_seqlens, 1, num_heads=16, page_size=16, max_pages=small.block_table.shape[1],
+           sm_scale=small.sm_scale)
+    with pytest.raises(ValueError, match=r"^q_nope: batch 3 differs from the plan's 2; call plan\(\) again"):
+        w.run(*big.args()[:6])
