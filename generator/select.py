@@ -19,7 +19,7 @@ FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.SEESAW, Family.MMA, Family.S
 WGMMA_FEW_HEADS_NOTE = ("also for few heads: measured on H100 at 16 heads no slower than mma "
                         "(238 vs 241 us B128 S4096, 40 vs 42 us B32 S1024)")
 # Tokens of kv that one part must at least get before splitting pays for its fixed costs.
-MIN_TOKENS_PER_PART = 128
+MIN_TOKENS_PER_PART = 256
 # Most CTA columns a grid may have: the merge kernel holds one weight per part of a request in shared
 # memory (templates/common.cuh kMergeMaxSplits).
 MAX_PARTS = 2048

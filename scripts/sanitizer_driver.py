@@ -29,8 +29,22 @@ from generator.spec import Arch, DType, Family  # noqa: E402
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 SPLIT_PARTS = 16     # num_parts of the split schedule: more parts than these short batches fill
-INLINE_MERGE_SPLITS = 8  # templates/common.cuh kInlineMergeSplits: wider splits go to the merge kernel
 DONE = "sanitizer_driver: {ok}/{total} cases ok"
+
+
+def _kernel_constant(name: str) -> int:
+    """A constexpr of templates/common.cuh, read from the templates the variants are built from."""
+    from generator.render import templates_dir
+
+    found = re.search(rf"constexpr int {name} = (\d+);", (templates_dir() / "common.cuh").read_text())
+    if found is None:
+        raise RuntimeError(f"templates/common.cuh defines no {name}")
+    return int(found.group(1))
+
+
+# Requests split over at most this many parts are merged inside the decode kernel, wider ones by the
+# merge kernel: a split case has one of each.
+INLINE_MERGE_SPLITS = _kernel_constant("kInlineMergeSplits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +61,10 @@ class Case:
     @property
     def lengths(self) -> list[int]:
         """Ragged and short: a request of its s_q new tokens only, one at a 64-token edge (63, 64 or 65),
-        one of 300 tokens; split cases add one of 3000, so that the split schedule cuts one request into
+        one of 500 tokens; split cases add one of 3000, so that the split schedule cuts one request into
         a few parts (merged inside the decode kernel) and one into more (merged by the merge kernel)."""
         edge = {(64, 1): 63, (64, 2): 64}.get((self.page, self.s_q), 65)
-        return [self.s_q, edge, 300] + ([3000] if self.split else [])
+        return [self.s_q, edge, 500] + ([3000] if self.split else [])
 
     def decision(self, arch: Arch) -> Decision:
         return decide(arch=arch, num_heads=self.heads, ckv_dim=self.ckv, rope_dim=self.rope, dtype=DType.BF16,

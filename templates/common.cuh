@@ -128,7 +128,7 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row,
 
 // A split request of at most this many parts is merged inside the decode kernel by its last part; one
 // of more parts would make that one CTA read too much, so the merge kernel spreads it over the GPU.
-constexpr int kInlineMergeSplits = 8;
+constexpr int kInlineMergeSplits = 4;
 // Most parts (CTA columns) a grid has, so most parts a request can span: the planner keeps the part
 // begins and the merge kernel a request's split weights in shared memory (generator/select.py MAX_PARTS).
 constexpr int kMergeMaxSplits = 2048;

@@ -59,7 +59,7 @@ def test_split_cases_split_and_unsplit_cases_do_not(arch: Arch) -> None:
         assert sd.splits_as_named(case, splits), (case, splits)
 
 
-def test_inline_merge_bound_is_the_kernels() -> None:
+def test_inline_merge_bound_is_read_from_the_kernels() -> None:
     text = (REPO / "templates" / "common.cuh").read_text()
     assert f"constexpr int kInlineMergeSplits = {driver().INLINE_MERGE_SPLITS};" in text
 
