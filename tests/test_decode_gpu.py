@@ -206,15 +206,15 @@ def test_warm_cache_new_process_runs_without_nvcc(tmp_path):
     assert not log.exists(), f"nvcc ran on a warm cache: {log.read_text()}"
 
 
-@pytest.mark.parametrize("family, dtype, dims, heads", variants([16, 128]))
-def test_reused_work_list_gives_the_planned_result(family, dtype, dims, heads):
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
+def test_reused_work_list_gives_the_planned_result(family, dtype, dims, heads, s_q):
     """run(replan=False), as for the other layers of a decoding step: the work list of the last run, its
     split requests merged in the kernel (tickets reset by the merging part) and by the merge kernel."""
     lengths = [7000, 1, 64, 65, 3000, 4097]  # the long ones are split over many parts at auto num_parts
-    inp = make_inputs(lengths, heads=heads, ckv=dims[0], rope=dims[1], page_size=64, dtype=torch_dtype(dtype),
-                      device="cuda", generator=seeded(heads + 7))
+    inp = make_inputs(lengths, heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
+                      dtype=torch_dtype(dtype), device="cuda", generator=seeded(heads + 7))
     w = mla_gen.MLADecodeWrapper(family=family)
-    w.plan(inp.cache_seqlens, 1, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
+    w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
            max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=torch_dtype(dtype), return_lse=True)
     with pytest.raises(ValueError, match=r"^replan:"):
         w.run(*inp.args()[:6], replan=False)  # no work list yet
