@@ -155,13 +155,16 @@ class MLADecodeWrapper:
         self._work_list_planned = False
 
     def _check_against_plan(self, shape: validate.DecodeShape) -> None:
+        """ValueError naming the argument whose size or dtype differs from the plan's."""
         plan = self._plan
-        for field, got in (("batch", shape.batch), ("s_q", shape.s_q), ("num_heads", shape.num_heads),
-                           ("ckv_dim", shape.ckv_dim), ("rope_dim", shape.rope_dim), ("dtype", shape.dtype),
-                           ("page_size", shape.page_size), ("max_pages", shape.max_pages)):
+        for arg, field, got in (("q_nope", "batch", shape.batch), ("q_nope", "s_q", shape.s_q),
+                                ("q_nope", "num_heads", shape.num_heads), ("q_nope", "ckv_dim", shape.ckv_dim),
+                                ("q_pe", "rope_dim", shape.rope_dim), ("q_nope", "dtype", shape.dtype),
+                                ("ckv_cache", "page_size", shape.page_size),
+                                ("block_table", "max_pages", shape.max_pages)):
             want = getattr(plan, field)
             if got != want:
-                raise ValueError(f"{field}: the plan was made for {want}, the inputs have {got}; call plan() again")
+                raise ValueError(f"{arg}: {field} {got} differs from the plan's {want}; call plan() again")
 
     def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
             block_table: torch.Tensor, cache_seqlens: torch.Tensor, *, out: torch.Tensor | None = None,

@@ -1,7 +1,7 @@
 """Random paged decode inputs for tests and the benchmark: scattered pages, NaN in every cache slot
 no request may read (unused pages and the tail of each request's last page), and unused
 block-table slots pointing at a page full of NaN, so a stray read shows in the output; and the one
-table of how close the kernels must come to the float64 reference (DESIGN.md section 6)."""
+table of how close the kernels must come to the float64 reference."""
 from __future__ import annotations
 
 import dataclasses

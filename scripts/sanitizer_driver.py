@@ -7,7 +7,7 @@ a ragged batch of 3 or 4 short requests (racecheck is slow). Every output is poi
 float64 reference on the CPU (mla_gen.testing.accuracy_problems), and every schedule is checked to
 split (or not) as its case says.
 
-    python scripts/sanitizer_driver.py                  # run the matrix (needs CUDA); exit 1 on a wrong result
+    python scripts/sanitizer_driver.py [--family F]     # run the matrix (needs CUDA); exit 1 on a wrong result
     python scripts/sanitizer_driver.py --list [--arch sm_90a]   # the cases, no CUDA needed
     python scripts/sanitizer_driver.py --ids            # the variant ids, for `python -m generator build`
     python scripts/sanitizer_driver.py --summary TOOL LOG RC    # one line from a compute-sanitizer log
@@ -29,8 +29,22 @@ from generator.spec import Arch, DType, Family  # noqa: E402
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 SPLIT_PARTS = 16     # num_parts of the split schedule: more parts than these short batches fill
-INLINE_MERGE_SPLITS = 4  # templates/common.cuh kInlineMergeSplits: wider splits go to the merge kernel
 DONE = "sanitizer_driver: {ok}/{total} cases ok"
+
+
+def _kernel_constant(name: str) -> int:
+    """A constexpr of templates/common.cuh, read from the templates the variants are built from."""
+    from generator.render import templates_dir
+
+    found = re.search(rf"constexpr int {name} = (\d+);", (templates_dir() / "common.cuh").read_text())
+    if found is None:
+        raise RuntimeError(f"templates/common.cuh defines no {name}")
+    return int(found.group(1))
+
+
+# Requests split over at most this many parts are merged inside the decode kernel, wider ones by the
+# merge kernel: a split case has one of each.
+INLINE_MERGE_SPLITS = _kernel_constant("kInlineMergeSplits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +61,10 @@ class Case:
     @property
     def lengths(self) -> list[int]:
         """Ragged and short: a request of its s_q new tokens only, one at a 64-token edge (63, 64 or 65),
-        one of 500 tokens; split cases add one of 2000, so that the split schedule cuts one request into
-        2..4 parts (merged inside the decode kernel) and one into more (merged by the merge kernel)."""
+        one of 500 tokens; split cases add one of 3000, so that the split schedule cuts one request into
+        a few parts (merged inside the decode kernel) and one into more (merged by the merge kernel)."""
         edge = {(64, 1): 63, (64, 2): 64}.get((self.page, self.s_q), 65)
-        return [self.s_q, edge, 500] + ([2000] if self.split else [])
+        return [self.s_q, edge, 500] + ([3000] if self.split else [])
 
     def decision(self, arch: Arch) -> Decision:
         return decide(arch=arch, num_heads=self.heads, ckv_dim=self.ckv, rope_dim=self.rope, dtype=DType.BF16,
@@ -62,9 +76,10 @@ class Case:
                 f"{'split' if self.split else 'unsplit'}{'-combined' if self.combined else ''}")
 
 
-def cases(arch: Arch) -> list[Case]:
+def cases(arch: Arch, families: list[Family] | None = None) -> list[Case]:
+    """The matrix for `families` (default: every family that runs on `arch`)."""
     out = []
-    for family in families_for(arch):
+    for family in families or families_for(arch):
         for a, b, c in itertools.product((0, 1), repeat=3):
             # base factors a, b, c; the other two are a^b and a^c, the cache layout a^b^c
             out.append(Case(family, heads=(16, 128)[a], ckv=(512, 256)[b], rope=(64, 32)[b], page=(1, 64)[c],
@@ -75,8 +90,8 @@ def cases(arch: Arch) -> list[Case]:
 # -- the run (needs CUDA) ---------------------------------------------------------------------------
 
 def splits_as_named(case: Case, splits: list[int]) -> bool:
-    """An unsplit case splits nothing; a split case has a request merged in the kernel (2..4 parts)
-    and one merged by the merge kernel (more)."""
+    """An unsplit case splits nothing; a split case has a request merged in the decode kernel (2 to
+    INLINE_MERGE_SPLITS parts) and one merged by the merge kernel (more)."""
     if not case.split:
         return max(splits) == 1
     return any(1 < n <= INLINE_MERGE_SPLITS for n in splits) and max(splits) > INLINE_MERGE_SPLITS
@@ -105,7 +120,8 @@ def run_case(case: Case) -> list[str]:
     problems = []
     splits = sorted(int(n) for n in w.schedule()[1][:, 1].tolist())
     if not splits_as_named(case, splits):
-        problems.append(f"schedule: splits per request {splits} do not match the case ({'split' if case.split else 'unsplit'})")
+        named = "split" if case.split else "unsplit"
+        problems.append(f"schedule: splits per request {splits} do not match the case ({named})")
     cpu_args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in inp.args()]
     ref, ref_lse = mla_decode_reference(*cpu_args)  # on the CPU: no reference kernels under the sanitizer
     return problems + accuracy_problems(out.cpu(), lse.cpu(), ref, ref_lse, "bf16")
@@ -119,8 +135,8 @@ def device_arch() -> Arch:
     return device_info(torch.cuda.current_device()).arch
 
 
-def run_all(arch: Arch) -> int:
-    todo = cases(arch)
+def run_all(arch: Arch, families: list[Family] | None) -> int:
+    todo = cases(arch, families)
     ok = 0
     for case in todo:
         try:
@@ -150,10 +166,13 @@ def summarize(tool: str, log: str, rc: int) -> tuple[bool, str]:
     else:
         parts.append("no ERROR SUMMARY (did the tool finish?)")
         clean = False
-    if tool == "racecheck":
-        shown, err, warn = hazards[-1] if hazards else ("0", "0", "0")
+    if tool == "racecheck" and hazards:
+        shown, err, warn = hazards[-1]
         parts.append(f"{shown} hazards ({err} errors, {warn} warnings)")
         clean &= shown == "0"
+    elif tool == "racecheck" and "RACECHECK SUMMARY" in log:
+        parts.append("a RACECHECK SUMMARY this script cannot read")
+        clean = False
     if done:
         parts.append(f"{done[-1][0]}/{done[-1][1]} cases ok")
         clean &= done[-1][0] == done[-1][1]
@@ -164,11 +183,20 @@ def summarize(tool: str, log: str, rc: int) -> tuple[bool, str]:
     return clean, f"{tool}: {'clean' if clean else 'FAILED'}: {', '.join(parts)}"
 
 
+def _family(text: str) -> Family:
+    try:
+        return Family.parse(text)
+    except ValueError as e:  # SpecError: its message names the families
+        raise argparse.ArgumentTypeError(str(e).removeprefix("family: ")) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/sanitizer_driver.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--list", action="store_true", help="print the cases and exit (no CUDA needed)")
     p.add_argument("--ids", action="store_true", help="print the variant ids the cases use and exit")
     p.add_argument("--arch", default=None, help="with --list/--ids: target arch (default: the device's, else sm_90a)")
+    p.add_argument("--family", action="append", type=_family, metavar="F",
+                   help="only this family (repeatable; default every family the arch runs)")
     p.add_argument("--summary", nargs=3, metavar=("TOOL", "LOG", "RC"),
                    help="print one line from a compute-sanitizer log; exit 1 unless clean")
     args = p.parse_args(argv)
@@ -187,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
             arch = device_arch() if torch.cuda.is_available() else Arch.SM90A
         if args.ids:
-            print("\n".join(dict.fromkeys(c.decision(arch).spec.variant_id for c in cases(arch))))
+            print("\n".join(dict.fromkeys(c.decision(arch).spec.variant_id for c in cases(arch, args.family))))
         else:
-            for c in cases(arch):
+            for c in cases(arch, args.family):
                 print(f"{c.name(arch)}  lengths {c.lengths}")
         return 0
     import torch
@@ -197,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("scripts/sanitizer_driver.py: error: no CUDA device (--list works without one)", file=sys.stderr)
         return 2
-    return run_all(device_arch())
+    return run_all(device_arch(), args.family)
 
 
 if __name__ == "__main__":

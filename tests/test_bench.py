@@ -355,3 +355,18 @@ def test_settings_record_paths_relative_to_cwd_or_by_name(tmp_path: Path, monkey
     assert settings["peers_dir"] == "peers"
     assert settings["argv"] == ["--peers-dir", "peers", "--json", "r.json", "--iters", "30"]
     assert not any(Path(s).is_absolute() for s in _strings(settings))
+
+
+def test_bench_docstrings_name_only_files_in_the_repository() -> None:
+    """A path in a bench module's docstring (a/b.py, X.md) exists in this checkout."""
+    import ast
+    import re
+
+    path_like = re.compile(r"(?<![\w/.])((?:[\w.-]+/)+[\w.-]+\.\w+|[\w-]+\.md)\b")
+    named = {}
+    for module in sorted((REPO / "mla_gen" / "bench").glob("*.py")):
+        for text in path_like.findall(ast.get_docstring(ast.parse(module.read_text())) or ""):
+            named[text] = module.name
+    assert named, "the docstrings name no files at all (the pattern is broken)"
+    missing = {text: module for text, module in named.items() if not (REPO / text).exists()}
+    assert not missing, missing

@@ -117,6 +117,7 @@ def built80(built90: Built, tmp_path_factory: pytest.TempPathFactory) -> Built:
     return _cli_build(tmp_path_factory.mktemp("sm80"), Arch.SM80, built90.root)
 
 
+@pytest.mark.needs_nvcc
 def test_first_variant_on_a_fresh_cache_builds_launcher_and_variant_in_20_s(built90: Built) -> None:
     launcher = launcher_entries(built90.root)[0].meta()
     variant = Entry(built90.entry).meta()
@@ -126,6 +127,7 @@ def test_first_variant_on_a_fresh_cache_builds_launcher_and_variant_in_20_s(buil
     assert compiles(built90.log) == 1 and compiles(built90.cxx_log) == 1  # one kernel.cu, one launcher.cpp
 
 
+@pytest.mark.needs_nvcc
 def test_build_publishes_one_entry_and_prints_its_time(built90: Built) -> None:
     vid = built90.spec.variant_id
     m = re.search(rf"\[1/1\] {vid}: built in (\d+\.\d) s -> (\S+)", built90.proc.stderr)
@@ -145,6 +147,7 @@ def test_build_publishes_one_entry_and_prints_its_time(built90: Built) -> None:
                                                          "meta.json", launcher.meta()["so"]["file"]}
 
 
+@pytest.mark.needs_nvcc
 def test_variant_opens_in_a_new_process_without_gpu(built90: Built) -> None:
     code = ("import sys\nfrom generator import jit\nfrom generator.spec import VariantSpec\n"
             "v = jit.load(VariantSpec.from_id(sys.argv[1])); p = v.DecodeParams(); p.batch = 3; p.sm_scale = 0.5\n"
@@ -156,6 +159,7 @@ def test_variant_opens_in_a_new_process_without_gpu(built90: Built) -> None:
     assert proc.stdout.split() == [built90.spec.variant_id, "3", "0.5", "False"]
 
 
+@pytest.mark.needs_nvcc
 def test_variant_exports_only_its_c_entry_points(built90: Built) -> None:
     so = built90.entry / f"{built90.spec.variant_id}.so"
     nm = subprocess.run(["nm", "-D", "--defined-only", str(so)], capture_output=True, text=True, check=True)
@@ -166,6 +170,7 @@ def test_variant_exports_only_its_c_entry_points(built90: Built) -> None:
     assert "libpython" not in ldd.stdout and "libcudart" not in ldd.stdout  # no Python, static cudart
 
 
+@pytest.mark.needs_nvcc
 def test_meta_json_and_build_log(built90: Built) -> None:
     meta = json.loads((built90.entry / "meta.json").read_text())
     log = (built90.entry / "build.log").read_text()
@@ -174,8 +179,10 @@ def test_meta_json_and_build_log(built90: Built) -> None:
     kernels = {k["function"]: k for k in meta["ptxas"]}
     assert {"decode_kernel", "merge_kernel", "plan_kernel"} <= set(kernels)
     for k in kernels.values():
-        assert k["arch"] == "sm_90a" and k["registers"] > 0 and k["spill_stores"] >= 0 and k["spill_loads"] >= 0
+        assert k["arch"] == "sm_90a" and k["registers"] > 0
         assert f"Used {k['registers']} registers" in log
+        # the parsed spill figures are ptxas's own numbers for this function, not defaults
+        assert f"{k['spill_stores']} bytes spill stores, {k['spill_loads']} bytes spill loads" in log
     so = built90.entry / meta["so"]["file"]
     assert meta["so"]["sha256"] == sha256_file(so) and meta["so"]["size"] == so.stat().st_size
     assert meta["variant_id"] == built90.spec.variant_id and meta["spec"] == built90.spec.to_dict()
@@ -195,6 +202,7 @@ def test_meta_json_and_build_log(built90: Built) -> None:
     assert f"built with {launcher.name}" in text and f"{launcher.path} ({lmeta['ext_suffix']}, this Python)" in text
 
 
+@pytest.mark.needs_nvcc
 def test_warm_cache_hit_is_fast_and_runs_no_compiler(built90: Built) -> None:
     before = built90.log.read_text(), built90.cxx_log.read_text()
     code = ("import json, sys, time\nt0 = time.perf_counter()\n"
@@ -218,6 +226,7 @@ def test_warm_cache_hit_is_fast_and_runs_no_compiler(built90: Built) -> None:
     assert (built90.log.read_text(), built90.cxx_log.read_text()) == before  # not even `--version`: memoised
 
 
+@pytest.mark.needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_sources_compile_warning_free(arch: str, request: pytest.FixtureRequest) -> None:
     built: Built = request.getfixturevalue("built80" if arch == "sm_80" else "built90")
@@ -229,6 +238,7 @@ def test_sources_compile_warning_free(arch: str, request: pytest.FixtureRequest)
     assert "launcher.cpp" in launcher_log and not re.search(r"warning", launcher_log, re.IGNORECASE), launcher_log
 
 
+@pytest.mark.needs_nvcc
 def test_two_variants_load_in_one_process(built80: Built, built90: Built) -> None:
     code = ("import sys\nfrom generator import jit\nfrom generator.spec import VariantSpec\n"
             "vs = [jit.load(VariantSpec.from_id(i)) for i in sys.argv[1:]]\n"
@@ -240,6 +250,7 @@ def test_two_variants_load_in_one_process(built80: Built, built90: Built) -> Non
     assert compiles(built80.cxx_log) == 0  # the second variant reused the cached launcher
 
 
+@pytest.mark.needs_nvcc
 @pytest.mark.slow
 def test_eight_processes_build_once(cache_root: Path, tmp_path: Path) -> None:
     env, log, cxx_log = wrapped_env(tmp_path / "bin")
@@ -269,6 +280,7 @@ def test_eight_processes_build_once(cache_root: Path, tmp_path: Path) -> None:
     assert not temp_dirs(cache_root)
 
 
+@pytest.mark.needs_nvcc
 @pytest.mark.slow
 def test_sigkilled_build_leaves_no_entry_and_does_not_block(cache_root: Path, tmp_path: Path) -> None:
     env, log, cxx_log = wrapped_env(tmp_path / "bin")
@@ -296,6 +308,7 @@ def test_sigkilled_build_leaves_no_entry_and_does_not_block(cache_root: Path, tm
     assert run_cli("cache", "verify", env=env).returncode == 0
 
 
+@pytest.mark.needs_nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated_so", "missing_meta", "meta_without_so", "truncated_launcher"])
 def test_corrupt_entry_is_reported_and_rebuilt(damage: str, built90: Built, cache_root: Path) -> None:
@@ -326,6 +339,7 @@ def test_corrupt_entry_is_reported_and_rebuilt(damage: str, built90: Built, cach
 WGMMA_128 = ["--heads", "128", "--ckv", "512", "--rope", "64", "--family", "wgmma", "--arch", "sm_90a"]
 
 
+@pytest.mark.needs_nvcc
 @pytest.mark.slow
 def test_new_variant_with_a_cached_launcher_builds_in_about_nvcc_time(built90: Built, cache_root: Path,
                                                                        tmp_path: Path) -> None:
@@ -367,6 +381,7 @@ def test_variant_entries_are_shared_by_pythons_and_launchers_are_not() -> None:
     assert theirs.meta["ext_suffix"] == other.ext_suffix and theirs.binary.endswith(other.ext_suffix)
 
 
+@pytest.mark.needs_nvcc
 def test_the_launcher_refuses_a_variant_of_another_params_h(built90: Built, tmp_path: Path) -> None:
     from generator.launcher import load_launcher
     from generator.render import params_hash
@@ -384,6 +399,7 @@ def test_the_launcher_refuses_a_variant_of_another_params_h(built90: Built, tmp_
         launcher.Variant(str(tmp_path / "missing.so"))
 
 
+@pytest.mark.needs_nvcc
 def test_a_launcher_built_for_another_python_is_never_loaded(built90: Built, cache_root: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from generator.launcher import find_launcher, import_launcher, launcher_name
@@ -407,6 +423,7 @@ def test_a_launcher_built_for_another_python_is_never_loaded(built90: Built, cac
     assert find_launcher(cache) is None
 
 
+@pytest.mark.needs_nvcc
 def test_disable_jit_with_the_launcher_missing_raises_naming_it(built90: Built, cache_root: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from generator.errors import MissingJITCacheError
@@ -443,11 +460,13 @@ def ro_cache(built90: Built, cache_root: Path) -> Path:
     return cache_root
 
 
+@pytest.mark.needs_nvcc
 def test_read_only_cache_really_is_read_only(ro_cache: Path) -> None:
     proc = read_only(ro_cache, ["touch", str(ro_cache / "sm90a" / "x")], dict(os.environ))
     assert proc.returncode != 0 and not (ro_cache / "sm90a" / "x").exists()
 
 
+@pytest.mark.needs_nvcc
 def test_read_only_cache_loads_lists_and_verifies(ro_cache: Path, built90: Built) -> None:
     env = {**built90.env, "MLA_GEN_CACHE_DIR": str(ro_cache)}
     before = {p: p.stat().st_mtime_ns for p in ro_cache.rglob("*")}
@@ -462,6 +481,7 @@ def test_read_only_cache_loads_lists_and_verifies(ro_cache: Path, built90: Built
     assert {p: p.stat().st_mtime_ns for p in ro_cache.rglob("*")} == before
 
 
+@pytest.mark.needs_nvcc
 def test_read_only_cache_prune_clear_and_verify_say_what_they_could_not_do(ro_cache: Path, built90: Built) -> None:
     env = {**built90.env, "MLA_GEN_CACHE_DIR": str(ro_cache)}
     entries = [e.path for e in BinaryCache(ro_cache).entries()]
@@ -482,6 +502,7 @@ def test_read_only_cache_prune_clear_and_verify_say_what_they_could_not_do(ro_ca
     assert verify.returncode == 1 and "cannot be rebuilt" in verify.stdout and "read-only" in verify.stdout
 
 
+@pytest.mark.needs_nvcc
 @pytest.mark.slow
 def test_a_full_disk_during_a_build_publishes_nothing(built90: Built, cache_root: Path, tmp_path: Path) -> None:
     import resource
@@ -518,6 +539,7 @@ def fake_version_nvcc(folder: Path, version: str) -> Path:
     return wrapper
 
 
+@pytest.mark.needs_nvcc
 @pytest.mark.slow
 def test_two_nvcc_versions_get_distinct_entries(built90: Built, cache_root: Path, tmp_path: Path) -> None:
     shutil.copytree(built90.root, cache_root, symlinks=True)
@@ -532,6 +554,7 @@ def test_two_nvcc_versions_get_distinct_entries(built90: Built, cache_root: Path
     assert sorted(e.meta()["toolchain"]["nvcc_version"] for e in entries) == versions
 
 
+@pytest.mark.needs_nvcc
 @pytest.mark.slow
 def test_template_that_does_not_compile(cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = tmp_path / "templates"

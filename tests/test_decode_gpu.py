@@ -13,9 +13,7 @@ import pytest
 import torch
 
 import mla_gen
-from generator.select import decide, families_for
-from generator.spec import Arch, DType, Family
-from mla_gen.dispatch import device_info
+from gpu_cases import variants
 from mla_gen.reference import mla_decode_reference
 from mla_gen.schedule import PlanConfig, plan as host_plan
 from mla_gen.dtypes import to_dtype, torch_dtype
@@ -28,21 +26,6 @@ HEADS = [1, 16, 20, 40, 64, 128]
 DIMS = [(512, 64), (256, 32)]
 PAGES = [1, 16, 64]
 DTYPES = ["bf16", "fp16"]
-
-
-# Where there is no device the cases are still collected (and skipped), named for sm_90a.
-ARCH = device_info(torch.cuda.current_device()).arch if torch.cuda.is_available() else Arch.SM90A
-
-
-def families() -> list[str]:
-    return [f.value for f in families_for(ARCH)]
-
-
-def variants(heads: list[int], dims: tuple[tuple[int, int], ...] = ((512, 64),), dtypes: tuple[str, ...] = ("bf16",)):
-    """(family, dtype, dims, heads) per variant the device runs, each case named by its variant id."""
-    return [pytest.param(f, dt, d, h, id=decide(arch=ARCH, num_heads=h, ckv_dim=d[0], rope_dim=d[1],
-                                                dtype=DType.parse(dt), family=Family.parse(f)).spec.variant_id)
-            for f in families() for dt in dtypes for d in dims for h in heads]
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -68,10 +51,9 @@ def poisoned(inp, dtype):
 
 
 @pytest.mark.parametrize("schedule", ["auto", "unsplit", "split"])
-@pytest.mark.parametrize("s_q", [1, 2], ids=lambda s: f"sq{s}")
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: f"p{p}")
-@pytest.mark.parametrize("family, dtype, dims, heads", variants(HEADS, DIMS, DTYPES))
-def test_decode_matrix(family, dtype, dims, heads, page, s_q, schedule):
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants(HEADS, DIMS, DTYPES, (1, 2)))
+def test_decode_matrix(family, dtype, dims, heads, s_q, page, schedule):
     dt = torch_dtype(dtype)
     seed = zlib.crc32(repr((family, dtype, dims, heads, page, s_q, schedule)).encode())
     rng = random.Random(seed)
@@ -95,16 +77,16 @@ def test_decode_matrix(family, dtype, dims, heads, page, s_q, schedule):
 
 
 @pytest.mark.parametrize("schedule", ["auto", "unsplit"])
-@pytest.mark.parametrize("family, dtype, dims, heads", variants([16, 128]))
-def test_long_request(family, dtype, dims, heads, schedule):
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
+def test_long_request(family, dtype, dims, heads, s_q, schedule):
     inp = make_inputs([32768 + 13, 7], heads=heads, page_size=64, device="cuda", generator=seeded(heads))
     out, lse = poisoned(inp, torch.bfloat16)
     mla_gen.mla_decode(*inp.args(), out=out, lse=lse, family=family, num_parts=1 if schedule == "unsplit" else None)
     check(out, lse, inp, torch.bfloat16)
 
 
-@pytest.mark.parametrize("family, dtype, dims, heads", variants([16, 128]))
-def test_combined_cache_views_and_return_lse(family, dtype, dims, heads):
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
+def test_combined_cache_views_and_return_lse(family, dtype, dims, heads, s_q):
     inp = make_inputs([100, 1, 257], heads=heads, page_size=16, device="cuda", combined=True, generator=seeded(5))
     assert inp.ckv_cache.stride(1) == 576  # views of one [pages, page_size, 576] cache
     out, lse = mla_gen.mla_decode(*inp.args(), return_lse=True, family=family)
@@ -132,8 +114,8 @@ def test_device_plan_equals_host_plan(seed):
     assert [tuple(r) for r in req_info] == list(want.req_info)
 
 
-@pytest.mark.parametrize("family, dtype, dims, heads", variants([16]))
-def test_cuda_graph_replay_with_changing_lengths(family, dtype, dims, heads):
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16]))
+def test_cuda_graph_replay_with_changing_lengths(family, dtype, dims, heads, s_q):
     """One capture, five steps with new lengths, block tables and queries written in place."""
     batch, heads, page, max_pages = 4, 16, 16, 80
     num_pages = batch * max_pages + 1
@@ -224,15 +206,15 @@ def test_warm_cache_new_process_runs_without_nvcc(tmp_path):
     assert not log.exists(), f"nvcc ran on a warm cache: {log.read_text()}"
 
 
-@pytest.mark.parametrize("family, dtype, dims, heads", variants([16, 128]))
-def test_reused_work_list_gives_the_planned_result(family, dtype, dims, heads):
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
+def test_reused_work_list_gives_the_planned_result(family, dtype, dims, heads, s_q):
     """run(replan=False), as for the other layers of a decoding step: the work list of the last run, its
     split requests merged in the kernel (tickets reset by the merging part) and by the merge kernel."""
     lengths = [7000, 1, 64, 65, 3000, 4097]  # the long ones are split over many parts at auto num_parts
-    inp = make_inputs(lengths, heads=heads, ckv=dims[0], rope=dims[1], page_size=64, dtype=torch_dtype(dtype),
-                      device="cuda", generator=seeded(heads + 7))
+    inp = make_inputs(lengths, heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
+                      dtype=torch_dtype(dtype), device="cuda", generator=seeded(heads + 7))
     w = mla_gen.MLADecodeWrapper(family=family)
-    w.plan(inp.cache_seqlens, 1, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
+    w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
            max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=torch_dtype(dtype), return_lse=True)
     with pytest.raises(ValueError, match=r"^replan:"):
         w.run(*inp.args()[:6], replan=False)  # no work list yet

@@ -7,18 +7,12 @@ import torch
 
 import mla_gen
 import mla_gen.api
-from generator.select import families_for
-from generator.spec import Arch
-from mla_gen.dispatch import device_info
+from gpu_cases import variants
 from mla_gen.reference import mla_decode_reference
 from mla_gen.testing import accuracy_problems, make_inputs
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-ARCH = device_info(torch.cuda.current_device()).arch if torch.cuda.is_available() else Arch.SM90A
-FAMILIES = [f.value for f in families_for(ARCH)]
-
 
 def run(inp, family: str, num_parts: int | None = None):
     b, s_q, h, c = inp.q_nope.shape
@@ -43,9 +37,8 @@ def test_empty_batch_returns_empty_results_without_a_launch(monkeypatch):
 
 
 @pytest.mark.parametrize("num_parts", [None, 1, 16], ids=["auto", "unsplit", "split16"])
-@pytest.mark.parametrize("s_q", [1, 2, 4])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_requests_of_only_their_new_tokens(family: str, s_q: int, num_parts: int | None):
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16], s_qs=(1, 2, 4)))
+def test_requests_of_only_their_new_tokens(family, dtype, dims, heads, s_q, num_parts):
     """seqlen == s_q (nothing cached before the step; 1 for s_q 1), beside longer requests."""
     inp = make_inputs([s_q, 300, s_q, 65], heads=16, s_q=s_q, page_size=16, device="cuda",
                       generator=torch.Generator(device="cuda").manual_seed(s_q))
@@ -55,8 +48,8 @@ def test_requests_of_only_their_new_tokens(family: str, s_q: int, num_parts: int
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_non_finite_q_spoils_only_its_row(family: str, bad: str):
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16]))
+def test_non_finite_q_spoils_only_its_row(family, dtype, dims, heads, s_q, bad):
     inp = make_inputs([1, 130, 64], heads=16, s_q=1, page_size=64, device="cuda",
                       generator=torch.Generator(device="cuda").manual_seed(7))
     inp.q_nope[1, 0, 3, 10] = float(bad)
@@ -83,3 +76,13 @@ def test_a_checked_call_does_not_report_an_earlier_unchecked_one():
     assert out[0].isnan().all() and not out[1].isnan().any()
     out = mla_gen.mla_decode(*inp.args(), check_values=True)
     assert not out.isnan().any()
+
+
+def test_run_names_the_argument_that_differs_from_the_plan():
+    small = make_inputs([40, 50], heads=16, page_size=16, device="cuda", generator=torch.Generator().manual_seed(4))
+    big = make_inputs([40, 50, 60], heads=16, page_size=16, device="cuda", generator=torch.Generator().manual_seed(5))
+    w = mla_gen.MLADecodeWrapper()
+    w.plan(small.cache_seqlens, 1, num_heads=16, page_size=16, max_pages=small.block_table.shape[1],
+           sm_scale=small.sm_scale)
+    with pytest.raises(ValueError, match=r"^q_nope: batch 3 differs from the plan's 2; call plan\(\) again"):
+        w.run(*big.args()[:6])

@@ -35,7 +35,8 @@ NO_TORCH = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("module", ["mla_gen", "mla_gen.cost", "mla_gen.schedule", "mla_gen.bench.cases",
-                                    "mla_gen.bench.report", "mla_gen.bench.roofline"])
+                                    "mla_gen.bench.report", "mla_gen.bench.roofline", "mla_gen.bench.plot",
+                                    "mla_gen.bench.args"])
 def test_imports_without_torch(module: str) -> None:
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, module], cwd=REPO, capture_output=True, text=True,
                           timeout=60)

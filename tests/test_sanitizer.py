@@ -59,7 +59,7 @@ def test_split_cases_split_and_unsplit_cases_do_not(arch: Arch) -> None:
         assert sd.splits_as_named(case, splits), (case, splits)
 
 
-def test_inline_merge_bound_is_the_kernels() -> None:
+def test_inline_merge_bound_is_read_from_the_kernels() -> None:
     text = (REPO / "templates" / "common.cuh").read_text()
     assert f"constexpr int kInlineMergeSplits = {driver().INLINE_MERGE_SPLITS};" in text
 
@@ -94,6 +94,8 @@ CLEAN_TAIL = "ok   case\nsanitizer_driver: 24/24 cases ok\n========= ERROR SUMMA
     # the issue's probe: warnings only, ERROR SUMMARY 0, exit 0; still not clean
     ("racecheck", CLEAN_TAIL + "========= RACECHECK SUMMARY: 6 hazards displayed (0 errors, 6 warnings)\n", 0,
      False, ["6 hazards (0 errors, 6 warnings)"]),
+    ("racecheck", CLEAN_TAIL + "========= RACECHECK SUMMARY: 2 races\n", 0, False, ["cannot read"]),
+    ("racecheck", CLEAN_TAIL, 0, True, ["0 errors"]),  # no hazard at all: no RACECHECK SUMMARY line
     ("synccheck", "sanitizer_driver: 23/24 cases ok\n========= ERROR SUMMARY: 0 errors\n", 1, False, ["23/24"]),
     ("initcheck", "Traceback ... killed\n", 137, False, ["no ERROR SUMMARY", "driver did not finish", "exit 137"]),
 ])

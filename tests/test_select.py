@@ -7,14 +7,15 @@ import dataclasses
 import pytest
 
 from generator.errors import SpecError
-from generator.select import FIXED_COST_TOKENS, MIN_TOKENS_PER_PART, decide, default_tile, families_for
+from generator.select import FIXED_COST_TOKENS, MAX_PARTS, MIN_TOKENS_PER_PART, decide, default_tile, families_for
 from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, smem_bytes
 
 BF16 = DType.BF16
 
 
 def test_constants_the_hand_numbers_assume() -> None:
-    assert (FIXED_COST_TOKENS, MIN_TOKENS_PER_PART) == (128, 256)
+    """The numbers below are worked out for these; a new policy updates both together."""
+    assert (FIXED_COST_TOKENS, MIN_TOKENS_PER_PART, MAX_PARTS) == (128, 256, 2048)
 
 
 WGMMA = dict(arch=Arch.SM90A, family=Family.WGMMA)
@@ -54,6 +55,14 @@ def test_at_least_one_part_when_rows_outnumber_the_sms() -> None:
     assert (d.m_blocks, d.num_parts) == (8, 1)
 
 
+def test_parts_are_capped_by_the_merge_kernel() -> None:
+    d = decide(**WGMMA, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, sm_count=10_000)
+    assert d.num_parts == MAX_PARTS  # not 10000 // 1
+    for bad in (0, MAX_PARTS + 1):
+        with pytest.raises(SpecError, match=r"^num_parts: "):
+            decide(**WGMMA, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, num_parts=bad)
+
+
 def test_requested_parts_are_kept() -> None:
     d = decide(arch=Arch.SM80, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, num_parts=7)
     assert d.num_parts == 7 and "7 parts: requested" in d.reasons
@@ -61,7 +70,8 @@ def test_requested_parts_are_kept() -> None:
 
 @pytest.mark.parametrize("batch, seqlen, used, per_part, how", [
     (64, 4096, 66, 4224 / 66, "requests are split across parts"),   # 64 x (64 + 2) = 4224 blocks
-    (1, 100, 1, 4.0, "whole requests per part"),                    # 1 x (2 + 2) = 4 < 6 per part
+    (1, 100, 1, 4.0, "whole requests per part"),                    # 1 x (2 + 2) = 4 < 6, one part's minimum
+    (1, 600, 2, 6.0, "requests are split across parts"),            # 1 x (10 + 2) = 12 over ceil(12 / 6) = 2 parts
     (8, 1000, 14, 8 * 18 / 14, "requests are split across parts"),   # 8 x (16 + 2) = 144; 24 parts, capped at 14
 ])
 def test_split_reason_by_hand(batch: int, seqlen: int, used: int, per_part: float, how: str) -> None:

@@ -159,3 +159,31 @@ def test_mla_decode_rejects_by_name_or_runs_correctly_gpu(kw) -> None:
     dtype = "bf16" if kw["q_nope"].dtype == torch.bfloat16 else "fp16"
     problems = accuracy_problems(out, lse, ref, ref_lse, dtype)
     assert not problems, problems
+
+
+@pytest.mark.gpu
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan_for=base_inputs("cuda", heads=st.sampled_from([1, 16]), dims=st.sampled_from([(512, 64), (256, 32)])),
+       kw=calls("cuda", heads=st.sampled_from([1, 16]), dims=st.sampled_from([(512, 64), (256, 32)])))
+def test_wrapper_run_rejects_by_name_or_runs_correctly_gpu(plan_for, kw) -> None:
+    """A plan made for one shape, run with arbitrary arguments (most for another shape)."""
+    b, s_q, heads, ckv = plan_for.q_nope.shape
+    w = mla_gen.MLADecodeWrapper()
+    w.plan(plan_for.cache_seqlens, s_q, num_heads=heads, ckv_dim=ckv, rope_dim=plan_for.q_pe.shape[3],
+           page_size=plan_for.ckv_cache.shape[1], max_pages=plan_for.block_table.shape[1], sm_scale=plan_for.sm_scale,
+           dtype=plan_for.q_nope.dtype, return_lse=True)
+    args = [kw[name] for name in TENSORS]
+    try:
+        if isinstance(kw["cache_seqlens"], torch.Tensor) and isinstance(kw["block_table"], torch.Tensor):
+            from mla_gen import validate  # the kernels trust lengths and page ids: check them as mla_decode would
+
+            shape = validate.check_structure(*args, w.plan_info.sm_scale)
+            validate.check_values(kw["cache_seqlens"], kw["block_table"], shape)
+        out, lse = w.run(*args, out=kw.get("out"), lse=kw.get("lse"))
+    except Exception as e:  # noqa: BLE001 - the property is about which exceptions
+        _raises_named(e)
+        return
+    ref, ref_lse = mla_decode_reference(*args, w.plan_info.sm_scale)
+    dtype = "bf16" if args[0].dtype == torch.bfloat16 else "fp16"
+    problems = accuracy_problems(out, lse, ref, ref_lse, dtype)
+    assert not problems, problems
