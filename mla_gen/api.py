@@ -184,7 +184,7 @@ class MLADecodeWrapper:
         try:
             key = validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse)
             site = sites.get(key)
-        except (AttributeError, TypeError):  # not a tensor: check_structure names it
+        except Exception:  # not a tensor (or one without strides): the checks name it, in their order
             key = site = None
         stream = _current_stream(self._index)
         args = None if site is None else self._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache,
@@ -380,7 +380,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
         key = (validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse),
                type(sm_scale), sm_scale, return_lse, family, type(num_parts), num_parts)
         call = _CALLS.get(key)
-    except (AttributeError, TypeError):  # a non-tensor or an unhashable argument: the checks name it
+    except Exception:  # a non-tensor, a sparse one, an unhashable argument: the checks name it, in their order
         key = call = None
     if call is not None:
         stream = _current_stream(call.device.index)

@@ -265,8 +265,8 @@ def structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens
     """Everything check_structure and check_devices read of the tensors except the data pointers: each
     one's type, shape, strides, dtype and device (None for an absent out or lse). Tensors of equal keys
     pass or fail those checks alike but for the 16-byte alignment of their data pointers, so a key that
-    passed once lets a call skip them and check only the pointers. Raises AttributeError (or TypeError)
-    for a non-tensor."""
+    passed once lets a call skip them and check only the pointers. Raises (AttributeError, RuntimeError)
+    for a non-tensor or a tensor without strides; the caller then runs the checks, which name it."""
     # NOTE(host-path): called on every call of a planned wrapper; one flat tuple, no loop (about 3 us).
     return (type(q_nope), q_nope.shape, q_nope.stride(), q_nope.dtype, q_nope.device,
             type(q_pe), q_pe.shape, q_pe.stride(), q_pe.dtype, q_pe.device,

@@ -121,6 +121,7 @@ def _mutations(inp):
     yield "device", _args(inp, q_pe=inp.q_pe.to("meta"))
     yield "not a tensor", _args(inp, cache_seqlens=inp.cache_seqlens.tolist())
     yield "misaligned", _args(inp, ckv_cache=big[..., 4:516])
+    yield "sparse, after a bad dtype", _args(inp, q_pe=inp.q_pe.half(), kpe_cache=inp.kpe_cache.to_sparse())
     yield "aligned, other strides", _args(inp, ckv_cache=big[..., :512])  # valid: a new site
 
 
@@ -137,6 +138,8 @@ def test_a_changed_structure_raises_what_an_uncached_call_raises(fake, entry: st
         warm = _outcome(lambda: call(args))
         assert warm == cold, name
         assert (cold is None) == (name == "aligned, other strides"), (name, cold)
+        if name.startswith("sparse"):  # the checks' order, not the key's: q_pe before kpe_cache
+            assert cold[0] is TypeError and cold[1].startswith("q_pe: expected dtype torch.bfloat16"), cold
 
 
 def test_a_hit_with_an_odd_data_pointer_names_it(fake) -> None:
