@@ -126,6 +126,46 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row,
   if (p.lse && lane == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
 }
 
+// The paged kv gather of the tensor-core families: token n of a kBlockN-token tile is copied by copy
+// team n mod kTeams. lookup() reads the team's tokens' pages from the block table (early, so the latency
+// hides under other work; any page size); for_each_row() then hands each of the team's token rows to the
+// family's copy with its ckv and kpe sources (already advanced by the lane's 16-byte chunk tl) and the
+// byte count (0 past the length: zero fill, nothing read).
+template <typename KV, int kBlockN, int kTeams>
+struct PagedRows {
+  static constexpr int kIters = (kBlockN + kTeams - 1) / kTeams;
+  int page[kIters], off[kIters];  // off -1: past the length
+
+  __device__ __forceinline__ void lookup(const int* bt_row, int page_size, int len, int blk, int team) {
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int t = blk * kBlockN + team + k * kTeams;
+      page[k] = 0;
+      off[k] = -1;
+      if (t < len && (kIters * kTeams == kBlockN || team + k * kTeams < kBlockN)) {
+        page[k] = bt_row[t / page_size];
+        off[k] = t % page_size;
+      }
+    }
+  }
+
+  template <typename Copy>
+  __device__ __forceinline__ void for_each_row(const DecodeParams& p, int team, int tl, Copy&& copy) const {
+    const KV* ckv = reinterpret_cast<const KV*>(p.ckv);
+    const KV* kpe = reinterpret_cast<const KV*>(p.kpe);
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int n = team + k * kTeams;
+      if (kIters * kTeams == kBlockN || n < kBlockN) {
+        const bool valid = off[k] >= 0;
+        const long long pg = page[k], o = valid ? off[k] : 0;
+        copy(n, ckv + (pg * p.ckv_stride_page + o * p.ckv_stride_tok + tl * 8),
+             kpe + (pg * p.kpe_stride_page + o * p.kpe_stride_tok + tl * 8), valid ? 16 : 0);
+      }
+    }
+  }
+};
+
 // A split request of at most this many parts is merged inside the decode kernel by its last part; one
 // of more parts would make that one CTA read too much, so the merge kernel spreads it over the GPU.
 constexpr int kInlineMergeSplits = 4;
