@@ -414,15 +414,14 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       const float4 v = *reinterpret_cast<const float4*>(smem + L::kOffKV + 4 * (rl * L::kOStride + c));
       const float lse = lds_f32(s_lse + 4 * rl);
       if (seg.split) {
-        float* dst = reinterpret_cast<float*>(p.partial_o) + (static_cast<long long>(seg.slot) * rows + r) * C + c;
+        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + c;
         *reinterpret_cast<float4*>(dst) = v;
-        if (c == 0) reinterpret_cast<float*>(p.partial_lse)[static_cast<long long>(seg.slot) * rows + r] = lse;
+        if (c == 0) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
       } else {
-        const int s = r / H, h = r % H;
-        OutT* dst = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + c;
+        OutT* dst = ResultRows<Cfg>::out(p, b, r) + c;
         reinterpret_cast<Out2*>(dst)[0] = from_float2<OutT>(make_float2(v.x, v.y));
         reinterpret_cast<Out2*>(dst)[1] = from_float2<OutT>(make_float2(v.z, v.w));
-        if (p.lse && c == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+        if (p.lse && c == 0) *ResultRows<Cfg>::lse(p, b, r) = lse;
       }
     }
     __syncthreads();  // the next segment rewrites Q, the stages and the exchange arrays

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   using KN = typename L::KN;
   using KP = typename L::KP;
   using PP = typename L::PP;
-  constexpr int H = L::H, C = L::C, M = L::M, N = L::N, S = L::S, NW = L::NW, CW = L::CW;
+  constexpr int H = L::H, M = L::M, N = L::N, S = L::S, NW = L::NW, CW = L::CW;
   constexpr int SV = NW / 2;  // S accumulators per thread
   constexpr int OV = CW / 2;  // O accumulators per thread
 
@@ -386,21 +386,20 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       const float lse = l > 0.f ? (m_run[hh] + log2f(l)) * kLn2 : -INFINITY;
       const int col0 = wg * CW + 2 * tq;
       if (seg.split) {
-        float* dst = reinterpret_cast<float*>(p.partial_o) + (static_cast<long long>(seg.slot) * rows + r) * C + col0;
+        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + col0;
 #pragma unroll
         for (int j = 0; j < OV / 4; ++j)
           *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
         if (wg == 0 && tq == 0)
-          reinterpret_cast<float*>(p.partial_lse)[static_cast<long long>(seg.slot) * rows + r] = lse;
+          *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
       } else {
-        const int s = r / H, h = r % H;
-        OutT* dst = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + col0;
+        OutT* dst = ResultRows<Cfg>::out(p, b, r) + col0;
 #pragma unroll
         for (int j = 0; j < OV / 4; ++j)
           *reinterpret_cast<Out2*>(dst + 8 * j) =
               from_float2<OutT>(make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv));
         if (p.lse && wg == 0 && tq == 0)
-          reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+          *ResultRows<Cfg>::lse(p, b, r) = lse;
       }
     }
     __syncthreads();  // the next segment rewrites Q, the kv stages and the exchange arrays
