@@ -346,9 +346,10 @@ class MLAAttention(nn.Module):
         w = self.absorbed_weights()
         q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w.w_uk)
         if q_abs.is_cuda and q_abs.dtype in KERNEL_DTYPES:
-            from mla_gen.api import mla_decode
-            # torch.compile traces the registered op (mla_gen.ops); eager calls skip the dispatcher
-            decode = torch.ops.mla_gen.mla_decode if torch.compiler.is_compiling() else mla_decode
+            if torch.compiler.is_compiling():  # traced: the registered op (mla_gen.ops)
+                decode = torch.ops.mla_gen.mla_decode
+            else:  # eager: no dispatcher in the way
+                from mla_gen.api import mla_decode as decode
             o_lat = decode(q_abs.contiguous(), q_pe.contiguous(), cache.ckv, cache.kpe,
                            block_table.to(torch.int32), lengths.to(torch.int32), self.sm_scale)
             self.last_backend = "mla_decode"

@@ -5,6 +5,7 @@ argument errors that name the argument. The GPU side: test_engines_gpu.py."""
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -172,3 +173,143 @@ def test_flashinfer_plan_missing_arguments_and_constructor_errors() -> None:
         BatchMLAPagedAttentionWrapper(torch.empty(8, dtype=torch.uint8), True,
                                       torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
     assert set(flashinfer.BACKENDS) >= {"auto", "fa2", "fa3"}
+
+
+# -- the adapters' views, reshapes and plans on the CPU: a stand-in wrapper runs the ops' torch form
+class TorchWrapper:
+    """Stands in for a planned MLADecodeWrapper: checks the inputs against the plan key, runs the
+    float32 torch form of mla_decode into out/lse."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+
+    def run(self, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, *, out=None, lse=None):
+        from mla_gen.ops import _torch_decode
+
+        _, _, batch, s_q, heads, ckv, rope, dtype, page, max_pages, sm_scale = self.key
+        assert q_nope.shape == (batch, s_q, heads, ckv) and q_pe.shape == (batch, s_q, heads, rope)
+        assert q_nope.dtype == dtype and ckv_cache.shape[1:] == (page, ckv) and kpe_cache.shape[1:] == (page, rope)
+        assert block_table.shape == (batch, max_pages) and block_table.dtype == torch.int32
+        assert out.shape == (batch, s_q, heads, ckv) and (lse is None or lse.shape == (batch, s_q, heads))
+        assert ckv_cache.data_ptr() != 0 and kpe_cache.stride(-1) == 1
+        o, l_ = _torch_decode(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale)
+        out.copy_(o)
+        if lse is not None:
+            lse.copy_(l_)
+        return out
+
+    def schedule(self):
+        return torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 4, dtype=torch.int32)
+
+
+@pytest.fixture
+def torch_plans(monkeypatch: pytest.MonkeyPatch):
+    import collections
+
+    from mla_gen.compat import _plans
+
+    made = []
+
+    def new_wrapper(key):
+        made.append(key)
+        return TorchWrapper(key)
+
+    monkeypatch.setattr(_plans, "plan_key", lambda device, *rest: (-1, 0, *rest))
+    monkeypatch.setattr(_plans, "new_wrapper", new_wrapper)
+    monkeypatch.setattr(_plans, "_cache", collections.OrderedDict())
+    monkeypatch.setattr(_plans, "_pinned", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return made
+
+
+def cpu_inputs(lengths, *, s_q=1, heads=4, ckv=512, rope=64, page=16, seed=0):
+    from mla_gen.testing import make_inputs
+
+    return make_inputs(lengths, heads=heads, ckv=ckv, rope=rope, s_q=s_q, page_size=page, combined=True,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(out, lse, inp, q_nope=None, q_pe=None):
+    from mla_gen.reference import mla_decode_reference
+
+    ref, ref_lse = mla_decode_reference(q_nope if q_nope is not None else inp.q_nope,
+                                        q_pe if q_pe is not None else inp.q_pe, *inp.args()[2:])
+    assert float((out.double() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+    assert float((lse.double() - ref_lse).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("dims", [(512, 64), (256, 32)], ids=["512", "256"])
+@pytest.mark.parametrize("s_q, causal", [(1, True), (2, True), (2, False)])
+def test_flash_mla_adapter_views_and_plans(torch_plans, s_q, causal, dims) -> None:
+    inp = cpu_inputs([3, 40, 17], s_q=s_q, ckv=dims[0], rope=dims[1], seed=s_q)
+    meta = get_mla_metadata()[0]
+    k_cache = inp.kv.unsqueeze(2)
+    for _ in range(2):  # reused: planned once
+        out, lse = flash_mla_with_kvcache(inp.q, k_cache, inp.block_table, inp.cache_seqlens, dims[0], meta,
+                                          softmax_scale=inp.sm_scale, causal=causal)
+    assert len(torch_plans) == 1 and meta.have_initialized and meta.config.s_q == s_q
+    assert out.shape == inp.q_nope.shape and lse.shape == (3, 4, s_q) and lse.stride() == (s_q * 4, 1, 4)
+    if causal:
+        assert_close(out, lse.transpose(1, 2), inp)
+    else:  # every new token sees the whole cache: the s_q x H rows of one token
+        b, s, h, _ = inp.q_nope.shape
+        assert_close(out.reshape(b, 1, s * h, -1), lse.transpose(1, 2).reshape(b, 1, s * h), inp,
+                     inp.q_nope.reshape(b, 1, s * h, -1), inp.q_pe.reshape(b, 1, s * h, -1))
+    # the older convention: tensors in, the shared plan of this shape reused
+    out2, lse2 = flash_mla_with_kvcache(inp.q, k_cache, inp.block_table, inp.cache_seqlens, dims[0],
+                                        torch.zeros(2, 8, dtype=torch.int32), torch.arange(4, dtype=torch.int32),
+                                        inp.sm_scale, causal)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse) and len(torch_plans) == 1
+
+
+def fi_csr(inp, s_q):
+    page = inp.ckv_cache.shape[1]
+    lens = inp.cache_seqlens
+    npages = (lens + page - 1) // page
+    kv_indptr = torch.zeros(lens.shape[0] + 1, dtype=torch.int32)
+    kv_indptr[1:] = torch.cumsum(npages, 0)
+    used = torch.arange(inp.block_table.shape[1])[None, :] < npages[:, None]
+    return (torch.arange(lens.shape[0] + 1, dtype=torch.int32) * s_q, kv_indptr,
+            inp.block_table[used].to(torch.int32), lens)
+
+
+@pytest.mark.parametrize("s_q, causal", [(1, True), (2, True), (3, False)])
+def test_flashinfer_adapter_views_and_plans(torch_plans, s_q, causal) -> None:
+    inp = cpu_inputs([5, 70, 33, 16], s_q=s_q, seed=10 + s_q)
+    b, _, h, _ = inp.q_nope.shape
+    w = BatchMLAPagedAttentionWrapper(torch.empty(8, dtype=torch.uint8))
+    w.plan(*fi_csr(inp, s_q), h, 512, 64, 16, causal, inp.sm_scale, torch.bfloat16, torch.bfloat16)
+    q_nope, q_pe = inp.q_nope.reshape(b * s_q, h, -1), inp.q_pe.reshape(b * s_q, h, -1)
+    out, lse2 = w.run(q_nope, q_pe, inp.ckv_cache, inp.kpe_cache, return_lse=True)
+    assert out.shape == (b * s_q, h, 512) and lse2.shape == (b * s_q, h)
+    out_p, lse_e = w.run(query=inp.q.reshape(b * s_q, h, -1), kv_cache=inp.kv, return_lse=True,
+                         return_lse_base_on_e=True)
+    assert torch.equal(out_p, out) and torch.allclose(lse2 * math.log(2), lse_e, atol=1e-5)
+    if causal:
+        assert_close(out.view(b, s_q, h, -1), lse_e.view(b, s_q, h), inp)
+    else:
+        assert_close(out.view(b, 1, s_q * h, -1), lse_e.view(b, 1, s_q * h), inp,
+                     inp.q_nope.reshape(b, 1, s_q * h, -1), inp.q_pe.reshape(b, 1, s_q * h, -1))
+    buf = torch.empty_like(out)
+    assert w.run(q_nope, q_pe, inp.ckv_cache, inp.kpe_cache, out=buf) is buf and torch.equal(buf, out)
+
+
+def test_flashinfer_adapter_graph_mode_replans_in_place(torch_plans) -> None:
+    batch, s_q = 3, 1
+    bufs = dict(qo_indptr=torch.zeros(batch + 1, dtype=torch.int32), kv_indptr=torch.zeros(batch + 1, dtype=torch.int32),
+                kv_indices=torch.zeros(300, dtype=torch.int32), kv_len_arr=torch.zeros(batch, dtype=torch.int32))
+    w = BatchMLAPagedAttentionWrapper(torch.empty(8, dtype=torch.uint8), True, **bufs)
+    pointers = None
+    for step, lengths in enumerate(([5, 70, 33], [90, 1, 200], [16, 17, 300])):
+        inp = cpu_inputs(lengths, seed=step)
+        w.plan(*fi_csr(inp, s_q), 4, 512, 64, 16, True, inp.sm_scale, torch.bfloat16, torch.bfloat16)
+        now = (w._block_table.data_ptr(), w._seqlens.data_ptr())
+        assert pointers in (None, now)  # a captured run keeps reading the same buffers
+        pointers = now
+        assert torch.equal(bufs["kv_len_arr"], inp.cache_seqlens)
+        out, lse = w.run(inp.q_nope.reshape(batch, 4, -1), inp.q_pe.reshape(batch, 4, -1), inp.ckv_cache,
+                         inp.kpe_cache, return_lse=True, return_lse_base_on_e=True)
+        assert_close(out.view(batch, 1, 4, -1), lse.view(batch, 1, 4), inp)
+    assert len(torch_plans) == 1 and w._block_table.shape[1] == 100  # len(kv_indices) / batch
+    with pytest.raises(ValueError, match="^qo_indptr: CUDA graph mode fixes"):
+        w.plan(*fi_csr(inp, s_q), 8, 512, 64, 16, True, inp.sm_scale, torch.bfloat16, torch.bfloat16)
