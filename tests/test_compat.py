@@ -142,7 +142,9 @@ def plan_args(**change):
 
 
 @pytest.mark.parametrize("change, name, error", [
-    (dict(qo_indptr=torch.tensor([0, 1, 3], dtype=torch.int32)), "qo_indptr", ValueError),   # ragged
+    (dict(qo_indptr=torch.tensor([0, 0, 2], dtype=torch.int32)), "qo_indptr", ValueError),   # no query token
+    (dict(qo_indptr=torch.tensor([0, 3, 4], dtype=torch.int32), kv_len_arr=torch.tensor([100, 2], dtype=torch.int32)),
+     "kv_len_arr", ValueError),  # ragged, causal: request 1 holds fewer tokens than the padded run of 3
     (dict(qo_indptr=torch.tensor([0.0, 1.0])), "qo_indptr", ValueError),
     (dict(kv_len_arr=torch.tensor([200, 3], dtype=torch.int32)), "kv_len_arr", ValueError),  # needs 4 pages
     (dict(kv_len_arr=torch.tensor([100], dtype=torch.int32)), "kv_len_arr", ValueError),
@@ -313,3 +315,33 @@ def test_flashinfer_adapter_graph_mode_replans_in_place(torch_plans) -> None:
     assert len(torch_plans) == 1 and w._block_table.shape[1] == 100  # len(kv_indices) / batch
     with pytest.raises(ValueError, match="^qo_indptr: CUDA graph mode fixes"):
         w.plan(*fi_csr(inp, s_q), 8, 512, 64, 16, True, inp.sm_scale, torch.bfloat16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flashinfer_adapter_ragged_queries(torch_plans, causal) -> None:
+    """Requests with 1, 3, 2 and 3 query tokens: the last n_b of each request's 3 are its queries."""
+    S, n = 3, [1, 3, 2, 3]
+    inp = cpu_inputs([5, 70, 33, 16], s_q=S, seed=7)
+    b, _, h, _ = inp.q_nope.shape
+    qo = torch.tensor([0] + n, dtype=torch.int32).cumsum(0).to(torch.int32)
+    _, kv_indptr, kv_indices, lens = fi_csr(inp, S)
+    q_nope = torch.cat([inp.q_nope[r, S - k:] for r, k in enumerate(n)])
+    q_pe = torch.cat([inp.q_pe[r, S - k:] for r, k in enumerate(n)])
+    w = BatchMLAPagedAttentionWrapper(torch.empty(8, dtype=torch.uint8))
+    w.plan(qo, kv_indptr, kv_indices, lens, h, 512, 64, 16, causal, inp.sm_scale, torch.bfloat16, torch.bfloat16)
+    out, lse = w.run(q_nope, q_pe, inp.ckv_cache, inp.kpe_cache, return_lse=True, return_lse_base_on_e=True)
+    assert out.shape == (sum(n), h, 512) and lse.shape == (sum(n), h)
+    from mla_gen.reference import mla_decode_reference
+
+    for r, k in enumerate(n):
+        rows = slice(int(qo[r]), int(qo[r + 1]))
+        if causal:  # the last k of S causal queries see what k causal queries see
+            ref, ref_lse = mla_decode_reference(*inp.args())
+            want, want_lse = ref[r, S - k:], ref_lse[r, S - k:]
+        else:
+            one = dict(q_nope=q_nope[rows].reshape(1, 1, k * h, -1), q_pe=q_pe[rows].reshape(1, 1, k * h, -1))
+            ref, ref_lse = mla_decode_reference(one["q_nope"], one["q_pe"], inp.ckv_cache, inp.kpe_cache,
+                                                inp.block_table[r:r + 1], inp.cache_seqlens[r:r + 1], inp.sm_scale)
+            want, want_lse = ref.view(k, h, -1), ref_lse.view(k, h)
+        assert float((out[rows].double() - want).abs().max()) <= 2e-2 * float(want.abs().max())
+        assert float((lse[rows].double() - want_lse).abs().max()) <= 1e-4

@@ -252,3 +252,22 @@ def test_flashinfer_adapter_cuda_graph_replans_in_place():
         lse.fill_(float("nan"))
         graph.replay()
         check(out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads), inp)
+
+
+def test_flashinfer_adapter_ragged_queries():
+    """qo_indptr with 1, 3, 2, 3, 1 query tokens: the last n_b of each request's 3 causal queries."""
+    S, n = 3, [1, 3, 2, 3, 1]
+    inp = inputs([5, 700, 64, 2049, 3], s_q=S, page=16, seed=77)
+    b, _, h, _ = inp.q_nope.shape
+    qo = torch.tensor([0] + n, dtype=torch.int32).cumsum(0).to(torch.int32)
+    _, kv_indptr, kv_indices, lens = csr(inp, S)
+    q_nope = torch.cat([inp.q_nope[r, S - k:] for r, k in enumerate(n)])
+    q_pe = torch.cat([inp.q_pe[r, S - k:] for r, k in enumerate(n)])
+    w = BatchMLAPagedAttentionWrapper(torch.empty(1 << 20, dtype=torch.uint8, device="cuda"))
+    w.plan(qo, kv_indptr, kv_indices, lens, h, 512, 64, 16, True, inp.sm_scale, torch.bfloat16, torch.bfloat16)
+    out, lse = w.run(q_nope, q_pe, inp.ckv_cache, inp.kpe_cache, return_lse=True, return_lse_base_on_e=True)
+    ref, ref_lse = mla_decode_reference(*inp.args())
+    want = torch.cat([ref[r, S - k:] for r, k in enumerate(n)])
+    want_lse = torch.cat([ref_lse[r, S - k:] for r, k in enumerate(n)])
+    problems = accuracy_problems(out, lse, want, want_lse, "bf16")
+    assert not problems, problems

@@ -9,10 +9,13 @@ on mla-gen's kernels.
     out = w.run(q_nope, q_pe, ckv_cache, kpe_cache)            # q_nope [nnz, H, 512], ckv_cache [pages, page, 512]
     out, lse = w.run(q_nope, q_pe, ckv_cache, kpe_cache, return_lse=True)    # lse [nnz, H], base 2 as FlashInfer's
 
-plan() reads the CSR lists on the host (as FlashInfer's plan does), requires every request to have
-the same number of query tokens (s_q = qo_indptr[1] - qo_indptr[0]; ragged qo_indptr raises), and
-turns kv_indptr/kv_indices into a [batch, width] block table on the GPU; run() reads the caches
-through views. The dense form of 0.7.2 (cum_seq_lens_q=, block_tables=, seq_lens=) is taken too.
+plan() reads the CSR lists on the host (as FlashInfer's plan does) and turns kv_indptr/kv_indices
+into a [batch, width] block table on the GPU; run() reads the caches through views. With the same
+number of query tokens per request (uniform qo_indptr), run() reads q and writes out in place
+(views); with ragged qo_indptr (e.g. speculative tokens), each request's queries are gathered into
+S = max query tokens rows (causal: the request's queries last, so each request needs >= S tokens)
+and the outputs gathered back: two small copies of q's and out's size, through index tensors
+built on the GPU in plan. The dense form of 0.7.2 (cum_seq_lens_q=, block_tables=, seq_lens=) is taken too.
 With use_cuda_graph=True the batch, s_q and the block table's address are fixed by the first
 plan (width max(len(kv_indices buffer) / batch, that plan's longest page list)); later plans
 rewrite lengths and page lists in place, so a captured run() replays with them. Beyond FlashInfer's
@@ -87,7 +90,8 @@ class BatchMLAPagedAttentionWrapper:
         self._key: tuple | None = None
         self._block_table: torch.Tensor | None = None
         self._seqlens: torch.Tensor | None = None
-        self._shape: tuple | None = None  # (batch, s_q, heads, ckv, kpe, rows_sq, rows_h)
+        self._shape: tuple | None = None  # (batch, nnz, heads, ckv, kpe, rows_sq, rows_h)
+        self._pad: dict[str, torch.Tensor] | None = None  # ragged queries: gather indices and padded buffers
         self._lse_base_e = False
 
     # ------------------------------------------------------------------------------------- plan
@@ -147,15 +151,19 @@ class BatchMLAPagedAttentionWrapper:
         if batch < 1:
             raise ValueError(f"{qo_name}: expected batch + 1 >= 2 entries, got {qo_host.shape[0]}")
         q_lens = qo_host.diff()
-        s_q = int(q_lens[0])
-        if int(qo_host[0]) != 0 or s_q < 1 or bool((q_lens != s_q).any()):
-            raise ValueError(f"{qo_name}: expected 0 first and the same number (>= 1) of query tokens per request "
-                             f"(ragged query lengths are not supported), got {qo_host.tolist()[:9]}")
+        s_q, nnz = int(q_lens.max()), int(qo_host[-1])  # s_q: the padded query tokens per request
+        if int(qo_host[0]) != 0 or int(q_lens.min()) < 1:
+            raise ValueError(f"{qo_name}: expected 0 first and at least one query token per request, got "
+                             f"{qo_host.tolist()[:9]}")
+        ragged = bool((q_lens != s_q).any())
         lens_host = _int_vector(lens_name, lens, batch).to("cpu", torch.int64)
-        if bool((lens_host < s_q).any()):
-            b = int((lens_host < s_q).nonzero()[0, 0])
-            raise ValueError(f"{lens_name}: length {int(lens_host[b])} of request {b} is shorter than its "
-                             f"{s_q} query tokens (lengths count the new tokens too)")
+        # causal: a request holds its query tokens (ragged: the padded run of s_q); otherwise one token
+        least = (torch.full_like(q_lens, s_q) if ragged else q_lens) if causal else torch.ones_like(q_lens)
+        if bool((lens_host < least).any()):
+            b = int((lens_host < least).nonzero()[0, 0])
+            raise ValueError(f"{lens_name}: length {int(lens_host[b])} of request {b} is shorter than {int(least[b])} "
+                             f"(its query tokens{', padded to the longest run of ragged qo_indptr' if ragged else ''}; "
+                             f"lengths count the new tokens too)")
         need = (lens_host + page_size - 1) // page_size
         if dense:
             if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2 \
@@ -177,7 +185,7 @@ class BatchMLAPagedAttentionWrapper:
                                  f"{int(need[b])} pages of {page_size}; kv_indptr gives it {int(counts[b])}")
             max_pages = max(int(counts.max()), 1)
         rows_sq, rows_h = (1, s_q * num_heads) if (s_q > 1 and not causal) else (s_q, num_heads)
-        shape = (batch, s_q, num_heads, head_dim_ckv, head_dim_kpe, rows_sq, rows_h)
+        shape = (batch, nnz, num_heads, head_dim_ckv, head_dim_kpe, rows_sq, rows_h)
         dev = self.device
         if self._use_cuda_graph and self._wrapper is not None:
             if shape != self._shape or float(sm_scale) != self._key[-1] or q_data_type != self._key[7]:
@@ -209,6 +217,7 @@ class BatchMLAPagedAttentionWrapper:
                 self._seqlens.copy_(seqlens)
         else:
             self._block_table, self._seqlens = table, seqlens.contiguous()
+        self._plan_padding(qo_host, s_q, ragged, num_heads, head_dim_ckv, head_dim_kpe, q_data_type, dev)
         key = _plans.plan_key(dev, batch, rows_sq, rows_h, head_dim_ckv, head_dim_kpe, q_data_type, page_size,
                               width, float(sm_scale))
         if self._use_cuda_graph:
@@ -217,6 +226,38 @@ class BatchMLAPagedAttentionWrapper:
         else:
             self._wrapper = _plans.wrapper_for(key)
         self._key, self._shape = key, shape
+
+    def _plan_padding(self, qo_host: torch.Tensor, s_q: int, ragged: bool, heads: int, ckv: int, kpe: int,
+                      dtype: torch.dtype, dev: torch.device) -> None:
+        """Ragged queries: row b * s_q + i of the padded batch reads query token qo[b] + i - (s_q - n_b)
+        (rows before a request's own are padding: any token, their outputs dropped); query token t
+        reads its output back from row b * s_q + (s_q - n_b) + j. In CUDA-graph mode the buffers stay,
+        their contents are rewritten."""
+        if not ragged:
+            if self._pad is not None and self._use_cuda_graph:
+                raise ValueError("qo_indptr: this CUDA-graph wrapper was planned with ragged query lengths")
+            self._pad = None
+            return
+        batch = qo_host.shape[0] - 1
+        starts, q_lens = qo_host[:-1], qo_host.diff()
+        i = torch.arange(s_q)
+        src = (starts[:, None] + i[None, :] - (s_q - q_lens)[:, None]).clamp_(min=0).reshape(-1)
+        req = torch.repeat_interleave(torch.arange(batch), q_lens)
+        j = torch.arange(int(qo_host[-1])) - starts[req]
+        dst = req * s_q + (s_q - q_lens[req]) + j
+        src, dst = src.to(dev), dst.to(dev)
+        if self._pad is not None and self._use_cuda_graph:
+            self._pad["src"].copy_(src)
+            self._pad["dst"].copy_(dst)
+            return
+        if self._use_cuda_graph and self._wrapper is not None:
+            raise ValueError("qo_indptr: this CUDA-graph wrapper was planned with uniform query lengths")
+        rows = batch * s_q
+        self._pad = {"src": src, "dst": dst,
+                     "q_nope": torch.empty(rows, heads, ckv, dtype=dtype, device=dev),
+                     "q_pe": torch.empty(rows, heads, kpe, dtype=dtype, device=dev),
+                     "out": torch.empty(rows, heads, ckv, dtype=dtype, device=dev),
+                     "lse": torch.empty(rows, heads, dtype=torch.float32, device=dev)}
 
     @staticmethod
     def _table(dense: bool, block_tables, kv_indptr, kv_indices, batch: int, width: int,
@@ -257,11 +298,10 @@ class BatchMLAPagedAttentionWrapper:
                 bmm2_scale=bmm2_scale)
         if self._wrapper is None:
             raise RuntimeError("BatchMLAPagedAttentionWrapper.run() called before plan()")
-        batch, s_q, heads, ckv, kpe, rows_sq, rows_h = self._shape
+        batch, nnz, heads, ckv, kpe, rows_sq, rows_h = self._shape
         q_nope, q_pe = self._split("query", query, q_nope, q_pe, ckv, kpe, ("q_nope", "q_pe"))
         ckv_cache, kpe_cache = self._split("kv_cache", kv_cache, ckv_cache, kpe_cache, ckv, kpe,
                                            ("ckv_cache", "kpe_cache"))
-        nnz = batch * s_q
         for name, t in (("q_nope", q_nope), ("q_pe", q_pe)):
             if t.dim() != 3 or t.shape[0] != nnz or t.shape[1] != heads:
                 raise ValueError(f"{name}: expected [{nnz}, {heads}, dim] (the plan's query tokens and heads), "
@@ -275,9 +315,20 @@ class BatchMLAPagedAttentionWrapper:
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
         four = (batch, rows_sq, rows_h)
-        self._wrapper.run(q_nope.reshape(*four, ckv), q_pe.reshape(*four, kpe), ckv_cache, kpe_cache,
-                          self._block_table, self._seqlens, out=out.view(*four, ckv),
-                          lse=lse.view(four) if lse is not None else None)
+        pad = self._pad
+        if pad is None:  # uniform queries: views in, views out
+            self._wrapper.run(q_nope.reshape(*four, ckv), q_pe.reshape(*four, kpe), ckv_cache, kpe_cache,
+                              self._block_table, self._seqlens, out=out.view(*four, ckv),
+                              lse=lse.view(four) if lse is not None else None)
+        else:  # ragged: gather into the padded rows, run, gather the real rows back
+            torch.index_select(q_nope, 0, pad["src"], out=pad["q_nope"])
+            torch.index_select(q_pe, 0, pad["src"], out=pad["q_pe"])
+            self._wrapper.run(pad["q_nope"].view(*four, ckv), pad["q_pe"].view(*four, kpe), ckv_cache, kpe_cache,
+                              self._block_table, self._seqlens, out=pad["out"].view(*four, ckv),
+                              lse=pad["lse"].view(four) if lse is not None else None)
+            out.copy_(pad["out"].index_select(0, pad["dst"]))
+            if lse is not None:
+                lse.copy_(pad["lse"].index_select(0, pad["dst"]))
         if not self._use_cuda_graph:
             _plans.pin_if_capturing(self._key, self._wrapper)
         if not want_lse:
