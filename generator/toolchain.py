@@ -108,7 +108,7 @@ def find_nvcc() -> Path:
         if path.is_file() and os.access(path, os.X_OK):
             return path
     raise ToolchainError(f"no nvcc found (looked in MLA_GEN_NVCC, CUDA_HOME, PATH, /usr/local/cuda, "
-                         f"pip nvidia-cuda-nvcc); {INSTALL_HINT}")
+                         f"the pip CUDA wheels); {INSTALL_HINT}")
 
 
 def _memo_path(binary: Path) -> Path | None:
