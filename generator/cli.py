@@ -148,6 +148,11 @@ def cmd_emit(args: argparse.Namespace) -> int:
         _write_folder(folder, {**render_sources(spec), "build.ninja": _emit_ninja(spec, tc)})
         written.append({"variant_id": spec.variant_id, "folder": str(folder)})
     written.append(_emit_launcher(out, tc))
+    if args.compile_commands:
+        from generator.compile_db import write
+
+        db = write(out, [Path(w["folder"]) for w in written])
+        print(f"wrote {db}", file=sys.stderr)
     if args.json:
         print(json.dumps(written, indent=2))
     else:
@@ -259,6 +264,8 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     _add_selection(s)
     s.add_argument("--out", default="build", help="output folder (default build/)")
     s.add_argument("--json", action="store_true", help="print one JSON document")
+    s.add_argument("--compile-commands", action="store_true",
+                   help="also write OUT/compile_commands.json (clangd) over the emitted .cu and .cpp")
     s.set_defaults(fn=cmd_emit)
 
     s = sub.add_parser("build", help="compile variants into the cache (or --out)",

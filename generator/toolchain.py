@@ -1,7 +1,10 @@
 """The CUDA toolchain: find nvcc, fingerprint it, and give the flags of a build.
 
 nvcc is looked for in MLA_GEN_NVCC, CUDA_HOME (or CUDA_PATH), PATH, /usr/local/cuda and the pip
-package nvidia-cuda-nvcc, in that order. Its version text is memoised per binary (path, size,
+packages nvidia-cuda-nvcc & co., in that order. `pip install "mla-gen[cuda]"` brings the CUDA 13
+wheels (nvcc, crt, cccl, runtime, nvvm), which lay out one toolkit in site-packages/nvidia/cu13/
+(bin/nvcc, include/, lib/libcudart_static.a, nvvm/bin/cicc; bin/nvcc.profile points nvcc at them),
+so a machine with no system toolkit builds with them. Its version text is memoised per binary (path, size,
 mtime) under the cache root, so a warm-cache load never runs nvcc.
 """
 from __future__ import annotations
@@ -24,7 +27,9 @@ from generator.errors import ToolchainError
 from generator.spec import Arch
 
 INSTALL_HINT = ("install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads) and set CUDA_HOME, "
-                "or `pip install nvidia-cuda-nvcc`, or point MLA_GEN_NVCC at an nvcc binary")
+                "or `pip install \"mla-gen[cuda]\"` (nvcc and the CUDA headers from the package index), "
+                "or point MLA_GEN_NVCC at an nvcc binary")
+SYSTEM_CUDA = Path("/usr/local/cuda")  # the system toolkit's usual home (tests point it elsewhere)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +84,11 @@ def _candidates() -> list[Path]:
     on_path = shutil.which("nvcc")
     if on_path:
         out.append(Path(on_path))
-    out.append(Path("/usr/local/cuda/bin/nvcc"))
+    out.append(SYSTEM_CUDA / "bin" / "nvcc")
     spec = importlib.util.find_spec("nvidia")
     if spec and spec.submodule_search_locations:
         for loc in spec.submodule_search_locations:
-            out.extend(sorted(Path(loc).glob("cu*/bin/nvcc")))
+            out.extend(sorted(Path(loc).glob("cu*/bin/nvcc"), reverse=True))  # cu13 before cu12
             out.append(Path(loc) / "cuda_nvcc" / "bin" / "nvcc")
     return out
 
@@ -103,7 +108,7 @@ def find_nvcc() -> Path:
         if path.is_file() and os.access(path, os.X_OK):
             return path
     raise ToolchainError(f"no nvcc found (looked in MLA_GEN_NVCC, CUDA_HOME, PATH, /usr/local/cuda, "
-                         f"pip nvidia-cuda-nvcc); {INSTALL_HINT}")
+                         f"the pip CUDA wheels); {INSTALL_HINT}")
 
 
 def _memo_path(binary: Path) -> Path | None:

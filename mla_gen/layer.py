@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from generator.presets import ModelConfig, model_config
-from mla_gen import cost
+from mla_gen import cost, ops  # noqa: F401  (ops: registers torch.ops.mla_gen.*)
 from mla_gen.dtypes import KERNEL_DTYPES
 from mla_gen.rope import RotaryEmbedding
 
@@ -185,6 +185,9 @@ class MLAAttention(nn.Module):
         """W_UK [H, nope, C] and W_UV^T [H, C, v] from kv_b_proj, computed once and reused until
         kv_b_proj's weight changes (new tensor, in-place update, load_state_dict, .to())."""
         w = self.kv_b_proj.weight
+        if torch.compiler.is_compiling():  # traced: views of the weight, folded by the compiler, no cache
+            per_head = w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            return AbsorbedWeights(per_head[:, :self.nope_dim], per_head[:, self.nope_dim:].transpose(1, 2), ())
         key = (id(w), w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
         if self._absorbed is None or self._absorbed.key != key:
             per_head = w.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -218,7 +221,7 @@ class MLAAttention(nn.Module):
         """'vanilla' or 'absorbed', whichever the roofline cost model (mla_gen.cost) prices lower
         for this rank's heads, the layer's dtype and the device's rate and bandwidth."""
         dims = cost.AttnDims(self.num_heads, self.kv_lora_rank, self.rope_dim, self.nope_dim, self.v_dim)
-        e = torch.empty(0, dtype=self.dtype).element_size()
+        e = self.dtype.itemsize
         return cost.choose_form(dims, batch, s_q, cache_len, dtype_bytes=e, rate=self.rate, bandwidth=self.bandwidth)
 
     @torch.no_grad()
@@ -292,7 +295,8 @@ class MLAAttention(nn.Module):
             if t.device != self.device:
                 raise ValueError(f"{name}: expected a tensor on {self.device} (the layer's), got {t.device}")
         capacity = block_table.shape[1] * cache.page_size
-        if cache_seqlens.device.type == "cpu":  # checking device tensors would sync; the kernels flag those
+        # checking device tensors would sync (the kernels flag those); a traced graph reads no values
+        if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
             low, high = int(cache_seqlens.min()), int(cache_seqlens.max())
             if low < 0 or high + s_q > capacity:
                 raise ValueError(f"cache_seqlens: expected 0 <= length and length + s_q ({s_q}) <= {capacity} "
@@ -342,9 +346,12 @@ class MLAAttention(nn.Module):
         w = self.absorbed_weights()
         q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w.w_uk)
         if q_abs.is_cuda and q_abs.dtype in KERNEL_DTYPES:
-            from mla_gen.api import mla_decode
-            o_lat = mla_decode(q_abs.contiguous(), q_pe.contiguous(), cache.ckv, cache.kpe,
-                               block_table.to(torch.int32), lengths.to(torch.int32), self.sm_scale)
+            if torch.compiler.is_compiling():  # traced: the registered op (mla_gen.ops)
+                decode = torch.ops.mla_gen.mla_decode
+            else:  # eager: no dispatcher in the way
+                from mla_gen.api import mla_decode as decode
+            o_lat = decode(q_abs.contiguous(), q_pe.contiguous(), cache.ckv, cache.kpe,
+                           block_table.to(torch.int32), lengths.to(torch.int32), self.sm_scale)
             self.last_backend = "mla_decode"
         else:
             o_lat = self.latent_attention(q_abs, q_pe, cache, block_table, positions, lengths)

@@ -77,36 +77,58 @@ struct Segment {
   int slot;
 };
 
+// Where the results of packed query row r (= s * heads + h) of request b go: its output row and lse
+// (a request that one part finishes, or the merge), or its row of a split's partial slot (fp32 o
+// normalised by the split's own sum, and the split's lse).
+template <class Cfg>
+struct ResultRows {
+  using OutT = typename Cfg::OutType;
+  __device__ __forceinline__ static OutT* out(const DecodeParams& p, int b, int r) {
+    const int s = r / Cfg::kNumHeads, h = r % Cfg::kNumHeads;
+    return reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h;
+  }
+  __device__ __forceinline__ static float* lse(const DecodeParams& p, int b, int r) {  // p.lse must be set
+    const int s = r / Cfg::kNumHeads, h = r % Cfg::kNumHeads;
+    return reinterpret_cast<float*>(p.lse) + b * p.lse_stride_b + s * p.lse_stride_s + h;
+  }
+  __device__ __forceinline__ static float* partial(const DecodeParams& p, int slot, int r) {
+    return reinterpret_cast<float*>(p.partial_o) +
+           (static_cast<long long>(slot) * (p.s_q * Cfg::kNumHeads) + r) * Cfg::kCkvDim;
+  }
+  __device__ __forceinline__ static float* partial_lse(const DecodeParams& p, int slot, int r) {
+    return reinterpret_cast<float*>(p.partial_lse) + static_cast<long long>(slot) * (p.s_q * Cfg::kNumHeads) + r;
+  }
+};
+
 // One row of a split request: the exact log-sum-exp merge of its num_splits partials (o normalised
 // per split, lse natural log) -> out, lse. One warp; partials are read from L2 (other SMs wrote them).
-template <typename OutT, int kHeads, int kCkv>
+template <class Cfg>
 __device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row, int lane) {
+  using OutT = typename Cfg::OutType;
+  using Rows = ResultRows<Cfg>;
+  constexpr int kCkv = Cfg::kCkvDim;
   static_assert(kCkv % 64 == 0 || kCkv % 32 == 0, "ckv must split over a warp in pairs or singles");
   constexpr int kPairs = kCkv / 2;
   constexpr int kIters = (kPairs + 31) / 32;
-  const int rows = p.s_q * kHeads;
   const int* req_info = reinterpret_cast<const int*>(p.req_info);
   const int num_splits = req_info[4 * b + 1], first_slot = req_info[4 * b + 2];
-  const int s = row / kHeads, h = row % kHeads;
-  OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h;
-  const float* part_lse = reinterpret_cast<const float*>(p.partial_lse);
+  OutT* out = Rows::out(p, b, row);
   float m = -INFINITY;
-  for (int k = lane; k < num_splits; k += 32) m = fmaxf(m, __ldcg(part_lse + (first_slot + k) * rows + row));
+  for (int k = lane; k < num_splits; k += 32) m = fmaxf(m, __ldcg(Rows::partial_lse(p, first_slot + k, row)));
   m = warp_max(m);
   float sum = 0.f;
   if (m != -INFINITY)
-    for (int k = lane; k < num_splits; k += 32) sum += __expf(__ldcg(part_lse + (first_slot + k) * rows + row) - m);
+    for (int k = lane; k < num_splits; k += 32) sum += __expf(__ldcg(Rows::partial_lse(p, first_slot + k, row)) - m);
   sum = warp_sum(sum);
   const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
 
   float2 acc[kIters];
 #pragma unroll
   for (int i = 0; i < kIters; ++i) acc[i] = make_float2(0.f, 0.f);
-  const float2* part_o = reinterpret_cast<const float2*>(p.partial_o);
   for (int k = 0; k < num_splits; ++k) {
-    const float lk = __ldcg(part_lse + (first_slot + k) * rows + row);
+    const float lk = __ldcg(Rows::partial_lse(p, first_slot + k, row));
     const float w = lk == -INFINITY ? 0.f : __expf(lk - lse);
-    const float2* src = part_o + (static_cast<long long>(first_slot + k) * rows + row) * kPairs;
+    const float2* src = reinterpret_cast<const float2*>(Rows::partial(p, first_slot + k, row));
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int c = lane + 32 * i;
@@ -123,8 +145,48 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row,
     const int c = lane + 32 * i;
     if (c < kPairs) reinterpret_cast<Out2*>(out)[c] = from_float2<OutT>(acc[i]);
   }
-  if (p.lse && lane == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+  if (p.lse && lane == 0) *Rows::lse(p, b, row) = lse;
 }
+
+// The paged kv gather of the tensor-core families: token n of a kBlockN-token tile is copied by copy
+// team n mod kTeams. lookup() reads the team's tokens' pages from the block table (early, so the latency
+// hides under other work; any page size); for_each_row() then hands each of the team's token rows to the
+// family's copy with its ckv and kpe sources (already advanced by the lane's 16-byte chunk tl) and the
+// byte count (0 past the length: zero fill, nothing read).
+template <typename KV, int kBlockN, int kTeams>
+struct PagedRows {
+  static constexpr int kIters = (kBlockN + kTeams - 1) / kTeams;
+  int page[kIters], off[kIters];  // off -1: past the length
+
+  __device__ __forceinline__ void lookup(const int* bt_row, int page_size, int len, int blk, int team) {
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int t = blk * kBlockN + team + k * kTeams;
+      page[k] = 0;
+      off[k] = -1;
+      if (t < len && (kIters * kTeams == kBlockN || team + k * kTeams < kBlockN)) {
+        page[k] = bt_row[t / page_size];
+        off[k] = t % page_size;
+      }
+    }
+  }
+
+  template <typename Copy>
+  __device__ __forceinline__ void for_each_row(const DecodeParams& p, int team, int tl, Copy&& copy) const {
+    const KV* ckv = reinterpret_cast<const KV*>(p.ckv);
+    const KV* kpe = reinterpret_cast<const KV*>(p.kpe);
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int n = team + k * kTeams;
+      if (kIters * kTeams == kBlockN || n < kBlockN) {
+        const bool valid = off[k] >= 0;
+        const long long pg = page[k], o = valid ? off[k] : 0;
+        copy(n, ckv + (pg * p.ckv_stride_page + o * p.ckv_stride_tok + tl * 8),
+             kpe + (pg * p.kpe_stride_page + o * p.kpe_stride_tok + tl * 8), valid ? 16 : 0);
+      }
+    }
+  }
+};
 
 // A split request of at most this many parts is merged inside the decode kernel by its last part; one
 // of more parts would make that one CTA read too much, so the merge kernel spreads it over the GPU.
@@ -151,7 +213,7 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
   const int rows = p.s_q * Cfg::kNumHeads;
   const int row0 = blockIdx.x * Cfg::kBlockM, lane = threadIdx.x & 31;
   for (int m = threadIdx.x >> 5; m < Cfg::kBlockM && row0 + m < rows; m += Cfg::kWarps)
-    merge_row<typename Cfg::OutType, Cfg::kNumHeads, Cfg::kCkvDim>(p, b, row0 + m, lane);
+    merge_row<Cfg>(p, b, row0 + m, lane);
 }
 
 // Walks the segments of part `part` in order, calling fn(segment); a split segment's part then takes
@@ -340,10 +402,9 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
   for (int b = 0; b < p.batch; ++b) {
     if (request_blocks(seqlens[b], p, kBlockN) > 0) continue;
     for (int i = tid; i < rows * kRowElems; i += kPlanThreads) {
-      const int row = i / kRowElems, s = row / Cfg::kNumHeads, h = row % Cfg::kNumHeads;
-      reinterpret_cast<OutT*>(p.out)[b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + i % kRowElems] =
-          from_float<OutT>(nan);
-      if (p.lse && i % kRowElems == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = nan;
+      const int row = i / kRowElems;
+      ResultRows<Cfg>::out(p, b, row)[i % kRowElems] = from_float<OutT>(nan);
+      if (p.lse && i % kRowElems == 0) *ResultRows<Cfg>::lse(p, b, row) = nan;
     }
   }
 }
@@ -361,8 +422,7 @@ __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_co
   wait_for_previous_grid();
   const int* list = reinterpret_cast<const int*>(p.merge_list);
   const int* req_info = reinterpret_cast<const int*>(p.req_info);
-  const float* part_lse = reinterpret_cast<const float*>(p.partial_lse);
-  const float4* part_o = reinterpret_cast<const float4*>(p.partial_o);
+  using Rows = ResultRows<Cfg>;
   const int rows = p.s_q * kHeads, col = 4 * threadIdx.x;
   const int items = list[0] * rows;
   __shared__ float s_w[kMergeMaxSplits];  // each split's weight exp(lse_k - lse)
@@ -374,7 +434,7 @@ __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_co
     // the splits' lse spread over the threads (all loads at once), max and sum reduced over the CTA
     float m = -INFINITY;
     for (int k = threadIdx.x; k < num_splits; k += blockDim.x) {
-      s_w[k] = __ldcg(part_lse + (first + k) * rows + row);
+      s_w[k] = __ldcg(Rows::partial_lse(p, first + k, row));
       m = fmaxf(m, s_w[k]);
     }
     m = warp_max(m);
@@ -401,7 +461,7 @@ __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_co
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {  // all loads first, then the sums
         const int k = k0 + u < num_splits ? k0 + u : k0;
-        v[u] = __ldcg(part_o + ((static_cast<long long>(first + k) * rows + row) * kCkv + col) / 4);
+        v[u] = __ldcg(reinterpret_cast<const float4*>(Rows::partial(p, first + k, row) + col));
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -412,11 +472,10 @@ __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_co
         acc.w += w * v[u].w;
       }
     }
-    const int s = row / kHeads, h = row % kHeads;
-    OutT* out = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + col;
+    OutT* out = ResultRows<Cfg>::out(p, b, row) + col;
     reinterpret_cast<Out2*>(out)[0] = from_float2<OutT>(make_float2(acc.x, acc.y));
     reinterpret_cast<Out2*>(out)[1] = from_float2<OutT>(make_float2(acc.z, acc.w));
-    if (p.lse && threadIdx.x == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+    if (p.lse && threadIdx.x == 0) *ResultRows<Cfg>::lse(p, b, row) = lse;
     __syncthreads();  // s_w and s_red are rewritten by the next item
   }
 }

@@ -265,7 +265,6 @@ struct Layout {
 
   // copy teams: 8 threads move 8 consecutive 16-byte chunks (128 bytes) of one row
   static constexpr int TEAMS = T / 8;
-  static constexpr int TOK_ITERS = (N + TEAMS - 1) / TEAMS;  // token rows per thread per kv tile
   static constexpr int Q_ITERS = (M + TEAMS - 1) / TEAMS;
 
   static_assert(M == 16 || M == 32 || M == 64, "block_m: 16, 32 or 64");
@@ -308,8 +307,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int part = blockIdx.y;
   const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
-  const KV* ckv = reinterpret_cast<const KV*>(p.ckv);
-  const KV* kpe = reinterpret_cast<const KV*>(p.kpe);
   const int team = tid >> 3, tl = tid & 7;
 
   // ldmatrix lane roles (see the layout notes in the header comment); every row an ldmatrix lane
@@ -340,34 +337,15 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
 
-    // ---- kv tile gather: token n of the tile is copied by team (n mod TEAMS); pages prefetched
-    int pf_page[L::TOK_ITERS], pf_off[L::TOK_ITERS];
-    auto prefetch_pages = [&](int blk) {
-#pragma unroll
-      for (int k = 0; k < L::TOK_ITERS; ++k) {
-        const int t = blk * N + team + k * L::TEAMS;
-        pf_page[k] = 0;
-        pf_off[k] = -1;  // -1: past the length (zero fill)
-        if (t < len && team + k * L::TEAMS < N) {
-          pf_page[k] = bt_row[t / p.page_size];
-          pf_off[k] = t % p.page_size;
-        }
-      }
-    };
+    // ---- kv tile gather (common.cuh PagedRows): pages looked up one tile ahead
+    PagedRows<KV, N, L::TEAMS> pages;
+    auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&](int stage) {
       const uint32_t dst_ckv = s_kv + stage * L::kStageBytes;
       const uint32_t dst_pe = dst_ckv + L::kStageCkvBytes;
-#pragma unroll
-      for (int k = 0; k < L::TOK_ITERS; ++k) {
-        const int n = team + k * L::TEAMS;
-        if (L::TOK_ITERS * L::TEAMS == N || n < N) {
-          const bool valid = pf_off[k] >= 0;
-          const long long page = pf_page[k], off = valid ? pf_off[k] : 0;
-          const KV* src_ckv = ckv + (page * p.ckv_stride_page + off * p.ckv_stride_tok + tl * 8);
-          const KV* src_pe = kpe + (page * p.kpe_stride_page + off * p.kpe_stride_tok + tl * 8);
-          copy_row<CC, RC>(dst_ckv, dst_pe, n, src_ckv, src_pe, tl, valid ? 16 : 0);
-        }
-      }
+      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
+        copy_row<CC, RC>(dst_ckv, dst_pe, n, src_ckv, src_pe, tl, bytes);
+      });
     };
 
     // ---- prologue: Q rows (zero padding) with tile 0, then tiles 1 .. S-2
@@ -616,22 +594,21 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const float lse = l > 0.f ? (m_run[mt][hh] + log2f(l)) * kLn2 : -INFINITY;
         const int col0 = wn * CW + 2 * tq;
         if (seg.split) {
-          float* dst = reinterpret_cast<float*>(p.partial_o) + (static_cast<long long>(seg.slot) * rows + r) * C + col0;
+          float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + col0;
 #pragma unroll
           for (int nt = 0; nt < OT; ++nt)
             *reinterpret_cast<float2*>(dst + 8 * nt) =
                 make_float2(o[mt][nt][2 * hh] * inv, o[mt][nt][2 * hh + 1] * inv);
           if (wn == 0 && tq == 0)
-            reinterpret_cast<float*>(p.partial_lse)[static_cast<long long>(seg.slot) * rows + r] = lse;
+            *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
         } else {
-          const int s = r / H, h = r % H;
-          OutT* dst = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + col0;
+          OutT* dst = ResultRows<Cfg>::out(p, b, r) + col0;
 #pragma unroll
           for (int nt = 0; nt < OT; ++nt)
             *reinterpret_cast<Out2*>(dst + 8 * nt) =
                 from_float2<OutT>(make_float2(o[mt][nt][2 * hh] * inv, o[mt][nt][2 * hh + 1] * inv));
           if (p.lse && wn == 0 && tq == 0)
-            reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+            *ResultRows<Cfg>::lse(p, b, r) = lse;
         }
       }
     __syncthreads();  // the next segment rewrites Q, the kv stages and the exchange arrays

@@ -1,5 +1,5 @@
 // mla-gen family `narrow`: Hopper wgmma (sm_90a only) with the kv tokens on wgmma's M axis and the packed
-// query rows on N, for few rows (heads x s_q up to 32 at ckv 512, 64 at ckv 256).
+// query rows on N, for few rows (heads x s_q up to 32 at ckv 512, 40 at ckv 256).
 //
 // Why: wgmma's M is 64. The wgmma family puts query rows on M, so 16 heads are padded to 64 rows and
 // three quarters of its tensor work and softmax are waste, which on an H200 costs more than the memory
@@ -95,7 +95,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   constexpr int J = RN / 8;   // n8 column groups: a thread holds rows 8 j + 2 (lane % 4) + e, e = 0, 1
   constexpr int kWgThreads = 128;
   constexpr int TEAMS = kWgThreads / 8;  // copy teams of 8 lanes (128 contiguous bytes) per warpgroup
-  constexpr int TOK_ITERS = N / TEAMS;
   constexpr int Q_ITERS = (RN + 2 * TEAMS - 1) / (2 * TEAMS);
   constexpr float kRescaleLog2 = 8.f;
 
@@ -114,8 +113,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int part = blockIdx.y;
   const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
-  const KV* ckv = reinterpret_cast<const KV*>(p.ckv);
-  const KV* kpe = reinterpret_cast<const KV*>(p.kpe);
   const int team = (tid & (kWgThreads - 1)) >> 3, tl = tid & 7;
 
   // this warpgroup's stage and P^T buffer; descriptors (uniform per warpgroup)
@@ -133,31 +130,14 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
 
-    // ---- load: token n of a tile is copied by team n mod TEAMS of the warpgroup; pages prefetched
-    int pf_page[TOK_ITERS], pf_off[TOK_ITERS];
-    auto prefetch_pages = [&](int blk) {
-#pragma unroll
-      for (int k = 0; k < TOK_ITERS; ++k) {
-        const int t = blk * N + team + k * TEAMS;
-        pf_page[k] = 0;
-        pf_off[k] = -1;  // -1: past the length (zero fill)
-        if (t < len) {
-          pf_page[k] = bt_row[t / p.page_size];
-          pf_off[k] = t % p.page_size;
-        }
-      }
-    };
+    // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup
+    PagedRows<KV, N, TEAMS> pages;
+    auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&]() {
-#pragma unroll
-      for (int k = 0; k < TOK_ITERS; ++k) {
-        const int n = team + k * TEAMS;
-        const bool valid = pf_off[k] >= 0;
-        const long long page = pf_page[k], off = valid ? pf_off[k] : 0;
-        KN::copy_row(s_stage, n, ckv + (page * p.ckv_stride_page + off * p.ckv_stride_tok + tl * 8), tl,
-                     valid ? 16 : 0);
-        KP::copy_row(s_stage + KN::kBytes, n, kpe + (page * p.kpe_stride_page + off * p.kpe_stride_tok + tl * 8),
-                     tl, valid ? 16 : 0);
-      }
+      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
+        KN::copy_row(s_stage, n, src_ckv, tl, bytes);
+        KP::copy_row(s_stage + KN::kBytes, n, src_pe, tl, bytes);
+      });
     };
 
     // Q rows (zero padding past the last row) by all 256 threads, then each WG's first tile
@@ -434,15 +414,14 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       const float4 v = *reinterpret_cast<const float4*>(smem + L::kOffKV + 4 * (rl * L::kOStride + c));
       const float lse = lds_f32(s_lse + 4 * rl);
       if (seg.split) {
-        float* dst = reinterpret_cast<float*>(p.partial_o) + (static_cast<long long>(seg.slot) * rows + r) * C + c;
+        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + c;
         *reinterpret_cast<float4*>(dst) = v;
-        if (c == 0) reinterpret_cast<float*>(p.partial_lse)[static_cast<long long>(seg.slot) * rows + r] = lse;
+        if (c == 0) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
       } else {
-        const int s = r / H, h = r % H;
-        OutT* dst = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + c;
+        OutT* dst = ResultRows<Cfg>::out(p, b, r) + c;
         reinterpret_cast<Out2*>(dst)[0] = from_float2<OutT>(make_float2(v.x, v.y));
         reinterpret_cast<Out2*>(dst)[1] = from_float2<OutT>(make_float2(v.z, v.w));
-        if (p.lse && c == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+        if (p.lse && c == 0) *ResultRows<Cfg>::lse(p, b, r) = lse;
       }
     }
     __syncthreads();  // the next segment rewrites Q, the stages and the exchange arrays

@@ -180,8 +180,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int part = blockIdx.y;
   const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
-  const KV* ckv = reinterpret_cast<const KV*>(p.ckv);
-  const KV* kpe = reinterpret_cast<const KV*>(p.kpe);
 
   // ---- descriptors (warp-uniform). Q K^T: part a = own ckv half, part b = the other half, then the rope.
   const uint32_t s_kown = wg ? s_k1 : s_k0;
@@ -212,32 +210,13 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     // ---- this WG's part of kv tile `it` (segment-relative) into buffer `stage`: ckv half wg, plus the rope
     //      panel when `rope`. Token n = team + 16 k. lookup() reads the block table (issued early, before a
     //      wait, so its latency hides there), copy() issues the cp.async copies.
-    int pg_page[L::ITERS], pg_off[L::ITERS];
-    auto lookup = [&](int it) {
-#pragma unroll
-      for (int k = 0; k < L::ITERS; ++k) {
-        const int t = (seg.blk_lo + it) * N + team + k * L::TEAMS;
-        pg_off[k] = -1;  // -1: past the length (zero fill)
-        pg_page[k] = 0;
-        if (t < len) {
-          pg_page[k] = bt_row[t / p.page_size];
-          pg_off[k] = t % p.page_size;
-        }
-      }
-    };
+    PagedRows<KV, N, L::TEAMS> pages;
+    auto lookup = [&](int it) { pages.lookup(bt_row, p.page_size, len, seg.blk_lo + it, team); };
     auto copy = [&](uint32_t stage, bool rope) {
-#pragma unroll
-      for (int k = 0; k < L::ITERS; ++k) {
-        const int n = team + k * L::TEAMS;
-        const bool valid = pg_off[k] >= 0;
-        const long long pg = pg_page[k], o = valid ? pg_off[k] : 0;
-        const KV* src_ckv = ckv + (pg * p.ckv_stride_page + o * p.ckv_stride_tok + tl * 8);
-        copy_half_row<KN>(stage, n, src_ckv, tl, valid ? 16 : 0, wg);
-        if (rope) {
-          const KV* src_pe = kpe + (pg * p.kpe_stride_page + o * p.kpe_stride_tok + tl * 8);
-          KP::copy_row(stage + KN::kBytes, n, src_pe, tl, valid ? 16 : 0);
-        }
-      }
+      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
+        copy_half_row<KN>(stage, n, src_ckv, tl, bytes, wg);
+        if (rope) KP::copy_row(stage + KN::kBytes, n, src_pe, tl, bytes);
+      });
     };
 
     // ---- prologue: group 1 = Q (own ckv half; WG1 also the rope) + own part of tile 0 into K0;
@@ -534,21 +513,20 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       const float lse = l > 0.f ? (m_run[hh] + log2f(l)) * kLn2 : -INFINITY;
       const int col0 = wg * CW + 2 * tq;
       if (seg.split) {
-        float* dst = reinterpret_cast<float*>(p.partial_o) + (static_cast<long long>(seg.slot) * rows + r) * C + col0;
+        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + col0;
 #pragma unroll
         for (int j = 0; j < OV / 4; ++j)
           *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
         if (wg == 0 && tq == 0)
-          reinterpret_cast<float*>(p.partial_lse)[static_cast<long long>(seg.slot) * rows + r] = lse;
+          *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
       } else {
-        const int s = r / H, h = r % H;
-        OutT* dst = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + col0;
+        OutT* dst = ResultRows<Cfg>::out(p, b, r) + col0;
 #pragma unroll
         for (int j = 0; j < OV / 4; ++j)
           *reinterpret_cast<Out2*>(dst + 8 * j) =
               from_float2<OutT>(make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv));
         if (p.lse && wg == 0 && tq == 0)
-          reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+          *ResultRows<Cfg>::lse(p, b, r) = lse;
       }
     }
     __syncthreads();  // the next segment rewrites Q, the kv buffers and the exchange arrays

@@ -198,21 +198,18 @@ decode_kernel(const __grid_constant__ DecodeParams p) {
       const float l = row_sum[m];
       const float inv = l > 0.f ? 1.f / l : 0.f;
       const float lse = l > 0.f ? (row_max[m] + log2f(l)) * kLn2 : -INFINITY;
-      const int s = r / H, h = r % H;
       if (seg.split) {
-        float2* dst = reinterpret_cast<float2*>(reinterpret_cast<float*>(p.partial_o) +
-                                                (static_cast<long long>(seg.slot) * rows + r) * C);
+        float2* dst = reinterpret_cast<float2*>(ResultRows<Cfg>::partial(p, seg.slot, r));
 #pragma unroll
         for (int k = 0; k < kColPairs; ++k) dst[tid + T * k] = make_float2(acc[m][k].x * inv, acc[m][k].y * inv);
-        if (tid == 0) reinterpret_cast<float*>(p.partial_lse)[seg.slot * rows + r] = lse;
+        if (tid == 0) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
       } else {
         using Out2 = typename Vec2<typename Cfg::OutType>::type;
-        Out2* dst = reinterpret_cast<Out2*>(reinterpret_cast<typename Cfg::OutType*>(p.out) + b * p.out_stride_b +
-                                            s * p.out_stride_s + h * p.out_stride_h);
+        Out2* dst = reinterpret_cast<Out2*>(ResultRows<Cfg>::out(p, b, r));
 #pragma unroll
         for (int k = 0; k < kColPairs; ++k)
           dst[tid + T * k] = from_float2<typename Cfg::OutType>(make_float2(acc[m][k].x * inv, acc[m][k].y * inv));
-        if (p.lse && tid == 0) reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+        if (p.lse && tid == 0) *ResultRows<Cfg>::lse(p, b, r) = lse;
       }
     }
     __syncthreads();  // q_s and the row state are rewritten by the next segment

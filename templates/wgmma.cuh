@@ -82,7 +82,6 @@ struct Layout {
 
   // copy teams: 8 threads move 8 consecutive 16-byte chunks (128 bytes) of one row
   static constexpr int TEAMS = T / 8;
-  static constexpr int TOK_ITERS = (N + TEAMS - 1) / TEAMS;
   static constexpr int Q_ITERS = (M + TEAMS - 1) / TEAMS;
 
   static_assert(M == 64, "block_m: one wgmma m64 tile");
@@ -108,7 +107,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   using KN = typename L::KN;
   using KP = typename L::KP;
   using PP = typename L::PP;
-  constexpr int H = L::H, C = L::C, M = L::M, N = L::N, S = L::S, NW = L::NW, CW = L::CW;
+  constexpr int H = L::H, M = L::M, N = L::N, S = L::S, NW = L::NW, CW = L::CW;
   constexpr int SV = NW / 2;  // S accumulators per thread
   constexpr int OV = CW / 2;  // O accumulators per thread
 
@@ -129,8 +128,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int part = blockIdx.y;
   const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
-  const KV* ckv = reinterpret_cast<const KV*>(p.ckv);
-  const KV* kpe = reinterpret_cast<const KV*>(p.kpe);
   const int team = tid >> 3, tl = tid & 7;
 
   // descriptors (uniform per warpgroup); stage st adds st * kStageBytes
@@ -149,35 +146,16 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
 
-    // ---- kv tile gather: token n of the tile is copied by team (n mod TEAMS); pages prefetched
-    int pf_page[L::TOK_ITERS], pf_off[L::TOK_ITERS];
-    auto prefetch_pages = [&](int blk) {
-#pragma unroll
-      for (int k = 0; k < L::TOK_ITERS; ++k) {
-        const int t = blk * N + team + k * L::TEAMS;
-        pf_page[k] = 0;
-        pf_off[k] = -1;  // -1: past the length (zero fill)
-        if (t < len && team + k * L::TEAMS < N) {
-          pf_page[k] = bt_row[t / p.page_size];
-          pf_off[k] = t % p.page_size;
-        }
-      }
-    };
+    // ---- kv tile gather (common.cuh PagedRows): pages looked up one tile ahead
+    PagedRows<KV, N, L::TEAMS> pages;
+    auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&](int stage) {
       const uint32_t dst_ckv = s_kv + stage * L::kStageBytes;
       const uint32_t dst_pe = dst_ckv + KN::kBytes;
-#pragma unroll
-      for (int k = 0; k < L::TOK_ITERS; ++k) {
-        const int n = team + k * L::TEAMS;
-        if (L::TOK_ITERS * L::TEAMS == N || n < N) {
-          const bool valid = pf_off[k] >= 0;
-          const long long page = pf_page[k], off = valid ? pf_off[k] : 0;
-          const KV* src_ckv = ckv + (page * p.ckv_stride_page + off * p.ckv_stride_tok + tl * 8);
-          const KV* src_pe = kpe + (page * p.kpe_stride_page + off * p.kpe_stride_tok + tl * 8);
-          KN::copy_row(dst_ckv, n, src_ckv, tl, valid ? 16 : 0);
-          KP::copy_row(dst_pe, n, src_pe, tl, valid ? 16 : 0);
-        }
-      }
+      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
+        KN::copy_row(dst_ckv, n, src_ckv, tl, bytes);
+        KP::copy_row(dst_pe, n, src_pe, tl, bytes);
+      });
     };
 
     // ---- prologue: Q rows (zero padding) with tile 0, then tiles 1 .. S-2
@@ -408,21 +386,20 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       const float lse = l > 0.f ? (m_run[hh] + log2f(l)) * kLn2 : -INFINITY;
       const int col0 = wg * CW + 2 * tq;
       if (seg.split) {
-        float* dst = reinterpret_cast<float*>(p.partial_o) + (static_cast<long long>(seg.slot) * rows + r) * C + col0;
+        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + col0;
 #pragma unroll
         for (int j = 0; j < OV / 4; ++j)
           *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
         if (wg == 0 && tq == 0)
-          reinterpret_cast<float*>(p.partial_lse)[static_cast<long long>(seg.slot) * rows + r] = lse;
+          *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
       } else {
-        const int s = r / H, h = r % H;
-        OutT* dst = reinterpret_cast<OutT*>(p.out) + b * p.out_stride_b + s * p.out_stride_s + h * p.out_stride_h + col0;
+        OutT* dst = ResultRows<Cfg>::out(p, b, r) + col0;
 #pragma unroll
         for (int j = 0; j < OV / 4; ++j)
           *reinterpret_cast<Out2*>(dst + 8 * j) =
               from_float2<OutT>(make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv));
         if (p.lse && wg == 0 && tq == 0)
-          reinterpret_cast<float*>(p.lse)[b * p.lse_stride_b + s * p.lse_stride_s + h] = lse;
+          *ResultRows<Cfg>::lse(p, b, r) = lse;
       }
     }
     __syncthreads();  // the next segment rewrites Q, the kv stages and the exchange arrays

@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("needs_nvcc"):
                 item.add_marker(pytest.mark.skip(reason="needs nvcc (none in MLA_GEN_NVCC, CUDA_HOME, PATH or "
-                                                        "pip nvidia-cuda-nvcc)"))
+                                                        "the pip CUDA wheels of mla-gen[cuda])"))
     needs = [it for it in items if it.get_closest_marker("gpu") or it.get_closest_marker("multigpu")
              or it.get_closest_marker("sanitizer")]
     if not needs:

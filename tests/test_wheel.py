@@ -33,6 +33,8 @@ def test_wheel_ships_templates_and_emits_outside_the_repo(tmp_path: Path) -> Non
     assert {f"generator/templates/{t}" for t in templates} <= names
     assert "generator/models.json" in names and "generator/cli.py" in names
     assert {"mla_gen/api.py", "mla_gen/bench/__main__.py", "mla_gen/bench/runner.py"} <= names
+    assert {"mla_gen/ops.py", "mla_gen/compat/flash_mla.py", "mla_gen/compat/flashinfer.py"} <= names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
 
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
