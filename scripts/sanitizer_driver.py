@@ -153,9 +153,10 @@ def run_all(arch: Arch, families: list[Family] | None) -> int:
 # -- reading a compute-sanitizer log ---------------------------------------------------------------
 
 def summarize(tool: str, log: str, rc: int) -> tuple[bool, str]:
-    """(clean, one line) from a compute-sanitizer log: its ERROR SUMMARY, for racecheck also the
-    RACECHECK SUMMARY (warnings count: every hazard fails), the driver's own result line and the exit
-    status. A log without the ERROR SUMMARY (the tool did not finish) is not clean."""
+    """(clean, one line) from a compute-sanitizer log: its closing summary (ERROR SUMMARY; racecheck with
+    --racecheck-report all closes with a RACECHECK SUMMARY instead, whose warnings count too: every hazard
+    fails), the driver's own result line and the exit status. A log without its closing summary (the tool
+    did not finish) is not clean."""
     errors = re.findall(r"ERROR SUMMARY: (\d+) errors?", log)
     hazards = re.findall(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", log)
     done = re.findall(r"sanitizer_driver: (\d+)/(\d+) cases ok", log)
@@ -163,13 +164,13 @@ def summarize(tool: str, log: str, rc: int) -> tuple[bool, str]:
     if errors:
         parts.append(f"{errors[-1]} errors")
         clean &= errors[-1] == "0"
-    else:
+    elif not (tool == "racecheck" and hazards):
         parts.append("no ERROR SUMMARY (did the tool finish?)")
         clean = False
     if tool == "racecheck" and hazards:
         shown, err, warn = hazards[-1]
         parts.append(f"{shown} hazards ({err} errors, {warn} warnings)")
-        clean &= shown == "0"
+        clean &= shown == "0" and err == "0" and warn == "0"
     elif tool == "racecheck" and "RACECHECK SUMMARY" in log:
         parts.append("a RACECHECK SUMMARY this script cannot read")
         clean = False

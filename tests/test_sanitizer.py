@@ -96,6 +96,11 @@ CLEAN_TAIL = "ok   case\nsanitizer_driver: 24/24 cases ok\n========= ERROR SUMMA
      False, ["6 hazards (0 errors, 6 warnings)"]),
     ("racecheck", CLEAN_TAIL + "========= RACECHECK SUMMARY: 2 races\n", 0, False, ["cannot read"]),
     ("racecheck", CLEAN_TAIL, 0, True, ["0 errors"]),  # no hazard at all: no RACECHECK SUMMARY line
+    # compute-sanitizer 2025 (CUDA 13, H200) with --racecheck-report all: no ERROR SUMMARY, only these tails
+    ("racecheck", "sanitizer_driver: 8/8 cases ok\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, "
+     "0 warnings)\n", 0, True, ["0 hazards (0 errors, 0 warnings)", "8/8 cases ok"]),
+    ("racecheck", "sanitizer_driver: 40/40 cases ok\n========= RACECHECK SUMMARY: 100 hazards displayed (608219 "
+     "errors, 0 warnings)\n", 1, False, ["100 hazards (608219 errors, 0 warnings)"]),
     ("synccheck", "sanitizer_driver: 23/24 cases ok\n========= ERROR SUMMARY: 0 errors\n", 1, False, ["23/24"]),
     ("initcheck", "Traceback ... killed\n", 137, False, ["no ERROR SUMMARY", "driver did not finish", "exit 137"]),
 ])
