@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "params.h"
 
@@ -33,6 +34,27 @@ template <> __device__ __forceinline__ __half2 from_float2<__half>(float2 v) { r
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// Two fp32 -> one register of two 16-bit values (the lower column in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const typename Vec2<T>::type v = from_float2<T>(make_float2(lo, hi));
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// An empty volatile asm the optimiser cannot see through: keeps cheap per-thread values (row divisions,
+// pointer offsets) from being hoisted out of loops and held in registers.
+__device__ __forceinline__ int opaque(int v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ const T* opaque(const T* v) {
+  asm volatile("" : "+l"(v));
+  return v;
+}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

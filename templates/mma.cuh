@@ -95,27 +95,6 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two fp32 -> one register of two 16-bit values (the lower column in the low half).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  const typename Vec2<T>::type v = from_float2<T>(make_float2(lo, hi));
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-  return u;
-}
-
-// An empty volatile asm the optimiser cannot see through: keeps cheap per-thread values (row
-// divisions, pointer offsets) from being hoisted out of the loops and held in registers.
-__device__ __forceinline__ int opaque(int v) {
-  asm volatile("" : "+r"(v));
-  return v;
-}
-template <typename T>
-__device__ __forceinline__ const T* opaque(const T* v) {
-  asm volatile("" : "+l"(v));
-  return v;
-}
-
 // ---- end PTX primitives --------------------------------------------------------------------------
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][kChunks] sub-array.

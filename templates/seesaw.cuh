@@ -66,8 +66,6 @@ using wgmma::fast_exp2;
 using wgmma::fence_proxy_async;
 using wgmma::fence_regs;
 using wgmma::make_desc;
-using wgmma::opaque;
-using wgmma::pack2;
 using wgmma::Panel;
 using wgmma::wgmma_commit;
 using wgmma::wgmma_fence;

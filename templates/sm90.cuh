@@ -68,32 +68,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
   wgmma_ops::mma_rs<N, TransB>(d, a, b, scale_d);
 }
 
-// Two fp32 -> one register of two 16-bit values (the lower column in the low half).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  const typename Vec2<T>::type v = from_float2<T>(make_float2(lo, hi));
-  uint32_t u;
-  memcpy(&u, &v, sizeof(u));
-  return u;
-}
-
 // 2^x with one MUFU.EX2 (subnormal results flush to 0: such probabilities add nothing); 2^-inf = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-// An empty volatile asm the optimiser cannot see through (keeps cheap per-thread values from being
-// hoisted out of loops and held in registers).
-__device__ __forceinline__ int opaque(int v) {
-  asm volatile("" : "+r"(v));
-  return v;
-}
-template <typename T>
-__device__ __forceinline__ const T* opaque(const T* v) {
-  asm volatile("" : "+l"(v));
-  return v;
 }
 
 // ---- end PTX primitives --------------------------------------------------------------------------
