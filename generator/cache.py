@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ from typing import Any, Callable
 
 from generator import env
 from generator.errors import CacheError
+
+log = logging.getLogger("mla_gen.jit")
 
 META = "meta.json"
 SCHEMA = 2
@@ -254,6 +257,18 @@ class BinaryCache:
         for arch_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             out += [Entry(p) for p in sorted(arch_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         return out
+
+    def whole_entry(self, folder: str, name: str) -> Entry | None:
+        """The entry `name` in `folder` when it exists and is whole; a corrupt one is logged and reads as
+        missing, so the caller builds it again."""
+        entry = self.entry(folder, name)
+        if not entry.path.exists():
+            return None
+        problems = entry.problems()
+        if problems:
+            log.warning("cache entry %s is corrupt: %s", entry.path, "; ".join(problems))
+            return None
+        return entry
 
     def newest_whole(self, folder: str, prefix: str, accept: Callable[[dict[str, Any]], bool]) -> Entry | None:
         """The newest whole entry named `prefix-*` in `folder` whose meta.json `accept`s (no toolchain

@@ -54,14 +54,7 @@ def find_entry(spec: VariantSpec, cache: BinaryCache | None = None) -> Entry | N
         return cache.newest_whole(spec.arch.value, spec.variant_id, lambda meta: (
             meta["kind"] == "variant" and meta["sources_sha256"] == want
             and meta["toolchain"].get("generator_version") == __version__))
-    entry = cache.entry(spec.arch.value, plan.entry_name)
-    if not entry.path.exists():
-        return None
-    problems = entry.problems()
-    if problems:
-        log.warning("cache entry %s is corrupt: %s", entry.path, "; ".join(problems))
-        return None
-    return entry
+    return cache.whole_entry(spec.arch.value, plan.entry_name)
 
 
 _compiled: list[str] = []

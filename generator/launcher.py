@@ -68,14 +68,7 @@ def find_launcher(cache: BinaryCache) -> Entry | None:
         want = sources_sha256(render_launcher_sources())
         return cache.newest_whole(LAUNCHER_FOLDER, launcher_name(this_ext_suffix()),
                                   lambda meta: _fits_this_python(meta) and meta["sources_sha256"] == want)
-    entry = cache.entry(LAUNCHER_FOLDER, plan.entry_name)
-    if not entry.path.exists():
-        return None
-    problems = entry.problems()
-    if problems:
-        log.warning("cache entry %s is corrupt: %s", entry.path, "; ".join(problems))
-        return None
-    return entry
+    return cache.whole_entry(LAUNCHER_FOLDER, plan.entry_name)
 
 
 def import_launcher(entry: Entry) -> ModuleType:
