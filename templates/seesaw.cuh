@@ -31,23 +31,21 @@
 // two parts: first the k-steps over the issuing WG's own ckv half (its own copies), then, after the cross
 // barrier, the other half and the rope.
 //
-// Barriers (named, bar.sync / bar.arrive, ids 1-6; each id always with the same thread count; every id is used
-// once per pair by the same threads, unconditionally):
-//   1 K0R    256: WG1 arrives (its K0 part + Q right half + Q rope landed, fence.proxy.async), WG0 syncs before
-//                 the second part of S0.
-//   2 K1L    256: WG0 arrives (its K1 part + Q left half landed, fenced), WG1 syncs before the second part of S1.
-//   3 P0     256: WG0 arrives (P0 + m0 stored, fenced), WG1 syncs before reading m0 and issuing P0 V0_R.
-//   4 P1     256: WG1 arrives (P1 + m1 stored, fenced), WG0 syncs before reading m1 and issuing P1 V1_L.
+// Barriers (named bar.sync, ids 1-6; each id always with the same thread count; every id is used once per pair
+// by the same threads, unconditionally). The cross ids hand data from one WG (the producer of the line) to the
+// other; both sync, so a producer also waits for its consumer to arrive (see bar_sync for why not bar.arrive):
+//   1 K0R    256: WG1's K0 part + Q right half + Q rope landed (fence.proxy.async); WG0 needs them for the second
+//                 part of S0.
+//   2 K1L    256: WG0's K1 part + Q left half landed (fenced); WG1 needs them for the second part of S1.
+//   3 P0     256: WG0 stored P0 + m0 (fenced); WG1 reads m0 and issues P0 V0_R after it.
+//   4 P1     256: WG1 stored P1 + m1 (fenced); WG0 reads m1 and issues P1 V1_L after it.
 //   5 LOCAL0 128: WG0 only, after its own K0 part landed (all WG0 copies visible to its wgmma).
 //   6 LOCAL1 128: WG1 only, after both its parts landed.
-// Order per pair: WG0 5, 1(sync), 2(arrive), 3(arrive), 4(sync); WG1 1(arrive), 6, 2(sync), 3(sync), 4(arrive):
-// no cycle. No id is arrived at twice before its previous instance completes: WG1 arrives 1 again only after
-// it synced 3 (after WG0 passed 1), WG0 arrives 2 again only after it synced 4 (after WG1 passed 2), WG0 arrives
-// 3 after syncing 1 (after WG1 passed 3), WG1 arrives 4 after syncing 2 (after WG0 passed 4).
+// Order per pair: WG0 5, 1, 2, 3, 4; WG1 1, 6, 2, 3, 4: the cross ids in one order on both sides, no cycle.
 // WAR hazards: a buffer half is rewritten only by the WG whose wgmma read it last, after wgmma.wait_group; the
 // other WG's earlier reads of it (WG0's S0 over all of K0, WG1's S1 over all of K1) retired before that WG
-// arrived at 3 / 4, which the writer synced before. P0 / P1 and red_max[0/1] are rewritten at pair i+1 only after
-// barrier 1 / 2 of pair i+1, whose arrivals come after the reader's last use at pair i.
+// reached 3 / 4, which the writer synced on too. P0 / P1 and red_max[0/1] are rewritten at pair i+1 only after
+// barrier 1 / 2 of pair i+1, which the reader reaches after its last use at pair i.
 //
 // Shared memory (dynamic, 1024-byte aligned, wgmma.cuh panels: 64-column blocks of 128-byte swizzled rows):
 //   Q ckv [64][C] | Q rope [64][R] | K0 (ckv [64][C] | rope [64][R]) | K1 (same) | P0 [64][64] | P1 [64][64] |
@@ -73,13 +71,13 @@ using wgmma::wgmma_rs;
 using wgmma::wgmma_ss;
 using wgmma::wgmma_wait;
 
-// Named barriers (id, thread count): bar.sync waits, bar.arrive signals without waiting. Both order the shared
-// memory accesses of the participating threads like __syncthreads does.
+// Named barriers (id, thread count), ordering the shared memory accesses of the participating threads like
+// __syncthreads does. The hand-offs between the warpgroups sync on both sides: a bar.arrive on the producing
+// side would order the same accesses by the PTX memory model, but compute-sanitizer's racecheck does not
+// model arrive -> sync and reports every hand-off as a hazard; both warpgroups reach each barrier in the
+// same order (K0R, K1L, P0, P1), so the symmetric syncs cannot deadlock.
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 enum : int { kBarK0R = 1, kBarK1L = 2, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
 
@@ -363,7 +361,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_commit();
         cp_async_wait<0>();  // own K1 part (ckv left + rope) -> WG1
         fence_proxy_async();
-        bar_arrive(kBarK1L, 256);
+        bar_sync(kBarK1L, 256);
         wgmma_wait<0>();
         fence_regs(sacc);
 
@@ -373,7 +371,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         l_run[0] += lsum[0];
         l_run[1] += lsum[1];
         fence_proxy_async();
-        bar_arrive(kBarP0, 256);
+        bar_sync(kBarP0, 256);
 
         // ---- O_L += P0 V0_L (RS)
         fence_regs(o);
@@ -417,7 +415,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         //      half and the rope once WG0's copies landed
         cp_async_wait<1>();
         fence_proxy_async();
-        bar_arrive(kBarK0R, 256);
+        bar_sync(kBarK0R, 256);
         cp_async_wait<0>();
         fence_proxy_async();
         bar_sync(kBarLocal1, 128);
@@ -453,7 +451,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         // ---- softmax S1 against m0 -> m1; publish P1, m1
         softmax(sacc, it + 1, has_k1, m_mid, m_end, sc1, lsum, red_m1);
         fence_proxy_async();
-        bar_arrive(kBarP1, 256);
+        bar_sync(kBarP1, 256);
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
