@@ -76,7 +76,10 @@ using wgmma::wgmma_wait;
 // side would order the same accesses by the PTX memory model, but compute-sanitizer's racecheck does not
 // model arrive -> sync and reports every hand-off as a hazard; both warpgroups reach each barrier in the
 // same order (K0R, K1L, P0, P1), so the symmetric syncs cannot deadlock.
+// bar.sync is .aligned: the whole warp must arrive at it converged, which a preceding lane-predicated store or
+// lookup does not guarantee (synccheck: "divergent threads"), hence the __syncwarp.
 __device__ __forceinline__ void bar_sync(int id, int count) {
+  __syncwarp();
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 enum : int { kBarK0R = 1, kBarK1L = 2, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
