@@ -10,7 +10,7 @@ from pathlib import Path
 import jinja2
 
 from generator import __version__, env
-from generator.spec import VariantSpec
+from generator.spec import DType, VariantSpec
 
 
 def templates_dir() -> Path:
@@ -76,16 +76,24 @@ def params_hash() -> str:
     return hashlib.sha256((templates_dir() / "params.h").read_bytes()).hexdigest()[:16]
 
 
+# templates/common.cuh KVFormat: how the cache stores a token.
+KV_FORMATS = {DType.FP8_E4M3: "kKVFp8Tensor", DType.FP8_DS_MLA: "kKVFp8DsMla"}
+
+
 def template_context(spec: VariantSpec) -> dict[str, object]:
     t = spec.tile
+    # the 16-bit type of the kv tile in shared memory and of the MMAs: the cache's type, or fp16 for an
+    # fp8 cache (e4m3 -> f16 is one exact conversion; bf16 queries are converted to fp16 on load)
+    tile_dtype = DType.FP16 if spec.kv_dtype.is_fp8 else spec.kv_dtype
     return {
         "generator_version": __version__, "variant_id": spec.variant_id, "params_hash": params_hash(),
         "family": spec.family.value, "arch": spec.arch.nvcc_name, "arch_cc": spec.arch.cc,
-        "q_dtype": spec.q_dtype.value, "q_ctype": spec.q_dtype.c_type, "kv_ctype": spec.kv_dtype.c_type,
+        "q_dtype": spec.q_dtype.value, "q_ctype": spec.q_dtype.c_type, "kv_ctype": tile_dtype.c_type,
+        "kv_format": KV_FORMATS.get(spec.kv_dtype, "kKV16"),
         "out_ctype": spec.out_dtype.c_type, "num_heads": spec.num_heads, "ckv_dim": spec.ckv_dim,
         "rope_dim": spec.rope_dim, "block_m": t.block_m, "block_n": t.block_n, "stages": t.stages,
         "warps": t.warps, "smem_bytes": spec.smem_bytes,
-        "wgmma_ns": WGMMA_NS, "wgmma_dt": {"bf16": "bf16", "fp16": "f16"}[spec.kv_dtype.value],
+        "wgmma_ns": WGMMA_NS, "wgmma_dt": {"bf16": "bf16", "fp16": "f16"}[tile_dtype.value],
     }
 
 

@@ -8,7 +8,8 @@ import dataclasses
 import math
 
 from generator.errors import SpecError
-from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, narrow_max_rows, smem_bytes
+from generator.spec import (FP8_FAMILIES, MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, narrow_max_rows,
+                            smem_bytes)
 
 # Families with a template, fastest first (narrow: only where all rows fit one narrow CTA, see decide;
 # seesaw: not yet measured, after wgmma, so dispatch keeps wgmma by default).
@@ -33,7 +34,7 @@ def families_for(arch: Arch) -> list[Family]:
 
 
 def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None,
-                 s_q: int = 1) -> Tile:
+                 s_q: int = 1, kv_dtype: DType = DType.BF16) -> Tile:
     """The tile a family uses for a head count and query length (rows per CTA)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or not 1 <= num_heads <= MAX_HEADS:
         raise SpecError(f"num_heads: expected 1..{MAX_HEADS}, got {num_heads!r}")
@@ -49,7 +50,7 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
     if family is Family.NARROW:
         # all rows in one CTA where they fit (else row blocks of the most rows, each reading the cache)
         rows = -(-num_heads * s_q // 8) * 8
-        return Tile(min(rows, narrow_max_rows(ckv_dim)) if ckv_dim % 64 == 0 else 8, 64, 2, 8)
+        return Tile(min(rows, narrow_max_rows(ckv_dim, kv_dtype)) if ckv_dim % 64 == 0 else 8, 64, 2, 8)
     if family is Family.SEESAW:
         return Tile(64, 64, 2, 8)  # 64 rows x pairs of 64-token tiles (K0, K1), two warpgroups
     raise SpecError(f"family: no tile rules for {family.value}")
@@ -57,7 +58,7 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
 
 def _fits(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, arch: Arch) -> bool:
     """Whether the tile's shared memory (16-bit q and kv, as every kernel dtype) fits a block on `arch`."""
-    return smem_bytes(family, tile, ckv_dim, rope_dim, DType.BF16.itemsize) <= arch.max_smem_per_block
+    return smem_bytes(family, tile, ckv_dim, rope_dim, DType.BF16) <= arch.max_smem_per_block
 
 
 def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
@@ -114,15 +115,27 @@ class Decision:
 def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DType, s_q: int = 1,
            sm_count: int = 132, ctas_per_sm: int | None = None, family: Family | None = None,
            tile: Tile | None = None, num_parts: int | None = None, batch: int | None = None,
-           mean_seqlen: float | None = None) -> Decision:
-    """Chooses family, tile and grid. Raises SpecError for an impossible request."""
+           mean_seqlen: float | None = None, kv_dtype: DType | None = None) -> Decision:
+    """Chooses family, tile and grid. dtype: q and out (and the cache unless kv_dtype names an fp8
+    format). Raises SpecError for an impossible request."""
     reasons: list[str] = []
     if s_q < 1:
         raise SpecError(f"s_q: expected >= 1, got {s_q}")
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
     available = families_for(arch)
-    if family is None:
+    rows = num_heads * s_q
+    if family is None and kv_dtype.is_fp8:
+        family = next((f for f in available if f in FP8_FAMILIES), None)
+        if family is None:
+            raise SpecError(f"kv_dtype: {kv_dtype.cli_name} caches are read by the "
+                            f"{', '.join(f.value for f in FP8_FAMILIES)} family only so far (sm_90a), which does "
+                            f"not run on {arch.nvcc_name}")
+        limit = narrow_max_rows(ckv_dim, kv_dtype)
+        reasons.append(f"family {family.value}: the family with an fp8 path ({kv_dtype.cli_name}: dequantized "
+                       f"to fp16 on its way into shared memory, fp16 tensor-core math)"
+                       + (f"; {rows} rows > {limit} per CTA: row blocks each read the cache" if rows > limit else ""))
+    elif family is None:
         family = available[0]
-        rows = num_heads * s_q
         if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= narrow_max_rows(ckv_dim):
             family = Family.NARROW
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most "
@@ -138,11 +151,10 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     else:
         reasons.append(f"family {family.value}: requested")
     if tile is None:
-        tile = default_tile(family, num_heads, ckv_dim, rope_dim, arch, s_q)
+        tile = default_tile(family, num_heads, ckv_dim, rope_dim, arch, s_q, kv_dtype)
         reasons.append(f"tile {tile.name}: {family.value} rule for {num_heads} heads "
                        f"({tile.block_m} rows per CTA, {tile.block_n} kv tokens per step)")
-    spec = VariantSpec(num_heads, ckv_dim, rope_dim, dtype, dtype, dtype, family, tile, arch)
-    rows = num_heads * s_q
+    spec = VariantSpec(num_heads, ckv_dim, rope_dim, dtype, kv_dtype, dtype, family, tile, arch)
     m_blocks = math.ceil(rows / tile.block_m)
     padded = m_blocks * tile.block_m
     reasons.append(f"{rows} query rows (heads {num_heads} x s_q {s_q}) -> {m_blocks} row block(s) of "

@@ -18,26 +18,54 @@ from generator.errors import SpecError
 
 
 class DType(enum.Enum):
+    """Element types. q and out are 16-bit; the latent cache is 16-bit (q's type) or one of the fp8
+    formats engines store (mla_gen/fp8.py): fp8_e4m3, the 576-wide latent in e4m3 with one fp32 scale
+    per tensor (vLLM's fp8 cache), and fp8_ds_mla, DeepSeek-V3.2's 656-byte token (512 e4m3 values,
+    one fp32 scale per 128 of them, 64 bf16 rope values)."""
     BF16 = "bf16"
     FP16 = "fp16"
+    FP8_E4M3 = "fp8e4m3"
+    FP8_DS_MLA = "fp8dsmla"
+
+    @property
+    def is_fp8(self) -> bool:
+        return self in (DType.FP8_E4M3, DType.FP8_DS_MLA)
 
     @property
     def c_type(self) -> str:
-        return {"bf16": "__nv_bfloat16", "fp16": "__half"}[self.value]
+        """The CUDA type of one element (fp8 formats: one e4m3 value)."""
+        return {"bf16": "__nv_bfloat16", "fp16": "__half"}.get(self.value, "__nv_fp8_e4m3")
 
     @property
     def itemsize(self) -> int:
-        return 2
+        return 1 if self.is_fp8 else 2
+
+    @property
+    def scale_granularity(self) -> str | None:
+        """What one scale covers: None (16-bit, unscaled), "tensor" or "128 values" (per token)."""
+        return {DType.FP8_E4M3: "tensor", DType.FP8_DS_MLA: "128 values"}.get(self)
+
+    @property
+    def cli_name(self) -> str:
+        """The spelling of the CLI and the Python API (the id's spelling drops the underscores)."""
+        return {DType.FP8_E4M3: "fp8_e4m3", DType.FP8_DS_MLA: "fp8_ds_mla"}.get(self, self.value)
 
     @classmethod
     def parse(cls, text: str | DType, field: str = "dtype") -> DType:
         if isinstance(text, DType):
             return text
-        aliases = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+        aliases = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+                   "fp8_e4m3": "fp8e4m3", "fp8e4m3": "fp8e4m3", "float8_e4m3fn": "fp8e4m3",
+                   "fp8_ds_mla": "fp8dsmla", "fp8dsmla": "fp8dsmla"}
         key = aliases.get(str(text).strip().lower().removeprefix("torch."))
         if key is None:
-            raise SpecError(f"{field}: unknown dtype {text!r}; expected one of bf16, fp16")
+            raise SpecError(f"{field}: unknown dtype {text!r}; expected one of "
+                            f"{', '.join(d.cli_name for d in cls)}")
         return cls(key)
+
+
+# The fp8_ds_mla token: 512 e4m3 ckv values, 4 fp32 scales, 64 bf16 rope values (mla_gen/fp8.py).
+DS_MLA_CKV, DS_MLA_ROPE, DS_MLA_TOKEN_BYTES = 512, 64, 656
 
 
 class Family(enum.Enum):
@@ -183,11 +211,15 @@ class VariantSpec:
             want = {"family": Family, "tile": Tile, "arch": Arch}.get(name, DType)
             if not isinstance(getattr(self, name), want):
                 raise SpecError(f"{name}: expected a {want.__name__}, got {getattr(self, name)!r}")
-        if self.kv_dtype != self.q_dtype:
-            raise SpecError(f"kv_dtype: expected the q dtype ({self.q_dtype.value}) until fp8 caches land, "
-                            f"got {self.kv_dtype.value}")
+        if self.q_dtype.is_fp8:
+            raise SpecError(f"q_dtype: expected bf16 or fp16 (fp8 is a cache format), got {self.q_dtype.cli_name}")
+        if self.kv_dtype != self.q_dtype and not self.kv_dtype.is_fp8:
+            raise SpecError(f"kv_dtype: expected the q dtype ({self.q_dtype.value}), fp8_e4m3 or fp8_ds_mla, "
+                            f"got {self.kv_dtype.cli_name}")
         if self.out_dtype != self.q_dtype:
             raise SpecError(f"out_dtype: expected the q dtype ({self.q_dtype.value}), got {self.out_dtype.value}")
+        if self.kv_dtype.is_fp8:
+            _check_fp8(self)
         if self.arch.cc < self.family.min_cc:
             raise SpecError(f"arch: family {self.family.value} needs sm_{self.family.min_cc} or newer, "
                             f"got {self.arch.nvcc_name}")
@@ -254,20 +286,21 @@ class VariantSpec:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory of the decode kernel (must match the family's .cuh layout)."""
-        return smem_bytes(self.family, self.tile, self.ckv_dim, self.rope_dim, self.kv_dtype.itemsize)
+        return smem_bytes(self.family, self.tile, self.ckv_dim, self.rope_dim, self.kv_dtype)
 
 
-def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, itemsize: int) -> int:
+def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, kv_dtype: DType) -> int:
     """Dynamic shared memory of a family's decode kernel for a tile and dims, bytes (must match the
-    family's .cuh layout). Computable before a spec exists, so tile rules can test the fit."""
-    t, d, kv = tile, ckv_dim + rope_dim, itemsize
+    family's .cuh layout). Computable before a spec exists, so tile rules can test the fit. Every kernel
+    holds the kv tile in 16 bits (an fp8 cache is dequantized on its way into shared memory)."""
+    t, d, kv = tile, ckv_dim + rope_dim, 2
+    if family is Family.NARROW:
+        return _narrow_smem_bytes(t, ckv_dim, rope_dim, kv_dtype)
     if family is Family.SIMT:
         # q tile in fp32, one kv tile, scores/probabilities in fp32, three per-row fp32 arrays
         return t.block_m * d * 4 + t.block_n * d * kv + t.block_m * t.block_n * 4 + 3 * t.block_m * 4
     if family is Family.WGMMA:
         return _wgmma_smem_bytes(t, ckv_dim, rope_dim, kv)
-    if family is Family.NARROW:
-        return _narrow_smem_bytes(t, ckv_dim, rope_dim, kv)
     if family is Family.SEESAW:
         return _seesaw_smem_bytes(t, ckv_dim, rope_dim, kv)
     # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
@@ -368,32 +401,39 @@ def _check_wgmma(spec: VariantSpec) -> None:
                         f"multiple of 64, got {spec.rope_dim}")
 
 
-def narrow_max_rows(ckv_dim: int) -> int:
+def narrow_max_rows(ckv_dim: int, kv_dtype: DType = DType.BF16) -> int:
     """Most query rows a narrow CTA takes: O^T (ckv / 64 m-tiles x rows / 2 per thread) and the two S^T
     chains (rows each) must fit 255 registers without spills: measured 254 at 32 rows (ckv 512) and 40
-    rows (ckv 256); 64 rows at ckv 256 spilled."""
+    rows (ckv 256); 64 rows at ckv 256 spilled. An fp8 cache's gather holds a tile's bytes in registers
+    (72 per thread for fp8_e4m3, 84 for fp8_ds_mla) next to O^T, and fp8_ds_mla keeps five S^T chains
+    (one per scale group and the rope): 16 rows at ckv 512, 32 at ckv 256."""
+    if kv_dtype.is_fp8:
+        return 16 if ckv_dim > 256 else 32
     return 32 if ckv_dim > 256 else 40
 
 
-def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
+def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
     """templates/narrow.cuh Layout: q [M][C] and [M][R] (each panel 1024-byte aligned), two kv stages
-    [N][C + R], P^T [2][M][N] (16-bit), per-warp row max/sum [2][4][M], m [2][M] and lse [M] fp32."""
+    [N][C + R] (16-bit), P^T [2][groups][M][N] (16-bit; fp8_ds_mla: one per scale group, else one),
+    the fp8_ds_mla scales [2][N][4] fp32, per-warp row max/sum [2][4][M], m [2][M] and lse [M] fp32."""
     up = lambda x: -(-x // 1024) * 1024  # noqa: E731 - the kernel's align()
-    rows, n = tile.block_m, tile.block_n
-    kv_off = up(up(rows * ckv * itemsize) + rows * rope * itemsize)
-    p_off = kv_off + 2 * n * (ckv + rope) * itemsize
-    return p_off + 2 * rows * n * itemsize + (2 * 4 + 2 + 1) * rows * 4
+    rows, n, kv = tile.block_m, tile.block_n, 2
+    groups = ckv // 128 if kv_dtype is DType.FP8_DS_MLA else 1
+    kv_off = up(up(rows * ckv * kv) + rows * rope * kv)
+    p_off = kv_off + 2 * n * (ckv + rope) * kv
+    scales = 2 * n * groups * 4 if kv_dtype is DType.FP8_DS_MLA else 0
+    return p_off + 2 * groups * rows * n * kv + scales + (2 * 4 + 2 + 1) * rows * 4
 
 
 def _check_narrow(spec: VariantSpec) -> None:
     t = spec.tile
-    limit = narrow_max_rows(spec.ckv_dim)
+    limit = narrow_max_rows(spec.ckv_dim, spec.kv_dtype)
     if spec.ckv_dim % 64 or spec.ckv_dim > 512:
         raise SpecError(f"ckv_dim: narrow reads V in 64-column blocks: expected a multiple of 64 up to 512, "
                         f"got {spec.ckv_dim}")
     if t.block_m % 8 or not 8 <= t.block_m <= limit:
         raise SpecError(f"tile.block_m: narrow takes a multiple of 8 query rows up to {limit} at ckv {spec.ckv_dim} "
-                        f"(wgmma n; registers), got {t.block_m}")
+                        f"and kv {spec.kv_dtype.cli_name} (wgmma n; registers), got {t.block_m}")
     if t.block_n != 64:
         raise SpecError(f"tile.block_n: narrow takes 64 kv tokens per step (wgmma m64), got {t.block_n}")
     if t.stages != 2:
@@ -438,6 +478,24 @@ def _check_seesaw(spec: VariantSpec) -> None:
     if spec.rope_dim % 64 and spec.rope_dim not in (16, 32):
         raise SpecError(f"rope_dim: seesaw stores rows in 32-, 64- or 128-byte swizzle atoms: expected 16, 32 or a "
                         f"multiple of 64, got {spec.rope_dim}")
+
+
+# Families with an fp8-cache path (the dequantizing gather): for now only narrow.
+FP8_FAMILIES = (Family.NARROW,)
+
+
+def _check_fp8(spec: VariantSpec) -> None:
+    if spec.family not in FP8_FAMILIES:
+        raise SpecError(f"kv_dtype: {spec.kv_dtype.cli_name} caches are read by the "
+                        f"{', '.join(f.value for f in FP8_FAMILIES)} family only so far, got family "
+                        f"{spec.family.value}")
+    if spec.kv_dtype is DType.FP8_DS_MLA:
+        if (spec.ckv_dim, spec.rope_dim) != (DS_MLA_CKV, DS_MLA_ROPE):
+            raise SpecError(f"kv_dtype: the {DS_MLA_TOKEN_BYTES}-byte fp8_ds_mla token holds ckv {DS_MLA_CKV} and "
+                            f"rope {DS_MLA_ROPE}, got ckv {spec.ckv_dim}, rope {spec.rope_dim}")
+        if spec.q_dtype is not DType.BF16:
+            raise SpecError(f"q_dtype: fp8_ds_mla keeps its rope in bf16 and takes bf16 queries, "
+                            f"got {spec.q_dtype.value}")
 
 
 _FAMILY_CHECKS = {Family.SIMT: _check_simt, Family.MMA: _check_mma, Family.WGMMA: _check_wgmma,

@@ -44,6 +44,31 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return u;
 }
 
+// ---- kv cache formats -----------------------------------------------------------------------------
+
+// How the cache stores a token (generator/spec.py DType; mla_gen/fp8.py writes the fp8 ones):
+//   kKV16        ckv and kpe in the variant's 16-bit KVType
+//   kKVFp8Tensor one [.., C + R] e4m3 row per token, one fp32 scale for the tensor (params kv_scale)
+//   kKVFp8DsMla  656 bytes per token: C = 512 e4m3 values, C / 128 fp32 scales, R = 64 bf16 rope values
+enum class KVFormat { kKV16, kKVFp8Tensor, kKVFp8DsMla };
+
+// Four e4m3 bytes (memory order) -> two half2 registers, lower bytes in the lower halves; exact (every
+// e4m3 value is an fp16 value). cvt...e4m3x2 is sm_89+.
+__device__ __forceinline__ void e4m3x4_to_f16x4(uint32_t v, uint32_t& lo, uint32_t& hi) {
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(v));
+}
+// Two bf16 -> two fp16 (values beyond fp16's range become inf; below it, subnormals or 0).
+__device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
+  __nv_bfloat162 b;
+  memcpy(&b, &v, sizeof(v));
+  const __half2 h = __float22half2_rn(__bfloat1622float2(b));
+  uint32_t u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+
 // An empty volatile asm the optimiser cannot see through: keeps cheap per-thread values (row divisions,
 // pointer offsets) from being hoisted out of loops and held in registers.
 __device__ __forceinline__ int opaque(int v) {
@@ -191,6 +216,11 @@ struct PagedRows {
         off[k] = t % page_size;
       }
     }
+  }
+
+  // Element offset of the team's token row k in a cache with these strides (0 past the length).
+  __device__ __forceinline__ long long row_offset(int k, long long stride_page, long long stride_tok) const {
+    return off[k] >= 0 ? page[k] * stride_page + off[k] * stride_tok : 0;
   }
 
   template <typename Copy>

@@ -214,6 +214,7 @@ template <class Cfg>
 struct Layout {
   using KV = typename Cfg::KVType;
   static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv");
+  static_assert(Cfg::kKVFormat == KVFormat::kKV16, "no fp8 cache path in this family (generator/spec.py FP8_FAMILIES)");
   static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim, D = C + R;
   static constexpr int M = Cfg::kBlockM, N = Cfg::kBlockN, S = Cfg::kStages, W = Cfg::kWarps;
   static constexpr int T = 32 * W;

@@ -44,8 +44,15 @@ using namespace sm90;
 template <class Cfg>
 struct Layout {
   using KV = typename Cfg::KVType;
-  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv");
   static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim;
+  static constexpr bool kFp8 = Cfg::kKVFormat != KVFormat::kKV16;
+  static constexpr bool kDs = Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
+  static constexpr int G = kDs ? C / 128 : 1;  // P^T buffers per warpgroup: one per fp8_ds_mla scale group
+  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv tiles");
+  static_assert(std::is_same<typename Cfg::QType, KV>::value || (kFp8 && std::is_same<KV, __half>::value),
+                "the q type is the tile type, except bf16 q over an fp8 cache (fp16 tiles)");
+  static_assert(!kFp8 || (R % 16 == 0 && R <= 128), "fp8 rope: whole 16-byte chunks, one per lane of a team");
+  static_assert(!kDs || (C == 512 && R == 64), "fp8_ds_mla: 512 ckv + 64 rope");
   static constexpr int RN = Cfg::kBlockM, N = Cfg::kBlockN, W = Cfg::kWarps;
   static constexpr int MT = C / 64;   // m64 tiles of O^T
   using QN = Panel<C, RN>;
@@ -59,8 +66,9 @@ struct Layout {
   static constexpr int kOffQp = align(QN::kBytes);
   static constexpr int kOffKV = align(kOffQp + QP::kBytes);
   static constexpr int kStageBytes = KN::kBytes + KP::kBytes;
-  static constexpr int kOffP = kOffKV + 2 * kStageBytes;
-  static constexpr int kOffWarpRed = kOffP + 2 * PP::kBytes;  // [2][4][RN] fp32
+  static constexpr int kOffP = kOffKV + 2 * kStageBytes;         // [2][G] P^T panels
+  static constexpr int kOffScale = kOffP + 2 * G * PP::kBytes;   // fp8_ds_mla: [2][N][G] fp32 token scales
+  static constexpr int kOffWarpRed = kOffScale + (kDs ? 2 * N * G * 4 : 0);  // [2][4][RN] fp32
   static constexpr int kOffM = kOffWarpRed + 2 * 4 * RN * 4;  // [2][RN] fp32
   static constexpr int kOffLse = kOffM + 2 * RN * 4;          // [RN] fp32
   static constexpr int kSmemBytes = kOffLse + RN * 4;
@@ -111,13 +119,13 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * RN;
   const int part = blockIdx.y;
-  const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   const int team = (tid & (kWgThreads - 1)) >> 3, tl = tid & 7;
 
   // this warpgroup's stage and P^T buffer; descriptors (uniform per warpgroup)
   const uint32_t s_stage = s_base + L::kOffKV + wg * L::kStageBytes;
-  const uint32_t s_pt = s_base + L::kOffP + wg * PP::kBytes;
+  const uint32_t s_pt = s_base + L::kOffP + wg * L::G * PP::kBytes;
+  const uint32_t s_scale = s_base + L::kOffScale + wg * N * L::G * 4;
   const uint64_t d_qn = QN::desc(s_qn), d_qp = QP::desc(s_qp), d_pt = PP::desc(s_pt);
   const uint64_t d_kn = KN::desc(s_stage), d_kp = KP::desc(s_stage + KN::kBytes);
   // V^T: MN-major A, m = 64 columns of one column block, k = tokens (8-row atoms SBO apart)
@@ -129,15 +137,80 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
+    // fp8_e4m3: scores and output carry the cache's scale (value = e4m3 * kv_scale)
+    const float kv_scale =
+        Cfg::kKVFormat == KVFormat::kKVFp8Tensor ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
+    const float scale_log2 = p.sm_scale * kLog2e * kv_scale;
 
-    // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup
-    PagedRows<KV, N, TEAMS> pages;
+    // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup.
+    //      16-bit caches: cp.async into the stage. fp8 caches: issue_tile loads the tile's bytes into
+    //      registers (ld.global, in flight while the other warpgroup works, as the cp.async would be) and
+    //      store_tile dequantizes them into the fp16 stage: e4m3 -> f16 is exact, the scales stay out of
+    //      it (fp8_e4m3: in scale_log2 and the output; fp8_ds_mla: per token and group on S and P^T).
+    using Pages = PagedRows<KV, N, TEAMS>;
+    constexpr int KI = Pages::kIters;
+    constexpr int kCkvChunks = L::kFp8 ? C / 128 : 1;  // 16-byte e4m3 chunks per lane and token: tl + 8 i
+    Pages pages;
+    uint4 raw_c[KI][kCkvChunks], raw_r[KI];  // ckv e4m3; rope (e4m3 or bf16)
+    float raw_s[KI];                          // fp8_ds_mla: the scale of group tl (tl < G)
     auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&]() {
-      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
-        KN::copy_row(s_stage, n, src_ckv, tl, bytes);
-        KP::copy_row(s_stage + KN::kBytes, n, src_pe, tl, bytes);
-      });
+      if constexpr (!L::kFp8) {
+        pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
+          KN::copy_row(s_stage, n, src_ckv, tl, bytes);
+          KP::copy_row(s_stage + KN::kBytes, n, src_pe, tl, bytes);
+        });
+      } else {
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int k = 0; k < KI; ++k) {
+          const bool valid = pages.off[k] >= 0;
+          const uint8_t* ckv =
+              reinterpret_cast<const uint8_t*>(p.ckv) + pages.row_offset(k, p.ckv_stride_page, p.ckv_stride_tok);
+#pragma unroll
+          for (int i = 0; i < kCkvChunks; ++i)
+            raw_c[k][i] = valid ? __ldg(reinterpret_cast<const uint4*>(ckv + 16 * (tl + 8 * i))) : zero;
+          if constexpr (L::kDs) {
+            const __nv_bfloat16* kpe = reinterpret_cast<const __nv_bfloat16*>(p.kpe) +
+                                       pages.row_offset(k, p.kpe_stride_page, p.kpe_stride_tok);
+            raw_r[k] = valid ? __ldg(reinterpret_cast<const uint4*>(kpe + 8 * tl)) : zero;
+            raw_s[k] = valid && tl < L::G ? __ldg(reinterpret_cast<const float*>(ckv + C) + tl) : 0.f;
+          } else {
+            const uint8_t* kpe =
+                reinterpret_cast<const uint8_t*>(p.kpe) + pages.row_offset(k, p.kpe_stride_page, p.kpe_stride_tok);
+            raw_r[k] = valid && tl < L::R / 16 ? __ldg(reinterpret_cast<const uint4*>(kpe + 16 * tl)) : zero;
+          }
+        }
+      }
+    };
+    auto store_tile = [&]() {  // fp8: issue_tile's registers -> fp16 rows of the stage (and the scales)
+#pragma unroll
+      for (int k = 0; k < KI; ++k) {
+        const int n = team + k * TEAMS;
+        auto store16 = [&](uint32_t dst_lo, uint32_t dst_hi, const uint4& v) {  // 16 e4m3 -> 2 fp16 chunks
+          uint32_t h[8];
+          e4m3x4_to_f16x4(v.x, h[0], h[1]);
+          e4m3x4_to_f16x4(v.y, h[2], h[3]);
+          e4m3x4_to_f16x4(v.z, h[4], h[5]);
+          e4m3x4_to_f16x4(v.w, h[6], h[7]);
+          sts_v4(dst_lo, h[0], h[1], h[2], h[3]);
+          sts_v4(dst_hi, h[4], h[5], h[6], h[7]);
+        };
+#pragma unroll
+        for (int i = 0; i < kCkvChunks; ++i) {
+          const int c = tl + 8 * i;  // columns 16 c .. 16 c + 15 = fp16 chunks 2 c, 2 c + 1
+          store16(s_stage + KN::off(n, 2 * c), s_stage + KN::off(n, 2 * c + 1), raw_c[k][i]);
+        }
+        const uint32_t s_rope = s_stage + KN::kBytes;
+        if constexpr (L::kDs) {
+          const uint4 v = raw_r[k];
+          sts_v4(s_rope + KP::off(n, tl), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y), bf16x2_to_f16x2(v.z),
+                 bf16x2_to_f16x2(v.w));
+          if (tl < L::G) sts_f32(s_scale + 4 * (n * L::G + tl), raw_s[k]);
+        } else {
+          if (tl < L::R / 16) store16(s_rope + KP::off(n, 2 * tl), s_rope + KP::off(n, 2 * tl + 1), raw_r[k]);
+        }
+      }
     };
 
     // Q rows (zero padding past the last row) by all 256 threads, then each WG's first tile
@@ -148,14 +221,17 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const int r = opaque(row0 + m);
         const bool valid = r < rows;
         const int s = valid ? r / H : 0, h = valid ? r % H : 0;
-        QN::copy_row(s_qn, m,
-                     reinterpret_cast<const Q*>(p.q_nope) +
-                         (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8),
-                     tl, valid ? 16 : 0);
-        QP::copy_row(s_qp, m,
-                     reinterpret_cast<const Q*>(p.q_pe) +
-                         (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8),
-                     tl, valid ? 16 : 0);
+        const Q* qn = reinterpret_cast<const Q*>(p.q_nope) +
+                      (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8);
+        const Q* qp =
+            reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
+        if constexpr (std::is_same<Q, KV>::value) {
+          QN::copy_row(s_qn, m, qn, tl, valid ? 16 : 0);
+          QP::copy_row(s_qp, m, qp, tl, valid ? 16 : 0);
+        } else {  // bf16 q over an fp8 cache: fp16 like the tiles
+          QN::convert_row(s_qn, m, qn, tl, valid);
+          QP::convert_row(s_qp, m, qp, tl, valid);
+        }
       }
     }
     cp_async_commit();
@@ -181,37 +257,57 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int mask_from = len - p.s_q + 1;
 
     for (int it = wg; it < n_tiles; it += 2) {
+      if constexpr (L::kFp8) store_tile();
       cp_async_wait<0>();
-      fence_proxy_async();  // this thread's copies of the tile -> visible to wgmma
+      fence_proxy_async();  // this thread's copies (stores) of the tile -> visible to wgmma
       named_barrier_sync(bar_id, kWgThreads);
 
-      // ---- QK: S^T = K Q^T, 64 tokens x RN rows
-      float sacc[2][SV];
+      // ---- QK: S^T = K Q^T, 64 tokens x RN rows. Independent accumulator chains keep the tensor pipe
+      //      busy: k16 steps alternate over two; fp8_ds_mla sums each 128-value scale group in a chain of
+      //      its own (scaled per token below) and the rope in one more.
+      constexpr int NC = L::kDs ? L::G + 1 : 2;
+      float sacc[NC][SV];
 #pragma unroll
-      for (int c = 0; c < 2; ++c)
+      for (int c = 0; c < NC; ++c)
 #pragma unroll
         for (int i = 0; i < SV; ++i) sacc[c][i] = 0.f;
 #pragma unroll
-      for (int c = 0; c < 2; ++c) fence_regs(sacc[c]);
+      for (int c = 0; c < NC; ++c) fence_regs(sacc[c]);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < QN::kSteps; ++ks)
-        wgmma_ss<RN, KV, 0>(sacc[ks % 2], desc_add(d_kn, KN::step(ks)), desc_add(d_qn, QN::step(ks)), 1);
+        wgmma_ss<RN, KV, 0>(sacc[L::kDs ? ks / 8 : ks % 2], desc_add(d_kn, KN::step(ks)), desc_add(d_qn, QN::step(ks)),
+                            1);
 #pragma unroll
       for (int ks = 0; ks < QP::kSteps; ++ks)
-        wgmma_ss<RN, KV, 0>(sacc[(QN::kSteps + ks) % 2], desc_add(d_kp, KP::step(ks)), desc_add(d_qp, QP::step(ks)),
-                            1);
+        wgmma_ss<RN, KV, 0>(sacc[L::kDs ? L::G : (QN::kSteps + ks) % 2], desc_add(d_kp, KP::step(ks)),
+                            desc_add(d_qp, QP::step(ks)), 1);
       wgmma_commit();
+      // fp8_ds_mla: the scales of this thread's tokens 16 wq + g + 8 h, per group
+      float tok_scale[2][L::G];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int gi = 0; gi < L::G; ++gi)
+          tok_scale[h][gi] = L::kDs ? lds_f32(s_scale + 4 * ((16 * wq + g + 8 * h) * L::G + gi)) : 1.f;
       const bool more = it + 2 < n_tiles;
       if (more) prefetch_pages(seg.blk_lo + it + 2);  // block-table reads overlap the tensor work
       wgmma_wait<0>();
 #pragma unroll
-      for (int c = 0; c < 2; ++c) fence_regs(sacc[c]);
+      for (int c = 0; c < NC; ++c) fence_regs(sacc[c]);
 
       // ---- softmax over tokens: x[4 j + 2 h + e] = score of token 16 wq + g + 8 h, row 8 j + 2 tq + e
       float x[SV];
 #pragma unroll
-      for (int i = 0; i < SV; ++i) x[i] = sacc[0][i] + sacc[1][i];
+      for (int i = 0; i < SV; ++i) {
+        if constexpr (L::kDs) {
+          x[i] = sacc[L::G][i];
+#pragma unroll
+          for (int gi = 0; gi < L::G; ++gi) x[i] = fmaf(sacc[gi][i], tok_scale[(i >> 1) & 1][gi], x[i]);
+        } else {
+          x[i] = sacc[0][i] + sacc[1][i];
+        }
+      }
       const int t_tile = (seg.blk_lo + it) * N;
       if (t_tile + N > mask_from) {  // the last tile(s): per-row causal / length limit
         const int r_lane = opaque(row0 + 2 * tq);
@@ -260,10 +356,13 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
               const float pv = fast_exp2(fmaf(x[4 * j + 2 * h + e], scale_log2, neg_m));
               lsum[j][e] += pv;
               const int t = 16 * wq + g + 8 * h;
-              const KV pk = from_float<KV>(pv);
-              uint16_t bits;
-              memcpy(&bits, &pk, sizeof(bits));
-              sts_u16(s_pt + PP::off(r, t >> 3) + 2 * (t & 7), bits);
+#pragma unroll
+              for (int gi = 0; gi < L::G; ++gi) {  // fp8_ds_mla: P^T times the token's scale, per group
+                const KV pk = from_float<KV>(L::kDs ? pv * tok_scale[h][gi] : pv);
+                uint16_t bits;
+                memcpy(&bits, &pk, sizeof(bits));
+                sts_u16(s_pt + gi * PP::kBytes + PP::off(r, t >> 3) + 2 * (t & 7), bits);
+              }
             }
           }
         fence_proxy_async();  // P^T -> visible to wgmma
@@ -312,7 +411,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
           wgmma_ss<RN, KV, 0, 1>(o[mt], desc_add(d_vt, mt * KN::kBlockBytes + 16 * kk * KN::kRowBytes),
-                                 desc_add(d_pt, PP::step(kk)), 1);
+                                 desc_add(d_pt, (L::kDs ? mt / 2 : 0) * PP::kBytes + PP::step(kk)), 1);
       wgmma_commit();
       wgmma_wait<0>();
 #pragma unroll
@@ -375,7 +474,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
         const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
         const float l = a0 * lw[0] + a1 * lw[1];
-        scale_own[j][e] = l > 0.f ? (wg == 0 ? a0 : a1) / l : 0.f;
+        scale_own[j][e] = l > 0.f ? (wg == 0 ? a0 : a1) * kv_scale / l : 0.f;
         if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY);
       }
     // O staged row-major [RN][C + 4] fp32 over the kv stages: WG 0 stores, WG 1 adds

@@ -16,6 +16,11 @@ struct DecodeParams {
   int64_t ckv_stride_page = 0, ckv_stride_tok = 0;
   uint64_t kpe = 0;
   int64_t kpe_stride_page = 0, kpe_stride_tok = 0;
+  // fp8 caches (the variant's kKVFormat, common.cuh): ckv and kpe then point at bytes of the one cache
+  // and their strides count bytes, except kpe of fp8_ds_mla (bf16 rope values: elements). kv_scale: the
+  // fp8_e4m3 cache's scale, float32 [1] on the device (value = e4m3 * scale); fp8_ds_mla's scales are
+  // inside each token (bytes 512 .. 527 after ckv).
+  uint64_t kv_scale = 0;
   // block_table [B, max_pages] int32 (row stride), cache_seqlens [B] int32.
   uint64_t block_table = 0;
   int64_t block_table_stride = 0;

@@ -34,6 +34,7 @@ decode_kernel(const __grid_constant__ DecodeParams p) {
   using KV = typename Cfg::KVType;
   using KV2 = typename Vec2<KV>::type;
   using Q2 = typename Vec2<Q>::type;
+  static_assert(Cfg::kKVFormat == KVFormat::kKV16, "no fp8 cache path in this family (generator/spec.py FP8_FAMILIES)");
   constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, D = L::kDim;
   constexpr int M = Cfg::kBlockM, N = Cfg::kBlockN, W = Cfg::kWarps, T = L::kThreads;
   constexpr int kPairs = D / 2;                 // bf16x2 pairs per token

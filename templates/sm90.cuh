@@ -129,6 +129,22 @@ struct Panel {
       if (tl < kChunks) cp_async_16(dst + row * kRowBytes + swz(row, tl) * 16, src, bytes);
     }
   }
+
+  // Converts one row of 16-bit values S (bf16 queries) into this panel's fp16: lane tl of a team of 8
+  // converts chunks tl, tl + 8, ... from src (already advanced by tl chunks); !valid stores zeros.
+  template <typename S>
+  __device__ __forceinline__ static void convert_row(uint32_t dst, int row, const S* src, int tl, bool valid) {
+    static_assert(std::is_same<S, __nv_bfloat16>::value, "bf16 source");
+    constexpr int kRowChunks = kChunks * kBlocks;
+#pragma unroll
+    for (int i = 0; i < (kRowChunks + 7) / 8; ++i) {
+      if (kRowChunks % 8 == 0 || tl + 8 * i < kRowChunks) {
+        const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(src + 64 * i)) : make_uint4(0u, 0u, 0u, 0u);
+        sts_v4(dst + off(row, tl + 8 * i), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y), bf16x2_to_f16x2(v.z),
+               bf16x2_to_f16x2(v.w));
+      }
+    }
+  }
 };
 
 

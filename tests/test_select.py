@@ -100,7 +100,7 @@ def test_wgmma_stages_by_hand(dims: tuple[int, int], stages: int) -> None:
     # 64*(C+R)*2 * (1 + s) + 64*64*2 + 2*2*64*4: 512/64 -> 82944 + 73728 s (s = 2: 230400 <= 232448);
     # 256/32 -> 46080 + 36864 s (s = 4, the most the rule tries: 193536)
     assert default_tile(Family.WGMMA, 128, *dims, Arch.SM90A) == Tile(64, 64, stages, 8)
-    assert smem_bytes(Family.WGMMA, Tile(64, 64, 2, 8), 512, 64, 2) == 230400
+    assert smem_bytes(Family.WGMMA, Tile(64, 64, 2, 8), 512, 64, DType.BF16) == 230400
 
 
 @pytest.mark.parametrize("arch", [Arch.SM80, Arch.SM86, Arch.SM90A])
@@ -111,9 +111,9 @@ def test_default_tiles_fit_and_take_the_most_stages(arch: Arch, heads: int, dims
     cap = {Family.MMA: 8, Family.WGMMA: 4, Family.SIMT: 1}
     for family in [f for f in families_for(arch) if f in cap]:  # the families whose stages the fit decides
         tile = default_tile(family, heads, *dims, arch)
-        assert smem_bytes(family, tile, *dims, 2) <= arch.max_smem_per_block
+        assert smem_bytes(family, tile, *dims, DType.BF16) <= arch.max_smem_per_block
         more = dataclasses.replace(tile, stages=tile.stages + 1)
-        assert tile.stages == cap[family] or smem_bytes(family, more, *dims, 2) > arch.max_smem_per_block
+        assert tile.stages == cap[family] or smem_bytes(family, more, *dims, DType.BF16) > arch.max_smem_per_block
 
 
 @pytest.mark.parametrize("kwargs, field", [
