@@ -30,9 +30,19 @@
 // Epilogue per segment: both warpgroups' (m, l, O) meet in shared memory (log-sum-exp merge), O is
 // normalised and written row-major (out, or the split's fp32 partial and lse, as the other families).
 //
+// fp8 caches (Cfg::kKVFormat, common.cuh): the stage stays fp16 and every phase above is unchanged but
+// the load. The gather's 16-byte row chunks go to registers (ld.global) where the cp.async would have
+// been issued, and the start of the tile converts them (cvt e4m3x2 -> f16x2, exact) into the stage:
+// the same overlap with the other warpgroup, half the bytes. Bf16 queries become fp16 on load. No
+// scale touches the tile: fp8_e4m3's one scale multiplies the scores (scale_log2) and the output;
+// fp8_ds_mla's per-token scales of its four 128-value groups multiply the four partial scores (one
+// accumulator chain per group, the rope in a fifth) and P^T (one P^T panel per group, each read by the
+// PV of that group's two m-tiles). The registers the tile waits in halve the rows a CTA takes.
+//
 // Shared memory (1024-byte aligned panels, see sm90.cuh Panel): Q ckv [RN][C] | Q rope [RN][R] |
-// 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][RN][64] | per-warp row max/sum [2][4][RN] fp32 |
-// m [2][RN] fp32 | lse [RN] fp32. The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
+// 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][G][RN][64] | fp8_ds_mla token scales [2][64][G]
+// fp32 | per-warp row max/sum [2][4][RN] fp32 | m [2][RN] fp32 | lse [RN] fp32 (G = 4 scale groups for
+// fp8_ds_mla, else 1). The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
 #pragma once
 #include "sm90.cuh"
 
