@@ -44,7 +44,7 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
         block_n = 16 if arch is not None and arch.max_smem_per_block < 96 * 1024 else 32
         return Tile(block_m, block_n, 1, warps)
     if family is Family.MMA:
-        return _mma_tile(num_heads, ckv_dim, rope_dim, arch)
+        return _mma_tile(num_heads, ckv_dim, rope_dim, arch, kv_dtype)
     if family is Family.WGMMA:
         return _wgmma_tile(ckv_dim, rope_dim, arch)
     if family is Family.NARROW:
@@ -56,12 +56,13 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
     raise SpecError(f"family: no tile rules for {family.value}")
 
 
-def _fits(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, arch: Arch) -> bool:
-    """Whether the tile's shared memory (16-bit q and kv, as every kernel dtype) fits a block on `arch`."""
-    return smem_bytes(family, tile, ckv_dim, rope_dim, DType.BF16) <= arch.max_smem_per_block
+def _fits(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, arch: Arch, kv_dtype: DType = DType.BF16) -> bool:
+    """Whether the tile's shared memory fits a block on `arch` (16-bit q and kv tiles in every kernel; an
+    fp8 cache's stages hold its own bytes)."""
+    return smem_bytes(family, tile, ckv_dim, rope_dim, kv_dtype) <= arch.max_smem_per_block
 
 
-def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
+def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None, kv_dtype: DType = DType.BF16) -> Tile:
     """mma tile: rows per CTA from the head count (a warp owns 16 rows at block_m 16, else 32, and
     a quarter of the ckv columns), then as many kv stages as shared memory holds (at most 8), so
     the memory-bound small-head cases keep the most bytes in flight. Candidates that do not fit
@@ -75,10 +76,10 @@ def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) ->
     for block_m, block_n, warps in candidates:
         for stages in range(8, 1, -1):
             tile = Tile(block_m, block_n, stages, warps)
-            if not _fits(Family.MMA, tile, ckv_dim, rope_dim, arch or Arch.SM80):
+            if not _fits(Family.MMA, tile, ckv_dim, rope_dim, arch or Arch.SM80, kv_dtype):
                 continue  # fewer stages
             try:  # the family's other rules for these dims (stage-independent)
-                VariantSpec(num_heads, ckv_dim, rope_dim, DType.BF16, DType.BF16, DType.BF16, Family.MMA, tile,
+                VariantSpec(num_heads, ckv_dim, rope_dim, DType.BF16, kv_dtype, DType.BF16, Family.MMA, tile,
                             arch or Arch.SM80)
             except SpecError:
                 break  # this shape does not suit the dims: next candidate
@@ -125,15 +126,19 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     available = families_for(arch)
     rows = num_heads * s_q
     if family is None and kv_dtype.is_fp8:
-        family = next((f for f in available if f in FP8_FAMILIES), None)
+        family = next((f for f in (Family.NARROW, Family.MMA) if f in available), None)
         if family is None:
             raise SpecError(f"kv_dtype: {kv_dtype.cli_name} caches are read by the "
-                            f"{', '.join(f.value for f in FP8_FAMILIES)} family only so far (sm_90a), which does "
-                            f"not run on {arch.nvcc_name}")
-        limit = narrow_max_rows(ckv_dim, kv_dtype)
-        reasons.append(f"family {family.value}: the family with an fp8 path ({kv_dtype.cli_name}: dequantized "
-                       f"to fp16 on its way into shared memory, fp16 tensor-core math)"
-                       + (f"; {rows} rows > {limit} per CTA: row blocks each read the cache" if rows > limit else ""))
+                            f"{', '.join(f.value for f in FP8_FAMILIES)} families (sm_80+), not on {arch.nvcc_name}")
+        if family is Family.NARROW:
+            limit = narrow_max_rows(ckv_dim, kv_dtype)
+            reasons.append(f"family narrow: the sm_90a family with an fp8 path ({kv_dtype.cli_name}: dequantized to "
+                           f"fp16 on its way into shared memory, fp16 tensor-core math)"
+                           + (f"; {rows} rows > {limit} per CTA: row blocks each read the cache" if rows > limit
+                              else ""))
+        else:
+            reasons.append(f"family mma: the family with an fp8 path on {arch.nvcc_name} ({kv_dtype.cli_name}: "
+                           f"dequantized to fp16 inside shared memory, fp16 tensor-core math)")
     elif family is None:
         family = available[0]
         if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= narrow_max_rows(ckv_dim):

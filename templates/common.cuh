@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "params.h"
 
@@ -53,11 +54,30 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 enum class KVFormat { kKV16, kKVFp8Tensor, kKVFp8DsMla };
 
 // Four e4m3 bytes (memory order) -> two half2 registers, lower bytes in the lower halves; exact (every
-// e4m3 value is an fp16 value). cvt...e4m3x2 is sm_89+.
+// e4m3 value is an fp16 value). sm_89+ has an instruction for it; before, the bits move by hand: an
+// e4m3 byte s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 is the value times 2^-8 (biases 7 and 15),
+// subnormals included, and the e4m3 NaN (s.1111.111) is set explicitly.
 __device__ __forceinline__ void e4m3x4_to_f16x4(uint32_t v, uint32_t& lo, uint32_t& hi) {
+#if __CUDA_ARCH__ >= 890
   asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}"
       : "=r"(lo), "=r"(hi)
       : "r"(v));
+#else
+  const uint32_t nan = __vcmpeq4(v & 0x7F7F7F7Fu, 0x7F7F7F7Fu);  // 0xFF per NaN byte
+  const __half2 k256 = __float2half2_rn(256.f);
+  auto pair = [&](uint32_t sel, uint32_t nan_sel) {
+    const uint32_t t = __byte_perm(v, 0u, sel);  // the two bytes in the high byte of each 16-bit half
+    const uint32_t bits = (t & 0x80008000u) | ((t & 0x7F007F00u) >> 1);
+    __half2 h;
+    memcpy(&h, &bits, sizeof(h));
+    h = __hmul2(h, k256);
+    uint32_t u;
+    memcpy(&u, &h, sizeof(u));
+    return u | (__byte_perm(nan, 0u, nan_sel) & 0x7FFF7FFFu);
+  };
+  lo = pair(0x1404u, 0x1100u);
+  hi = pair(0x3424u, 0x3322u);
+#endif
 }
 // Two bf16 -> two fp16 (values beyond fp16's range become inf; below it, subnormals or 0).
 __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {

@@ -134,13 +134,24 @@ def test_fp8_shared_memory_formula() -> None:
 def test_fp8_dispatch_is_narrow_in_row_blocks(kv: DType, heads: int, s_q: int, blocks: int) -> None:
     d = decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q, kv_dtype=kv)
     assert d.spec.family is Family.NARROW and d.spec.kv_dtype is kv and d.m_blocks == blocks
-    assert d.reasons[0].startswith("family narrow: the family with an fp8 path")
+    assert d.reasons[0].startswith("family narrow: the sm_90a family with an fp8 path")
 
 
-@pytest.mark.parametrize("arch", [Arch.SM80, Arch.SM90])
-def test_fp8_without_narrow_names_kv_dtype(arch: Arch) -> None:
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow family"):
-        decide(arch=arch, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
+@pytest.mark.parametrize("arch", [Arch.SM80, Arch.SM86, Arch.SM90])
+def test_fp8_without_narrow_is_mma(arch: Arch) -> None:
+    d = decide(arch=arch, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
+    assert d.spec.family is Family.MMA and d.spec.kv_dtype is E4M3
+
+
+def test_fp8_before_sm80_names_kv_dtype() -> None:
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, mma families"):
+        decide(arch=Arch.SM75, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
+
+
+@pytest.mark.parametrize("family", [Family.WGMMA, Family.SEESAW, Family.SIMT])
+def test_fp8_in_a_family_without_the_path_names_kv_dtype(family: Family) -> None:
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_ds_mla caches are read by the narrow, mma family only"):
+        decide(arch=Arch.SM90A, num_heads=64, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=DS, family=family)
 
 
 @pytest.mark.parametrize("kwargs, field", [
