@@ -46,7 +46,7 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
     if family is Family.MMA:
         return _mma_tile(num_heads, ckv_dim, rope_dim, arch, kv_dtype)
     if family is Family.WGMMA:
-        return _wgmma_tile(ckv_dim, rope_dim, arch)
+        return _wgmma_tile(ckv_dim, rope_dim, arch, kv_dtype)
     if family is Family.NARROW:
         # all rows in one CTA where they fit (else row blocks of the most rows, each reading the cache)
         rows = -(-num_heads * s_q // 8) * 8
@@ -88,13 +88,15 @@ def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None, kv
     return Tile(*candidates[-1][:2], 2, candidates[-1][2])
 
 
-def _wgmma_tile(ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
+def _wgmma_tile(ckv_dim: int, rope_dim: int, arch: Arch | None, kv_dtype: DType = DType.BF16) -> Tile:
     """wgmma tile: 64 rows (one m64 tile) x 64 tokens, two warpgroups, as many kv stages as shared
-    memory holds, at most 4 (512/64: 2 stages, 225 KB; 256/32: 4 stages)."""
-    for stages in range(4, 1, -1):
-        tile = Tile(64, 64, stages, 8)
-        if _fits(Family.WGMMA, tile, ckv_dim, rope_dim, arch or Arch.SM90A):
-            return tile
+    memory holds, at most 4 (512/64: 2 stages, 225 KB; 256/32: 4 stages). 32-token tiles where two
+    64-token stages do not fit (fp8_ds_mla at 512/64: its 656-byte stages and the fp16 tile)."""
+    for block_n in (64, 32):
+        for stages in range(4, 1, -1):
+            tile = Tile(64, block_n, stages, 8)
+            if _fits(Family.WGMMA, tile, ckv_dim, rope_dim, arch or Arch.SM90A, kv_dtype):
+                return tile
     return Tile(64, 64, 2, 8)
 
 
@@ -126,19 +128,20 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     available = families_for(arch)
     rows = num_heads * s_q
     if family is None and kv_dtype.is_fp8:
-        family = next((f for f in (Family.NARROW, Family.MMA) if f in available), None)
+        family = next((f for f in available if f in FP8_FAMILIES), None)
         if family is None:
             raise SpecError(f"kv_dtype: {kv_dtype.cli_name} caches are read by the "
                             f"{', '.join(f.value for f in FP8_FAMILIES)} families (sm_80+), not on {arch.nvcc_name}")
-        if family is Family.NARROW:
-            limit = narrow_max_rows(ckv_dim, kv_dtype)
-            reasons.append(f"family narrow: the sm_90a family with an fp8 path ({kv_dtype.cli_name}: dequantized to "
-                           f"fp16 on its way into shared memory, fp16 tensor-core math)"
-                           + (f"; {rows} rows > {limit} per CTA: row blocks each read the cache" if rows > limit
-                              else ""))
+        limit = narrow_max_rows(ckv_dim, kv_dtype)
+        if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= limit:
+            family = Family.NARROW
+            reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most {limit} with an fp8 cache "
+                           f"at ckv {ckv_dim}); {kv_dtype.cli_name} dequantized to fp16 on its way into shared "
+                           f"memory, fp16 tensor-core math")
         else:
-            reasons.append(f"family mma: the family with an fp8 path on {arch.nvcc_name} ({kv_dtype.cli_name}: "
-                           f"dequantized to fp16 inside shared memory, fp16 tensor-core math)")
+            reasons.append(f"family {family.value}: the fastest family with an fp8 path on {arch.nvcc_name} "
+                           f"({kv_dtype.cli_name}: the cache's bytes staged, dequantized to fp16 inside shared "
+                           f"memory, fp16 tensor-core math)")
     elif family is None:
         family = available[0]
         if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= narrow_max_rows(ckv_dim):

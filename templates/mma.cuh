@@ -256,10 +256,9 @@ struct Layout {
   static constexpr int kRedBytes = WN * M * 4;
   static constexpr int kOffQPe = M * C * 2;
   static constexpr int kOffKV = kQBytes;
-  // fp8: the stages hold tokens as the cache stores them (fp8_ds_mla: all 656 bytes), and one fp16 tile
-  // (the 16-bit stage layout) holds the current tile dequantized for the MMAs
-  static constexpr int kRawRowBytes = kDs ? 656 : C + R;
-  static constexpr int kRawStageBytes = (N * kRawRowBytes + 127) / 128 * 128;
+  // fp8: the stages hold tokens as the cache stores them (common.cuh RawKVTile), and one fp16 tile (the
+  // 16-bit stage layout) holds the current tile dequantized for the MMAs
+  static constexpr int kRawStageBytes = kFp8 ? RawKVTile<Cfg>::kStageBytes : 0;
   static constexpr int kOffKV16 = kOffKV + S * kRawStageBytes;
   static constexpr int kOffP = kFp8 ? kOffKV16 + kStageBytes : kOffKV + S * kStageBytes;
   static constexpr int kOffRedMax = kOffP + kPBytes;
@@ -309,6 +308,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * M;
   const int part = blockIdx.y;
+  const float sm_scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   const int team = tid >> 3, tl = tid & 7;
 
@@ -340,12 +340,13 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
     // fp8_e4m3: scores and output carry the cache's scale (value = e4m3 * kv_scale)
-    const float kv_scale =
-        Cfg::kKVFormat == KVFormat::kKVFp8Tensor ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
-    const float scale_log2 = p.sm_scale * kLog2e * kv_scale;
+    constexpr bool kTensorScale = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
+    const float kv_scale = kTensorScale ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
+    const float scale_log2 = kTensorScale ? sm_scale_log2 * kv_scale : sm_scale_log2;
 
     // ---- kv tile gather (common.cuh PagedRows): pages looked up one tile ahead
     using Pages = PagedRows<KV, N, L::TEAMS>;
+    using RawKV = RawKVTile<Cfg>;
     Pages pages;
     auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&](int stage) {
@@ -355,74 +356,16 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
           copy_row<CC, RC>(dst_ckv, dst_pe, n, src_ckv, src_pe, tl, bytes);
         });
-      } else {  // fp8: the token's bytes as they are (16-byte chunks tl, tl + 8, ...), unswizzled rows
-        constexpr int kChunks = L::kRawRowBytes / 16, kCkvChunks = L::kDs ? kChunks : C / 16;
-#pragma unroll
-        for (int k = 0; k < Pages::kIters; ++k) {
-          const int n = team + k * L::TEAMS;
-          if (Pages::kIters * L::TEAMS == N || n < N) {
-            const int bytes = pages.off[k] >= 0 ? 16 : 0;
-            const uint8_t* ckv =
-                reinterpret_cast<const uint8_t*>(p.ckv) + pages.row_offset(k, p.ckv_stride_page, p.ckv_stride_tok);
-            const uint8_t* kpe =
-                reinterpret_cast<const uint8_t*>(p.kpe) + pages.row_offset(k, p.kpe_stride_page, p.kpe_stride_tok);
-            const uint32_t dst = s_kv + stage * L::kRawStageBytes + n * L::kRawRowBytes;
-#pragma unroll
-            for (int i = 0; i < (kChunks + 7) / 8; ++i) {
-              const int c = tl + 8 * i;
-              if (c < kChunks)  // fp8_ds_mla: the whole token from its start; fp8_e4m3: ckv, then kpe
-                cp_async_16(dst + 16 * c, c < kCkvChunks ? ckv + 16 * c : kpe + 16 * (c - kCkvChunks), bytes);
-            }
-          }
-        }
+      } else {
+        RawKV::template issue<Pages, L::TEAMS>(pages, p, team, tl, s_kv + stage * L::kRawStageBytes);
       }
     };
-    // fp8: the raw tile of `stage` -> the fp16 tile, all threads (e4m3 -> f16 exact; fp8_ds_mla's
-    // per-group scales multiply in fp32, its bf16 rope becomes fp16)
     const uint32_t s_kv16 = s_base + L::kOffKV16;
-    auto dequantize_tile = [&](int stage) {
-      constexpr int kCkvChunks = C / 16, kRopeChunks = L::kDs ? L::R / 8 : L::R / 16;  // raw 16-byte chunks
-      constexpr int kRowWork = kCkvChunks + kRopeChunks;
-      const uint32_t raw = s_kv + stage * L::kRawStageBytes;
-      for (int w = tid; w < N * kRowWork; w += L::T) {
-        const int n = w / kRowWork, c = w % kRowWork;
-        const uint32_t row = raw + n * L::kRawRowBytes;
-        uint32_t h[8];
-        if (c < kCkvChunks) {
-          const uint4 v = lds_v4(row + 16 * c);
-          e4m3x4_to_f16x4(v.x, h[0], h[1]);
-          e4m3x4_to_f16x4(v.y, h[2], h[3]);
-          e4m3x4_to_f16x4(v.z, h[4], h[5]);
-          e4m3x4_to_f16x4(v.w, h[6], h[7]);
-          if constexpr (L::kDs) {
-            const float sc = lds_f32(row + C + 4 * (c / 8));  // the scale of 128-value group c / 8
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              __half2 x;
-              memcpy(&x, &h[i], sizeof(x));
-              float2 f = __half22float2(x);
-              x = __float22half2_rn(make_float2(f.x * sc, f.y * sc));
-              memcpy(&h[i], &x, sizeof(x));
-            }
-          }
-          sts_v4(s_kv16 + swz<CC>(n, 2 * c), h[0], h[1], h[2], h[3]);
-          sts_v4(s_kv16 + swz<CC>(n, 2 * c + 1), h[4], h[5], h[6], h[7]);
-        } else if constexpr (L::kDs) {  // 8 bf16 rope values
-          const int cr = c - kCkvChunks;
-          const uint4 v = lds_v4(row + C + 16 + 16 * cr);
-          sts_v4(s_kv16 + L::kStageCkvBytes + swz<RC>(n, cr), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y),
-                 bf16x2_to_f16x2(v.z), bf16x2_to_f16x2(v.w));
-        } else {  // 16 e4m3 rope values
-          const int cr = c - kCkvChunks;
-          const uint4 v = lds_v4(row + C + 16 * cr);
-          e4m3x4_to_f16x4(v.x, h[0], h[1]);
-          e4m3x4_to_f16x4(v.y, h[2], h[3]);
-          e4m3x4_to_f16x4(v.z, h[4], h[5]);
-          e4m3x4_to_f16x4(v.w, h[6], h[7]);
-          sts_v4(s_kv16 + L::kStageCkvBytes + swz<RC>(n, 2 * cr), h[0], h[1], h[2], h[3]);
-          sts_v4(s_kv16 + L::kStageCkvBytes + swz<RC>(n, 2 * cr + 1), h[4], h[5], h[6], h[7]);
-        }
-      }
+    auto dequantize_tile = [&](int stage) {  // fp8: the raw tile of `stage` -> the fp16 tile, all threads
+      if constexpr (L::kFp8)
+        RawKV::dequantize(
+            s_kv + stage * L::kRawStageBytes, tid, L::T, [&](int n, int c) { return s_kv16 + swz<CC>(n, c); },
+            [&](int n, int c) { return s_kv16 + L::kStageCkvBytes + swz<RC>(n, c); });
     };
 
     // ---- prologue: Q rows (zero padding) with tile 0, then tiles 1 .. S-2
@@ -677,7 +620,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const int r = r_lane + 16 * mt + 8 * hh;
         if (r >= rows) continue;
         const float l = l_run[mt][hh];
-        const float inv = l > 0.f ? kv_scale / l : 0.f;
+        const float inv = l > 0.f ? (kTensorScale ? kv_scale / l : 1.f / l) : 0.f;
         const float lse = l > 0.f ? (m_run[mt][hh] + log2f(l)) * kLn2 : -INFINITY;
         const int col0 = wn * CW + 2 * tq;
         if (seg.split) {

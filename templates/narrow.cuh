@@ -129,6 +129,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * RN;
   const int part = blockIdx.y;
+  const float sm_scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   const int team = (tid & (kWgThreads - 1)) >> 3, tl = tid & 7;
 
@@ -148,9 +149,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
     // fp8_e4m3: scores and output carry the cache's scale (value = e4m3 * kv_scale)
-    const float kv_scale =
-        Cfg::kKVFormat == KVFormat::kKVFp8Tensor ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
-    const float scale_log2 = p.sm_scale * kLog2e * kv_scale;
+    constexpr bool kTensorScale = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
+    const float kv_scale = kTensorScale ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
+    const float scale_log2 = kTensorScale ? sm_scale_log2 * kv_scale : sm_scale_log2;
 
     // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup.
     //      16-bit caches: cp.async into the stage. fp8 caches: issue_tile loads the tile's bytes into
@@ -231,17 +232,16 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const int r = opaque(row0 + m);
         const bool valid = r < rows;
         const int s = valid ? r / H : 0, h = valid ? r % H : 0;
-        const Q* qn = reinterpret_cast<const Q*>(p.q_nope) +
-                      (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8);
-        const Q* qp =
-            reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
-        if constexpr (std::is_same<Q, KV>::value) {
-          QN::copy_row(s_qn, m, qn, tl, valid ? 16 : 0);
-          QP::copy_row(s_qp, m, qp, tl, valid ? 16 : 0);
-        } else {  // bf16 q over an fp8 cache: fp16 like the tiles
-          QN::convert_row(s_qn, m, qn, tl, valid);
-          QP::convert_row(s_qp, m, qp, tl, valid);
-        }
+        auto q_row = [&](auto panel, uint32_t dst, const Q* src) {
+          using P = decltype(panel);
+          if constexpr (std::is_same<Q, KV>::value) P::copy_row(dst, m, src, tl, valid ? 16 : 0);
+          else P::convert_row(dst, m, src, tl, valid);  // bf16 q over an fp8 cache: fp16 like the tiles
+        };
+        q_row(QN{}, s_qn,
+              reinterpret_cast<const Q*>(p.q_nope) +
+                  (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8));
+        q_row(QP{}, s_qp,
+              reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8));
       }
     }
     cp_async_commit();
@@ -484,7 +484,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
         const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
         const float l = a0 * lw[0] + a1 * lw[1];
-        scale_own[j][e] = l > 0.f ? (wg == 0 ? a0 : a1) * kv_scale / l : 0.f;
+        scale_own[j][e] = l > 0.f ? (kTensorScale ? (wg == 0 ? a0 : a1) * kv_scale : (wg == 0 ? a0 : a1)) / l : 0.f;
         if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY);
       }
     // O staged row-major [RN][C + 4] fp32 over the kv stages: WG 0 stores, WG 1 adds
