@@ -402,8 +402,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
 
     Returns out [B, s_q, H, C] in q's dtype, and lse [B, s_q, H] fp32 (natural log of the scaled
     scores' sum) when return_lse. check_values (default: MLA_GEN_DEBUG) checks lengths, page ids,
-    that q is finite and kv_scale > 0 on the host first (a device sync). family/num_parts override dispatch. Raises
-    TypeError or ValueError naming the argument; nothing is launched on bad input.
+    that q is finite and kv_scale > 0 on the host first (a device sync). family/num_parts override
+    dispatch. Raises TypeError or ValueError naming the argument; nothing is launched on bad input.
 
     Edge cases: B = 0 returns empty results and launches nothing; a request may be exactly its s_q new
     tokens (seqlen == s_q). q's values are not inspected without check_values: a NaN or inf in a

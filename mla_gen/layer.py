@@ -360,7 +360,8 @@ class MLAAttention(nn.Module):
         """The cache's tensors in the layer's dims and on its device: in its dtype, or in the cache's fp8
         format (kv_dtype). Raises TypeError/ValueError naming the field."""
         if cache.kv_dtype not in KV_DTYPES:
-            raise ValueError(f"cache.kv_dtype: expected one of {', '.join(map(repr, KV_DTYPES))}, got {cache.kv_dtype!r}")
+            raise ValueError(f"cache.kv_dtype: expected one of {', '.join(map(repr, KV_DTYPES))}, "
+                             f"got {cache.kv_dtype!r}")
         dtypes = {None: (self.dtype,), "fp8_e4m3": (torch.float8_e4m3fn,), "fp8_ds_mla": DS_MLA_DTYPES}[cache.kv_dtype]
         ds_mla = cache.kv_dtype == "fp8_ds_mla"
         if ds_mla and cache.kpe is not None:

@@ -61,7 +61,8 @@ def _misaligned_e4m3(case: Fp8Inputs, width: int, ckv_at: int, kpe_at: int) -> d
 
 BAD = [
     # fp8_e4m3 and its kv_scale
-    ("e4m3", lambda c: {"kv_scale": None}, TypeError, r"^kv_scale: expected a float32 tensor of one element .*got NoneType"),
+    ("e4m3", lambda c: {"kv_scale": None}, TypeError,
+     r"^kv_scale: expected a float32 tensor of one element .*got NoneType"),
     ("e4m3", lambda c: {"kv_scale": 0.5}, TypeError, r"^kv_scale: expected a float32 tensor .*got float"),
     ("e4m3", lambda c: {"kv_scale": torch.ones(2)}, ValueError, r"^kv_scale: expected one element .*got shape \(2,\)"),
     ("e4m3", lambda c: {"kv_scale": torch.ones(1, dtype=torch.float64)}, TypeError,
@@ -103,7 +104,8 @@ BAD = [
     ("ds", lambda c: {"ckv_cache": torch.zeros(c.ckv_cache.shape[0], 16, 672, dtype=torch.uint8)[..., 8:664]},
      ValueError, r"^ckv_cache: data pointer is not 16-byte aligned"),
     # a 16-bit cache
-    ("bf16", lambda c: {"kv_scale": torch.ones(1)}, ValueError, r"^kv_scale: expected None: .*bf16 cache is not scaled"),
+    ("bf16", lambda c: {"kv_scale": torch.ones(1)}, ValueError,
+     r"^kv_scale: expected None: .*bf16 cache is not scaled"),
     ("bf16", lambda c: {"kpe_cache": None}, TypeError, r"^kpe_cache: expected a torch.Tensor, got NoneType"),
 ]
 
@@ -123,7 +125,8 @@ def test_bad_fp8_inputs_name_the_argument(kind, override, exc, pattern):
 def test_kv_scale_on_another_device_is_named():
     """Where the kernels run is the CPU here (fake_host), so the device check itself is reached."""
     case = e4m3()
-    with fake_host(), pytest.raises(ValueError, match=r"^kv_scale: expected a tensor on cpu \(where q_nope is\), got meta"):
+    pattern = r"^kv_scale: expected a tensor on cpu \(where q_nope is\), got meta"
+    with fake_host(), pytest.raises(ValueError, match=pattern):
         call(case, kv_scale=case.kv_scale.to("meta"), check_values=False)
 
 
@@ -139,10 +142,12 @@ PLAN = dict(num_heads=16, page_size=64, max_pages=4, sm_scale=0.1)
     (dict(kv_dtype=1), ValueError, r"^kv_dtype: expected None"),
     (dict(kv_dtype="fp8_ds_mla", rope_dim=32), ValueError, r"^rope_dim: an fp8_ds_mla cache holds 64 rope values"),
     (dict(kv_dtype="fp8_ds_mla", ckv_dim=256, rope_dim=32), ValueError, r"^ckv_dim: an fp8_ds_mla cache holds 512"),
-    (dict(kv_dtype="fp8_ds_mla", dtype=torch.float16), TypeError, r"^dtype: an fp8_ds_mla cache keeps its rope in bf16"),
+    (dict(kv_dtype="fp8_ds_mla", dtype=torch.float16), TypeError,
+     r"^dtype: an fp8_ds_mla cache keeps its rope in bf16"),
     # valid: the arguments pass, the host tensor then fails the device check
     (dict(kv_dtype="fp8_e4m3"), ValueError, r"^cache_seqlens: expected a tensor on cuda:0"),
-    (dict(kv_dtype=torch.float8_e4m3fn, dtype=torch.float16), ValueError, r"^cache_seqlens: expected a tensor on cuda:0"),
+    (dict(kv_dtype=torch.float8_e4m3fn, dtype=torch.float16), ValueError,
+     r"^cache_seqlens: expected a tensor on cuda:0"),
     (dict(kv_dtype="fp8_ds_mla"), ValueError, r"^cache_seqlens: expected a tensor on cuda:0"),
     (dict(kv_dtype=None), ValueError, r"^cache_seqlens: expected a tensor on cuda:0"),
 ])
