@@ -498,7 +498,7 @@ FP8_FAMILIES = (Family.NARROW, Family.WGMMA, Family.MMA)
 def _check_fp8(spec: VariantSpec) -> None:
     if spec.family not in FP8_FAMILIES:
         raise SpecError(f"kv_dtype: {spec.kv_dtype.cli_name} caches are read by the "
-                        f"{', '.join(f.value for f in FP8_FAMILIES)} family only so far, got family "
+                        f"{', '.join(f.value for f in FP8_FAMILIES)} families only, got family "
                         f"{spec.family.value}")
     # narrow's fp8 gather: a team of 8 lanes reads a token's ckv in 128-byte steps and its rope in one
     # 16-byte chunk per lane (templates/narrow.cuh issue_tile)

@@ -14,7 +14,7 @@ import mla_gen.api as api
 from fp8_cases import Fp8Inputs, fp8_inputs, quantize
 from generator.errors import SpecError
 from generator.select import decide
-from generator.spec import Arch, DType
+from generator.spec import Arch, DType, Family
 from mla_gen import dispatch, fp8, validate
 from mla_gen.bench.host import FakeLauncher, fake_host, fake_wrapper
 from mla_gen.dtypes import to_dtype
@@ -157,19 +157,24 @@ def test_plan_checks_kv_dtype(kw, exc, pattern):
         w.plan(torch.tensor([3, 4], dtype=torch.int32), **{**PLAN, **kw})
 
 
-def test_dispatch_surfaces_an_arch_without_an_fp8_kernel(monkeypatch, request):
+def test_dispatch_of_fp8_per_arch(monkeypatch, request):
     # choose caches decisions per device index: forget this test's fake devices
     dispatch.choose.cache_clear()
     request.addfinalizer(dispatch.choose.cache_clear)
-    monkeypatch.setattr(dispatch, "device_info", lambda index: dispatch.DeviceInfo(index, "A100", Arch.SM80, 108))
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow family only"):
+    monkeypatch.setattr(dispatch, "device_info", lambda index: dispatch.DeviceInfo(index, "T4", Arch.SM75, 40))
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, wgmma, mma families"):
         dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, kv_dtype=DType.FP8_E4M3)
     assert dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1).spec.kv_dtype is DType.BF16  # 16-bit still runs
+    monkeypatch.setattr(dispatch, "device_info", lambda index: dispatch.DeviceInfo(index, "A100", Arch.SM80, 108))
+    assert dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, kv_dtype=DType.FP8_E4M3).spec.family is Family.MMA
     monkeypatch.setattr(dispatch, "device_info", lambda index: dispatch.DeviceInfo(index, "H200", Arch.SM90A, 132))
+    d = dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, kv_dtype=DType.FP8_DS_MLA)
+    assert d.spec.variant_id == "mla_decode_h16_c512_r64_bf16_fp8dsmla_narrow_m16n64s2w8_sm90a" and d.m_blocks == 1
     d = dispatch.choose(0, 128, 512, 64, torch.bfloat16, 2, kv_dtype=DType.FP8_DS_MLA)
-    assert d.spec.variant_id == "mla_decode_h128_c512_r64_bf16_fp8dsmla_narrow_m16n64s2w8_sm90a" and d.m_blocks == 16
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow family only .*wgmma"):
-        dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, "wgmma", kv_dtype=DType.FP8_E4M3)
+    assert d.spec.variant_id == "mla_decode_h128_c512_r64_bf16_fp8dsmla_wgmma_m64n32s4w8_sm90a" and d.m_blocks == 4
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, wgmma, mma families only, "
+                                        r"got family seesaw"):
+        dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, "seesaw", kv_dtype=DType.FP8_E4M3)
 
 
 @pytest.mark.parametrize("ckv, rope, field", [(192, 64, "ckv_dim"), (384, 144, "rope_dim")])

@@ -5,7 +5,8 @@ fp8_ds_mla), heads 16/40/64/128 at ckv 512/rope 64 and fp8_e4m3 at 256/32 with 4
 two, codes at e4m3's +-448 (the largest value, or saturated), lse too, split and unsplit schedules, NaN in
 every slot no request may read; a long request merged by the merge kernel; kv_scale read at each launch (a
 new tensor per call, a graph replay after it changed in place); the MLA layer's absorbed form on an fp8
-cache. Only narrow (sm_90a) reads fp8: on another arch plan must raise naming kv_dtype.
+cache. Dispatch on sm_90a runs narrow (up to 16 fp8 rows) and wgmma; the mma family (sm_80+) gets a matrix
+of its own; on an arch without any of them plan must raise naming kv_dtype.
 
 Tolerance (issue 13: q is not quantized): rel L2 <= 1e-2, max abs <= 2e-2 x max |ref|, lse max abs <= 2e-3
 (mla_gen.testing's bf16 row), and no NaN."""
@@ -23,7 +24,7 @@ import mla_gen
 from fp8_cases import Fp8Inputs, finite_amax, fp8_inputs, quantize
 from generator.errors import SpecError
 from generator.select import decide
-from generator.spec import Arch, DType
+from generator.spec import Arch, DType, Family
 from gpu_cases import ARCH
 from layer_cases import build_case
 from mla_gen import fp8
@@ -34,9 +35,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def fp8_only(test):
-    """A test of the fp8 kernels: sm_90a only (narrow), with this module's variants built ahead."""
+    """A test of the fp8 kernels with this module's variants built ahead (for sm_90a, where the matrix runs
+    narrow, wgmma and mma)."""
     skip = pytest.mark.skipif(ARCH is not Arch.SM90A,
-                              reason=f"only narrow (sm_90a) reads fp8 caches; this device is {ARCH.nvcc_name}")
+                              reason=f"the fp8 matrix is built for sm_90a; this device is {ARCH.nvcc_name}")
     return skip(pytest.mark.usefixtures("fp8_variants")(test))
 
 
@@ -45,14 +47,19 @@ SHAPES = [(kv, (512, 64), h) for kv in FORMATS for h in (16, 40, 64, 128)] + [("
 TOL_KEY = "bf16"  # accuracy_problems' row for a kernel whose queries are not quantized (see the docstring)
 
 
-def spec_for(kv_dtype: str, heads: int, dims=(512, 64), s_q: int = 1, dtype: DType = DType.BF16):
+def spec_for(kv_dtype: str, heads: int, dims=(512, 64), s_q: int = 1, dtype: DType = DType.BF16,
+             family: Family | None = None):
     return decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], dtype=dtype, s_q=s_q,
-                  kv_dtype=DType.parse(kv_dtype)).spec
+                  kv_dtype=DType.parse(kv_dtype), family=family).spec
 
 
 MATRIX = [pytest.param(kv, dims, h, s_q, id=f"{spec_for(kv, h, dims, s_q).variant_id}-sq{s_q}")
           for kv, dims, h in SHAPES for s_q in (1, 2)]
 FP16_Q = [(16, 1), (128, 2)]  # fp8_e4m3 under fp16 queries (fp8_ds_mla takes bf16 only)
+# the mma family's fp8 path (what sm_80..sm_90 dispatch), requested by name on this device
+MMA_SHAPES = [(kv, (512, 64), h) for kv in FORMATS for h in (16, 128)] + [("fp8_e4m3", (256, 32), 40)]
+MMA_MATRIX = [pytest.param(kv, dims, h, s_q, id=f"{spec_for(kv, h, dims, s_q, family=Family.MMA).variant_id}-sq{s_q}")
+              for kv, dims, h in MMA_SHAPES for s_q in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +71,7 @@ def fp8_variants():
 
     specs = {spec_for(kv, h, dims, s_q) for kv, dims, h in SHAPES for s_q in (1, 2)}
     specs |= {spec_for("fp8_e4m3", h, s_q=s_q, dtype=DType.FP16) for h, s_q in FP16_Q}
+    specs |= {spec_for(kv, h, dims, s_q, family=Family.MMA) for kv, dims, h in MMA_SHAPES for s_q in (1, 2)}
     failed = [(s.variant_id, e) for s, _, e in build_many(sorted(specs, key=lambda s: s.variant_id),
                                                           jobs=os.cpu_count() or 4) if e is not None]
     assert not failed, failed
@@ -140,6 +148,17 @@ def test_fp8_matrix(kv_dtype, dims, heads, s_q, page, schedule):
         assert w.plan_info.spec.kv_dtype is DType.parse(kv_dtype)
         w.run(*case.args()[:6], **case.kwargs(), out=out, lse=lse)
         assert int(w.schedule()[1][:, 1].max()) > 1, "the split schedule split no request"
+    check(out, lse, case)
+
+
+@pytest.mark.parametrize("page", [1, 64], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("kv_dtype, dims, heads, s_q", MMA_MATRIX)
+@fp8_only
+def test_fp8_mma_matrix(kv_dtype, dims, heads, s_q, page):
+    seed = zlib.crc32(repr(("mma", kv_dtype, dims, heads, s_q, page)).encode())
+    case = make_case(kv_dtype, dims, heads, s_q, page, seed, variant=heads // 8 + page + s_q + 1)
+    out, lse = poisoned(case)
+    mla_gen.mla_decode(*case.args(), **case.kwargs(), out=out, lse=lse, family="mma")
     check(out, lse, case)
 
 
@@ -252,10 +271,10 @@ def test_layer_absorbed_on_an_fp8_cache(kv_dtype, s_q):
     assert err <= LAYER_TOL, f"rel L2 {err:.2e} > {LAYER_TOL:.0e}"
 
 
-@pytest.mark.skipif(ARCH is Arch.SM90A, reason="this device has the fp8 kernels (sm_90a)")
+@pytest.mark.skipif(ARCH.cc >= 80, reason=f"this device ({ARCH.nvcc_name}) has fp8 kernels (sm_80 and newer)")
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 def test_plan_names_kv_dtype_where_no_kernel_reads_fp8(kv_dtype):
     w = mla_gen.MLADecodeWrapper()
-    with pytest.raises(SpecError, match=rf"^kv_dtype: {kv_dtype} caches are read by the narrow family only"):
+    with pytest.raises(SpecError, match=rf"^kv_dtype: {kv_dtype} caches are read by the narrow, wgmma, mma families"):
         w.plan(torch.zeros(2, dtype=torch.int32, device="cuda"), 1, num_heads=16, page_size=64, max_pages=4,
                sm_scale=0.1, kv_dtype=kv_dtype)
