@@ -4,6 +4,10 @@
 #   scripts/gpu_session.sh build            only the builds (and their ptxas summary)
 #   scripts/gpu_session.sh test [ARGS...]   builds, then python -m pytest -m gpu ARGS
 #   scripts/gpu_session.sh bench [ARGS...]  builds, then python -m mla_gen.bench ARGS
+#   scripts/gpu_session.sh all [ARGS...]    builds, pytest -m gpu, the sanitizer (scripts/sanitizer.sh), the serve
+#                                           example, then the bench with ARGS; every log packed into
+#                                           $OUT/logs.tar.gz (the device returns at most 8 files), the summary
+#                                           lines in $OUT/summary.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MLA_GEN_CACHE_DIR=${MLA_GEN_CACHE_DIR:-$PWD/.cache/mla_gen}
@@ -35,5 +39,14 @@ case "$what" in
   test) python -m pytest -m gpu -q -p no:cacheprovider "$@" >"$OUT/pytest.log" 2>&1
         rc=$?; tail -40 "$OUT/pytest.log"; echo "pytest exit status $rc" | tee -a "$OUT/summary.txt"; exit $rc ;;
   bench) python -m mla_gen.bench "$@" 2>&1 | tee "$OUT/bench.log" ;;
+  all) logs="$OUT/logs"; mkdir -p "$logs"
+       python -m pytest -m gpu -q -p no:cacheprovider >"$logs/pytest.log" 2>&1
+       echo "pytest -m gpu: $(tail -1 "$logs/pytest.log")" | tee -a "$OUT/summary.txt"
+       OUT="$logs" scripts/sanitizer.sh 2>&1 | tee -a "$OUT/summary.txt"
+       python examples/serve_decode.py >"$logs/serve.log" 2>&1
+       tail -4 "$logs/serve.log" | tee -a "$OUT/summary.txt"
+       python -m mla_gen.bench "$@" --json "$logs/bench.json" >"$logs/bench.log" 2>&1
+       tail -60 "$logs/bench.log"
+       tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs build.log && rm -rf "$logs" "$OUT/build.log" ;;
   *) echo "unknown step $what" >&2; exit 2 ;;
 esac
