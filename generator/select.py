@@ -33,6 +33,16 @@ def families_for(arch: Arch) -> list[Family]:
     return [f for f in FAMILY_ORDER if f.runs_on(arch)]
 
 
+def fp8_family(arch: Arch, kv_dtype: DType) -> Family:
+    """The family that reads an fp8 cache on `arch`. Raises SpecError naming kv_dtype where none runs."""
+    family = next((f for f in families_for(arch) if f in FP8_FAMILIES), None)
+    if family is None:
+        raise SpecError(f"kv_dtype: {kv_dtype.cli_name} caches are read by the "
+                        f"{', '.join(f.value for f in FP8_FAMILIES)} family only so far (sm_90a), which does "
+                        f"not run on {arch.nvcc_name}")
+    return family
+
+
 def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None,
                  s_q: int = 1, kv_dtype: DType = DType.BF16) -> Tile:
     """The tile a family uses for a head count and query length (rows per CTA)."""
@@ -125,11 +135,7 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     available = families_for(arch)
     rows = num_heads * s_q
     if family is None and kv_dtype.is_fp8:
-        family = next((f for f in available if f in FP8_FAMILIES), None)
-        if family is None:
-            raise SpecError(f"kv_dtype: {kv_dtype.cli_name} caches are read by the "
-                            f"{', '.join(f.value for f in FP8_FAMILIES)} family only so far (sm_90a), which does "
-                            f"not run on {arch.nvcc_name}")
+        family = fp8_family(arch, kv_dtype)
         limit = narrow_max_rows(ckv_dim, kv_dtype)
         reasons.append(f"family {family.value}: the family with an fp8 path ({kv_dtype.cli_name}: dequantized "
                        f"to fp16 on its way into shared memory, fp16 tensor-core math)"
