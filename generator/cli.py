@@ -21,7 +21,7 @@ from generator.spec import Arch, DType, Family, Tile, VariantSpec
 PROG = "python -m generator"
 DEFAULT_ARCH = "sm_90a"
 KV_DTYPE_HELP = ("latent cache: the --dtype (default), fp8_e4m3 (one fp32 scale per tensor) or fp8_ds_mla (656-byte "
-                 "tokens, one fp32 scale per 128 values; ckv 512, rope 64, bf16 q); fp8 caches: narrow family, sm_90a")
+                 "tokens, one fp32 scale per 128 values; ckv 512, rope 64, bf16 q); fp8 caches: narrow, wgmma, mma")
 _FIELD_FLAGS = {"num_heads": "--heads", "ckv_dim": "--ckv", "rope_dim": "--rope", "arch": "--arch",
                 "preset": "--preset", "family": "--family", "tile": "--tile", "dtype": "--dtype",
                 "q_dtype": "--dtype", "kv_dtype": "--kv-dtype", "tp": "--tp", "s_q": "--s-q", "variant id": "--id"}
@@ -58,7 +58,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
 
 def _select(args: argparse.Namespace) -> list[VariantSpec]:
     from generator.presets import preset_variants
-    from generator.select import default_tile, families_for, fp8_family
+    from generator.select import decide, default_tile, families_for
 
     arch = Arch.parse(args.arch)
     dtype = DType.parse(args.dtype) if args.dtype else None
@@ -76,14 +76,17 @@ def _select(args: argparse.Namespace) -> list[VariantSpec]:
             raise UsageError("arguments --heads, --ckv and --rope go together")
         dt = dtype or DType.BF16
         kv = kv_dtype or dt
-        # as dispatch: an fp8 cache goes to the family that reads it (16-bit: the fastest on the arch)
-        default_families = [fp8_family(arch, kv)] if kv.is_fp8 else families_for(arch)[:1]
+        tile = Tile.parse(args.tile) if args.tile else None
+        # no --family: the fastest family on the arch; for an fp8 cache, the one dispatch picks for the rows
         for h in args.heads:
-            for fam in families or default_families:
+            for fam in families or ([None] if kv.is_fp8 else families_for(arch)[:1]):
                 for s_q in args.s_q:
-                    tile = (Tile.parse(args.tile) if args.tile
-                            else default_tile(fam, h, args.ckv, args.rope, arch, s_q, kv))
-                    specs.append(VariantSpec(h, args.ckv, args.rope, dt, kv, dt, fam, tile, arch))
+                    if fam is None:
+                        specs.append(decide(arch=arch, num_heads=h, ckv_dim=args.ckv, rope_dim=args.rope, dtype=dt,
+                                            s_q=s_q, kv_dtype=kv, tile=tile).spec)
+                    else:
+                        specs.append(VariantSpec(h, args.ckv, args.rope, dt, kv, dt, fam,
+                                                 tile or default_tile(fam, h, args.ckv, args.rope, arch, s_q, kv), arch))
     if not specs:
         raise UsageError("no variants selected: give --preset, --heads/--ckv/--rope or --id")
     specs = list(dict.fromkeys(specs))

@@ -33,16 +33,6 @@ def families_for(arch: Arch) -> list[Family]:
     return [f for f in FAMILY_ORDER if f.runs_on(arch)]
 
 
-def fp8_family(arch: Arch, kv_dtype: DType) -> Family:
-    """The family that reads an fp8 cache on `arch`. Raises SpecError naming kv_dtype where none runs."""
-    family = next((f for f in families_for(arch) if f in FP8_FAMILIES), None)
-    if family is None:
-        raise SpecError(f"kv_dtype: {kv_dtype.cli_name} caches are read by the "
-                        f"{', '.join(f.value for f in FP8_FAMILIES)} family only so far (sm_90a), which does "
-                        f"not run on {arch.nvcc_name}")
-    return family
-
-
 def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None = None,
                  s_q: int = 1, kv_dtype: DType = DType.BF16) -> Tile:
     """The tile a family uses for a head count and query length (rows per CTA)."""
@@ -54,9 +44,9 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
         block_n = 16 if arch is not None and arch.max_smem_per_block < 96 * 1024 else 32
         return Tile(block_m, block_n, 1, warps)
     if family is Family.MMA:
-        return _mma_tile(num_heads, ckv_dim, rope_dim, arch)
+        return _mma_tile(num_heads, ckv_dim, rope_dim, arch, kv_dtype)
     if family is Family.WGMMA:
-        return _wgmma_tile(ckv_dim, rope_dim, arch)
+        return _wgmma_tile(ckv_dim, rope_dim, arch, kv_dtype)
     if family is Family.NARROW:
         # all rows in one CTA where they fit (else row blocks of the most rows, each reading the cache)
         rows = -(-num_heads * s_q // 8) * 8
@@ -66,12 +56,13 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
     raise SpecError(f"family: no tile rules for {family.value}")
 
 
-def _fits(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, arch: Arch) -> bool:
-    """Whether the tile's shared memory (16-bit q and kv, as every kernel dtype) fits a block on `arch`."""
-    return smem_bytes(family, tile, ckv_dim, rope_dim, DType.BF16) <= arch.max_smem_per_block
+def _fits(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, arch: Arch, kv_dtype: DType = DType.BF16) -> bool:
+    """Whether the tile's shared memory fits a block on `arch` (16-bit q and kv tiles in every kernel; an
+    fp8 cache's stages hold its own bytes)."""
+    return smem_bytes(family, tile, ckv_dim, rope_dim, kv_dtype) <= arch.max_smem_per_block
 
 
-def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
+def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None, kv_dtype: DType = DType.BF16) -> Tile:
     """mma tile: rows per CTA from the head count (a warp owns 16 rows at block_m 16, else 32, and
     a quarter of the ckv columns), then as many kv stages as shared memory holds (at most 8), so
     the memory-bound small-head cases keep the most bytes in flight. Candidates that do not fit
@@ -85,10 +76,10 @@ def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) ->
     for block_m, block_n, warps in candidates:
         for stages in range(8, 1, -1):
             tile = Tile(block_m, block_n, stages, warps)
-            if not _fits(Family.MMA, tile, ckv_dim, rope_dim, arch or Arch.SM80):
+            if not _fits(Family.MMA, tile, ckv_dim, rope_dim, arch or Arch.SM80, kv_dtype):
                 continue  # fewer stages
             try:  # the family's other rules for these dims (stage-independent)
-                VariantSpec(num_heads, ckv_dim, rope_dim, DType.BF16, DType.BF16, DType.BF16, Family.MMA, tile,
+                VariantSpec(num_heads, ckv_dim, rope_dim, DType.BF16, kv_dtype, DType.BF16, Family.MMA, tile,
                             arch or Arch.SM80)
             except SpecError:
                 break  # this shape does not suit the dims: next candidate
@@ -97,13 +88,15 @@ def _mma_tile(num_heads: int, ckv_dim: int, rope_dim: int, arch: Arch | None) ->
     return Tile(*candidates[-1][:2], 2, candidates[-1][2])
 
 
-def _wgmma_tile(ckv_dim: int, rope_dim: int, arch: Arch | None) -> Tile:
+def _wgmma_tile(ckv_dim: int, rope_dim: int, arch: Arch | None, kv_dtype: DType = DType.BF16) -> Tile:
     """wgmma tile: 64 rows (one m64 tile) x 64 tokens, two warpgroups, as many kv stages as shared
-    memory holds, at most 4 (512/64: 2 stages, 225 KB; 256/32: 4 stages)."""
-    for stages in range(4, 1, -1):
-        tile = Tile(64, 64, stages, 8)
-        if _fits(Family.WGMMA, tile, ckv_dim, rope_dim, arch or Arch.SM90A):
-            return tile
+    memory holds, at most 4 (512/64: 2 stages, 225 KB; 256/32: 4 stages). 32-token tiles where two
+    64-token stages do not fit (fp8_ds_mla at 512/64: its 656-byte stages and the fp16 tile)."""
+    for block_n in (64, 32):
+        for stages in range(4, 1, -1):
+            tile = Tile(64, block_n, stages, 8)
+            if _fits(Family.WGMMA, tile, ckv_dim, rope_dim, arch or Arch.SM90A, kv_dtype):
+                return tile
     return Tile(64, 64, 2, 8)
 
 
@@ -135,11 +128,20 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     available = families_for(arch)
     rows = num_heads * s_q
     if family is None and kv_dtype.is_fp8:
-        family = fp8_family(arch, kv_dtype)
+        family = next((f for f in available if f in FP8_FAMILIES), None)
+        if family is None:
+            raise SpecError(f"kv_dtype: {kv_dtype.cli_name} caches are read by the "
+                            f"{', '.join(f.value for f in FP8_FAMILIES)} families (sm_80+), not on {arch.nvcc_name}")
         limit = narrow_max_rows(ckv_dim, kv_dtype)
-        reasons.append(f"family {family.value}: the family with an fp8 path ({kv_dtype.cli_name}: dequantized "
-                       f"to fp16 on its way into shared memory, fp16 tensor-core math)"
-                       + (f"; {rows} rows > {limit} per CTA: row blocks each read the cache" if rows > limit else ""))
+        if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= limit:
+            family = Family.NARROW
+            reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most {limit} with an fp8 cache "
+                           f"at ckv {ckv_dim}); {kv_dtype.cli_name} dequantized to fp16 on its way into shared "
+                           f"memory, fp16 tensor-core math")
+        else:
+            reasons.append(f"family {family.value}: the fastest family with an fp8 path on {arch.nvcc_name} "
+                           f"({kv_dtype.cli_name}: the cache's bytes staged, dequantized to fp16 inside shared "
+                           f"memory, fp16 tensor-core math)")
     elif family is None:
         family = available[0]
         if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= narrow_max_rows(ckv_dim):

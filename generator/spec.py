@@ -300,14 +300,20 @@ def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, kv_dtype
         # q tile in fp32, one kv tile, scores/probabilities in fp32, three per-row fp32 arrays
         return t.block_m * d * 4 + t.block_n * d * kv + t.block_m * t.block_n * 4 + 3 * t.block_m * 4
     if family is Family.WGMMA:
-        return _wgmma_smem_bytes(t, ckv_dim, rope_dim, kv)
+        return _wgmma_smem_bytes(t, ckv_dim, rope_dim, kv_dtype)
     if family is Family.SEESAW:
         return _seesaw_smem_bytes(t, ckv_dim, rope_dim, kv)
     # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
-    # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
+    # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps.
+    # fp8: the stages hold the cache's bytes per token (128-byte aligned stages) and one 16-bit tile
+    # holds the dequantized current tile.
     wn = _mma_column_splits(t)
-    return (t.block_m * d * kv + t.stages * t.block_n * d * kv + t.block_m * t.block_n * kv
-            + 2 * wn * t.block_m * 4)
+    if kv_dtype.is_fp8:
+        raw = DS_MLA_TOKEN_BYTES if kv_dtype is DType.FP8_DS_MLA else d
+        stages = t.stages * (-(-t.block_n * raw // 128) * 128) + t.block_n * d * kv
+    else:
+        stages = t.stages * t.block_n * d * kv
+    return t.block_m * d * kv + stages + t.block_m * t.block_n * kv + 2 * wn * t.block_m * 4
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
@@ -376,12 +382,17 @@ def _check_mma(spec: VariantSpec) -> None:
     _check_int("tile.stages", t.stages, 2, 8)
 
 
-def _wgmma_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
+def _wgmma_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
     """templates/wgmma.cuh Layout: q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
-    (16-bit), then row max and row sum exchange arrays [2][M] fp32 between the two warpgroups."""
-    d = ckv + rope
-    return (tile.block_m * d * itemsize + tile.stages * tile.block_n * d * itemsize
-            + tile.block_m * tile.block_n * itemsize + 2 * 2 * tile.block_m * 4)
+    (16-bit), then row max and row sum exchange arrays [2][M] fp32 between the two warpgroups. fp8: the
+    stages hold the cache's bytes per token (1024-byte aligned) and one 16-bit tile the dequantized one."""
+    d, kv = ckv + rope, 2
+    if kv_dtype.is_fp8:
+        raw = DS_MLA_TOKEN_BYTES if kv_dtype is DType.FP8_DS_MLA else d
+        stages = tile.stages * (-(-tile.block_n * raw // 1024) * 1024) + tile.block_n * d * kv
+    else:
+        stages = tile.stages * tile.block_n * d * kv
+    return tile.block_m * d * kv + stages + tile.block_m * tile.block_n * kv + 2 * 2 * tile.block_m * 4
 
 
 def _check_wgmma(spec: VariantSpec) -> None:
@@ -480,8 +491,8 @@ def _check_seesaw(spec: VariantSpec) -> None:
                         f"multiple of 64, got {spec.rope_dim}")
 
 
-# Families with an fp8-cache path (the dequantizing gather): for now only narrow.
-FP8_FAMILIES = (Family.NARROW,)
+# Families with an fp8-cache path (dequantized to fp16 on the way into, or inside, shared memory).
+FP8_FAMILIES = (Family.NARROW, Family.WGMMA, Family.MMA)
 
 
 def _check_fp8(spec: VariantSpec) -> None:

@@ -8,8 +8,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "params.h"
+#include "ptx.cuh"
 
 namespace mla_gen {
 
@@ -53,11 +55,30 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 enum class KVFormat { kKV16, kKVFp8Tensor, kKVFp8DsMla };
 
 // Four e4m3 bytes (memory order) -> two half2 registers, lower bytes in the lower halves; exact (every
-// e4m3 value is an fp16 value). cvt...e4m3x2 is sm_89+.
+// e4m3 value is an fp16 value). sm_89+ has an instruction for it; before, the bits move by hand: an
+// e4m3 byte s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 is the value times 2^-8 (biases 7 and 15),
+// subnormals included, and the e4m3 NaN (s.1111.111) is set explicitly.
 __device__ __forceinline__ void e4m3x4_to_f16x4(uint32_t v, uint32_t& lo, uint32_t& hi) {
+#if __CUDA_ARCH__ >= 890
   asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}"
       : "=r"(lo), "=r"(hi)
       : "r"(v));
+#else
+  const uint32_t nan = __vcmpeq4(v & 0x7F7F7F7Fu, 0x7F7F7F7Fu);  // 0xFF per NaN byte
+  const __half2 k256 = __float2half2_rn(256.f);
+  auto pair = [&](uint32_t sel, uint32_t nan_sel) {
+    const uint32_t t = __byte_perm(v, 0u, sel);  // the two bytes in the high byte of each 16-bit half
+    const uint32_t bits = (t & 0x80008000u) | ((t & 0x7F007F00u) >> 1);
+    __half2 h;
+    memcpy(&h, &bits, sizeof(h));
+    h = __hmul2(h, k256);
+    uint32_t u;
+    memcpy(&u, &h, sizeof(u));
+    return u | (__byte_perm(nan, 0u, nan_sel) & 0x7FFF7FFFu);
+  };
+  lo = pair(0x1404u, 0x1100u);
+  hi = pair(0x3424u, 0x3322u);
+#endif
 }
 // Two bf16 -> two fp16 (values beyond fp16's range become inf; below it, subnormals or 0).
 __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
@@ -235,6 +256,92 @@ struct PagedRows {
         const long long pg = page[k], o = valid ? off[k] : 0;
         copy(n, ckv + (pg * p.ckv_stride_page + o * p.ckv_stride_tok + tl * 8),
              kpe + (pg * p.kpe_stride_page + o * p.kpe_stride_tok + tl * 8), valid ? 16 : 0);
+      }
+    }
+  }
+};
+
+// fp8 caches for the families that keep several stages (mma, wgmma): the stages hold tokens as the cache
+// stores them (cp.async of whole 16-byte chunks, rows unswizzled; fp8_ds_mla: all 656 bytes), and before
+// a tile's MMAs every thread dequantizes a share of it into the family's fp16 tile (e4m3 -> f16 exact;
+// fp8_ds_mla's per-group scales multiply in fp32, its bf16 rope becomes fp16; fp8_e4m3's one scale is
+// the caller's, on scores and output). ckv_at(n, c) / rope_at(n, c): the shared address of fp16 chunk c
+// (8 values) of token n in the family's swizzled ckv / rope sub-arrays.
+template <class Cfg>
+struct RawKVTile {
+  static constexpr bool kDs = Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
+  static constexpr int C = Cfg::kCkvDim, R = Cfg::kRopeDim, N = Cfg::kBlockN;
+  static_assert(!kDs || (C == 512 && R == 64), "fp8_ds_mla: 512 ckv + 64 rope");
+  static constexpr int kRowBytes = kDs ? 656 : C + R;
+  static constexpr int kChunks = kRowBytes / 16;
+  static constexpr int kStageBytes = (N * kRowBytes + 127) / 128 * 128;
+
+  // cp.async of the team's token rows of one tile into `stage` (zero fill past the length)
+  template <class Pages, int kTeams>
+  __device__ __forceinline__ static void issue(const Pages& pages, const DecodeParams& p, int team, int tl,
+                                               uint32_t stage) {
+    constexpr int kCkvChunks = kDs ? kChunks : C / 16;  // fp8_e4m3: ckv and kpe may be separate tensors
+#pragma unroll
+    for (int k = 0; k < Pages::kIters; ++k) {
+      const int n = team + k * kTeams;
+      if (Pages::kIters * kTeams == N || n < N) {
+        const int bytes = pages.off[k] >= 0 ? 16 : 0;
+        const uint8_t* ckv =
+            reinterpret_cast<const uint8_t*>(p.ckv) + pages.row_offset(k, p.ckv_stride_page, p.ckv_stride_tok);
+        const uint8_t* kpe =
+            reinterpret_cast<const uint8_t*>(p.kpe) + pages.row_offset(k, p.kpe_stride_page, p.kpe_stride_tok);
+        const uint32_t dst = stage + n * kRowBytes;
+#pragma unroll
+        for (int i = 0; i < (kChunks + 7) / 8; ++i) {
+          const int c = tl + 8 * i;
+          if (c < kChunks) cp_async_16(dst + 16 * c, c < kCkvChunks ? ckv + 16 * c : kpe + 16 * (c - kCkvChunks), bytes);
+        }
+      }
+    }
+  }
+
+  // the raw tile at `stage` -> fp16, thread `tid` of `threads` taking every threads-th chunk
+  template <typename CkvAt, typename RopeAt>
+  __device__ __forceinline__ static void dequantize(uint32_t stage, int tid, int threads, CkvAt&& ckv_at,
+                                                    RopeAt&& rope_at) {
+    constexpr int kCkvChunks = C / 16, kRopeChunks = kDs ? R / 8 : R / 16;  // raw 16-byte chunks of a row
+    constexpr int kRowWork = kCkvChunks + kRopeChunks;
+    for (int w = tid; w < N * kRowWork; w += threads) {
+      const int n = w / kRowWork, c = w % kRowWork;
+      const uint32_t row = stage + n * kRowBytes;
+      uint32_t h[8];
+      auto e4m3x16 = [&](uint32_t addr) {
+        const uint4 v = lds_v4(addr);
+        e4m3x4_to_f16x4(v.x, h[0], h[1]);
+        e4m3x4_to_f16x4(v.y, h[2], h[3]);
+        e4m3x4_to_f16x4(v.z, h[4], h[5]);
+        e4m3x4_to_f16x4(v.w, h[6], h[7]);
+      };
+      if (c < kCkvChunks) {  // 16 ckv values -> fp16 chunks 2 c, 2 c + 1
+        e4m3x16(row + 16 * c);
+        if constexpr (kDs) {
+          const float sc = lds_f32(row + C + 4 * (c / 8));  // the scale of 128-value group c / 8
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            __half2 x;
+            memcpy(&x, &h[i], sizeof(x));
+            const float2 f = __half22float2(x);
+            x = __float22half2_rn(make_float2(f.x * sc, f.y * sc));
+            memcpy(&h[i], &x, sizeof(x));
+          }
+        }
+        sts_v4(ckv_at(n, 2 * c), h[0], h[1], h[2], h[3]);
+        sts_v4(ckv_at(n, 2 * c + 1), h[4], h[5], h[6], h[7]);
+      } else if constexpr (kDs) {  // 8 bf16 rope values -> fp16 chunk cr
+        const int cr = c - kCkvChunks;
+        const uint4 v = lds_v4(row + C + 16 + 16 * cr);
+        sts_v4(rope_at(n, cr), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y), bf16x2_to_f16x2(v.z),
+               bf16x2_to_f16x2(v.w));
+      } else {  // 16 e4m3 rope values -> fp16 chunks 2 cr, 2 cr + 1
+        const int cr = c - kCkvChunks;
+        e4m3x16(row + C + 16 * cr);
+        sts_v4(rope_at(n, 2 * cr), h[0], h[1], h[2], h[3]);
+        sts_v4(rope_at(n, 2 * cr + 1), h[4], h[5], h[6], h[7]);
       }
     }
   }

@@ -161,6 +161,21 @@ __device__ __forceinline__ void copy_row(uint32_t dst_a, uint32_t dst_b, int row
   }
 }
 
+// As copy_row for one sub-array, converting 16-bit bf16 (queries) to fp16 through registers.
+template <int CC, typename T>
+__device__ __forceinline__ void convert_row(uint32_t dst, int row, const T* a, int tl, bool valid) {
+  static_assert(std::is_same<T, __nv_bfloat16>::value, "bf16 source");
+#pragma unroll
+  for (int i = 0; i < (CC + 7) / 8; ++i) {
+    const int c = tl + 8 * i;
+    if (CC % 8 == 0 || c < CC) {
+      const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(a + 64 * i)) : make_uint4(0u, 0u, 0u, 0u);
+      sts_v4(dst + swz<CC>(row, c), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y), bf16x2_to_f16x2(v.z),
+             bf16x2_to_f16x2(v.w));
+    }
+  }
+}
+
 // One k16 step of S += Q K^T into accumulator set `acc`: A (Q) from the lane address qa (+16 rows
 // per m16 tile), B (K) from kb (+16 token rows per n8 pair; x2 for a single n8 tile).
 template <typename KV, int kChunks, int NACC, int RM, int NT>
@@ -213,9 +228,13 @@ __device__ __forceinline__ void qk_steps(float (&sacc)[NACC][RM][NT][4], const C
 template <class Cfg>
 struct Layout {
   using KV = typename Cfg::KVType;
-  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv");
-  static_assert(Cfg::kKVFormat == KVFormat::kKV16, "no fp8 cache path in this family (generator/spec.py FP8_FAMILIES)");
   static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim, D = C + R;
+  static constexpr bool kFp8 = Cfg::kKVFormat != KVFormat::kKV16;
+  static constexpr bool kDs = Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
+  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv tiles");
+  static_assert(std::is_same<typename Cfg::QType, KV>::value || (kFp8 && std::is_same<KV, __half>::value),
+                "the q type is the tile type, except bf16 q over an fp8 cache (fp16 tiles)");
+  static_assert(!kDs || (C == 512 && R == 64), "fp8_ds_mla: 512 ckv + 64 rope");
   static constexpr int M = Cfg::kBlockM, N = Cfg::kBlockN, S = Cfg::kStages, W = Cfg::kWarps;
   static constexpr int T = 32 * W;
   static constexpr int WR = M >= 32 ? 32 : 16;  // rows per warp
@@ -237,7 +256,11 @@ struct Layout {
   static constexpr int kRedBytes = WN * M * 4;
   static constexpr int kOffQPe = M * C * 2;
   static constexpr int kOffKV = kQBytes;
-  static constexpr int kOffP = kOffKV + S * kStageBytes;
+  // fp8: the stages hold tokens as the cache stores them (common.cuh RawKVTile), and one fp16 tile (the
+  // 16-bit stage layout) holds the current tile dequantized for the MMAs
+  static constexpr int kRawStageBytes = kFp8 ? RawKVTile<Cfg>::kStageBytes : 0;
+  static constexpr int kOffKV16 = kOffKV + S * kRawStageBytes;
+  static constexpr int kOffP = kFp8 ? kOffKV16 + kStageBytes : kOffKV + S * kStageBytes;
   static constexpr int kOffRedMax = kOffP + kPBytes;
   static constexpr int kOffRedSum = kOffRedMax + kRedBytes;
   static constexpr int kSmemBytes = kOffRedSum + kRedBytes;
@@ -285,7 +308,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * M;
   const int part = blockIdx.y;
-  const float scale_log2 = p.sm_scale * kLog2e;
+  const float sm_scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   const int team = tid >> 3, tl = tid & 7;
 
@@ -316,16 +339,33 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
+    // fp8_e4m3: scores and output carry the cache's scale (value = e4m3 * kv_scale)
+    constexpr bool kTensorScale = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
+    const float kv_scale = kTensorScale ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
+    const float scale_log2 = kTensorScale ? sm_scale_log2 * kv_scale : sm_scale_log2;
 
     // ---- kv tile gather (common.cuh PagedRows): pages looked up one tile ahead
-    PagedRows<KV, N, L::TEAMS> pages;
+    using Pages = PagedRows<KV, N, L::TEAMS>;
+    using RawKV = RawKVTile<Cfg>;
+    Pages pages;
     auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&](int stage) {
-      const uint32_t dst_ckv = s_kv + stage * L::kStageBytes;
-      const uint32_t dst_pe = dst_ckv + L::kStageCkvBytes;
-      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
-        copy_row<CC, RC>(dst_ckv, dst_pe, n, src_ckv, src_pe, tl, bytes);
-      });
+      if constexpr (!L::kFp8) {
+        const uint32_t dst_ckv = s_kv + stage * L::kStageBytes;
+        const uint32_t dst_pe = dst_ckv + L::kStageCkvBytes;
+        pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
+          copy_row<CC, RC>(dst_ckv, dst_pe, n, src_ckv, src_pe, tl, bytes);
+        });
+      } else {
+        RawKV::template issue<Pages, L::TEAMS>(pages, p, team, tl, s_kv + stage * L::kRawStageBytes);
+      }
+    };
+    const uint32_t s_kv16 = s_base + L::kOffKV16;
+    auto dequantize_tile = [&](int stage) {  // fp8: the raw tile of `stage` -> the fp16 tile, all threads
+      if constexpr (L::kFp8)
+        RawKV::dequantize(
+            s_kv + stage * L::kRawStageBytes, tid, L::T, [&](int n, int c) { return s_kv16 + swz<CC>(n, c); },
+            [&](int n, int c) { return s_kv16 + L::kStageCkvBytes + swz<RC>(n, c); });
     };
 
     // ---- prologue: Q rows (zero padding) with tile 0, then tiles 1 .. S-2
@@ -340,7 +380,12 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
                          (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8);
         const Q* src_p = reinterpret_cast<const Q*>(p.q_pe) +
                          (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
-        copy_row<CC, RC>(s_qn, s_qp, m, src_n, src_p, tl, valid ? 16 : 0);
+        if constexpr (std::is_same<Q, KV>::value) {
+          copy_row<CC, RC>(s_qn, s_qp, m, src_n, src_p, tl, valid ? 16 : 0);
+        } else {  // bf16 q over an fp8 cache: fp16 like the tiles
+          convert_row<CC>(s_qn, m, src_n, tl, valid);
+          convert_row<RC>(s_qp, m, src_p, tl, valid);
+        }
       }
     }
     prefetch_pages(seg.blk_lo);
@@ -386,7 +431,12 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       cp_async_commit();
       load_stage = load_stage + 1 == S ? 0 : load_stage + 1;
 
-      const uint32_t k_stage = s_kv + comp_stage * L::kStageBytes;
+      uint32_t k_stage = s_kv + comp_stage * L::kStageBytes;
+      if constexpr (L::kFp8) {
+        dequantize_tile(comp_stage);
+        __syncthreads();  // the fp16 tile of every thread
+        k_stage = s_kv16;
+      }
       comp_stage = comp_stage + 1 == S ? 0 : comp_stage + 1;
 
       // ---- S = Q K^T: this warp's WR rows x NW tokens, k over C (ckv) then R (rope)
@@ -570,7 +620,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const int r = r_lane + 16 * mt + 8 * hh;
         if (r >= rows) continue;
         const float l = l_run[mt][hh];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = l > 0.f ? (kTensorScale ? kv_scale / l : 1.f / l) : 0.f;
         const float lse = l > 0.f ? (m_run[mt][hh] + log2f(l)) * kLn2 : -INFINITY;
         const int col0 = wn * CW + 2 * tq;
         if (seg.split) {

@@ -30,9 +30,19 @@
 // Epilogue per segment: both warpgroups' (m, l, O) meet in shared memory (log-sum-exp merge), O is
 // normalised and written row-major (out, or the split's fp32 partial and lse, as the other families).
 //
+// fp8 caches (Cfg::kKVFormat, common.cuh): the stage stays fp16 and every phase above is unchanged but
+// the load. The gather's 16-byte row chunks go to registers (ld.global) where the cp.async would have
+// been issued, and the start of the tile converts them (cvt e4m3x2 -> f16x2, exact) into the stage:
+// the same overlap with the other warpgroup, half the bytes. Bf16 queries become fp16 on load. No
+// scale touches the tile: fp8_e4m3's one scale multiplies the scores (scale_log2) and the output;
+// fp8_ds_mla's per-token scales of its four 128-value groups multiply the four partial scores (one
+// accumulator chain per group, the rope in a fifth) and P^T (one P^T panel per group, each read by the
+// PV of that group's two m-tiles). The registers the tile waits in halve the rows a CTA takes.
+//
 // Shared memory (1024-byte aligned panels, see sm90.cuh Panel): Q ckv [RN][C] | Q rope [RN][R] |
-// 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][RN][64] | per-warp row max/sum [2][4][RN] fp32 |
-// m [2][RN] fp32 | lse [RN] fp32. The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
+// 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][G][RN][64] | fp8_ds_mla token scales [2][64][G]
+// fp32 | per-warp row max/sum [2][4][RN] fp32 | m [2][RN] fp32 | lse [RN] fp32 (G = 4 scale groups for
+// fp8_ds_mla, else 1). The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
 #pragma once
 #include "sm90.cuh"
 
@@ -119,6 +129,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * RN;
   const int part = blockIdx.y;
+  const float sm_scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   const int team = (tid & (kWgThreads - 1)) >> 3, tl = tid & 7;
 
@@ -138,9 +149,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
     // fp8_e4m3: scores and output carry the cache's scale (value = e4m3 * kv_scale)
-    const float kv_scale =
-        Cfg::kKVFormat == KVFormat::kKVFp8Tensor ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
-    const float scale_log2 = p.sm_scale * kLog2e * kv_scale;
+    constexpr bool kTensorScale = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
+    const float kv_scale = kTensorScale ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
+    const float scale_log2 = kTensorScale ? sm_scale_log2 * kv_scale : sm_scale_log2;
 
     // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup.
     //      16-bit caches: cp.async into the stage. fp8 caches: issue_tile loads the tile's bytes into
@@ -221,17 +232,16 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const int r = opaque(row0 + m);
         const bool valid = r < rows;
         const int s = valid ? r / H : 0, h = valid ? r % H : 0;
-        const Q* qn = reinterpret_cast<const Q*>(p.q_nope) +
-                      (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8);
-        const Q* qp =
-            reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
-        if constexpr (std::is_same<Q, KV>::value) {
-          QN::copy_row(s_qn, m, qn, tl, valid ? 16 : 0);
-          QP::copy_row(s_qp, m, qp, tl, valid ? 16 : 0);
-        } else {  // bf16 q over an fp8 cache: fp16 like the tiles
-          QN::convert_row(s_qn, m, qn, tl, valid);
-          QP::convert_row(s_qp, m, qp, tl, valid);
-        }
+        auto q_row = [&](auto panel, uint32_t dst, const Q* src) {
+          using P = decltype(panel);
+          if constexpr (std::is_same<Q, KV>::value) P::copy_row(dst, m, src, tl, valid ? 16 : 0);
+          else P::convert_row(dst, m, src, tl, valid);  // bf16 q over an fp8 cache: fp16 like the tiles
+        };
+        q_row(QN{}, s_qn,
+              reinterpret_cast<const Q*>(p.q_nope) +
+                  (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8));
+        q_row(QP{}, s_qp,
+              reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8));
       }
     }
     cp_async_commit();
@@ -474,7 +484,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
         const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
         const float l = a0 * lw[0] + a1 * lw[1];
-        scale_own[j][e] = l > 0.f ? (wg == 0 ? a0 : a1) * kv_scale / l : 0.f;
+        scale_own[j][e] = l > 0.f ? (kTensorScale ? (wg == 0 ? a0 : a1) * kv_scale : (wg == 0 ? a0 : a1)) / l : 0.f;
         if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY);
       }
     // O staged row-major [RN][C + 4] fp32 over the kv stages: WG 0 stores, WG 1 adds

@@ -57,9 +57,11 @@ using namespace sm90;
 template <class Cfg>
 struct Layout {
   using KV = typename Cfg::KVType;
-  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv");
-  static_assert(Cfg::kKVFormat == KVFormat::kKV16, "no fp8 cache path in this family (generator/spec.py FP8_FAMILIES)");
   static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim, D = C + R;
+  static constexpr bool kFp8 = Cfg::kKVFormat != KVFormat::kKV16;
+  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv tiles");
+  static_assert(std::is_same<typename Cfg::QType, KV>::value || (kFp8 && std::is_same<KV, __half>::value),
+                "the q type is the tile type, except bf16 q over an fp8 cache (fp16 tiles)");
   static constexpr int M = Cfg::kBlockM, N = Cfg::kBlockN, S = Cfg::kStages, W = Cfg::kWarps;
   static constexpr int T = 32 * W;
   static constexpr int NW = N / 2;   // S tokens per warpgroup
@@ -74,7 +76,11 @@ struct Layout {
   static constexpr int kOffQp = QN::kBytes;
   static constexpr int kOffKV = kOffQp + QP::kBytes;
   static constexpr int kStageBytes = KN::kBytes + KP::kBytes;
-  static constexpr int kOffP = kOffKV + S * kStageBytes;
+  // fp8: the stages hold tokens as the cache stores them (common.cuh RawKVTile) and one fp16 tile (the
+  // 16-bit stage layout, 1024-byte aligned) the current tile dequantized for the MMAs
+  static constexpr int kRawStageBytes = kFp8 ? (RawKVTile<Cfg>::kStageBytes + 1023) / 1024 * 1024 : 0;
+  static constexpr int kOffKV16 = kOffKV + S * kRawStageBytes;
+  static constexpr int kOffP = kFp8 ? kOffKV16 + kStageBytes : kOffKV + S * kStageBytes;
   static constexpr int kRedBytes = 2 * M * 4;
   static constexpr int kOffRedMax = kOffP + PP::kBytes;
   static constexpr int kOffRedSum = kOffRedMax + kRedBytes;
@@ -127,16 +133,17 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * M;
   const int part = blockIdx.y;
-  const float scale_log2 = p.sm_scale * kLog2e;
+  const float sm_scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   const int team = tid >> 3, tl = tid & 7;
 
-  // descriptors (uniform per warpgroup); stage st adds st * kStageBytes
+  // descriptors (uniform per warpgroup); stage st adds st * kStageBytes (fp8: the one fp16 tile)
+  const uint32_t s_tile = L::kFp8 ? s_base + L::kOffKV16 : s_kv;
   const uint64_t d_qn = QN::desc(s_qn), d_qp = QP::desc(s_qp), d_p = PP::desc(s_p);
-  const uint64_t d_kn = KN::desc(s_kv, wg * NW);                 // this WG's token rows, ckv part
-  const uint64_t d_kp = KP::desc(s_kv + KN::kBytes, wg * NW);    // and rope part
+  const uint64_t d_kn = KN::desc(s_tile, wg * NW);                 // this WG's token rows, ckv part
+  const uint64_t d_kp = KP::desc(s_tile + KN::kBytes, wg * NW);    // and rope part
   // V: MN-major, n = this WG's CW columns (CW / 64 column blocks, LBO apart), k = tokens (8-row atoms)
-  const uint64_t d_v = make_desc(s_kv + wg * (CW / 64) * KN::kBlockBytes, KN::kBlockBytes, 8u * KN::kRowBytes, 1u);
+  const uint64_t d_v = make_desc(s_tile + wg * (CW / 64) * KN::kBlockBytes, KN::kBlockBytes, 8u * KN::kRowBytes, 1u);
   // this lane's rows in red_max [2][M] (red_sum follows it)
   const uint32_t red_own = s_base + L::kOffRedMax + 4 * (wg * M + wrow + g);
   const uint32_t red_other = s_base + L::kOffRedMax + 4 * ((wg ^ 1) * M + wrow + g);
@@ -146,17 +153,33 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
+    // fp8_e4m3: scores and output carry the cache's scale (value = e4m3 * kv_scale)
+    constexpr bool kTensorScale = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
+    const float kv_scale = kTensorScale ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
+    const float scale_log2 = kTensorScale ? sm_scale_log2 * kv_scale : sm_scale_log2;
 
     // ---- kv tile gather (common.cuh PagedRows): pages looked up one tile ahead
-    PagedRows<KV, N, L::TEAMS> pages;
+    using Pages = PagedRows<KV, N, L::TEAMS>;
+    using RawKV = RawKVTile<Cfg>;
+    Pages pages;
     auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&](int stage) {
-      const uint32_t dst_ckv = s_kv + stage * L::kStageBytes;
-      const uint32_t dst_pe = dst_ckv + KN::kBytes;
-      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
-        KN::copy_row(dst_ckv, n, src_ckv, tl, bytes);
-        KP::copy_row(dst_pe, n, src_pe, tl, bytes);
-      });
+      if constexpr (!L::kFp8) {
+        const uint32_t dst_ckv = s_kv + stage * L::kStageBytes;
+        const uint32_t dst_pe = dst_ckv + KN::kBytes;
+        pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
+          KN::copy_row(dst_ckv, n, src_ckv, tl, bytes);
+          KP::copy_row(dst_pe, n, src_pe, tl, bytes);
+        });
+      } else {
+        RawKV::template issue<Pages, L::TEAMS>(pages, p, team, tl, s_kv + stage * L::kRawStageBytes);
+      }
+    };
+    auto dequantize_tile = [&](int stage) {  // fp8: the raw tile of `stage` -> the fp16 tile, all threads
+      if constexpr (L::kFp8)
+        RawKV::dequantize(
+            s_kv + stage * L::kRawStageBytes, tid, L::T, [&](int n, int c) { return s_tile + KN::off(n, c); },
+            [&](int n, int c) { return s_tile + KN::kBytes + KP::off(n, c); });
     };
 
     // ---- prologue: Q rows (zero padding) with tile 0, then tiles 1 .. S-2
@@ -171,8 +194,13 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
                          (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8);
         const Q* src_p = reinterpret_cast<const Q*>(p.q_pe) +
                          (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
-        QN::copy_row(s_qn, m, src_n, tl, valid ? 16 : 0);
-        QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
+        if constexpr (std::is_same<Q, KV>::value) {
+          QN::copy_row(s_qn, m, src_n, tl, valid ? 16 : 0);
+          QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
+        } else {  // bf16 q over an fp8 cache: fp16 like the tiles
+          QN::convert_row(s_qn, m, src_n, tl, valid);
+          QP::convert_row(s_qp, m, src_p, tl, valid);
+        }
       }
     }
     prefetch_pages(seg.blk_lo);
@@ -206,8 +234,13 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       cp_async_wait<S - 2>();
       fence_proxy_async();  // this thread's copies of tile `it` -> visible to wgmma
       __syncthreads();      // tile `it` is in shared memory; every warp is done with tile it-1 (its stage, P)
+      if constexpr (L::kFp8) {
+        dequantize_tile(comp_stage);
+        fence_proxy_async();  // the fp16 tile -> visible to wgmma
+        __syncthreads();
+      }
 
-      const uint32_t st_off = comp_stage * L::kStageBytes;
+      const uint32_t st_off = L::kFp8 ? 0u : comp_stage * L::kStageBytes;
       const uint64_t d_kn_s = desc_add(d_kn, st_off), d_kp_s = desc_add(d_kp, st_off), d_v_s = desc_add(d_v, st_off);
       comp_stage = comp_stage + 1 == S ? 0 : comp_stage + 1;
 
@@ -383,7 +416,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       const int r = r_lane + 8 * hh;
       if (r >= rows) continue;
       const float l = l_run[hh];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float inv = l > 0.f ? (kTensorScale ? kv_scale / l : 1.f / l) : 0.f;
       const float lse = l > 0.f ? (m_run[hh] + log2f(l)) * kLn2 : -INFINITY;
       const int col0 = wg * CW + 2 * tq;
       if (seg.split) {

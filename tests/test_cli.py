@@ -104,7 +104,7 @@ def test_list_preset_with_an_fp8_cache(kv: str, spelled: str) -> None:
     assert [r["variant_id"] for r in rows] == [
         s.variant_id for s in preset_variants("deepseek-v3", Arch.SM90A, kv_dtype=DType.parse(kv))]
     assert {r["num_heads"] for r in rows} == {128, 64, 32, 16}
-    assert all(f"_bf16_{spelled}_narrow_" in r["variant_id"] and r["kv_dtype"] == spelled for r in rows)
+    assert all(f"_bf16_{spelled}_" in r["variant_id"] and r["kv_dtype"] == spelled for r in rows)
     assert {r["scale_granularity"] for r in rows} == {DType.parse(kv).scale_granularity}
     text = run_cli("list", "--preset", "deepseek-v3", "--kv-dtype", kv, "--tp", "8")
     assert text.returncode == 0 and text.stdout.split()[:3] == [rows[-1]["variant_id"], "kv", kv], text.stdout
@@ -117,9 +117,15 @@ def test_kv_dtype_defaults_to_the_q_dtype() -> None:
     assert plain == same and plain[0]["kv_dtype"] == "fp16" and plain[0]["scale_granularity"] is None
 
 
-def test_explicit_dims_with_an_fp8_cache_pick_the_family_that_reads_it() -> None:
-    (row,) = _json("list", "--heads", "40", "--ckv", "256", "--rope", "32", "--kv-dtype", "fp8_e4m3", "--json")
-    assert row["variant_id"] == "mla_decode_h40_c256_r32_bf16_fp8e4m3_narrow_m32n64s2w8_sm90a"
+def test_explicit_dims_with_an_fp8_cache_take_the_family_dispatch_picks() -> None:
+    from generator.select import decide
+
+    rows = _json("list", "--heads", "16", "40", "--ckv", "256", "--rope", "32", "--kv-dtype", "fp8_e4m3", "--s-q", "1",
+                 "2", "--json")
+    want = [decide(arch=Arch.SM90A, num_heads=h, ckv_dim=256, rope_dim=32, dtype=DType.BF16, s_q=s_q,
+                   kv_dtype=DType.FP8_E4M3).spec.variant_id for h in (16, 40) for s_q in (1, 2)]
+    assert [r["variant_id"] for r in rows] == list(dict.fromkeys(want))       # 40 heads: one variant for both
+    assert [r["family"] for r in rows] == ["narrow", "narrow", "wgmma"]       # 16 and 32 rows fit narrow, 40 not
 
 
 @pytest.mark.parametrize("kv, granularity", [("fp8_e4m3", "one fp32 scale per tensor"),
@@ -136,12 +142,13 @@ def test_explain_prints_the_kv_dtype_and_its_scales(kv: str | None, granularity:
 
 
 @pytest.mark.parametrize("args, names", [
-    (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--family", "mma"], ["--kv-dtype", "family mma"]),
-    (["list", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--family", "wgmma"],
-     ["--kv-dtype", "narrow", "family wgmma"]),
-    (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--arch", "sm_80"], ["--kv-dtype", "sm_80"]),
-    (["build", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_ds_mla", "--arch", "sm_90"],
-     ["--kv-dtype", "sm_90"]),
+    (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--family", "seesaw"],
+     ["--kv-dtype", "family seesaw"]),
+    (["list", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--family", "simt"],
+     ["--kv-dtype", "narrow", "family simt"]),
+    (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--arch", "sm_75"], ["--kv-dtype", "sm_75"]),
+    (["build", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_ds_mla", "--arch", "sm_75"],
+     ["--kv-dtype", "sm_75"]),
     (["list", "--preset", "minicpm3-4b", "--kv-dtype", "fp8_ds_mla"],
      ["--kv-dtype", "minicpm3-4b", "ckv 256 / rope 32", "ckv 512 / rope 64 only"]),
     (["emit", "--heads", "16", "--ckv", "256", "--rope", "32", "--kv-dtype", "fp8_ds_mla"],
@@ -153,8 +160,8 @@ def test_explain_prints_the_kv_dtype_and_its_scales(kv: str | None, granularity:
     (["list", "--preset", "deepseek-v3", "--dtype", "fp8_e4m3"], ["--dtype", "fp8 is a cache format"]),
     (["explain", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--family", "simt"],
      ["--kv-dtype", "family simt"]),
-    (["explain", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--arch", "sm_80"],
-     ["--kv-dtype", "sm_80"]),
+    (["explain", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--arch", "sm_75"],
+     ["--kv-dtype", "sm_75"]),
     (["explain", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_ds_mla", "--dtype", "fp16"],
      ["--dtype", "fp8_ds_mla"]),
 ])

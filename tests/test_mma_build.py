@@ -46,3 +46,39 @@ def test_mma_sass_uses_tensor_cores_and_cp_async(mma_entry):
     assert "LDGSTS.E.BYPASS.128" in sass  # 16-byte cp.async gathers
     assert "LDSM.16.MT88.4" in sass  # V read transposed from the same kv tile
     assert " LDL" not in sass and " STL" not in sass  # nothing in local memory
+
+
+# ---- fp8 caches (issue 13): raw stages dequantized into one fp16 tile ---------------------------------
+
+@pytest.fixture(scope="module", params=[(Arch.SM80, DType.FP8_E4M3), (Arch.SM80, DType.FP8_DS_MLA),
+                                        (Arch.SM90A, DType.FP8_E4M3)], ids=lambda p: f"{p[0].nvcc_name}-{p[1].cli_name}")
+def mma_fp8_entry(request, tmp_path_factory):
+    arch, kv = request.param
+    spec = VariantSpec(16, 512, 64, DType.BF16, kv, DType.BF16, Family.MMA,
+                       default_tile(Family.MMA, 16, 512, 64, arch, 1, kv), arch)
+    result = build(spec, BinaryCache(tmp_path_factory.mktemp("mma_fp8_cache")))
+    assert result.built
+    return result.entry
+
+
+@pytest.mark.slow
+@pytest.mark.needs_nvcc
+def test_mma_fp8_variant_has_no_spills_and_no_warnings(mma_fp8_entry):
+    log = (mma_fp8_entry.path / "build.log").read_text()
+    decode = next(k for k in mma_fp8_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
+    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
+    assert "warning" not in log.lower(), log
+
+
+@pytest.mark.slow
+@pytest.mark.needs_nvcc
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+def test_mma_fp8_sass_dequantizes_for_fp16_mma(mma_fp8_entry):
+    sass = subprocess.run(["cuobjdump", "--dump-sass", str(mma_fp8_entry.so_path())], capture_output=True,
+                          text=True, check=True).stdout
+    assert "HMMA.16816.F32 " in sass and "HMMA.16816.F32.BF16" not in sass  # fp16 tensor cores
+    assert "LDGSTS.E.BYPASS.128" in sass and "LDS.128" in sass and "STS.128" in sass  # raw stage -> fp16 tile
+    if "sm90a" in mma_fp8_entry.meta()["variant_id"]:
+        assert "F2FP.F16.E4M3.UNPACK_B" in sass  # sm_89+: one instruction per e4m3 pair
+    else:
+        assert "HMUL2" in sass and "F2FP.F16.E4M3" not in sass  # sm_80: bits moved by hand, times 2^8

@@ -104,3 +104,97 @@ def test_narrow_sass_uses_hgmma_with_rows_as_n(narrow_entry):
     assert sass.count("HGMMA.64x32x16.F32.BF16") == 36 + 32
     assert "LDGSTS.E.BYPASS.128" in sass
     assert " LDL" not in sass and " STL" not in sass
+
+
+# ---- fp8 caches (issue 13): the dequantizing gather -------------------------------------------------
+
+E4M3, DS = DType.FP8_E4M3, DType.FP8_DS_MLA
+
+
+def narrow_fp8(kv: DType, heads: int = 16, ckv: int = 512, rope: int = 64, q: DType = BF16) -> VariantSpec:
+    tile = default_tile(Family.NARROW, heads, ckv, rope, Arch.SM90A, 1, kv)
+    return VariantSpec(heads, ckv, rope, q, kv, q, Family.NARROW, tile, Arch.SM90A)
+
+
+def test_fp8_rows_leave_registers_for_the_gather() -> None:
+    # the tile's bytes wait in registers next to O^T: half the O^T accumulators of the 16-bit limit
+    assert narrow_max_rows(512, E4M3) == narrow_max_rows(512, DS) == 16
+    assert narrow_max_rows(256, E4M3) == 32
+    assert narrow_fp8(E4M3, heads=40, ckv=256, rope=32).tile.block_m == 32
+
+
+def test_fp8_shared_memory_formula() -> None:
+    # the same fp16 stages; fp8_ds_mla adds a P^T panel per scale group (4) and the token scales [2][64][4]
+    assert narrow_fp8(E4M3).smem_bytes == narrow().smem_bytes == 170688
+    assert narrow_fp8(DS).smem_bytes == 170688 + 2 * 3 * 16 * 64 * 2 + 2 * 64 * 4 * 4
+
+
+@pytest.mark.parametrize("heads, s_q, family, blocks", [(16, 1, Family.NARROW, 1), (5, 1, Family.NARROW, 1),
+                                                         (8, 2, Family.NARROW, 1), (16, 2, Family.WGMMA, 1),
+                                                         (128, 1, Family.WGMMA, 2)])
+@pytest.mark.parametrize("kv", [E4M3, DS], ids=lambda d: d.cli_name)
+def test_fp8_dispatch_narrow_up_to_16_rows_then_wgmma(kv: DType, heads: int, s_q: int, family: Family,
+                                                      blocks: int) -> None:
+    d = decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q, kv_dtype=kv)
+    assert d.spec.family is family and d.spec.kv_dtype is kv and d.m_blocks == blocks
+    assert d.reasons[0].startswith(f"family {family.value}:")
+
+
+@pytest.mark.parametrize("arch", [Arch.SM80, Arch.SM86, Arch.SM90])
+def test_fp8_without_narrow_is_mma(arch: Arch) -> None:
+    d = decide(arch=arch, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
+    assert d.spec.family is Family.MMA and d.spec.kv_dtype is E4M3
+
+
+def test_fp8_before_sm80_names_kv_dtype() -> None:
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, wgmma, mma families"):
+        decide(arch=Arch.SM75, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
+
+
+@pytest.mark.parametrize("family", [Family.SEESAW, Family.SIMT])
+def test_fp8_in_a_family_without_the_path_names_kv_dtype(family: Family) -> None:
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_ds_mla caches are read by the narrow, wgmma, mma family only"):
+        decide(arch=Arch.SM90A, num_heads=64, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=DS, family=family)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(kv=DS, ckv=256, rope=32), "kv_dtype"),   # the 656-byte token is 512 + 64
+    (dict(kv=DS, q=DType.FP16), "q_dtype"),         # its rope is bf16
+])
+def test_fp8_ds_mla_shape_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(SpecError) as info:
+        narrow_fp8(**kwargs)
+    assert str(info.value).startswith(f"{field}:"), str(info.value)
+
+
+@pytest.fixture(scope="module", params=[E4M3, DS], ids=lambda d: d.cli_name)
+def fp8_entry(request, tmp_path_factory):
+    from generator.build import build
+    from generator.cache import BinaryCache
+
+    result = build(narrow_fp8(request.param), BinaryCache(tmp_path_factory.mktemp("narrow_fp8_cache")))
+    assert result.built
+    return result.entry
+
+
+@pytest.mark.slow
+@pytest.mark.needs_nvcc
+def test_fp8_variant_has_no_spills_and_no_warnings(fp8_entry):
+    log = (fp8_entry.path / "build.log").read_text()
+    decode = next(k for k in fp8_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
+    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
+    assert "warning" not in log.lower(), log
+
+
+@pytest.mark.slow
+@pytest.mark.needs_nvcc
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+def test_fp8_sass_dequantizes_into_fp16_hgmma(fp8_entry):
+    sass = subprocess.run(["cuobjdump", "--dump-sass", str(fp8_entry.so_path())], capture_output=True, text=True,
+                          check=True).stdout
+    # fp16 tensor-core math (no .BF16 suffix), the same 36 + 32 m64 n16 wgmmas as the 16-bit cache
+    assert sass.count("HGMMA.64x16x16.F32 ") == 36 + 32 and "HGMMA.64x16x16.F32.BF16" not in sass
+    assert "F2FP.F16.E4M3.UNPACK_B" in sass          # e4m3x2 -> f16x2, one instruction per pair
+    assert "LDG.E.128.CONSTANT" in sass and "STS.128" in sass  # 16-byte row loads into registers, then stores
+    assert "LDGSTS" not in sass                      # bf16 q is converted too: no cp.async left
+    assert " LDL" not in sass and " STL" not in sass

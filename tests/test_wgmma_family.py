@@ -98,3 +98,53 @@ def test_dispatch_picks_wgmma_on_sm90a_beyond_narrow_rows(heads: int, s_q: int) 
     assert d.spec.family is Family.WGMMA  # more than 32 rows at ckv 512: narrow would need several row blocks
     assert "also for few heads" in d.reasons[0]
     assert decide(arch=Arch.SM80, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16).spec.family is Family.MMA
+
+
+# ---- fp8 caches (issue 13): raw stages dequantized into one fp16 tile ---------------------------------
+
+def wgmma_fp8(kv: DType, heads: int = 128, ckv: int = 512, rope: int = 64) -> VariantSpec:
+    tile = default_tile(Family.WGMMA, heads, ckv, rope, Arch.SM90A, 1, kv)
+    return VariantSpec(heads, ckv, rope, BF16, kv, BF16, Family.WGMMA, tile, Arch.SM90A)
+
+
+def test_fp8_tiles_and_shared_memory() -> None:
+    # fp8_e4m3 512/64: 2 raw stages of 64 x 576 bytes and one fp16 tile take what 2 fp16 stages took
+    e4m3 = wgmma_fp8(DType.FP8_E4M3)
+    assert e4m3.tile == Tile(64, 64, 2, 8) and e4m3.smem_bytes == wgmma().smem_bytes == 230400
+    # fp8_ds_mla: two 64-token stages of 656-byte tokens and the fp16 tile do not fit: 32-token tiles
+    ds = wgmma_fp8(DType.FP8_DS_MLA)
+    assert ds.tile == Tile(64, 32, 4, 8)
+    # q, 4 raw stages (32 x 656 bytes = 20.5 KB, each padded to 21 KB), the fp16 tile, P, the exchange arrays
+    assert ds.smem_bytes == 64 * 576 * 2 + 4 * 21 * 1024 + 32 * 576 * 2 + 64 * 32 * 2 + 4 * 64 * 4 == 201728
+    assert wgmma_fp8(DType.FP8_E4M3, heads=40, ckv=256, rope=32).tile == Tile(64, 64, 4, 8)
+
+
+@pytest.fixture(scope="module", params=[DType.FP8_E4M3, DType.FP8_DS_MLA], ids=lambda d: d.cli_name)
+def wgmma_fp8_entry(request, tmp_path_factory):
+    from generator.build import build
+    from generator.cache import BinaryCache
+
+    result = build(wgmma_fp8(request.param), BinaryCache(tmp_path_factory.mktemp("wgmma_fp8_cache")))
+    assert result.built
+    return result.entry
+
+
+@pytest.mark.slow
+@pytest.mark.needs_nvcc
+def test_fp8_variant_has_no_spills_and_no_warnings(wgmma_fp8_entry):
+    log = (wgmma_fp8_entry.path / "build.log").read_text()
+    decode = next(k for k in wgmma_fp8_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
+    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
+    assert "warning" not in log.lower(), log
+
+
+@pytest.mark.slow
+@pytest.mark.needs_nvcc
+@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+def test_fp8_sass_dequantizes_for_fp16_hgmma(wgmma_fp8_entry):
+    sass = subprocess.run(["cuobjdump", "--dump-sass", str(wgmma_fp8_entry.so_path())], capture_output=True,
+                          text=True, check=True).stdout
+    assert "HGMMA.64x" in sass and ".F32.BF16" not in sass.split("merge_kernel")[0]  # fp16 tensor cores
+    assert "F2FP.F16.E4M3.UNPACK_B" in sass                  # e4m3x2 -> f16x2
+    assert "LDGSTS.E.BYPASS.128" in sass and "LDS.128" in sass and "STS.128" in sass  # raw stage -> fp16 tile
+    assert " LDL" not in sass and " STL" not in sass
