@@ -86,7 +86,7 @@ def test_kv_dtype_options() -> None:
     (["--kv-dtype", "fp8_ds_mla", "--dtype", "fp16"], ["fp8_ds_mla", "bf16 queries"]),
     (["--kv-dtype", "fp8_ds_mla", "--preset", "minicpm3-4b"], ["ckv 256, rope 32"]),
     (["--kv-dtype", "fp8_ds_mla", "--cases", "minicpm3"], ["ckv 256, rope 32"]),
-    (["--kv-dtype", "fp8_e4m3", "--families", "simt,wgmma"], ["narrow", "--families"]),
+    (["--kv-dtype", "fp8_e4m3", "--families", "simt,seesaw"], ["narrow, wgmma, mma families", "--families"]),
 ])
 def test_kv_dtype_usage_errors(argv: list[str], words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
@@ -306,26 +306,30 @@ class _ReferenceWrapper(_FakeWrapper):
 @pytest.mark.parametrize("kv", [E4M3, DS])
 def test_a_case_end_to_end_on_the_cpu(kv: DType, monkeypatch: pytest.MonkeyPatch) -> None:
     """runner._bench_case with a reference-computing wrapper and a timer that hands out set times: the 16-bit
-    rows, then the fp8 row checked against the dequantized reference, with its ratio to the 16-bit row."""
+    rows, then the fp8 rows checked against the dequantized reference; the ratio on the row of the family
+    dispatch picks for the fp8 cache (narrow at 16 heads), over dispatch's 16-bit row (narrow)."""
     from generator.spec import Arch
     from mla_gen.bench import runner
 
     monkeypatch.setattr(impls, "MLADecodeWrapper", _ReferenceWrapper)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    times = iter([200.0, 210.0, 112.0, 900.0])     # narrow, narrow+plan, narrow[fp8], torch
+    times = iter([200.0, 260.0, 210.0, 112.0, 150.0, 900.0])   # narrow, mma, narrow+plan, their fp8 rows, torch
 
     def timed(fn):
         fn()
         return _timing(next(times))
 
+    two = [Family.NARROW, Family.MMA]
     ctx = dataclasses.replace(_context(kv), device=torch.device("cpu"), info=types.SimpleNamespace(
-        arch=Arch.SM90A, sm_count=132), timer=types.SimpleNamespace(time=timed))
+        arch=Arch.SM90A, sm_count=132), timer=types.SimpleNamespace(time=timed), families=two,
+        available=two, fp8_families=two)
     case = Case("1", 3, 16, seqlen=None, seqlens_random=(1, 90), page_size=16, seed=2)
     records = {r.impl: r for r in runner._bench_case(ctx, case)}
-    fp8 = records[f"mla-gen:narrow[{kv.cli_name}]"]
-    assert list(records) == ["mla-gen:narrow", "mla-gen:narrow+plan", fp8.impl, "torch"]
+    narrow, mma = records[f"mla-gen:narrow[{kv.cli_name}]"], records[f"mla-gen:mma[{kv.cli_name}]"]
+    assert list(records) == ["mla-gen:narrow", "mla-gen:mma", "mla-gen:narrow+plan", narrow.impl, mma.impl, "torch"]
     assert all(r.status == "ok" for r in records.values()), [r.note for r in records.values()]
-    assert fp8.kv_dtype == kv.cli_name and fp8.bytes == work(case, kv).bytes < records["torch"].bytes
-    assert fp8.check_against == "reference[3 req]" and fp8.rel_l2 < 1e-2
-    assert fp8.vs_16bit == pytest.approx(112 / 200) and fp8.vs_16bit_impl == "mla-gen:narrow"
+    assert narrow.kv_dtype == kv.cli_name and narrow.bytes == work(case, kv).bytes < records["torch"].bytes
+    assert narrow.check_against == "reference[3 req]" and narrow.rel_l2 < 1e-2 and mma.rel_l2 < 1e-2
+    assert narrow.vs_16bit == pytest.approx(112 / 200) and narrow.vs_16bit_impl == "mla-gen:narrow"
+    assert mma.vs_16bit is None and mma.time_us == 150.0
     assert records["torch"].kv_dtype == "bf16" and records["torch"].vs_16bit is None

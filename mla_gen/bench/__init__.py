@@ -10,8 +10,9 @@
 Per case: inputs built once (random, paged, one combined cache); a float64 reference of a few requests;
 then every mla-gen family (plan once, run timed), the torch baseline and, with --peers, every peer.
 With --kv-dtype fp8_e4m3 or fp8_ds_mla, mla-gen's fp8 families also run on the cache quantized once
-(untimed), checked against the float64 reference on its dequantization, with their time over the
-dispatched family's on the 16-bit cache; the torch baseline and the peers stay on the 16-bit cache.
+(untimed), checked against the float64 reference on its dequantization; the family dispatch picks for
+the fp8 cache carries its time over dispatch's on the 16-bit cache. The torch baseline and the peers
+stay on the 16-bit cache.
 Each output is checked before its time counts: mla-gen's against the reference, the others' against
 mla-gen's output (max abs diff shown). Times: CUDA events, warm-up, L2 flushed before each call, median
 and p10-p90 of --iters runs. Bytes and FLOPs: mla_gen/bench/cases.py; ceilings: mla_gen/bench/timing.py.

@@ -194,7 +194,7 @@ def _kv_dtype(args: argparse.Namespace, dtype: str, cases: list[Case]) -> DType 
         return None
     if args.families and not set(args.families) & set(FP8_FAMILIES):
         raise UsageError(f"argument --kv-dtype: {kv.cli_name} caches are read by the "
-                         f"{', '.join(f.value for f in FP8_FAMILIES)} family, which --families leaves out")
+                         f"{', '.join(f.value for f in FP8_FAMILIES)} families, none of them in --families")
     reasons = [fp8_unsupported(c, kv) for c in cases]
     if all(reasons):
         raise UsageError(f"argument --kv-dtype: {reasons[0]}")

@@ -131,7 +131,7 @@ def work(case: Case, kv_dtype: DType | None = None) -> Work:
 
 def fp8_unsupported(case: Case, kv_dtype: DType) -> str | None:
     """Why no mla-gen kernel reads `case` from a `kv_dtype` cache (fp8_ds_mla: other dims, fp16 q), or None;
-    asked of dispatch on sm_90a, where the fp8 family runs (another device's rows say so when they run)."""
+    asked of dispatch on sm_90a, where every fp8 family runs (another device's rows say so when they run)."""
     try:
         decide(arch=Arch.SM90A, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                dtype=DType.parse(case.dtype), s_q=case.s_q, kv_dtype=kv_dtype)

@@ -95,7 +95,8 @@ class Record:
     check_against: str | None = None
     max_abs_diff: float | None = None
     rel_l2: float | None = None
-    vs_16bit: float | None = None       # an fp8 row: time_us / vs_16bit_impl's on the case's 16-bit cache
+    # the fp8 row of the family dispatch picks: time_us / vs_16bit_impl's (dispatch's on the 16-bit cache)
+    vs_16bit: float | None = None
     vs_16bit_impl: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -195,14 +195,24 @@ def _bench_case(ctx: Context, case: Case) -> list[Record]:
         add(evaluate(ctx, case, f"mla-gen:{default.value}+plan", functools.partial(mlagen, default, True),
                      lambda o: ref.check(o, REF_TOL[case.dtype]))[0])
     if ctx.kv_dtype is not None:
+        # the ratio compares what mla_decode runs: the family dispatch picks for each cache
         baseline = next((r for r in records if r.impl == f"mla-gen:{default.value}"), None)
+        dispatched = _dispatched_fp8_impl(ctx, case)
         for rec in fp8_records(ctx, case, inp, ref.rows, mlagen):
-            add(with_16bit_ratio(rec, baseline))
+            add(with_16bit_ratio(rec, baseline) if rec.impl == dispatched else rec)
     add(evaluate(ctx, case, TORCH_IMPL, lambda: prepare_torch(inp, case), judge)[0])
     if ctx.peers is not None:
         for name in ctx.peers.names:
             add(evaluate(ctx, case, name, functools.partial(peer, name), judge)[0])
     return records + ctx.absent_records(case)
+
+
+def _dispatched_fp8_impl(ctx: Context, case: Case) -> str | None:
+    """The fp8 row of the family dispatch picks for the case's fp8 cache on this device, or None (none can)."""
+    try:
+        return ctx.fp8_impl(_decision_spec(case, None, ctx.info, ctx.kv_dtype).family)
+    except SpecError:
+        return None
 
 
 def fp8_records(ctx: Context, case: Case, inp: DecodeInputs, rows: list[int],
