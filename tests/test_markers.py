@@ -28,5 +28,6 @@ def test_needs_nvcc_skips_without_nvcc(tmp_path: Path) -> None:
                            "tests/test_mma_build.py", "tests/test_wgmma_family.py", "-k", "spills"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "3 skipped" in proc.stdout and "needs nvcc" in proc.stdout, proc.stdout[-3000:]
+    # every selected build test skips (main's fp8 builds raised the count past 3: no fixed number here)
+    assert " skipped" in proc.stdout and "passed" not in proc.stdout and "needs nvcc" in proc.stdout, proc.stdout[-3000:]
     assert "error" not in proc.stdout.lower().replace("errors.py", ""), proc.stdout[-3000:]
