@@ -16,7 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import warnings
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from generator import __version__, env
 from generator.build import build, plan_build, sources_sha256
@@ -39,8 +39,12 @@ class Variant(Protocol):
     def decode(self, params: Any, stream: int) -> None: ...
     def merge(self, params: Any, stream: int) -> None: ...
     def run(self, params: Any, stream: int, replan: bool = True) -> None: ...
+    @overload
     def launch(self, params: Any, stream: int, q_nope: int, q_pe: int, ckv: int, kpe: int, block_table: int,
                seqlens: int, out: int, lse: int, replan: bool) -> None: ...
+    @overload  # an fp8_e4m3 cache: its kv_scale pointer too
+    def launch(self, params: Any, stream: int, q_nope: int, q_pe: int, ckv: int, kpe: int, block_table: int,
+               seqlens: int, out: int, lse: int, kv_scale: int, replan: bool) -> None: ...
     def max_active_ctas(self) -> int: ...
 
 

@@ -498,8 +498,16 @@ FP8_FAMILIES = (Family.NARROW, Family.WGMMA, Family.MMA)
 def _check_fp8(spec: VariantSpec) -> None:
     if spec.family not in FP8_FAMILIES:
         raise SpecError(f"kv_dtype: {spec.kv_dtype.cli_name} caches are read by the "
-                        f"{', '.join(f.value for f in FP8_FAMILIES)} family only so far, got family "
+                        f"{', '.join(f.value for f in FP8_FAMILIES)} families only, got family "
                         f"{spec.family.value}")
+    # narrow's fp8 gather: a team of 8 lanes reads a token's ckv in 128-byte steps and its rope in one
+    # 16-byte chunk per lane (templates/narrow.cuh issue_tile)
+    if spec.ckv_dim % 128:
+        raise SpecError(f"ckv_dim: an fp8 cache is read in 128-value steps per token, expected a multiple of 128, "
+                        f"got {spec.ckv_dim}")
+    if spec.rope_dim > 128:
+        raise SpecError(f"rope_dim: an fp8 cache's rope is read in one 16-byte chunk per lane of 8, expected at "
+                        f"most 128, got {spec.rope_dim}")
     if spec.kv_dtype is DType.FP8_DS_MLA:
         if (spec.ckv_dim, spec.rope_dim) != (DS_MLA_CKV, DS_MLA_ROPE):
             raise SpecError(f"kv_dtype: the {DS_MLA_TOKEN_BYTES}-byte fp8_ds_mla token holds ckv {DS_MLA_CKV} and "

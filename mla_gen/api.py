@@ -1,6 +1,8 @@
 """mla_decode and MLADecodeWrapper: absorbed MLA decode attention on generated kernels.
 
     out = mla_decode(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale)
+    out = mla_decode(q_nope, q_pe, ckv, kpe, block_table, cache_seqlens, sm_scale, kv_scale=scale)  # fp8_e4m3
+    out = mla_decode(q_nope, q_pe, cache_656, None, block_table, cache_seqlens, sm_scale)       # fp8_ds_mla
 
 For serving, plan once per batch shape and run per step; `run` never syncs with the host and
 allocates nothing, so a CUDA graph can capture it, and the split-kv schedule is computed on the
@@ -8,9 +10,9 @@ GPU from the device-resident lengths, so a captured graph stays valid while leng
 
 The host path of a call (DESIGN.md section 7): inputs whose `validate.structure_key` (types, shapes,
 strides, dtypes, devices) passed every check once find a `_Site` holding the checked shape and a
-DecodeParams with every field set but the eight data pointers; such a call checks only the pointers'
-alignment, reads the current stream, and makes one call into the launcher (`launch`). Any other call
-runs every check, as the first one did.
+DecodeParams with every field set but the per-call data pointers (eight; nine with an fp8_e4m3 cache's
+kv_scale); such a call checks only the pointers' alignment, reads the current stream, and makes one call
+into the launcher (`launch`). Any other call runs every check, as the first one did.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import torch
 
 from generator import env
 from generator.select import Decision
-from generator.spec import VariantSpec
+from generator.spec import DType, VariantSpec
 from mla_gen import validate
 from mla_gen.dispatch import choose, occupancy
+from mla_gen.fp8 import DS_MLA_ROPE_OFFSET
 from mla_gen.loader import get_module
 from mla_gen.schedule import max_partials
 
@@ -49,6 +52,11 @@ class DecodePlan:
     @property
     def spec(self) -> VariantSpec:
         return self.decision.spec
+
+    @property
+    def kv_dtype(self) -> DType:
+        """The cache's format: the q dtype, DType.FP8_E4M3 or DType.FP8_DS_MLA."""
+        return self.decision.spec.kv_dtype
 
     @property
     def rows(self) -> int:
@@ -76,7 +84,7 @@ _current_device = _device_reader()
 @dataclasses.dataclass(frozen=True)
 class _Site:
     """One input structure a plan has checked: the shape, and the launch parameters with every field set
-    but the eight per-call pointers. out_ptr/lse_ptr: the plan's own buffers, used when a call passes
+    but the per-call pointers. out_ptr/lse_ptr: the plan's own buffers, used when a call passes
     none (lse_ptr 0: no lse). pair: run returns (out, lse)."""
     shape: validate.DecodeShape
     params: Any
@@ -93,7 +101,7 @@ class MLADecodeWrapper:
 
     plan(cache_seqlens, s_q, num_heads=..., ...) once per batch shape: picks the variant, builds or
     loads it, allocates the schedule and split workspace and the output buffers.
-    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens) per step: three launches on the
+    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens[, kv_scale=]) per step: three launches on the
     current stream (the device planner; the decode kernel, which merges requests split over a few parts
     itself; the merge of requests split over many), each overlapping the one before on sm_90 (programmatic
     dependent launch), made by one call into the launcher; no host sync, no allocation. Without
@@ -116,18 +124,22 @@ class MLADecodeWrapper:
 
     def plan(self, cache_seqlens: torch.Tensor, s_q: int = 1, *, num_heads: int, ckv_dim: int = 512,
              rope_dim: int = 64, page_size: int, max_pages: int, sm_scale: float,
-             dtype: torch.dtype = torch.bfloat16, return_lse: bool = False) -> DecodePlan:
-        """Fixes batch size (cache_seqlens.shape[0]), s_q, heads, dims, dtype, page size and block-table
-        width. Reads no length values. Raises TypeError/ValueError for bad arguments and BuildError,
-        ToolchainError or CacheError when the variant cannot be built."""
+             dtype: torch.dtype = torch.bfloat16, return_lse: bool = False,
+             kv_dtype: str | torch.dtype | None = None) -> DecodePlan:
+        """Fixes batch size (cache_seqlens.shape[0]), s_q, heads, dims, dtype (q's and out's), the cache's
+        format, page size and block-table width. kv_dtype: None (the cache holds `dtype`), "fp8_e4m3" (or
+        torch.float8_e4m3fn: float8 ckv and kpe caches and a kv_scale per run) or "fp8_ds_mla" (one
+        656-byte cache; ckv 512, rope 64, bf16 q). Reads no length values. Raises TypeError/ValueError for
+        bad arguments (SpecError, a ValueError naming kv_dtype, where no kernel for this arch reads the
+        format), and BuildError, ToolchainError or CacheError when the variant cannot be built."""
         device = self._device
-        batch, sm_scale = validate.check_plan(cache_seqlens, s_q, num_heads=num_heads, ckv_dim=ckv_dim,
-                                              rope_dim=rope_dim, page_size=page_size, max_pages=max_pages,
-                                              sm_scale=sm_scale, dtype=dtype, device=device)
+        batch, sm_scale, kv = validate.check_plan(cache_seqlens, s_q, num_heads=num_heads, ckv_dim=ckv_dim,
+                                                  rope_dim=rope_dim, page_size=page_size, max_pages=max_pages,
+                                                  sm_scale=sm_scale, dtype=dtype, device=device, kv_dtype=kv_dtype)
         # variant by the rules, then the grid by that variant's occupancy on this device
         shape = (device.index, num_heads, ckv_dim, rope_dim, dtype, s_q, self._family, self._num_parts)
-        module = get_module(choose(*shape).spec)
-        decision = choose(*shape, ctas_per_sm=occupancy(module, device.index))
+        module = get_module(choose(*shape, kv_dtype=kv).spec)
+        decision = choose(*shape, ctas_per_sm=occupancy(module, device.index), kv_dtype=kv)
         plan = DecodePlan(device, batch, s_q, num_heads, ckv_dim, rope_dim, dtype, page_size, max_pages, sm_scale,
                           return_lse, decision, max_partials(decision.num_parts))
         self._install(plan, module)
@@ -160,16 +172,21 @@ class MLADecodeWrapper:
         for arg, field, got in (("q_nope", "batch", shape.batch), ("q_nope", "s_q", shape.s_q),
                                 ("q_nope", "num_heads", shape.num_heads), ("q_nope", "ckv_dim", shape.ckv_dim),
                                 ("q_pe", "rope_dim", shape.rope_dim), ("q_nope", "dtype", shape.dtype),
-                                ("ckv_cache", "page_size", shape.page_size),
+                                ("ckv_cache", "kv_dtype", shape.kv_dtype), ("ckv_cache", "page_size", shape.page_size),
                                 ("block_table", "max_pages", shape.max_pages)):
             want = getattr(plan, field)
             if got != want:
+                if field == "kv_dtype":
+                    got, want = got.cli_name, want.cli_name
                 raise ValueError(f"{arg}: {field} {got} differs from the plan's {want}; call plan() again")
 
-    def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
-            block_table: torch.Tensor, cache_seqlens: torch.Tensor, *, out: torch.Tensor | None = None,
-            lse: torch.Tensor | None = None, replan: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def run(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+            kpe_cache: torch.Tensor | None, block_table: torch.Tensor, cache_seqlens: torch.Tensor, *,
+            kv_scale: torch.Tensor | None = None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            replan: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """out [B, s_q, H, C] (and lse [B, s_q, H] fp32 when the plan asked for it or lse= is given).
+        The caches as mla_decode takes them, in the plan's kv_dtype; an fp8_e4m3 cache's kv_scale is read
+        by the kernel at each launch (its pointer is taken per call, so a graph replay sees its new value).
 
         replan=False skips the device planner and reuses the work list the last run of this wrapper
         computed: for the other layers of a decoding step, whose lengths are the same (as engines reuse
@@ -182,17 +199,19 @@ class MLADecodeWrapper:
         if not replan and not self._work_list_planned:
             raise ValueError("replan: False needs a work list, but no run with replan=True followed plan()")
         try:
-            key = validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse)
+            key = validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse,
+                                         kv_scale)
             site = sites.get(key)
         except Exception:  # not a tensor (or one without strides): the checks name it, in their order
             key = site = None
         stream = _current_stream(self._index)
         args = None if site is None else self._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache,
-                                                          block_table, cache_seqlens, out, lse)
+                                                          block_table, cache_seqlens, out, lse, kv_scale)
         if args is None:
-            site = self._checked_site(key, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse)
+            site = self._checked_site(key, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse,
+                                      kv_scale)
             args = self._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                  out, lse)
+                                  out, lse, kv_scale)
         self._launch(args, replan)
         if out is None:
             out = self._out
@@ -201,13 +220,14 @@ class MLADecodeWrapper:
         return out
 
     def _checked_site(self, key: tuple | None, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                      out, lse) -> _Site:
+                      out, lse, kv_scale) -> _Site:
         """Every check of run(), then the inputs' site, kept under `key` (None: not kept)."""
         plan = self._plan
         shape = validate.check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                         plan.sm_scale, out, lse)
+                                         plan.sm_scale, out, lse, kv_scale)
         device = validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
-                                        block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
+                                        block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
+                                        kv_scale=kv_scale)
         self._check_plan_device(shape, device)
         site = self._site(shape, q_nope, q_pe, ckv_cache, kpe_cache, block_table, out, lse, plan.sm_scale,
                           plan.return_lse or lse is not None)
@@ -224,19 +244,25 @@ class MLADecodeWrapper:
             raise ValueError(f"q_nope: expected a tensor on {self._plan.device} (the plan's device), got {device}")
 
     def _pointers(self, site: _Site, stream: int, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                  out, lse) -> tuple | None:
-        """The launcher's launch() arguments for a call of `site`; None when a data pointer that
-        check_structure requires 16-byte aligned is not (check_structure then names it)."""
-        qn, qp, ckv, kpe = q_nope.data_ptr(), q_pe.data_ptr(), ckv_cache.data_ptr(), kpe_cache.data_ptr()
+                  out, lse, kv_scale=None) -> tuple | None:
+        """The launcher's launch() arguments for a call of `site` (kv_scale's pointer last, where the site's
+        cache takes one); None when a data pointer that check_structure requires 16-byte aligned is not
+        (check_structure then names it). kpe_cache None: an fp8_ds_mla cache, its rope inside each token."""
+        qn, qp, ckv = q_nope.data_ptr(), q_pe.data_ptr(), ckv_cache.data_ptr()
+        kpe = ckv + DS_MLA_ROPE_OFFSET if kpe_cache is None else kpe_cache.data_ptr()
         o = site.out_ptr if out is None else out.data_ptr()
         if (qn | qp | ckv | kpe | o) & 15:
             return None
-        return (site.params, stream, qn, qp, ckv, kpe, block_table.data_ptr(), cache_seqlens.data_ptr(), o,
-                site.lse_ptr if lse is None else lse.data_ptr())
+        l = site.lse_ptr if lse is None else lse.data_ptr()
+        if kv_scale is None:
+            return site.params, stream, qn, qp, ckv, kpe, block_table.data_ptr(), cache_seqlens.data_ptr(), o, l
+        return (site.params, stream, qn, qp, ckv, kpe, block_table.data_ptr(), cache_seqlens.data_ptr(), o, l,
+                kv_scale.data_ptr())
 
     def _launch(self, args: tuple, replan: bool = True) -> None:
         """Device planner (unless the last work list is reused), decode, merge: launches on the stream in
-        `args` only, made by one call into the launcher."""
+        `args` only, made by one call into the launcher (its launch() takes the pointers with or without a
+        kv_scale)."""
         if _current_device() == self._index:
             self._module.launch(*args, replan)
         else:
@@ -256,8 +282,11 @@ class MLADecodeWrapper:
         p = self._module.DecodeParams()
         p.q_nope_stride_b, p.q_nope_stride_s, p.q_nope_stride_h = q_nope.stride()[:3]
         p.q_pe_stride_b, p.q_pe_stride_s, p.q_pe_stride_h = q_pe.stride()[:3]
-        p.ckv_stride_page, p.ckv_stride_tok = ckv_cache.stride()[:2]
-        p.kpe_stride_page, p.kpe_stride_tok = kpe_cache.stride()[:2]
+        p.ckv_stride_page, p.ckv_stride_tok = ckv_cache.stride()[:2]  # fp8 caches: 1-byte elements, bytes
+        if kpe_cache is None:  # fp8_ds_mla: the bf16 rope of each 656-byte token, strides in bf16 elements
+            p.kpe_stride_page, p.kpe_stride_tok = ckv_cache.stride(0) // 2, ckv_cache.stride(1) // 2
+        else:
+            p.kpe_stride_page, p.kpe_stride_tok = kpe_cache.stride()[:2]
         p.block_table_stride = block_table.stride(0)
         p.out_stride_b, p.out_stride_s, p.out_stride_h = out.stride()[:3]
         if lse is not None:
@@ -333,7 +362,8 @@ def _wrapper_for(shape: validate.DecodeShape, device: torch.device, stream: int,
         seqlens_meta = torch.empty(shape.batch, dtype=torch.int32, device=device)
         wrapper.plan(seqlens_meta, shape.s_q, num_heads=shape.num_heads, ckv_dim=shape.ckv_dim,
                      rope_dim=shape.rope_dim, page_size=shape.page_size, max_pages=shape.max_pages,
-                     sm_scale=sm_scale, dtype=shape.dtype, return_lse=return_lse)
+                     sm_scale=sm_scale, dtype=shape.dtype, return_lse=return_lse,
+                     kv_dtype=shape.kv_dtype if shape.kv_dtype.is_fp8 else None)
         _WRAPPERS[key] = wrapper
         if len(_WRAPPERS) > _MAX_WRAPPERS:
             _WRAPPERS.popitem(last=False)
@@ -352,24 +382,28 @@ def _touch(wkey: tuple) -> bool:
     return True
 
 
-def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor | None,
                block_table: torch.Tensor, cache_seqlens: torch.Tensor, sm_scale: float, *,
-               out: torch.Tensor | None = None, lse: torch.Tensor | None = None, return_lse: bool = False,
-               family: str | None = None, num_parts: int | None = None,
+               kv_scale: torch.Tensor | None = None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+               return_lse: bool = False, family: str | None = None, num_parts: int | None = None,
                check_values: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode attention over a paged latent cache.
 
     q_nope [B, s_q, H, C], q_pe [B, s_q, H, R] (bf16 or fp16); ckv_cache [num_pages, page_size, C],
     kpe_cache [num_pages, page_size, R] (q's dtype; any strides with a contiguous last dim, so
-    views of one [num_pages, page_size, C+R] cache work); block_table [B, max_pages] int32;
-    cache_seqlens [B] int32 = tokens in the cache per request, the s_q new tokens being its last.
-    Query token i sees cache positions < seqlen - s_q + i + 1. sm_scale from the model's original
-    head dim (e.g. 1/sqrt(192) x YaRN mscale^2), never 1/sqrt(C+R).
+    views of one [num_pages, page_size, C+R] cache work). fp8 caches (mla_gen.fp8; the format is read
+    from the tensors): fp8_e4m3, ckv_cache and kpe_cache in float8_e4m3fn (views of one cache or not)
+    with kv_scale, a float32 tensor of one element on the device (value = e4m3 * scale); fp8_ds_mla,
+    ckv_cache the [num_pages, page_size, 656] uint8 (or float8_e4m3fn) cache and kpe_cache None (C 512,
+    R 64, bf16 q). Every cache 16-byte aligned, its page and token strides multiples of 16 bytes.
+    block_table [B, max_pages] int32; cache_seqlens [B] int32 = tokens in the cache per request, the s_q
+    new tokens being its last. Query token i sees cache positions < seqlen - s_q + i + 1. sm_scale from
+    the model's original head dim (e.g. 1/sqrt(192) x YaRN mscale^2), never 1/sqrt(C+R).
 
     Returns out [B, s_q, H, C] in q's dtype, and lse [B, s_q, H] fp32 (natural log of the scaled
-    scores' sum) when return_lse. check_values (default: MLA_GEN_DEBUG) checks lengths, page ids
-    and that q is finite on the host first (a device sync). family/num_parts override dispatch. Raises
-    TypeError or ValueError naming the argument; nothing is launched on bad input.
+    scores' sum) when return_lse. check_values (default: MLA_GEN_DEBUG) checks lengths, page ids,
+    that q is finite and kv_scale > 0 on the host first (a device sync). family/num_parts override
+    dispatch. Raises TypeError or ValueError naming the argument; nothing is launched on bad input.
 
     Edge cases: B = 0 returns empty results and launches nothing; a request may be exactly its s_q new
     tokens (seqlen == s_q). q's values are not inspected without check_values: a NaN or inf in a
@@ -377,7 +411,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
     """
     try:
         # type(sm_scale) and type(num_parts): True == 1 and np.float32(x) != x, but the checks tell them apart
-        key = (validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse),
+        key = (validate.structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out, lse,
+                                      kv_scale),
                type(sm_scale), sm_scale, return_lse, family, type(num_parts), num_parts)
         call = _CALLS.get(key)
     except Exception:  # a non-tensor, a sparse one, an unhashable argument: the checks name it, in their order
@@ -390,29 +425,30 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor
             o = torch.empty(call.out_size, dtype=call.shape.dtype, device=call.device) if out is None else out
             l = lse if call.lse_size is None else torch.empty(call.lse_size, dtype=torch.float32, device=call.device)
             args = wrapper._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                     o, l)
+                                     o, l, kv_scale)
             # None: a misaligned pointer (the checks below name the tensor); a wrapper evicted from _WRAPPERS
             # has cleared _CALLS, but one dropped otherwise is planned again below
             if args is not None and _touch(wkey):
                 # the order of the checks: structure (the key and the pointers), overrides (the key), values
                 if env.debug() if check_values is None else check_values:
-                    validate.check_values(cache_seqlens, block_table, call.shape, q_nope, q_pe)
+                    validate.check_values(cache_seqlens, block_table, call.shape, q_nope, q_pe, kv_scale)
                 wrapper._launch(args)
                 return (o, l) if return_lse else o
     return _mla_decode_checked(key, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale,
-                               out, lse, return_lse, family, num_parts, check_values)
+                               out, lse, return_lse, family, num_parts, check_values, kv_scale)
 
 
 def _mla_decode_checked(key: tuple | None, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                        sm_scale, out, lse, return_lse, family, num_parts, check_values):
+                        sm_scale, out, lse, return_lse, family, num_parts, check_values, kv_scale):
     """mla_decode with every check, in order; keeps what passed under `key` (None: not kept)."""
     shape = validate.check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                     sm_scale, out, lse)
+                                     sm_scale, out, lse, kv_scale)
     family, num_parts = validate.check_overrides(family, num_parts)
     if env.debug() if check_values is None else check_values:  # host reads: the kernels then see valid values
-        validate.check_values(cache_seqlens, block_table, shape, q_nope, q_pe)
+        validate.check_values(cache_seqlens, block_table, shape, q_nope, q_pe, kv_scale)
     device = validate.check_devices(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache,
-                                    block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse)
+                                    block_table=block_table, cache_seqlens=cache_seqlens, out=out, lse=lse,
+                                    kv_scale=kv_scale)
     if shape.batch == 0:  # nothing to decode: empty results, no launch (and nothing kept)
         out = q_nope.new_empty(0, shape.s_q, shape.num_heads, shape.ckv_dim) if out is None else out
         if not return_lse:
@@ -438,5 +474,5 @@ def _mla_decode_checked(key: tuple | None, q_nope, q_pe, ckv_cache, kpe_cache, b
             call = _CALLS[key] = _Call(shape, device, out_size, lse_size, {})
         call.by_stream[stream] = (wkey, wrapper, site)
     wrapper._launch(wrapper._pointers(site, stream, q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens,
-                                      out, lse))
+                                      out, lse, kv_scale))
     return (out, lse) if return_lse else out

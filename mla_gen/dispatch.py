@@ -10,7 +10,7 @@ import torch
 
 from generator import jit
 from generator.select import Decision, decide
-from generator.spec import Arch, Family
+from generator.spec import Arch, DType, Family
 from mla_gen.dtypes import to_dtype
 
 
@@ -30,14 +30,16 @@ def device_info(index: int) -> DeviceInfo:
 
 @functools.lru_cache(maxsize=1024)
 def choose(device_index: int, num_heads: int, ckv_dim: int, rope_dim: int, dtype: torch.dtype, s_q: int,
-           family: str | None = None, num_parts: int | None = None, ctas_per_sm: int | None = None) -> Decision:
+           family: str | None = None, num_parts: int | None = None, ctas_per_sm: int | None = None,
+           kv_dtype: DType | None = None) -> Decision:
     """The rules' decision for a shape on a device. Loads nothing: the grid assumes `ctas_per_sm`
     CTAs per SM (1 when None), so size it by calling again with `occupancy` of the chosen variant.
-    Raises SpecError (a ValueError) naming the field for a shape no variant takes."""
+    kv_dtype: the cache's format (None: q's dtype). Raises SpecError (a ValueError) naming the field for
+    a shape no variant takes (kv_dtype for an fp8 cache on an arch no kernel reads it on)."""
     info = device_info(device_index)
     return decide(arch=info.arch, num_heads=num_heads, ckv_dim=ckv_dim, rope_dim=rope_dim, dtype=to_dtype(dtype),
                   s_q=s_q, sm_count=info.sm_count, family=Family.parse(family) if family else None,
-                  num_parts=num_parts, ctas_per_sm=ctas_per_sm)
+                  num_parts=num_parts, ctas_per_sm=ctas_per_sm, kv_dtype=kv_dtype)
 
 
 def occupancy(variant: jit.Variant, device_index: int) -> int:

@@ -7,7 +7,8 @@ cache into them and dequantize back, so a float64 reference reads exactly what a
   ckv values, 4 fp32 scales (one per 128 ckv values), then the 64 rope values in bf16, unquantized.
 
 Both keep the paged shape [num_pages, page_size, width] (an engine's own cache passes through unchanged).
-Decode kernels for these formats do not exist yet: this module is what their tests will compare with.
+`dequantize` reads either one as mla_decode takes it (the float64 reference and the MLA layer's torch
+forms use it); `to_e4m3` and `quantize_ds_mla` quantize tokens as the layer appends them.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 E4M3_MAX = 448.0              # largest finite float8_e4m3fn
 DS_MLA_CKV, DS_MLA_ROPE = 512, 64
 DS_MLA_GROUP = 128            # ckv values per scale
-DS_MLA_BYTES = DS_MLA_CKV + 4 * (DS_MLA_CKV // DS_MLA_GROUP) + 2 * DS_MLA_ROPE  # 656
+DS_MLA_ROPE_OFFSET = DS_MLA_CKV + 4 * (DS_MLA_CKV // DS_MLA_GROUP)  # 528: the rope's first byte
+DS_MLA_BYTES = DS_MLA_ROPE_OFFSET + 2 * DS_MLA_ROPE  # 656
 
 
 def _check_cache(name: str, t: object, last: int | None = None) -> torch.Tensor:
@@ -49,8 +51,19 @@ def _scale_for(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(scale))) if pow2 else scale
 
 
-def _to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in float8_e4m3fn, saturated at +-448 (NaN stays NaN). No checks: the layer's append."""
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _check_scale(scale: object, device: torch.device) -> torch.Tensor:
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1:
+        raise ValueError(f"kv_scale: expected a float32 tensor of one element, got "
+                         f"{scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__}"
+                         f"{'' if not isinstance(scale, torch.Tensor) else f' of shape {tuple(scale.shape)}'}")
+    if scale.device != device:
+        raise ValueError(f"kv_scale: expected a tensor on {device} (the cache's device), got {scale.device}")
+    return scale
 
 
 # -- fp8_e4m3: one scale per tensor ---------------------------------------------------------------
@@ -67,7 +80,7 @@ def quantize_per_tensor(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, scale:
         scale_t = torch.as_tensor(scale, dtype=torch.float32, device=latent.device).reshape(-1)
         if scale_t.numel() != 1 or not bool(torch.isfinite(scale_t).all()) or not bool((scale_t > 0).all()):
             raise ValueError(f"scale: expected one positive finite number, got {scale!r}")
-    return _to_e4m3(latent, scale_t), scale_t
+    return to_e4m3(latent, scale_t), scale_t
 
 
 def dequantize_per_tensor(cache: torch.Tensor, scale: torch.Tensor, ckv_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,12 +88,7 @@ def dequantize_per_tensor(cache: torch.Tensor, scale: torch.Tensor, ckv_dim: int
     _check_cache("kv_cache", cache)
     if cache.dtype != torch.float8_e4m3fn:
         raise TypeError(f"kv_cache: expected dtype torch.float8_e4m3fn, got {cache.dtype}")
-    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1:
-        raise ValueError(f"kv_scale: expected a float32 tensor of one element, got "
-                         f"{scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__}"
-                         f"{'' if not isinstance(scale, torch.Tensor) else f' of shape {tuple(scale.shape)}'}")
-    if scale.device != cache.device:
-        raise ValueError(f"kv_scale: expected a tensor on {cache.device} (the cache's device), got {scale.device}")
+    _check_scale(scale, cache.device)
     if not 0 < ckv_dim < cache.shape[2]:
         raise ValueError(f"ckv_dim: expected 1..{cache.shape[2] - 1} (the cache is {cache.shape[2]} wide), got {ckv_dim}")
     full = cache.float() * scale
@@ -100,11 +108,11 @@ def quantize_ds_mla(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, *, pow2_sc
     pages, page_size = ckv_cache.shape[:2]
     groups = ckv_cache.float().reshape(pages, page_size, DS_MLA_CKV // DS_MLA_GROUP, DS_MLA_GROUP)
     scales = _scale_for(groups.abs().amax(dim=-1, keepdim=True), pow2_scales)
-    values = _to_e4m3(groups, scales).reshape(pages, page_size, DS_MLA_CKV)
+    values = to_e4m3(groups, scales).reshape(pages, page_size, DS_MLA_CKV)
     out = torch.empty(pages, page_size, DS_MLA_BYTES, dtype=torch.uint8, device=ckv_cache.device)
     out[..., :DS_MLA_CKV] = values.view(torch.uint8)
-    out[..., DS_MLA_CKV:DS_MLA_CKV + 16] = scales.reshape(pages, page_size, 4).contiguous().view(torch.uint8)
-    out[..., DS_MLA_CKV + 16:] = kpe_cache.to(torch.bfloat16).contiguous().view(torch.uint8)
+    out[..., DS_MLA_CKV:DS_MLA_ROPE_OFFSET] = scales.reshape(pages, page_size, 4).contiguous().view(torch.uint8)
+    out[..., DS_MLA_ROPE_OFFSET:] = kpe_cache.to(torch.bfloat16).contiguous().view(torch.uint8)
     return out
 
 
@@ -116,7 +124,25 @@ def dequantize_ds_mla(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     raw = cache.view(torch.uint8)
     pages, page_size = raw.shape[:2]
     values = raw[..., :DS_MLA_CKV].contiguous().view(torch.float8_e4m3fn).float()
-    scales = raw[..., DS_MLA_CKV:DS_MLA_CKV + 16].contiguous().view(torch.float32)
+    scales = raw[..., DS_MLA_CKV:DS_MLA_ROPE_OFFSET].contiguous().view(torch.float32)
     ckv = (values.reshape(pages, page_size, 4, DS_MLA_GROUP) * scales[..., None]).reshape(pages, page_size, DS_MLA_CKV)
-    kpe = raw[..., DS_MLA_CKV + 16:].contiguous().view(torch.bfloat16).float()
+    kpe = raw[..., DS_MLA_ROPE_OFFSET:].contiguous().view(torch.bfloat16).float()
     return ckv, kpe
+
+
+# -- either format, as mla_decode takes it -----------------------------------------------------------
+
+def dequantize(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor | None = None,
+               kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ckv, kpe) in fp32 from the caches mla_decode takes: a 656-byte fp8_ds_mla cache alone (kpe_cache
+    None), or fp8_e4m3 ckv and kpe caches (views of one cache or not) with their kv_scale. Raises
+    TypeError/ValueError naming the argument."""
+    if kpe_cache is None:
+        return dequantize_ds_mla(ckv_cache)
+    _check_cache("ckv_cache", ckv_cache)
+    _check_cache("kpe_cache", kpe_cache)
+    for name, t in (("ckv_cache", ckv_cache), ("kpe_cache", kpe_cache)):
+        if t.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"{name}: expected dtype torch.float8_e4m3fn, got {t.dtype}")
+    scale = _check_scale(kv_scale, ckv_cache.device).reshape(())
+    return ckv_cache.float() * scale, kpe_cache.float() * scale

@@ -6,7 +6,8 @@
 
 Each call projects the new tokens, appends their normalized latent (ckv) and rotated rope key
 (kpe) to the cache at positions cache_seqlens[b] + i, then attends over cache_seqlens[b] + s_q
-tokens, causally among the new ones, in one of two forms:
+tokens, causally among the new ones, in one of two forms (an fp8 cache, `new_cache(..., kv_dtype=)`,
+is quantized on append; the torch forms read it dequantized, mla_decode as it is stored):
 
 - vanilla: kv_b_proj up-projects every cached latent into per-head K_nope (W_UK) and V (W_UV);
   K = [K_nope | shared k_pe]; ordinary attention with sm_scale; o_proj.
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from generator.presets import ModelConfig, model_config
-from mla_gen import cost, ops  # noqa: F401  (ops: registers torch.ops.mla_gen.*)
-from mla_gen.dtypes import KERNEL_DTYPES
+from mla_gen import cost, fp8, ops  # noqa: F401  (ops: registers torch.ops.mla_gen.*)
+from mla_gen.dtypes import DS_MLA_DTYPES, KERNEL_DTYPES
 from mla_gen.rope import RotaryEmbedding
 
 FORMS = ("auto", "vanilla", "absorbed")
@@ -54,23 +55,77 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
+KV_DTYPES = (None, "fp8_e4m3", "fp8_ds_mla")
+
+
 @dataclasses.dataclass
 class LatentCache:
     """Paged MLA cache: ckv [num_pages, page_size, kv_lora_rank] (after kv_a_layernorm) and
     kpe [num_pages, page_size, rope] (RoPE applied), by default views of one
-    [num_pages, page_size, kv_lora_rank + rope] tensor (FlashMLA's layout)."""
+    [num_pages, page_size, kv_lora_rank + rope] tensor (FlashMLA's layout). In fp8 (kv_dtype, the
+    formats of mla_gen.fp8; tokens are quantized as they are appended): "fp8_e4m3", ckv and kpe
+    float8_e4m3fn views of one cache and kv_scale, its fixed float32 [1] scale; "fp8_ds_mla", ckv the
+    [num_pages, page_size, 656] uint8 cache (per token its own scales, the rope in bf16) and kpe None."""
     ckv: torch.Tensor
-    kpe: torch.Tensor
+    kpe: torch.Tensor | None
+    kv_dtype: str | None = None
+    kv_scale: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, num_pages: int, page_size: int, kv_lora_rank: int, rope_dim: int, *,
               dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
-              fill: float = 0.0) -> "LatentCache":
-        """A cache filled with `fill` (NaN makes stray reads of unwritten slots show)."""
+              fill: float = 0.0, kv_dtype: str | None = None,
+              kv_scale: float | torch.Tensor | None = None) -> "LatentCache":
+        """A cache filled with `fill` (NaN makes stray reads of unwritten slots show). dtype: of a 16-bit
+        (or any torch) cache; kv_dtype "fp8_e4m3" or "fp8_ds_mla" makes an fp8 one instead. kv_scale:
+        fp8_e4m3's per-tensor scale, fixed for the cache's life (default 1.0, vLLM's when it has no
+        calibrated scale). Raises ValueError naming the argument."""
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"num_pages/page_size: expected >= 1, got {num_pages}, {page_size}")
-        kv = torch.full((num_pages, page_size, kv_lora_rank + rope_dim), fill, dtype=dtype, device=device)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype: expected one of {', '.join(map(repr, KV_DTYPES))}, got {kv_dtype!r}")
+        if kv_dtype != "fp8_e4m3" and kv_scale is not None:
+            raise ValueError(f"kv_scale: only an fp8_e4m3 cache takes a per-tensor scale, got kv_dtype {kv_dtype!r}")
+        shape = (num_pages, page_size)
+        if kv_dtype == "fp8_ds_mla":
+            if (kv_lora_rank, rope_dim) != (fp8.DS_MLA_CKV, fp8.DS_MLA_ROPE):
+                raise ValueError(f"kv_dtype: fp8_ds_mla holds {fp8.DS_MLA_CKV} ckv and {fp8.DS_MLA_ROPE} rope values "
+                                 f"per token, got kv_lora_rank {kv_lora_rank}, rope {rope_dim}")
+            token = fp8.quantize_ds_mla(torch.full((1, 1, kv_lora_rank), fill, device=device),
+                                        torch.full((1, 1, rope_dim), fill, device=device))
+            return cls(token.expand(*shape, -1).contiguous(), None, kv_dtype)
+        if kv_dtype == "fp8_e4m3":
+            scale = torch.as_tensor(1.0 if kv_scale is None else kv_scale, dtype=torch.float32, device=device)
+            if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                raise ValueError(f"kv_scale: expected one positive finite number, got {kv_scale!r}")
+            scale = scale.reshape(1)
+            byte = fp8.to_e4m3(torch.full((1,), fill, device=device), scale).view(torch.uint8)
+            kv = byte.expand(*shape, kv_lora_rank + rope_dim).contiguous().view(torch.float8_e4m3fn)
+            return cls(kv[..., :kv_lora_rank], kv[..., kv_lora_rank:], kv_dtype, scale)
+        kv = torch.full((*shape, kv_lora_rank + rope_dim), fill, dtype=dtype, device=device)
         return cls(kv[..., :kv_lora_rank], kv[..., kv_lora_rank:])
+
+    def gather(self, pages: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens of the pages in each row of `pages` [B, n], dequantized into `dtype`:
+        ckv [B, n * page_size, C] and kpe [B, n * page_size, R]."""
+        if self.kv_dtype is None:
+            ckv, kpe = self.ckv[pages], self.kpe[pages]
+        else:
+            ckv, kpe = fp8.dequantize(self.ckv[pages].flatten(0, 1),
+                                      None if self.kpe is None else self.kpe[pages].flatten(0, 1), self.kv_scale)
+        batch = pages.shape[0]
+        return ckv.reshape(batch, -1, ckv.shape[-1]).to(dtype), kpe.reshape(batch, -1, kpe.shape[-1]).to(dtype)
+
+    def append(self, pages: torch.Tensor, slots: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        """Writes tokens ckv [B, s, C] and kpe [B, s, R] at (pages, slots) [B, s], quantized into an fp8 cache."""
+        if self.kv_dtype is None:
+            self.ckv[pages, slots] = ckv.to(self.ckv.dtype)
+            self.kpe[pages, slots] = kpe.to(self.kpe.dtype)
+        elif self.kv_dtype == "fp8_e4m3":
+            self.ckv[pages, slots] = fp8.to_e4m3(ckv, self.kv_scale)
+            self.kpe[pages, slots] = fp8.to_e4m3(kpe, self.kv_scale)
+        else:  # fp8_ds_mla: whole 656-byte tokens, each with its own scales
+            self.ckv[pages, slots] = fp8.quantize_ds_mla(ckv, kpe).view(self.ckv.dtype)
 
     @property
     def num_pages(self) -> int:
@@ -175,10 +230,12 @@ class MLAAttention(nn.Module):
                 value = torch.randn(p.shape, generator=generator) * p.shape[1] ** -0.5
             p.copy_(value)
 
-    def new_cache(self, num_pages: int, page_size: int, *, fill: float = 0.0) -> LatentCache:
-        """An empty cache in the layer's dtype and device."""
+    def new_cache(self, num_pages: int, page_size: int, *, fill: float = 0.0, kv_dtype: str | None = None,
+                  kv_scale: float | torch.Tensor | None = None) -> LatentCache:
+        """An empty cache on the layer's device, in its dtype or in fp8 (kv_dtype "fp8_e4m3" with a fixed
+        per-tensor kv_scale, default 1.0, or "fp8_ds_mla"; see LatentCache.empty)."""
         return LatentCache.empty(num_pages, page_size, self.kv_lora_rank, self.rope_dim, dtype=self.dtype,
-                                 device=self.device, fill=fill)
+                                 device=self.device, fill=fill, kv_dtype=kv_dtype, kv_scale=kv_scale)
 
     # ---------------------------------------------------------------------------------- weights
     def absorbed_weights(self) -> AbsorbedWeights:
@@ -280,11 +337,7 @@ class MLAAttention(nn.Module):
         if hidden.device != self.device:
             raise ValueError(f"hidden_states: expected a tensor on {self.device} (the layer's), got {hidden.device}")
         batch, s_q = hidden.shape[:2]
-        for name, t, width in (("cache.ckv", cache.ckv, self.kv_lora_rank), ("cache.kpe", cache.kpe, self.rope_dim)):
-            if t.dim() != 3 or t.shape[2] != width or t.shape[:2] != cache.ckv.shape[:2]:
-                raise ValueError(f"{name}: expected shape [num_pages, page_size, {width}], got {tuple(t.shape)}")
-            if t.dtype != self.dtype or t.device != self.device:
-                raise TypeError(f"{name}: expected {self.dtype} on {self.device}, got {t.dtype} on {t.device}")
+        self._check_cache(cache)
         if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] < 1:
             raise ValueError(f"block_table: expected shape [{batch}, max_pages], got {tuple(block_table.shape)}")
         if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != batch:
@@ -303,6 +356,34 @@ class MLAAttention(nn.Module):
                                  f"(block_table pages x page_size), got lengths in [{low}, {high}]")
         return cache_seqlens.long()[:, None] + torch.arange(s_q, device=hidden.device)
 
+    def _check_cache(self, cache: LatentCache) -> None:
+        """The cache's tensors in the layer's dims and on its device: in its dtype, or in the cache's fp8
+        format (kv_dtype). Raises TypeError/ValueError naming the field."""
+        if cache.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"cache.kv_dtype: expected one of {', '.join(map(repr, KV_DTYPES))}, "
+                             f"got {cache.kv_dtype!r}")
+        dtypes = {None: (self.dtype,), "fp8_e4m3": (torch.float8_e4m3fn,), "fp8_ds_mla": DS_MLA_DTYPES}[cache.kv_dtype]
+        ds_mla = cache.kv_dtype == "fp8_ds_mla"
+        if ds_mla and cache.kpe is not None:
+            raise ValueError("cache.kpe: expected None in an fp8_ds_mla cache (its tokens hold the rope), got a tensor")
+        parts = [("cache.ckv", cache.ckv, fp8.DS_MLA_BYTES if ds_mla else self.kv_lora_rank)]
+        parts += [] if ds_mla else [("cache.kpe", cache.kpe, self.rope_dim)]
+        for name, t, width in parts:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 3 or t.shape[2] != width or t.shape[:2] != cache.ckv.shape[:2]:
+                raise ValueError(f"{name}: expected shape [num_pages, page_size, {width}], got {tuple(t.shape)}")
+            if t.dtype not in dtypes or t.device != self.device:
+                raise TypeError(f"{name}: expected {' or '.join(map(str, dtypes))} on {self.device}, got {t.dtype} "
+                                f"on {t.device}")
+        scale = cache.kv_scale
+        if (cache.kv_dtype == "fp8_e4m3") != (scale is not None):
+            raise ValueError(f"cache.kv_scale: expected a tensor exactly for an fp8_e4m3 cache, got "
+                             f"{type(scale).__name__} with kv_dtype {cache.kv_dtype!r}")
+        if scale is not None and (not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32
+                                  or scale.numel() != 1 or scale.device != self.device):
+            raise TypeError(f"cache.kv_scale: expected a float32 tensor of one element on {self.device}, got {scale!r}")
+
     def _write(self, hidden: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
                block_table: torch.Tensor) -> None:
         kv = self.kv_a_proj_with_mqa(hidden)
@@ -310,27 +391,24 @@ class MLAAttention(nn.Module):
         k_pe = self.rope(kv[..., self.kv_lora_rank:], positions)
         pages = block_table.long().gather(1, torch.div(positions, cache.page_size, rounding_mode="floor"))
         slots = positions % cache.page_size
-        # the cache is state, not part of an autograd graph
-        cache.ckv[pages, slots] = latent.detach().to(cache.ckv.dtype)
-        cache.kpe[pages, slots] = k_pe.detach().to(cache.kpe.dtype)
+        cache.append(pages, slots, latent.detach(), k_pe.detach())  # the cache is state, not part of a graph
 
     @staticmethod
-    def _gather(cache: LatentCache, block_table: torch.Tensor, positions: torch.Tensor,
-                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every token the block table can address: ckv [B, T, C], kpe [B, T, R], zero past each
-        length (NaN-safe), and the causal mask [B, s_q, T] (query i sees t <= its position)."""
+    def _gather(cache: LatentCache, block_table: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every token the block table can address, dequantized into `dtype`: ckv [B, T, C], kpe [B, T, R],
+        zero past each length (NaN-safe), and the causal mask [B, s_q, T] (query i sees t <= its position)."""
         batch, max_pages = block_table.shape
         pages = block_table.long().clamp(0, cache.num_pages - 1)  # unused slots may hold anything
         T = max_pages * cache.page_size
         t = torch.arange(T, device=block_table.device)
         stale = (t[None, :] >= lengths.long()[:, None])[..., None]
-        ckv = cache.ckv[pages].reshape(batch, T, -1).masked_fill(stale, 0)
-        kpe = cache.kpe[pages].reshape(batch, T, -1).masked_fill(stale, 0)
-        return ckv, kpe, t[None, None, :] <= positions[:, :, None]
+        ckv, kpe = cache.gather(pages, dtype)
+        return ckv.masked_fill(stale, 0), kpe.masked_fill(stale, 0), t[None, None, :] <= positions[:, :, None]
 
     def _vanilla(self, q_nope, q_pe, cache, block_table, positions, lengths) -> torch.Tensor:
         """Per-head K and V from the cached latents, then standard attention: [B, s_q, H, v]."""
-        ckv, kpe, mask = self._gather(cache, block_table, positions, lengths)
+        ckv, kpe, mask = self._gather(cache, block_table, positions, lengths, self.dtype)
         batch, T = ckv.shape[:2]
         kv = self.kv_b_proj(ckv).view(batch, T, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv[..., :self.nope_dim], kv[..., self.nope_dim:]
@@ -345,13 +423,16 @@ class MLAAttention(nn.Module):
         """q_nope through W_UK, latent MQA attention, W_UV per head: [B, s_q, H, v]."""
         w = self.absorbed_weights()
         q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w.w_uk)
-        if q_abs.is_cuda and q_abs.dtype in KERNEL_DTYPES:
-            if torch.compiler.is_compiling():  # traced: the registered op (mla_gen.ops)
-                decode = torch.ops.mla_gen.mla_decode
+        compiling = torch.compiler.is_compiling()
+        # traced, the registered op (mla_gen.ops), which takes 16-bit caches: an fp8 one takes the torch form
+        if q_abs.is_cuda and q_abs.dtype in KERNEL_DTYPES and not (compiling and cache.kv_dtype):
+            args = (q_abs.contiguous(), q_pe.contiguous(), cache.ckv, cache.kpe, block_table.to(torch.int32),
+                    lengths.to(torch.int32), self.sm_scale)
+            if compiling:
+                o_lat = torch.ops.mla_gen.mla_decode(*args)
             else:  # eager: no dispatcher in the way
-                from mla_gen.api import mla_decode as decode
-            o_lat = decode(q_abs.contiguous(), q_pe.contiguous(), cache.ckv, cache.kpe,
-                           block_table.to(torch.int32), lengths.to(torch.int32), self.sm_scale)
+                from mla_gen.api import mla_decode
+                o_lat = mla_decode(*args, kv_scale=cache.kv_scale)
             self.last_backend = "mla_decode"
         else:
             o_lat = self.latent_attention(q_abs, q_pe, cache, block_table, positions, lengths)
@@ -362,7 +443,7 @@ class MLAAttention(nn.Module):
                          block_table: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The torch form of mla_decode (any dtype and device): one MQA head, K = [ckv | kpe],
         V = ckv, over all B x s_q x H query rows. Returns [B, s_q, H, C] in q_abs's dtype."""
-        ckv, kpe, mask = self._gather(cache, block_table, positions, lengths)
+        ckv, kpe, mask = self._gather(cache, block_table, positions, lengths, q_abs.dtype)
         batch, s_q, heads, C = q_abs.shape
         q = torch.cat([q_abs, q_pe], dim=-1).reshape(batch, 1, s_q * heads, -1)
         k = torch.cat([ckv, kpe], dim=-1)[:, None]

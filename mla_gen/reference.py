@@ -4,11 +4,15 @@
     o[h]    = softmax_t(s[h]) @ ckv           lse[h] = log(sum_t exp(s[h, t]))
 
 Query token i of a request (s_q new tokens, the last s_q of its cache) sees cache positions
-t < seqlen - s_q + i + 1. Computed on the inputs' device in float64.
+t < seqlen - s_q + i + 1. Computed on the inputs' device in float64. fp8 caches (as mla_decode takes
+them) are read through mla_gen.fp8.dequantize: the reference of an fp8 kernel is exact on the cache's
+values, so its error is the kernel's own.
 """
 from __future__ import annotations
 
 import torch
+
+from mla_gen import fp8
 
 
 def gather_pages(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -27,9 +31,12 @@ def causal_mask(s_q: int, length: int, device: torch.device) -> torch.Tensor:
 
 
 def mla_decode_reference(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
-                         kpe_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                         sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [B, s_q, H, C] and lse [B, s_q, H] (natural log), both float64."""
+                         kpe_cache: torch.Tensor | None, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                         sm_scale: float, kv_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, s_q, H, C] and lse [B, s_q, H] (natural log), both float64. An fp8_e4m3 cache comes with
+    its kv_scale; an fp8_ds_mla cache is ckv_cache alone (kpe_cache None)."""
+    if kpe_cache is None or ckv_cache.dtype == torch.float8_e4m3fn:
+        ckv_cache, kpe_cache = fp8.dequantize(ckv_cache, kpe_cache, kv_scale)
     batch, s_q, heads, ckv_dim = q_nope.shape
     out = torch.empty(batch, s_q, heads, ckv_dim, dtype=torch.float64, device=q_nope.device)
     lse = torch.empty(batch, s_q, heads, dtype=torch.float64, device=q_nope.device)

@@ -6,6 +6,10 @@ on request or with MLA_GEN_DEBUG=1), `check_devices` (every tensor on q's CUDA d
 `check_plan`. A planned call that has seen its inputs' `structure_key` pass before checks only their
 data pointers' alignment (mla_gen.api). Errors name the argument and what was expected:
 `ckv_cache: expected dtype torch.bfloat16, got torch.float16`.
+
+The cache's format (DecodeShape.kv_dtype) is read from the tensors: ckv_cache and kpe_cache of q's
+dtype; float8_e4m3fn ckv_cache and kpe_cache with kv_scale (fp8_e4m3); or one 656-byte cache as
+ckv_cache with kpe_cache None (fp8_ds_mla, mla_gen.fp8).
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ import numbers
 
 import torch
 
-from generator.spec import Family
-from mla_gen.dtypes import KERNEL_DTYPES, to_dtype
+from generator.spec import DS_MLA_CKV, DS_MLA_ROPE, DS_MLA_TOKEN_BYTES, DType, Family
+from mla_gen.dtypes import DS_MLA_DTYPES, FP8, KERNEL_DTYPES, to_dtype, to_kv_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,7 @@ class DecodeShape:
     num_pages: int
     page_size: int
     max_pages: int
+    kv_dtype: DType  # the cache's format: q's dtype, FP8_E4M3 or FP8_DS_MLA
 
 
 def _tensor(name: str, value: object) -> torch.Tensor:
@@ -123,11 +128,12 @@ def check_overrides(family: object, num_parts: object) -> tuple[str | None, int 
 
 
 def check_plan(cache_seqlens: object, s_q: object, *, num_heads: object, ckv_dim: object, rope_dim: object,
-               page_size: object, max_pages: object, sm_scale: object, dtype: object,
-               device: torch.device) -> tuple[int, float]:
+               page_size: object, max_pages: object, sm_scale: object, dtype: object, device: torch.device,
+               kv_dtype: object = None) -> tuple[int, float, DType]:
     """MLADecodeWrapper.plan's arguments: cache_seqlens an int32 [batch] tensor on `device` with
-    batch >= 1, positive integer sizes, a kernel dtype, a finite sm_scale > 0. Returns
-    (batch, sm_scale as a float). Raises TypeError/ValueError naming the argument."""
+    batch >= 1, positive integer sizes, a kernel dtype, a cache format (mla_gen.dtypes.to_kv_dtype) that
+    takes these dims and dtype, a finite sm_scale > 0. Returns (batch, sm_scale as a float, the cache's
+    DType). Raises TypeError/ValueError naming the argument."""
     cache_seqlens = _tensor("cache_seqlens", cache_seqlens)
     _dims("cache_seqlens", cache_seqlens, "batch")
     _dtype("cache_seqlens", cache_seqlens, torch.int32)
@@ -135,7 +141,9 @@ def check_plan(cache_seqlens: object, s_q: object, *, num_heads: object, ckv_dim
                         ("page_size", page_size), ("max_pages", max_pages)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    to_dtype(dtype)
+    kv = to_kv_dtype(kv_dtype, to_dtype(dtype))
+    if kv is DType.FP8_DS_MLA:
+        _ds_mla_dims(("ckv_dim", "rope_dim", "dtype"), ckv_dim, rope_dim, dtype)
     scale = check_sm_scale(sm_scale)
     batch = cache_seqlens.shape[0]
     if batch < 1:
@@ -143,14 +151,30 @@ def check_plan(cache_seqlens: object, s_q: object, *, num_heads: object, ckv_dim
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens: expected a tensor on {device} (the wrapper's device), "
                          f"got {cache_seqlens.device}")
-    return batch, scale
+    return batch, scale, kv
+
+
+def _ds_mla_dims(names: tuple[str, str, str], ckv_dim: int, rope_dim: int, dtype: object) -> None:
+    """fp8_ds_mla's token holds 512 ckv and 64 rope values, the rope in bf16 (so q is bf16 too); `names`:
+    the arguments that carry ckv_dim, rope_dim and the q dtype, named by the error."""
+    if ckv_dim != DS_MLA_CKV:
+        raise ValueError(f"{names[0]}: an fp8_ds_mla cache holds {DS_MLA_CKV} ckv values per token, "
+                         f"got ckv_dim {ckv_dim}")
+    if rope_dim != DS_MLA_ROPE:
+        raise ValueError(f"{names[1]}: an fp8_ds_mla cache holds {DS_MLA_ROPE} rope values per token, "
+                         f"got rope_dim {rope_dim}")
+    if dtype != torch.bfloat16:
+        raise TypeError(f"{names[2]}: an fp8_ds_mla cache keeps its rope in bf16 and takes bf16 queries, "
+                        f"got {dtype}")
 
 
 def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, sm_scale,
-                    out=None, lse=None) -> DecodeShape:
+                    out=None, lse=None, kv_scale=None) -> DecodeShape:
     """Everything checkable from tensor metadata alone (no device access). Raises TypeError/ValueError."""
     q_nope, q_pe = _tensor("q_nope", q_nope), _tensor("q_pe", q_pe)
-    ckv_cache, kpe_cache = _tensor("ckv_cache", ckv_cache), _tensor("kpe_cache", kpe_cache)
+    ckv_cache = _tensor("ckv_cache", ckv_cache)
+    ds_mla = kpe_cache is None and ckv_cache.dtype in DS_MLA_DTYPES  # one 656-byte cache, the rope inside
+    kpe_cache = None if ds_mla else _tensor("kpe_cache", kpe_cache)
     block_table, cache_seqlens = _tensor("block_table", block_table), _tensor("cache_seqlens", cache_seqlens)
     _dims("q_nope", q_nope, "batch, s_q, heads, ckv_dim")
     _dtype("q_nope", q_nope, KERNEL_DTYPES)
@@ -163,17 +187,27 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
     for i, what in enumerate(("batch", "s_q", "heads")):
         _agree("q_pe", what, q_pe.shape[i], q_nope.shape[i], "q_nope")
     rope_dim = q_pe.shape[3]
-    _dims("ckv_cache", ckv_cache, "num_pages, page_size, ckv_dim")
-    _dtype("ckv_cache", ckv_cache, dtype)
-    _agree("ckv_cache", "ckv_dim (last dim)", ckv_cache.shape[2], ckv_dim, "q_nope's last dim")
+    if ds_mla:
+        kv = DType.FP8_DS_MLA
+        _ds_mla_cache(ckv_cache, ckv_dim, rope_dim, dtype)
+    else:
+        kv = DType.FP8_E4M3 if ckv_cache.dtype == FP8 else to_dtype(dtype)
+        _dims("ckv_cache", ckv_cache, "num_pages, page_size, ckv_dim")
+        if ckv_cache.dtype in DS_MLA_DTYPES and ckv_cache.shape[2] == DS_MLA_TOKEN_BYTES != ckv_dim:
+            raise ValueError(f"kpe_cache: expected None with a {DS_MLA_TOKEN_BYTES}-byte fp8_ds_mla cache (its "
+                             f"tokens hold the rope), got a tensor")
+        _dtype("ckv_cache", ckv_cache, FP8 if kv.is_fp8 else dtype)
+        _agree("ckv_cache", "ckv_dim (last dim)", ckv_cache.shape[2], ckv_dim, "q_nope's last dim")
     num_pages, page_size = ckv_cache.shape[0], ckv_cache.shape[1]
     if num_pages < 1 or page_size < 1:
         raise ValueError(f"ckv_cache: expected num_pages and page_size >= 1, got shape {tuple(ckv_cache.shape)}")
-    _dims("kpe_cache", kpe_cache, "num_pages, page_size, rope_dim")
-    _dtype("kpe_cache", kpe_cache, dtype)
-    _agree("kpe_cache", "num_pages", kpe_cache.shape[0], num_pages, "ckv_cache")
-    _agree("kpe_cache", "page_size", kpe_cache.shape[1], page_size, "ckv_cache")
-    _agree("kpe_cache", "rope_dim (last dim)", kpe_cache.shape[2], rope_dim, "q_pe's last dim")
+    if kpe_cache is not None:
+        _dims("kpe_cache", kpe_cache, "num_pages, page_size, rope_dim")
+        _dtype("kpe_cache", kpe_cache, ckv_cache.dtype)
+        _agree("kpe_cache", "num_pages", kpe_cache.shape[0], num_pages, "ckv_cache")
+        _agree("kpe_cache", "page_size", kpe_cache.shape[1], page_size, "ckv_cache")
+        _agree("kpe_cache", "rope_dim (last dim)", kpe_cache.shape[2], rope_dim, "q_pe's last dim")
+    _check_kv_scale(kv, kv_scale)
     for dim_name, dim in (("ckv_dim", ckv_dim), ("rope_dim", rope_dim)):
         if dim < 16 or dim % 16:
             raise ValueError(f"q_nope/q_pe: {dim_name} {dim} is not a positive multiple of 16")
@@ -189,9 +223,12 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
     _agree("cache_seqlens", "batch", cache_seqlens.shape[0], batch, "q_nope")
     if cache_seqlens.stride(0) != 1:
         raise ValueError("cache_seqlens: expected a contiguous tensor")
+    # fp8 caches too: their base pointers and page/token strides in bytes (fp8_ds_mla's rope, at byte 528 of
+    # a token, follows from the cache's)
     for name, t, leading in (("q_nope", q_nope, 3), ("q_pe", q_pe, 3), ("ckv_cache", ckv_cache, 2),
                              ("kpe_cache", kpe_cache, 2)):
-        _vector_rows(name, t, leading)
+        if t is not None:
+            _vector_rows(name, t, leading)
     check_sm_scale(sm_scale)
     if out is not None:
         out = _tensor("out", out)
@@ -208,17 +245,51 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
         if lse.stride(2) != 1:
             raise ValueError(f"lse: expected a contiguous last dim (heads), got strides {tuple(lse.stride())}")
         _no_overlap("lse", lse)
-    return DecodeShape(batch, s_q, heads, ckv_dim, rope_dim, dtype, num_pages, page_size, block_table.shape[1])
+    return DecodeShape(batch, s_q, heads, ckv_dim, rope_dim, dtype, num_pages, page_size, block_table.shape[1], kv)
+
+
+def _ds_mla_cache(cache: torch.Tensor, ckv_dim: int, rope_dim: int, dtype: torch.dtype) -> None:
+    """An fp8_ds_mla cache (ckv_cache of uint8 or float8_e4m3fn with kpe_cache None) and the queries it takes."""
+    _dims("ckv_cache", cache, f"num_pages, page_size, {DS_MLA_TOKEN_BYTES} bytes")
+    if cache.shape[2] != DS_MLA_TOKEN_BYTES:
+        if cache.dtype == FP8:  # most likely the ckv part of an fp8_e4m3 cache, its kpe_cache forgotten
+            raise TypeError(f"kpe_cache: expected a float8_e4m3fn tensor with an fp8_e4m3 ckv_cache, got None "
+                            f"(None reads ckv_cache as an fp8_ds_mla cache of {DS_MLA_TOKEN_BYTES}-byte tokens, "
+                            f"but its last dim is {cache.shape[2]})")
+        raise ValueError(f"ckv_cache: expected fp8_ds_mla's {DS_MLA_TOKEN_BYTES}-byte tokens (last dim "
+                         f"{DS_MLA_TOKEN_BYTES}, with kpe_cache None), got last dim {cache.shape[2]}")
+    _ds_mla_dims(("q_nope", "q_pe", "q_nope"), ckv_dim, rope_dim, dtype)
+
+
+def _check_kv_scale(kv: DType, kv_scale: object) -> None:
+    """kv_scale: the fp8_e4m3 cache's per-tensor scale, a float32 tensor of one element; None otherwise."""
+    if kv is DType.FP8_E4M3:
+        if not isinstance(kv_scale, torch.Tensor):
+            raise TypeError(f"kv_scale: expected a float32 tensor of one element (the fp8_e4m3 cache's scale), "
+                            f"got {type(kv_scale).__name__}")
+        _dtype("kv_scale", kv_scale, torch.float32)
+        if kv_scale.numel() != 1:
+            raise ValueError(f"kv_scale: expected one element (one scale per tensor), got shape "
+                             f"{tuple(kv_scale.shape)}")
+    elif kv_scale is not None:
+        why = "holds its scales in its tokens" if kv is DType.FP8_DS_MLA else "is not scaled"
+        raise ValueError(f"kv_scale: expected None: only an fp8_e4m3 cache takes a per-tensor scale, and this "
+                         f"{kv.cli_name} cache {why}")
 
 
 def check_values(cache_seqlens: torch.Tensor, block_table: torch.Tensor, shape: DecodeShape,
-                 q_nope: torch.Tensor | None = None, q_pe: torch.Tensor | None = None) -> None:
-    """Lengths in [s_q, max_pages*page_size], page ids in [0, num_pages), and q finite (a NaN or inf
-    would make its row's output meaningless). Copies to the host."""
+                 q_nope: torch.Tensor | None = None, q_pe: torch.Tensor | None = None,
+                 kv_scale: torch.Tensor | None = None) -> None:
+    """Lengths in [s_q, max_pages*page_size], page ids in [0, num_pages), q finite (a NaN or inf
+    would make its row's output meaningless) and kv_scale finite and > 0. Copies to the host."""
     for name, q in (("q_nope", q_nope), ("q_pe", q_pe)):
         if q is not None and q.device.type in ("cpu", "cuda") and not bool(torch.isfinite(q).all()):
             b, s, h = (int(i) for i in (~torch.isfinite(q)).nonzero()[0][:3])
             raise ValueError(f"{name}: a value is not finite (NaN or inf) at [{b}, {s}, {h}]")
+    if kv_scale is not None and kv_scale.device.type in ("cpu", "cuda"):
+        value = float(kv_scale.reshape(()))
+        if not math.isfinite(value) or value <= 0.0:
+            raise ValueError(f"kv_scale: expected a finite number > 0, got {value}")
     for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table)):
         if t.device.type not in ("cpu", "cuda"):  # no values to read (a meta tensor)
             raise ValueError(f"{name}: expected a CUDA tensor, got device {t.device}")
@@ -261,20 +332,24 @@ def check_devices(**tensors: torch.Tensor | None) -> torch.device:
     return first.device
 
 
-def structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out=None, lse=None) -> tuple:
+def structure_key(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens, out=None, lse=None,
+                  kv_scale=None) -> tuple:
     """Everything check_structure and check_devices read of the tensors except the data pointers: each
-    one's type, shape, strides, dtype and device (None for an absent out or lse). Tensors of equal keys
-    pass or fail those checks alike but for the 16-byte alignment of their data pointers, so a key that
-    passed once lets a call skip them and check only the pointers. Raises (AttributeError, RuntimeError)
+    one's type, shape, strides, dtype and device (None for an absent kpe_cache, out, lse or kv_scale; a
+    kv_scale's strides are not read). Tensors of equal keys pass or fail those checks alike but for the
+    16-byte alignment of their data pointers, so a key that passed once lets a call skip them and check
+    only the pointers. Raises (AttributeError, RuntimeError)
     for a non-tensor or a tensor without strides; the caller then runs the checks, which name it."""
     # NOTE(host-path): called on every call of a planned wrapper; one flat tuple, no loop (about 3 us).
     return (type(q_nope), q_nope.shape, q_nope.stride(), q_nope.dtype, q_nope.device,
             type(q_pe), q_pe.shape, q_pe.stride(), q_pe.dtype, q_pe.device,
             type(ckv_cache), ckv_cache.shape, ckv_cache.stride(), ckv_cache.dtype, ckv_cache.device,
-            type(kpe_cache), kpe_cache.shape, kpe_cache.stride(), kpe_cache.dtype, kpe_cache.device,
+            None if kpe_cache is None else (type(kpe_cache), kpe_cache.shape, kpe_cache.stride(), kpe_cache.dtype,
+                                            kpe_cache.device),
             type(block_table), block_table.shape, block_table.stride(), block_table.dtype, block_table.device,
             type(cache_seqlens), cache_seqlens.shape, cache_seqlens.stride(), cache_seqlens.dtype,
             cache_seqlens.device,
             None if out is None else (type(out), out.shape, out.stride(), out.dtype, out.device),
-            None if lse is None else (type(lse), lse.shape, lse.stride(), lse.dtype, lse.device))
+            None if lse is None else (type(lse), lse.shape, lse.stride(), lse.dtype, lse.device),
+            None if kv_scale is None else (type(kv_scale), kv_scale.shape, kv_scale.dtype, kv_scale.device))
 

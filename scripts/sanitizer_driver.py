@@ -3,9 +3,10 @@
 Per kernel family the device runs (every family of generator.select.families_for): heads 16 and 128,
 ckv/rope 512/64 and 256/32, page 1 and 64, s_q 1 and 2, split and unsplit schedules, in 8 cases (a
 2^(5-2) fractional factorial: every pair of those five factors meets in all four combinations), each
-a ragged batch of 3 or 4 short requests (racecheck is slow). Every output is poisoned with NaN first and checked against the
-float64 reference on the CPU (mla_gen.testing.accuracy_problems), and every schedule is checked to
-split (or not) as its case says.
+a ragged batch of 3 or 4 short requests (racecheck is slow); then per family with an fp8 path two fp8
+cases (fp8_e4m3 and fp8_ds_mla quantized from the bf16 cache). Every output is poisoned with NaN first
+and checked against the float64 reference on the CPU (mla_gen.testing.accuracy_problems; fp8 caches
+dequantized), and every schedule is checked to split (or not) as its case says.
 
     python scripts/sanitizer_driver.py [--family F]     # run the matrix (needs CUDA); exit 1 on a wrong result
     python scripts/sanitizer_driver.py --list [--arch sm_90a]   # the cases, no CUDA needed
@@ -25,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from generator.select import Decision, decide, families_for  # noqa: E402
-from generator.spec import Arch, DType, Family  # noqa: E402
+from generator.spec import FP8_FAMILIES, Arch, DType, Family  # noqa: E402
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 SPLIT_PARTS = 16     # num_parts of the split schedule: more parts than these short batches fill
@@ -57,6 +58,7 @@ class Case:
     s_q: int
     split: bool
     combined: bool      # views of one [pages, page, ckv+rope] cache instead of two tensors
+    kv: DType = DType.BF16  # the cache: bf16, or an fp8 format quantized from the bf16 one
 
     @property
     def lengths(self) -> list[int]:
@@ -68,7 +70,7 @@ class Case:
 
     def decision(self, arch: Arch) -> Decision:
         return decide(arch=arch, num_heads=self.heads, ckv_dim=self.ckv, rope_dim=self.rope, dtype=DType.BF16,
-                      s_q=self.s_q, family=self.family, num_parts=SPLIT_PARTS if self.split else 1)
+                      s_q=self.s_q, family=self.family, num_parts=SPLIT_PARTS if self.split else 1, kv_dtype=self.kv)
 
     def name(self, arch: Arch) -> str:
         """The variant id, then what the case adds to it."""
@@ -76,14 +78,23 @@ class Case:
                 f"{'split' if self.split else 'unsplit'}{'-combined' if self.combined else ''}")
 
 
+# Per family with an fp8 path, two fp8 cases: each format once, split and unsplit, both page sizes.
+FP8_CASES = ((DType.FP8_E4M3, 16, 512, 64, 1, 1, True), (DType.FP8_DS_MLA, 128, 512, 64, 64, 2, False))
+
+
 def cases(arch: Arch, families: list[Family] | None = None) -> list[Case]:
-    """The matrix for `families` (default: every family that runs on `arch`)."""
+    """The matrix for `families` (default: every family that runs on `arch`), then the fp8 cases of the
+    families that read fp8 caches."""
     out = []
-    for family in families or families_for(arch):
+    families = families or families_for(arch)
+    for family in families:
         for a, b, c in itertools.product((0, 1), repeat=3):
             # base factors a, b, c; the other two are a^b and a^c, the cache layout a^b^c
             out.append(Case(family, heads=(16, 128)[a], ckv=(512, 256)[b], rope=(64, 32)[b], page=(1, 64)[c],
                             s_q=1 + (a ^ b), split=bool(a ^ c), combined=bool(a ^ b ^ c)))
+    for family in (f for f in families if f in FP8_FAMILIES):
+        for kv, heads, ckv, rope, page, s_q, split in FP8_CASES:
+            out.append(Case(family, heads, ckv, rope, page, s_q, split, combined=False, kv=kv))
     return out
 
 
@@ -102,6 +113,7 @@ def run_case(case: Case) -> list[str]:
     import torch
 
     import mla_gen
+    from mla_gen import fp8
     from mla_gen.reference import mla_decode_reference
     from mla_gen.testing import accuracy_problems, make_inputs
 
@@ -109,21 +121,32 @@ def run_case(case: Case) -> list[str]:
     inp = make_inputs(case.lengths, heads=case.heads, ckv=case.ckv, rope=case.rope, s_q=case.s_q,
                       page_size=case.page, dtype=torch.bfloat16, device="cuda", combined=case.combined,
                       generator=torch.Generator().manual_seed(seed))
+    q_nope, q_pe, ckv, kpe, block_table, seqlens, sm_scale = inp.args()
+    extra = {}
+    if case.kv is DType.FP8_E4M3:  # the scale from the finite values (unread slots hold NaN)
+        amax = float(torch.cat([ckv.flatten(), kpe.flatten()]).float().nan_to_num(0, 0, 0).abs().max())
+        cache, extra["kv_scale"] = fp8.quantize_per_tensor(ckv, kpe, scale=amax / fp8.E4M3_MAX)
+        ckv, kpe = cache[..., :case.ckv], cache[..., case.ckv:]
+    elif case.kv is DType.FP8_DS_MLA:
+        ckv, kpe = fp8.quantize_ds_mla(ckv, kpe), None
+    args = (q_nope, q_pe, ckv, kpe, block_table, seqlens)
     batch = len(case.lengths)
     out = torch.full((batch, case.s_q, case.heads, case.ckv), float("nan"), dtype=torch.bfloat16, device="cuda")
     lse = torch.full((batch, case.s_q, case.heads), float("nan"), dtype=torch.float32, device="cuda")
     w = mla_gen.MLADecodeWrapper(family=case.family.value, num_parts=SPLIT_PARTS if case.split else 1)
     w.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
-           page_size=case.page, max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=torch.bfloat16)
-    w.run(*inp.args()[:6], out=out, lse=lse)
+           page_size=case.page, max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=torch.bfloat16,
+           kv_dtype=None if case.kv is DType.BF16 else case.kv.cli_name)
+    w.run(*args, **extra, out=out, lse=lse)
     w.check_status()  # syncs
     problems = []
     splits = sorted(int(n) for n in w.schedule()[1][:, 1].tolist())
     if not splits_as_named(case, splits):
         named = "split" if case.split else "unsplit"
         problems.append(f"schedule: splits per request {splits} do not match the case ({named})")
-    cpu_args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in inp.args()]
-    ref, ref_lse = mla_decode_reference(*cpu_args)  # on the CPU: no reference kernels under the sanitizer
+    cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    # on the CPU: no reference kernels under the sanitizer; an fp8 cache is read dequantized
+    ref, ref_lse = mla_decode_reference(*map(cpu, args), sm_scale, **{k: cpu(v) for k, v in extra.items()})
     return problems + accuracy_problems(out.cpu(), lse.cpu(), ref, ref_lse, "bf16")
 
 

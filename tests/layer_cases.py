@@ -1,7 +1,8 @@
 """One MLA layer case for test_layer.py and test_layer_gpu.py: a float64 reference layer and a
 layer in the dtype under test holding the same (rounded) weights, each with its own paged cache
 prefilled with the same context through append_kv, scattered pages, NaN in every slot no request
-may read, and unused block-table columns pointing at a NaN page."""
+may read, and unused block-table columns pointing at a NaN page. With kv_dtype, the layer's cache is fp8
+and the reference reads a copy of it (the same codes, quantized from the layer's own latents)."""
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,8 @@ class LayerCase:
 
 def build_case(preset: str, lengths: list[int], *, s_q: int, page_size: int = 16, hidden_size: int = 256,
                head_range: tuple[int, int] | None = None, dtype: torch.dtype = torch.float64,
-               device: str = "cpu", seed: int = 0) -> LayerCase:
+               device: str = "cpu", seed: int = 0, kv_dtype: str | None = None,
+               kv_scale: float | None = None) -> LayerCase:
     g = torch.Generator().manual_seed(seed)
     ref = MLAAttention(preset, hidden_size=hidden_size, head_range=head_range, dtype=torch.float64,
                        device=device, generator=g)
@@ -44,7 +46,7 @@ def build_case(preset: str, lengths: list[int], *, s_q: int, page_size: int = 16
         block_table[b, :n] = torch.tensor(perm[cursor:cursor + n], dtype=torch.int32)
         cursor += n
     block_table = block_table.to(device)
-    cache = layer.new_cache(num_pages, page_size, fill=float("nan"))
+    cache = layer.new_cache(num_pages, page_size, fill=float("nan"), kv_dtype=kv_dtype, kv_scale=kv_scale)
     ref_cache = ref.new_cache(num_pages, page_size, fill=float("nan"))
     context = torch.randn(batch, max(max(lengths), 1), hidden_size, generator=g).to(dtype)
     zero = torch.zeros(1, dtype=torch.int32, device=device)
@@ -53,6 +55,8 @@ def build_case(preset: str, lengths: list[int], *, s_q: int, page_size: int = 16
             ctx = context[b:b + 1, :n].to(device)
             layer.append_kv(ctx, cache, block_table[b:b + 1], zero)
             ref.append_kv(ctx.double(), ref_cache, block_table[b:b + 1], zero)
+    if kv_dtype is not None:
+        ref_cache = copy.deepcopy(cache)
     x = torch.randn(batch, s_q, hidden_size, generator=g).to(dtype).to(device)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
     ctx64 = [context[b, :n].double() for b, n in enumerate(lengths)]

@@ -153,7 +153,7 @@ def test_fp8_before_sm80_names_kv_dtype() -> None:
 
 @pytest.mark.parametrize("family", [Family.SEESAW, Family.SIMT])
 def test_fp8_in_a_family_without_the_path_names_kv_dtype(family: Family) -> None:
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_ds_mla caches are read by the narrow, wgmma, mma family only"):
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_ds_mla caches are read by the narrow, wgmma, mma families only"):
         decide(arch=Arch.SM90A, num_heads=64, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=DS, family=family)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO
 from generator.select import families_for
-from generator.spec import Arch, Family
+from generator.spec import FP8_FAMILIES, Arch, Family
 from mla_gen.schedule import PlanConfig, plan
 
 SCRIPT = REPO / "scripts" / "sanitizer.sh"
@@ -76,11 +76,15 @@ def test_list_and_ids_need_no_cuda() -> None:
     run = [sys.executable, str(REPO / "scripts" / "sanitizer_driver.py")]
     listed = subprocess.run([*run, "--list", "--arch", "sm_90a"], env=env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
-    assert len(listed.stdout.splitlines()) == 8 * len(families_for(Arch.SM90A))
+    fp8_families = [f for f in families_for(Arch.SM90A) if f in FP8_FAMILIES]
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 8 * len(families_for(Arch.SM90A)) + 2 * len(fp8_families)
+    assert sum("_fp8e4m3_" in ln for ln in lines) == sum("_fp8dsmla_" in ln for ln in lines) == len(fp8_families)
     ids = subprocess.run([*run, "--ids", "--arch", "sm_90a"], env=env, capture_output=True, text=True, timeout=60)
     assert ids.returncode == 0, ids.stderr
     assert {line.split("_")[7] for line in ids.stdout.split()} == {f.value for f in Family}
-    assert len(ids.stdout.split()) == 4 * len(families_for(Arch.SM90A))  # heads x dims (each with one s_q)
+    # heads x dims (each with one s_q) per family, and each fp8 case its own variant
+    assert len(ids.stdout.split()) == 4 * len(families_for(Arch.SM90A)) + 2 * len(fp8_families)
 
 
 CLEAN_TAIL = "ok   case\nsanitizer_driver: 24/24 cases ok\n========= ERROR SUMMARY: 0 errors\n"
