@@ -214,6 +214,20 @@ def test_reference_reads_the_dequantized_cache() -> None:
     assert FP8_TOL[0] == 1e-2 and FP8_TOL[1] == REF_TOL["bf16"][1]
 
 
+@pytest.mark.parametrize("kv", [E4M3, DS])
+def test_the_quantized_cache_passes_the_runtime_checks(kv: DType) -> None:
+    """What the fp8 rows hand run() passes every check of mla_decode; on the CPU it then stops at the CUDA check."""
+    import mla_gen
+    from mla_gen import validate
+
+    inp = _inputs()
+    ckv, kpe, scale = quantize(inp, kv).run_args()
+    args = (inp.q_nope, inp.q_pe, ckv, kpe, inp.block_table, inp.cache_seqlens, inp.sm_scale)
+    assert validate.check_structure(*args, kv_scale=scale).kv_dtype is kv
+    with pytest.raises(ValueError, match="^q_nope: expected a CUDA tensor"):
+        mla_gen.mla_decode(*args, kv_scale=scale, check_values=True)
+
+
 class _FakeWrapper:
     """Stands in for MLADecodeWrapper: records plan's and run's arguments."""
     calls: list[tuple[str, tuple, dict]] = []
