@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from generator.argtypes import OneLineParser, UsageError
+from generator.errors import SpecError
+from generator.spec import VariantSpec
 
 
 def add_parser(sub: Any) -> None:
@@ -54,12 +56,23 @@ def run(args: argparse.Namespace) -> int:
     return commands[args.cache_cmd](cache, args)
 
 
+def _kv_dtype(e: Any) -> str | None:
+    """A variant entry's cache dtype, read from its name (<variant id>-<hash12>), so a corrupt entry shows
+    it too; None for a launcher or a name that holds no variant id."""
+    if e.kind != "variant":
+        return None
+    try:
+        return VariantSpec.from_id(e.name.rsplit("-", 1)[0]).kv_dtype.cli_name
+    except SpecError:
+        return None
+
+
 def _entry_row(e: Any) -> dict[str, Any]:
     problems = e.problems()
     meta = {} if problems else e.meta()
-    return {"entry": e.name, "kind": e.kind, "arch": e.arch, "path": str(e.path), "ok": not problems,
-            "problems": problems, "size_bytes": e.size_bytes(), "build_seconds": meta.get("build_seconds"),
-            "created": meta.get("created"), "last_used": meta.get("last_used")}
+    return {"entry": e.name, "kind": e.kind, "arch": e.arch, "kv_dtype": _kv_dtype(e), "path": str(e.path),
+            "ok": not problems, "problems": problems, "size_bytes": e.size_bytes(),
+            "build_seconds": meta.get("build_seconds"), "created": meta.get("created"), "last_used": meta.get("last_used")}
 
 
 def _cache_ls(cache: Any, args: argparse.Namespace) -> int:
@@ -70,8 +83,8 @@ def _cache_ls(cache: Any, args: argparse.Namespace) -> int:
     print(f"# cache {cache.root}: {len(rows)} entries")
     for r in rows:
         state = "ok" if r["ok"] else "CORRUPT"
-        print(f"{r['arch']:8s} {r['entry']}  {r['size_bytes'] / 1e6:6.2f} MB  built {_fmt_time(r['created'])} in "
-              f"{r['build_seconds'] or 0:.1f} s  used {_fmt_time(r['last_used'])}  {state}")
+        print(f"{r['arch']:8s} {r['kv_dtype'] or '-':10s} {r['entry']}  {r['size_bytes'] / 1e6:6.2f} MB  built "
+              f"{_fmt_time(r['created'])} in {r['build_seconds'] or 0:.1f} s  used {_fmt_time(r['last_used'])}  {state}")
     return 0
 
 

@@ -20,9 +20,11 @@ from generator.spec import Arch, DType, Family, Tile, VariantSpec
 
 PROG = "python -m generator"
 DEFAULT_ARCH = "sm_90a"
+KV_DTYPE_HELP = ("latent cache: the --dtype (default), fp8_e4m3 (one fp32 scale per tensor) or fp8_ds_mla (656-byte "
+                 "tokens, one fp32 scale per 128 values; ckv 512, rope 64, bf16 q); fp8 caches: narrow, wgmma, mma")
 _FIELD_FLAGS = {"num_heads": "--heads", "ckv_dim": "--ckv", "rope_dim": "--rope", "arch": "--arch",
                 "preset": "--preset", "family": "--family", "tile": "--tile", "dtype": "--dtype",
-                "q_dtype": "--dtype", "tp": "--tp", "s_q": "--s-q", "variant id": "--id"}
+                "q_dtype": "--dtype", "kv_dtype": "--kv-dtype", "tp": "--tp", "s_q": "--s-q", "variant id": "--id"}
 
 
 def _usage_message(err: SpecError) -> str:
@@ -42,6 +44,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckv", type=int, metavar="C", help="compressed kv width (kv_lora_rank), e.g. 512")
     g.add_argument("--rope", type=int, metavar="R", help="rope width (qk_rope_head_dim), e.g. 64")
     g.add_argument("--dtype", default=None, help="bf16 or fp16 (default: the preset's, else bf16)")
+    g.add_argument("--kv-dtype", default=None, help=KV_DTYPE_HELP)
     g.add_argument("--arch", default=DEFAULT_ARCH, help=f"compile target, e.g. sm_80, sm_90a (default {DEFAULT_ARCH})")
     g.add_argument("--family", action="append", metavar="F",
                    help="kernel family (repeatable): simt, mma, wgmma, seesaw (default: the fastest for the arch)")
@@ -55,14 +58,15 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
 
 def _select(args: argparse.Namespace) -> list[VariantSpec]:
     from generator.presets import preset_variants
-    from generator.select import default_tile, families_for
+    from generator.select import decide, default_tile, families_for
 
     arch = Arch.parse(args.arch)
     dtype = DType.parse(args.dtype) if args.dtype else None
+    kv_dtype = DType.parse(args.kv_dtype, "kv_dtype") if args.kv_dtype else None
     families = [Family.parse(f) for f in args.family] if args.family else None
     specs: list[VariantSpec] = [VariantSpec.from_id(i) for i in (args.id or [])]
     for name in args.preset or []:
-        found = preset_variants(name, arch, dtype=dtype, families=families, tp_sizes=args.tp)
+        found = preset_variants(name, arch, dtype=dtype, families=families, tp_sizes=args.tp, kv_dtype=kv_dtype)
         if args.tile:
             found = [VariantSpec(s.num_heads, s.ckv_dim, s.rope_dim, s.q_dtype, s.kv_dtype, s.out_dtype,
                                  s.family, Tile.parse(args.tile), s.arch) for s in found]
@@ -71,12 +75,18 @@ def _select(args: argparse.Namespace) -> list[VariantSpec]:
         if not (args.heads and args.ckv and args.rope):
             raise UsageError("arguments --heads, --ckv and --rope go together")
         dt = dtype or DType.BF16
+        kv = kv_dtype or dt
+        tile = Tile.parse(args.tile) if args.tile else None
+        # no --family: the fastest family on the arch; for an fp8 cache, the one dispatch picks for the rows
         for h in args.heads:
-            for fam in families or families_for(arch)[:1]:
+            for fam in families or ([None] if kv.is_fp8 else families_for(arch)[:1]):
                 for s_q in args.s_q:
-                    tile = (Tile.parse(args.tile) if args.tile
-                            else default_tile(fam, h, args.ckv, args.rope, arch, s_q))
-                    specs.append(VariantSpec(h, args.ckv, args.rope, dt, dt, dt, fam, tile, arch))
+                    if fam is None:
+                        specs.append(decide(arch=arch, num_heads=h, ckv_dim=args.ckv, rope_dim=args.rope, dtype=dt,
+                                            s_q=s_q, kv_dtype=kv, tile=tile).spec)
+                    else:
+                        specs.append(VariantSpec(h, args.ckv, args.rope, dt, kv, dt, fam,
+                                                 tile or default_tile(fam, h, args.ckv, args.rope, arch, s_q, kv), arch))
     if not specs:
         raise UsageError("no variants selected: give --preset, --heads/--ckv/--rope or --id")
     specs = list(dict.fromkeys(specs))
@@ -86,8 +96,8 @@ def _select(args: argparse.Namespace) -> list[VariantSpec]:
 
 
 def _spec_row(spec: VariantSpec) -> dict[str, Any]:
-    return {"variant_id": spec.variant_id, **spec.to_dict(), "smem_bytes": spec.smem_bytes,
-            "threads": spec.threads}
+    return {"variant_id": spec.variant_id, **spec.to_dict(), "scale_granularity": spec.kv_dtype.scale_granularity,
+            "smem_bytes": spec.smem_bytes, "threads": spec.threads}
 
 
 # -- commands -----------------------------------------------------------------------------------------
@@ -115,7 +125,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps([_spec_row(s) for s in specs], indent=2))
     else:
         for s in specs:
-            print(f"{s.variant_id}  smem {s.smem_bytes} B  threads {s.threads}")
+            print(f"{s.variant_id}  kv {s.kv_dtype.cli_name}  smem {s.smem_bytes} B  threads {s.threads}")
     return 0
 
 
@@ -229,11 +239,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     decision = decide(arch=Arch.parse(args.arch), num_heads=args.heads, ckv_dim=args.ckv, rope_dim=args.rope,
                       dtype=DType.parse(args.dtype), s_q=args.s_q, sm_count=args.sm_count,
                       ctas_per_sm=args.ctas_per_sm, family=Family.parse(args.family) if args.family else None,
-                      num_parts=args.num_parts, batch=args.batch, mean_seqlen=args.seqlen)
+                      num_parts=args.num_parts, batch=args.batch, mean_seqlen=args.seqlen,
+                      kv_dtype=DType.parse(args.kv_dtype, "kv_dtype") if args.kv_dtype else None)
+    kv = decision.spec.kv_dtype
     if args.json:
-        print(json.dumps(decision.to_dict(), indent=2))
+        print(json.dumps({**decision.to_dict(), "scale_granularity": kv.scale_granularity}, indent=2))
     else:
         print(f"variant  {decision.spec.variant_id}")
+        print(f"kv       {kv.cli_name}, " + (f"one fp32 scale per {kv.scale_granularity}" if kv.is_fp8
+                                              else "q's dtype, unscaled"))
         print(f"grid     {decision.m_blocks} row block(s) x {decision.num_parts} parts, "
               f"{decision.spec.threads} threads, {decision.spec.smem_bytes} B shared memory per CTA")
         print("why:")
@@ -284,6 +298,7 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--ckv", type=int, required=True)
     s.add_argument("--rope", type=int, required=True)
     s.add_argument("--dtype", default="bf16")
+    s.add_argument("--kv-dtype", default=None, help=KV_DTYPE_HELP)
     s.add_argument("--arch", default=DEFAULT_ARCH)
     s.add_argument("--batch", type=positive_int, default=None)
     s.add_argument("--seqlen", type=positive_int, default=None, help="mean cache length per request")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from generator.errors import SpecError
-from generator.spec import Arch, DType, Family, VariantSpec
+from generator.spec import DS_MLA_CKV, DS_MLA_ROPE, DS_MLA_TOKEN_BYTES, Arch, DType, Family, VariantSpec
 
 _MODELS_JSON = Path(__file__).with_name("models.json")
 TP_SIZES = (1, 2, 4, 8)
@@ -84,9 +84,10 @@ def model_config(name: str) -> ModelConfig:
 
 
 def preset_variants(name: str, arch: Arch, *, dtype: DType | None = None, families: list[Family] | None = None,
-                    tp_sizes: list[int] | None = None) -> list[VariantSpec]:
+                    tp_sizes: list[int] | None = None, kv_dtype: DType | None = None) -> list[VariantSpec]:
     """The variants preset `name` needs on `arch`: per tensor-parallel head count, the one dispatch
-    picks (generator.select.decide), or one per family in `families`. Raises SpecError."""
+    picks (generator.select.decide), or one per family in `families`. kv_dtype: the cache (default
+    the q dtype). Raises SpecError."""
     from generator.select import decide, default_tile  # select builds on spec; presets stay below it
 
     cfg = model_config(name)
@@ -98,12 +99,16 @@ def preset_variants(name: str, arch: Arch, *, dtype: DType | None = None, famili
                             f"{sorted(heads)} divide them, not {bad}")
         heads = {tp: heads[tp] for tp in tp_sizes}
     dt = dtype or cfg.dtype
+    kv = kv_dtype or dt
     C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    if kv is DType.FP8_DS_MLA and (C, R) != (DS_MLA_CKV, DS_MLA_ROPE):
+        raise SpecError(f"kv_dtype: preset {name} has ckv {C} / rope {R}; the {DS_MLA_TOKEN_BYTES}-byte fp8_ds_mla "
+                        f"token holds ckv {DS_MLA_CKV} / rope {DS_MLA_ROPE} only (fp8_e4m3 takes any dims)")
     out: list[VariantSpec] = []
     for h in sorted(set(heads.values()), reverse=True):
         if families is None:
-            out.append(decide(arch=arch, num_heads=h, ckv_dim=C, rope_dim=R, dtype=dt).spec)
+            out.append(decide(arch=arch, num_heads=h, ckv_dim=C, rope_dim=R, dtype=dt, kv_dtype=kv).spec)
             continue
         for fam in families:
-            out.append(VariantSpec(h, C, R, dt, dt, dt, fam, default_tile(fam, h, C, R, arch), arch))
+            out.append(VariantSpec(h, C, R, dt, kv, dt, fam, default_tile(fam, h, C, R, arch, kv_dtype=kv), arch))
     return out

@@ -271,7 +271,7 @@ def test_torch_baseline_matches_reference(dtype: str) -> None:
                       generator=torch.Generator().manual_seed(5))
     out = prepare_torch(inp, case).run()
     assert out.shape == (4, 2, 8, 64) and out.dtype == inp.q.dtype
-    check = Reference.compute(inp, list(range(4))).check(out, dtype)
+    check = Reference.compute(inp, list(range(4))).check(out, REF_TOL[dtype])
     assert check.ok, check.why_wrong()
 
 

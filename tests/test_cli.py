@@ -13,7 +13,7 @@ import pytest
 from cache_fakes import ID, fake_entry
 from conftest import run_cli
 from generator.presets import preset_variants
-from generator.spec import Arch
+from generator.spec import Arch, DType
 
 
 def _json(*args: str) -> object:
@@ -94,6 +94,95 @@ def test_bad_input_exits_2_with_one_line(args: list[str], names: list[str]) -> N
     assert len(lines) == 1, proc.stderr
     assert all(n in lines[0] for n in names), lines[0]
     assert proc.stdout == ""
+
+
+# -- fp8 caches (--kv-dtype) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv, spelled", [("fp8_e4m3", "fp8e4m3"), ("fp8_ds_mla", "fp8dsmla")])
+def test_list_preset_with_an_fp8_cache(kv: str, spelled: str) -> None:
+    rows = _json("list", "--preset", "deepseek-v3", "--kv-dtype", kv, "--json")
+    assert [r["variant_id"] for r in rows] == [
+        s.variant_id for s in preset_variants("deepseek-v3", Arch.SM90A, kv_dtype=DType.parse(kv))]
+    assert {r["num_heads"] for r in rows} == {128, 64, 32, 16}
+    assert all(f"_bf16_{spelled}_" in r["variant_id"] and r["kv_dtype"] == spelled for r in rows)
+    assert {r["scale_granularity"] for r in rows} == {DType.parse(kv).scale_granularity}
+    text = run_cli("list", "--preset", "deepseek-v3", "--kv-dtype", kv, "--tp", "8")
+    assert text.returncode == 0 and text.stdout.split()[:3] == [rows[-1]["variant_id"], "kv", kv], text.stdout
+
+
+def test_kv_dtype_defaults_to_the_q_dtype() -> None:
+    plain = _json("list", "--heads", "16", "--ckv", "512", "--rope", "64", "--dtype", "fp16", "--json")
+    same = _json("list", "--heads", "16", "--ckv", "512", "--rope", "64", "--dtype", "fp16", "--kv-dtype", "fp16",
+                 "--json")
+    assert plain == same and plain[0]["kv_dtype"] == "fp16" and plain[0]["scale_granularity"] is None
+
+
+def test_explicit_dims_with_an_fp8_cache_take_the_family_dispatch_picks() -> None:
+    from generator.select import decide
+
+    rows = _json("list", "--heads", "16", "40", "--ckv", "256", "--rope", "32", "--kv-dtype", "fp8_e4m3", "--s-q", "1",
+                 "2", "--json")
+    want = [decide(arch=Arch.SM90A, num_heads=h, ckv_dim=256, rope_dim=32, dtype=DType.BF16, s_q=s_q,
+                   kv_dtype=DType.FP8_E4M3).spec.variant_id for h in (16, 40) for s_q in (1, 2)]
+    assert [r["variant_id"] for r in rows] == list(dict.fromkeys(want))       # 40 heads: one variant for both
+    assert [r["family"] for r in rows] == ["narrow", "narrow", "wgmma"]       # 16 and 32 rows fit narrow, 40 not
+
+
+@pytest.mark.parametrize("kv, granularity", [("fp8_e4m3", "one fp32 scale per tensor"),
+                                             ("fp8_ds_mla", "one fp32 scale per 128 values"),
+                                             (None, "q's dtype, unscaled")])
+def test_explain_prints_the_kv_dtype_and_its_scales(kv: str | None, granularity: str) -> None:
+    args = ["explain", "--heads", "16", "--ckv", "512", "--rope", "64", *(["--kv-dtype", kv] if kv else [])]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1] == f"kv       {kv or 'bf16'}, {granularity}"
+    doc = _json(*args, "--json")
+    assert doc["spec"]["kv_dtype"] == DType.parse(kv or "bf16").value     # the id's spelling, as list --json
+    assert doc["scale_granularity"] == DType.parse(kv or "bf16").scale_granularity
+
+
+@pytest.mark.parametrize("args, names", [
+    (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--family", "seesaw"],
+     ["--kv-dtype", "family seesaw"]),
+    (["list", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--family", "simt"],
+     ["--kv-dtype", "narrow", "family simt"]),
+    (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--arch", "sm_75"], ["--kv-dtype", "sm_75"]),
+    (["build", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_ds_mla", "--arch", "sm_75"],
+     ["--kv-dtype", "sm_75"]),
+    (["list", "--preset", "minicpm3-4b", "--kv-dtype", "fp8_ds_mla"],
+     ["--kv-dtype", "minicpm3-4b", "ckv 256 / rope 32", "ckv 512 / rope 64 only"]),
+    (["emit", "--heads", "16", "--ckv", "256", "--rope", "32", "--kv-dtype", "fp8_ds_mla"],
+     ["--kv-dtype", "ckv 512 and rope 64"]),
+    (["list", "--heads", "16", "--ckv", "512", "--rope", "64", "--dtype", "fp16", "--kv-dtype", "fp8_ds_mla"],
+     ["--dtype", "fp8_ds_mla", "bf16 queries"]),
+    (["list", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp16"], ["--kv-dtype", "fp16"]),
+    (["list", "--preset", "deepseek-v3", "--kv-dtype", "int4"], ["--kv-dtype", "int4"]),
+    (["list", "--preset", "deepseek-v3", "--dtype", "fp8_e4m3"], ["--dtype", "fp8 is a cache format"]),
+    (["explain", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--family", "simt"],
+     ["--kv-dtype", "family simt"]),
+    (["explain", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--arch", "sm_75"],
+     ["--kv-dtype", "sm_75"]),
+    (["explain", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_ds_mla", "--dtype", "fp16"],
+     ["--dtype", "fp8_ds_mla"]),
+])
+def test_impossible_fp8_combinations_exit_2_naming_the_argument(args: list[str], names: list[str]) -> None:
+    test_bad_input_exits_2_with_one_line(args, names)
+    assert "Traceback" not in run_cli(*args).stderr
+
+
+@pytest.mark.needs_nvcc
+def test_build_fp8_variants_and_list_them_in_the_cache(cache_root: Path) -> None:
+    """Both formats build with the real nvcc, without spills; cache ls shows the cache dtype."""
+    rows = _json("build", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--json")
+    rows += _json("build", "--preset", "deepseek-v3", "--tp", "8", "--kv-dtype", "fp8_ds_mla", "--json")
+    assert [r["ok"] for r in rows] == [True, True], rows
+    for r in rows:
+        info = _json("cache", "info", r["variant_id"], "--json")
+        assert all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in info["meta"]["ptxas"]), info["meta"]
+    kv = {r["entry"]: r["kv_dtype"] for r in _json("cache", "ls", "--json")["entries"]}
+    assert sorted(kv.values(), key=str) == [None, "fp8_ds_mla", "fp8_e4m3"]          # a launcher, two variants
+    lines = run_cli("cache", "ls").stdout.splitlines()
+    assert {line.split()[1] for line in lines[1:]} == {"fp8_e4m3", "fp8_ds_mla", "-"}
 
 
 @pytest.mark.parametrize("sub", [[], ["list"], ["emit"], ["build"], ["explain"], ["cache"], ["cache", "ls"],
@@ -199,6 +288,8 @@ def test_cache_ls_info_verify(cache_root: Path) -> None:
     assert set(rows) == {bad_import.name, no_meta.name}
     assert rows[bad_import.name]["ok"] and rows[bad_import.name]["build_seconds"] == 1.5
     assert not rows[no_meta.name]["ok"] and "meta.json is missing" in rows[no_meta.name]["problems"][0]
+    assert rows[bad_import.name]["kv_dtype"] == rows[no_meta.name]["kv_dtype"] == "bf16"   # read from the name
+    assert run_cli("cache", "ls").stdout.splitlines()[1].split()[:3] == ["sm90a", "bf16", bad_import.name]
 
     info = _json("cache", "info", bad_import.name, "--json")
     assert info["ok"] and info["meta"]["variant_id"] == ID and info["path"] == str(bad_import)

@@ -52,6 +52,37 @@ def test_hand_count_deepseek_v3_tp8():
     assert cost.choose_form(V3_TP8, 2, 2, 10) == "absorbed"
 
 
+def test_kv_token_bytes_by_hand():
+    assert cost.kv_token_bytes("bf16", 512, 64) == (1024, 128)           # 1152 B per token
+    assert cost.kv_token_bytes("fp8_e4m3", 512, 64) == (512, 64)         # 576: one byte per value
+    assert cost.kv_token_bytes("fp8_ds_mla", 512, 64) == (512 + 4 * 4, 2 * 64)   # values + 4 fp32 scales, bf16 rope
+    assert sum(cost.kv_token_bytes("fp8_ds_mla", 512, 64)) == 656
+    assert cost.kv_token_bytes("fp8_e4m3", 256, 32) == (256, 32)
+    with pytest.raises(ValueError, match="^kv_dtype: .*656-byte.*ckv 256, rope 32"):
+        cost.kv_token_bytes("fp8_ds_mla", 256, 32)
+    with pytest.raises(ValueError, match="^kv_dtype: unknown"):
+        cost.kv_token_bytes("int4", 512, 64)
+
+
+@pytest.mark.parametrize("kv, kc, kr", [("fp8_e4m3", 512, 64), ("fp8_ds_mla", 528, 128)])
+def test_hand_count_with_an_fp8_cache(kv, kc, kr):
+    """The case of test_hand_count_deepseek_v3_tp8 (B=2, S=2, L=12: 24 cached tokens, bf16 elsewhere) with
+    an fp8 cache: only the cache's bytes change, kc + kr per token instead of 2 * 576; FLOPs do not."""
+    bf16 = cost.form_costs(V3_TP8, batch=2, s_q=2, cache_len=10)
+    fp8 = cost.form_costs(V3_TP8, batch=2, s_q=2, cache_len=10, kv_dtype=kv)
+    _, attention, _ = fp8["absorbed"].parts
+    # q_abs and q_pe, o_lat in bf16 + the cache once per request
+    assert attention.bytes == 2 * (4 * 16 * 576 + 4 * 16 * 512) + 24 * (kc + kr)      # 153_088 or 155_008
+    up, attn = fp8["vanilla"].parts
+    assert up.bytes == 2 * (16 * 256 * 512 + 24 * 16 * 256) + 24 * kc                 # the latent read in fp8
+    assert attn.bytes == 2 * (12_288 + 24 * 2048 + 49_152 + 8_192) + 24 * kr          # the rope key from the cache
+    for form in cost.FORMS:
+        assert fp8[form].flops == bf16[form].flops
+        assert bf16[form].bytes - fp8[form].bytes == 24 * (1152 - kc - kr)
+    # ds_mla keeps the rope in bf16: vanilla's attention reads what it reads from a bf16 cache
+    assert (attn.bytes == bf16["vanilla"].parts[1].bytes) == (kv == "fp8_ds_mla")
+
+
 def test_visible_pairs_brute_force():
     for s_q in (1, 2, 7):
         for cached in (0, 1, 33):
@@ -123,6 +154,17 @@ def test_cli_json():
     assert row["vanilla"]["flops"] == cost.vanilla_cost(dims, 4, 8, 1000).flops
 
 
+def test_cli_kv_dtype():
+    res = run_cost("--preset", "deepseek-v3", "--tp", "8", "--kv-dtype", "fp8_ds_mla", "--max-s-q", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["kv_dtype"] == "fp8_ds_mla" and doc["kv_token_bytes"] == 656
+    assert doc["rows"][0]["absorbed"]["bytes"] == cost.absorbed_cost(V3_TP8, 1, 1, 4096, kv_dtype="fp8_ds_mla").bytes
+    text = run_cost("--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--max-s-q", "1")
+    assert "cache fp8_e4m3 (576 B per token)" in text.stdout.splitlines()[1], text.stdout
+    assert "cache bf16 (1152 B per token)" in run_cost("--preset", "deepseek-v3", "--max-s-q", "1").stdout
+
+
 @pytest.mark.parametrize("args,name", [
     (["--preset", "deepseek-v3", "--batch", "0"], "--batch"),
     (["--preset", "deepseek-v3", "--seqlen", "many"], "--seqlen"),
@@ -130,6 +172,9 @@ def test_cli_json():
     (["--preset", "deepseek-v3", "--rate", "-5"], "--rate"),
     (["--preset", "deepseek-v3", "--bandwidth", "inf"], "--bandwidth"),
     (["--preset", "deepseek-v3", "--dtype", "int4"], "--dtype"),
+    (["--preset", "deepseek-v3", "--dtype", "fp8e4m3"], "--dtype"),          # a cache format, not an activation
+    (["--preset", "deepseek-v3", "--kv-dtype", "fp16"], "--kv-dtype"),
+    (["--preset", "minicpm3-4b", "--kv-dtype", "fp8_ds_mla"], "--kv-dtype"),
     (["--preset", "gpt-2"], "--preset"),
     ([], "--preset"),
 ])

@@ -306,7 +306,7 @@ def test_host_section_lines_and_verdicts() -> None:
 def test_host_section_json_round_trip() -> None:
     cases = default_suite()[:1]
     doc = json.loads(json.dumps(json_document({"name": "GPU"}, CEILINGS, {}, cases, [], HOST), allow_nan=False))
-    assert doc["schema"] == 2
+    assert doc["schema"] >= 2  # the host section came with schema 2
     assert set(doc["host"]) == {"shape", "calls", "host_us", "drain_us", "targets", "reference", "notes"}
     assert read_host(doc) == HOST
     assert read_host(json_document({}, CEILINGS, {}, cases, [])) is None

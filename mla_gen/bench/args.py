@@ -10,13 +10,14 @@ from typing import Sequence
 from generator.argtypes import OneLineParser, UsageError, positive_int
 from generator.errors import SpecError
 from generator.presets import model_config, preset_names
-from generator.spec import Family
-from mla_gen.bench.cases import DEFAULT_SM_SCALE, DTYPES, Case, default_suite
+from generator.spec import FP8_FAMILIES, DType, Family
+from mla_gen.bench.cases import DEFAULT_SM_SCALE, DTYPES, Case, default_suite, fp8_unsupported
 from mla_gen.bench.roofline import require_matplotlib
 
 PROG = "python -m mla_gen.bench"
 REPO = Path(__file__).resolve().parents[2]
 MIN_ITERS = 20
+KV_DTYPES = (*DTYPES, *(d.cli_name for d in DType if d.is_fp8))
 _FIELD_FLAGS = {"batch": "--batch", "heads": "--heads", "ckv": "--ckv", "rope": "--rope", "s_q": "--s-q",
                 "seqlen": "--seqlen", "seqlens_random": "--seqlens-random", "page_size": "--page-size",
                 "dtype": "--dtype"}
@@ -66,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--s-q", type=positive_int, metavar="N", help="query tokens per request, causal (default 1)")
     p.add_argument("--page-size", type=positive_int, metavar="P", help="cache page size (default 64; suite too)")
     p.add_argument("--dtype", choices=DTYPES, help="q/cache/out dtype (default bf16; suite too)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, help="the --dtype (default), or an fp8 cache format timed beside "
+                   "it: per case, mla-gen's fp8 families also run on the cache quantized to it (fp8_ds_mla: ckv 512, "
+                   "rope 64, bf16), with their time over the 16-bit cache's")
     p.add_argument("--cases", metavar="LIST", help="suite cases to run, comma-separated, e.g. 6,6eq (default all: "
                    + ", ".join(c.name for c in default_suite()) + ")")
     p.add_argument("--families", type=_families, metavar="LIST",
@@ -87,6 +91,7 @@ def make_parser() -> argparse.ArgumentParser:
 class Options:
     cases: list[Case]
     families: list[Family] | None      # None: every family the device runs
+    kv_dtype: DType | None             # an fp8 format timed beside the 16-bit cache; None: the 16-bit cache only
     peers_dir: Path | None             # None: no peers
     iters: int
     json_path: Path | None
@@ -152,7 +157,8 @@ def _suite(args: argparse.Namespace, page_size: int, dtype: str) -> list[Case]:
 def parse_options(argv: Sequence[str] | None) -> Options:
     args = make_parser().parse_args(argv)
     if args.from_json is not None:
-        others = _given(args, (*_SHAPE_FLAGS, "page_size", "dtype", "cases", "families", "peers_dir", "json"))
+        others = _given(args, (*_SHAPE_FLAGS, "page_size", "dtype", "kv_dtype", "cases", "families", "peers_dir",
+                               "json"))
         if others or args.peers:
             raise UsageError(f"argument --from-json: takes --plot only, not {_flag(others[0]) if others else '--peers'}")
         if not args.from_json.is_file():
@@ -174,4 +180,22 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     else:
         cases = _suite(args, page_size, dtype)
     peers_dir = args.peers_dir or (REPO / ".peers" if args.peers else None)
-    return Options(cases, args.families, peers_dir, args.iters, args.json, args.plot, args.from_json)
+    kv_dtype = _kv_dtype(args, dtype, cases)
+    return Options(cases, args.families, kv_dtype, peers_dir, args.iters, args.json, args.plot, args.from_json)
+
+
+def _kv_dtype(args: argparse.Namespace, dtype: str, cases: list[Case]) -> DType | None:
+    """The fp8 format to time beside the 16-bit cache, or None. A case that cannot have it gets n/a rows;
+    a selection where none can is a usage error."""
+    kv = DType.parse(args.kv_dtype or dtype)
+    if not kv.is_fp8:
+        if kv.value != dtype:
+            raise UsageError(f"argument --kv-dtype: a 16-bit cache has q's dtype (--dtype {dtype}), got {kv.value}")
+        return None
+    if args.families and not set(args.families) & set(FP8_FAMILIES):
+        raise UsageError(f"argument --kv-dtype: {kv.cli_name} caches are read by the "
+                         f"{', '.join(f.value for f in FP8_FAMILIES)} families, none of them in --families")
+    reasons = [fp8_unsupported(c, kv) for c in cases]
+    if all(reasons):
+        raise UsageError(f"argument --kv-dtype: {reasons[0]}")
+    return kv

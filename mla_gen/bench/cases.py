@@ -2,8 +2,9 @@
 Torch-free, so the arithmetic is testable anywhere.
 
 Bytes (the fewest a kernel can move through device memory): each cache token's ckv and kpe read once
-(sum(lengths) x (C + R) x itemsize), q read once (B x s_q x H x (C + R)), out written once
-(B x s_q x H x C); no lse (the bench does not ask for it) and no split-kv partials (a kernel's own cost).
+(sum(lengths) x (C + R) x itemsize; an fp8 cache: sum(lengths) x its bytes per token, mla_gen.cost.kv_token_bytes),
+q read once (B x s_q x H x (C + R)), out written once (B x s_q x H x C); no lse (the bench does not ask for it)
+and no split-kv partials (a kernel's own cost).
 FLOPs: 2 x H x (C + R + C) per visible (query row, cache token) pair: QK^T over C + R, PV over C. With
 s_q > 1 the new tokens are causal among themselves: query token i of a request of length L sees
 L - s_q + i + 1 tokens, so a request counts s_q x L - s_q (s_q - 1) / 2 pairs per head, exactly.
@@ -14,11 +15,13 @@ import dataclasses
 import random
 from typing import Any
 
+from generator.errors import SpecError
 from generator.presets import model_config
-from generator.spec import DType
-from mla_gen.cost import visible_pairs
+from generator.select import decide
+from generator.spec import Arch, DType
+from mla_gen.cost import kv_token_bytes, visible_pairs
 
-DTYPES = tuple(d.value for d in DType)
+DTYPES = tuple(d.value for d in DType if not d.is_fp8)   # q, out and the case's own cache
 DEFAULT_SM_SCALE = 192 ** -0.5   # DeepSeek: 1 / sqrt(qk_nope 128 + qk_rope 64)
 SUITE_PAGE_SIZE = 64
 
@@ -112,15 +115,29 @@ class Work:
         return self.flops / self.bytes
 
 
-def work(case: Case) -> Work:
+def work(case: Case, kv_dtype: DType | None = None) -> Work:
+    """What the case moves and computes, reading its cache as `kv_dtype` (default: the case's dtype).
+    Raises SpecError for an fp8 format the case's dims cannot have."""
     lengths = case.lengths()
     item = DType.parse(case.dtype).itemsize
     pairs = sum(visible_pairs(case.s_q, n - case.s_q) for n in lengths)  # each length counts the s_q new tokens
     rows = case.batch * case.s_q * case.heads
-    return Work(cache_bytes=sum(lengths) * (case.ckv + case.rope) * item,
+    token_bytes = sum(kv_token_bytes(kv_dtype or case.dtype, case.ckv, case.rope))
+    return Work(cache_bytes=sum(lengths) * token_bytes,
                 q_bytes=rows * (case.ckv + case.rope) * item,
                 out_bytes=rows * case.ckv * item,
                 flops=2 * case.heads * (case.ckv + case.rope + case.ckv) * pairs)
+
+
+def fp8_unsupported(case: Case, kv_dtype: DType) -> str | None:
+    """Why no mla-gen kernel reads `case` from a `kv_dtype` cache (fp8_ds_mla: other dims, fp16 q), or None;
+    asked of dispatch on sm_90a, where every fp8 family runs (another device's rows say so when they run)."""
+    try:
+        decide(arch=Arch.SM90A, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
+               dtype=DType.parse(case.dtype), s_q=case.s_q, kv_dtype=kv_dtype)
+    except SpecError as e:
+        return str(e)
+    return None
 
 
 def default_suite(seed: int = 0) -> list[Case]:

@@ -4,10 +4,13 @@ index tensors: not timed) into a zero-argument call returning out [B, s_q, H, C]
 - mla-gen, one per family: MLADecodeWrapper.plan once, the device work list computed once (as engines do
   once per decoding step for all layers, and as FlashMLA's metadata is for its timed call), run(replan=False)
   timed; and "<family>+plan", the dispatched family with the device planner launched in every timed call.
+  With --kv-dtype fp8_*: "<family>[<format>]", the families with an fp8 path on the cache quantized once per
+  case (QuantizedCache), checked against the float64 reference on its dequantization.
 - torch: gather the tokens + bmm + fp32 softmax + bmm, bf16/fp16 operands.
 - peers (peers.py in --peers-dir, default .peers in the repo root): FlashMLA, vLLM's and SGLang's
   Triton decode, through peers.prepare. A peer that does not load is absent; one that cannot take a case is n/a.
-All read the same combined cache [num_pages, page_size, C + R] (mla-gen through views of it).
+All read the same combined cache [num_pages, page_size, C + R] (mla-gen through views of it); the torch
+baseline and the peers (no dense fp8 path) read it in 16 bits with --kv-dtype too.
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from typing import Callable
 
 import torch
 
-from generator.spec import Family
+from generator.spec import DType, Family
 from mla_gen.api import MLADecodeWrapper
 from mla_gen.bench.cases import Case
 from mla_gen.bench.report import Check
 from mla_gen.dtypes import torch_dtype
+from mla_gen.fp8 import E4M3_MAX, dequantize_ds_mla, dequantize_per_tensor, quantize_ds_mla, quantize_per_tensor
 from mla_gen.reference import mla_decode_reference
 from mla_gen.testing import REF_TOL, DecodeInputs, make_inputs, max_abs, rel_l2
 
@@ -31,6 +35,10 @@ PEER_NAMES = ("flashmla", "vllm_triton", "sglang_triton")   # the names peers.py
 # (rel L2, max abs / max |ref|) against mla-gen's output: two low-precision results differ by up to
 # both their errors against the float64 reference, so twice REF_TOL.
 PEER_TOL = {dtype: (2 * l2, 2 * mx) for dtype, (l2, mx) in REF_TOL.items()}
+# (rel L2, max abs / max |ref|) of an fp8 cache's output against the float64 reference on the dequantized
+# cache: issue 13's rel L2 where q is not quantized, bf16's max abs.
+FP8_TOL = (1e-2, REF_TOL["bf16"][1])
+PEER_16BIT_NOTE = "on the 16-bit cache: no dense fp8 path"
 
 
 class NotApplicable(Exception):
@@ -68,39 +76,83 @@ class Reference:
     out: torch.Tensor
 
     @classmethod
-    def compute(cls, inp: DecodeInputs, rows: list[int]) -> Reference:
+    def compute(cls, inp: DecodeInputs, rows: list[int],
+                caches: tuple[torch.Tensor, torch.Tensor] | None = None) -> Reference:
+        """caches: (ckv, kpe) to read instead of the inputs' (an fp8 cache's dequantization)."""
+        ckv, kpe = caches or (inp.ckv_cache, inp.kpe_cache)
         idx = torch.tensor(rows, dtype=torch.long, device=inp.q_nope.device)
-        out, _ = mla_decode_reference(inp.q_nope[idx], inp.q_pe[idx], inp.ckv_cache, inp.kpe_cache,
-                                      inp.block_table[idx].contiguous(), inp.cache_seqlens[idx].contiguous(),
-                                      inp.sm_scale)
+        out, _ = mla_decode_reference(inp.q_nope[idx], inp.q_pe[idx], ckv, kpe, inp.block_table[idx].contiguous(),
+                                      inp.cache_seqlens[idx].contiguous(), inp.sm_scale)
         return cls(rows, out)
 
-    def check(self, out: torch.Tensor, dtype: str) -> Check:
+    def check(self, out: torch.Tensor, tolerance: tuple[float, float]) -> Check:
         """Every output element must be finite (an unwritten poisoned one is NaN); the subsample's must
-        match the reference."""
+        match the reference within `tolerance` (REF_TOL[dtype], FP8_TOL)."""
         nan = int(out.isnan().sum())
         sub = out[torch.tensor(self.rows, dtype=torch.long, device=out.device)]
-        check = compare(sub, self.out, f"reference[{len(self.rows)} req]", REF_TOL[dtype])
+        check = compare(sub, self.out, f"reference[{len(self.rows)} req]", tolerance)
         return dataclasses.replace(check, nan_count=nan) if nan else check
+
+
+# -- fp8 caches ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedCache:
+    """The case's cache in an fp8 format (mla_gen.fp8): fp8_e4m3 [pages, page_size, C + R] float8_e4m3fn with
+    its float32 [1] scale; fp8_ds_mla [pages, page_size, 656] uint8."""
+    kv_dtype: DType
+    cache: torch.Tensor
+    scale: torch.Tensor | None
+    ckv_dim: int
+
+    def run_args(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(ckv_cache, kpe_cache, kv_scale) as MLADecodeWrapper.run takes them."""
+        if self.kv_dtype is DType.FP8_DS_MLA:
+            return self.cache, None, None
+        return self.cache[..., :self.ckv_dim], self.cache[..., self.ckv_dim:], self.scale
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ckv, kpe) in float32: what a kernel reading this cache must compute with."""
+        if self.kv_dtype is DType.FP8_DS_MLA:
+            return dequantize_ds_mla(self.cache)
+        return dequantize_per_tensor(self.cache, self.scale, self.ckv_dim)
+
+
+def quantize(inp: DecodeInputs, kv_dtype: DType) -> QuantizedCache:
+    """The inputs' cache in `kv_dtype`; the NaN in slots no request reads stay NaN."""
+    if kv_dtype is DType.FP8_DS_MLA:
+        return QuantizedCache(kv_dtype, quantize_ds_mla(inp.ckv_cache, inp.kpe_cache), None, inp.ckv_cache.shape[2])
+    # NOTE(poison): amax over the whole cache is NaN (make_inputs poisons unused slots), so the scale that maps
+    # the largest finite magnitude to e4m3's maximum is passed explicitly.
+    scale = inp.kv.nan_to_num(0.0).abs().amax().float() / E4M3_MAX
+    cache, scale = quantize_per_tensor(inp.ckv_cache, inp.kpe_cache, scale)
+    return QuantizedCache(kv_dtype, cache, scale, inp.ckv_cache.shape[2])
 
 
 # -- mla-gen ---------------------------------------------------------------------------------------
 
-def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case, replan: bool = False) -> Prepared:
+def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case, replan: bool = False,
+                   fp8: QuantizedCache | None = None) -> Prepared:
+    """fp8: read that cache instead of the inputs' 16-bit one."""
+    if fp8 is None:  # no kv arguments: the 16-bit calls are those the bench made before fp8 caches
+        ckv, kpe, kv_plan, kv_run = inp.ckv_cache, inp.kpe_cache, {}, {}
+    else:
+        ckv, kpe, scale = fp8.run_args()
+        kv_plan, kv_run = {"kv_dtype": fp8.kv_dtype.cli_name}, {"kv_scale": scale}
     wrapper = MLADecodeWrapper(inp.q_nope.device, family=family.value)
     plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                         page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,
-                        dtype=torch_dtype(case.dtype))
-    args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.block_table, inp.cache_seqlens)
+                        dtype=torch_dtype(case.dtype), **kv_plan)
+    args = (inp.q_nope, inp.q_pe, ckv, kpe, inp.block_table, inp.cache_seqlens)
 
     def check_run() -> torch.Tensor:
         out = torch.full((case.batch, case.s_q, case.heads, case.ckv), float("nan"), dtype=inp.q_nope.dtype,
                          device=inp.q_nope.device)
-        return wrapper.run(*args, out=out)
+        return wrapper.run(*args, out=out, **kv_run)
 
     d = plan.decision
     check_run()  # plans the work list on the GPU for these lengths (replan=False reuses it)
-    return Prepared(lambda: wrapper.run(*args, replan=replan), check_run,
+    return Prepared(lambda: wrapper.run(*args, replan=replan, **kv_run), check_run,
                     f"{plan.spec.variant_id} grid {d.m_blocks}x{d.num_parts}" + (", planner per call" if replan else ""))
 
 

@@ -13,7 +13,9 @@ from mla_gen.bench.roofline import Ceilings
 # ok: checked and timed; WRONG: output mismatch, not timed; n/a: the implementation cannot take the
 # case; absent: the implementation does not load here; error: it raised (message in `note`).
 STATUSES = ("ok", "WRONG", "n/a", "absent", "error")
-SCHEMA_VERSION = 2  # 2: records' spin_us, the "host" section
+SCHEMA_VERSION = 3  # 2: records' spin_us, the "host" section; 3: records' kv_dtype, vs_16bit, vs_16bit_impl
+# Issue 13's acceptance, by cache format and suite case: time on the fp8 cache / time on the bf16 cache, at most.
+FP8_TARGETS = {"fp8_e4m3": {"1": 0.58, "2": 1.0}, "fp8_ds_mla": {"1": 0.65, "2": 1.0}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +66,7 @@ class Check:
 @dataclasses.dataclass(frozen=True)
 class Record:
     """One (case, implementation). Time fields are None unless status is 'ok'; check fields are set
-    when the output was compared (ok and WRONG)."""
+    when the output was compared (ok and WRONG); bytes count the cache as `kv_dtype` holds it."""
     case: str
     shape: str
     impl: str
@@ -76,6 +78,7 @@ class Record:
     floor_us: float               # max(bytes / copy bandwidth, flops / matmul rate)
     bound: str                    # the larger term of the floor: memory or compute
     twin_of: str | None
+    kv_dtype: str | None = None   # the cache format read (bf16, fp16, fp8_e4m3, fp8_ds_mla); None: schema < 3
     time_us: float | None = None  # median
     min_us: float | None = None
     p10_us: float | None = None
@@ -92,6 +95,9 @@ class Record:
     check_against: str | None = None
     max_abs_diff: float | None = None
     rel_l2: float | None = None
+    # the fp8 row of the family dispatch picks: time_us / vs_16bit_impl's (dispatch's on the 16-bit cache)
+    vs_16bit: float | None = None
+    vs_16bit_impl: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,7 +112,8 @@ def _finite(x: float) -> float | None:
 
 
 def make_record(case: Case, work: Work, impl: str, ceilings: Ceilings, status: str, *, note: str = "",
-                timing: Timing | None = None, check: Check | None = None) -> Record:
+                timing: Timing | None = None, check: Check | None = None, kv_dtype: str | None = None) -> Record:
+    """kv_dtype: the cache format `work` counts (default: the case's dtype)."""
     if status not in STATUSES:
         raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {status!r}")
     if (status == "ok") != (timing is not None):
@@ -126,12 +133,21 @@ def make_record(case: Case, work: Work, impl: str, ceilings: Ceilings, status: s
                       compute_frac=tflops / ceilings.matmul_tflops, time_over_floor=t / floor)
     return Record(case=case.name, shape=case.shape, impl=impl, status=status, note=note, bytes=work.bytes,
                   flops=work.flops, intensity=work.intensity, floor_us=floor,
-                  bound=ceilings.bound(work.bytes, work.flops), twin_of=case.twin_of, **fields)
+                  bound=ceilings.bound(work.bytes, work.flops), twin_of=case.twin_of, kv_dtype=kv_dtype or case.dtype,
+                  **fields)
+
+
+def with_16bit_ratio(record: Record, baseline: Record | None) -> Record:
+    """An fp8 record with its time over `baseline`'s (mla-gen on the case's 16-bit cache, same run); unchanged
+    unless both were timed."""
+    if record.status != "ok" or baseline is None or baseline.status != "ok":
+        return record
+    return dataclasses.replace(record, vs_16bit=record.time_us / baseline.time_us, vs_16bit_impl=baseline.impl)
 
 
 # -- text ------------------------------------------------------------------------------------------
 
-_COLUMNS = ("case", "shape", "impl", "time_us", "p10-p90", "host_us", "GB/s", "of_copy", "TFLOP/s", "of_mma",
+_COLUMNS = ("case", "shape", "impl", "kv", "time_us", "p10-p90", "host_us", "GB/s", "of_copy", "TFLOP/s", "of_mma",
             "floor_us", "x_floor", "check (max abs diff)", "note")
 
 
@@ -148,9 +164,11 @@ def _note(text: str, width: int = 110) -> str:
 def _row(r: Record) -> list[str]:
     check = "" if not r.check_against else f"{r.check_against} " + (
         f"{r.max_abs_diff:.1e}" if r.max_abs_diff is not None else "NaN")
+    kv = r.kv_dtype or "-"
     if r.status != "ok":
-        return [r.case, r.shape, r.impl, r.status, "", "", "", "", "", "", _us(r.floor_us), "", check, _note(r.note)]
-    return [r.case, r.shape, r.impl, _us(r.time_us), f"{_us(r.p10_us)}-{_us(r.p90_us)}", _us(r.host_us),
+        return [r.case, r.shape, r.impl, kv, r.status, "", "", "", "", "", "", _us(r.floor_us), "", check,
+                _note(r.note)]
+    return [r.case, r.shape, r.impl, kv, _us(r.time_us), f"{_us(r.p10_us)}-{_us(r.p90_us)}", _us(r.host_us),
             f"{r.gbps:.0f}", f"{r.bw_frac:.2f}", f"{r.tflops:.1f}", f"{r.compute_frac:.2f}", _us(r.floor_us),
             f"{r.time_over_floor:.2f}", check, _spin_note(r)]
 
@@ -166,7 +184,7 @@ def format_table(records: Sequence[Record]) -> str:
     shown = [r for r in records if r.status != "absent"]
     rows = [list(_COLUMNS)] + [_row(r) for r in shown]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    left = {0, 1, 2, 12, 13}
+    left = {0, 1, 2, 3, 13, 14}
     lines = []
     for row in rows:
         cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
@@ -185,6 +203,22 @@ def balance_lines(records: Sequence[Record]) -> list[str]:
         if ragged:
             lines.append(f"balance {twin.impl}: time({ragged.case}) / time({twin.case}) = "
                          f"{ragged.time_us / twin.time_us:.3f}")
+    return lines
+
+
+def fp8_lines(records: Sequence[Record]) -> list[str]:
+    """Per fp8 record timed beside its 16-bit baseline: the two times, the ratio, and issue 13's target
+    where the case has one."""
+    timed = {(r.case, r.impl): r for r in records if r.status == "ok"}
+    lines = []
+    for r in records:
+        base = timed.get((r.case, r.vs_16bit_impl))
+        if r.vs_16bit is None or base is None:
+            continue
+        target = FP8_TARGETS.get(r.kv_dtype or "", {}).get(r.case)
+        verdict = "" if target is None else f" (target <= {target:.2f}: {'met' if r.vs_16bit <= target else 'MISSED'})"
+        lines.append(f"fp8 case {r.case} {r.impl}: {_us(r.time_us)} us / {base.impl} on {base.kv_dtype} "
+                     f"{_us(base.time_us)} us = {r.vs_16bit:.3f}{verdict}")
     return lines
 
 

@@ -18,18 +18,20 @@ from generator import __version__, env, jit
 from generator.build import build_many
 from generator.errors import MlaGenError, SpecError
 from generator.select import decide, families_for
-from generator.spec import DType, Family, VariantSpec
+from generator.spec import FP8_FAMILIES, DType, Family, VariantSpec
 from mla_gen.bench.args import PROG, Options, UsageError, parse_options
-from mla_gen.bench.cases import Case, subsample, work
+from mla_gen.bench.cases import Case, Work, fp8_unsupported, subsample, work
 from mla_gen.bench.host import HOST_CASE, host_times
-from mla_gen.bench.impls import (PEER_TOL, NotApplicable, Peers, Prepared, Reference, build_inputs, compare,
-                                 prepare_mlagen, prepare_peer, prepare_torch)
+from mla_gen.bench.impls import (FP8_TOL, PEER_16BIT_NOTE, PEER_TOL, NotApplicable, Peers, Prepared, QuantizedCache,
+                                 Reference, build_inputs, compare, prepare_mlagen, prepare_peer, prepare_torch,
+                                 quantize)
 from mla_gen.bench.plot import plot_roofline
-from mla_gen.bench.report import (Check, HostTimes, Record, balance_lines, format_table, header_lines,
-                                  json_document, make_record, read_document, read_host, spin_lines)
+from mla_gen.bench.report import (Check, HostTimes, Record, balance_lines, format_table, fp8_lines, header_lines,
+                                  json_document, make_record, read_document, read_host, spin_lines, with_16bit_ratio)
 from mla_gen.bench.roofline import Ceilings
 from mla_gen.bench.timing import FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
 from mla_gen.dispatch import DeviceInfo, device_info
+from mla_gen.testing import REF_TOL, DecodeInputs
 
 WARMUP = 5
 REF_REQUESTS = 4
@@ -42,15 +44,25 @@ def log(msg: str) -> None:
 
 @dataclasses.dataclass
 class Context:
-    """What every case shares: device, timer, ceilings, families, peers, variants that failed to build."""
+    """What every case shares: device, timer, ceilings, families, the fp8 format and the families timed on it,
+    peers, variants that failed to build."""
     device: torch.device
     info: DeviceInfo
     timer: Timer
     ceilings: Ceilings
     families: list[Family]
     available: list[Family]
+    kv_dtype: DType | None
+    fp8_families: list[Family]
     peers: Peers | None
     build_errors: dict[VariantSpec, Exception]
+
+    def fp8_impl(self, family: Family) -> str:
+        return f"mla-gen:{family.value}[{self.kv_dtype.cli_name}]"
+
+    def fp8_work(self, case: Case) -> Work:
+        """The case's work on the fp8 cache; on its own cache where the format cannot hold it (an n/a row)."""
+        return work(case) if fp8_unsupported(case, self.kv_dtype) else work(case, self.kv_dtype)
 
     def absent_records(self, case: Case) -> list[Record]:
         absent = self.peers.absent if self.peers else {}
@@ -59,7 +71,9 @@ class Context:
     def failed_case(self, case: Case, why: str) -> list[Record]:
         """Every implementation's row of a case that could not run at all."""
         names = [f"mla-gen:{f.value}" for f in self.families] + [TORCH_IMPL] + (self.peers.names if self.peers else [])
-        return ([make_record(case, work(case), name, self.ceilings, "error", note=why) for name in names]
+        fp8 = [make_record(case, self.fp8_work(case), self.fp8_impl(f), self.ceilings, "error", note=why,
+                           kv_dtype=self.kv_dtype.cli_name) for f in self.fp8_families]
+        return ([make_record(case, work(case), name, self.ceilings, "error", note=why) for name in names] + fp8
                 + self.absent_records(case))
 
 
@@ -67,21 +81,24 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".strip()
 
 
-def _decision_spec(case: Case, family: Family, info: DeviceInfo) -> VariantSpec:
+def _decision_spec(case: Case, family: Family | None, info: DeviceInfo, kv_dtype: DType | None = None) -> VariantSpec:
     return decide(arch=info.arch, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
-                  dtype=DType.parse(case.dtype), s_q=case.s_q, sm_count=info.sm_count, family=family).spec
+                  dtype=DType.parse(case.dtype), s_q=case.s_q, sm_count=info.sm_count, family=family,
+                  kv_dtype=kv_dtype).spec
 
 
-def prebuild(cases: Sequence[Case], families: Sequence[Family], info: DeviceInfo) -> dict[VariantSpec, Exception]:
-    """Builds the variants the cases need in parallel (a cold cache would otherwise build them one by one
-    inside plan()). Returns the variants that failed, so their rows report it without building again."""
+def prebuild(cases: Sequence[Case], families: Sequence[tuple[Family, DType | None]],
+             info: DeviceInfo) -> dict[VariantSpec, Exception]:
+    """Builds the variants the cases need, per (family, fp8 format or None), in parallel (a cold cache would
+    otherwise build them one by one inside plan()). Returns the variants that failed, so their rows report
+    it without building again."""
     specs = []
     for case in cases:
-        for family in families:
+        for family, kv_dtype in families:
             try:
-                specs.append(_decision_spec(case, family, info))
+                specs.append(_decision_spec(case, family, info, kv_dtype))
             except SpecError:
-                continue  # plan() raises the same on the case's row
+                continue  # plan() raises the same on the case's row, or the fp8 row is n/a
     missing = [s for s in dict.fromkeys(specs) if jit.find_entry(s) is None]
     if not missing or env.disable_jit():
         return {}
@@ -100,9 +117,12 @@ def prebuild(cases: Sequence[Case], families: Sequence[Family], info: DeviceInfo
 
 
 def evaluate(ctx: Context, case: Case, impl: str, prepare: Callable[[], Prepared],
-             judge: Callable[[torch.Tensor], Check]) -> tuple[Record, torch.Tensor | None]:
-    """Prepares, checks, then times one implementation: (record, its checked output or None)."""
-    record = functools.partial(make_record, case, work(case), impl, ctx.ceilings)
+             judge: Callable[[torch.Tensor], Check],
+             kv_dtype: DType | None = None) -> tuple[Record, torch.Tensor | None]:
+    """Prepares, checks, then times one implementation (reading an fp8 cache of `kv_dtype`): (record, its
+    checked output or None)."""
+    record = functools.partial(make_record, case, work(case, kv_dtype), impl, ctx.ceilings,
+                               kv_dtype=kv_dtype.cli_name if kv_dtype else None)
     try:
         prepared = prepare()
         out = prepared.check_run()
@@ -119,8 +139,10 @@ def evaluate(ctx: Context, case: Case, impl: str, prepare: Callable[[], Prepared
 
 def _progress(r: Record) -> str:
     if r.status == "ok":
+        ratio = f"; {r.vs_16bit:.3f}x {r.vs_16bit_impl}" if r.vs_16bit is not None else ""
         return (f"  {r.impl}: {r.time_us:.1f} us, {r.gbps:.0f} GB/s ({r.bw_frac:.2f} of copy), "
-                f"{r.tflops:.1f} TFLOP/s, {r.time_over_floor:.2f}x floor; vs {r.check_against} max abs {r.max_abs_diff:.1e}")
+                f"{r.tflops:.1f} TFLOP/s, {r.time_over_floor:.2f}x floor; vs {r.check_against} max abs "
+                f"{r.max_abs_diff:.1e}{ratio}")
     return f"  {r.impl}: {r.status}: {r.note.splitlines()[0] if r.note else ''}"
 
 
@@ -140,18 +162,22 @@ def _bench_case(ctx: Context, case: Case) -> list[Record]:
     records: list[Record] = []
     anchor: tuple[str, torch.Tensor] | None = None
 
-    def mlagen(family: Family, replan: bool = False) -> Prepared:
+    def mlagen(family: Family, replan: bool = False, fp8: QuantizedCache | None = None) -> Prepared:
         if family not in ctx.available:
             raise NotApplicable(f"family {family.value} does not run on {ctx.info.arch.nvcc_name} (available: "
                                 f"{', '.join(f.value for f in ctx.available)})")
-        err = ctx.build_errors.get(_decision_spec(case, family, ctx.info))
+        err = ctx.build_errors.get(_decision_spec(case, family, ctx.info, fp8.kv_dtype if fp8 else None))
         if err is not None:
             raise err
-        return prepare_mlagen(family, inp, case, replan)
+        return prepare_mlagen(family, inp, case, replan, fp8)
+
+    def peer(name: str) -> Prepared:
+        prepared = prepare_peer(ctx.peers, name, inp, case)
+        return dataclasses.replace(prepared, note=PEER_16BIT_NOTE) if ctx.kv_dtype else prepared
 
     def judge(out: torch.Tensor) -> Check:
         if anchor is None:
-            return ref.check(out, case.dtype)
+            return ref.check(out, REF_TOL[case.dtype])
         return compare(out, anchor[1], anchor[0], PEER_TOL[case.dtype])
 
     def add(rec: Record) -> None:
@@ -160,19 +186,55 @@ def _bench_case(ctx: Context, case: Case) -> list[Record]:
 
     for family in ctx.families:
         rec, out = evaluate(ctx, case, f"mla-gen:{family.value}", functools.partial(mlagen, family),
-                            lambda o: ref.check(o, case.dtype))
+                            lambda o: ref.check(o, REF_TOL[case.dtype]))
         add(rec)
         if anchor is None and out is not None:
             anchor = (rec.impl, out)
     default = _decision_spec(case, None, ctx.info).family
     if default in ctx.families:
         add(evaluate(ctx, case, f"mla-gen:{default.value}+plan", functools.partial(mlagen, default, True),
-                     lambda o: ref.check(o, case.dtype))[0])
+                     lambda o: ref.check(o, REF_TOL[case.dtype]))[0])
+    if ctx.kv_dtype is not None:
+        # the ratio compares what mla_decode runs: the family dispatch picks for each cache
+        baseline = next((r for r in records if r.impl == f"mla-gen:{default.value}"), None)
+        dispatched = _dispatched_fp8_impl(ctx, case)
+        for rec in fp8_records(ctx, case, inp, ref.rows, mlagen):
+            add(with_16bit_ratio(rec, baseline) if rec.impl == dispatched else rec)
     add(evaluate(ctx, case, TORCH_IMPL, lambda: prepare_torch(inp, case), judge)[0])
     if ctx.peers is not None:
         for name in ctx.peers.names:
-            add(evaluate(ctx, case, name, functools.partial(prepare_peer, ctx.peers, name, inp, case), judge)[0])
+            add(evaluate(ctx, case, name, functools.partial(peer, name), judge)[0])
     return records + ctx.absent_records(case)
+
+
+def _dispatched_fp8_impl(ctx: Context, case: Case) -> str | None:
+    """The fp8 row of the family dispatch picks for the case's fp8 cache on this device, or None (none can)."""
+    try:
+        return ctx.fp8_impl(_decision_spec(case, None, ctx.info, ctx.kv_dtype).family)
+    except SpecError:
+        return None
+
+
+def fp8_records(ctx: Context, case: Case, inp: DecodeInputs, rows: list[int],
+                mlagen: Callable[..., Prepared]) -> list[Record]:
+    """mla-gen's fp8 families on the case's cache quantized to ctx.kv_dtype (once, untimed), each checked
+    against the float64 reference on the dequantized cache."""
+    kv = ctx.kv_dtype
+
+    def untimed(status: str, note: str) -> list[Record]:
+        return [make_record(case, ctx.fp8_work(case), ctx.fp8_impl(f), ctx.ceilings, status, note=note,
+                            kv_dtype=kv.cli_name) for f in ctx.fp8_families]
+
+    why = fp8_unsupported(case, kv)
+    if why:  # e.g. fp8_ds_mla on a 256/32 case
+        return untimed("n/a", why)
+    try:
+        cache = quantize(inp, kv)
+        ref = Reference.compute(inp, rows, cache.dequantized())
+    except Exception as e:
+        return untimed("error", f"quantize or reference: {_error_text(e)}")
+    return [evaluate(ctx, case, ctx.fp8_impl(f), functools.partial(mlagen, f, fp8=cache),
+                     lambda o: ref.check(o, FP8_TOL), kv)[0] for f in ctx.fp8_families]
 
 
 def host_section(ctx: Context) -> HostTimes | None:
@@ -216,6 +278,9 @@ def _settings(opts: Options, ctx: Context) -> dict[str, Any]:
             "reference_requests": REF_REQUESTS, "families": [f.value for f in ctx.families],
             "peers_dir": portable_path(opts.peers_dir) if opts.peers_dir else None,
             "cache_layout": "one combined [num_pages, page_size, C+R] cache; mla-gen reads views of it",
+            "kv_dtype": opts.kv_dtype.cli_name if opts.kv_dtype else None,
+            "fp8_cache": "the combined cache quantized once per case (mla_gen.fp8), read by mla-gen's fp8 rows; "
+                         "the others read the 16-bit cache" if opts.kv_dtype else None,
             "argv": [portable_path(Path(a)) if os.path.isabs(a) else a for a in sys.argv[1:]]}
 
 
@@ -234,8 +299,12 @@ def run(opts: Options) -> int:
     if peers is not None:
         log(f"peers from {opts.peers_dir}: {', '.join(peers.names) or 'none'} load"
             + "".join(f"; {n} absent ({why})" for n, why in peers.absent.items()))
-    build_errors = prebuild(opts.cases, [f for f in families if f in available], info)
-    ctx = Context(device, info, timer, ceilings, families, available, peers, build_errors)
+    # fp8 rows: the requested families that read an fp8 cache (a device without them shows n/a rows)
+    fp8_families = [f for f in (opts.families or FP8_FAMILIES) if f in FP8_FAMILIES] if opts.kv_dtype else []
+    builds = [(f, None) for f in families if f in available] + [(f, opts.kv_dtype) for f in fp8_families
+                                                                 if f in available]
+    build_errors = prebuild(opts.cases, builds, info)
+    ctx = Context(device, info, timer, ceilings, families, available, opts.kv_dtype, fp8_families, peers, build_errors)
     records: list[Record] = []
     start = time.perf_counter()
     for i, case in enumerate(opts.cases, 1):
@@ -263,7 +332,8 @@ def report(device: dict[str, Any], ceilings: Ceilings, records: Sequence[Record]
     """The table, the spin check and the host section on stdout, and the plot if asked."""
     print("\n".join(header_lines(device, ceilings)))
     print(format_table(records))
-    for line in balance_lines(records) + spin_lines(records) + (host.lines() if host is not None else []):
+    host_lines = host.lines() if host is not None else []
+    for line in balance_lines(records) + fp8_lines(records) + spin_lines(records) + host_lines:
         print(line)
     if opts.plot_path:
         n = plot_roofline(records, ceilings, opts.plot_path, f"MLA decode, {device.get('name')}, {device.get('date')}")
