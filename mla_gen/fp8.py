@@ -44,6 +44,11 @@ def _check_pair(ckv: torch.Tensor, kpe: torch.Tensor) -> None:
             raise TypeError(f"{name}: expected a 16- or 32-bit float cache to quantize, got {t.dtype}")
 
 
+def _finite_amax(x: torch.Tensor, **dims) -> torch.Tensor:
+    """The largest finite magnitude (NaN and +-inf left out: NaN stays NaN, +-inf saturates)."""
+    return x.float().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).amax(**dims)
+
+
 def _scale_for(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     """fp32 scale mapping amax to e4m3's largest value; an all-zero group gets 1 (its values stay 0).
     pow2 rounds up to a power of two (FlashMLA's UE8M0-style scales)."""
@@ -71,11 +76,11 @@ def _check_scale(scale: object, device: torch.device) -> torch.Tensor:
 def quantize_per_tensor(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, scale: float | torch.Tensor | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cache [pages, page_size, C + R] float8_e4m3fn, scale [1] fp32). Without `scale`, the one that maps
-    the largest magnitude of both parts to e4m3's maximum."""
+    the largest finite magnitude of both parts to e4m3's maximum (NaN stays NaN, +-inf saturates)."""
     _check_pair(ckv_cache, kpe_cache)
     latent = torch.cat([ckv_cache.float(), kpe_cache.float()], dim=-1)
     if scale is None:
-        scale_t = _scale_for(latent.abs().amax(), pow2=False).reshape(1)
+        scale_t = _scale_for(_finite_amax(latent), pow2=False).reshape(1)
     else:
         scale_t = torch.as_tensor(scale, dtype=torch.float32, device=latent.device).reshape(-1)
         if scale_t.numel() != 1 or not bool(torch.isfinite(scale_t).all()) or not bool((scale_t > 0).all()):
@@ -107,7 +112,7 @@ def quantize_ds_mla(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor, *, pow2_sc
         raise ValueError(f"kpe_cache: the 656-byte layout holds {DS_MLA_ROPE} rope values, got {kpe_cache.shape[2]}")
     pages, page_size = ckv_cache.shape[:2]
     groups = ckv_cache.float().reshape(pages, page_size, DS_MLA_CKV // DS_MLA_GROUP, DS_MLA_GROUP)
-    scales = _scale_for(groups.abs().amax(dim=-1, keepdim=True), pow2_scales)
+    scales = _scale_for(_finite_amax(groups, dim=-1, keepdim=True), pow2_scales)
     values = to_e4m3(groups, scales).reshape(pages, page_size, DS_MLA_CKV)
     out = torch.empty(pages, page_size, DS_MLA_BYTES, dtype=torch.uint8, device=ckv_cache.device)
     out[..., :DS_MLA_CKV] = values.view(torch.uint8)

@@ -274,12 +274,14 @@ class MLAAttention(nn.Module):
         return out
 
     # ---------------------------------------------------------------------------------- forward
-    def choose_form(self, batch: int, s_q: int, cache_len: int) -> str:
+    def choose_form(self, batch: int, s_q: int, cache_len: int, kv_dtype: str | None = None) -> str:
         """'vanilla' or 'absorbed', whichever the roofline cost model (mla_gen.cost) prices lower
-        for this rank's heads, the layer's dtype and the device's rate and bandwidth."""
+        for this rank's heads, the layer's dtype, the cache's format (kv_dtype: None = the layer's
+        dtype, or an fp8 format) and the device's rate and bandwidth."""
         dims = cost.AttnDims(self.num_heads, self.kv_lora_rank, self.rope_dim, self.nope_dim, self.v_dim)
         e = self.dtype.itemsize
-        return cost.choose_form(dims, batch, s_q, cache_len, dtype_bytes=e, rate=self.rate, bandwidth=self.bandwidth)
+        return cost.choose_form(dims, batch, s_q, cache_len, dtype_bytes=e, kv_dtype=kv_dtype, rate=self.rate,
+                                bandwidth=self.bandwidth)
 
     @torch.no_grad()
     def forward(self, hidden_states: torch.Tensor, cache: LatentCache, block_table: torch.Tensor,
@@ -298,7 +300,7 @@ class MLAAttention(nn.Module):
             if cache_len is None:
                 cache_len = (int(cache_seqlens.double().mean()) if cache_seqlens.device.type == "cpu"
                              else max(0, block_table.shape[1] * cache.page_size - s_q))
-            form = self.choose_form(batch, s_q, cache_len)
+            form = self.choose_form(batch, s_q, cache_len, cache.kv_dtype)
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states))) if self.q_lora_rank \
             else self.q_proj(hidden_states)
         q = q.view(batch, s_q, self.num_heads, self.nope_dim + self.rope_dim)

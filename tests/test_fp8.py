@@ -96,3 +96,22 @@ def test_bad_input_names_the_argument(call, match) -> None:
     ckv, kpe = caches()
     with pytest.raises((TypeError, ValueError), match=match):
         call(ckv, kpe)
+
+
+def test_scales_come_from_the_finite_values() -> None:
+    """A cache with NaN (poisoned slots) and inf: the scales are those of the finite values, NaN stays NaN and
+    inf saturates at e4m3's largest value, in both formats."""
+    g = torch.Generator().manual_seed(7)
+    ckv = torch.randn(3, 4, 512, generator=g).to(torch.bfloat16)
+    kpe = torch.randn(3, 4, 64, generator=g).to(torch.bfloat16)
+    finite = max(float(ckv.float().abs().max()), float(kpe.float().abs().max()))
+    ckv[0, 0, 5] = float("nan")
+    ckv[1, 2, 7] = float("inf")
+    cache, scale = quantize_per_tensor(ckv, kpe)
+    assert float(scale) == pytest.approx(finite / E4M3_MAX)
+    assert torch.isnan(cache[0, 0, 5].float()) and float(cache[1, 2, 7].float()) == E4M3_MAX
+    ds = quantize_ds_mla(ckv, kpe)
+    d_ckv, _ = dequantize_ds_mla(ds)
+    assert torch.isnan(d_ckv[0, 0, 5]) and torch.isfinite(d_ckv[0, 0, 6])  # the group's scale is finite
+    group_amax = float(ckv[1, 2, :128].float().nan_to_num(0, 0, 0).abs().max())
+    assert float(d_ckv[1, 2, 7]) == pytest.approx(group_amax, rel=0.07)
