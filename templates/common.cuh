@@ -261,6 +261,18 @@ struct PagedRows {
   }
 };
 
+// fp8_e4m3's one scale (value = e4m3 * kv_scale) never touches the tile: it multiplies the scores
+// (`log2`, the softmax's scale in the log2 domain) and the normalised output (`out`). For every other
+// cache format it is 1 and folds away.
+template <class Cfg>
+struct TensorScale {
+  static constexpr bool kOn = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
+  float kv, log2;
+  __device__ __forceinline__ TensorScale(const DecodeParams& p, float sm_scale_log2)
+      : kv(kOn ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f), log2(kOn ? sm_scale_log2 * kv : sm_scale_log2) {}
+  __device__ __forceinline__ float out(float x) const { return kOn ? x * kv : x; }
+};
+
 // fp8 caches for the families that keep several stages (mma, wgmma): the stages hold tokens as the cache
 // stores them (cp.async of whole 16-byte chunks, rows unswizzled; fp8_ds_mla: all 656 bytes), and before
 // a tile's MMAs every thread dequantizes a share of it into the family's fp16 tile (e4m3 -> f16 exact;

@@ -339,10 +339,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
-    // fp8_e4m3: scores and output carry the cache's scale (value = e4m3 * kv_scale)
-    constexpr bool kTensorScale = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
-    const float kv_scale = kTensorScale ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
-    const float scale_log2 = kTensorScale ? sm_scale_log2 * kv_scale : sm_scale_log2;
+    const TensorScale<Cfg> scale(p, sm_scale_log2);  // fp8_e4m3's scale on the scores and the output
+    const float scale_log2 = scale.log2;
 
     // ---- kv tile gather (common.cuh PagedRows): pages looked up one tile ahead
     using Pages = PagedRows<KV, N, L::TEAMS>;
@@ -620,7 +618,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const int r = r_lane + 16 * mt + 8 * hh;
         if (r >= rows) continue;
         const float l = l_run[mt][hh];
-        const float inv = l > 0.f ? (kTensorScale ? kv_scale / l : 1.f / l) : 0.f;
+        const float inv = l > 0.f ? scale.out(1.f) / l : 0.f;
         const float lse = l > 0.f ? (m_run[mt][hh] + log2f(l)) * kLn2 : -INFINITY;
         const int col0 = wn * CW + 2 * tq;
         if (seg.split) {

@@ -148,10 +148,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
-    // fp8_e4m3: scores and output carry the cache's scale (value = e4m3 * kv_scale)
-    constexpr bool kTensorScale = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
-    const float kv_scale = kTensorScale ? *reinterpret_cast<const float*>(p.kv_scale) : 1.f;
-    const float scale_log2 = kTensorScale ? sm_scale_log2 * kv_scale : sm_scale_log2;
+    const TensorScale<Cfg> scale(p, sm_scale_log2);  // fp8_e4m3's scale on the scores and the output
+    const float scale_log2 = scale.log2;
 
     // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup.
     //      16-bit caches: cp.async into the stage. fp8 caches: issue_tile loads the tile's bytes into
@@ -484,7 +482,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
         const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
         const float l = a0 * lw[0] + a1 * lw[1];
-        scale_own[j][e] = l > 0.f ? (kTensorScale ? (wg == 0 ? a0 : a1) * kv_scale : (wg == 0 ? a0 : a1)) / l : 0.f;
+        scale_own[j][e] = l > 0.f ? scale.out(wg == 0 ? a0 : a1) / l : 0.f;
         if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY);
       }
     // O staged row-major [RN][C + 4] fp32 over the kv stages: WG 0 stores, WG 1 adds
