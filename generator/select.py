@@ -131,7 +131,8 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
         family = next((f for f in available if f in FP8_FAMILIES), None)
         if family is None:
             raise SpecError(f"kv_dtype: {kv_dtype.cli_name} caches are read by the "
-                            f"{', '.join(f.value for f in FP8_FAMILIES)} families (sm_80 and newer), not on {arch.nvcc_name}")
+                            f"{', '.join(f.value for f in FP8_FAMILIES)} families (sm_80 and newer), "
+                            f"not on {arch.nvcc_name}")
         limit = narrow_max_rows(ckv_dim, kv_dtype)
         if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= limit:
             family = Family.NARROW

@@ -306,7 +306,8 @@ struct RawKVTile {
 #pragma unroll
         for (int i = 0; i < (kChunks + 7) / 8; ++i) {
           const int c = tl + 8 * i;
-          if (c < kChunks) cp_async_16(dst + 16 * c, c < kCkvChunks ? ckv + 16 * c : kpe + 16 * (c - kCkvChunks), bytes);
+          if (c < kChunks)
+            cp_async_16(dst + 16 * c, c < kCkvChunks ? ckv + 16 * c : kpe + 16 * (c - kCkvChunks), bytes);
         }
       }
     }

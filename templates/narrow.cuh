@@ -239,7 +239,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
               reinterpret_cast<const Q*>(p.q_nope) +
                   (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8));
         q_row(QP{}, s_qp,
-              reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8));
+              reinterpret_cast<const Q*>(p.q_pe) +
+                  (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8));
       }
     }
     cp_async_commit();
