@@ -3,10 +3,10 @@ and its SASS carries tensor-core and cp.async instructions (issue: mma family ac
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 
+from build_checks import assert_clean_decode_kernel, sass as sass_of
 from generator.build import build
 from generator.cache import BinaryCache
 from generator.select import default_tile
@@ -26,22 +26,14 @@ def mma_entry(request, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 def test_mma_variant_has_no_spills_and_no_warnings(mma_entry):
-    meta = mma_entry.meta()
-    log = (mma_entry.path / "build.log").read_text()
-    spill_lines = [ln for ln in log.splitlines() if "spill stores" in ln]
-    assert spill_lines and all("0 bytes spill stores, 0 bytes spill loads" in ln for ln in spill_lines), log
-    decode = next(k for k in meta["ptxas"] if k["function"] == "decode_kernel")
-    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0
-    print(f"{meta['variant_id']}: {decode['registers']} registers, 0 spills")
-    assert "warning" not in log.lower(), log
+    assert_clean_decode_kernel(mma_entry)
 
 
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_mma_sass_uses_tensor_cores_and_cp_async(mma_entry):
-    so = mma_entry.so_path()
-    sass = subprocess.run(["cuobjdump", "--dump-sass", str(so)], capture_output=True, text=True, check=True).stdout
+    sass = sass_of(mma_entry)
     assert "HMMA.16816.F32.BF16" in sass
     assert "LDGSTS.E.BYPASS.128" in sass  # 16-byte cp.async gathers
     assert "LDSM.16.MT88.4" in sass  # V read transposed from the same kv tile
@@ -64,18 +56,14 @@ def mma_fp8_entry(request, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 def test_mma_fp8_variant_has_no_spills_and_no_warnings(mma_fp8_entry):
-    log = (mma_fp8_entry.path / "build.log").read_text()
-    decode = next(k for k in mma_fp8_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
-    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
-    assert "warning" not in log.lower(), log
+    assert_clean_decode_kernel(mma_fp8_entry)
 
 
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_mma_fp8_sass_dequantizes_for_fp16_mma(mma_fp8_entry):
-    sass = subprocess.run(["cuobjdump", "--dump-sass", str(mma_fp8_entry.so_path())], capture_output=True,
-                          text=True, check=True).stdout
+    sass = sass_of(mma_fp8_entry)
     assert "HMMA.16816.F32 " in sass and "HMMA.16816.F32.BF16" not in sass  # fp16 tensor cores
     assert "LDGSTS.E.BYPASS.128" in sass and "LDS.128" in sass and "STS.128" in sass  # raw stage -> fp16 tile
     if "sm90a" in mma_fp8_entry.meta()["variant_id"]:

@@ -4,10 +4,10 @@ with no spills and no warnings whose SASS carries HGMMA with the query rows as n
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 
+from build_checks import assert_clean_decode_kernel, sass as sass_of
 from generator.errors import SpecError
 from generator.select import decide, default_tile, families_for
 from generator.spec import Arch, DType, Family, Tile, VariantSpec, narrow_max_rows
@@ -88,18 +88,14 @@ def narrow_entry(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 def test_narrow_variant_has_no_spills_and_no_warnings(narrow_entry):
-    log = (narrow_entry.path / "build.log").read_text()
-    decode = next(k for k in narrow_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
-    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
-    assert "warning" not in log.lower(), log
+    assert_clean_decode_kernel(narrow_entry)
 
 
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_narrow_sass_uses_hgmma_with_rows_as_n(narrow_entry):
-    sass = subprocess.run(["cuobjdump", "--dump-sass", str(narrow_entry.so_path())], capture_output=True, text=True,
-                          check=True).stdout
+    sass = sass_of(narrow_entry)
     # 36 k16 steps of S^T = K Q^T and 8 m-tiles x 4 k16 steps of O^T = V^T P^T, all m64 n32
     assert sass.count("HGMMA.64x32x16.F32.BF16") == 36 + 32
     assert "LDGSTS.E.BYPASS.128" in sass
@@ -180,18 +176,14 @@ def fp8_entry(request, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 def test_fp8_variant_has_no_spills_and_no_warnings(fp8_entry):
-    log = (fp8_entry.path / "build.log").read_text()
-    decode = next(k for k in fp8_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
-    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
-    assert "warning" not in log.lower(), log
+    assert_clean_decode_kernel(fp8_entry)
 
 
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_fp8_sass_dequantizes_into_fp16_hgmma(fp8_entry):
-    sass = subprocess.run(["cuobjdump", "--dump-sass", str(fp8_entry.so_path())], capture_output=True, text=True,
-                          check=True).stdout
+    sass = sass_of(fp8_entry)
     # fp16 tensor-core math (no .BF16 suffix), the same 36 + 32 m64 n16 wgmmas as the 16-bit cache
     assert sass.count("HGMMA.64x16x16.F32 ") == 36 + 32 and "HGMMA.64x16x16.F32.BF16" not in sass
     assert "F2FP.F16.E4M3.UNPACK_B" in sass          # e4m3x2 -> f16x2, one instruction per pair

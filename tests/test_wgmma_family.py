@@ -3,10 +3,10 @@ real nvcc) a build with no spills and no warnings whose SASS carries HGMMA, V re
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 
+from build_checks import assert_clean_decode_kernel, sass as sass_of
 from generator.errors import SpecError
 from generator.select import decide, default_tile, families_for
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
@@ -74,18 +74,14 @@ def wgmma_entry(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 def test_wgmma_variant_has_no_spills_and_no_warnings(wgmma_entry):
-    log = (wgmma_entry.path / "build.log").read_text()
-    decode = next(k for k in wgmma_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
-    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
-    assert "warning" not in log.lower(), log
+    assert_clean_decode_kernel(wgmma_entry)
 
 
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_wgmma_sass_uses_hgmma(wgmma_entry):
-    sass = subprocess.run(["cuobjdump", "--dump-sass", str(wgmma_entry.so_path())], capture_output=True, text=True,
-                          check=True).stdout
+    sass = sass_of(wgmma_entry)
     assert "HGMMA.64x32x16.F32.BF16" in sass        # S = Q K^T, 32 tokens per warpgroup
     assert "HGMMA.64x256x16.F32.BF16" in sass and ".tnspB" in sass  # O += P V, V MN-major
     assert "LDGSTS.E.BYPASS.128" in sass            # 16-byte cp.async gathers
@@ -132,18 +128,14 @@ def wgmma_fp8_entry(request, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 def test_fp8_variant_has_no_spills_and_no_warnings(wgmma_fp8_entry):
-    log = (wgmma_fp8_entry.path / "build.log").read_text()
-    decode = next(k for k in wgmma_fp8_entry.meta()["ptxas"] if k["function"] == "decode_kernel")
-    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
-    assert "warning" not in log.lower(), log
+    assert_clean_decode_kernel(wgmma_fp8_entry)
 
 
 @pytest.mark.slow
 @pytest.mark.needs_nvcc
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_fp8_sass_dequantizes_for_fp16_hgmma(wgmma_fp8_entry):
-    sass = subprocess.run(["cuobjdump", "--dump-sass", str(wgmma_fp8_entry.so_path())], capture_output=True,
-                          text=True, check=True).stdout
+    sass = sass_of(wgmma_fp8_entry)
     assert "HGMMA.64x" in sass and ".F32.BF16" not in sass.split("merge_kernel")[0]  # fp16 tensor cores
     assert "F2FP.F16.E4M3.UNPACK_B" in sass                  # e4m3x2 -> f16x2
     assert "LDGSTS.E.BYPASS.128" in sass and "LDS.128" in sass and "STS.128" in sass  # raw stage -> fp16 tile

@@ -1,0 +1,19 @@
+"""What the family tests check on a real nvcc build (a cache entry): its decode kernel has no spills, no
+stack and its build log no warning; its SASS as text."""
+from __future__ import annotations
+
+import subprocess
+
+
+def assert_clean_decode_kernel(entry) -> None:
+    meta = entry.meta()
+    log = (entry.path / "build.log").read_text()
+    decode = next(k for k in meta["ptxas"] if k["function"] == "decode_kernel")
+    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
+    print(f"{meta['variant_id']}: {decode['registers']} registers, 0 spills")
+    assert "warning" not in log.lower(), log
+
+
+def sass(entry) -> str:
+    return subprocess.run(["cuobjdump", "--dump-sass", str(entry.so_path())], capture_output=True, text=True,
+                          check=True).stdout
