@@ -98,3 +98,13 @@ def accuracy_problems(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Te
     if lse is not None and ref_lse is not None and (err := max_abs(lse, ref_lse)) > LSE_TOL:
         problems.append(f"lse: max abs {err:.2e} > {LSE_TOL:.0e}")
     return problems
+
+
+def outcome(fn) -> tuple[type, str] | None:
+    """(the exception's type, its text) when fn() raises, else None: what tests compare between two paths
+    that must fail alike (a cached call and a fresh one)."""
+    try:
+        fn()
+    except Exception as e:
+        return type(e), str(e)
+    return None

@@ -19,7 +19,7 @@ from mla_gen import dispatch, fp8, validate
 from mla_gen.bench.host import FakeLauncher, fake_host, fake_wrapper
 from mla_gen.dtypes import to_dtype
 from mla_gen.reference import mla_decode_reference
-from mla_gen.testing import make_inputs, rel_l2
+from mla_gen.testing import make_inputs, outcome, rel_l2
 
 NOT_ON_GPU = r"^q_nope: expected a CUDA tensor"
 
@@ -279,14 +279,6 @@ def test_a_cache_not_in_the_plans_kv_dtype_is_named(host, plan_kv, inputs, got, 
     assert not host.launches
 
 
-def _outcome(fn):
-    try:
-        fn()
-    except Exception as e:  # the error's type and text are what the test compares
-        return type(e), str(e)
-    return None
-
-
 @pytest.mark.parametrize("entry", ["run", "mla_decode"])
 def test_a_changed_fp8_structure_raises_what_an_uncached_call_raises(host, entry):
     case = e4m3()
@@ -305,10 +297,10 @@ def test_a_changed_fp8_structure_raises_what_an_uncached_call_raises(host, entry
     for name, (bad, kw) in changes.items():
         w._sites.clear()
         api._CALLS.clear()
-        cold = _outcome(lambda: run(bad, kw))
+        cold = outcome(lambda: run(bad, kw))
         run(args, good)  # a hit from here on
         run(args, good)
-        assert _outcome(lambda: run(bad, kw)) == cold, name
+        assert outcome(lambda: run(bad, kw)) == cold, name
         assert cold is not None and cold[1].split(":")[0] in ("kv_scale", "kpe_cache"), (name, cold)
 
 

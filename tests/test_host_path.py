@@ -23,7 +23,7 @@ from mla_gen.bench.host import FakeLauncher, FakeParams, cpu_host_times, cpu_inp
 from mla_gen.bench.report import (HostTimes, Timing, format_table, json_document, make_record, read_host,
                                   spin_lines)
 from mla_gen.bench.roofline import Ceilings
-from mla_gen.testing import make_inputs
+from mla_gen.testing import make_inputs, outcome
 
 ARG_NAMES = ("q_nope", "q_pe", "ckv_cache", "kpe_cache", "block_table", "cache_seqlens")
 
@@ -47,14 +47,6 @@ def _args(inp, **override) -> dict:
     args = {name: getattr(inp, name) for name in ARG_NAMES}
     args.update(override)
     return args
-
-
-def _outcome(fn):
-    try:
-        fn()
-    except Exception as e:  # the error's type and text are what the test compares
-        return type(e), str(e)
-    return None
 
 
 def _forget(wrapper) -> None:
@@ -132,10 +124,10 @@ def test_a_changed_structure_raises_what_an_uncached_call_raises(fake, entry: st
             else (lambda a: api.mla_decode(**a, sm_scale=inp.sm_scale)))
     for name, args in _mutations(inp):
         _forget(wrapper)
-        cold = _outcome(lambda: call(args))
+        cold = outcome(lambda: call(args))
         call(_args(inp))  # a hit from here on
         call(_args(inp))
-        warm = _outcome(lambda: call(args))
+        warm = outcome(lambda: call(args))
         assert warm == cold, name
         assert (cold is None) == (name == "aligned, other strides"), (name, cold)
         if name.startswith("sparse"):  # the checks' order, not the key's: q_pe before kpe_cache
