@@ -101,10 +101,11 @@ class MLADecodeWrapper:
 
     plan(cache_seqlens, s_q, num_heads=..., ...) once per batch shape: picks the variant, builds or
     loads it, allocates the schedule and split workspace and the output buffers.
-    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens[, kv_scale=]) per step: three launches on the
-    current stream (the device planner; the decode kernel, which merges requests split over a few parts
-    itself; the merge of requests split over many), each overlapping the one before on sm_90 (programmatic
-    dependent launch), made by one call into the launcher; no host sync, no allocation. Without
+    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens[, kv_scale=]) per step: up to three
+    launches on the current stream (the device planner; the decode kernel, which merges requests split over
+    a few parts itself; the merge of requests split over many, skipped when the block table is too short for
+    any request to need it: mla_gen.schedule.merge_may_have_work), each overlapping the one before on sm_90
+    (programmatic dependent launch), made by one call into the launcher; no host sync, no allocation. Without
     `out=`, the result is the plan's own output buffer, overwritten by the next run. Inputs of a
     structure (shapes, strides, dtypes, devices) seen before are checked only for pointer alignment.
     """

@@ -64,6 +64,18 @@ def max_partials(num_parts: int) -> int:
     return max(2, 2 * (num_parts - 1))
 
 
+# A request split over at most this many parts is merged inside the decode kernel (templates/common.cuh).
+INLINE_MERGE_SPLITS = 4
+
+
+def merge_may_have_work(batch: int, cfg: PlanConfig) -> bool:
+    """Whether any lengths the block table holds can split a request over more than INLINE_MERGE_SPLITS
+    parts, the merge kernel's work (common.cuh merge_may_have_work, which skips its launch otherwise): a
+    request spans at most the active parts, and the total cost is at most every request at capacity."""
+    total_max = batch * (-(-cfg.max_pages * cfg.page_size // cfg.block_n) + cfg.fixed_cost)
+    return min(cfg.num_parts, -(-total_max // cfg.min_part_cost)) > INLINE_MERGE_SPLITS
+
+
 def plan(seqlens: Sequence[int], cfg: PlanConfig) -> Plan:
     """The work list for these lengths (same result as the device planner)."""
     batch = len(seqlens)

@@ -27,25 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from generator.select import Decision, decide, families_for  # noqa: E402
 from generator.spec import FP8_FAMILIES, Arch, DType, Family  # noqa: E402
+# Requests split over at most this many parts are merged inside the decode kernel, wider ones by the
+# merge kernel: a split case has one of each.
+from mla_gen.schedule import INLINE_MERGE_SPLITS  # noqa: E402
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 SPLIT_PARTS = 16     # num_parts of the split schedule: more parts than these short batches fill
 DONE = "sanitizer_driver: {ok}/{total} cases ok"
 
 
-def _kernel_constant(name: str) -> int:
-    """A constexpr of templates/common.cuh, read from the templates the variants are built from."""
-    from generator.render import templates_dir
-
-    found = re.search(rf"constexpr int {name} = (\d+);", (templates_dir() / "common.cuh").read_text())
-    if found is None:
-        raise RuntimeError(f"templates/common.cuh defines no {name}")
-    return int(found.group(1))
-
-
-# Requests split over at most this many parts are merged inside the decode kernel, wider ones by the
-# merge kernel: a split case has one of each.
-INLINE_MERGE_SPLITS = _kernel_constant("kInlineMergeSplits")
 
 
 @dataclasses.dataclass(frozen=True)

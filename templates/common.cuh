@@ -698,9 +698,21 @@ inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t s
                                stream);
 }
 
+// Whether the merge kernel can have work. Only a request over more than kInlineMergeSplits parts gives it
+// some; a request spans at most the parts plan_kernel uses, min(num_parts, ceil(total / min_part_cost)),
+// and total is at most every request at the block table's capacity. When even that bound stays within
+// kInlineMergeSplits (small batches with short tables), the call launches two kernels, not three.
+inline bool merge_may_have_work(const DecodeParams& p, int block_n) {
+  const long long cap = static_cast<long long>(p.max_pages) * p.page_size;
+  const long long total_max = static_cast<long long>(p.batch) * ((cap + block_n - 1) / block_n + p.fixed_cost);
+  const long long worth = (total_max + p.min_part_cost - 1) / p.min_part_cost;
+  return (worth < p.num_parts ? worth : p.num_parts) > kInlineMergeSplits;
+}
+
 // The merge kernel over as many CTAs as the decode grid has (it strides over the listed rows).
 template <class Cfg>
 inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
+  if (!merge_may_have_work(p, Cfg::kBlockN)) return 0;
   return launch_dependent<Cfg>(merge_kernel<Cfg>, dim3(p.row_blocks * p.num_parts), dim3(Cfg::kCkvDim / 4), 0, p,
                                stream);
 }

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 from generator.select import families_for
 from generator.spec import FP8_FAMILIES, Arch, Family
-from mla_gen.schedule import PlanConfig, plan
+from mla_gen.schedule import INLINE_MERGE_SPLITS, PlanConfig, plan
 
 SCRIPT = REPO / "scripts" / "sanitizer.sh"
 
@@ -59,9 +59,10 @@ def test_split_cases_split_and_unsplit_cases_do_not(arch: Arch) -> None:
         assert sd.splits_as_named(case, splits), (case, splits)
 
 
-def test_inline_merge_bound_is_read_from_the_kernels() -> None:
+def test_inline_merge_bound_is_the_kernels() -> None:
     text = (REPO / "templates" / "common.cuh").read_text()
-    assert f"constexpr int kInlineMergeSplits = {driver().INLINE_MERGE_SPLITS};" in text
+    assert f"constexpr int kInlineMergeSplits = {INLINE_MERGE_SPLITS};" in text
+    assert driver().INLINE_MERGE_SPLITS == INLINE_MERGE_SPLITS
 
 
 def test_case_names_start_with_the_variant_id() -> None:

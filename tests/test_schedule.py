@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from mla_gen.schedule import PlanConfig, max_partials, part_blocks, plan, segments
+from mla_gen.schedule import (INLINE_MERGE_SPLITS, PlanConfig, max_partials, merge_may_have_work, part_blocks, plan,
+                              segments)
 
 
 def random_lengths(rng: random.Random, batch: int, hi: int) -> list[int]:
@@ -95,3 +96,34 @@ def test_invalid_lengths_get_no_work():
     pl = plan(lengths, cfg)
     assert [r[1] for r in pl.req_info][0] == 0 and pl.req_info[2][1] == 0 and pl.req_info[3][1] == 0
     check_plan(lengths, cfg)
+
+
+def test_no_merge_launch_means_no_request_beyond_the_inline_merge() -> None:
+    """Where merge_may_have_work says no (the merge launch is skipped), no lengths the block table holds
+    split a request over more than INLINE_MERGE_SPLITS parts. (Where it says yes the merge kernel runs and
+    finds its own work: the bound may be loose there, never wrong.)"""
+    rng = random.Random(17)
+    skipped = kept = 0
+    for _ in range(400):
+        page = rng.choice([1, 16, 64])
+        cfg = PlanConfig(block_n=rng.choice([32, 64]), num_parts=rng.choice([1, 4, 5, 16, 132]),
+                         fixed_cost=rng.choice([1, 2, 4]), min_part_cost=rng.choice([1, 4, 6, 8]), page_size=page,
+                         max_pages=rng.randint(1, 4096 // page))
+        batch = rng.randint(1, 6)
+        cap = cfg.max_pages * page
+        if not merge_may_have_work(batch, cfg):
+            skipped += 1
+            for lengths in ([cap] * batch, [rng.randint(1, cap) for _ in range(batch)], [1] * (batch - 1) + [cap]):
+                assert max(n for _, n, _, _ in plan(lengths, cfg).req_info) <= INLINE_MERGE_SPLITS, (cfg, lengths)
+        else:
+            kept += 1
+    assert skipped > 50 and kept > 50
+
+
+def test_merge_launch_skipped_for_a_short_table_only() -> None:
+    # the host bench's shape, B1 S256 at page 64 (a 4-page table): 4 blocks + 2 fixed = one part
+    assert not merge_may_have_work(1, PlanConfig(block_n=64, num_parts=132, fixed_cost=2, min_part_cost=6,
+                                                  page_size=64, max_pages=4))
+    # an engine's table for 4096 tokens: a request can take 11 parts
+    assert merge_may_have_work(1, PlanConfig(block_n=64, num_parts=132, fixed_cost=2, min_part_cost=6,
+                                              page_size=64, max_pages=64))
