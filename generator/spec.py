@@ -304,16 +304,21 @@ def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, kv_dtype
     if family is Family.SEESAW:
         return _seesaw_smem_bytes(t, ckv_dim, rope_dim, kv)
     # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
-    # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps.
-    # fp8: the stages hold the cache's bytes per token (128-byte aligned stages) and one 16-bit tile
-    # holds the dequantized current tile.
+    # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
+    # (fp8: see _kv_stages_bytes).
     wn = _mma_column_splits(t)
-    if kv_dtype.is_fp8:
-        raw = DS_MLA_TOKEN_BYTES if kv_dtype is DType.FP8_DS_MLA else d
-        stages = t.stages * (-(-t.block_n * raw // 128) * 128) + t.block_n * d * kv
-    else:
-        stages = t.stages * t.block_n * d * kv
+    stages = _kv_stages_bytes(t, d, kv_dtype, align=128)
     return t.block_m * d * kv + stages + t.block_m * t.block_n * kv + 2 * wn * t.block_m * 4
+
+
+def _kv_stages_bytes(tile: Tile, d: int, kv_dtype: DType, align: int) -> int:
+    """The kv stages of mma and wgmma: `stages` 16-bit tiles [N][d]; with an fp8 cache, `stages` tiles of
+    the cache's own bytes per token (templates/common.cuh RawKVTile, each `align`-byte aligned) and the one
+    16-bit tile they are dequantized into."""
+    if not kv_dtype.is_fp8:
+        return tile.stages * tile.block_n * d * 2
+    raw = DS_MLA_TOKEN_BYTES if kv_dtype is DType.FP8_DS_MLA else d
+    return tile.stages * (-(-tile.block_n * raw // align) * align) + tile.block_n * d * 2
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, why: str = "") -> None:
@@ -384,14 +389,10 @@ def _check_mma(spec: VariantSpec) -> None:
 
 def _wgmma_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
     """templates/wgmma.cuh Layout: q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
-    (16-bit), then row max and row sum exchange arrays [2][M] fp32 between the two warpgroups. fp8: the
-    stages hold the cache's bytes per token (1024-byte aligned) and one 16-bit tile the dequantized one."""
+    (16-bit), then row max and row sum exchange arrays [2][M] fp32 between the two warpgroups (fp8: see
+    _kv_stages_bytes)."""
     d, kv = ckv + rope, 2
-    if kv_dtype.is_fp8:
-        raw = DS_MLA_TOKEN_BYTES if kv_dtype is DType.FP8_DS_MLA else d
-        stages = tile.stages * (-(-tile.block_n * raw // 1024) * 1024) + tile.block_n * d * kv
-    else:
-        stages = tile.stages * tile.block_n * d * kv
+    stages = _kv_stages_bytes(tile, d, kv_dtype, align=1024)
     return tile.block_m * d * kv + stages + tile.block_m * tile.block_n * kv + 2 * 2 * tile.block_m * 4
 
 
