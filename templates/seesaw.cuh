@@ -31,7 +31,7 @@
 // two parts: first the k-steps over the issuing WG's own ckv half (its own copies), then, after the cross
 // barrier, the other half and the rope.
 //
-// Barriers (named bar.sync, ids 1-6; each id always with the same thread count; every id is used once per pair
+// Barriers (named barrier.sync, ids 1-6; each id always with the same thread count; every id is used once per pair
 // by the same threads, unconditionally). The cross ids hand data from one WG (the producer of the line) to the
 // other; both sync, so a producer also waits for its consumer to arrive (see bar_sync for why not bar.arrive):
 //   1 K0R    256: WG1's K0 part + Q right half + Q rope landed (fence.proxy.async); WG0 needs them for the second
@@ -76,11 +76,11 @@ using wgmma::wgmma_wait;
 // side would order the same accesses by the PTX memory model, but compute-sanitizer's racecheck does not
 // model arrive -> sync and reports every hand-off as a hazard; both warpgroups reach each barrier in the
 // same order (K0R, K1L, P0, P1), so the symmetric syncs cannot deadlock.
-// bar.sync is .aligned: the whole warp must arrive at it converged, which a preceding lane-predicated store or
-// lookup does not guarantee (synccheck: "divergent threads"), hence the __syncwarp.
+// The warpgroups reach a cross barrier from different code (the two branches of wg == 0), which the
+// .aligned form (bar.sync) does not allow: PTX asks all threads of the CTA to take an aligned barrier's
+// branch alike, and synccheck reports "divergent threads" for it. barrier.sync is the unaligned form.
 __device__ __forceinline__ void bar_sync(int id, int count) {
-  __syncwarp();
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+  asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 enum : int { kBarK0R = 1, kBarK1L = 2, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
 
