@@ -31,9 +31,10 @@
 // normalised and written row-major (out, or the split's fp32 partial and lse, as the other families).
 //
 // fp8 caches (Cfg::kKVFormat, common.cuh): the stage stays fp16 and every phase above is unchanged but
-// the load. The gather's 16-byte row chunks go to registers (ld.global) where the cp.async would have
-// been issued, and the start of the tile converts them (cvt e4m3x2 -> f16x2, exact) into the stage:
-// the same overlap with the other warpgroup, half the bytes. Bf16 queries become fp16 on load. No
+// the load. The gather's 16-byte row chunks go to registers (ld.global), and the start of the tile
+// converts them (cvt e4m3x2 -> f16x2, exact) into the stage and at once issues the loads of the WG's
+// next tile, so a tile's loads are in flight during a whole tile of this warpgroup's work (the 16-bit
+// cp.async into the stage can only start after PV, when the stage is free). Bf16 queries become fp16 on load. No
 // scale touches the tile: fp8_e4m3's one scale multiplies the scores (scale_log2) and the output;
 // fp8_ds_mla's per-token scales of its four 128-value groups multiply the four partial scores (one
 // accumulator chain per group, the rope in a fifth) and P^T (one P^T panel per group, each read by the
@@ -153,8 +154,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
 
     // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup.
     //      16-bit caches: cp.async into the stage. fp8 caches: issue_tile loads the tile's bytes into
-    //      registers (ld.global, in flight while the other warpgroup works, as the cp.async would be) and
-    //      store_tile dequantizes them into the fp16 stage: e4m3 -> f16 is exact, the scales stay out of
+    //      registers (ld.global, a whole tile ahead: see the loop's start) and store_tile dequantizes them into the fp16 stage: e4m3 -> f16 is exact, the scales stay out of
     //      it (fp8_e4m3: in scale_log2 and the output; fp8_ds_mla: per token and group on S and P^T).
     using Pages = PagedRows<KV, N, TEAMS>;
     constexpr int KI = Pages::kIters;
@@ -247,6 +247,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     if (wg < n_tiles) {
       prefetch_pages(seg.blk_lo + wg);
       issue_tile();
+      if (L::kFp8 && wg + 2 < n_tiles) prefetch_pages(seg.blk_lo + wg + 2);
     }
     cp_async_commit();
     cp_async_wait<1>();   // this thread's Q copies
@@ -266,7 +267,13 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int mask_from = len - p.s_q + 1;
 
     for (int it = wg; it < n_tiles; it += 2) {
-      if constexpr (L::kFp8) store_tile();
+      if constexpr (L::kFp8) {
+        // the registers are free once converted: the next tile's loads go out now, in flight under this
+        // tile's work and the other warpgroup's (issued after PV, they were waited for at once)
+        store_tile();
+        if (it + 2 < n_tiles) issue_tile();
+        if (it + 4 < n_tiles) prefetch_pages(seg.blk_lo + it + 4);
+      }
       cp_async_wait<0>();
       fence_proxy_async();  // this thread's copies (stores) of the tile -> visible to wgmma
       named_barrier_sync(bar_id, kWgThreads);
@@ -300,7 +307,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         for (int gi = 0; gi < L::G; ++gi)
           tok_scale[h][gi] = L::kDs ? lds_f32(s_scale + 4 * ((16 * wq + g + 8 * h) * L::G + gi)) : 1.f;
       const bool more = it + 2 < n_tiles;
-      if (more) prefetch_pages(seg.blk_lo + it + 2);  // block-table reads overlap the tensor work
+      if (!L::kFp8 && more) prefetch_pages(seg.blk_lo + it + 2);  // block-table reads overlap the tensor work
       wgmma_wait<0>();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(sacc[c]);
@@ -428,7 +435,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
 
       // ---- next: the stage and P^T are free once every warp of the warpgroup is past its wait
       named_barrier_sync(bar_id, kWgThreads);
-      if (more) issue_tile();
+      if (!L::kFp8 && more) issue_tile();
       cp_async_commit();
     }
     // Both warpgroups pass the same named barriers, four per tile: with an odd tile count WG 1 passes
