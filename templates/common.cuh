@@ -313,46 +313,75 @@ struct RawKVTile {
     }
   }
 
-  // the raw tile at `stage` -> fp16, thread `tid` of `threads` taking every threads-th chunk
-  template <typename CkvAt, typename RopeAt>
-  __device__ __forceinline__ static void dequantize(uint32_t stage, int tid, int threads, CkvAt&& ckv_at,
-                                                    RopeAt&& rope_at) {
+  // Part kPart of kParts of the raw tile at `stage` -> fp16, by kThreads threads: the ckv columns in kParts
+  // equal column ranges, the rope with the last part (a family issues the MMAs over a part's columns while
+  // the next part converts). A warp takes consecutive chunks of one kind (no divergence), and a thread
+  // loads kBatch chunks before converting any: the shared loads' latency is paid once per batch, not per
+  // chunk. A lane whose chunk lies in an odd 64-column block stores its high fp16 chunk first: with the
+  // 128-byte swizzle the two stores of a warp then cover every 16-byte position of a row (the even ones
+  // only would be a 2-way bank conflict).
+  template <int kThreads, int kPart = 0, int kParts = 1, typename CkvAt, typename RopeAt>
+  __device__ __forceinline__ static void dequantize(uint32_t stage, int tid, CkvAt&& ckv_at, RopeAt&& rope_at) {
     constexpr int kCkvChunks = C / 16, kRopeChunks = kDs ? R / 8 : R / 16;  // raw 16-byte chunks of a row
-    constexpr int kRowWork = kCkvChunks + kRopeChunks;
-    for (int w = tid; w < N * kRowWork; w += threads) {
-      const int n = w / kRowWork, c = w % kRowWork;
-      const uint32_t row = stage + n * kRowBytes;
+    static_assert(kCkvChunks % kParts == 0, "whole chunks per part");
+    constexpr int kPartChunks = kCkvChunks / kParts, kChunk0 = kPart * kPartChunks;
+    constexpr int kCkvWork = N * kPartChunks, kRopeWork = kPart == kParts - 1 ? N * kRopeChunks : 0;
+    constexpr int kCkvIters = (kCkvWork + kThreads - 1) / kThreads;
+    constexpr int kBatch = kCkvIters < 4 ? kCkvIters : 4;
+    auto has = [&](int i) { return kCkvWork % kThreads == 0 || tid + i * kThreads < kCkvWork; };
+    // 16 e4m3 values (times `sc`: fp8_ds_mla's group scale) -> fp16 chunks 2 c, 2 c + 1 of token n
+    auto store_pair = [&](int n, int c, const uint4& v, float sc) {
+      const bool high_first = (c >> 2) & 1;
       uint32_t h[8];
-      auto e4m3x16 = [&](uint32_t addr) {
-        const uint4 v = lds_v4(addr);
+      e4m3x4_to_f16x4(high_first ? v.z : v.x, h[0], h[1]);
+      e4m3x4_to_f16x4(high_first ? v.w : v.y, h[2], h[3]);
+      e4m3x4_to_f16x4(high_first ? v.x : v.z, h[4], h[5]);
+      e4m3x4_to_f16x4(high_first ? v.y : v.w, h[6], h[7]);
+      if constexpr (kDs) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          __half2 x;
+          memcpy(&x, &h[i], sizeof(x));
+          const float2 f = __half22float2(x);
+          x = __float22half2_rn(make_float2(f.x * sc, f.y * sc));
+          memcpy(&h[i], &x, sizeof(x));
+        }
+      }
+      sts_v4(ckv_at(n, 2 * c + high_first), h[0], h[1], h[2], h[3]);
+      sts_v4(ckv_at(n, 2 * c + 1 - high_first), h[4], h[5], h[6], h[7]);
+    };
+#pragma unroll
+    for (int i0 = 0; i0 < kCkvIters; i0 += kBatch) {
+      uint4 v[kBatch];
+      float sc[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int w = tid + (i0 + j) * kThreads, n = w / kPartChunks, c = kChunk0 + w % kPartChunks;
+        if (i0 + j < kCkvIters && has(i0 + j)) {
+          v[j] = lds_v4(stage + n * kRowBytes + 16 * c);
+          sc[j] = kDs ? lds_f32(stage + n * kRowBytes + C + 4 * (c / 8)) : 1.f;  // the scale of group c / 8
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int w = tid + (i0 + j) * kThreads;
+        if (i0 + j < kCkvIters && has(i0 + j)) store_pair(w / kPartChunks, kChunk0 + w % kPartChunks, v[j], sc[j]);
+      }
+    }
+#pragma unroll
+    for (int w = tid; w < kRopeWork; w += kThreads) {
+      const int n = w / kRopeChunks, cr = w % kRopeChunks;
+      const uint32_t src = stage + n * kRowBytes + C + (kDs ? 16 : 0) + 16 * cr;
+      const uint4 v = lds_v4(src);
+      if constexpr (kDs) {  // 8 bf16 rope values -> fp16 chunk cr
+        sts_v4(rope_at(n, cr), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y), bf16x2_to_f16x2(v.z),
+               bf16x2_to_f16x2(v.w));
+      } else {  // 16 e4m3 rope values -> fp16 chunks 2 cr, 2 cr + 1
+        uint32_t h[8];
         e4m3x4_to_f16x4(v.x, h[0], h[1]);
         e4m3x4_to_f16x4(v.y, h[2], h[3]);
         e4m3x4_to_f16x4(v.z, h[4], h[5]);
         e4m3x4_to_f16x4(v.w, h[6], h[7]);
-      };
-      if (c < kCkvChunks) {  // 16 ckv values -> fp16 chunks 2 c, 2 c + 1
-        e4m3x16(row + 16 * c);
-        if constexpr (kDs) {
-          const float sc = lds_f32(row + C + 4 * (c / 8));  // the scale of 128-value group c / 8
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            __half2 x;
-            memcpy(&x, &h[i], sizeof(x));
-            const float2 f = __half22float2(x);
-            x = __float22half2_rn(make_float2(f.x * sc, f.y * sc));
-            memcpy(&h[i], &x, sizeof(x));
-          }
-        }
-        sts_v4(ckv_at(n, 2 * c), h[0], h[1], h[2], h[3]);
-        sts_v4(ckv_at(n, 2 * c + 1), h[4], h[5], h[6], h[7]);
-      } else if constexpr (kDs) {  // 8 bf16 rope values -> fp16 chunk cr
-        const int cr = c - kCkvChunks;
-        const uint4 v = lds_v4(row + C + 16 + 16 * cr);
-        sts_v4(rope_at(n, cr), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y), bf16x2_to_f16x2(v.z),
-               bf16x2_to_f16x2(v.w));
-      } else {  // 16 e4m3 rope values -> fp16 chunks 2 cr, 2 cr + 1
-        const int cr = c - kCkvChunks;
-        e4m3x16(row + C + 16 * cr);
         sts_v4(rope_at(n, 2 * cr), h[0], h[1], h[2], h[3]);
         sts_v4(rope_at(n, 2 * cr + 1), h[4], h[5], h[6], h[7]);
       }

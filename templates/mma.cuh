@@ -361,8 +361,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const uint32_t s_kv16 = s_base + L::kOffKV16;
     auto dequantize_tile = [&](int stage) {  // fp8: the raw tile of `stage` -> the fp16 tile, all threads
       if constexpr (L::kFp8)
-        RawKV::dequantize(
-            s_kv + stage * L::kRawStageBytes, tid, L::T, [&](int n, int c) { return s_kv16 + swz<CC>(n, c); },
+        RawKV::template dequantize<L::T>(
+            s_kv + stage * L::kRawStageBytes, tid, [&](int n, int c) { return s_kv16 + swz<CC>(n, c); },
             [&](int n, int c) { return s_kv16 + L::kStageCkvBytes + swz<RC>(n, c); });
     };
 

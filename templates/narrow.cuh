@@ -154,8 +154,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
 
     // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup.
     //      16-bit caches: cp.async into the stage. fp8 caches: issue_tile loads the tile's bytes into
-    //      registers (ld.global, a whole tile ahead: see the loop's start) and store_tile dequantizes them into the fp16 stage: e4m3 -> f16 is exact, the scales stay out of
-    //      it (fp8_e4m3: in scale_log2 and the output; fp8_ds_mla: per token and group on S and P^T).
+    //      registers (ld.global, a whole tile ahead: see the loop's start) and store_tile dequantizes them
+    //      into the fp16 stage: e4m3 -> f16 is exact, the scales stay out of it (fp8_e4m3: in scale_log2
+    //      and the output; fp8_ds_mla: per token and group on S and P^T).
     using Pages = PagedRows<KV, N, TEAMS>;
     constexpr int KI = Pages::kIters;
     constexpr int kCkvChunks = L::kFp8 ? C / 128 : 1;  // 16-byte e4m3 chunks per lane and token: tl + 8 i

@@ -46,6 +46,11 @@
 // P + max vote barrier (+ the rare slow path), PV, wait. The Q tile is loaded with the
 // first kv tile of each segment. Descriptors are built from a warp-uniform warpgroup index (uniform
 // registers, no per-wgmma R2UR).
+//
+// fp8 caches: the stages hold the cache's bytes (cp.async, common.cuh RawKVTile) and every thread
+// dequantizes a share of the current tile into one fp16 tile. In two parts: the first ckv half before
+// QK, the second half and the rope while the QK k-steps over the first half run (a barrier between),
+// so only the first half's conversion stands between the tile's arrival and its tensor work.
 #pragma once
 #include "sm90.cuh"
 
@@ -173,10 +178,12 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         RawKV::template issue<Pages, L::TEAMS>(pages, p, team, tl, s_kv + stage * L::kRawStageBytes);
       }
     };
-    auto dequantize_tile = [&](int stage) {  // fp8: the raw tile of `stage` -> the fp16 tile, all threads
+    // fp8: part `part` of 2 (ckv columns 0 .. C/2-1; C/2 .. C-1 and the rope) of the raw tile of `stage` ->
+    // the fp16 tile, all threads
+    auto dequantize_tile = [&](int stage, auto part) {
       if constexpr (L::kFp8)
-        RawKV::dequantize(
-            s_kv + stage * L::kRawStageBytes, tid, L::T, [&](int n, int c) { return s_tile + KN::off(n, c); },
+        RawKV::template dequantize<L::T, decltype(part)::value, 2>(
+            s_kv + stage * L::kRawStageBytes, tid, [&](int n, int c) { return s_tile + KN::off(n, c); },
             [&](int n, int c) { return s_tile + KN::kBytes + KP::off(n, c); });
     };
 
@@ -232,9 +239,10 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       cp_async_wait<S - 2>();
       fence_proxy_async();  // this thread's copies of tile `it` -> visible to wgmma
       __syncthreads();      // tile `it` is in shared memory; every warp is done with tile it-1 (its stage, P)
+      const int raw_stage = comp_stage;
       if constexpr (L::kFp8) {
-        dequantize_tile(comp_stage);
-        fence_proxy_async();  // the fp16 tile -> visible to wgmma
+        dequantize_tile(raw_stage, std::integral_constant<int, 0>{});
+        fence_proxy_async();  // the fp16 tile's first half -> visible to wgmma
         __syncthreads();
       }
 
@@ -253,8 +261,18 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
 #pragma unroll
       for (int c = 0; c < QC; ++c) fence_regs(sacc[c]);
       wgmma_fence();
+      // fp8: the k-steps over the first ckv half run while the second half converts
+      constexpr int KS1 = L::kFp8 ? QN::kSteps / 2 : QN::kSteps;
 #pragma unroll
-      for (int ks = 0; ks < QN::kSteps; ++ks)
+      for (int ks = 0; ks < KS1; ++ks)
+        wgmma_ss<NW, KV, 0>(sacc[ks % QC], desc_add(d_qn, QN::step(ks)), desc_add(d_kn_s, KN::step(ks)), 1);
+      if constexpr (L::kFp8) {
+        dequantize_tile(raw_stage, std::integral_constant<int, 1>{});
+        fence_proxy_async();  // the second half and the rope -> visible to wgmma
+        __syncthreads();
+      }
+#pragma unroll
+      for (int ks = KS1; ks < QN::kSteps; ++ks)
         wgmma_ss<NW, KV, 0>(sacc[ks % QC], desc_add(d_qn, QN::step(ks)), desc_add(d_kn_s, KN::step(ks)), 1);
 #pragma unroll
       for (int ks = 0; ks < QP::kSteps; ++ks)
