@@ -612,29 +612,38 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
 
 // ---- merge kernel: split requests of more than kInlineMergeSplits parts ----------------------------
 
-// Grid-stride over (listed request, row); the splits' lse are read by all threads at once, and a thread
-// owns 4 columns and keeps kUnroll splits' loads in flight. Launched with programmatic dependent launch after the decode kernel, whose results it waits for.
+// Grid-stride over (listed request, row); the splits' lse are read by all threads at once. The CTA is
+// kMergeGroups groups of kCkv / 4 threads: a thread owns 4 columns of every kMergeGroups-th split and keeps
+// kUnroll of them in flight, so a row has kMergeGroups * kUnroll partial rows in flight (one row's merge is
+// a chain of L2 round trips otherwise: 14 us for one request of 66 splits at 128 heads on an H200); the
+// groups' sums meet in shared memory. Launched with programmatic dependent launch after the decode
+// kernel, whose results it waits for.
+constexpr int kMergeGroups = 4;
+
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(Cfg::kCkvDim / 4 * kMergeGroups, 1)
+    merge_kernel(const __grid_constant__ DecodeParams p) {
   using OutT = typename Cfg::OutType;
   using Out2 = typename Vec2<OutT>::type;
   constexpr int kHeads = Cfg::kNumHeads, kCkv = Cfg::kCkvDim, kUnroll = 8;
+  constexpr int kColThreads = kCkv / 4, kThreads = kColThreads * kMergeGroups, kWarps = (kThreads + 31) / 32;
   static_assert(kCkv % 4 == 0, "ckv: 4 columns per thread");
   wait_for_previous_grid();
   const int* list = reinterpret_cast<const int*>(p.merge_list);
   const int* req_info = reinterpret_cast<const int*>(p.req_info);
   using Rows = ResultRows<Cfg>;
-  const int rows = p.s_q * kHeads, col = 4 * threadIdx.x;
+  const int rows = p.s_q * kHeads, ct = threadIdx.x % kColThreads, group = threadIdx.x / kColThreads, col = 4 * ct;
   const int items = list[0] * rows;
   __shared__ float s_w[kMergeMaxSplits];  // each split's weight exp(lse_k - lse)
-  __shared__ float s_red[2][(kCkv / 4 + 31) / 32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) / 32;
+  __shared__ float s_red[2][kWarps];
+  __shared__ float4 s_acc[kMergeGroups - 1][kColThreads];  // groups 1.. -> group 0
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
     const int b = list[1 + item / rows], row = item % rows;
     const int num_splits = req_info[4 * b + 1], first = req_info[4 * b + 2];
     // the splits' lse spread over the threads (all loads at once), max and sum reduced over the CTA
     float m = -INFINITY;
-    for (int k = threadIdx.x; k < num_splits; k += blockDim.x) {
+    for (int k = threadIdx.x; k < num_splits; k += kThreads) {
       s_w[k] = __ldcg(Rows::partial_lse(p, first + k, row));
       m = fmaxf(m, s_w[k]);
     }
@@ -642,9 +651,9 @@ __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_co
     if (lane == 0) s_red[0][warp] = m;
     __syncthreads();
     m = s_red[0][0];
-    for (int w = 1; w < nwarps; ++w) m = fmaxf(m, s_red[0][w]);
+    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, s_red[0][w]);
     float sum = 0.f;
-    for (int k = threadIdx.x; k < num_splits; k += blockDim.x) {
+    for (int k = threadIdx.x; k < num_splits; k += kThreads) {
       const float e = m == -INFINITY ? 0.f : __expf(s_w[k] - m);
       s_w[k] = e;
       sum += e;
@@ -653,31 +662,44 @@ __global__ void __launch_bounds__(Cfg::kCkvDim / 4) merge_kernel(const __grid_co
     if (lane == 0) s_red[1][warp] = sum;
     __syncthreads();
     sum = 0.f;
-    for (int w = 0; w < nwarps; ++w) sum += s_red[1][w];
+    for (int w = 0; w < kWarps; ++w) sum += s_red[1][w];
     const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k0 = 0; k0 < num_splits; k0 += kUnroll) {
+    for (int k0 = group; k0 < num_splits; k0 += kMergeGroups * kUnroll) {
       float4 v[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {  // all loads first, then the sums
-        const int k = k0 + u < num_splits ? k0 + u : k0;
+        const int k = k0 + u * kMergeGroups < num_splits ? k0 + u * kMergeGroups : k0;
         v[u] = __ldcg(reinterpret_cast<const float4*>(Rows::partial(p, first + k, row) + col));
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const float w = k0 + u < num_splits ? s_w[k0 + u] * inv : 0.f;
+        const int k = k0 + u * kMergeGroups;
+        const float w = k < num_splits ? s_w[k] * inv : 0.f;
         acc.x += w * v[u].x;
         acc.y += w * v[u].y;
         acc.z += w * v[u].z;
         acc.w += w * v[u].w;
       }
     }
-    OutT* out = ResultRows<Cfg>::out(p, b, row) + col;
-    reinterpret_cast<Out2*>(out)[0] = from_float2<OutT>(make_float2(acc.x, acc.y));
-    reinterpret_cast<Out2*>(out)[1] = from_float2<OutT>(make_float2(acc.z, acc.w));
-    if (p.lse && threadIdx.x == 0) *ResultRows<Cfg>::lse(p, b, row) = lse;
-    __syncthreads();  // s_w and s_red are rewritten by the next item
+    if (group > 0) s_acc[group - 1][ct] = acc;
+    __syncthreads();
+    if (group == 0) {
+#pragma unroll
+      for (int g = 0; g < kMergeGroups - 1; ++g) {
+        const float4 o = s_acc[g][ct];
+        acc.x += o.x;
+        acc.y += o.y;
+        acc.z += o.z;
+        acc.w += o.w;
+      }
+      OutT* out = ResultRows<Cfg>::out(p, b, row) + col;
+      reinterpret_cast<Out2*>(out)[0] = from_float2<OutT>(make_float2(acc.x, acc.y));
+      reinterpret_cast<Out2*>(out)[1] = from_float2<OutT>(make_float2(acc.z, acc.w));
+      if (p.lse && threadIdx.x == 0) *ResultRows<Cfg>::lse(p, b, row) = lse;
+    }
+    __syncthreads();  // s_w, s_red and s_acc are rewritten by the next item
   }
 }
 
@@ -742,8 +764,8 @@ inline bool merge_may_have_work(const DecodeParams& p, int block_n) {
 template <class Cfg>
 inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
   if (!merge_may_have_work(p, Cfg::kBlockN)) return 0;
-  return launch_dependent<Cfg>(merge_kernel<Cfg>, dim3(p.row_blocks * p.num_parts), dim3(Cfg::kCkvDim / 4), 0, p,
-                               stream);
+  return launch_dependent<Cfg>(merge_kernel<Cfg>, dim3(p.row_blocks * p.num_parts),
+                               dim3(Cfg::kCkvDim / 4 * kMergeGroups), 0, p, stream);
 }
 
 }  // namespace mla_gen
