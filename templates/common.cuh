@@ -80,6 +80,17 @@ __device__ __forceinline__ void e4m3x4_to_f16x4(uint32_t v, uint32_t& lo, uint32
   hi = pair(0x3424u, 0x3322u);
 #endif
 }
+// A 16-byte chunk of e4m3 values (memory order) -> the two 16-byte fp16 chunks at dst_lo (values 0-7)
+// and dst_hi (values 8-15) in shared memory.
+__device__ __forceinline__ void store_e4m3x16_as_f16(uint32_t dst_lo, uint32_t dst_hi, const uint4& v) {
+  uint32_t h[8];
+  e4m3x4_to_f16x4(v.x, h[0], h[1]);
+  e4m3x4_to_f16x4(v.y, h[2], h[3]);
+  e4m3x4_to_f16x4(v.z, h[4], h[5]);
+  e4m3x4_to_f16x4(v.w, h[6], h[7]);
+  sts_v4(dst_lo, h[0], h[1], h[2], h[3]);
+  sts_v4(dst_hi, h[4], h[5], h[6], h[7]);
+}
 // Two bf16 -> two fp16 (values beyond fp16's range become inf; below it, subnormals or 0).
 __device__ __forceinline__ uint32_t bf16x2_to_f16x2(uint32_t v) {
   __nv_bfloat162 b;
@@ -377,13 +388,7 @@ struct RawKVTile {
         sts_v4(rope_at(n, cr), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y), bf16x2_to_f16x2(v.z),
                bf16x2_to_f16x2(v.w));
       } else {  // 16 e4m3 rope values -> fp16 chunks 2 cr, 2 cr + 1
-        uint32_t h[8];
-        e4m3x4_to_f16x4(v.x, h[0], h[1]);
-        e4m3x4_to_f16x4(v.y, h[2], h[3]);
-        e4m3x4_to_f16x4(v.z, h[4], h[5]);
-        e4m3x4_to_f16x4(v.w, h[6], h[7]);
-        sts_v4(rope_at(n, 2 * cr), h[0], h[1], h[2], h[3]);
-        sts_v4(rope_at(n, 2 * cr + 1), h[4], h[5], h[6], h[7]);
+        store_e4m3x16_as_f16(rope_at(n, 2 * cr), rope_at(n, 2 * cr + 1), v);
       }
     }
   }

@@ -197,19 +197,10 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
 #pragma unroll
       for (int k = 0; k < KI; ++k) {
         const int n = team + k * TEAMS;
-        auto store16 = [&](uint32_t dst_lo, uint32_t dst_hi, const uint4& v) {  // 16 e4m3 -> 2 fp16 chunks
-          uint32_t h[8];
-          e4m3x4_to_f16x4(v.x, h[0], h[1]);
-          e4m3x4_to_f16x4(v.y, h[2], h[3]);
-          e4m3x4_to_f16x4(v.z, h[4], h[5]);
-          e4m3x4_to_f16x4(v.w, h[6], h[7]);
-          sts_v4(dst_lo, h[0], h[1], h[2], h[3]);
-          sts_v4(dst_hi, h[4], h[5], h[6], h[7]);
-        };
 #pragma unroll
         for (int i = 0; i < kCkvChunks; ++i) {
           const int c = tl + 8 * i;  // columns 16 c .. 16 c + 15 = fp16 chunks 2 c, 2 c + 1
-          store16(s_stage + KN::off(n, 2 * c), s_stage + KN::off(n, 2 * c + 1), raw_c[k][i]);
+          store_e4m3x16_as_f16(s_stage + KN::off(n, 2 * c), s_stage + KN::off(n, 2 * c + 1), raw_c[k][i]);
         }
         const uint32_t s_rope = s_stage + KN::kBytes;
         if constexpr (L::kDs) {
@@ -218,7 +209,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
                  bf16x2_to_f16x2(v.w));
           if (tl < L::G) sts_f32(s_scale + 4 * (n * L::G + tl), raw_s[k]);
         } else {
-          if (tl < L::R / 16) store16(s_rope + KP::off(n, 2 * tl), s_rope + KP::off(n, 2 * tl + 1), raw_r[k]);
+          if (tl < L::R / 16)
+            store_e4m3x16_as_f16(s_rope + KP::off(n, 2 * tl), s_rope + KP::off(n, 2 * tl + 1), raw_r[k]);
         }
       }
     };
