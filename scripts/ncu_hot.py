@@ -30,7 +30,7 @@ def main() -> None:
     head_at = next(i for i, r in enumerate(rows) if any("Source" in c for c in r))
     head, body = rows[head_at], rows[head_at + 1:]
     col = {name: i for i, name in enumerate(head)}
-    src = next(i for name, i in col.items() if name.strip() == "Source" or name.startswith("Source"))
+    src = next(i for name, i in col.items() if name.strip().startswith("Source"))
     total_col = next(i for name, i in col.items() if "Sampling (All" in name)
     reasons = [(name, i) for name, i in col.items()
                if name.startswith("stall_") or ("Stall Sampling" in name and i != total_col)]
