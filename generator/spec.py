@@ -457,20 +457,14 @@ def _check_narrow(spec: VariantSpec) -> None:
                         f"multiple of 64, got {spec.rope_dim}")
 
 
-def _seesaw_p_in_rope(tile: Tile, rope: int) -> bool:
-    """templates/seesaw.cuh: P0 / P1 live in the first 64-column block of the rope panel of their kv
-    tile (dead after that tile's Q K^T) when rope_dim is a multiple of 64; else in buffers of their own."""
-    return rope % 64 == 0 and tile.block_m == tile.block_n == 64
-
-
 def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
-    """templates/seesaw.cuh Layout: q tile [M][C+R], two kv tiles [N][C+R] (K0, K1 of a pair), two P
-    tiles [M][N] (16-bit) unless they alias the rope panels, then the row max exchange [2][M] and row
-    sum exchange [2][M] fp32 between the two warpgroups. 512/64: 72 + 2 x 72 + 1 KB = 217 KB."""
-    d = ckv + rope
-    p = 0 if _seesaw_p_in_rope(tile, rope) else 2 * tile.block_m * tile.block_n * itemsize
-    return (tile.block_m * d * itemsize + tile.stages * tile.block_n * d * itemsize + p
-            + 2 * 2 * tile.block_m * 4)
+    """templates/seesaw.cuh Layout: q tile [M][C+R], two kv tiles [N][C+RK] (K0, K1 of a pair; RK = R, or 64 when
+    R < 64: TMA boxes of 128-byte rows; P0 / P1 live in their first rope block), the row max and row sum
+    exchanges [2][M] fp32 between the two warpgroups, and the TMA mbarriers (per kv tile: one per 64-column ckv
+    block and one for the rope). 512/64: 72 + 2 x 72 + 1 KB + 144 B = 217 KB."""
+    rope_k = rope if rope % 64 == 0 else 64
+    return (tile.block_m * (ckv + rope) * itemsize + tile.stages * tile.block_n * (ckv + rope_k) * itemsize
+            + 2 * 2 * tile.block_m * 4 + 2 * (ckv // 64 + 1) * 8)
 
 
 def _check_seesaw(spec: VariantSpec) -> None:

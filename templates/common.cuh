@@ -728,8 +728,8 @@ inline int set_smem_limit(Kernel kernel, int bytes) {
 
 // Launches kernel(p) after the previous work on the stream; where the device has programmatic
 // dependent launch (sm_90+), the launch overlaps the previous kernel, which the kernel waits for.
-template <class Cfg, typename Kernel>
-inline int launch_dependent(Kernel kernel, dim3 grid, dim3 block, int smem, const DecodeParams& p, uint64_t stream) {
+template <class Cfg, typename Kernel, typename Args>
+inline int launch_dependent(Kernel kernel, dim3 grid, dim3 block, int smem, const Args& args, uint64_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -740,18 +740,23 @@ inline int launch_dependent(Kernel kernel, dim3 grid, dim3 block, int smem, cons
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = Cfg::kDependentLaunch ? 1 : 0;
-  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, p));
+  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, args));
 }
 
-// A family's decode kernel on grid (row blocks of kBlockM, parts), 32 * kWarps threads, kSmemBytes.
-template <class Cfg, typename Kernel>
-inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream) {
+// A family's decode kernel on grid (row blocks of kBlockM, parts), 32 * kWarps threads, kSmemBytes; its one
+// argument is p, or `args` holding p and more (seesaw: the cache's tensor maps).
+template <class Cfg, typename Kernel, typename Args = DecodeParams>
+inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream, const Args& args) {
   const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
   if (err) return err;
   const int rows = p.s_q * Cfg::kNumHeads;
   if (p.row_blocks != (rows + Cfg::kBlockM - 1) / Cfg::kBlockM) return static_cast<int>(cudaErrorInvalidValue);
-  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(32 * Cfg::kWarps), Cfg::kSmemBytes, p,
-                               stream);
+  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(32 * Cfg::kWarps), Cfg::kSmemBytes,
+                               args, stream);
+}
+template <class Cfg, typename Kernel>
+inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream) {
+  return launch_decode_kernel<Cfg>(kernel, p, stream, p);
 }
 
 // Whether the merge kernel can have work. Only a request over more than kInlineMergeSplits parts gives it

@@ -20,38 +20,41 @@
 //   softmax S1, the next pair's S0 under WG1's last P V and its load wait. V = the first C columns of the same kv
 //   tile read MN-major (as wgmma.cuh): the cache is read from HBM once.
 //
-// Loads (cp.async token gathers, any page size, zero fill past the length): each WG copies its own ckv half of
-// every tile and of Q (WG w: columns w*C/2 .. ), the rope panel goes with the half that frees last: K0's rope
-// (and Q's) is copied by WG1, K1's rope by WG0. A WG issues the next pair's copies into a buffer half as soon as
-// its own last reader of that half retired:
-//   WG0: K0 ckv-left  (tile 2i+2) after O_L += P0 V0_L   | K1 ckv-left + rope (tile 2i+3) after O_L += P1 V1_L
-//   WG1: K0 ckv-right + rope (2i+2) after O_R += P0 V0_R | K1 ckv-right       (tile 2i+3) after O_R += P1 V1_R
-// Each WG commits exactly two cp.async groups per pair (K0 part, then K1 part; empty when the tile is missing),
-// so at a pair's start cp.async.wait_group 1 = "my K0 part landed", 0 = "my K1 part landed". Q K^T is issued in
-// two parts: first the k-steps over the issuing WG's own ckv half (its own copies), then, after the cross
-// barrier, the other half and the rope.
+// Loads (TMA, any page size): the cache is two 3-D tensor maps (ckv, kpe: {width, page_size, pages}), a box is
+// 64 columns x b rows of one page, b = the largest power of two dividing the page size, at most 64 (sm90.cuh
+// tma_box_rows); boxes wholly past the length are not loaded. Each kv buffer has an mbarrier per unit: its 2 C /
+// 128 ckv column blocks and its rope panel (one arrival: the issuer's expect_tx of the unit's bytes). The halves
+// a WG issues: K0L = K0 ckv-left, K0R = K0 ckv-right + rope, K1L = K1 ckv-left + rope, K1R = K1 ckv-right (the
+// rope goes with the half that frees last). Warp 0 of a WG issues the next pair's boxes into a half as soon as
+// every warp of the WG passed the wait of its last reader of that half (a WG-local barrier):
+//   WG0: K0L (tile 2i+2) after O_L += P0 V0_L   | K1L (tile 2i+3) after O_L += P1 V1_L
+//   WG1: K0R (tile 2i+2) after O_R += P0 V0_R   | K1R (tile 2i+3) after O_R += P1 V1_R
+// Q K^T waits unit by unit (own ckv half, the other half, the rope), so its first k-steps run while later boxes
+// land; a wgmma.fence after each wait keeps ptxas from serializing the wgmmas. The other WG's V half is waited
+// for too before its P V (WG0: K1 left blocks, WG1: K0 right blocks), so that every reader of a unit saw the
+// TMA's writes complete; a unit is re-armed only after all its readers waited.
+// V rows past the length in a request's last tile (whatever the page holds there, or an older tile where no box
+// was loaded) are zeroed by the WG that multiplies them, before its P V: P is 0 there, but 0 x inf is NaN.
+// Q comes in with cp.async at a segment's start (each WG its ckv half, WG1 the rope), waited for by all.
 //
-// Barriers (named barrier.sync, ids 1-6; each id always with the same thread count; every id is used once per pair
-// by the same threads, unconditionally). The cross ids hand data from one WG (the producer of the line) to the
-// other; both sync, so a producer also waits for its consumer to arrive (see bar_sync for why not bar.arrive):
-//   1 K0R    256: WG1's K0 part + Q right half + Q rope landed (fence.proxy.async); WG0 needs them for the second
-//                 part of S0.
-//   2 K1L    256: WG0's K1 part + Q left half landed (fenced); WG1 needs them for the second part of S1.
+// Barriers (named barrier.sync, ids 3-6; each id always with the same thread count, every use unconditional for
+// its threads). The cross ids hand P from one WG (the producer of the line) to the other; both sync, so a
+// producer also waits for its consumer to arrive (see bar_sync for why not bar.arrive):
 //   3 P0     256: WG0 stored P0 + m0 (fenced); WG1 reads m0 and issues P0 V0_R after it.
 //   4 P1     256: WG1 stored P1 + m1 (fenced); WG0 reads m1 and issues P1 V1_L after it.
-//   5 LOCAL0 128: WG0 only, after its own K0 part landed (all WG0 copies visible to its wgmma).
-//   6 LOCAL1 128: WG1 only, after both its parts landed.
-// Order per pair: WG0 5, 1, 2, 3, 4; WG1 1, 6, 2, 3, 4: the cross ids in one order on both sides, no cycle.
-// WAR hazards: a buffer half is rewritten only by the WG whose wgmma read it last, after wgmma.wait_group; the
-// other WG's earlier reads of it (WG0's S0 over all of K0, WG1's S1 over all of K1) retired before that WG
-// reached 3 / 4, which the writer synced on too. P0 / P1 and red_max[0/1] are rewritten at pair i+1 only after
-// barrier 1 / 2 of pair i+1, which the reader reaches after its last use at pair i.
+//   5 LOCAL0 128, 6 LOCAL1 128: inside WG0 / WG1, before a TMA issue (every warp's wgmma reading the half retired)
+//                 and after zeroing V rows (visible to the WG's wgmma).
+// WAR hazards: a buffer half is rewritten only after every WG that reads it waited for its wgmmas: the issuing
+// WG's own (LOCAL) and the other WG's, which retired before that WG reached P0 / P1, which the issuer synced on
+// too. P0 / P1 and red_max[0/1] are rewritten at pair i+1 only after the loads of pair i+1 landed, issued after
+// their readers of pair i were done.
 //
 // Shared memory (dynamic, 1024-byte aligned, wgmma.cuh panels: 64-column blocks of 128-byte swizzled rows):
-//   Q ckv [64][C] | Q rope [64][R] | K0 (ckv [64][C] | rope [64][R]) | K1 (same) | P0 [64][64] | P1 [64][64] |
-//   red_max [2][64] fp32 | red_sum [2][64] fp32.
-// When R is a multiple of 64, P0 and P1 live in the first rope block of K0 / K1 instead (dead after that tile's
-// Q K^T; freed together with the half that holds the rope), so 512/64 needs 72 + 2 x 72 + 1 KB = 217 KB.
+//   Q ckv [64][C] | Q rope [64][R] | K0 (ckv [64][C] | rope [64][RK]) | K1 (same) | red_max [2][64] fp32 |
+//   red_sum [2][64] fp32 | mbarriers [2][2 C / 128 + 1].
+// RK = R, or 64 when R < 64 (the columns past R are TMA's zero fill). P0 and P1 live in the first rope block of
+// K0 / K1 (dead after that tile's Q K^T; freed together with the half that holds the rope), so 512/64 needs
+// 72 + 2 x 72 + 1 KB + 144 B = 217 KB.
 // Epilogue: as wgmma.cuh (row sums over the quad and both WGs through red_sum; normalise; out + lse or partial).
 #pragma once
 #include "wgmma.cuh"
@@ -59,17 +62,7 @@
 namespace mla_gen {
 namespace seesaw {
 
-using wgmma::desc_add;
-using wgmma::fast_exp2;
-using wgmma::fence_proxy_async;
-using wgmma::fence_regs;
-using wgmma::make_desc;
-using wgmma::Panel;
-using wgmma::wgmma_commit;
-using wgmma::wgmma_fence;
-using wgmma::wgmma_rs;
-using wgmma::wgmma_ss;
-using wgmma::wgmma_wait;
+using namespace sm90;  // wgmma, descriptors, panels, mbarriers, TMA
 
 // Named barriers (id, thread count), ordering the shared memory accesses of the participating threads like
 // __syncthreads does. The hand-offs between the warpgroups sync on both sides: a bar.arrive on the producing
@@ -82,7 +75,7 @@ using wgmma::wgmma_wait;
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
-enum : int { kBarK0R = 1, kBarK1L = 2, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
+enum : int { kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
 
 template <class Cfg>
 struct Layout {
@@ -95,11 +88,14 @@ struct Layout {
   using QN = Panel<C, M>;
   using QP = Panel<R, M>;
   using KN = Panel<C, N>;
-  using KP = Panel<R, N>;
+  // The kv rope panel is stored 64 columns wide when R < 64 (TMA fills the columns past R with zeros): its
+  // boxes then start on 128-byte rows at any page size (TMA asks 128-byte aligned shared destinations).
+  static constexpr int RK = R % 64 == 0 ? R : 64;
+  using KP = Panel<RK, N>;
   using PP = Panel<N, M>;
   static constexpr int HB = QN::kBlocks / 2;  // 64-column blocks per ckv half
 
-  static constexpr bool kPInRope = R % 64 == 0 && M == 64 && N == 64;
+  static constexpr bool kPInRope = M == 64 && N == 64;
   static constexpr int kOffQn = 0;
   static constexpr int kOffQp = QN::kBytes;
   static constexpr int kOffKV = kOffQp + QP::kBytes;  // K0; K1 follows it
@@ -109,13 +105,15 @@ struct Layout {
   static constexpr int kRedBytes = 2 * M * 4;
   static constexpr int kOffRedMax = kOffP + kPBytes;
   static constexpr int kOffRedSum = kOffRedMax + kRedBytes;
-  static constexpr int kSmemBytes = kOffRedSum + kRedBytes;
+  static constexpr int kUnits = 2 * HB + 1;  // TMA units of a kv buffer: its 64-column ckv blocks, the rope panel
+  static constexpr int kOffBars = kOffRedSum + kRedBytes;  // an mbarrier per (buffer, unit)
+  static constexpr int kSmemBytes = kOffBars + 2 * kUnits * 8;
   static constexpr int kOffP0 = kPInRope ? kOffKV + KN::kBytes : kOffP;
   static constexpr int kOffP1 = kPInRope ? kOffKV + kStageBytes + KN::kBytes : kOffP + PP::kBytes;
   static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
   static_assert(kSmemBytes <= 227 * 1024, "seesaw: shared memory over the 227 KB a block may use on sm_90a");
 
-  // copy teams of 8 threads per warpgroup: 16 teams, 4 rows (tokens or query rows) each
+  // Q copy teams of 8 threads per warpgroup: 16 teams, 4 rows each
   static constexpr int TEAMS = 16;
   static constexpr int ITERS = 4;
 
@@ -145,9 +143,16 @@ __device__ __forceinline__ void copy_half_row(uint32_t dst, int row, const T* sr
   for (int i = 0; i < HB; ++i) cp_async_16(d + i * P::kBlockBytes, src + 64 * i, bytes);
 }
 
+// The kernel's argument: the params and the cache's tensor maps (built by launch_decode).
+struct TmaParams {
+  DecodeParams p;
+  CUtensorMap ckv, kpe;
+};
+
 template <class Cfg>
-__global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __grid_constant__ TmaParams tp) {
   using L = Layout<Cfg>;
+  const DecodeParams& p = tp.p;
   using KV = typename Cfg::KVType;
   using Q = typename Cfg::QType;
   using OutT = typename Cfg::OutType;
@@ -201,26 +206,102 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const uint32_t red_own = s_base + L::kOffRedSum + 4 * (wg * M + wrow + g);
   const uint32_t red_other = s_base + L::kOffRedSum + 4 * ((wg ^ 1) * M + wrow + g);
 
+  // ---- mbarriers, one per (buffer, unit): units 0 .. 2 HB - 1 = the 64-column ckv blocks, 2 HB = the rope panel.
+  //      Bit i of `phase`: the parity this thread waits for next on barrier i.
+  constexpr int U = L::kUnits;
+  const uint32_t s_bars = s_base + L::kOffBars;
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < 2 * U; ++i) mbarrier_init(s_bars + 8 * i, 1);
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+  uint32_t phase = 0;
+  auto wait_unit = [&](int buf, int unit) {
+    const int i = buf * U + unit;
+    mbarrier_wait(s_bars + 8 * i, (phase >> i) & 1u);
+    phase ^= 1u << i;
+  };
+  const bool issuer = (warp & 3) == 0;       // warp 0 of each WG issues its halves' TMA boxes
+  const int box_rows = tma_box_rows(p.page_size);
+  const int bar_local = wg ? kBarLocal1 : kBarLocal0;
+
   for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
 
-    // ---- this WG's part of kv tile `it` (segment-relative) into buffer `stage`: ckv half wg, plus the rope
-    //      panel when `rope`. Token n = team + 16 k. lookup() reads the block table (issued early, before a
-    //      wait, so its latency hides there), copy() issues the cp.async copies.
-    PagedRows<KV, N, L::TEAMS> pages;
-    auto lookup = [&](int it) { pages.lookup(bt_row, p.page_size, len, seg.blk_lo + it, team); };
-    auto copy = [&](uint32_t stage, bool rope) {
-      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
-        copy_half_row<KN>(stage, n, src_ckv, tl, bytes, wg);
-        if (rope) KP::copy_row(stage + KN::kBytes, n, src_pe, tl, bytes);
-      });
+    // ---- TMA of kv tile `it` (segment-relative) into buffer `buf`: ckv half `half` and, when `rope`, the rope
+    //      panel; by the 32 lanes of an issuing warp, lane l taking the boxes of row groups l and l + 32 (b rows
+    //      each). find() reads the block table (early, so that its latency hides before a wait); issue() gives
+    //      each unit's mbarrier the bytes of the groups before the length, then issues their boxes.
+    constexpr int kGroupIters = 2;  // ceil(64 groups of one row / 32 lanes)
+    int g_page[kGroupIters];
+    auto groups_of = [&](int it) {
+      const int valid = len - (seg.blk_lo + it) * N;
+      return (min(valid, N) + box_rows - 1) / box_rows;
+    };
+    auto find = [&](int it) {
+      const int t0 = (seg.blk_lo + it) * N, groups = groups_of(it);
+#pragma unroll
+      for (int k = 0; k < kGroupIters; ++k) {
+        const int grp = lane + 32 * k;
+        g_page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
+      }
+    };
+    auto issue = [&](int it, int buf, int half, bool rope) {
+      const int t0 = (seg.blk_lo + it) * N, groups = groups_of(it);
+      const uint32_t stage = buf ? s_k1 : s_k0, bars = s_bars + 8 * buf * U;
+      if (lane == 0) {
+#pragma unroll
+        for (int blk = 0; blk < HB; ++blk)
+          mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * KN::kRowBytes);
+        if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * KP::kBlocks * KP::kRowBytes);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int k = 0; k < kGroupIters; ++k) {
+        const int grp = lane + 32 * k;
+        if (grp < groups) {
+          const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
+#pragma unroll
+          for (int blk = half * HB; blk < half * HB + HB; ++blk)
+            tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok,
+                        g_page[k]);
+          if (rope) {
+#pragma unroll
+            for (int blk = 0; blk < KP::kBlocks; ++blk)
+              tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
+                          bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, g_page[k]);
+          }
+        }
+      }
+    };
+    // Zeroes this WG's V columns (ckv half wg) of the rows past the length in `stage` when tile `it` is the
+    // request's last and not full, then makes it visible to the WG's wgmma (before its P V).
+    auto zero_tail = [&](uint32_t stage, int it) {
+      const int valid = len - (seg.blk_lo + it) * N;
+      if (valid >= N) return;
+      const int chunks = HB * (N - valid) * 8;  // whole 128-byte rows: the swizzle does not matter
+      for (int i = tid & 127; i < chunks; i += 128) {
+        const int row = valid + (i >> 3) % (N - valid), blk = (i >> 3) / (N - valid);
+        sts_v4(stage + (wg * HB + blk) * KN::kBlockBytes + row * KN::kRowBytes + (i & 7) * 16, 0u, 0u, 0u, 0u);
+      }
+      fence_proxy_async();
+      bar_sync(bar_local, 128);
     };
 
-    // ---- prologue: group 1 = Q (own ckv half; WG1 also the rope) + own part of tile 0 into K0;
-    //      group 2 = own part of tile 1 into K1
+    // ---- prologue: the boxes of tiles 0 (K0) and 1 (K1); Q by cp.async (own ckv half; WG1 also the rope),
+    //      waited for by all threads
+    if (issuer) {
+      find(0);
+      issue(0, 0, wg, wg == 1);
+      if (1 < n_tiles) {
+        find(1);
+        issue(1, 1, wg, wg == 0);
+      }
+    }
 #pragma unroll
     for (int k = 0; k < L::ITERS; ++k) {
       const int m = team + k * L::TEAMS;
@@ -236,14 +317,10 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
       }
     }
-    lookup(0);
-    copy(s_k0, wg == 1);
     cp_async_commit();
-    if (1 < n_tiles) {
-      lookup(1);
-      copy(s_k1, wg == 0);
-    }
-    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
 
     // ---- row state: rows wrow + g + 8 hh of the tile (the same rows in both warpgroups)
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -333,15 +410,27 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         }
       }
     };
-    auto qk_part = [&](float (&sc)[SV], uint64_t dq, uint64_t dk) {
+    // S = Q K^T over buffer `buf` into sc: the own ckv half's blocks, the other half's, then the rope, each once
+    // its mbarrier completed (when `wait`); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas
+    // (a wait is a divergent spin loop).
+    auto qk = [&](float (&sc)[SV], int buf, bool wait) {
+      fence_regs(sc);
 #pragma unroll
-      for (int ks = 0; ks < KH; ++ks)
-        wgmma_ss<N, KV, 0>(sc, desc_add(dq, QN::step(ks)), desc_add(dk, KN::step(ks)), 1);
-    };
-    auto qk_rope = [&](float (&sc)[SV]) {
+      for (int hb = 0; hb < 2 * HB; ++hb) {
+        const int blk = hb < HB ? wg * HB + hb : (wg ^ 1) * HB + hb - HB;
+        if (wait) wait_unit(buf, blk);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 4 * hb; ks < 4 * hb + 4; ++ks)
+          wgmma_ss<N, KV, 0>(sc, desc_add(ks < KH ? d_qa : d_qb, QN::step(ks % KH)),
+                             desc_add(ks < KH ? d_ka : d_kb, KN::step(ks % KH)), 1);
+      }
+      if (wait) wait_unit(buf, 2 * HB);
+      wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < QP::kSteps; ++ks)
         wgmma_ss<N, KV, 0>(sc, desc_add(d_qp, QP::step(ks)), desc_add(d_kp, KP::step(ks)), 1);
+      wgmma_commit();
     };
 
     for (int it = 0; it < n_tiles; it += 2) {  // the pair: tile it in K0, tile it + 1 in K1
@@ -352,20 +441,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       float m_mid[2], m_end[2], sc0[2], sc1[2], lsum[2];
 
       if (wg == 0) {
-        // ---- S0 = Q K0^T: own (left) ckv half, then, once WG1's copies landed, the right half and the rope
-        cp_async_wait<1>();
-        fence_proxy_async();
-        bar_sync(kBarLocal0, 128);
-        fence_regs(sacc);
-        wgmma_fence();
-        qk_part(sacc, d_qa, d_ka);
-        bar_sync(kBarK0R, 256);
-        qk_part(sacc, d_qb, d_kb);
-        qk_rope(sacc);
-        wgmma_commit();
-        cp_async_wait<0>();  // own K1 part (ckv left + rope) -> WG1
-        fence_proxy_async();
-        bar_sync(kBarK1L, 256);
+        // ---- S0 = Q K0^T, once both halves landed (a wait between wgmmas into one accumulator makes ptxas
+        //      serialize them)
+        qk(sacc, 0, true);
         wgmma_wait<0>();
         fence_regs(sacc);
 
@@ -374,6 +452,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         rescale(sc0);
         l_run[0] += lsum[0];
         l_run[1] += lsum[1];
+        zero_tail(s_k0, it);
         fence_proxy_async();
         bar_sync(kBarP0, 256);
 
@@ -386,7 +465,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_commit();
 
         // ---- P1, m1 from WG1; scale1 = 2^(m0 - m1)
-        if (it + 2 < n_tiles) lookup(it + 2);
+        if (issuer && it + 2 < n_tiles) find(it + 2);
         bar_sync(kBarP1, 256);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -396,12 +475,17 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        if (it + 2 < n_tiles) copy(s_k0, false);  // K0 ckv-left is free: tile it + 2
-        cp_async_commit();
+        if (it + 2 < n_tiles) {  // K0L is free: tile it + 2
+          bar_sync(kBarLocal0, 128);
+          if (issuer) issue(it + 2, 0, 0, false);
+        }
         rescale(sc1);
 
         // ---- O_L += P1 V1_L (SS)
         if (has_k1) {
+#pragma unroll
+          for (int blk = 0; blk < HB; ++blk) wait_unit(1, blk);  // V1_L (WG1 waited in S1; for the async proxy's writes)
+          zero_tail(s_k1, it + 1);
           fence_regs(o);
           wgmma_fence();
 #pragma unroll
@@ -409,33 +493,24 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
             wgmma_ss<CW, KV, 1>(o, desc_add(d_p1, PP::step(kk)), desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
           wgmma_commit();
         }
-        if (it + 3 < n_tiles) lookup(it + 3);
+        if (issuer && it + 3 < n_tiles) find(it + 3);
         wgmma_wait<0>();
         fence_regs(o);
-        if (it + 3 < n_tiles) copy(s_k1, true);  // K1 ckv-left + rope (and P1) are free: tile it + 3
-        cp_async_commit();
+        if (it + 3 < n_tiles) {  // K1L (ckv-left + rope, and P1) is free: tile it + 3
+          bar_sync(kBarLocal0, 128);
+          if (issuer) issue(it + 3, 1, 0, true);
+        }
       } else {
-        // ---- signal WG0 that the right half + rope of K0 landed; S1 = Q K1^T: own (right) half, then the left
-        //      half and the rope once WG0's copies landed
-        cp_async_wait<1>();
-        fence_proxy_async();
-        bar_sync(kBarK0R, 256);
-        cp_async_wait<0>();
-        fence_proxy_async();
-        bar_sync(kBarLocal1, 128);
-        fence_regs(sacc);
-        wgmma_fence();
-        // (unconditional even without a K1 tile: its scores are then overwritten by -inf in softmax; a wgmma
-        //  issue under a branch makes ptxas serialize the following wgmmas)
-        qk_part(sacc, d_qa, d_ka);
-        bar_sync(kBarK1L, 256);
-        qk_part(sacc, d_qb, d_kb);
-        qk_rope(sacc);
-        wgmma_commit();
+        // ---- S1 = Q K1^T, once both halves landed. Issued even without a K1 tile (its scores are then
+        //      overwritten by -inf in softmax; a wgmma issue under a branch makes ptxas serialize the
+        //      following wgmmas); only the waits depend on it.
+        qk(sacc, 1, has_k1);
 
         // ---- P0, m0 from WG0: scale0 = 2^(m - m0); O_R += P0 V0_R (SS) runs under this WG's softmax. S1 is
         //      waited for first (O_R is rescaled here, and ptxas would insert that wait anyway).
         bar_sync(kBarP0, 256);
+#pragma unroll
+        for (int blk = HB; blk < 2 * HB; ++blk) wait_unit(0, blk);  // V0_R (WG0 waited in S0)
         wgmma_wait<0>();
         fence_regs(sacc);
 #pragma unroll
@@ -444,13 +519,14 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
           sc0[hh] = m_mid[hh] != m_run[hh] ? fast_exp2(m_run[hh] - m_mid[hh]) : 1.f;
         }
         rescale(sc0);  // no wgmma of O_R in flight
+        zero_tail(s_k0, it);
         fence_regs(o);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < N / 16; ++kk)
           wgmma_ss<CW, KV, 1>(o, desc_add(d_p0, PP::step(kk)), desc_add(d_v0, 16 * kk * KN::kRowBytes), 1);
         wgmma_commit();
-        if (it + 2 < n_tiles) lookup(it + 2);
+        if (issuer && it + 2 < n_tiles) find(it + 2);
 
         // ---- softmax S1 against m0 -> m1; publish P1, m1
         softmax(sacc, it + 1, has_k1, m_mid, m_end, sc1, lsum, red_m1);
@@ -459,14 +535,17 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        if (it + 2 < n_tiles) copy(s_k0, true);  // K0 ckv-right + rope (and P0) are free: tile it + 2
-        cp_async_commit();
+        if (it + 2 < n_tiles) {  // K0R (ckv-right + rope, and P0) is free: tile it + 2
+          bar_sync(kBarLocal1, 128);
+          if (issuer) issue(it + 2, 0, 1, true);
+        }
         rescale(sc1);
         l_run[0] += lsum[0];
         l_run[1] += lsum[1];
 
         // ---- O_R += P1 V1_R (RS)
         if (has_k1) {
+          zero_tail(s_k1, it + 1);
           fence_regs(o);
           fence_regs(pa);
           wgmma_fence();
@@ -475,17 +554,18 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
             wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
           wgmma_commit();
         }
-        if (it + 3 < n_tiles) lookup(it + 3);
+        if (issuer && it + 3 < n_tiles) find(it + 3);
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        if (it + 3 < n_tiles) copy(s_k1, false);  // K1 ckv-right is free: tile it + 3
-        cp_async_commit();
+        if (it + 3 < n_tiles) {  // K1R is free: tile it + 3
+          bar_sync(kBarLocal1, 128);
+          if (issuer) issue(it + 3, 1, 1, false);
+        }
       }
       m_run[0] = m_end[0];
       m_run[1] = m_end[1];
     }
-    cp_async_wait<0>();
 
     // ---- epilogue: row sums over the quad and both warpgroups; normalise; write out/lse or the partial
 #pragma unroll
@@ -531,6 +611,20 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     }
     __syncthreads();  // the next segment rewrites Q, the kv buffers and the exchange arrays
   });
+}
+
+// Encodes the cache's tensor maps (sm90.cuh encode_paged_map) and launches the kernel.
+template <class Cfg>
+inline int launch_decode(const DecodeParams& p, uint64_t stream) {
+  using L = Layout<Cfg>;
+  TmaParams tp;
+  tp.p = p;
+  int err = encode_paged_map(&tp.ckv, p.ckv, L::C, p.page_size, p.num_pages, p.ckv_stride_tok, p.ckv_stride_page, 64,
+                             L::KN::kRowBytes);
+  if (!err)
+    err = encode_paged_map(&tp.kpe, p.kpe, L::R, p.page_size, p.num_pages, p.kpe_stride_tok, p.kpe_stride_page,
+                           L::KP::kBlockCols, L::KP::kRowBytes);
+  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
 }
 
 }  // namespace seesaw

@@ -2,8 +2,10 @@
 // matrix descriptors, the generated wgmma wrappers, and Panel, a [rows][width] tile of 16-bit elements
 // stored in wgmma's 128/64/32-byte swizzle atoms (see Panel).
 #pragma once
+#include <cuda.h>  // CUtensorMap and its enums (the encoder itself is reached through the runtime)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cudaTypedefs.h>
 
 #include <cstdint>
 #include <cstring>
@@ -75,6 +77,34 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// mbarriers (shared::cta) for TMA loads: one arrival (the issuing thread's expect_tx) plus the bytes the
+// copies complete per phase; waiters spin on the parity of the phase they expect.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// the inits -> visible to the async proxy (the TMA unit completes transactions on them)
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// One TMA box of a 3-D tensor map (coordinates innermost first) into shared memory at dst; completes
+// its bytes on the mbarrier bar.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
 // ---- end PTX primitives --------------------------------------------------------------------------
 
 // A [ROWS][W] panel of 16-bit elements in wgmma swizzle atoms. A panel of width W is stored as W / 64
@@ -146,6 +176,52 @@ struct Panel {
     }
   }
 };
+
+// ---- host: tensor maps of a paged cache ------------------------------------------------------------
+
+// TMA box rows for a page size: the largest power of two that divides it, at most 64, so that a box
+// never crosses a page and 64-token tiles are whole boxes.
+__host__ __device__ inline int tma_box_rows(int page_size) {
+  const int low = page_size & -page_size;
+  return low < 64 ? low : 64;
+}
+
+// cuTensorMapEncodeTiled from the driver, found once through the runtime (no libcuda link); null if absent.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The map of one paged cache array [num_pages, page_size, width] of 16-bit values (element strides,
+// last dim contiguous) as dims {width, page_size, num_pages}: a box is box_cols x tma_box_rows(page_size)
+// x 1 page, landing in shared memory as `row_bytes`-byte swizzled rows (128, 64 or 32: the Panel atoms).
+inline int encode_paged_map(CUtensorMap* map, uint64_t base, int width, int page_size, int num_pages,
+                            int64_t stride_tok, int64_t stride_page, int box_cols, int row_bytes) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (!encode) return static_cast<int>(cudaErrorNotSupported);
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(width), static_cast<cuuint64_t>(page_size),
+                              static_cast<cuuint64_t>(num_pages)};
+  // strides of dims 1 and 2 in bytes; a page of one token has no token stride of its own: give TMA the row
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(2 * (page_size > 1 ? stride_tok : width)),
+                                 static_cast<cuuint64_t>(2 * stride_page)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(tma_box_rows(page_size)), 1u};
+  const cuuint32_t elem_strides[3] = {1u, 1u, 1u};
+  const CUtensorMapSwizzle swizzle = row_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : row_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                       : CU_TENSOR_MAP_SWIZZLE_32B;
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, reinterpret_cast<void*>(base), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : static_cast<int>(cudaErrorInvalidValue);
+}
 
 
 }  // namespace sm90

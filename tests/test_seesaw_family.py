@@ -1,6 +1,8 @@
 """The seesaw family (templates/seesaw.cuh): sm_90a only, offered after wgmma (dispatch keeps wgmma by default),
 tile rules, the shared-memory formula, and (slow, real nvcc) builds with no spills and no warnings whose SASS
-carries HGMMA 64x64 (S per warpgroup) and 64xCW (P V, V read transposed, P from registers and from shared memory)."""
+carries HGMMA 64x64 (S per warpgroup) and 64xCW (P V, V read transposed, P from registers and from shared memory)
+and TMA loads; on a GPU, the page sizes the main matrix lacks (TMA boxes of 1, 16 and 64 rows, tiles inside one
+page)."""
 from __future__ import annotations
 
 import shutil
@@ -46,13 +48,13 @@ def test_seesaw_offered_after_wgmma_and_not_the_default() -> None:
 def test_default_tile_and_shared_memory() -> None:
     big = seesaw()
     assert big.tile == Tile(64, 64, 2, 8)
-    # q 64x576 + K0, K1 64x576 (P0, P1 in their rope panels) + red_max/red_sum [2][64] fp32
-    assert big.smem_bytes == 64 * 576 * 2 + 2 * 64 * 576 * 2 + 2 * 2 * 64 * 4 == 222208
+    # q 64x576 + K0, K1 64x576 (P0, P1 in their rope panels) + red_max/red_sum [2][64] fp32 + 2 x 9 mbarriers
+    assert big.smem_bytes == 64 * 576 * 2 + 2 * 64 * 576 * 2 + 2 * 2 * 64 * 4 + 2 * 9 * 8 == 222352
     assert big.smem_bytes <= Arch.SM90A.max_smem_per_block
-    # rope 32: P0, P1 [64][64] 16-bit of their own
+    # rope 32: the kv rope panels are stored 64 wide (128-byte TMA rows; P0, P1 live there too)
     small = seesaw(heads=40, ckv=256, rope=32)
-    assert small.smem_bytes == 64 * 288 * 2 + 2 * 64 * 288 * 2 + 2 * 64 * 64 * 2 + 2 * 2 * 64 * 4
-    assert seesaw(ckv=128, rope=16).smem_bytes == 64 * 144 * 2 * 3 + 2 * 64 * 64 * 2 + 1024
+    assert small.smem_bytes == 64 * 288 * 2 + 2 * 64 * (256 + 64) * 2 + 2 * 2 * 64 * 4 + 2 * 5 * 8
+    assert seesaw(ckv=128, rope=16).smem_bytes == 64 * 144 * 2 + 2 * 64 * (128 + 64) * 2 + 1024 + 2 * 3 * 8
 
 
 def test_sources_carry_wgmma_header() -> None:
@@ -134,7 +136,36 @@ def test_seesaw_sass_uses_hgmma(seesaw_entry):
     assert len(pv) == 4 * 4 and all(".tnspB" in ln for ln in pv)  # 4 P V products of 64 tokens, V MN-major
     rs = [ln for ln in pv if "gdesc" in ln and ln.split("HGMMA")[1].split(",")[1].strip().startswith("R")]
     assert len(rs) == 8                                         # own P from registers (RS) in both warpgroups
-    assert "LDGSTS.E.BYPASS.128" in sass                        # 16-byte cp.async gathers
+    assert "LDGSTS.E.BYPASS.128" in sass                        # 16-byte cp.async copies of Q
+    assert "UTMALDG.3D" in sass and "SYNCS.PHASECHK" in sass    # kv boxes by TMA, mbarrier waits
     # named-barrier handshakes, synced on both sides (racecheck does not model bar.arrive)
     assert "BAR.SYNC.DEFER_BLOCKING 0x4, 0x100" in sass and "BAR.ARV" not in sass
     assert " LDL" not in sass and " STL" not in sass
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [3, 48, 128], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("dims", [(512, 64), (256, 32)], ids=lambda d: f"c{d[0]}r{d[1]}")
+@pytest.mark.parametrize("num_parts", [1, 64], ids=["unsplit", "split"])
+def test_seesaw_page_sizes_the_matrix_lacks(page, dims, num_parts):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import mla_gen
+    from mla_gen.reference import mla_decode_reference
+    from mla_gen.testing import accuracy_problems, make_inputs
+
+    heads, dt = 128, torch.bfloat16
+    lengths = [1, page - 1, page + 1, 63, 65, 129, 1000, 4097]
+    inp = make_inputs([n for n in lengths if n >= 1], heads=heads, ckv=dims[0], rope=dims[1], page_size=page,
+                      dtype=dt, device="cuda", combined=page % 2 == 1,
+                      generator=torch.Generator(device="cuda").manual_seed(page * 7 + num_parts))
+    out = torch.full(inp.q_nope.shape, float("nan"), dtype=dt, device="cuda")
+    lse = torch.full(inp.q_nope.shape[:3], float("nan"), dtype=torch.float32, device="cuda")
+    w = mla_gen.MLADecodeWrapper(family="seesaw", num_parts=num_parts)
+    w.plan(inp.cache_seqlens, 1, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=page,
+           max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
+    w.run(*inp.args()[:6], out=out, lse=lse)
+    ref, ref_lse = mla_decode_reference(*inp.args())
+    problems = accuracy_problems(out, lse, ref, ref_lse, DType.BF16)
+    assert not problems, "; ".join(problems)
