@@ -64,6 +64,19 @@ def test_kernel_exports_c_entry_points_naming_the_variant_and_params_h() -> None
     assert "pybind11" not in kernel and "Python.h" not in kernel
 
 
+def test_only_tma_families_launch_through_their_own_launch_decode() -> None:
+    # seesaw encodes the cache's tensor maps in its launch; every other family launches decode_kernel(params)
+    for family in ("simt", "wgmma", "seesaw"):
+        kernel = render_sources(VariantSpec.from_id(V3_TP1.replace("simt_m16n32s1w8", {
+            "simt": "simt_m16n32s1w8", "wgmma": "wgmma_m64n64s2w8", "seesaw": "seesaw_m64n64s2w8"}[family])))["kernel.cu"]
+        decode = kernel[kernel.index("int mla_gen_decode("):kernel.index("int mla_gen_merge(")]
+        if family == "seesaw":
+            assert "mla_gen::seesaw::launch_decode<VariantConfig>(*p, stream)" in decode
+            assert "launch_decode_kernel" not in decode
+        else:
+            assert f"launch_decode_kernel<VariantConfig>(mla_gen::{family}::decode_kernel<VariantConfig>" in decode
+
+
 def test_launcher_is_the_same_for_every_variant_and_torch_free() -> None:
     launcher = render_launcher_sources()
     assert set(launcher) == {"launcher.cpp", "params.h"}
