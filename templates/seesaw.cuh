@@ -95,21 +95,18 @@ struct Layout {
   using PP = Panel<N, M>;
   static constexpr int HB = QN::kBlocks / 2;  // 64-column blocks per ckv half
 
-  static constexpr bool kPInRope = M == 64 && N == 64;
   static constexpr int kOffQn = 0;
   static constexpr int kOffQp = QN::kBytes;
   static constexpr int kOffKV = kOffQp + QP::kBytes;  // K0; K1 follows it
   static constexpr int kStageBytes = KN::kBytes + KP::kBytes;
-  static constexpr int kOffP = kOffKV + 2 * kStageBytes;
-  static constexpr int kPBytes = kPInRope ? 0 : 2 * PP::kBytes;
+  static constexpr int kOffP0 = kOffKV + KN::kBytes;  // P0 / P1: the first rope block of K0 / K1
+  static constexpr int kOffP1 = kOffP0 + kStageBytes;
   static constexpr int kRedBytes = 2 * M * 4;
-  static constexpr int kOffRedMax = kOffP + kPBytes;
+  static constexpr int kOffRedMax = kOffKV + 2 * kStageBytes;
   static constexpr int kOffRedSum = kOffRedMax + kRedBytes;
   static constexpr int kUnits = 2 * HB + 1;  // TMA units of a kv buffer: its 64-column ckv blocks, the rope panel
   static constexpr int kOffBars = kOffRedSum + kRedBytes;  // an mbarrier per (buffer, unit)
   static constexpr int kSmemBytes = kOffBars + 2 * kUnits * 8;
-  static constexpr int kOffP0 = kPInRope ? kOffKV + KN::kBytes : kOffP;
-  static constexpr int kOffP1 = kPInRope ? kOffKV + kStageBytes + KN::kBytes : kOffP + PP::kBytes;
   static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
   static_assert(kSmemBytes <= 227 * 1024, "seesaw: shared memory over the 227 KB a block may use on sm_90a");
 
@@ -124,10 +121,10 @@ struct Layout {
   static_assert(CW == 64 || CW == 128 || CW == 256, "ckv: 128, 256 or 512 (C/2 is one wgmma n)");
   static_assert(KN::kRowBytes == 128 && QN::kRowBytes == 128 && QN::kBlockBytes == KN::kBlockBytes,
                 "ckv panels of 64-column blocks, Q and kv blocks the same size (M == N)");
-  static_assert(!kPInRope || (KP::kRowBytes == 128 && KP::kBlockBytes == PP::kBytes),
+  static_assert(KP::kRowBytes == 128 && KP::kBlockBytes == PP::kBytes,
                 "P in the rope panel: its first block must be a [64][64] 128-byte swizzled block like P");
   static_assert(kOffQp % 1024 == 0 && kOffKV % 1024 == 0 && kStageBytes % 1024 == 0 && KN::kBytes % 1024 == 0 &&
-                    kOffP % 1024 == 0 && kOffP0 % 1024 == 0 && kOffP1 % 1024 == 0,
+                    kOffP0 % 1024 == 0 && kOffP1 % 1024 == 0,
                 "panels start on 1024-byte boundaries (swizzle atoms)");
 };
 
@@ -441,8 +438,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       float m_mid[2], m_end[2], sc0[2], sc1[2], lsum[2];
 
       if (wg == 0) {
-        // ---- S0 = Q K0^T, once both halves landed (a wait between wgmmas into one accumulator makes ptxas
-        //      serialize them)
+        // ---- S0 = Q K0^T
         qk(sacc, 0, true);
         wgmma_wait<0>();
         fence_regs(sacc);
@@ -501,9 +497,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
           if (issuer) issue(it + 3, 1, 0, true);
         }
       } else {
-        // ---- S1 = Q K1^T, once both halves landed. Issued even without a K1 tile (its scores are then
-        //      overwritten by -inf in softmax; a wgmma issue under a branch makes ptxas serialize the
-        //      following wgmmas); only the waits depend on it.
+        // ---- S1 = Q K1^T. Issued even without a K1 tile (its scores are then overwritten by -inf in softmax; a
+        //      wgmma issue under a branch makes ptxas serialize the following wgmmas); only the waits depend on it.
         qk(sacc, 1, has_k1);
 
         // ---- P0, m0 from WG0: scale0 = 2^(m - m0); O_R += P0 V0_R (SS) runs under this WG's softmax. S1 is
