@@ -1,8 +1,18 @@
-"""What the family tests check on a real nvcc build (a cache entry): its decode kernel has no spills, no
-stack and its build log no warning; its SASS as text."""
+"""What the family tests check on a real nvcc build (a cache entry): the entry of a spec built into a fresh cache,
+its decode kernel with no spills, no stack and its build log with no warning; its SASS as text."""
 from __future__ import annotations
 
 import subprocess
+
+
+def built_entry(spec, tmp_path_factory, name: str):
+    """The cache entry of `spec` built (real nvcc) into a fresh cache directory `name`."""
+    from generator.build import build
+    from generator.cache import BinaryCache
+
+    result = build(spec, BinaryCache(tmp_path_factory.mktemp(name)))
+    assert result.built
+    return result.entry
 
 
 def assert_clean_decode_kernel(entry) -> None:

@@ -6,9 +6,7 @@ import shutil
 
 import pytest
 
-from build_checks import assert_clean_decode_kernel, sass as sass_of
-from generator.build import build
-from generator.cache import BinaryCache
+from build_checks import assert_clean_decode_kernel, built_entry, sass as sass_of
 from generator.select import default_tile
 from generator.spec import Arch, DType, Family, VariantSpec
 
@@ -18,9 +16,7 @@ def mma_entry(request, tmp_path_factory):
     arch = request.param
     spec = VariantSpec(128, 512, 64, DType.BF16, DType.BF16, DType.BF16, Family.MMA,
                        default_tile(Family.MMA, 128, 512, 64, arch), arch)
-    result = build(spec, BinaryCache(tmp_path_factory.mktemp("mma_cache")))
-    assert result.built
-    return result.entry
+    return built_entry(spec, tmp_path_factory, "mma_cache")
 
 
 @pytest.mark.slow
@@ -48,9 +44,7 @@ def mma_fp8_entry(request, tmp_path_factory):
     arch, kv = request.param
     spec = VariantSpec(16, 512, 64, DType.BF16, kv, DType.BF16, Family.MMA,
                        default_tile(Family.MMA, 16, 512, 64, arch, 1, kv), arch)
-    result = build(spec, BinaryCache(tmp_path_factory.mktemp("mma_fp8_cache")))
-    assert result.built
-    return result.entry
+    return built_entry(spec, tmp_path_factory, "mma_fp8_cache")
 
 
 @pytest.mark.slow

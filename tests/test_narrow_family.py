@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from build_checks import assert_clean_decode_kernel, sass as sass_of
+from build_checks import assert_clean_decode_kernel, built_entry, sass as sass_of
 from generator.errors import SpecError
 from generator.select import decide, default_tile, families_for
 from generator.spec import Arch, DType, Family, Tile, VariantSpec, narrow_max_rows
@@ -77,12 +77,7 @@ def test_dispatch_picks_narrow_for_few_rows(heads: int, s_q: int, ckv: int, rope
 
 @pytest.fixture(scope="module")
 def narrow_entry(tmp_path_factory):
-    from generator.build import build
-    from generator.cache import BinaryCache
-
-    result = build(narrow(heads=32), BinaryCache(tmp_path_factory.mktemp("narrow_cache")))
-    assert result.built
-    return result.entry
+    return built_entry(narrow(heads=32), tmp_path_factory, "narrow_cache")
 
 
 @pytest.mark.slow
@@ -165,12 +160,7 @@ def test_fp8_ds_mla_shape_errors_name_the_field(kwargs: dict, field: str) -> Non
 
 @pytest.fixture(scope="module", params=[E4M3, DS], ids=lambda d: d.cli_name)
 def fp8_entry(request, tmp_path_factory):
-    from generator.build import build
-    from generator.cache import BinaryCache
-
-    result = build(narrow_fp8(request.param), BinaryCache(tmp_path_factory.mktemp("narrow_fp8_cache")))
-    assert result.built
-    return result.entry
+    return built_entry(narrow_fp8(request.param), tmp_path_factory, "narrow_fp8_cache")
 
 
 @pytest.mark.slow

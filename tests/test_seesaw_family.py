@@ -6,10 +6,10 @@ page)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 
+from build_checks import assert_clean_decode_kernel, built_entry, sass as sass_of
 from generator.errors import SpecError
 from generator.render import render_sources
 from generator.select import FAMILY_ORDER, decide, default_tile, families_for
@@ -97,22 +97,16 @@ BUILDS = {
 
 @pytest.fixture(scope="module", params=list(BUILDS), ids=list(BUILDS))
 def seesaw_entry(request, tmp_path_factory):
-    from generator.build import build
-    from generator.cache import BinaryCache
-
-    result = build(seesaw(**BUILDS[request.param]), BinaryCache(tmp_path_factory.mktemp("seesaw_cache")))
-    assert result.built
-    return request.param, result.entry
+    return request.param, built_entry(seesaw(**BUILDS[request.param]), tmp_path_factory, "seesaw_cache")
 
 
 @pytest.mark.slow
 def test_seesaw_variant_has_no_spills_and_no_warnings(seesaw_entry):
     _, entry = seesaw_entry
+    assert_clean_decode_kernel(entry)  # no spills, no stack, no warning
     log = (entry.path / "build.log").read_text()
     decode = next(k for k in entry.meta()["ptxas"] if k["function"] == "decode_kernel")
-    assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
     assert decode["registers"] <= 255
-    assert "warning" not in log.lower(), log
     assert "serialized" not in log.lower(), log  # ptxas: wgmma pipeline serialized
     # ptxas inserts warpgroup.wait / warpgroup.arrive (C7517 / C7519) where it cannot prove the wgmma register
     # discipline: such a wait would silently serialize the seesaw (e.g. P0 V0_R behind S1)
@@ -123,8 +117,7 @@ def test_seesaw_variant_has_no_spills_and_no_warnings(seesaw_entry):
 @pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
 def test_seesaw_sass_uses_hgmma(seesaw_entry):
     name, entry = seesaw_entry
-    sass = subprocess.run(["cuobjdump", "--dump-sass", str(entry.so_path())], capture_output=True, text=True,
-                          check=True).stdout
+    sass = sass_of(entry)
     dt = "F32 " if "fp16" in name else "F32.BF16 "  # fp16 inputs print as plain HGMMA...F32
     cw = 256 if "c512" in name else 128
     lines = sass.splitlines()

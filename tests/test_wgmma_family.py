@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from build_checks import assert_clean_decode_kernel, sass as sass_of
+from build_checks import assert_clean_decode_kernel, built_entry, sass as sass_of
 from generator.errors import SpecError
 from generator.select import decide, default_tile, families_for
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
@@ -63,12 +63,7 @@ def test_invalid_tiles_name_the_field(kwargs: dict, field: str) -> None:
 
 @pytest.fixture(scope="module")
 def wgmma_entry(tmp_path_factory):
-    from generator.build import build
-    from generator.cache import BinaryCache
-
-    result = build(wgmma(), BinaryCache(tmp_path_factory.mktemp("wgmma_cache")))
-    assert result.built
-    return result.entry
+    return built_entry(wgmma(), tmp_path_factory, "wgmma_cache")
 
 
 @pytest.mark.slow
@@ -117,12 +112,7 @@ def test_fp8_tiles_and_shared_memory() -> None:
 
 @pytest.fixture(scope="module", params=[DType.FP8_E4M3, DType.FP8_DS_MLA], ids=lambda d: d.cli_name)
 def wgmma_fp8_entry(request, tmp_path_factory):
-    from generator.build import build
-    from generator.cache import BinaryCache
-
-    result = build(wgmma_fp8(request.param), BinaryCache(tmp_path_factory.mktemp("wgmma_fp8_cache")))
-    assert result.built
-    return result.entry
+    return built_entry(wgmma_fp8(request.param), tmp_path_factory, "wgmma_fp8_cache")
 
 
 @pytest.mark.slow
