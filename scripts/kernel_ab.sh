@@ -5,15 +5,19 @@
 # of templates/ (MLA_GEN_TEMPLATE_DIR); "main" means the repository's own templates.
 #   scripts/kernel_ab.sh main /tmp/exp_a /tmp/exp_b
 #   SHAPE="--batch 4 --seqlen 65536 --heads 128" FAMILIES="seesaw wgmma" scripts/kernel_ab.sh main /tmp/exp_a
+# Each run is cut off after KERNEL_AB_TIMEOUT seconds (default 120): a copy that deadlocks (an experiment
+# that skips an mbarrier wait can) then costs that, not the device call, and the lines before it still print.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MLA_GEN_CACHE_DIR=${MLA_GEN_CACHE_DIR:-$PWD/.cache/mla_gen}
 shape=${SHAPE:-"--batch 128 --seqlen 4096 --heads 128"}
+limit=${KERNEL_AB_TIMEOUT:-120}
 for dir in "$@"; do
   if [ "$dir" = main ]; then unset MLA_GEN_TEMPLATE_DIR; else export MLA_GEN_TEMPLATE_DIR=$(realpath "$dir"); fi
   for family in ${FAMILIES:-seesaw wgmma}; do
-    python scripts/kernel_times.py $shape --family "$family" --calls 1 >/dev/null || { echo "$dir $family: failed"; continue; }
-    t=$(ncu --clock-control none --metrics gpu__time_duration.sum -k regex:decode_kernel -c 1 --launch-skip 1 \
+    timeout "$limit" python scripts/kernel_times.py $shape --family "$family" --calls 1 >/dev/null ||
+      { echo "$dir $family: failed or timed out"; continue; }
+    t=$(timeout "$limit" ncu --clock-control none --metrics gpu__time_duration.sum -k regex:decode_kernel -c 1 --launch-skip 1 \
           python scripts/kernel_times.py $shape --family "$family" --calls 2 2>&1 |
         awk '/gpu__time_duration/ {print $(NF-1), $NF}')
     echo "$dir $family $shape: decode kernel ${t:-not measured}"
