@@ -16,6 +16,17 @@ STATUSES = ("ok", "WRONG", "n/a", "absent", "error")
 SCHEMA_VERSION = 3  # 2: records' spin_us, the "host" section; 3: records' kv_dtype, vs_16bit, vs_16bit_impl
 # Issue 13's acceptance, by cache format and suite case: time on the fp8 cache / time on the bf16 cache, at most.
 FP8_TARGETS = {"fp8_e4m3": {"1": 0.58, "2": 1.0}, "fp8_ds_mla": {"1": 0.65, "2": 1.0}}
+# Issues 11 and 12's acceptance, by suite case: the reference peer's time / mla-gen's, at least (mla-gen: the
+# family dispatch picks, which mla_decode runs); where that peer cannot run the case, a fraction of the measured
+# copy bandwidth, at least; and time(ragged case) / time(its equal-length twin), at most.
+REFERENCE_PEER = "flashmla"
+PEER_TARGETS = {"1": 1.0, "2": 1.05, "3": 1.05, "6": 1.05, "tp32": 1.0, "tp40": 1.0, "tp64": 1.0, "mtp2": 1.0,
+                "mtp5": 1.0, "tp64mtp2": 1.0, "b256": 1.0, "4": 1.25, "5": 1.5, "b8long": 1.3, "b4long": 1.3}
+COPY_TARGETS = {"minicpm3": 0.80}
+BALANCE_TARGET = 1.05
+# Implementation names: mla-gen's families ("mla-gen:<family>", "+plan": dispatch's family with the planner in
+# each timed call), the naive torch baseline; every other name is a peer.
+MLAGEN_PREFIX, PLANNER_SUFFIX, TORCH_IMPL = "mla-gen:", "+plan", "torch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,15 +205,74 @@ def format_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def balance_lines(records: Sequence[Record]) -> list[str]:
-    """time(ragged) / time(equal-length twin) per implementation timed on both."""
+    """time(ragged) / time(equal-length twin) per implementation timed on both (mla-gen's against issue 12's
+    bound)."""
     ok = {(r.case, r.impl): r for r in records if r.status == "ok"}
     lines = []
     for twin in (r for r in records if r.twin_of and r.status == "ok"):
         ragged = ok.get((twin.twin_of, twin.impl))
         if ragged:
-            lines.append(f"balance {twin.impl}: time({ragged.case}) / time({twin.case}) = "
-                         f"{ragged.time_us / twin.time_us:.3f}")
+            ratio = ragged.time_us / twin.time_us
+            bound = (f" (target <= {BALANCE_TARGET:.2f}: {_verdict(ratio <= BALANCE_TARGET)})"
+                     if twin.impl.startswith(MLAGEN_PREFIX) else "")
+            lines.append(f"balance {twin.impl}: time({ragged.case}) / time({twin.case}) = {ratio:.3f}{bound}")
+    return lines
+
+
+def target_lines(records: Sequence[Record]) -> list[str]:
+    """Per case with an mla-gen time on a 16-bit cache: dispatch's family against the reference peer (issues 11
+    and 12's bound where the case has one) or the copy bandwidth, and the peers it is not yet faster than; then
+    the bounds met and missed. Dispatch's family is the one the case's "+plan" row names, else the fastest."""
+    timed: dict[str, list[Record]] = {}
+    for r in records:
+        if r.status == "ok" and not (r.kv_dtype or "").startswith("fp8"):
+            timed.setdefault(r.case, []).append(r)
+    lines: list[str] = []
+    bounds: list[tuple[bool, str]] = []  # (met, what was missed)
+    ahead = with_peers = 0
+    for case, recs in timed.items():
+        ours = [r for r in recs if r.impl.startswith(MLAGEN_PREFIX) and not r.impl.endswith(PLANNER_SUFFIX)]
+        if not ours:
+            continue
+        planned = {r.impl.removesuffix(PLANNER_SUFFIX) for r in recs
+                   if r.impl.startswith(MLAGEN_PREFIX) and r.impl.endswith(PLANNER_SUFFIX)}
+        fastest = min(ours, key=lambda r: r.time_us)
+        mine = next((r for r in ours if r.impl in planned), fastest)
+        parts = [f"{mine.impl} {_us(mine.time_us)} us"
+                 + (f" (fastest family {fastest.impl} {_us(fastest.time_us)} us)" if fastest is not mine else "")]
+        peers = [r for r in recs if not r.impl.startswith(MLAGEN_PREFIX) and r.impl != TORCH_IMPL]
+        ref = next((r for r in peers if r.impl == REFERENCE_PEER), None)
+        bound = PEER_TARGETS.get(case)
+        if ref is not None:
+            ratio = ref.time_us / mine.time_us
+            text = f"{REFERENCE_PEER} {_us(ref.time_us)} us, {REFERENCE_PEER} / mla-gen = {ratio:.3f}"
+            if bound is not None:
+                bounds.append((ratio >= bound, f"{case} {ratio:.3f} < {bound:.2f}"))
+                text += f" (target >= {bound:.2f}: {_verdict(bounds[-1][0])})"
+            parts.append(text)
+        elif bound is not None:
+            parts.append(f"{REFERENCE_PEER} not timed (target >= {bound:.2f} not checked)")
+        copy = COPY_TARGETS.get(case)
+        if copy is not None:
+            bounds.append((mine.bw_frac >= copy, f"{case} {mine.bw_frac:.2f} of copy < {copy:.2f}"))
+            parts.append(f"{mine.bw_frac:.2f} of copy (target >= {copy:.2f}: {_verdict(bounds[-1][0])})")
+        if peers:
+            behind = [r for r in peers if r.time_us <= mine.time_us]
+            with_peers += 1
+            ahead += not behind
+            parts.append("faster than every peer" if not behind else
+                         "not faster than " + ", ".join(f"{r.impl} {_us(r.time_us)} us" for r in behind))
+        lines.append(f"targets {case}: " + "; ".join(parts))
+    if lines:
+        missed = [what for ok, what in bounds if not ok]
+        lines.append(f"targets: {len(bounds) - len(missed)} of {len(bounds)} bounds met"
+                     + (f"; missed: {', '.join(missed)}" if missed else "")
+                     + (f"; faster than every peer on {ahead} of {with_peers} cases with peers" if with_peers else ""))
     return lines
 
 

@@ -26,8 +26,9 @@ from mla_gen.bench.impls import (FP8_TOL, PEER_16BIT_NOTE, PEER_TOL, NotApplicab
                                  Reference, build_inputs, compare, prepare_mlagen, prepare_peer, prepare_torch,
                                  quantize)
 from mla_gen.bench.plot import plot_roofline
-from mla_gen.bench.report import (Check, HostTimes, Record, balance_lines, format_table, fp8_lines, header_lines,
-                                  json_document, make_record, read_document, read_host, spin_lines, with_16bit_ratio)
+from mla_gen.bench.report import (MLAGEN_PREFIX, PLANNER_SUFFIX, TORCH_IMPL, Check, HostTimes, Record, balance_lines,
+                                  format_table, fp8_lines, header_lines, json_document, make_record, read_document,
+                                  read_host, spin_lines, target_lines, with_16bit_ratio)
 from mla_gen.bench.roofline import Ceilings
 from mla_gen.bench.timing import FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
 from mla_gen.dispatch import DeviceInfo, device_info
@@ -35,7 +36,6 @@ from mla_gen.testing import REF_TOL, DecodeInputs
 
 WARMUP = 5
 REF_REQUESTS = 4
-TORCH_IMPL = "torch"
 
 
 def log(msg: str) -> None:
@@ -58,7 +58,7 @@ class Context:
     build_errors: dict[VariantSpec, Exception]
 
     def fp8_impl(self, family: Family) -> str:
-        return f"mla-gen:{family.value}[{self.kv_dtype.cli_name}]"
+        return f"{MLAGEN_PREFIX}{family.value}[{self.kv_dtype.cli_name}]"
 
     def fp8_work(self, case: Case) -> Work:
         """The case's work on the fp8 cache; on its own cache where the format cannot hold it (an n/a row)."""
@@ -70,7 +70,7 @@ class Context:
 
     def failed_case(self, case: Case, why: str) -> list[Record]:
         """Every implementation's row of a case that could not run at all."""
-        names = [f"mla-gen:{f.value}" for f in self.families] + [TORCH_IMPL] + (self.peers.names if self.peers else [])
+        names = [f"{MLAGEN_PREFIX}{f.value}" for f in self.families] + [TORCH_IMPL] + (self.peers.names if self.peers else [])
         fp8 = [make_record(case, self.fp8_work(case), self.fp8_impl(f), self.ceilings, "error", note=why,
                            kv_dtype=self.kv_dtype.cli_name) for f in self.fp8_families]
         return ([make_record(case, work(case), name, self.ceilings, "error", note=why) for name in names] + fp8
@@ -185,18 +185,18 @@ def _bench_case(ctx: Context, case: Case) -> list[Record]:
         log(_progress(rec))
 
     for family in ctx.families:
-        rec, out = evaluate(ctx, case, f"mla-gen:{family.value}", functools.partial(mlagen, family),
+        rec, out = evaluate(ctx, case, f"{MLAGEN_PREFIX}{family.value}", functools.partial(mlagen, family),
                             lambda o: ref.check(o, REF_TOL[case.dtype]))
         add(rec)
         if anchor is None and out is not None:
             anchor = (rec.impl, out)
     default = _decision_spec(case, None, ctx.info).family
     if default in ctx.families:
-        add(evaluate(ctx, case, f"mla-gen:{default.value}+plan", functools.partial(mlagen, default, True),
+        add(evaluate(ctx, case, f"{MLAGEN_PREFIX}{default.value}{PLANNER_SUFFIX}", functools.partial(mlagen, default, True),
                      lambda o: ref.check(o, REF_TOL[case.dtype]))[0])
     if ctx.kv_dtype is not None:
         # the ratio compares what mla_decode runs: the family dispatch picks for each cache
-        baseline = next((r for r in records if r.impl == f"mla-gen:{default.value}"), None)
+        baseline = next((r for r in records if r.impl == f"{MLAGEN_PREFIX}{default.value}"), None)
         dispatched = _dispatched_fp8_impl(ctx, case)
         for rec in fp8_records(ctx, case, inp, ref.rows, mlagen):
             add(with_16bit_ratio(rec, baseline) if rec.impl == dispatched else rec)
@@ -323,7 +323,7 @@ def run(opts: Options) -> int:
         opts.json_path.write_text(json.dumps(doc, indent=1) + "\n")
         log(f"wrote {opts.json_path}")
     report(device_doc, ceilings, records, opts, host)
-    ours = [r for r in records if r.impl.startswith("mla-gen:") or r.impl == TORCH_IMPL]
+    ours = [r for r in records if r.impl.startswith(MLAGEN_PREFIX) or r.impl == TORCH_IMPL]
     return 1 if any(r.status in ("WRONG", "error") for r in ours) else 0
 
 
@@ -333,7 +333,7 @@ def report(device: dict[str, Any], ceilings: Ceilings, records: Sequence[Record]
     print("\n".join(header_lines(device, ceilings)))
     print(format_table(records))
     host_lines = host.lines() if host is not None else []
-    for line in balance_lines(records) + fp8_lines(records) + spin_lines(records) + host_lines:
+    for line in balance_lines(records) + target_lines(records) + fp8_lines(records) + spin_lines(records) + host_lines:
         print(line)
     if opts.plot_path:
         n = plot_roofline(records, ceilings, opts.plot_path, f"MLA decode, {device.get('name')}, {device.get('date')}")
