@@ -7,6 +7,7 @@ import math
 import statistics
 from typing import Any, Sequence
 
+from generator.spec import DType
 from mla_gen.bench.cases import Case, Work
 from mla_gen.bench.roofline import Ceilings
 
@@ -230,7 +231,7 @@ def target_lines(records: Sequence[Record]) -> list[str]:
     the bounds met and missed. Dispatch's family is the one the case's "+plan" row names, else the fastest."""
     timed: dict[str, list[Record]] = {}
     for r in records:
-        if r.status == "ok" and not (r.kv_dtype or "").startswith("fp8"):
+        if r.status == "ok" and not (r.kv_dtype and DType.parse(r.kv_dtype).is_fp8):
             timed.setdefault(r.case, []).append(r)
     lines: list[str] = []
     bounds: list[tuple[bool, str]] = []  # (met, what was missed)

@@ -70,7 +70,8 @@ class Context:
 
     def failed_case(self, case: Case, why: str) -> list[Record]:
         """Every implementation's row of a case that could not run at all."""
-        names = [f"{MLAGEN_PREFIX}{f.value}" for f in self.families] + [TORCH_IMPL] + (self.peers.names if self.peers else [])
+        names = ([f"{MLAGEN_PREFIX}{f.value}" for f in self.families] + [TORCH_IMPL]
+                 + (self.peers.names if self.peers else []))
         fp8 = [make_record(case, self.fp8_work(case), self.fp8_impl(f), self.ceilings, "error", note=why,
                            kv_dtype=self.kv_dtype.cli_name) for f in self.fp8_families]
         return ([make_record(case, work(case), name, self.ceilings, "error", note=why) for name in names] + fp8
@@ -192,8 +193,8 @@ def _bench_case(ctx: Context, case: Case) -> list[Record]:
             anchor = (rec.impl, out)
     default = _decision_spec(case, None, ctx.info).family
     if default in ctx.families:
-        add(evaluate(ctx, case, f"{MLAGEN_PREFIX}{default.value}{PLANNER_SUFFIX}", functools.partial(mlagen, default, True),
-                     lambda o: ref.check(o, REF_TOL[case.dtype]))[0])
+        add(evaluate(ctx, case, f"{MLAGEN_PREFIX}{default.value}{PLANNER_SUFFIX}",
+                     functools.partial(mlagen, default, True), lambda o: ref.check(o, REF_TOL[case.dtype]))[0])
     if ctx.kv_dtype is not None:
         # the ratio compares what mla_decode runs: the family dispatch picks for each cache
         baseline = next((r for r in records if r.impl == f"{MLAGEN_PREFIX}{default.value}"), None)
