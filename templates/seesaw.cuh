@@ -11,8 +11,9 @@
 // its own partial row sum l, rescaled together with its half of O):
 //   WG0: S0 = Q K0^T (m64n64k16, SS, C + R deep) -> softmax S0 against m: m0 = m unless a row max exceeds m by
 //        more than 8 (log2 domain), then m0 = that max and scale0 = 2^(m - m0) rescales O_L, l0 -> P0 to shared
-//        memory and m0 to red_max[0] (publish P0) -> O_L += P0 V0_L (RS: P0 from registers) -> wait for P1 ->
-//        scale1 = 2^(m0 - m1) (1 unless WG1 moved m) rescales O_L, l0 -> O_L += P1 V1_L (SS) -> m = m1.
+//        memory and m0 to red_max[0] (publish P0) -> O_L += P0 V0_L (RS: P0 from registers), retired and K0L's
+//        next boxes issued -> wait for P1 -> scale1 = 2^(m0 - m1) (1 unless WG1 moved m) rescales O_L, l0 ->
+//        O_L += P1 V1_L (SS) -> m = m1.
 //   WG1: S1 = Q K1^T -> wait for P0 (and S1) -> scale0 (from m, m0) rescales O_R, l1 -> O_R += P0 V0_R (SS, runs
 //        while WG1 does its softmax) -> softmax S1 against m0 -> m1, scale1, P1 to shared memory and m1 to red_max[1]
 //        (publish P1) -> scale1 rescales O_R, l1 (after P0 V0_R retired) -> O_R += P1 V1_R (RS) -> m = m1.
@@ -27,12 +28,17 @@
 // a WG issues: K0L = K0 ckv-left, K0R = K0 ckv-right + rope, K1L = K1 ckv-left + rope, K1R = K1 ckv-right (the
 // rope goes with the half that frees last). Warp 0 of a WG issues the next pair's boxes into a half as soon as
 // every warp of the WG passed the wait of its last reader of that half (a WG-local barrier):
-//   WG0: K0L (tile 2i+2) after O_L += P0 V0_L   | K1L (tile 2i+3) after O_L += P1 V1_L
-//   WG1: K0R (tile 2i+2) after O_R += P0 V0_R   | K1R (tile 2i+3) after O_R += P1 V1_R
+//   WG0: K0L (tile 2i+2) after O_L += P0 V0_L, before waiting for P1   | K1L (tile 2i+3) after O_L += P1 V1_L
+//   WG1: K0R (tile 2i+2) after O_R += P0 V0_R                          | K1R (tile 2i+3) after O_R += P1 V1_R
+// The loads are the kernel's loop-carried chain (K1's boxes go out at a pair's end and S1 needs them at the next
+// pair's start; a 72 KB tile takes about 2700 cycles to land, PERF.md), so every half goes out as early as its
+// readers allow: K0L before WG0 waits for P1, not after (318 against 338 us, case 2).
 // Q K^T waits unit by unit (own ckv half, the other half, the rope), so its first k-steps run while later boxes
-// land; a wgmma.fence after each wait keeps ptxas from serializing the wgmmas. The other WG's V half is waited
-// for too before its P V (WG0: K1 left blocks, WG1: K0 right blocks), so that every reader of a unit saw the
-// TMA's writes complete; a unit is re-armed only after all its readers waited.
+// land; a wgmma.fence after each wait keeps ptxas from serializing the wgmmas. The other WG's V half (WG0: K1
+// left blocks, WG1: K0 right blocks) is not waited for again: that WG waited in its Q K^T before the hand-off
+// this WG synced on, which orders the TMA's writes before this WG's reads (pass_unit flips the parity bit only).
+// Only a tile whose tail this WG zeroes waits for real, so that its stores follow the TMA's. A unit is re-armed
+// only after the WG that waited for it passed the hand-off after its wait.
 // V rows past the length in a request's last tile (whatever the page holds there, or an older tile where no box
 // was loaded) are zeroed by the WG that multiplies them, before its P V: P is 0 there, but 0 x inf is NaN.
 // Q comes in with cp.async at a segment's start (each WG its ckv half, WG1 the rope), waited for by all.
@@ -218,6 +224,11 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     const int i = buf * U + unit;
     mbarrier_wait(s_bars + 8 * i, (phase >> i) & 1u);
     phase ^= 1u << i;
+  };
+  // A unit another WG waited for before a hand-off: its parity bit flips; `wait` (a tail to zero) waits too.
+  auto pass_unit = [&](int buf, int unit, bool wait) {
+    if (wait) wait_unit(buf, unit);
+    else phase ^= 1u << (buf * U + unit);
   };
   const bool issuer = (warp & 3) == 0;       // warp 0 of each WG issues its halves' TMA boxes
   const int box_rows = tma_box_rows(p.page_size);
@@ -440,6 +451,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       if (wg == 0) {
         // ---- S0 = Q K0^T
         qk(sacc, 0, true);
+        if (issuer && it + 2 < n_tiles) find(it + 2);
         wgmma_wait<0>();
         fence_regs(sacc);
 
@@ -460,14 +472,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         for (int kk = 0; kk < N / 16; ++kk) wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v0, 16 * kk * KN::kRowBytes), 1);
         wgmma_commit();
 
-        // ---- P1, m1 from WG1; scale1 = 2^(m0 - m1)
-        if (issuer && it + 2 < n_tiles) find(it + 2);
-        bar_sync(kBarP1, 256);
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          m_end[hh] = lds_f32(red_m1 + 32 * hh);
-          sc1[hh] = m_end[hh] != m_mid[hh] ? fast_exp2(m_mid[hh] - m_end[hh]) : 1.f;
-        }
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
@@ -475,12 +479,19 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
           bar_sync(kBarLocal0, 128);
           if (issuer) issue(it + 2, 0, 0, false);
         }
+        // ---- P1, m1 from WG1; scale1 = 2^(m0 - m1)
+        bar_sync(kBarP1, 256);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          m_end[hh] = lds_f32(red_m1 + 32 * hh);
+          sc1[hh] = m_end[hh] != m_mid[hh] ? fast_exp2(m_mid[hh] - m_end[hh]) : 1.f;
+        }
         rescale(sc1);
 
         // ---- O_L += P1 V1_L (SS)
         if (has_k1) {
 #pragma unroll
-          for (int blk = 0; blk < HB; ++blk) wait_unit(1, blk);  // V1_L (WG1 waited in S1; for the async proxy's writes)
+          for (int blk = 0; blk < HB; ++blk) pass_unit(1, blk, len - (seg.blk_lo + it + 1) * N < N);  // V1_L
           zero_tail(s_k1, it + 1);
           fence_regs(o);
           wgmma_fence();
@@ -505,7 +516,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         //      waited for first (O_R is rescaled here, and ptxas would insert that wait anyway).
         bar_sync(kBarP0, 256);
 #pragma unroll
-        for (int blk = HB; blk < 2 * HB; ++blk) wait_unit(0, blk);  // V0_R (WG0 waited in S0)
+        for (int blk = HB; blk < 2 * HB; ++blk) pass_unit(0, blk, len - (seg.blk_lo + it) * N < N);  // V0_R
         wgmma_wait<0>();
         fence_regs(sacc);
 #pragma unroll
