@@ -11,9 +11,14 @@ from generator.errors import SpecError
 from generator.spec import (FP8_FAMILIES, MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, narrow_max_rows,
                             smem_bytes)
 
-# Families with a template, fastest first (narrow: only where all rows fit one narrow CTA, see decide;
-# seesaw: not yet measured, after wgmma, so dispatch keeps wgmma by default).
+# Families with a template, fastest first (decide makes two exceptions on sm_90a: narrow where all rows fit
+# one narrow CTA, seesaw from SEESAW_MIN_ROWS rows on).
 FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.SEESAW, Family.MMA, Family.SIMT)
+# seesaw over wgmma from 64 query rows on (H200, one `python -m mla_gen.bench --peers` run, 2026-11-30, us
+# seesaw / wgmma): B128 S4096 H128 321.5 / 350.6, B64 S8192 H128 s_q 2 581.4 / 637.7, B64 H128 ragged 198.9 /
+# 206.7, B4 S65536 H128 171.1 / 183.9, B128 S4096 H16 s_q 5 326.4 / 344.5, B128 S4096 H64 205.5 / 205.8; at 40
+# rows (padded to 64) wgmma is ahead, 195.6 / 197.9.
+SEESAW_MIN_ROWS = 64
 # Why few heads do not go back to mma on sm_90a: wgmma pads rows to a 64-row tile, but measured it is
 # not slower there (H100 bench, same runs, us wgmma vs mma): B128 S4096 H16 238 vs 241, B32 S1024 H16
 # 40.3 vs 42.3, B128 S4096 H40 c256/r32 143 vs 201, B64 S8192 H128 s_q 2 623 vs 1078.
@@ -150,6 +155,10 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most "
                            f"{narrow_max_rows(ckv_dim)} at ckv {ckv_dim}): kv tokens on wgmma's M, no padding "
                            f"of the rows to 64")
+        elif Family.SEESAW in available and rows >= SEESAW_MIN_ROWS:
+            family = Family.SEESAW
+            reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on): two warpgroups trade "
+                           f"softmax and tensor-core work, kv by TMA; measured faster than wgmma there on H200")
         else:
             note = f" ({WGMMA_FEW_HEADS_NOTE})" if family is Family.WGMMA else ""
             reasons.append(f"family {family.value}: fastest of {[f.value for f in available]} on "

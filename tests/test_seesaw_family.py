@@ -33,14 +33,23 @@ def test_seesaw_only_for_sm90a(arch: Arch) -> None:
         decide(arch=arch, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, family=Family.SEESAW)
 
 
-def test_seesaw_offered_after_wgmma_and_not_the_default() -> None:
+def test_dispatch_picks_seesaw_from_64_rows_on_sm90a() -> None:
     assert Family.SEESAW.min_cc == 90
     fams = families_for(Arch.SM90A)
     assert Family.SEESAW in fams and fams.index(Family.WGMMA) < fams.index(Family.SEESAW)
     assert FAMILY_ORDER[0] is Family.WGMMA
-    for heads in (40, 64, 128):  # (16 heads fit one narrow CTA)
-        assert decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16).spec.family \
-            is Family.WGMMA
+
+    def family(heads: int, s_q: int = 1, arch: Arch = Arch.SM90A, **kw) -> Family:
+        return decide(arch=arch, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q, **kw).spec.family
+
+    assert family(40) is Family.WGMMA  # 40 rows: padded to 64, wgmma measured ahead
+    assert family(16, s_q=2) is Family.NARROW  # 32 rows fit one narrow CTA
+    for heads, s_q in ((64, 1), (128, 1), (128, 2), (16, 5), (32, 2)):  # 64 rows and more
+        assert family(heads, s_q) is Family.SEESAW, (heads, s_q)
+    d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=DType.FP16)
+    assert d.spec.family is Family.SEESAW and any(r.startswith("family seesaw: 128 query rows") for r in d.reasons)
+    assert family(128, kv_dtype=DType.FP8_E4M3) is Family.WGMMA  # seesaw has no fp8 path
+    assert family(128, arch=Arch.SM80) is Family.MMA
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=2, family=Family.SEESAW)
     assert d.spec.family is Family.SEESAW and d.m_blocks == 4 and d.spec.tile == Tile(64, 64, 2, 8)
 
