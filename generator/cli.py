@@ -47,7 +47,8 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-dtype", default=None, help=KV_DTYPE_HELP)
     g.add_argument("--arch", default=DEFAULT_ARCH, help=f"compile target, e.g. sm_80, sm_90a (default {DEFAULT_ARCH})")
     g.add_argument("--family", action="append", metavar="F",
-                   help="kernel family (repeatable): simt, mma, wgmma, seesaw (default: the fastest for the arch)")
+                   help="kernel family (repeatable): simt, mma, wgmma, narrow, seesaw (default: the one dispatch "
+                        "picks for the rows)")
     g.add_argument("--tile", default=None, help="tile override, e.g. m16n32s1w8")
     g.add_argument("--s-q", type=positive_int, nargs="+", default=[1], dest="s_q", metavar="N",
                    help="query tokens per request the tiles are chosen for (default 1; rows = heads x s_q)")
@@ -58,7 +59,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
 
 def _select(args: argparse.Namespace) -> list[VariantSpec]:
     from generator.presets import preset_variants
-    from generator.select import decide, default_tile, families_for
+    from generator.select import decide, default_tile
 
     arch = Arch.parse(args.arch)
     dtype = DType.parse(args.dtype) if args.dtype else None
@@ -77,9 +78,9 @@ def _select(args: argparse.Namespace) -> list[VariantSpec]:
         dt = dtype or DType.BF16
         kv = kv_dtype or dt
         tile = Tile.parse(args.tile) if args.tile else None
-        # no --family: the fastest family on the arch; for an fp8 cache, the one dispatch picks for the rows
+        # no --family: the variant dispatch picks for the rows, so that `build` makes what a call will load
         for h in args.heads:
-            for fam in families or ([None] if kv.is_fp8 else families_for(arch)[:1]):
+            for fam in families or [None]:
                 for s_q in args.s_q:
                     if fam is None:
                         specs.append(decide(arch=arch, num_heads=h, ckv_dim=args.ckv, rope_dim=args.rope, dtype=dt,
