@@ -123,6 +123,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// The sum over the quad of lanes 4 g .. 4 g + 3, which hold one accumulator row in the m16n8 C layout
+// (mma.sync's, and each warp's part of wgmma's): lane 4 g + tq has columns 8 j + 2 tq, 8 j + 2 tq + 1.
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
 
 // ---- programmatic dependent launch (sm_90+; no-ops before) ------------------------------------------
 
@@ -178,6 +184,54 @@ struct ResultRows {
     return reinterpret_cast<float*>(p.partial_lse) + static_cast<long long>(slot) * (p.s_q * Cfg::kNumHeads) + r;
   }
 };
+
+// The causal / length mask of one thread's scores in the m16n8 C layout: score(hh, j, e) (a float&) is query row
+// r_lane + 8 hh against kv token t_lane + 8 j + e, j < NJ. Row r (query token r / H) sees the tokens before
+// mask_from + r / H; a padding row (r >= rows) those before len. Masked scores become -inf.
+template <int H, int NJ, class Score>
+__device__ __forceinline__ void mask_scores(int t_lane, int r_lane, int rows, int mask_from, int len, Score&& score) {
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = r_lane + 8 * hh;
+    const int limit = r < rows ? mask_from + r / H : len;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (t_lane + 8 * j + e >= limit) score(hh, j, e) = -INFINITY;
+  }
+}
+
+// The epilogue of one query row r of a segment, from one thread's part of it in the m16n8 C layout: the
+// accumulator pairs pairs(j) (a float2) at columns col0 + 8 j, j < NJ, normalised by the row sum l (times
+// out_scale, an fp8 cache's per-tensor scale), its lse from l and the running max m (log2 domain). A request
+// the part finishes: out, and lse when asked; a split one: its partial row and partial lse. lse_writer: the one
+// thread of the row that writes the lse.
+template <class Cfg, int NJ, class Pairs>
+__device__ __forceinline__ void write_result_row(const DecodeParams& p, const Segment& seg, int r, int col0, float l,
+                                                 float m, float out_scale, bool lse_writer, Pairs&& pairs) {
+  using OutT = typename Cfg::OutType;
+  using Out2 = typename Vec2<OutT>::type;
+  const float inv = l > 0.f ? out_scale / l : 0.f;
+  const float lse = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  if (seg.split) {
+    float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + col0;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const float2 v = pairs(j);
+      *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(v.x * inv, v.y * inv);
+    }
+    if (lse_writer) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
+  } else {
+    OutT* dst = ResultRows<Cfg>::out(p, seg.req, r) + col0;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const float2 v = pairs(j);
+      *reinterpret_cast<Out2*>(dst + 8 * j) = from_float2<OutT>(make_float2(v.x * inv, v.y * inv));
+    }
+    if (p.lse && lse_writer) *ResultRows<Cfg>::lse(p, seg.req, r) = lse;
+  }
+}
 
 // One row of a split request: the exact log-sum-exp merge of its num_splits partials (o normalised
 // per split, lse natural log) -> out, lse. One warp; partials are read from L2 (other SMs wrote them).

@@ -158,8 +158,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const DecodeParams& p = tp.p;
   using KV = typename Cfg::KVType;
   using Q = typename Cfg::QType;
-  using OutT = typename Cfg::OutType;
-  using Out2 = typename Vec2<OutT>::type;
   using QN = typename L::QN;
   using QP = typename L::QP;
   using KN = typename L::KN;
@@ -355,20 +353,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         for (int i = 0; i < SV; ++i) sc[i] = -INFINITY;
       }
       const int t_tile = (seg.blk_lo + it) * N;
-      if (present && t_tile + N > mask_from) {  // the last tile(s): per-row causal / length limit
-        const int t_lane = t_tile + 2 * tq;
-        const int r_lane = opaque(row0 + wrow + g);
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int r = r_lane + 8 * hh;
-          const int limit = r < rows ? mask_from + r / H : len;
-#pragma unroll
-          for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              if (t_lane + 8 * j + e >= limit) sc[4 * j + 2 * hh + e] = -INFINITY;
-        }
-      }
+      if (present && t_tile + N > mask_from)  // the last tile(s): per-row causal / length limit
+        mask_scores<H, N / 8>(t_tile + 2 * tq, opaque(row0 + wrow + g), rows, mask_from, len,
+                              [&](int hh, int j, int e) -> float& { return sc[4 * j + 2 * hh + e]; });
       float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int j = 0; j < N / 8; ++j)
@@ -574,13 +561,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     }
 
     // ---- epilogue: row sums over the quad and both warpgroups; normalise; write out/lse or the partial
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float v = l_run[hh];
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
-      l_run[hh] = v;
-    }
+    l_run[0] = quad_sum(l_run[0]);
+    l_run[1] = quad_sum(l_run[1]);
     if (tq == 0) {
       sts_f32(red_own, l_run[0]);
       sts_f32(red_own + 32, l_run[1]);
@@ -594,26 +576,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     for (int hh = 0; hh < 2; ++hh) {
       const int r = r_lane + 8 * hh;
       if (r >= rows) continue;
-      const float l = l_run[hh];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float lse = l > 0.f ? (m_run[hh] + log2f(l)) * kLn2 : -INFINITY;
-      const int col0 = wg * CW + 2 * tq;
-      if (seg.split) {
-        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + col0;
-#pragma unroll
-        for (int j = 0; j < OV / 4; ++j)
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv);
-        if (wg == 0 && tq == 0)
-          *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
-      } else {
-        OutT* dst = ResultRows<Cfg>::out(p, b, r) + col0;
-#pragma unroll
-        for (int j = 0; j < OV / 4; ++j)
-          *reinterpret_cast<Out2*>(dst + 8 * j) =
-              from_float2<OutT>(make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv));
-        if (p.lse && wg == 0 && tq == 0)
-          *ResultRows<Cfg>::lse(p, b, r) = lse;
-      }
+      write_result_row<Cfg, OV / 4>(p, seg, r, wg * CW + 2 * tq, l_run[hh], m_run[hh], 1.f, wg == 0 && tq == 0,
+                                    [&](int j) { return make_float2(o[4 * j + 2 * hh], o[4 * j + 2 * hh + 1]); });
     }
     __syncthreads();  // the next segment rewrites Q, the kv buffers and the exchange arrays
   });
