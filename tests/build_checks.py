@@ -1,8 +1,23 @@
 """What the family tests check on a real nvcc build (a cache entry): the entry of a spec built into a fresh cache,
-its decode kernel with no spills, no stack and its build log with no warning; its SASS as text."""
+its decode kernel with no spills, no stack and its build log with no warning; its SASS as text; the marks of such
+tests."""
 from __future__ import annotations
 
+import shutil
 import subprocess
+
+import pytest
+
+
+def builds_with_nvcc(test):
+    """Marks a test that builds a variant with real nvcc: slow, and skipped where no nvcc is found."""
+    return pytest.mark.slow(pytest.mark.needs_nvcc(test))
+
+
+def reads_sass(test):
+    """builds_with_nvcc, and skipped where cuobjdump is not on PATH: the test reads the variant's SASS."""
+    no_cuobjdump = pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+    return builds_with_nvcc(no_cuobjdump(test))
 
 
 def built_entry(spec, tmp_path_factory, name: str):

@@ -123,8 +123,8 @@ def test_explicit_dims_take_the_variant_dispatch_picks(arch: str) -> None:
     family, wgmma, which dispatch no longer picks for 16..32 rows or from 64 rows on)."""
     from generator.select import decide
 
-    rows = _json("list", "--heads", "16", "40", "128", "--ckv", "512", "--rope", "64", "--arch", arch, "--s-q", "1", "2",
-                 "--json")
+    rows = _json("list", "--heads", "16", "40", "128", "--ckv", "512", "--rope", "64", "--arch", arch,
+                 "--s-q", "1", "2", "--json")
     want = [decide(arch=Arch.parse(arch), num_heads=h, ckv_dim=512, rope_dim=64, dtype=DType.BF16, s_q=s_q).spec
             for h in (16, 40, 128) for s_q in (1, 2)]
     assert [r["variant_id"] for r in rows] == list(dict.fromkeys(s.variant_id for s in want))

@@ -2,11 +2,10 @@
 and its SASS carries tensor-core and cp.async instructions (issue: mma family acceptance 3)."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from build_checks import assert_clean_decode_kernel, built_entry, sass as sass_of
+from build_checks import assert_clean_decode_kernel, builds_with_nvcc, built_entry, reads_sass, sass as sass_of
 from generator.select import default_tile
 from generator.spec import Arch, DType, Family, VariantSpec
 
@@ -19,15 +18,12 @@ def mma_entry(request, tmp_path_factory):
     return built_entry(spec, tmp_path_factory, "mma_cache")
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
+@builds_with_nvcc
 def test_mma_variant_has_no_spills_and_no_warnings(mma_entry):
     assert_clean_decode_kernel(mma_entry)
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+@reads_sass
 def test_mma_sass_uses_tensor_cores_and_cp_async(mma_entry):
     sass = sass_of(mma_entry)
     assert "HMMA.16816.F32.BF16" in sass
@@ -47,15 +43,12 @@ def mma_fp8_entry(request, tmp_path_factory):
     return built_entry(spec, tmp_path_factory, "mma_fp8_cache")
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
+@builds_with_nvcc
 def test_mma_fp8_variant_has_no_spills_and_no_warnings(mma_fp8_entry):
     assert_clean_decode_kernel(mma_fp8_entry)
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+@reads_sass
 def test_mma_fp8_sass_dequantizes_for_fp16_mma(mma_fp8_entry):
     sass = sass_of(mma_fp8_entry)
     assert "HMMA.16816.F32 " in sass and "HMMA.16816.F32.BF16" not in sass  # fp16 tensor cores

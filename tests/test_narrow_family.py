@@ -3,11 +3,10 @@ accumulators per thread), the shared-memory formula, dispatch for few rows, and 
 with no spills and no warnings whose SASS carries HGMMA with the query rows as n."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from build_checks import assert_clean_decode_kernel, built_entry, sass as sass_of
+from build_checks import assert_clean_decode_kernel, builds_with_nvcc, built_entry, reads_sass, sass as sass_of
 from generator.errors import SpecError
 from generator.select import decide, default_tile, families_for
 from generator.spec import Arch, DType, Family, Tile, VariantSpec, narrow_max_rows
@@ -80,15 +79,12 @@ def narrow_entry(tmp_path_factory):
     return built_entry(narrow(heads=32), tmp_path_factory, "narrow_cache")
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
+@builds_with_nvcc
 def test_narrow_variant_has_no_spills_and_no_warnings(narrow_entry):
     assert_clean_decode_kernel(narrow_entry)
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+@reads_sass
 def test_narrow_sass_uses_hgmma_with_rows_as_n(narrow_entry):
     sass = sass_of(narrow_entry)
     # 36 k16 steps of S^T = K Q^T and 8 m-tiles x 4 k16 steps of O^T = V^T P^T, all m64 n32
@@ -163,15 +159,12 @@ def fp8_entry(request, tmp_path_factory):
     return built_entry(narrow_fp8(request.param), tmp_path_factory, "narrow_fp8_cache")
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
+@builds_with_nvcc
 def test_fp8_variant_has_no_spills_and_no_warnings(fp8_entry):
     assert_clean_decode_kernel(fp8_entry)
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+@reads_sass
 def test_fp8_sass_dequantizes_into_fp16_hgmma(fp8_entry):
     sass = sass_of(fp8_entry)
     # fp16 tensor-core math (no .BF16 suffix), the same 36 + 32 m64 n16 wgmmas as the 16-bit cache

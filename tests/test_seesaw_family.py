@@ -5,11 +5,10 @@ and TMA loads; on a GPU, the page sizes the main matrix lacks (TMA boxes of 1, 1
 page)."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from build_checks import assert_clean_decode_kernel, built_entry, sass as sass_of
+from build_checks import assert_clean_decode_kernel, builds_with_nvcc, built_entry, reads_sass, sass as sass_of
 from generator.errors import SpecError
 from generator.render import render_sources
 from generator.select import FAMILY_ORDER, decide, default_tile, families_for
@@ -109,7 +108,7 @@ def seesaw_entry(request, tmp_path_factory):
     return request.param, built_entry(seesaw(**BUILDS[request.param]), tmp_path_factory, "seesaw_cache")
 
 
-@pytest.mark.slow
+@builds_with_nvcc
 def test_seesaw_variant_has_no_spills_and_no_warnings(seesaw_entry):
     _, entry = seesaw_entry
     assert_clean_decode_kernel(entry)  # no spills, no stack, no warning
@@ -122,8 +121,7 @@ def test_seesaw_variant_has_no_spills_and_no_warnings(seesaw_entry):
     assert "is injected" not in log, log
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+@reads_sass
 def test_seesaw_sass_uses_hgmma(seesaw_entry):
     name, entry = seesaw_entry
     sass = sass_of(entry)

@@ -2,11 +2,10 @@
 real nvcc) a build with no spills and no warnings whose SASS carries HGMMA, V read transposed."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from build_checks import assert_clean_decode_kernel, built_entry, sass as sass_of
+from build_checks import assert_clean_decode_kernel, builds_with_nvcc, built_entry, reads_sass, sass as sass_of
 from generator.errors import SpecError
 from generator.select import decide, default_tile, families_for
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
@@ -66,15 +65,12 @@ def wgmma_entry(tmp_path_factory):
     return built_entry(wgmma(), tmp_path_factory, "wgmma_cache")
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
+@builds_with_nvcc
 def test_wgmma_variant_has_no_spills_and_no_warnings(wgmma_entry):
     assert_clean_decode_kernel(wgmma_entry)
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+@reads_sass
 def test_wgmma_sass_uses_hgmma(wgmma_entry):
     sass = sass_of(wgmma_entry)
     assert "HGMMA.64x32x16.F32.BF16" in sass        # S = Q K^T, 32 tokens per warpgroup
@@ -116,15 +112,12 @@ def wgmma_fp8_entry(request, tmp_path_factory):
     return built_entry(wgmma_fp8(request.param), tmp_path_factory, "wgmma_fp8_cache")
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
+@builds_with_nvcc
 def test_fp8_variant_has_no_spills_and_no_warnings(wgmma_fp8_entry):
     assert_clean_decode_kernel(wgmma_fp8_entry)
 
 
-@pytest.mark.slow
-@pytest.mark.needs_nvcc
-@pytest.mark.skipif(shutil.which("cuobjdump") is None, reason="cuobjdump not on PATH")
+@reads_sass
 def test_fp8_sass_dequantizes_for_fp16_hgmma(wgmma_fp8_entry):
     sass = sass_of(wgmma_fp8_entry)
     assert "HGMMA.64x" in sass and ".F32.BF16" not in sass.split("merge_kernel")[0]  # fp16 tensor cores
