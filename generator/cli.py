@@ -67,7 +67,8 @@ def _select(args: argparse.Namespace) -> list[VariantSpec]:
     families = [Family.parse(f) for f in args.family] if args.family else None
     specs: list[VariantSpec] = [VariantSpec.from_id(i) for i in (args.id or [])]
     for name in args.preset or []:
-        found = preset_variants(name, arch, dtype=dtype, families=families, tp_sizes=args.tp, kv_dtype=kv_dtype)
+        found = preset_variants(name, arch, dtype=dtype, families=families, tp_sizes=args.tp, kv_dtype=kv_dtype,
+                                s_q=tuple(args.s_q))
         if args.tile:
             found = [VariantSpec(s.num_heads, s.ckv_dim, s.rope_dim, s.q_dtype, s.kv_dtype, s.out_dtype,
                                  s.family, Tile.parse(args.tile), s.arch) for s in found]

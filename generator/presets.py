@@ -84,10 +84,11 @@ def model_config(name: str) -> ModelConfig:
 
 
 def preset_variants(name: str, arch: Arch, *, dtype: DType | None = None, families: list[Family] | None = None,
-                    tp_sizes: list[int] | None = None, kv_dtype: DType | None = None) -> list[VariantSpec]:
-    """The variants preset `name` needs on `arch`: per tensor-parallel head count, the one dispatch
-    picks (generator.select.decide), or one per family in `families`. kv_dtype: the cache (default
-    the q dtype). Raises SpecError."""
+                    tp_sizes: list[int] | None = None, kv_dtype: DType | None = None,
+                    s_q: tuple[int, ...] = (1,)) -> list[VariantSpec]:
+    """The variants preset `name` needs on `arch`: per tensor-parallel head count and query length in
+    `s_q`, the one dispatch picks (generator.select.decide), or one per family in `families` (duplicates
+    dropped: most tiles do not depend on s_q). kv_dtype: the cache (default the q dtype). Raises SpecError."""
     from generator.select import decide, default_tile  # select builds on spec; presets stay below it
 
     cfg = model_config(name)
@@ -106,9 +107,10 @@ def preset_variants(name: str, arch: Arch, *, dtype: DType | None = None, famili
                         f"token holds ckv {DS_MLA_CKV} / rope {DS_MLA_ROPE} only (fp8_e4m3 takes any dims)")
     out: list[VariantSpec] = []
     for h in sorted(set(heads.values()), reverse=True):
-        if families is None:
-            out.append(decide(arch=arch, num_heads=h, ckv_dim=C, rope_dim=R, dtype=dt, kv_dtype=kv).spec)
-            continue
-        for fam in families:
-            out.append(VariantSpec(h, C, R, dt, kv, dt, fam, default_tile(fam, h, C, R, arch, kv_dtype=kv), arch))
-    return out
+        for q in s_q:
+            if families is None:
+                out.append(decide(arch=arch, num_heads=h, ckv_dim=C, rope_dim=R, dtype=dt, s_q=q, kv_dtype=kv).spec)
+                continue
+            for fam in families:
+                out.append(VariantSpec(h, C, R, dt, kv, dt, fam, default_tile(fam, h, C, R, arch, q, kv), arch))
+    return list(dict.fromkeys(out))

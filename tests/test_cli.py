@@ -35,6 +35,20 @@ def test_list_preset_json(preset: str, heads: set[int], ckv: int, rope: int) -> 
     assert all(r["smem_bytes"] > 0 and r["threads"] % 32 == 0 for r in rows)
 
 
+def test_list_preset_takes_the_query_lengths() -> None:
+    """--s-q applies to presets as to explicit dims: MTP's rows change narrow's tile and the family (16 heads x
+    s_q 5 = 80 rows: seesaw). It was ignored for presets, which listed (and built) the s_q 1 variants only."""
+    from generator.select import decide
+
+    rows = _json("list", "--preset", "deepseek-v3", "--tp", "8", "--s-q", "1", "2", "5", "--json")
+    want = [decide(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=DType.BF16, s_q=s_q).spec
+            for s_q in (1, 2, 5)]
+    assert [r["variant_id"] for r in rows] == [s.variant_id for s in want]
+    assert [r["family"] for r in rows] == ["narrow", "narrow", "seesaw"]
+    simt = _json("list", "--preset", "deepseek-v3", "--tp", "8", "--s-q", "1", "2", "--family", "simt", "--json")
+    assert len(simt) == 1  # simt's tile does not depend on the rows: one variant for both
+
+
 def test_list_text_and_filter() -> None:
     proc = run_cli("list", "--preset", "deepseek-v3", "--arch", "sm_80", "--filter", "*_h16_*")
     assert proc.returncode == 0, proc.stderr
