@@ -284,6 +284,14 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         }
       }
     };
+    // Reissues half `half` of buffer `buf` (this WG's: K0L/K1L in WG0, K0R/K1R in WG1) with tile `next`, when
+    // there is one, once every warp of the WG is past its last wgmma reading that half (barrier `local`); warp 0
+    // issues. Half and barrier come in as literals (wg and bar_local instead change the SASS).
+    auto reissue = [&](int next, int buf, int half, bool rope, int local) {
+      if (next >= n_tiles) return;
+      bar_sync(local, 128);
+      if (issuer) issue(next, buf, half, rope);
+    };
     // Zeroes this WG's V columns (ckv half wg) of the rows past the length in `stage` when tile `it` is the
     // request's last and not full, then makes it visible to the WG's wgmma (before its P V).
     auto zero_tail = [&](uint32_t stage, int it) {
@@ -462,10 +470,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        if (it + 2 < n_tiles) {  // K0L is free: tile it + 2
-          bar_sync(kBarLocal0, 128);
-          if (issuer) issue(it + 2, 0, 0, false);
-        }
+        reissue(it + 2, 0, 0, false, kBarLocal0);  // K0L is free
         // ---- P1, m1 from WG1; scale1 = 2^(m0 - m1)
         bar_sync(kBarP1, 256);
 #pragma unroll
@@ -490,10 +495,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         if (issuer && it + 3 < n_tiles) find(it + 3);
         wgmma_wait<0>();
         fence_regs(o);
-        if (it + 3 < n_tiles) {  // K1L (ckv-left + rope, and P1) is free: tile it + 3
-          bar_sync(kBarLocal0, 128);
-          if (issuer) issue(it + 3, 1, 0, true);
-        }
+        reissue(it + 3, 1, 0, true, kBarLocal0);  // K1L (ckv-left + rope, and P1) is free
       } else {
         // ---- S1 = Q K1^T. Issued even without a K1 tile (its scores are then overwritten by -inf in softmax; a
         //      wgmma issue under a branch makes ptxas serialize the following wgmmas); only the waits depend on it.
@@ -528,10 +530,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        if (it + 2 < n_tiles) {  // K0R (ckv-right + rope, and P0) is free: tile it + 2
-          bar_sync(kBarLocal1, 128);
-          if (issuer) issue(it + 2, 0, 1, true);
-        }
+        reissue(it + 2, 0, 1, true, kBarLocal1);  // K0R (ckv-right + rope, and P0) is free
         rescale(sc1);
         l_run[0] += lsum[0];
         l_run[1] += lsum[1];
@@ -551,10 +550,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        if (it + 3 < n_tiles) {  // K1R is free: tile it + 3
-          bar_sync(kBarLocal1, 128);
-          if (issuer) issue(it + 3, 1, 1, false);
-        }
+        reissue(it + 3, 1, 1, false, kBarLocal1);  // K1R is free
       }
       m_run[0] = m_end[0];
       m_run[1] = m_end[1];
