@@ -33,12 +33,13 @@
 // The loads are the kernel's loop-carried chain (K1's boxes go out at a pair's end and S1 needs them at the next
 // pair's start; a 72 KB tile takes about 2700 cycles to land, PERF.md), so every half goes out as early as its
 // readers allow: K0L before WG0 waits for P1, not after (318 against 338 us, case 2).
-// Q K^T waits unit by unit (own ckv half, the other half, the rope), so its first k-steps run while later boxes
-// land; a wgmma.fence after each wait keeps ptxas from serializing the wgmmas. The other WG's V half (WG0: K1
-// left blocks, WG1: K0 right blocks) is not waited for again: that WG waited in its Q K^T before the hand-off
-// this WG synced on, which orders the TMA's writes before this WG's reads (pass_unit flips the parity bit only).
-// Only a tile whose tail this WG zeroes waits for real, so that its stores follow the TMA's. A unit is re-armed
-// only after the WG that waited for it passed the hand-off after its wait.
+// Q K^T waits unit by unit (ckv-left, ckv-right, the rope), so its first k-steps run while later boxes land (in
+// S1, K1L's boxes went out before K1R's); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas.
+// The other WG's V half (WG0: K1 left blocks, WG1: K0 right blocks) is not waited for again: that WG waited in
+// its Q K^T before the hand-off this WG synced on, which orders the TMA's writes before this WG's reads
+// (pass_unit flips the parity bit only). Only a tile whose tail this WG zeroes waits for real, so that its
+// stores follow the TMA's. A unit is re-armed only after the WG that waited for it passed the hand-off after
+// its wait.
 // V rows past the length in a request's last tile (whatever the page holds there, or an older tile where no box
 // was loaded) are zeroed by the WG that multiplies them, before its P V: P is 0 there, but 0 x inf is NaN.
 // Q comes in with cp.async at a segment's start (each WG its ckv half, WG1 the rope), waited for by all.
@@ -163,10 +164,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   using KN = typename L::KN;
   using KP = typename L::KP;
   using PP = typename L::PP;
-  constexpr int H = L::H, C = L::C, M = L::M, N = L::N, CW = L::CW, HB = L::HB;
+  constexpr int H = L::H, M = L::M, N = L::N, CW = L::CW, HB = L::HB;
   constexpr int SV = N / 2;   // S accumulators per thread (m64n64)
   constexpr int OV = CW / 2;  // O accumulators per thread
-  constexpr int KH = C / 32;  // k16 steps per ckv half
 
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t s_base = smem_u32(smem);
@@ -187,14 +187,10 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
 
-  // ---- descriptors (warp-uniform). Q K^T: part a = own ckv half, part b = the other half, then the rope.
+  // ---- descriptors (warp-uniform). Q K^T over this WG's buffer: ckv, then the rope.
   const uint32_t s_kown = wg ? s_k1 : s_k0;
-  const uint64_t d_qa = desc_add(QN::desc(s_qn), wg * HB * QN::kBlockBytes);
-  const uint64_t d_qb = desc_add(QN::desc(s_qn), (wg ^ 1) * HB * QN::kBlockBytes);
-  const uint64_t d_qp = QP::desc(s_qp);
-  const uint64_t d_ka = desc_add(KN::desc(s_kown), wg * HB * KN::kBlockBytes);
-  const uint64_t d_kb = desc_add(KN::desc(s_kown), (wg ^ 1) * HB * KN::kBlockBytes);
-  const uint64_t d_kp = KP::desc(s_kown + KN::kBytes);
+  const uint64_t d_qn = QN::desc(s_qn), d_qp = QP::desc(s_qp);
+  const uint64_t d_kn = KN::desc(s_kown), d_kp = KP::desc(s_kown + KN::kBytes);
   // V of this WG's columns in K0 and K1: MN-major, LBO = one 64-column block, SBO = 8 token rows
   const uint64_t d_v0 = make_desc(s_k0 + wg * HB * KN::kBlockBytes, KN::kBlockBytes, 8u * KN::kRowBytes, 1u);
   const uint64_t d_v1 = desc_add(d_v0, L::kStageBytes);
@@ -413,20 +409,19 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         }
       }
     };
-    // S = Q K^T over buffer `buf` into sc: the own ckv half's blocks, the other half's, then the rope, each once
-    // its mbarrier completed (when `wait`); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas
-    // (a wait is a divergent spin loop).
+    // S = Q K^T over buffer `buf` into sc: the ckv blocks left to right, then the rope, each once its mbarrier
+    // completed (when `wait`); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas (a wait is a
+    // divergent spin loop). Left first in both WGs: WG0 issues K0L mid-pair and K1L + rope before WG1 issues K1R,
+    // so S1's first half runs while K1R's boxes land (311.7 against 317.4 us, case 2).
     auto qk = [&](float (&sc)[SV], int buf, bool wait) {
       fence_regs(sc);
 #pragma unroll
-      for (int hb = 0; hb < 2 * HB; ++hb) {
-        const int blk = hb < HB ? wg * HB + hb : (wg ^ 1) * HB + hb - HB;
+      for (int blk = 0; blk < 2 * HB; ++blk) {
         if (wait) wait_unit(buf, blk);
         wgmma_fence();
 #pragma unroll
-        for (int ks = 4 * hb; ks < 4 * hb + 4; ++ks)
-          wgmma_ss<N, KV, 0>(sc, desc_add(ks < KH ? d_qa : d_qb, QN::step(ks % KH)),
-                             desc_add(ks < KH ? d_ka : d_kb, KN::step(ks % KH)), 1);
+        for (int ks = 4 * blk; ks < 4 * blk + 4; ++ks)
+          wgmma_ss<N, KV, 0>(sc, desc_add(d_qn, QN::step(ks)), desc_add(d_kn, KN::step(ks)), 1);
       }
       if (wait) wait_unit(buf, 2 * HB);
       wgmma_fence();
