@@ -5,6 +5,7 @@
 # of templates/ (MLA_GEN_TEMPLATE_DIR); "main" means the repository's own templates.
 #   scripts/kernel_ab.sh main /tmp/exp_a /tmp/exp_b
 #   SHAPE="--batch 4 --seqlen 65536 --heads 128" FAMILIES="seesaw wgmma" scripts/kernel_ab.sh main /tmp/exp_a
+# scripts/ablate.py makes copies with one part of seesaw taken away (no-loads, no-softmax, ...) to time this way.
 # Each run is cut off after KERNEL_AB_TIMEOUT seconds (default 120): a copy that deadlocks (an experiment
 # that skips an mbarrier wait can) then costs that, not the device call, and the lines before it still print.
 set -uo pipefail
