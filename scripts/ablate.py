@@ -64,6 +64,11 @@ ABLATIONS: dict[str, Ablation] = {
               "        if (rope && it < 2) mbarrier_arrive_expect_tx("),
          Edit("seesaw.cuh", "tma_load_3d(stage", "tma_load_or_not(it < 2, stage", count=2),
          *_FIRST_PAIR_WAITS)),
+    "no-reissue-barrier": Ablation(
+        "seesaw", "the issuing warp reissues a half right after its own wgmma wait, without the WG barrier that waits "
+        "for the other three warps' (FlashMLA's way; racy in principle: the cost of that barrier)",
+        (Edit("seesaw.cuh", "      bar_sync(local, 128);\n      if (issuer) issue(next, buf, half, rope);",
+              "      if (issuer && local >= 0) issue(next, buf, half, rope);"),)),
     "eighth-boxes": Ablation(
         "seesaw", "every TMA box 1/8 of its rows: the same boxes, waits and reissues, 1/8 of the bytes",
         (Edit("sm90.cuh", "static_cast<cuuint32_t>(tma_box_rows(page_size)), 1u};",
