@@ -50,6 +50,73 @@ _TMA_OR_NOT = """__device__ __forceinline__ void tma_load_or_not(bool real, uint
 }
 """
 
+# "timeline": clock64 per event of warp 0 of each WG in CTA (0, 0), request 0's first 64 pairs, into a __device__
+# array that the launcher prints after its third call
+_STAMP = """__device__ unsigned long long g_stamps[2][64][12];
+#define STAMP(e) \\
+  if (blockIdx.x + blockIdx.y == 0 && (threadIdx.x & 127) == 0 && seg.req == 0 && it < 128) \\
+  g_stamps[wg][it / 2][e] = clock64()
+"""
+_PRINT_STAMPS = """  if (err) return err;
+  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+  static int calls = 0;
+  if (err || ++calls != 3) return err;
+  static unsigned long long st[2][64][12];
+  cudaDeviceSynchronize();
+  cudaMemcpyFromSymbol(st, g_stamps, sizeof(st));
+  for (int w = 0; w < 2; ++w)
+    for (int i = 0; i < 64 && st[w][i][0]; ++i) {
+      fprintf(stderr, "stamp wg%d pair %2d:", w, i);
+      for (int e = 0; e < 12; ++e)
+        fprintf(stderr, " %lld", st[w][i][e] ? static_cast<long long>(st[w][i][e] - st[0][0][0]) : -1LL);
+      fprintf(stderr, "\\n");
+    }
+  return 0;
+}"""
+
+
+def _stamp(anchor: str, before: int | None = None, after: int | None = None) -> Edit:
+    """An edit that puts STAMP(before) in front of the lines `anchor` and STAMP(after) behind them."""
+    head = f"        STAMP({before});\n" if before is not None else ""
+    tail = f"        STAMP({after});\n" if after is not None else ""
+    return Edit("seesaw.cuh", anchor, head + anchor + tail)
+
+
+def _stamp_between(first: str, second: str, event: int) -> Edit:
+    """An edit that puts STAMP(event) between the lines `first` and `second`."""
+    return Edit("seesaw.cuh", first + second, f"{first}        STAMP({event});\n{second}")
+
+
+_TIMELINE = (
+    Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
+    Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", _STAMP + "\ntemplate <class Cfg>\nstruct Layout {"),
+    Edit("seesaw.cuh", "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n}",
+         _PRINT_STAMPS),
+    # WG0
+    _stamp("        qk(sacc, 0, true);\n", before=0, after=1),
+    _stamp_between("        fence_regs(sacc);\n", "\n        // ---- softmax S0", 2),
+    _stamp("        zero_tail(s_k0, it);\n        fence_proxy_async();\n        bar_sync(kBarP0, 256);\n", after=3),
+    _stamp("        reissue(it + 2, 0, 0, false, kBarLocal0);  // K0L is free\n", before=4, after=5),
+    _stamp_between("        bar_sync(kBarP1, 256);\n",
+                   "#pragma unroll\n        for (int hh = 0; hh < 2; ++hh) {\n          m_end", 6),
+    _stamp("        if (issuer && it + 3 < n_tiles) find(it + 3);\n        wgmma_wait<0>();\n        fence_regs(o);\n"
+           "        reissue(it + 3, 1, 0, true, kBarLocal0);  // K1L (ckv-left + rope, and P1) is free\n",
+           before=7, after=9),
+    # WG1
+    _stamp("        qk(sacc, 1, has_k1);\n", before=0, after=1),
+    _stamp_between("        bar_sync(kBarP0, 256);\n", "#pragma unroll\n", 2),
+    _stamp("          sc0[hh] = m_mid[hh] != m_run[hh] ? fast_exp2(m_run[hh] - m_mid[hh]) : 1.f;\n        }\n",
+           after=3),
+    _stamp("        if (issuer && it + 2 < n_tiles) find(it + 2);\n\n        // ---- softmax S1", before=4),
+    _stamp("        fence_proxy_async();\n        bar_sync(kBarP1, 256);\n", after=5),
+    _stamp("        reissue(it + 2, 0, 1, true, kBarLocal1);  // K0R (ckv-right + rope, and P0) is free\n",
+           before=6, after=7),
+    _stamp("        if (issuer && it + 3 < n_tiles) find(it + 3);\n        wgmma_wait<0>();\n        fence_regs(o);\n"
+           "        fence_regs(pa);\n        reissue(it + 3, 1, 1, false, kBarLocal1);  // K1R is free\n",
+           before=8, after=10),
+)
+
+
 ABLATIONS: dict[str, Ablation] = {
     "no-loads": Ablation(
         "seesaw", "no kv boxes after the first pair: no reissue (no WG barrier, no issue code), no waits",
@@ -69,6 +136,14 @@ ABLATIONS: dict[str, Ablation] = {
         "for the other three warps' (FlashMLA's way; racy in principle: the cost of that barrier)",
         (Edit("seesaw.cuh", "      bar_sync(local, 128);\n      if (issuer) issue(next, buf, half, rope);",
               "      if (issuer && local >= 0) issue(next, buf, half, rope);"),)),
+    "timeline": Ablation(
+        "seesaw", "not an ablation: clock64 per event of CTA (0, 0), printed to stderr after the third call "
+        "(scripts/kernel_times.py SHAPE --family seesaw --calls 3), in cycles since WG0's first stamp (-1: not "
+        "reached). WG0: 0 pair start, 1 S0's boxes landed, 2 S0 retired, 3 P0 handed over, 4 P0 V0_L retired, 5 K0L "
+        "reissued, 6 P1 received, 7 P1 V1_L issued, 9 K1L reissued; WG1: 0 pair start, 1 S1's boxes landed, 2 P0 "
+        "received, 3 S1 retired, 4 P0 V0_R issued, 5 P1 handed over, 6 P0 V0_R retired, 7 K0R reissued, 8 P1 V1_R "
+        "issued, 10 K1R reissued",
+        _TIMELINE),
     "eighth-boxes": Ablation(
         "seesaw", "every TMA box 1/8 of its rows: the same boxes, waits and reissues, 1/8 of the bytes",
         (Edit("sm90.cuh", "static_cast<cuuint32_t>(tma_box_rows(page_size)), 1u};",
