@@ -17,7 +17,8 @@ FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.SEESAW, Family.MMA, Family.S
 # seesaw over wgmma from 64 query rows on (H200, one `python -m mla_gen.bench --peers` run, 2026-11-30, us
 # seesaw / wgmma): B128 S4096 H128 321.5 / 350.6, B64 S8192 H128 s_q 2 581.4 / 637.7, B64 H128 ragged 198.9 /
 # 206.7, B4 S65536 H128 171.1 / 183.9, B128 S4096 H16 s_q 5 326.4 / 344.5, B128 S4096 H64 205.5 / 205.8; at 40
-# rows (padded to 64) wgmma is ahead, 195.6 / 197.9.
+# rows (padded to 64) wgmma was ahead, 195.6 / 197.9; the seventh session's run, after seesaw's S1 block order
+# changed, had seesaw ahead there, 191.0 / 195.9 (PERF.md): one more run before the bound comes down.
 SEESAW_MIN_ROWS = 64
 # Why few heads do not go back to mma on sm_90a: wgmma pads rows to a 64-row tile, but measured it is
 # not slower there (H100 bench, same runs, us wgmma vs mma): B128 S4096 H16 238 vs 241, B32 S1024 H16

@@ -131,6 +131,7 @@ ABLATIONS: dict[str, Ablation] = {
               "        if (rope && it < 2) mbarrier_arrive_expect_tx("),
          Edit("seesaw.cuh", "tma_load_3d(stage", "tma_load_or_not(it < 2, stage", count=2),
          *_FIRST_PAIR_WAITS)),
+    # `local >= 0` (always true) keeps reissue's barrier parameter referenced: nvcc would warn otherwise
     "no-reissue-barrier": Ablation(
         "seesaw", "the issuing warp reissues a half right after its own wgmma wait, without the WG barrier that waits "
         "for the other three warps' (FlashMLA's way; racy in principle: the cost of that barrier)",
