@@ -460,11 +460,12 @@ def _check_narrow(spec: VariantSpec) -> None:
 def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
     """templates/seesaw.cuh Layout: q tile [M][C+R], two kv tiles [N][C+RK] (K0, K1 of a pair; RK = R, or 64 when
     R < 64: TMA boxes of 128-byte rows; P0 / P1 live in their first rope block), the row max and row sum
-    exchanges [2][M] fp32 between the two warpgroups, and the TMA mbarriers (per kv tile: one per 64-column ckv
-    block and one for the rope). 512/64: 72 + 2 x 72 + 1 KB + 144 B = 217 KB."""
+    exchanges [2][M] fp32 between the two warpgroups, and the mbarriers (per kv tile: one per 64-column ckv block
+    and one for the rope, the boxes landed; per kv tile half: the consumers freed it). 512/64: 72 + 2 x 72 + 1 KB
+    + 176 B = 217 KB."""
     rope_k = rope if rope % 64 == 0 else 64
     return (tile.block_m * (ckv + rope) * itemsize + tile.stages * tile.block_n * (ckv + rope_k) * itemsize
-            + 2 * 2 * tile.block_m * 4 + 2 * (ckv // 64 + 1) * 8)
+            + 2 * 2 * tile.block_m * 4 + 2 * (ckv // 64 + 1) * 8 + 2 * 2 * 8)
 
 
 def _check_seesaw(spec: VariantSpec) -> None:

@@ -455,10 +455,29 @@ constexpr int kInlineMergeSplits = 4;
 // begins and the merge kernel a request's split weights in shared memory (generator/select.py MAX_PARTS).
 constexpr int kMergeMaxSplits = 2048;
 
+// Whether `pred` holds in any of the threads that meet at CTA barrier `id` (0: __syncthreads, every thread of
+// the CTA; else a named barrier of the kernel's 32 * Cfg::kWarps working threads, where more warps run beside
+// them, e.g. seesaw's producer warpgroup).
+template <class Cfg, int kBarrier>
+__device__ __forceinline__ bool barrier_any(bool pred) {
+  if constexpr (kBarrier == 0) {
+    return __syncthreads_or(pred);
+  } else {
+    uint32_t any;
+    asm volatile(
+        "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.red.or.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+        : "=r"(any)
+        : "r"(static_cast<uint32_t>(pred)), "n"(kBarrier), "n"(32 * Cfg::kWarps)
+        : "memory");
+    return any != 0;
+  }
+}
+
 // After a CTA wrote its partial rows of split request `b` (of at most kInlineMergeSplits parts): the
 // last of the request's parts to finish (an atomic ticket per request and row block) merges the
-// request's rows of this row block. Every thread of the CTA calls it.
-template <class Cfg>
+// request's rows of this row block. Every working thread (32 * Cfg::kWarps, meeting at barrier kBarrier)
+// calls it.
+template <class Cfg, int kBarrier = 0>
 __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
   __threadfence();  // this thread's partial writes, device-wide, before the ticket
   bool last = false;
@@ -469,7 +488,7 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
     if (last) *ticket = 0;  // no other part touches it in this launch: ready for a run that reuses the plan
     __threadfence();  // the other parts' partials, seen through the ticket, before this CTA reads them
   }
-  if (!__syncthreads_or(last)) return;
+  if (!barrier_any<Cfg, kBarrier>(last)) return;
   const int rows = p.s_q * Cfg::kNumHeads;
   const int row0 = blockIdx.x * Cfg::kBlockM, lane = threadIdx.x & 31;
   for (int m = threadIdx.x >> 5; m < Cfg::kBlockM && row0 + m < rows; m += Cfg::kWarps)
@@ -477,8 +496,9 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
 }
 
 // Walks the segments of part `part` in order, calling fn(segment); a split segment's part then takes
-// its ticket (merge_if_last). fn must end with a CTA barrier after its last shared-memory use.
-template <class Cfg, typename Fn>
+// its ticket (merge_if_last, its CTA barrier `kBarrier`). fn must end with that barrier after its last
+// shared-memory use. kMerge false: the walk alone (a producer warp that only loads the segments' tiles).
+template <class Cfg, int kBarrier = 0, bool kMerge = true, typename Fn>
 __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
   constexpr int kBlockN = Cfg::kBlockN;
   wait_for_previous_grid();  // the planner's work list and tickets
@@ -499,7 +519,7 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     Segment seg{b, len, lo, hi, num_splits > 1, 0};
     if (seg.split) seg.slot = req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
     fn(seg);
-    if (seg.split && num_splits <= kInlineMergeSplits) merge_if_last<Cfg>(p, b);
+    if (kMerge && seg.split && num_splits <= kInlineMergeSplits) merge_if_last<Cfg, kBarrier>(p, b);
   }
 }
 
@@ -797,16 +817,18 @@ inline int launch_dependent(Kernel kernel, dim3 grid, dim3 block, int smem, cons
   return static_cast<int>(cudaLaunchKernelEx(&config, kernel, args));
 }
 
-// A family's decode kernel on grid (row blocks of kBlockM, parts), 32 * kWarps threads, kSmemBytes; its one
-// argument is p, or `args` holding p and more (seesaw: the cache's tensor maps).
+// A family's decode kernel on grid (row blocks of kBlockM, parts), `threads` threads (32 * kWarps, or more where
+// a producer warpgroup runs beside them), kSmemBytes; its one argument is p, or `args` holding p and more
+// (seesaw: the cache's tensor maps).
 template <class Cfg, typename Kernel, typename Args = DecodeParams>
-inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream, const Args& args) {
+inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream, const Args& args,
+                                int threads = 32 * Cfg::kWarps) {
   const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
   if (err) return err;
   const int rows = p.s_q * Cfg::kNumHeads;
   if (p.row_blocks != (rows + Cfg::kBlockM - 1) / Cfg::kBlockM) return static_cast<int>(cudaErrorInvalidValue);
-  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(32 * Cfg::kWarps), Cfg::kSmemBytes,
-                               args, stream);
+  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(threads), Cfg::kSmemBytes, args,
+                               stream);
 }
 template <class Cfg, typename Kernel>
 inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream) {

@@ -82,7 +82,7 @@ using namespace sm90;  // wgmma, descriptors, panels, mbarriers, TMA
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
-enum : int { kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
+enum : int { kBarConsumers = 1, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
 
 template <class Cfg>
 struct Layout {
@@ -112,8 +112,9 @@ struct Layout {
   static constexpr int kOffRedMax = kOffKV + 2 * kStageBytes;
   static constexpr int kOffRedSum = kOffRedMax + kRedBytes;
   static constexpr int kUnits = 2 * HB + 1;  // TMA units of a kv buffer: its 64-column ckv blocks, the rope panel
-  static constexpr int kOffBars = kOffRedSum + kRedBytes;  // an mbarrier per (buffer, unit)
-  static constexpr int kSmemBytes = kOffBars + 2 * kUnits * 8;
+  static constexpr int kOffBars = kOffRedSum + kRedBytes;  // an mbarrier per (buffer, unit): its boxes landed
+  static constexpr int kOffFree = kOffBars + 2 * kUnits * 8;  // an mbarrier per (buffer, half): the consumers freed it
+  static constexpr int kSmemBytes = kOffFree + 2 * 2 * 8;
   static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
   static_assert(kSmemBytes <= 227 * 1024, "seesaw: shared memory over the 227 KB a block may use on sm_90a");
 
@@ -123,7 +124,12 @@ struct Layout {
 
   static_assert(M == 64, "block_m: one wgmma m64 tile");
   static_assert(N == 64, "block_n: 64 tokens per tile (S = m64n64 per warpgroup)");
-  static_assert(W == 8, "warps: two warpgroups");
+  static_assert(W == 8, "warps: two (consumer) warpgroups");
+  // the consumers (warps 0-7) and the producer warpgroup (warps 8-11; warps 8 and 9 issue the loads)
+  static constexpr int kThreads = 32 * W + 128;
+  // registers per thread after setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 64 K (the kernel starts at 65536 / 384 = 168)
+  static constexpr int kConsumerRegs = 232, kProducerRegs = 40;
+  static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 65536, "register file");
   static_assert(S == 2, "stages: the two kv tiles of a pair");
   static_assert(CW == 64 || CW == 128 || CW == 256, "ckv: 128, 256 or 512 (C/2 is one wgmma n)");
   static_assert(KN::kRowBytes == 128 && QN::kRowBytes == 128 && QN::kBlockBytes == KN::kBlockBytes,
@@ -153,8 +159,77 @@ struct TmaParams {
   CUtensorMap ckv, kpe;
 };
 
+// The producer warp of ckv half `half` (warp 8: the left halves K0L, K1L; warp 9: the right halves K0R, K1R):
+// walks the part's segments like the consumers and loads its half of every kv tile (tile 2i into K0, 2i + 1
+// into K1; the rope panel with the half that the consumers free last: K0R, K1L) once the consumers freed the
+// half's previous tile. A pair without a K1 tile (odd count) still takes its turn on K1's free barriers (the
+// consumers free K1 after that pair too), so a segment's first tiles go out while the last one still runs.
+// Lane l issues the boxes of row groups l and l + 32 (b rows each, sm90.cuh tma_box_rows); each unit's
+// mbarrier gets the bytes of the groups before the length (its one arrival).
 template <class Cfg>
-__global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __grid_constant__ TmaParams tp) {
+__device__ __forceinline__ void produce(const TmaParams& tp, int part, int half, uint32_t s_k0, uint32_t s_full,
+                                        uint32_t s_free) {
+  using L = Layout<Cfg>;
+  using KN = typename L::KN;
+  using KP = typename L::KP;
+  constexpr int N = L::N, HB = L::HB, U = L::kUnits;
+  constexpr int kGroupIters = 2;  // ceil(64 groups of one row / 32 lanes)
+  const DecodeParams& p = tp.p;
+  const int lane = threadIdx.x & 31;
+  const int box_rows = tma_box_rows(p.page_size);
+  const int* block_table = reinterpret_cast<const int*>(p.block_table);
+  uint32_t free_phase = 0;  // bit buf: the parity of free[buf][half] this warp waits for next, flipped
+  for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
+    const int len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
+    const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
+    for (int it = 0; it < n_tiles; it += 2) {
+#pragma unroll
+      for (int buf = 0; buf < 2; ++buf) {
+        const int tile = it + buf, t0 = (seg.blk_lo + tile) * N;
+        const int groups = tile < n_tiles ? (min(len - t0, N) + box_rows - 1) / box_rows : 0;
+        int page[kGroupIters];  // read before the wait: the block table's latency hides behind it
+#pragma unroll
+        for (int k = 0; k < kGroupIters; ++k) {
+          const int grp = lane + 32 * k;
+          page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
+        }
+        // the first wait on each free barrier passes (the phase before a fresh barrier's counts as complete)
+        mbarrier_wait(s_free + 8 * (2 * buf + half), ((free_phase >> buf) & 1u) ^ 1u);
+        free_phase ^= 1u << buf;
+        if (groups == 0) continue;
+        const bool rope = (buf == 0) == (half == 1);
+        const uint32_t stage = s_k0 + buf * L::kStageBytes, bars = s_full + 8 * buf * U;
+        if (lane == 0) {
+#pragma unroll
+          for (int blk = 0; blk < HB; ++blk)
+            mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * KN::kRowBytes);
+          if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * KP::kBlocks * KP::kRowBytes);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < kGroupIters; ++k) {
+          const int grp = lane + 32 * k;
+          if (grp < groups) {
+            const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
+#pragma unroll
+            for (int blk = half * HB; blk < half * HB + HB; ++blk)
+              tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok,
+                          page[k]);
+            if (rope) {
+#pragma unroll
+              for (int blk = 0; blk < KP::kBlocks; ++blk)
+                tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
+                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const __grid_constant__ TmaParams tp) {
   using L = Layout<Cfg>;
   const DecodeParams& p = tp.p;
   using KV = typename Cfg::KVType;
@@ -173,19 +248,38 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   if (s_base & 1023u) __trap();  // the swizzle atoms of the descriptors need 1024-byte alignment
   const uint32_t s_qn = s_base + L::kOffQn, s_qp = s_base + L::kOffQp;
   const uint32_t s_k0 = s_base + L::kOffKV, s_k1 = s_k0 + L::kStageBytes;
-
   const int tid = threadIdx.x, lane = tid & 31;
   // lane 0's value: the compiler then knows it is warp-uniform (descriptors live in uniform registers)
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  const int part = blockIdx.y;
+
+  // ---- mbarriers. full[buf][unit] (units 0 .. 2 HB - 1 = the 64-column ckv blocks, 2 HB = the rope panel): the
+  //      unit's boxes landed (one arrival: the producer's expect_tx). free[buf][half]: the four warps of the WG
+  //      that frees the half (the last reader of its tile) are done with it.
+  constexpr int U = L::kUnits;
+  const uint32_t s_bars = s_base + L::kOffBars, s_free = s_base + L::kOffFree;
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < 2 * U; ++i) mbarrier_init(s_bars + 8 * i, 1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mbarrier_init(s_free + 8 * i, 4);
+    fence_mbarrier_init();
+  }
+  __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
+  if (warp >= 8) {
+    setmaxnreg_dec<L::kProducerRegs>();
+    if (warp < 10) produce<Cfg>(tp, part, warp - 8, s_k0, s_bars, s_free);
+    return;
+  }
+  setmaxnreg_inc<L::kConsumerRegs>();
+
   const int wg = warp >> 2;                // 0: O_L, S0 over K0; 1: O_R, S1 over K1
   const int wrow = (warp & 3) * 16;        // first tile row of this warp in the m64 accumulators
   const int g = lane >> 2, tq = lane & 3;  // accumulator rows wrow + g (+ 8), columns 8 j + 2 tq (+ 1)
   const int team = (tid & 127) >> 3, tl = tid & 7;  // copy team inside the warpgroup
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * M;
-  const int part = blockIdx.y;
   const float scale_log2 = p.sm_scale * kLog2e;
-  const int* block_table = reinterpret_cast<const int*>(p.block_table);
 
   // ---- descriptors (warp-uniform). Q K^T over this WG's buffer: ckv, then the rope.
   const uint32_t s_kown = wg ? s_k1 : s_k0;
@@ -203,16 +297,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const uint32_t red_own = s_base + L::kOffRedSum + 4 * (wg * M + wrow + g);
   const uint32_t red_other = s_base + L::kOffRedSum + 4 * ((wg ^ 1) * M + wrow + g);
 
-  // ---- mbarriers, one per (buffer, unit): units 0 .. 2 HB - 1 = the 64-column ckv blocks, 2 HB = the rope panel.
-  //      Bit i of `phase`: the parity this thread waits for next on barrier i.
-  constexpr int U = L::kUnits;
-  const uint32_t s_bars = s_base + L::kOffBars;
-  if (tid == 0) {
-#pragma unroll
-    for (int i = 0; i < 2 * U; ++i) mbarrier_init(s_bars + 8 * i, 1);
-    fence_mbarrier_init();
-  }
-  __syncthreads();
+  // Bit i of `phase`: the parity this thread waits for next on full barrier i.
   uint32_t phase = 0;
   auto wait_unit = [&](int buf, int unit) {
     const int i = buf * U + unit;
@@ -224,70 +309,18 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     if (wait) wait_unit(buf, unit);
     else phase ^= 1u << (buf * U + unit);
   };
-  const bool issuer = (warp & 3) == 0;       // warp 0 of each WG issues its halves' TMA boxes
-  const int box_rows = tma_box_rows(p.page_size);
+  // This warp is done with half `half` of buffer `buf` (its wgmmas reading it retired): the producer may load
+  // the next tile there once the WG's four warps said so. Every pair frees all four halves, a missing K1 too.
+  auto release = [&](int buf, int half) {
+    if (lane == 0) mbarrier_arrive(s_free + 8 * (2 * buf + half));
+  };
   const int bar_local = wg ? kBarLocal1 : kBarLocal0;
 
-  for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
+  for_each_segment<Cfg, kBarConsumers>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
-    const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
 
-    // ---- TMA of kv tile `it` (segment-relative) into buffer `buf`: ckv half `half` and, when `rope`, the rope
-    //      panel; by the 32 lanes of an issuing warp, lane l taking the boxes of row groups l and l + 32 (b rows
-    //      each). find() reads the block table (early, so that its latency hides before a wait); issue() gives
-    //      each unit's mbarrier the bytes of the groups before the length, then issues their boxes.
-    constexpr int kGroupIters = 2;  // ceil(64 groups of one row / 32 lanes)
-    int g_page[kGroupIters];
-    auto groups_of = [&](int it) {
-      const int valid = len - (seg.blk_lo + it) * N;
-      return (min(valid, N) + box_rows - 1) / box_rows;
-    };
-    auto find = [&](int it) {
-      const int t0 = (seg.blk_lo + it) * N, groups = groups_of(it);
-#pragma unroll
-      for (int k = 0; k < kGroupIters; ++k) {
-        const int grp = lane + 32 * k;
-        g_page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
-      }
-    };
-    auto issue = [&](int it, int buf, int half, bool rope) {
-      const int t0 = (seg.blk_lo + it) * N, groups = groups_of(it);
-      const uint32_t stage = buf ? s_k1 : s_k0, bars = s_bars + 8 * buf * U;
-      if (lane == 0) {
-#pragma unroll
-        for (int blk = 0; blk < HB; ++blk)
-          mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * KN::kRowBytes);
-        if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * KP::kBlocks * KP::kRowBytes);
-      }
-      __syncwarp();
-#pragma unroll
-      for (int k = 0; k < kGroupIters; ++k) {
-        const int grp = lane + 32 * k;
-        if (grp < groups) {
-          const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
-#pragma unroll
-          for (int blk = half * HB; blk < half * HB + HB; ++blk)
-            tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok,
-                        g_page[k]);
-          if (rope) {
-#pragma unroll
-            for (int blk = 0; blk < KP::kBlocks; ++blk)
-              tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
-                          bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, g_page[k]);
-          }
-        }
-      }
-    };
-    // Reissues half `half` of buffer `buf` (this WG's: K0L/K1L in WG0, K0R/K1R in WG1) with tile `next`, when
-    // there is one, once every warp of the WG is past its last wgmma reading that half (barrier `local`); warp 0
-    // issues. Half and barrier come in as literals (wg and bar_local instead change the SASS).
-    auto reissue = [&](int next, int buf, int half, bool rope, int local) {
-      if (next >= n_tiles) return;
-      bar_sync(local, 128);
-      if (issuer) issue(next, buf, half, rope);
-    };
     // Zeroes this WG's V columns (ckv half wg) of the rows past the length in `stage` when tile `it` is the
     // request's last and not full, then makes it visible to the WG's wgmma (before its P V).
     auto zero_tail = [&](uint32_t stage, int it) {
@@ -302,16 +335,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       bar_sync(bar_local, 128);
     };
 
-    // ---- prologue: the boxes of tiles 0 (K0) and 1 (K1); Q by cp.async (own ckv half; WG1 also the rope),
-    //      waited for by all threads
-    if (issuer) {
-      find(0);
-      issue(0, 0, wg, wg == 1);
-      if (1 < n_tiles) {
-        find(1);
-        issue(1, 1, wg, wg == 0);
-      }
-    }
+    // ---- prologue: Q by cp.async (own ckv half; WG1 also the rope), waited for by all consumers; the
+    //      producer loads the kv tiles meanwhile
 #pragma unroll
     for (int k = 0; k < L::ITERS; ++k) {
       const int m = team + k * L::TEAMS;
@@ -330,7 +355,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
-    __syncthreads();
+    bar_sync(kBarConsumers, 256);
 
     // ---- row state: rows wrow + g + 8 hh of the tile (the same rows in both warpgroups)
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -441,7 +466,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       if (wg == 0) {
         // ---- S0 = Q K0^T
         qk(sacc, 0, true);
-        if (issuer && it + 2 < n_tiles) find(it + 2);
         wgmma_wait<0>();
         fence_regs(sacc);
 
@@ -465,7 +489,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        reissue(it + 2, 0, 0, false, kBarLocal0);  // K0L is free
+        release(0, 0);  // K0L
         // ---- P1, m1 from WG1; scale1 = 2^(m0 - m1)
         bar_sync(kBarP1, 256);
 #pragma unroll
@@ -487,10 +511,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
             wgmma_ss<CW, KV, 1>(o, desc_add(d_p1, PP::step(kk)), desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
           wgmma_commit();
         }
-        if (issuer && it + 3 < n_tiles) find(it + 3);
         wgmma_wait<0>();
         fence_regs(o);
-        reissue(it + 3, 1, 0, true, kBarLocal0);  // K1L (ckv-left + rope, and P1) is free
+        release(1, 0);  // K1L (ckv-left + rope, and P1)
       } else {
         // ---- S1 = Q K1^T. Issued even without a K1 tile (its scores are then overwritten by -inf in softmax; a
         //      wgmma issue under a branch makes ptxas serialize the following wgmmas); only the waits depend on it.
@@ -516,7 +539,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         for (int kk = 0; kk < N / 16; ++kk)
           wgmma_ss<CW, KV, 1>(o, desc_add(d_p0, PP::step(kk)), desc_add(d_v0, 16 * kk * KN::kRowBytes), 1);
         wgmma_commit();
-        if (issuer && it + 2 < n_tiles) find(it + 2);
 
         // ---- softmax S1 against m0 -> m1; publish P1, m1
         softmax(sacc, it + 1, has_k1, m_mid, m_end, sc1, lsum, red_m1);
@@ -525,7 +547,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        reissue(it + 2, 0, 1, true, kBarLocal1);  // K0R (ckv-right + rope, and P0) is free
+        release(0, 1);  // K0R (ckv-right + rope, and P0)
         rescale(sc1);
         l_run[0] += lsum[0];
         l_run[1] += lsum[1];
@@ -541,11 +563,10 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
             wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
           wgmma_commit();
         }
-        if (issuer && it + 3 < n_tiles) find(it + 3);
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        reissue(it + 3, 1, 1, false, kBarLocal1);  // K1R is free
+        release(1, 1);  // K1R
       }
       m_run[0] = m_end[0];
       m_run[1] = m_end[1];
@@ -558,7 +579,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       sts_f32(red_own, l_run[0]);
       sts_f32(red_own + 32, l_run[1]);
     }
-    __syncthreads();
+    bar_sync(kBarConsumers, 256);
     l_run[0] += lds_f32(red_other);
     l_run[1] += lds_f32(red_other + 32);
 
@@ -570,7 +591,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       write_result_row<Cfg, OV / 4>(p, seg, r, wg * CW + 2 * tq, l_run[hh], m_run[hh], 1.f, wg == 0 && tq == 0,
                                     [&](int j) { return make_float2(o[4 * j + 2 * hh], o[4 * j + 2 * hh + 1]); });
     }
-    __syncthreads();  // the next segment rewrites Q, the kv buffers and the exchange arrays
+    bar_sync(kBarConsumers, 256);  // the next segment rewrites Q and the exchange arrays
   });
 }
 
@@ -585,7 +606,7 @@ inline int launch_decode(const DecodeParams& p, uint64_t stream) {
   if (!err)
     err = encode_paged_map(&tp.kpe, p.kpe, L::R, p.page_size, p.num_pages, p.kpe_stride_tok, p.kpe_stride_page,
                            L::KP::kBlockCols, L::KP::kRowBytes);
-  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
 }
 
 }  // namespace seesaw
