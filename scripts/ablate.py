@@ -41,32 +41,25 @@ _FIRST_PAIR_WAITS = (
     Edit("seesaw.cuh", "        qk(sacc, 0, true);", "        qk(sacc, 0, it == 0);"),
     Edit("seesaw.cuh", "        qk(sacc, 1, has_k1);", "        qk(sacc, 1, has_k1 && it == 0);"),
 )
-# a TMA box as an empty asm with the same operands: the address math stays, nothing is loaded or awaited
-_TMA_OR_NOT = """__device__ __forceinline__ void tma_load_or_not(bool real, uint32_t dst, const CUtensorMap* map,
-                                                uint32_t bar, int c0, int c1, int c2) {
-  if (real) tma_load_3d(dst, map, bar, c0, c1, c2);
-  else asm volatile("" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
-                    : "memory");
-}
-"""
-
 # "timeline": clock64 per event of warp 0 of each WG in CTA (0, 0), request 0's first 64 pairs, into a __device__
 # array that the launcher prints after its third call
-_STAMP = """__device__ unsigned long long g_stamps[2][64][12];
+_STAMP = """__device__ unsigned long long g_stamps[4][64][12];
 #define STAMP(e) \\
   if (blockIdx.x + blockIdx.y == 0 && (threadIdx.x & 127) == 0 && seg.req == 0 && it < 128) \\
   g_stamps[wg][it / 2][e] = clock64()
+#define PSTAMP(e) \\
+  if (blockIdx.x + blockIdx.y == 0 && lane == 0 && seg.req == 0 && it < 128) g_stamps[2 + half][it / 2][e] = clock64()
 """
 _PRINT_STAMPS = """  if (err) return err;
-  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
   static int calls = 0;
   if (err || ++calls != 3) return err;
-  static unsigned long long st[2][64][12];
+  static unsigned long long st[4][64][12];
   cudaDeviceSynchronize();
   cudaMemcpyFromSymbol(st, g_stamps, sizeof(st));
-  for (int w = 0; w < 2; ++w)
+  for (int w = 0; w < 4; ++w)
     for (int i = 0; i < 64 && st[w][i][0]; ++i) {
-      fprintf(stderr, "stamp wg%d pair %2d:", w, i);
+      fprintf(stderr, w < 2 ? "stamp wg%d pair %2d:" : "stamp producer%d pair %2d:", w % 2, i);
       for (int e = 0; e < 12; ++e)
         fprintf(stderr, " %lld", st[w][i][e] ? static_cast<long long>(st[w][i][e] - st[0][0][0]) : -1LL);
       fprintf(stderr, "\\n");
@@ -90,63 +83,53 @@ def _stamp_between(first: str, second: str, event: int) -> Edit:
 _TIMELINE = (
     Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
     Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", _STAMP + "\ntemplate <class Cfg>\nstruct Layout {"),
-    Edit("seesaw.cuh", "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n}",
+    Edit("seesaw.cuh", "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}",
          _PRINT_STAMPS),
     # WG0
     _stamp("        qk(sacc, 0, true);\n", before=0, after=1),
     _stamp_between("        fence_regs(sacc);\n", "\n        // ---- softmax S0", 2),
     _stamp("        zero_tail(s_k0, it);\n        fence_proxy_async();\n        bar_sync(kBarP0, 256);\n", after=3),
-    _stamp("        reissue(it + 2, 0, 0, false, kBarLocal0);  // K0L is free\n", before=4, after=5),
+    _stamp("        release(0, 0);  // K0L\n", before=4),
     _stamp_between("        bar_sync(kBarP1, 256);\n",
                    "#pragma unroll\n        for (int hh = 0; hh < 2; ++hh) {\n          m_end", 6),
-    _stamp("        if (issuer && it + 3 < n_tiles) find(it + 3);\n        wgmma_wait<0>();\n        fence_regs(o);\n"
-           "        reissue(it + 3, 1, 0, true, kBarLocal0);  // K1L (ckv-left + rope, and P1) is free\n",
+    _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n        release(1, 0);  // K1L (ckv-left + rope, and P1)\n",
            before=7, after=9),
     # WG1
     _stamp("        qk(sacc, 1, has_k1);\n", before=0, after=1),
     _stamp_between("        bar_sync(kBarP0, 256);\n", "#pragma unroll\n", 2),
     _stamp("          sc0[hh] = m_mid[hh] != m_run[hh] ? fast_exp2(m_run[hh] - m_mid[hh]) : 1.f;\n        }\n",
            after=3),
-    _stamp("        if (issuer && it + 2 < n_tiles) find(it + 2);\n\n        // ---- softmax S1", before=4),
+    _stamp("\n        // ---- softmax S1", before=4),
     _stamp("        fence_proxy_async();\n        bar_sync(kBarP1, 256);\n", after=5),
-    _stamp("        reissue(it + 2, 0, 1, true, kBarLocal1);  // K0R (ckv-right + rope, and P0) is free\n",
-           before=6, after=7),
-    _stamp("        if (issuer && it + 3 < n_tiles) find(it + 3);\n        wgmma_wait<0>();\n        fence_regs(o);\n"
-           "        fence_regs(pa);\n        reissue(it + 3, 1, 1, false, kBarLocal1);  // K1R is free\n",
+    _stamp("        release(0, 1);  // K0R (ckv-right + rope, and P0)\n", before=6),
+    _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n        fence_regs(pa);\n        release(1, 1);  // K1R\n",
            before=8, after=10),
+    # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
+    Edit("seesaw.cuh", "        free_phase ^= 1u << buf;\n",
+         "        free_phase ^= 1u << buf;\n        PSTAMP(2 * buf);\n"),
+    Edit("seesaw.cuh", "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);\n"
+         "            }\n          }\n        }\n",
+         "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);\n"
+         "            }\n          }\n        }\n        PSTAMP(2 * buf + 1);\n"),
 )
 
 
 ABLATIONS: dict[str, Ablation] = {
     "no-loads": Ablation(
-        "seesaw", "no kv boxes after the first pair: no reissue (no WG barrier, no issue code), no waits",
-        (Edit("seesaw.cuh", "      if (next >= n_tiles) return;\n", "      return;\n"), *_FIRST_PAIR_WAITS)),
-    "no-tma-issue": Ablation(
-        "seesaw", "no kv boxes after the first pair and no waits, but every reissue kept (WG barrier, find, the issue "
-        "loop), its TMA and expect_tx instructions replaced by nothing: no-loads minus this is the issue code's cost",
-        (Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {",
-              _TMA_OR_NOT + "\ntemplate <class Cfg>\nstruct Layout {"),
-         Edit("seesaw.cuh", "          mbarrier_arrive_expect_tx(", "          if (it < 2) mbarrier_arrive_expect_tx("),
-         Edit("seesaw.cuh", "        if (rope) mbarrier_arrive_expect_tx(",
-              "        if (rope && it < 2) mbarrier_arrive_expect_tx("),
-         Edit("seesaw.cuh", "tma_load_3d(stage", "tma_load_or_not(it < 2, stage", count=2),
+        "seesaw", "no kv boxes after a segment's first pair (the producer still waits for the frees), no waits",
+        (Edit("seesaw.cuh", "        if (groups == 0) continue;\n", "        if (groups == 0 || it > 0) continue;\n"),
          *_FIRST_PAIR_WAITS)),
-    # `local >= 0` (always true) keeps reissue's barrier parameter referenced: nvcc would warn otherwise
-    "no-reissue-barrier": Ablation(
-        "seesaw", "the issuing warp reissues a half right after its own wgmma wait, without the WG barrier that waits "
-        "for the other three warps' (FlashMLA's way; racy in principle: the cost of that barrier)",
-        (Edit("seesaw.cuh", "      bar_sync(local, 128);\n      if (issuer) issue(next, buf, half, rope);",
-              "      if (issuer && local >= 0) issue(next, buf, half, rope);"),)),
     "timeline": Ablation(
         "seesaw", "not an ablation: clock64 per event of CTA (0, 0), printed to stderr after the third call "
         "(scripts/kernel_times.py SHAPE --family seesaw --calls 3), in cycles since WG0's first stamp (-1: not "
-        "reached). WG0: 0 pair start, 1 S0's boxes landed, 2 S0 retired, 3 P0 handed over, 4 P0 V0_L retired, 5 K0L "
-        "reissued, 6 P1 received, 7 P1 V1_L issued, 9 K1L reissued; WG1: 0 pair start, 1 S1's boxes landed, 2 P0 "
-        "received, 3 S1 retired, 4 P0 V0_R issued, 5 P1 handed over, 6 P0 V0_R retired, 7 K0R reissued, 8 P1 V1_R "
-        "issued, 10 K1R reissued",
+        "reached). WG0: 0 pair start, 1 S0's boxes landed, 2 S0 retired, 3 P0 handed over, 4 P0 V0_L retired (K0L "
+        "freed), 6 P1 received, 7 P1 V1_L issued, 9 K1L freed; WG1: 0 pair start, 1 S1's boxes landed, 2 P0 "
+        "received, 3 S1 retired, 4 P0 V0_R issued, 5 P1 handed over, 6 P0 V0_R retired (K0R freed), 8 P1 V1_R "
+        "issued, 10 K1R freed; producer0 / producer1 (left / right halves): 0 K0's half free, 1 its boxes issued, "
+        "2 K1's half free, 3 its boxes issued",
         _TIMELINE),
     "eighth-boxes": Ablation(
-        "seesaw", "every TMA box 1/8 of its rows: the same boxes, waits and reissues, 1/8 of the bytes",
+        "seesaw", "every TMA box 1/8 of its rows: the same boxes, waits and frees, 1/8 of the bytes",
         (Edit("sm90.cuh", "static_cast<cuuint32_t>(tma_box_rows(page_size)), 1u};",
               "static_cast<cuuint32_t>(tma_box_rows(page_size) / 8), 1u};"),
          Edit("seesaw.cuh", "groups * box_rows * KN::kRowBytes);", "groups * box_rows * KN::kRowBytes / 8);"),
