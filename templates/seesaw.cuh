@@ -2,17 +2,19 @@
 //
 // Work: the same contract as wgmma.cuh (grid (row blocks, parts), 64 packed query rows r = s * heads + h per CTA,
 // rows past s_q * heads are zero padding, never written; for_each_segment; out/lse or partial o/lse). Any head
-// count is correct; the design pays off from 64 packed rows up (128 heads: one CTA per 64 rows, both MMA-bound).
+// count is correct; it is measured ahead of wgmma from 40 packed rows up (PERF.md; dispatch takes it from 64).
 //
-// Threads: two warpgroups, WG0 (warps 0-3) and WG1 (warps 4-7), 1 CTA per SM. WG0 owns O_L = O[:, 0 .. C/2),
+// Threads: 1 CTA per SM of three warpgroups: two consumers, WG0 (warps 0-3) and WG1 (warps 4-7), and a producer
+// (warps 8-11: warp 8 loads the ckv-left halves, warp 9 the right ones, 10 and 11 idle) that gives its registers
+// to the consumers (setmaxnreg: 40 each, the consumers 232; 168 at launch). WG0 owns O_L = O[:, 0 .. C/2),
 // WG1 owns O_R = O[:, C/2 .. C), fp32 in registers (C/4 per thread: 128 at C = 512). A segment's kv tiles are
 // taken in PAIRS: tile 2i lives in buffer K0, tile 2i+1 in buffer K1 (a missing K1 at an odd count is skipped and
 // counts as fully masked). Per pair (row state: a lazy running max m per row, the same in both WGs; each WG keeps
 // its own partial row sum l, rescaled together with its half of O):
 //   WG0: S0 = Q K0^T (m64n64k16, SS, C + R deep) -> softmax S0 against m: m0 = m unless a row max exceeds m by
 //        more than 8 (log2 domain), then m0 = that max and scale0 = 2^(m - m0) rescales O_L, l0 -> P0 to shared
-//        memory and m0 to red_max[0] (publish P0) -> O_L += P0 V0_L (RS: P0 from registers), retired and K0L's
-//        next boxes issued -> wait for P1 -> scale1 = 2^(m0 - m1) (1 unless WG1 moved m) rescales O_L, l0 ->
+//        memory and m0 to red_max[0] (publish P0) -> O_L += P0 V0_L (RS: P0 from registers), retired and K0L
+//        freed -> wait for P1 -> scale1 = 2^(m0 - m1) (1 unless WG1 moved m) rescales O_L, l0 ->
 //        O_L += P1 V1_L (SS) -> m = m1.
 //   WG1: S1 = Q K1^T -> wait for P0 (and S1) -> scale0 (from m, m0) rescales O_R, l1 -> O_R += P0 V0_R (SS, runs
 //        while WG1 does its softmax) -> softmax S1 against m0 -> m1, scale1, P1 to shared memory and m1 to red_max[1]
@@ -24,15 +26,18 @@
 // Loads (TMA, any page size): the cache is two 3-D tensor maps (ckv, kpe: {width, page_size, pages}), a box is
 // 64 columns x b rows of one page, b = the largest power of two dividing the page size, at most 64 (sm90.cuh
 // tma_box_rows); boxes wholly past the length are not loaded. Each kv buffer has an mbarrier per unit: its 2 C /
-// 128 ckv column blocks and its rope panel (one arrival: the issuer's expect_tx of the unit's bytes). The halves
-// a WG issues: K0L = K0 ckv-left, K0R = K0 ckv-right + rope, K1L = K1 ckv-left + rope, K1R = K1 ckv-right (the
-// rope goes with the half that frees last). Warp 0 of a WG issues the next pair's boxes into a half as soon as
-// every warp of the WG passed the wait of its last reader of that half (a WG-local barrier):
-//   WG0: K0L (tile 2i+2) after O_L += P0 V0_L, before waiting for P1   | K1L (tile 2i+3) after O_L += P1 V1_L
-//   WG1: K0R (tile 2i+2) after O_R += P0 V0_R                          | K1R (tile 2i+3) after O_R += P1 V1_R
+// 128 ckv column blocks and its rope panel ("full": one arrival, the producer's expect_tx of the unit's bytes).
+// The halves: K0L = K0 ckv-left, K0R = K0 ckv-right + rope, K1L = K1 ckv-left + rope, K1R = K1 ckv-right (the
+// rope goes with the half that frees last). Each half has a "free" mbarrier (count 4): every warp of the WG that
+// reads the half last arrives on it once its wgmmas reading the half retired, and the producer warp of that
+// half issues the next tile's boxes into it when it completes:
+//   WG0 frees K0L after O_L += P0 V0_L, before waiting for P1  | K1L after O_L += P1 V1_L
+//   WG1 frees K0R after O_R += P0 V0_R                         | K1R after O_R += P1 V1_R
+// Every pair frees all four halves (a missing K1 too), so the producer runs on into the next segment's tiles.
 // The loads are the kernel's loop-carried chain (K1's boxes go out at a pair's end and S1 needs them at the next
-// pair's start; a 72 KB tile takes about 2700 cycles to land, PERF.md), so every half goes out as early as its
-// readers allow: K0L before WG0 waits for P1, not after (318 against 338 us, case 2).
+// pair's start; a 72 KB tile takes about 2800 cycles to land, PERF.md), so every half is freed as early as its
+// readers allow. Issuing a half costs its warp about 800 cycles (4-5 boxes; PERF.md, eighth session): on a
+// producer warp that is no longer on the consumers' path (case 2: 312 -> 277 us).
 // Q K^T waits unit by unit (ckv-left, ckv-right, the rope), so its first k-steps run while later boxes land (in
 // S1, K1L's boxes went out before K1R's); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas.
 // The other WG's V half (WG0: K1 left blocks, WG1: K0 right blocks) is not waited for again: that WG waited in
@@ -42,26 +47,27 @@
 // its wait.
 // V rows past the length in a request's last tile (whatever the page holds there, or an older tile where no box
 // was loaded) are zeroed by the WG that multiplies them, before its P V: P is 0 there, but 0 x inf is NaN.
-// Q comes in with cp.async at a segment's start (each WG its ckv half, WG1 the rope), waited for by all.
+// Q comes in with cp.async at a segment's start (each WG its ckv half, WG1 the rope), waited for by all consumers.
 //
-// Barriers (named barrier.sync, ids 3-6; each id always with the same thread count, every use unconditional for
-// its threads). The cross ids hand P from one WG (the producer of the line) to the other; both sync, so a
-// producer also waits for its consumer to arrive (see bar_sync for why not bar.arrive):
+// Barriers (named barrier.sync, ids 1 and 3-6; each id always with the same thread count, every use unconditional
+// for its threads; all 384 threads meet only once, after the mbarrier inits). The cross ids hand P from one WG
+// to the other; both sync, so the publishing WG also waits for the other to arrive (see bar_sync for why not
+// bar.arrive):
+//   1 CONSUMERS 256: the consumers' CTA barrier (Q loaded, the epilogue, merge_if_last's vote).
 //   3 P0     256: WG0 stored P0 + m0 (fenced); WG1 reads m0 and issues P0 V0_R after it.
 //   4 P1     256: WG1 stored P1 + m1 (fenced); WG0 reads m1 and issues P1 V1_L after it.
-//   5 LOCAL0 128, 6 LOCAL1 128: inside WG0 / WG1, before a TMA issue (every warp's wgmma reading the half retired)
-//                 and after zeroing V rows (visible to the WG's wgmma).
-// WAR hazards: a buffer half is rewritten only after every WG that reads it waited for its wgmmas: the issuing
-// WG's own (LOCAL) and the other WG's, which retired before that WG reached P0 / P1, which the issuer synced on
-// too. P0 / P1 and red_max[0/1] are rewritten at pair i+1 only after the loads of pair i+1 landed, issued after
-// their readers of pair i were done.
+//   5 LOCAL0 128, 6 LOCAL1 128: inside WG0 / WG1, after zeroing V rows (visible to the WG's wgmma).
+// WAR hazards: a buffer half is rewritten only after every WG that reads it waited for its wgmmas: the freeing
+// WG's own (its four arrivals) and the other WG's, which retired before that WG reached P0 / P1, which the
+// freeing WG synced on before freeing. P0 / P1 and red_max[0/1] are rewritten at pair i+1 only after the loads
+// of pair i+1 landed, issued after their readers of pair i were done.
 //
 // Shared memory (dynamic, 1024-byte aligned, wgmma.cuh panels: 64-column blocks of 128-byte swizzled rows):
 //   Q ckv [64][C] | Q rope [64][R] | K0 (ckv [64][C] | rope [64][RK]) | K1 (same) | red_max [2][64] fp32 |
-//   red_sum [2][64] fp32 | mbarriers [2][2 C / 128 + 1].
+//   red_sum [2][64] fp32 | full mbarriers [2][2 C / 128 + 1] | free mbarriers [2][2].
 // RK = R, or 64 when R < 64 (the columns past R are TMA's zero fill). P0 and P1 live in the first rope block of
 // K0 / K1 (dead after that tile's Q K^T; freed together with the half that holds the rope), so 512/64 needs
-// 72 + 2 x 72 + 1 KB + 144 B = 217 KB.
+// 72 + 2 x 72 + 1 KB + 176 B = 217 KB.
 // Epilogue: as wgmma.cuh (row sums over the quad and both WGs through red_sum; normalise; out + lse or partial).
 #pragma once
 #include "wgmma.cuh"
@@ -72,10 +78,10 @@ namespace seesaw {
 using namespace sm90;  // wgmma, descriptors, panels, mbarriers, TMA
 
 // Named barriers (id, thread count), ordering the shared memory accesses of the participating threads like
-// __syncthreads does. The hand-offs between the warpgroups sync on both sides: a bar.arrive on the producing
+// __syncthreads does. The hand-offs between the warpgroups sync on both sides: a bar.arrive on the publishing
 // side would order the same accesses by the PTX memory model, but compute-sanitizer's racecheck does not
 // model arrive -> sync and reports every hand-off as a hazard; both warpgroups reach each barrier in the
-// same order (K0R, K1L, P0, P1), so the symmetric syncs cannot deadlock.
+// same order (P0, P1 per pair, CONSUMERS per segment), so the symmetric syncs cannot deadlock.
 // The warpgroups reach a cross barrier from different code (the two branches of wg == 0), which the
 // .aligned form (bar.sync) does not allow: PTX asks all threads of the CTA to take an aligned barrier's
 // branch alike, and synccheck reports "divergent threads" for it. barrier.sync is the unaligned form.
