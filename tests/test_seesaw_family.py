@@ -1,7 +1,7 @@
 """The seesaw family (templates/seesaw.cuh): sm_90a only, dispatch's family there from 64 query rows on (16-bit
 caches), tile rules, the shared-memory formula, and (slow, real nvcc) builds with no spills and no warnings whose SASS
 carries HGMMA 64x64 (S per warpgroup) and 64xCW (P V, V read transposed, P from registers and from shared memory)
-and TMA loads; on a GPU, the page sizes the main matrix lacks (TMA boxes of 1, 16 and 64 rows, tiles inside one
+and TMA loads by a producer warpgroup (setmaxnreg); on a GPU, the page sizes the main matrix lacks (TMA boxes of 1, 16 and 64 rows, tiles inside one
 page)."""
 from __future__ import annotations
 
@@ -139,6 +139,10 @@ def test_seesaw_sass_uses_hgmma(seesaw_entry):
     assert len(rs) == 8                                         # own P from registers (RS) in both warpgroups
     assert "LDGSTS.E.BYPASS.128" in sass                        # 16-byte cp.async copies of Q
     assert "UTMALDG.3D" in sass and "SYNCS.PHASECHK" in sass    # kv boxes by TMA, mbarrier waits
+    # the producer warpgroup gives registers to the consumers
+    setmaxreg = [ln.split(";")[0].split() for ln in lines if "USETMAXREG" in ln]
+    assert sorted((w[1], w[-1]) for w in setmaxreg) == [("USETMAXREG.DEALLOC.CTAPOOL", "0x28"),  # 40
+                                                        ("USETMAXREG.TRY_ALLOC.CTAPOOL", "0xe8")], setmaxreg  # 232
     # named-barrier handshakes, synced on both sides (racecheck does not model bar.arrive)
     assert "BAR.SYNC.DEFER_BLOCKING 0x4, 0x100" in sass and "BAR.ARV" not in sass
     assert " LDL" not in sass and " STL" not in sass
