@@ -64,6 +64,25 @@ _PRINT_STAMPS = """  if (err) return err;
         fprintf(stderr, " %lld", st[w][i][e] ? static_cast<long long>(st[w][i][e] - st[0][0][0]) : -1LL);
       fprintf(stderr, "\\n");
     }
+  // the steady state: mean event times of pairs 2 .. n - 3 relative to WG0's start of the same pair (a
+  // producer's row belongs to the pair it loads for, so its events fall before 0), and the mean pair length
+  int n = 0;
+  while (n < 64 && st[0][n][0]) ++n;
+  if (n < 6) return 0;
+  double len = 0;
+  for (int i = 2; i < n - 3; ++i) len += static_cast<double>(st[0][i + 1][0] - st[0][i][0]);
+  fprintf(stderr, "steady pairs 2..%d: %.0f cycles per pair (WG0 start to start)\\n", n - 3, len / (n - 5));
+  for (int w = 0; w < 4; ++w) {
+    fprintf(stderr, w < 2 ? "mean wg%d:" : "mean producer%d:", w % 2);
+    for (int e = 0; e < 12; ++e) {
+      double sum = 0;
+      int k = 0;
+      for (int i = 2; i < n - 2; ++i)
+        if (st[w][i][e]) sum += static_cast<double>(static_cast<long long>(st[w][i][e] - st[0][i][0])), ++k;
+      if (k) fprintf(stderr, " e%d %+.0f", e, sum / k);
+    }
+    fprintf(stderr, "\\n");
+  }
   return 0;
 }"""
 
@@ -126,7 +145,8 @@ ABLATIONS: dict[str, Ablation] = {
         "freed), 6 P1 received, 7 P1 V1_L issued, 9 K1L freed; WG1: 0 pair start, 1 S1's boxes landed, 2 P0 "
         "received, 3 S1 retired, 4 P0 V0_R issued, 5 P1 handed over, 6 P0 V0_R retired (K0R freed), 8 P1 V1_R "
         "issued, 10 K1R freed; producer0 / producer1 (left / right halves): 0 K0's half free, 1 its boxes issued, "
-        "2 K1's half free, 3 its boxes issued",
+        "2 K1's half free, 3 its boxes issued; then each row's mean event times over the steady pairs, relative "
+        "to WG0's start of the same pair, and the mean pair length",
         _TIMELINE),
     "eighth-boxes": Ablation(
         "seesaw", "every TMA box 1/8 of its rows: the same boxes, waits and frees, 1/8 of the bytes",
