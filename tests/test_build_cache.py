@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from build_checks import builds_with_nvcc
 from conftest import REPO, run_cli
 from generator import jit
 from generator.build import build
@@ -250,8 +251,7 @@ def test_two_variants_load_in_one_process(built80: Built, built90: Built) -> Non
     assert compiles(built80.cxx_log) == 0  # the second variant reused the cached launcher
 
 
-@pytest.mark.needs_nvcc
-@pytest.mark.slow
+@builds_with_nvcc
 def test_eight_processes_build_once(cache_root: Path, tmp_path: Path) -> None:
     env, log, cxx_log = wrapped_env(tmp_path / "bin")
     spec, go = small_spec(Arch.SM90A), tmp_path / "go"
@@ -280,8 +280,7 @@ def test_eight_processes_build_once(cache_root: Path, tmp_path: Path) -> None:
     assert not temp_dirs(cache_root)
 
 
-@pytest.mark.needs_nvcc
-@pytest.mark.slow
+@builds_with_nvcc
 def test_sigkilled_build_leaves_no_entry_and_does_not_block(cache_root: Path, tmp_path: Path) -> None:
     env, log, cxx_log = wrapped_env(tmp_path / "bin")
     cmd = [sys.executable, "-m", "generator", "build", *SMALL, "--arch", "sm_90a"]
@@ -308,8 +307,7 @@ def test_sigkilled_build_leaves_no_entry_and_does_not_block(cache_root: Path, tm
     assert run_cli("cache", "verify", env=env).returncode == 0
 
 
-@pytest.mark.needs_nvcc
-@pytest.mark.slow
+@builds_with_nvcc
 @pytest.mark.parametrize("damage", ["truncated_so", "missing_meta", "meta_without_so", "truncated_launcher"])
 def test_corrupt_entry_is_reported_and_rebuilt(damage: str, built90: Built, cache_root: Path) -> None:
     shutil.copytree(built90.root, cache_root, symlinks=True)
@@ -339,8 +337,7 @@ def test_corrupt_entry_is_reported_and_rebuilt(damage: str, built90: Built, cach
 WGMMA_128 = ["--heads", "128", "--ckv", "512", "--rope", "64", "--family", "wgmma", "--arch", "sm_90a"]
 
 
-@pytest.mark.needs_nvcc
-@pytest.mark.slow
+@builds_with_nvcc
 def test_new_variant_with_a_cached_launcher_builds_in_about_nvcc_time(built90: Built, cache_root: Path,
                                                                        tmp_path: Path) -> None:
     shutil.copytree(built90.root, cache_root, symlinks=True)
@@ -510,8 +507,7 @@ def test_read_only_cache_prune_clear_and_verify_say_what_they_could_not_do(ro_ca
     assert verify.returncode == 1 and "cannot be rebuilt" in verify.stdout and "read-only" in verify.stdout
 
 
-@pytest.mark.needs_nvcc
-@pytest.mark.slow
+@builds_with_nvcc
 def test_a_full_disk_during_a_build_publishes_nothing(built90: Built, cache_root: Path, tmp_path: Path) -> None:
     import resource
 
@@ -547,8 +543,7 @@ def fake_version_nvcc(folder: Path, version: str) -> Path:
     return wrapper
 
 
-@pytest.mark.needs_nvcc
-@pytest.mark.slow
+@builds_with_nvcc
 def test_two_nvcc_versions_get_distinct_entries(built90: Built, cache_root: Path, tmp_path: Path) -> None:
     shutil.copytree(built90.root, cache_root, symlinks=True)
     shutil.rmtree(cache_root / "sm80", ignore_errors=True)
@@ -562,8 +557,7 @@ def test_two_nvcc_versions_get_distinct_entries(built90: Built, cache_root: Path
     assert sorted(e.meta()["toolchain"]["nvcc_version"] for e in entries) == versions
 
 
-@pytest.mark.needs_nvcc
-@pytest.mark.slow
+@builds_with_nvcc
 def test_template_that_does_not_compile(cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = tmp_path / "templates"
     shutil.copytree(templates_dir(), broken)

@@ -2,7 +2,6 @@
 and its SASS carries tensor-core and cp.async instructions (issue: mma family acceptance 3)."""
 from __future__ import annotations
 
-
 import pytest
 
 from build_checks import assert_clean_decode_kernel, builds_with_nvcc, built_entry, reads_sass, sass as sass_of

@@ -3,7 +3,6 @@ accumulators per thread), the shared-memory formula, dispatch for few rows, and 
 with no spills and no warnings whose SASS carries HGMMA with the query rows as n."""
 from __future__ import annotations
 
-
 import pytest
 
 from build_checks import assert_clean_decode_kernel, builds_with_nvcc, built_entry, reads_sass, sass as sass_of

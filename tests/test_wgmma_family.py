@@ -2,7 +2,6 @@
 real nvcc) a build with no spills and no warnings whose SASS carries HGMMA, V read transposed."""
 from __future__ import annotations
 
-
 import pytest
 
 from build_checks import assert_clean_decode_kernel, builds_with_nvcc, built_entry, reads_sass, sass as sass_of
