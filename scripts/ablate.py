@@ -36,7 +36,7 @@ class Ablation:
     edits: tuple[Edit, ...]
 
 
-# seesaw's Q K^T calls, waiting for their boxes only in the first pair (tiles 0 and 1, the prologue's loads)
+# seesaw's Q K^T calls, waiting for their boxes only in a segment's first pair (the tiles no-loads still loads)
 _FIRST_PAIR_WAITS = (
     Edit("seesaw.cuh", "        qk(sacc, 0, true);", "        qk(sacc, 0, it == 0);"),
     Edit("seesaw.cuh", "        qk(sacc, 1, has_k1);", "        qk(sacc, 1, has_k1 && it == 0);"),
@@ -102,7 +102,8 @@ def _stamp_between(first: str, second: str, event: int) -> Edit:
 _TIMELINE = (
     Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
     Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", _STAMP + "\ntemplate <class Cfg>\nstruct Layout {"),
-    Edit("seesaw.cuh", "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}",
+    Edit("seesaw.cuh",
+         "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}",
          _PRINT_STAMPS),
     # WG0
     _stamp("        qk(sacc, 0, true);\n", before=0, after=1),
@@ -111,7 +112,8 @@ _TIMELINE = (
     _stamp("        release(0, 0);  // K0L\n", before=4),
     _stamp_between("        bar_sync(kBarP1, 256);\n",
                    "#pragma unroll\n        for (int hh = 0; hh < 2; ++hh) {\n          m_end", 6),
-    _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n        release(1, 0);  // K1L (ckv-left + rope, and P1)\n",
+    _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n"
+           "        release(1, 0);  // K1L (ckv-left + rope, and P1)\n",
            before=7, after=9),
     # WG1
     _stamp("        qk(sacc, 1, has_k1);\n", before=0, after=1),
@@ -121,7 +123,8 @@ _TIMELINE = (
     _stamp("\n        // ---- softmax S1", before=4),
     _stamp("        fence_proxy_async();\n        bar_sync(kBarP1, 256);\n", after=5),
     _stamp("        release(0, 1);  // K0R (ckv-right + rope, and P0)\n", before=6),
-    _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n        fence_regs(pa);\n        release(1, 1);  // K1R\n",
+    _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n        fence_regs(pa);\n"
+           "        release(1, 1);  // K1R\n",
            before=8, after=10),
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
     Edit("seesaw.cuh", "        free_phase ^= 1u << buf;\n",

@@ -1,10 +1,9 @@
 """The seesaw family (templates/seesaw.cuh): sm_90a only, dispatch's family there from 64 query rows on (16-bit
 caches), tile rules, the shared-memory formula, and (slow, real nvcc) builds with no spills and no warnings whose SASS
 carries HGMMA 64x64 (S per warpgroup) and 64xCW (P V, V read transposed, P from registers and from shared memory)
-and TMA loads by a producer warpgroup (setmaxnreg); on a GPU, the page sizes the main matrix lacks (TMA boxes of 1, 16 and 64 rows, tiles inside one
-page)."""
+and TMA loads by a producer warpgroup (setmaxnreg); on a GPU, the page sizes the main matrix lacks (TMA boxes of 1,
+16 and 64 rows, tiles inside one page)."""
 from __future__ import annotations
-
 
 import pytest
 
