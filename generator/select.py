@@ -11,15 +11,15 @@ from generator.errors import SpecError
 from generator.spec import (FP8_FAMILIES, MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, narrow_max_rows,
                             smem_bytes)
 
-# Families with a template, fastest first (decide makes two exceptions on sm_90a: narrow where all rows fit
-# one narrow CTA, seesaw from SEESAW_MIN_ROWS rows on).
+# Families with a template, fastest first (decide makes two exceptions on sm_90a: seesaw from SEESAW_MIN_ROWS
+# rows on, narrow below that where all rows fit one narrow CTA).
 FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.SEESAW, Family.MMA, Family.SIMT)
-# seesaw over wgmma from 64 query rows on (H200, one `python -m mla_gen.bench --peers` run, 2026-11-30, us
-# seesaw / wgmma): B128 S4096 H128 321.5 / 350.6, B64 S8192 H128 s_q 2 581.4 / 637.7, B64 H128 ragged 198.9 /
-# 206.7, B4 S65536 H128 171.1 / 183.9, B128 S4096 H16 s_q 5 326.4 / 344.5, B128 S4096 H64 205.5 / 205.8; at 40
-# rows (padded to 64) wgmma was ahead, 195.6 / 197.9; the seventh session's run, after seesaw's S1 block order
-# changed, had seesaw ahead there, 191.0 / 195.9 (PERF.md): one more run before the bound comes down.
-SEESAW_MIN_ROWS = 64
+# seesaw from 40 query rows on, ahead of wgmma and narrow there (H200, `python -m mla_gen.bench --peers`, us
+# seesaw / other; PERF.md). Since its producer warpgroup (eighth session, two runs): B128 S4096 H40 183.0 and
+# 181.4 / wgmma 195.3 and 195.5 (the seventh session had 191.0 / 195.9, the sixth 197.9 / 195.6); MiniCPM3 B128
+# S4096 H40 c256/r32 121.6 / narrow 131.2; H64 191.1 / 206.9, H128 280.8 / 351.4. Below 40 rows narrow stays:
+# B128 S4096 H32 179.1 / 179.8 and H16 s_q 2 178.2 / 180.3 are even, H16 170.8 / 167.0 favours narrow.
+SEESAW_MIN_ROWS = 40
 # Why few heads do not go back to mma on sm_90a: wgmma pads rows to a 64-row tile, but measured it is
 # not slower there (H100 bench, same runs, us wgmma vs mma): B128 S4096 H16 238 vs 241, B32 S1024 H16
 # 40.3 vs 42.3, B128 S4096 H40 c256/r32 143 vs 201, B64 S8192 H128 s_q 2 623 vs 1078.
@@ -151,15 +151,16 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
                            f"memory, fp16 tensor-core math)")
     elif family is None:
         family = available[0]
-        if Family.NARROW in available and ckv_dim % 64 == 0 and rows <= narrow_max_rows(ckv_dim):
+        if Family.SEESAW in available and rows >= SEESAW_MIN_ROWS:
+            family = Family.SEESAW
+            reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on): two warpgroups trade "
+                           f"softmax and tensor-core work, a producer warpgroup loads kv by TMA; measured faster "
+                           f"than wgmma and narrow there on H200")
+        elif Family.NARROW in available and ckv_dim % 64 == 0 and rows <= narrow_max_rows(ckv_dim):
             family = Family.NARROW
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most "
                            f"{narrow_max_rows(ckv_dim)} at ckv {ckv_dim}): kv tokens on wgmma's M, no padding "
                            f"of the rows to 64")
-        elif Family.SEESAW in available and rows >= SEESAW_MIN_ROWS:
-            family = Family.SEESAW
-            reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on): two warpgroups trade "
-                           f"softmax and tensor-core work, kv by TMA; measured faster than wgmma there on H200")
         else:
             note = f" ({WGMMA_FEW_HEADS_NOTE})" if family is Family.WGMMA else ""
             reasons.append(f"family {family.value}: fastest of {[f.value for f in available]} on "

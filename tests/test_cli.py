@@ -134,7 +134,7 @@ def test_kv_dtype_defaults_to_the_q_dtype() -> None:
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_explicit_dims_take_the_variant_dispatch_picks(arch: str) -> None:
     """`build --heads ...` without --family makes what mla_decode loads for those rows (was: the arch's first
-    family, wgmma, which dispatch no longer picks for 16..32 rows or from 64 rows on)."""
+    family, wgmma, which dispatch no longer picks for 16..32 rows or from 40 rows on)."""
     from generator.select import decide
 
     rows = _json("list", "--heads", "16", "40", "128", "--ckv", "512", "--rope", "64", "--arch", arch,
@@ -143,8 +143,8 @@ def test_explicit_dims_take_the_variant_dispatch_picks(arch: str) -> None:
             for h in (16, 40, 128) for s_q in (1, 2)]
     assert [r["variant_id"] for r in rows] == list(dict.fromkeys(s.variant_id for s in want))
     families = [r["family"] for r in rows]
-    if arch == "sm_90a":  # 16 and 32 rows: narrow; 40: wgmma; 64 rows on: seesaw
-        assert families == ["narrow", "narrow", "wgmma", "seesaw", "seesaw"], families  # 128: one id for s_q 1, 2
+    if arch == "sm_90a":  # 16 and 32 rows: narrow; 40 rows on: seesaw (one id per head count for s_q 1, 2)
+        assert families == ["narrow", "narrow", "seesaw", "seesaw"], families
     else:
         assert set(families) == {"mma"}, families
 

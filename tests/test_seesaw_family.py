@@ -31,7 +31,7 @@ def test_seesaw_only_for_sm90a(arch: Arch) -> None:
         decide(arch=arch, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, family=Family.SEESAW)
 
 
-def test_dispatch_picks_seesaw_from_64_rows_on_sm90a() -> None:
+def test_dispatch_picks_seesaw_from_40_rows_on_sm90a() -> None:
     assert Family.SEESAW.min_cc == 90
     fams = families_for(Arch.SM90A)
     assert Family.SEESAW in fams and fams.index(Family.WGMMA) < fams.index(Family.SEESAW)
@@ -40,10 +40,13 @@ def test_dispatch_picks_seesaw_from_64_rows_on_sm90a() -> None:
     def family(heads: int, s_q: int = 1, arch: Arch = Arch.SM90A, **kw) -> Family:
         return decide(arch=arch, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q, **kw).spec.family
 
-    assert family(40) is Family.WGMMA  # 40 rows: padded to 64, wgmma measured ahead
     assert family(16, s_q=2) is Family.NARROW  # 32 rows fit one narrow CTA
-    for heads, s_q in ((64, 1), (128, 1), (128, 2), (16, 5), (32, 2)):  # 64 rows and more
+    assert family(36) is Family.WGMMA  # 33-39 rows at ckv 512: past narrow, below seesaw's 40
+    for heads, s_q in ((40, 1), (20, 2), (64, 1), (128, 1), (128, 2), (16, 5), (32, 2)):  # 40 rows and more
         assert family(heads, s_q) is Family.SEESAW, (heads, s_q)
+    # MiniCPM3's 40 heads fit one narrow CTA at ckv 256, yet seesaw was measured ahead (121.6 / 131.2 us)
+    minicpm3 = decide(arch=Arch.SM90A, num_heads=40, ckv_dim=256, rope_dim=32, dtype=BF16)
+    assert minicpm3.spec.family is Family.SEESAW
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=DType.FP16)
     assert d.spec.family is Family.SEESAW and any(r.startswith("family seesaw: 128 query rows") for r in d.reasons)
     assert family(128, kv_dtype=DType.FP8_E4M3) is Family.WGMMA  # seesaw has no fp8 path

@@ -78,10 +78,10 @@ def test_wgmma_sass_uses_hgmma(wgmma_entry):
     assert " LDL" not in sass and " STL" not in sass
 
 
-@pytest.mark.parametrize("heads, s_q", [(40, 1), (16, 3), (20, 2), (60, 1)])
+@pytest.mark.parametrize("heads, s_q", [(36, 1), (33, 1), (18, 2), (13, 3)])
 def test_dispatch_picks_wgmma_on_sm90a_between_narrow_and_seesaw_rows(heads: int, s_q: int) -> None:
     d = decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q)
-    # more than 32 rows at ckv 512 (narrow would need several row blocks), fewer than 64 (seesaw's)
+    # more than 32 rows at ckv 512 (narrow would need several row blocks), fewer than 40 (seesaw's)
     assert d.spec.family is Family.WGMMA
     assert "also for few heads" in d.reasons[0]
     assert decide(arch=Arch.SM80, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16).spec.family is Family.MMA
