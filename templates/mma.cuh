@@ -288,8 +288,6 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   using L = Layout<Cfg>;
   using KV = typename Cfg::KVType;
   using Q = typename Cfg::QType;
-  using OutT = typename Cfg::OutType;
-  using Out2 = typename Vec2<OutT>::type;
   constexpr int H = L::H, C = L::C, M = L::M, N = L::N, S = L::S;
   constexpr int RM = L::RM, WN = L::WN, NW = L::NW, NT = L::NT, CW = L::CW, OT = L::OT;
   constexpr int CC = L::CC, RC = L::RC, NC = L::NC;
@@ -471,16 +469,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const int r_lane = opaque(row0 + wrow + g);
 #pragma unroll
         for (int mt = 0; mt < RM; ++mt)
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int r = r_lane + 16 * mt + 8 * hh;
-            const int limit = r < rows ? mask_from + r / H : len;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e)
-                if (t_lane + 8 * nt + e >= limit) x[mt][nt][2 * hh + e] = -INFINITY;
-          }
+          mask_scores<H, NT>(t_lane, r_lane + 16 * mt, rows, mask_from, len,
+                             [&](int hh, int nt, int e) -> float& { return x[mt][nt][2 * hh + e]; });
       }
 #pragma unroll
       for (int mt = 0; mt < RM; ++mt) {
@@ -585,12 +575,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
 #pragma unroll
     for (int mt = 0; mt < RM; ++mt)
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        float v = l_run[mt][hh];
-        v += __shfl_xor_sync(0xffffffffu, v, 1);
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
-        l_run[mt][hh] = v;
-      }
+      for (int hh = 0; hh < 2; ++hh) l_run[mt][hh] = quad_sum(l_run[mt][hh]);
     if constexpr (WN > 1) {
       if (tq == 0) {
 #pragma unroll
@@ -617,27 +602,9 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       for (int hh = 0; hh < 2; ++hh) {
         const int r = r_lane + 16 * mt + 8 * hh;
         if (r >= rows) continue;
-        const float l = l_run[mt][hh];
-        const float inv = l > 0.f ? scale.out(1.f) / l : 0.f;
-        const float lse = l > 0.f ? (m_run[mt][hh] + log2f(l)) * kLn2 : -INFINITY;
-        const int col0 = wn * CW + 2 * tq;
-        if (seg.split) {
-          float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + col0;
-#pragma unroll
-          for (int nt = 0; nt < OT; ++nt)
-            *reinterpret_cast<float2*>(dst + 8 * nt) =
-                make_float2(o[mt][nt][2 * hh] * inv, o[mt][nt][2 * hh + 1] * inv);
-          if (wn == 0 && tq == 0)
-            *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
-        } else {
-          OutT* dst = ResultRows<Cfg>::out(p, b, r) + col0;
-#pragma unroll
-          for (int nt = 0; nt < OT; ++nt)
-            *reinterpret_cast<Out2*>(dst + 8 * nt) =
-                from_float2<OutT>(make_float2(o[mt][nt][2 * hh] * inv, o[mt][nt][2 * hh + 1] * inv));
-          if (p.lse && wn == 0 && tq == 0)
-            *ResultRows<Cfg>::lse(p, b, r) = lse;
-        }
+        write_result_row<Cfg, OT>(p, seg, r, wn * CW + 2 * tq, l_run[mt][hh], m_run[mt][hh], scale.out(1.f),
+                                  wn == 0 && tq == 0,
+                                  [&](int nt) { return make_float2(o[mt][nt][2 * hh], o[mt][nt][2 * hh + 1]); });
       }
     __syncthreads();  // the next segment rewrites Q, the kv stages and the exchange arrays
   });
