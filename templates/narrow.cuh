@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
             lsum[j][e] = 0.f;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              const float pv = fast_exp2(fmaf(x[4 * j + 2 * h + e], scale_log2, neg_m));
+              const float pv = exp2_scaled(x[4 * j + 2 * h + e], scale_log2, neg_m);
               lsum[j][e] += pv;
               const int t = 16 * wq + g + 8 * h;
 #pragma unroll

@@ -413,8 +413,8 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
         lsum[hh] = 0.f;
 #pragma unroll
         for (int j = 0; j < N / 8; ++j) {
-          const float p0 = fast_exp2(fmaf(sc[4 * j + 2 * hh], scale_log2, neg_m));
-          const float p1 = fast_exp2(fmaf(sc[4 * j + 2 * hh + 1], scale_log2, neg_m));
+          const float p0 = exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m);
+          const float p1 = exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m);
           lsum[hh] += p0 + p1;
           const uint32_t u = pack2<KV>(p0, p1);
           pa[j >> 1][2 * (j & 1) + hh] = u;  // n8 tiles j = 2 kk, 2 kk + 1 form the k16 step kk

@@ -77,6 +77,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// A softmax probability 2^(x scale - m) where m = x_max * scale is a row's (or a lazy reference's) max of the
+// scaled scores: the product rounds before the subtraction, as m's did, so the max score gives exactly 2^0 and
+// no p exceeds 2^(m's lag) at any scale. One fused multiply-add would keep the product exact: at scaled scores
+// of ~1e10 (a huge sm_scale) its difference to the rounded m is ~1e3, 2^1e3 = inf, and the row turns NaN.
+__device__ __forceinline__ float exp2_scaled(float x, float scale, float neg_m) {
+  return fast_exp2(__fmul_rn(x, scale) + neg_m);
+}
+
 // mbarriers (shared::cta) for TMA loads: one arrival (the issuing thread's expect_tx) plus the bytes the
 // copies complete per phase; waiters spin on the parity of the phase they expect.
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {

@@ -338,8 +338,8 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
           lsum[hh] = 0.f;
 #pragma unroll
           for (int j = 0; j < NW / 8; ++j) {
-            const float p0 = fast_exp2(fmaf(x[4 * j + 2 * hh], scale_log2, neg_m));
-            const float p1 = fast_exp2(fmaf(x[4 * j + 2 * hh + 1], scale_log2, neg_m));
+            const float p0 = exp2_scaled(x[4 * j + 2 * hh], scale_log2, neg_m);
+            const float p1 = exp2_scaled(x[4 * j + 2 * hh + 1], scale_log2, neg_m);
             lsum[hh] += p0 + p1;
             const uint32_t u = pack2<KV>(p0, p1);
             // pa[kk] = the m64 x k16 A fragment of own tokens 16 kk .. 16 kk + 15 (n8 tiles j = 2 kk, 2 kk + 1)

@@ -66,6 +66,20 @@ def test_non_finite_q_spoils_only_its_row(family, dtype, dims, heads, s_q, bad):
         mla_gen.mla_decode(*inp.args(), family=family, check_values=True)
 
 
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
+def test_a_huge_sm_scale_gives_the_hard_max_not_nan(family, dtype, dims, heads, s_q):
+    """sm_scale 6.35e8 (test_validate_props found it): the scaled scores reach ~1e10, where one fp32 rounding
+    of a product is worth ~1e3 in the exponent. The softmax is then a hard max over the tokens, and no row may
+    overflow to inf or NaN on the way."""
+    inp = make_inputs([1, 130, 700], heads=heads, s_q=1, page_size=16, device="cuda", sm_scale=635148512.0,
+                      generator=torch.Generator(device="cuda").manual_seed(11))
+    out, lse = run(inp, family)
+    ref, _ = mla_decode_reference(*inp.args())
+    problems = accuracy_problems(out, None, ref, None, "bf16")
+    assert not problems, problems
+    assert bool(torch.isfinite(lse).all()), lse
+
+
 def test_a_checked_call_does_not_report_an_earlier_unchecked_one():
     """An unchecked call with a bad length writes NaN for that request; a later checked call of the same
     shape (the same cached plan) is judged on its own inputs."""
