@@ -135,6 +135,61 @@ _TIMELINE = (
          "            }\n          }\n        }\n        PSTAMP(2 * buf + 1);\n"),
 )
 
+# "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
+# third call: the steady pairs are not the whole kernel (segment starts, epilogues, merges, the planner wait)
+_PHASE_STAMP = """__device__ unsigned long long g_phase[2048][8];
+#define PHASE(e) \\
+  if (tid == 0) { \\
+    const unsigned long long now_ = clock64(); \\
+    g_phase[blockIdx.y * gridDim.x + blockIdx.x][e] += now_ - t_last; \\
+    t_last = now_; \\
+  }
+"""
+_PRINT_PHASES = """  if (err) return err;
+  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
+  static int calls = 0;
+  if (err || ++calls != 3) return err;
+  static unsigned long long ph[2048][8];
+  cudaDeviceSynchronize();
+  cudaMemcpyFromSymbol(ph, g_phase, sizeof(ph));
+  double sum[8] = {0};
+  unsigned long long most = 0;
+  int ctas = 0;
+  for (int c = 0; c < 2048; ++c) {
+    unsigned long long total = 0;
+    for (int e = 0; e < 5; ++e) total += ph[c][e];
+    if (!total) continue;
+    ++ctas;
+    most = total > most ? total : most;
+    for (int e = 0; e < 8; ++e) sum[e] += static_cast<double>(ph[c][e]) / 3;  // three calls summed
+  }
+  const char* names[8] = {"before segment (planner wait, merges)", "Q load", "pairs", "epilogue", "after last",
+                          "segments", "-", "tiles"};
+  fprintf(stderr, "phases: %d CTAs, longest %.0f cycles per call; mean per CTA per call:\\n", ctas, most / 3.0);
+  for (int e = 0; e < 8; ++e)
+    if (e != 6) fprintf(stderr, "phase %-40s %.1f\\n", names[e], sum[e] / ctas);
+  return 0;
+}"""
+_PHASES = (
+    Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
+    Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", _PHASE_STAMP + "\ntemplate <class Cfg>\nstruct Layout {"),
+    Edit("seesaw.cuh",
+         "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}",
+         _PRINT_PHASES),
+    Edit("seesaw.cuh", "  setmaxnreg_inc<L::kConsumerRegs>();\n",
+         "  setmaxnreg_inc<L::kConsumerRegs>();\n  unsigned long long t_last = clock64();\n"),
+    Edit("seesaw.cuh", "    const int n_tiles = seg.blk_hi - seg.blk_lo;\n",
+         "    const int n_tiles = seg.blk_hi - seg.blk_lo;\n    PHASE(0);\n"
+         "    if (tid == 0) g_phase[blockIdx.y * gridDim.x + blockIdx.x][5] += 1, "
+         "g_phase[blockIdx.y * gridDim.x + blockIdx.x][7] += n_tiles;\n"),
+    Edit("seesaw.cuh", "    bar_sync(kBarConsumers, 256);\n\n    // ---- row state",
+         "    bar_sync(kBarConsumers, 256);\n    PHASE(1);\n\n    // ---- row state"),
+    Edit("seesaw.cuh", "\n    // ---- epilogue: row sums", "\n    PHASE(2);\n    // ---- epilogue: row sums"),
+    Edit("seesaw.cuh", "    bar_sync(kBarConsumers, 256);  // the next segment rewrites Q and the exchange arrays\n",
+         "    bar_sync(kBarConsumers, 256);  // the next segment rewrites Q and the exchange arrays\n    PHASE(3);\n"),
+    Edit("seesaw.cuh", "  });\n}\n\n// Encodes the cache's tensor maps", "  });\n  PHASE(4);\n}\n\n// Encodes the cache's tensor maps"),
+)
+
 
 ABLATIONS: dict[str, Ablation] = {
     "no-loads": Ablation(
@@ -151,6 +206,11 @@ ABLATIONS: dict[str, Ablation] = {
         "2 K1's half free, 3 its boxes issued; then each row's mean event times over the steady pairs, relative "
         "to WG0's start of the same pair, and the mean pair length",
         _TIMELINE),
+    "phases": Ablation(
+        "seesaw", "not an ablation: each consumer CTA's clock64 cycles per phase (before a segment: the planner "
+        "wait and the merges; Q load; pairs; epilogue; after the last segment), summed over its segments, printed "
+        "to stderr after the third call as means per CTA per call, with segments and tiles per CTA",
+        _PHASES),
     "eighth-boxes": Ablation(
         "seesaw", "every TMA box 1/8 of its rows: the same boxes, waits and frees, 1/8 of the bytes",
         (Edit("sm90.cuh", "static_cast<cuuint32_t>(tma_box_rows(page_size)), 1u};",
@@ -163,9 +223,8 @@ ABLATIONS: dict[str, Ablation] = {
         "stores of P stay)",
         (Edit("seesaw.cuh", "const bool move = v > m_ref[hh] + kRescaleLog2;",
               "const bool move = false && v > m_ref[hh] + kRescaleLog2;"),
-         Edit("seesaw.cuh", "fast_exp2(fmaf(sc[4 * j + 2 * hh], scale_log2, neg_m))",
-              "sc[4 * j + 2 * hh] + 0.f * neg_m"),
-         Edit("seesaw.cuh", "fast_exp2(fmaf(sc[4 * j + 2 * hh + 1], scale_log2, neg_m))", "sc[4 * j + 2 * hh + 1]"))),
+         Edit("seesaw.cuh", "exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m)", "sc[4 * j + 2 * hh] + 0.f * neg_m"),
+         Edit("seesaw.cuh", "exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m)", "sc[4 * j + 2 * hh + 1]"))),
 }
 
 
