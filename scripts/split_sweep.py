@@ -2,12 +2,15 @@
 
     python scripts/split_sweep.py                      # the small-batch and long-request shapes of issue 12
     python scripts/split_sweep.py --shape 32x1024x16 --parts 66 132 264 --min-tokens 128 256 --fixed-tokens 128
+    python scripts/split_sweep.py --cases 2,3,6 --parts 64 66 --min-tokens 256 --fixed-tokens 128 256
 
 A policy is (num_parts, MIN_TOKENS_PER_PART, FIXED_COST_TOKENS): the grid's CTA columns and the two planner
 constants of generator/select.py, set in this process before each plan. Each is timed as the bench times a
 planned wrapper (mla_gen.bench.timing: CUDA events, L2 flushed, GPU spin, median), decode and merge launches
-without the planner. Prints dispatch's default and the fastest policies per shape. The bench is the instrument
-for speed claims; this only says whether a policy change is worth making.
+without the planner. A workload is a BATCHxSEQLENxHEADS shape (bf16, 512/64, page 64, s_q 1) or a case of the
+bench's suite (`--cases`: its lengths, ragged ones too, s_q, dims, dtype, page size and sm_scale). Prints
+dispatch's default and the fastest policies per workload. The bench is the instrument for speed claims; this
+only says whether a policy change is worth making.
 """
 from __future__ import annotations
 
@@ -18,26 +21,38 @@ import torch
 
 import generator.select as select
 from mla_gen import MLADecodeWrapper
+from mla_gen.bench.cases import Case, default_suite
+from mla_gen.bench.impls import build_inputs
 from mla_gen.bench.timing import Timer
-from mla_gen.testing import make_inputs
+from mla_gen.dtypes import torch_dtype
 
 SHAPES = ["32x1024x16", "8x16384x16", "128x4096x16", "1x32768x128", "4x65536x128", "128x4096x32"]
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
+def parse_shape(text: str) -> Case:
     try:
         batch, seqlen, heads = (int(x) for x in text.split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected BATCHxSEQLENxHEADS, got {text!r}") from None
-    return batch, seqlen, heads
+    return Case(text, batch, heads, seqlen=seqlen)
 
 
-def time_policy(timer: Timer, inp, heads: int, parts: int | None, min_tokens: int, fixed_tokens: int):
+def parse_cases(text: str) -> list[Case]:
+    suite = {c.name: c for c in default_suite()}
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in suite]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected suite cases ({', '.join(suite)}), got {text!r}")
+    return [suite[n] for n in names]
+
+
+def time_policy(timer: Timer, case: Case, inp, parts: int | None, min_tokens: int, fixed_tokens: int):
     """(median us, grid parts, family) of one policy; parts None: dispatch's own count."""
     select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = min_tokens, fixed_tokens
     wrapper = MLADecodeWrapper(inp.q_nope.device, num_parts=parts)
-    plan = wrapper.plan(inp.cache_seqlens, 1, num_heads=heads, page_size=64, max_pages=inp.block_table.shape[1],
-                        sm_scale=inp.sm_scale)
+    plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
+                        page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,
+                        dtype=torch_dtype(case.dtype))
     args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.block_table, inp.cache_seqlens)
     wrapper.run(*args)  # the device work list, reused by the timed calls
     us = timer.time(lambda: wrapper.run(*args, replan=False)).median_us
@@ -46,7 +61,9 @@ def time_policy(timer: Timer, inp, heads: int, parts: int | None, min_tokens: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", type=parse_shape, nargs="+", default=[parse_shape(s) for s in SHAPES])
+    ap.add_argument("--shape", type=parse_shape, nargs="+", default=None,
+                    help=f"BATCHxSEQLENxHEADS workloads (default, without --cases: {' '.join(SHAPES)})")
+    ap.add_argument("--cases", type=parse_cases, default=[], help="suite cases, comma-separated, e.g. 2,3,6")
     ap.add_argument("--parts", type=int, nargs="+", default=None,
                     help="CTA columns of the grid (default: 1/2, 1, 2, 3 and 4 waves of the device's SMs)")
     ap.add_argument("--min-tokens", type=int, nargs="+", default=[128, 256, 512])
@@ -58,17 +75,17 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     default = (select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS)
     timer = Timer(device, iters=a.iters, warmup=3)
-    for batch, seqlen, heads in a.shape:
-        inp = make_inputs([seqlen] * batch, heads=heads, device="cuda",
-                          generator=torch.Generator(device="cuda").manual_seed(0))
-        m_blocks = -(-heads // 64)
+    shapes = a.shape if a.shape is not None else ([] if a.cases else [parse_shape(s) for s in SHAPES])
+    for case in shapes + a.cases:
+        inp = build_inputs(case, device)
+        m_blocks = -(-case.heads * case.s_q // 64)
         parts = a.parts or [max(1, sms * w // (2 * m_blocks)) for w in (1, 2, 4, 6, 8)]
-        base = time_policy(timer, inp, heads, None, *default)
-        rows = [(time_policy(timer, inp, heads, p, mt, ft), p, mt, ft)
+        base = time_policy(timer, case, inp, None, *default)
+        rows = [(time_policy(timer, case, inp, p, mt, ft), p, mt, ft)
                 for p, mt, ft in itertools.product(parts, a.min_tokens, a.fixed_tokens)]
         select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = default
         rows.sort(key=lambda r: r[0][0])
-        print(f"B{batch} S{seqlen} H{heads}: dispatch's policy {base[0]:.1f} us ({base[1]} parts, {base[2]}, "
+        print(f"{case.name} ({case.shape}): dispatch's policy {base[0]:.1f} us ({base[1]} parts, {base[2]}, "
               f"min_tokens {default[0]}, fixed_tokens {default[1]}); fastest:")
         for (us, grid_parts, family), p, mt, ft in rows[:a.top]:
             print(f"  {us:8.1f} us  parts {p} ({grid_parts} in the grid, {family}), min_tokens {mt}, "
