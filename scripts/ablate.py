@@ -172,7 +172,8 @@ _PRINT_PHASES = """  if (err) return err;
 }"""
 _PHASES = (
     Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
-    Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", _PHASE_STAMP + "\ntemplate <class Cfg>\nstruct Layout {"),
+    Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {",
+         _PHASE_STAMP + "\ntemplate <class Cfg>\nstruct Layout {"),
     Edit("seesaw.cuh",
          "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}",
          _PRINT_PHASES),
@@ -187,7 +188,8 @@ _PHASES = (
     Edit("seesaw.cuh", "\n    // ---- epilogue: row sums", "\n    PHASE(2);\n    // ---- epilogue: row sums"),
     Edit("seesaw.cuh", "    bar_sync(kBarConsumers, 256);  // the next segment rewrites Q and the exchange arrays\n",
          "    bar_sync(kBarConsumers, 256);  // the next segment rewrites Q and the exchange arrays\n    PHASE(3);\n"),
-    Edit("seesaw.cuh", "  });\n}\n\n// Encodes the cache's tensor maps", "  });\n  PHASE(4);\n}\n\n// Encodes the cache's tensor maps"),
+    Edit("seesaw.cuh", "  });\n}\n\n// Encodes the cache's tensor maps",
+         "  });\n  PHASE(4);\n}\n\n// Encodes the cache's tensor maps"),
 )
 
 
