@@ -2,7 +2,7 @@
 //
 // Work: the same contract as wgmma.cuh (grid (row blocks, parts), 64 packed query rows r = s * heads + h per CTA,
 // rows past s_q * heads are zero padding, never written; for_each_segment; out/lse or partial o/lse). Any head
-// count is correct; it is measured ahead of wgmma from 40 packed rows up (PERF.md; dispatch takes it from 64).
+// count is correct; it is measured ahead of wgmma from 40 packed rows up, where dispatch takes it (PERF.md).
 //
 // Threads: 1 CTA per SM of three warpgroups: two consumers, WG0 (warps 0-3) and WG1 (warps 4-7), and a producer
 // (warps 8-11: warp 8 loads the ckv-left halves, warp 9 the right ones, 10 and 11 idle) that gives its registers
