@@ -2,7 +2,9 @@
 # Decode-kernel time (ncu, one launch after a warm one) of one shape for each template directory given, so a
 # kernel edit can be timed against main before it is finished (an experiment copy may be wrong on purpose,
 # e.g. with a phase removed; the bench would refuse to time it, ncu does not check). Each directory is a copy
-# of templates/ (MLA_GEN_TEMPLATE_DIR); "main" means the repository's own templates.
+# of templates/ (MLA_GEN_TEMPLATE_DIR), or a whole checkout (a folder with generator/ and templates/, e.g. a
+# branch exported with `git archive BRANCH | tar -x -C DIR`: its Python side too, when a branch changes the
+# shared-memory formula in generator/spec.py); "main" means this repository's own templates.
 #   scripts/kernel_ab.sh main /tmp/exp_a /tmp/exp_b
 #   SHAPE="--batch 4 --seqlen 65536 --heads 128" FAMILIES="seesaw wgmma" scripts/kernel_ab.sh main /tmp/exp_a
 # scripts/ablate.py makes copies with one part of seesaw taken away (no-loads, no-softmax, ...) to time this way.
@@ -13,13 +15,23 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MLA_GEN_CACHE_DIR=${MLA_GEN_CACHE_DIR:-$PWD/.cache/mla_gen}
 shape=${SHAPE:-"--batch 128 --seqlen 4096 --heads 128"}
 limit=${KERNEL_AB_TIMEOUT:-120}
+repo=$PWD
 for dir in "$@"; do
-  if [ "$dir" = main ]; then unset MLA_GEN_TEMPLATE_DIR; else export MLA_GEN_TEMPLATE_DIR=$(realpath "$dir"); fi
+  root=$repo
+  if [ "$dir" = main ]; then
+    unset MLA_GEN_TEMPLATE_DIR
+  elif [ -d "$dir/generator" ] && [ -d "$dir/templates" ]; then  # a checkout: its own Python side and templates
+    unset MLA_GEN_TEMPLATE_DIR
+    root=$(realpath "$dir")
+  else
+    export MLA_GEN_TEMPLATE_DIR=$(realpath "$dir")
+  fi
+  export PYTHONPATH=$root
   for family in ${FAMILIES:-seesaw wgmma}; do
-    timeout "$limit" python scripts/kernel_times.py $shape --family "$family" --calls 1 >/dev/null ||
+    timeout "$limit" python "$repo/scripts/kernel_times.py" $shape --family "$family" --calls 1 >/dev/null ||
       { echo "$dir $family: failed or timed out"; continue; }
-    t=$(timeout "$limit" ncu --clock-control none --metrics gpu__time_duration.sum -k regex:decode_kernel -c 1 --launch-skip 1 \
-          python scripts/kernel_times.py $shape --family "$family" --calls 2 2>&1 |
+    t=$(timeout "$limit" ncu --clock-control none --metrics gpu__time_duration.sum -k regex:decode_kernel -c 1 \
+          --launch-skip 1 python "$repo/scripts/kernel_times.py" $shape --family "$family" --calls 2 2>&1 |
         awk '/gpu__time_duration/ {print $(NF-1), $NF}')
     echo "$dir $family $shape: decode kernel ${t:-not measured}"
   done
