@@ -41,6 +41,25 @@ _FIRST_PAIR_WAITS = (
     Edit("seesaw.cuh", "        qk(sacc, 0, true);", "        qk(sacc, 0, it == 0);"),
     Edit("seesaw.cuh", "        qk(sacc, 1, has_k1);", "        qk(sacc, 1, has_k1 && it == 0);"),
 )
+_LAUNCH = "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}"
+
+
+def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
+    """The edits of a copy that records into a __device__ array: <cstdio>, `decls` (the array and the macros that
+    fill it) ahead of Layout, and a launcher that after its third call (the decode kernel drained) runs `report`,
+    C++ that copies the array back, prints it to stderr and returns 0."""
+    return (
+        Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
+        Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", decls + "\ntemplate <class Cfg>\nstruct Layout {"),
+        Edit("seesaw.cuh", _LAUNCH, """  if (err) return err;
+  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
+  static int calls = 0;
+  if (err || ++calls != 3) return err;
+  cudaDeviceSynchronize();
+""" + report),
+    )
+
+
 # "timeline": clock64 per event of warp 0 of each WG in CTA (0, 0), request 0's first 64 pairs, into a __device__
 # array that the launcher prints after its third call
 _STAMP = """__device__ unsigned long long g_stamps[4][64][12];
@@ -50,12 +69,7 @@ _STAMP = """__device__ unsigned long long g_stamps[4][64][12];
 #define PSTAMP(e) \\
   if (blockIdx.x + blockIdx.y == 0 && lane == 0 && seg.req == 0 && it < 128) g_stamps[2 + half][it / 2][e] = clock64()
 """
-_PRINT_STAMPS = """  if (err) return err;
-  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
-  static int calls = 0;
-  if (err || ++calls != 3) return err;
-  static unsigned long long st[4][64][12];
-  cudaDeviceSynchronize();
+_PRINT_STAMPS = """  static unsigned long long st[4][64][12];
   cudaMemcpyFromSymbol(st, g_stamps, sizeof(st));
   for (int w = 0; w < 4; ++w)
     for (int i = 0; i < 64 && st[w][i][0]; ++i) {
@@ -100,11 +114,7 @@ def _stamp_between(first: str, second: str, event: int) -> Edit:
 
 
 _TIMELINE = (
-    Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
-    Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", _STAMP + "\ntemplate <class Cfg>\nstruct Layout {"),
-    Edit("seesaw.cuh",
-         "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}",
-         _PRINT_STAMPS),
+    *_instrumented(_STAMP, _PRINT_STAMPS),
     # WG0
     _stamp("        qk(sacc, 0, true);\n", before=0, after=1),
     _stamp_between("        fence_regs(sacc);\n", "\n        // ---- softmax S0", 2),
@@ -137,7 +147,7 @@ _TIMELINE = (
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
 # third call: the steady pairs are not the whole kernel (segment starts, epilogues, merges, the planner wait)
-_PHASE_STAMP = """__device__ unsigned long long g_phase[2048][8];
+_PHASE_STAMP = """__device__ unsigned long long g_phase[2048][7];
 #define PHASE(e) \\
   if (tid == 0) { \\
     const unsigned long long now_ = clock64(); \\
@@ -145,14 +155,9 @@ _PHASE_STAMP = """__device__ unsigned long long g_phase[2048][8];
     t_last = now_; \\
   }
 """
-_PRINT_PHASES = """  if (err) return err;
-  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
-  static int calls = 0;
-  if (err || ++calls != 3) return err;
-  static unsigned long long ph[2048][8];
-  cudaDeviceSynchronize();
+_PRINT_PHASES = """  static unsigned long long ph[2048][7];
   cudaMemcpyFromSymbol(ph, g_phase, sizeof(ph));
-  double sum[8] = {0};
+  double sum[7] = {0};
   unsigned long long most = 0;
   int ctas = 0;
   for (int c = 0; c < 2048; ++c) {
@@ -161,28 +166,22 @@ _PRINT_PHASES = """  if (err) return err;
     if (!total) continue;
     ++ctas;
     most = total > most ? total : most;
-    for (int e = 0; e < 8; ++e) sum[e] += static_cast<double>(ph[c][e]) / 3;  // three calls summed
+    for (int e = 0; e < 7; ++e) sum[e] += static_cast<double>(ph[c][e]) / 3;  // three calls summed
   }
-  const char* names[8] = {"before segment (planner wait, merges)", "Q load", "pairs", "epilogue", "after last",
-                          "segments", "-", "tiles"};
+  const char* names[7] = {"before segment (planner wait, merges)", "Q load", "pairs", "epilogue", "after last",
+                          "segments", "tiles"};
   fprintf(stderr, "phases: %d CTAs, longest %.0f cycles per call; mean per CTA per call:\\n", ctas, most / 3.0);
-  for (int e = 0; e < 8; ++e)
-    if (e != 6) fprintf(stderr, "phase %-40s %.1f\\n", names[e], sum[e] / ctas);
+  for (int e = 0; e < 7; ++e) fprintf(stderr, "phase %-40s %.1f\\n", names[e], sum[e] / ctas);
   return 0;
 }"""
 _PHASES = (
-    Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
-    Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {",
-         _PHASE_STAMP + "\ntemplate <class Cfg>\nstruct Layout {"),
-    Edit("seesaw.cuh",
-         "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}",
-         _PRINT_PHASES),
+    *_instrumented(_PHASE_STAMP, _PRINT_PHASES),
     Edit("seesaw.cuh", "  setmaxnreg_inc<L::kConsumerRegs>();\n",
          "  setmaxnreg_inc<L::kConsumerRegs>();\n  unsigned long long t_last = clock64();\n"),
     Edit("seesaw.cuh", "    const int n_tiles = seg.blk_hi - seg.blk_lo;\n",
          "    const int n_tiles = seg.blk_hi - seg.blk_lo;\n    PHASE(0);\n"
          "    if (tid == 0) g_phase[blockIdx.y * gridDim.x + blockIdx.x][5] += 1, "
-         "g_phase[blockIdx.y * gridDim.x + blockIdx.x][7] += n_tiles;\n"),
+         "g_phase[blockIdx.y * gridDim.x + blockIdx.x][6] += n_tiles;\n"),
     Edit("seesaw.cuh", "    bar_sync(kBarConsumers, 256);\n\n    // ---- row state",
          "    bar_sync(kBarConsumers, 256);\n    PHASE(1);\n\n    // ---- row state"),
     Edit("seesaw.cuh", "\n    // ---- epilogue: row sums", "\n    PHASE(2);\n    // ---- epilogue: row sums"),

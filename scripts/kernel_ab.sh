@@ -12,7 +12,7 @@
 # that skips an mbarrier wait can) then costs that, not the device call, and the lines before it still print.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MLA_GEN_CACHE_DIR=${MLA_GEN_CACHE_DIR:-$PWD/.cache/mla_gen}
+export PYTHONUNBUFFERED=1 MLA_GEN_CACHE_DIR=${MLA_GEN_CACHE_DIR:-$PWD/.cache/mla_gen}
 shape=${SHAPE:-"--batch 128 --seqlen 4096 --heads 128"}
 limit=${KERNEL_AB_TIMEOUT:-120}
 repo=$PWD
@@ -26,7 +26,7 @@ for dir in "$@"; do
   else
     export MLA_GEN_TEMPLATE_DIR=$(realpath "$dir")
   fi
-  export PYTHONPATH=$root
+  export PYTHONPATH=$root  # main and template copies: this checkout; a checkout: its own
   for family in ${FAMILIES:-seesaw wgmma}; do
     timeout "$limit" python "$repo/scripts/kernel_times.py" $shape --family "$family" --calls 1 >/dev/null ||
       { echo "$dir $family: failed or timed out"; continue; }
