@@ -233,54 +233,6 @@ __device__ __forceinline__ void write_result_row(const DecodeParams& p, const Se
   }
 }
 
-// One row of a split request: the exact log-sum-exp merge of its num_splits partials (o normalised
-// per split, lse natural log) -> out, lse. One warp; partials are read from L2 (other SMs wrote them).
-template <class Cfg>
-__device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row, int lane) {
-  using OutT = typename Cfg::OutType;
-  using Rows = ResultRows<Cfg>;
-  constexpr int kCkv = Cfg::kCkvDim;
-  static_assert(kCkv % 64 == 0 || kCkv % 32 == 0, "ckv must split over a warp in pairs or singles");
-  constexpr int kPairs = kCkv / 2;
-  constexpr int kIters = (kPairs + 31) / 32;
-  const int* req_info = reinterpret_cast<const int*>(p.req_info);
-  const int num_splits = req_info[4 * b + 1], first_slot = req_info[4 * b + 2];
-  OutT* out = Rows::out(p, b, row);
-  float m = -INFINITY;
-  for (int k = lane; k < num_splits; k += 32) m = fmaxf(m, __ldcg(Rows::partial_lse(p, first_slot + k, row)));
-  m = warp_max(m);
-  float sum = 0.f;
-  if (m != -INFINITY)
-    for (int k = lane; k < num_splits; k += 32) sum += __expf(__ldcg(Rows::partial_lse(p, first_slot + k, row)) - m);
-  sum = warp_sum(sum);
-  const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
-
-  float2 acc[kIters];
-#pragma unroll
-  for (int i = 0; i < kIters; ++i) acc[i] = make_float2(0.f, 0.f);
-  for (int k = 0; k < num_splits; ++k) {
-    const float lk = __ldcg(Rows::partial_lse(p, first_slot + k, row));
-    const float w = lk == -INFINITY ? 0.f : __expf(lk - lse);
-    const float2* src = reinterpret_cast<const float2*>(Rows::partial(p, first_slot + k, row));
-#pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int c = lane + 32 * i;
-      if (c < kPairs) {
-        const float2 v = __ldcg(src + c);
-        acc[i].x += w * v.x;
-        acc[i].y += w * v.y;
-      }
-    }
-  }
-  using Out2 = typename Vec2<OutT>::type;
-#pragma unroll
-  for (int i = 0; i < kIters; ++i) {
-    const int c = lane + 32 * i;
-    if (c < kPairs) reinterpret_cast<Out2*>(out)[c] = from_float2<OutT>(acc[i]);
-  }
-  if (p.lse && lane == 0) *Rows::lse(p, b, row) = lse;
-}
-
 // The paged kv gather of the tensor-core families: token n of a kBlockN-token tile is copied by copy
 // team n mod kTeams. lookup() reads the team's tokens' pages from the block table (early, so the latency
 // hides under other work; any page size); for_each_row() then hands each of the team's token rows to the
@@ -451,6 +403,61 @@ struct RawKVTile {
 // A split request of at most this many parts is merged inside the decode kernel by its last part; one
 // of more parts would make that one CTA read too much, so the merge kernel spreads it over the GPU.
 constexpr int kInlineMergeSplits = 4;
+
+// One row of a split request of at most kInlineMergeSplits partials (merge_if_last): the exact log-sum-exp merge
+// of the partials (o normalised per split, lse natural log) -> out, lse. One warp; the partials are read from L2
+// (other SMs wrote them), all of the row's loads before the first use: one round trip per row. (A loop over the
+// splits made two plus two per split, latency-bound: ~30k cycles per seesaw CTA on B128 S4096 H128.)
+template <class Cfg>
+__device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row, int lane) {
+  using OutT = typename Cfg::OutType;
+  using Rows = ResultRows<Cfg>;
+  constexpr int S = kInlineMergeSplits;
+  constexpr int kPairs = Cfg::kCkvDim / 2;
+  constexpr int kIters = (kPairs + 31) / 32;
+  const int* req_info = reinterpret_cast<const int*>(p.req_info);
+  const int num_splits = req_info[4 * b + 1], first_slot = req_info[4 * b + 2];
+  float lk[S];
+  float2 v[S][kIters];
+#pragma unroll
+  for (int k = 0; k < S; ++k) {
+    const bool here = k < num_splits;
+    lk[k] = here ? __ldcg(Rows::partial_lse(p, first_slot + k, row)) : -INFINITY;
+    const float2* src = reinterpret_cast<const float2*>(Rows::partial(p, first_slot + (here ? k : 0), row));
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = lane + 32 * i;
+      v[k][i] = here && c < kPairs ? __ldcg(src + c) : make_float2(0.f, 0.f);
+    }
+  }
+  float m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < S; ++k) m = fmaxf(m, lk[k]);
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < S; ++k) sum += lk[k] == -INFINITY ? 0.f : __expf(lk[k] - m);
+  const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
+  float2 acc[kIters];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) acc[i] = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int k = 0; k < S; ++k) {
+    const float w = lk[k] == -INFINITY ? 0.f : __expf(lk[k] - lse);
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      acc[i].x += w * v[k][i].x;
+      acc[i].y += w * v[k][i].y;
+    }
+  }
+  using Out2 = typename Vec2<OutT>::type;
+  OutT* out = Rows::out(p, b, row);
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+    const int c = lane + 32 * i;
+    if (c < kPairs) reinterpret_cast<Out2*>(out)[c] = from_float2<OutT>(acc[i]);
+  }
+  if (p.lse && lane == 0) *Rows::lse(p, b, row) = lse;
+}
 // Most parts (CTA columns) a grid has, so most parts a request can span: the planner keeps the part
 // begins and the merge kernel a request's split weights in shared memory (generator/select.py MAX_PARTS).
 constexpr int kMergeMaxSplits = 2048;
