@@ -32,6 +32,19 @@ MIN_TOKENS_PER_PART = 256
 MAX_PARTS = 2048
 # Fixed cost of a request or a split (q load, epilogue, merge), in kv tokens.
 FIXED_COST_TOKENS = 128
+# A grid of fewer parts that each take whole requests (uniform lengths then split none: no partial rows, no merge,
+# one segment fewer) is worth up to 5 % of the parts idle. H200, seesaw, same run: B128 S4096 H128 at 64 parts
+# 258.9 us against 66 parts 271.4; B64 S8192 H128 253.9 against 267.9 (scripts/split_sweep.py).
+WHOLE_REQUEST_MIN_FILL = 0.95
+
+
+def whole_request_parts(parts: int, batch: int) -> int:
+    """batch / k parts when k = ceil(batch / parts) divides the batch and they keep at least WHOLE_REQUEST_MIN_FILL
+    of `parts` busy (the planner, balancing cost, then gives each part k whole requests of a uniform batch);
+    else `parts`."""
+    per_part = math.ceil(batch / parts)
+    aligned = batch // per_part
+    return aligned if aligned * per_part == batch and aligned >= WHOLE_REQUEST_MIN_FILL * parts else parts
 
 
 def families_for(arch: Arch) -> list[Family]:
@@ -188,6 +201,11 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
         reasons.append(f"{num_parts} parts: {sm_count} SMs x {ctas_per_sm} CTA(s)/SM over {m_blocks} row "
                        f"block(s); the device planner balances kv blocks + {fixed_cost} per request over them "
                        f"and uses fewer when a part would get under {min_part_cost} blocks")
+        if batch is not None and (aligned := whole_request_parts(num_parts, batch)) != num_parts:
+            reasons.append(f"{aligned} parts: {math.ceil(batch / aligned)} whole request(s) of the {batch} each (at "
+                           f"uniform lengths none is split: no partial rows or merge), {num_parts - aligned} of "
+                           f"{num_parts} columns left idle")
+            num_parts = aligned
     else:
         if isinstance(num_parts, bool) or not isinstance(num_parts, int) or not 1 <= num_parts <= MAX_PARTS:
             raise SpecError(f"num_parts: expected 1..{MAX_PARTS}, got {num_parts!r}")

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from generator.errors import SpecError
-from generator.select import FIXED_COST_TOKENS, MAX_PARTS, MIN_TOKENS_PER_PART, decide, default_tile, families_for
+from generator.select import (FIXED_COST_TOKENS, MAX_PARTS, MIN_TOKENS_PER_PART, decide, default_tile, families_for,
+                              whole_request_parts)
 from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, smem_bytes
 
 BF16 = DType.BF16
@@ -69,7 +70,8 @@ def test_requested_parts_are_kept() -> None:
 
 
 @pytest.mark.parametrize("batch, seqlen, used, per_part, how", [
-    (64, 4096, 66, 4224 / 66, "requests are split across parts"),   # 64 x (64 + 2) = 4224 blocks
+    (64, 4096, 64, 4224 / 64, "whole requests per part"),           # 64 x (64 + 2) = 4224 blocks over 64 parts
+    (40, 4096, 66, 2640 / 66, "requests are split across parts"),   # 40 whole requests would leave 26 of 66 idle
     (1, 100, 1, 4.0, "whole requests per part"),                    # 1 x (2 + 2) = 4 < 6, one part's minimum
     (1, 600, 2, 6.0, "requests are split across parts"),            # 1 x (10 + 2) = 12 over ceil(12 / 6) = 2 parts
     (8, 1000, 14, 8 * 18 / 14, "requests are split across parts"),   # 8 x (16 + 2) = 144; 24 parts, capped at 14
@@ -79,6 +81,29 @@ def test_split_reason_by_hand(batch: int, seqlen: int, used: int, per_part: floa
                mean_seqlen=seqlen, num_parts=14 if batch == 8 else None)
     line = d.reasons[-1]
     assert f"over {used} parts (~{per_part:.1f} each): {how}" in line, line
+
+
+@pytest.mark.parametrize("parts, batch, want", [
+    (66, 128, 64),    # 2 requests per part: 64 parts, 2 of 66 idle (97 %)
+    (66, 64, 64),     # 1 each
+    (132, 256, 128),  # 2 each
+    (132, 128, 128),
+    (132, 132, 132),  # already whole
+    (66, 100, 66),    # 2 each would be 50 parts: 76 % of 66, so the split grid stays
+    (66, 4, 66),      # 4 parts would idle 62 columns
+    (66, 126, 63),    # 2 each: 63 parts (95.5 %)
+    (66, 127, 66),    # 2 each does not divide 127: the planner would split a request anyway
+    (66, 1000, 66),   # 16 each does not divide 1000
+])
+def test_whole_request_parts_by_hand(parts: int, batch: int, want: int) -> None:
+    assert whole_request_parts(parts, batch) == want
+
+
+def test_a_batch_that_fills_a_whole_request_grid_gets_it() -> None:
+    d = decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, batch=128)
+    assert d.num_parts == 64 and "64 parts: 2 whole request(s) of the 128 each" in d.reasons[-1], d.reasons
+    assert decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16).num_parts == 66  # batch unknown
+    assert decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, batch=128, num_parts=66).num_parts == 66
 
 
 @pytest.mark.parametrize("arch, heads, dims, tile", [
