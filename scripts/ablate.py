@@ -195,8 +195,7 @@ _PHASES = (
 ABLATIONS: dict[str, Ablation] = {
     "no-loads": Ablation(
         "seesaw", "no kv boxes after a segment's first pair (the producer still waits for the frees), no waits",
-        (Edit("seesaw.cuh", "        const bool rope = (buf == 0) == (half == 1);\n",
-              "        if (it > 0) continue;\n        const bool rope = (buf == 0) == (half == 1);\n"),
+        (Edit("seesaw.cuh", "        if (groups == 0) continue;\n", "        if (groups == 0 || it > 0) continue;\n"),
          *_FIRST_PAIR_WAITS)),
     "timeline": Ablation(
         "seesaw", "not an ablation: clock64 per event of CTA (0, 0), printed to stderr after the third call "

@@ -169,8 +169,7 @@ struct TmaParams {
 // walks the part's segments like the consumers and loads its half of every kv tile (tile 2i into K0, 2i + 1
 // into K1; the rope panel with the half that the consumers free last: K0R, K1L) once the consumers freed the
 // half's previous tile. A pair without a K1 tile (odd count) still takes its turn on K1's free barriers (the
-// consumers free K1 after that pair too; the producer moves its parity on without waiting), so a segment's first
-// tiles go out while the last one still runs.
+// consumers free K1 after that pair too), so a segment's first tiles go out while the last one still runs.
 // Lane l issues the boxes of row groups l and l + 32 (b rows each, sm90.cuh tma_box_rows); each unit's
 // mbarrier gets the bytes of the groups before the length (its one arrival).
 template <class Cfg>
@@ -200,17 +199,10 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
           const int grp = lane + 32 * k;
           page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
         }
-        // A missing K1 (odd count): nothing is written, so no wait, only the parity moves on. Its free phase can
-        // complete without anything this warp issues after the wait, so a late wait could find the barrier a
-        // second phase on, with the parity it waits for, and never pass; the next load into the half waits for
-        // this pair's release, which follows the previous one.
-        if (groups == 0) {
-          free_phase ^= 1u << buf;  // no wait
-          continue;
-        }
         // the first wait on each free barrier passes (the phase before a fresh barrier's counts as complete)
         mbarrier_wait(s_free + 8 * (2 * buf + half), ((free_phase >> buf) & 1u) ^ 1u);
         free_phase ^= 1u << buf;
+        if (groups == 0) continue;
         const bool rope = (buf == 0) == (half == 1);
         const uint32_t stage = s_k0 + buf * L::kStageBytes, bars = s_full + 8 * buf * U;
         if (lane == 0) {
