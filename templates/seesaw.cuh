@@ -199,7 +199,10 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
           const int grp = lane + 32 * k;
           page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
         }
-        // the first wait on each free barrier passes (the phase before a fresh barrier's counts as complete)
+        // The first wait on each free barrier passes (the phase before a fresh barrier's counts as complete).
+        // A missing K1 (groups 0) is waited for too: every phase gets its wait (compute-sanitizer's synccheck
+        // reports a phase arrived on again before any wait as "Missing wait"), and the wait cannot miss its
+        // phase: the next one also needs the next pair's K0 tile, which this warp loads only after this wait.
         mbarrier_wait(s_free + 8 * (2 * buf + half), ((free_phase >> buf) & 1u) ^ 1u);
         free_phase ^= 1u << buf;
         if (groups == 0) continue;
