@@ -86,6 +86,21 @@ def test_long_request(family, dtype, dims, heads, s_q, schedule):
 
 
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
+def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, heads, s_q):
+    """The merge kernel loads 4 x 17 splits of a row at once and loops for more (common.cuh kMergeUnroll): one
+    request over about 105 of 150 parts takes the loop (its short neighbour is not split)."""
+    inp = make_inputs([40000, 300], heads=heads, page_size=64, device="cuda", generator=seeded(heads + 7))
+    out, lse = poisoned(inp, torch.bfloat16)
+    w = mla_gen.MLADecodeWrapper(family=family, num_parts=150)
+    w.plan(inp.cache_seqlens, 1, num_heads=heads, page_size=64, max_pages=inp.block_table.shape[1],
+           sm_scale=inp.sm_scale)
+    w.run(*inp.args()[:6], out=out, lse=lse)
+    splits = w.schedule()[1][:, 1]
+    assert int(splits[0]) > 4 * 17, f"the long request split {int(splits[0])} ways, not over 68"
+    check(out, lse, inp, torch.bfloat16)
+
+
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
 def test_combined_cache_views_and_return_lse(family, dtype, dims, heads, s_q):
     inp = make_inputs([100, 1, 257], heads=heads, page_size=16, device="cuda", combined=True, generator=seeded(5))
     assert inp.ckv_cache.stride(1) == 576  # views of one [pages, page_size, 576] cache
