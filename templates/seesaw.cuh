@@ -201,8 +201,10 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
         }
         // The first wait on each free barrier passes (the phase before a fresh barrier's counts as complete).
         // A missing K1 (groups 0) is waited for too: every phase gets its wait (compute-sanitizer's synccheck
-        // reports a phase arrived on again before any wait as "Missing wait"), and the wait cannot miss its
-        // phase: the next one also needs the next pair's K0 tile, which this warp loads only after this wait.
+        // reports a phase arrived on again before any wait as "Missing wait"). NOTE(missing-k1): this wait comes
+        // after the pair's K0 boxes, and the consumers' next release of K1 (at this pair's end) needs only K0, so
+        // a warp delayed past that whole pair would find its parity again and hang. Never seen (thousands of
+        // cycles for one warp); branch wip/seesaw-missing-k1-first waits ahead of K0's boxes instead.
         mbarrier_wait(s_free + 8 * (2 * buf + half), ((free_phase >> buf) & 1u) ^ 1u);
         free_phase ^= 1u << buf;
         if (groups == 0) continue;
