@@ -833,17 +833,16 @@ inline int launch_dependent(Kernel kernel, dim3 grid, dim3 block, int smem, cons
   return static_cast<int>(cudaLaunchKernelEx(&config, kernel, args));
 }
 
-// A family's decode kernel on grid (row blocks of kBlockM, parts), `threads` threads (32 * kWarps, or more where
+// A family's decode kernel on grid (row blocks of kBlockM, parts), Cfg::kThreads threads (32 * kWarps, more where
 // a producer warpgroup runs beside them), kSmemBytes; its one argument is p, or `args` holding p and more
 // (seesaw: the cache's tensor maps).
 template <class Cfg, typename Kernel, typename Args = DecodeParams>
-inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream, const Args& args,
-                                int threads = 32 * Cfg::kWarps) {
+inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream, const Args& args) {
   const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
   if (err) return err;
   const int rows = p.s_q * Cfg::kNumHeads;
   if (p.row_blocks != (rows + Cfg::kBlockM - 1) / Cfg::kBlockM) return static_cast<int>(cudaErrorInvalidValue);
-  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(threads), Cfg::kSmemBytes, args,
+  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(Cfg::kThreads), Cfg::kSmemBytes, args,
                                stream);
 }
 template <class Cfg, typename Kernel>
