@@ -281,7 +281,8 @@ class VariantSpec:
 
     @property
     def threads(self) -> int:
-        return 32 * self.tile.warps
+        """The decode kernel's block: the tile's working warps, and seesaw's producer warpgroup beside them."""
+        return 32 * self.tile.warps + (128 if self.family is Family.SEESAW else 0)
 
     @property
     def smem_bytes(self) -> int:

@@ -41,7 +41,7 @@ _FIRST_PAIR_WAITS = (
     Edit("seesaw.cuh", "        qk(sacc, 0, true);", "        qk(sacc, 0, it == 0);"),
     Edit("seesaw.cuh", "        qk(sacc, 1, has_k1);", "        qk(sacc, 1, has_k1 && it == 0);"),
 )
-_LAUNCH = "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}"
+_LAUNCH = "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n}"
 
 
 def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
@@ -52,7 +52,7 @@ def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
         Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
         Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", decls + "\ntemplate <class Cfg>\nstruct Layout {"),
         Edit("seesaw.cuh", _LAUNCH, """  if (err) return err;
-  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
+  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
   static int calls = 0;
   if (err || ++calls != 3) return err;
   cudaDeviceSynchronize();

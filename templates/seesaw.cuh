@@ -133,6 +133,7 @@ struct Layout {
   static_assert(W == 8, "warps: two (consumer) warpgroups");
   // the consumers (warps 0-7) and the producer warpgroup (warps 8-11; warps 8 and 9 issue the loads)
   static constexpr int kThreads = 32 * W + 128;
+  static_assert(kThreads == Cfg::kThreads, "block size disagrees with VariantSpec.threads");
   // registers per thread after setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 64 K (the kernel starts at 65536 / 384 = 168)
   static constexpr int kConsumerRegs = 232, kProducerRegs = 40;
   static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 65536, "register file");
@@ -615,7 +616,7 @@ inline int launch_decode(const DecodeParams& p, uint64_t stream) {
   if (!err)
     err = encode_paged_map(&tp.kpe, p.kpe, L::R, p.page_size, p.num_pages, p.kpe_stride_tok, p.kpe_stride_page,
                            L::KP::kBlockCols, L::KP::kRowBytes);
-  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
+  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
 }
 
 }  // namespace seesaw
