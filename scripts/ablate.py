@@ -139,9 +139,9 @@ _TIMELINE = (
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
     Edit("seesaw.cuh", "        free_phase ^= 1u << buf;\n",
          "        free_phase ^= 1u << buf;\n        PSTAMP(2 * buf);\n"),
-    Edit("seesaw.cuh", "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);\n"
+    Edit("seesaw.cuh", "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);\n"
          "            }\n          }\n        }\n",
-         "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);\n"
+         "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);\n"
          "            }\n          }\n        }\n        PSTAMP(2 * buf + 1);\n"),
 )
 

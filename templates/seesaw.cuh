@@ -186,6 +186,9 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
   const int box_rows = tma_box_rows(p.page_size);
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   uint32_t free_phase = 0;  // bit buf: the parity of free[buf][half] this warp waits for next, flipped
+  // kv lines first out of L2: a tile is read by the row blocks of one part at about the same time, then never again,
+  // while a split request's partials (written at a segment's end) are read back by the merge
+  const uint64_t policy = l2_evict_first_policy();
   for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
     const int len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
@@ -224,12 +227,12 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
 #pragma unroll
             for (int blk = half * HB; blk < half * HB + HB; ++blk)
               tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok,
-                          page[k]);
+                          page[k], policy);
             if (rope) {
 #pragma unroll
               for (int blk = 0; blk < KP::kBlocks; ++blk)
                 tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
-                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);
+                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);
             }
           }
         }
