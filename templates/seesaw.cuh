@@ -169,7 +169,8 @@ struct TmaParams {
 // walks the part's segments like the consumers and loads its half of every kv tile (tile 2i into K0, 2i + 1
 // into K1; the rope panel with the half that the consumers free last: K0R, K1L) once the consumers freed the
 // half's previous tile. A pair without a K1 tile (odd count) still takes its turn on K1's free barriers (the
-// consumers free K1 after that pair too), so a segment's first tiles go out while the last one still runs.
+// consumers free K1 after that pair too; waited for ahead of the pair's K0 boxes, see below), so a segment's
+// first tiles go out while the last one still runs.
 // Lane l issues the boxes of row groups l and l + 32 (b rows each, sm90.cuh tma_box_rows); each unit's
 // mbarrier gets the bytes of the groups before the length (its one arrival).
 template <class Cfg>
@@ -189,6 +190,7 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
     const int len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
     for (int it = 0; it < n_tiles; it += 2) {
+      const bool k1_missing = it + 1 >= n_tiles;
 #pragma unroll
       for (int buf = 0; buf < 2; ++buf) {
         const int tile = it + buf, t0 = (seg.blk_lo + tile) * N;
@@ -200,11 +202,19 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
           page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
         }
         // The first wait on each free barrier passes (the phase before a fresh barrier's counts as complete).
-        // A missing K1 (groups 0) is waited for too: every phase gets its wait (compute-sanitizer's synccheck
-        // reports a phase arrived on again before any wait as "Missing wait"), and the wait cannot miss its
-        // phase: the next one also needs the next pair's K0 tile, which this warp loads only after this wait.
-        mbarrier_wait(s_free + 8 * (2 * buf + half), ((free_phase >> buf) & 1u) ^ 1u);
-        free_phase ^= 1u << buf;
+        // Every phase gets its wait (compute-sanitizer's synccheck reports one arrived on again before any wait as
+        // "Missing wait"), a missing K1's too (the consumers free it after its pair: they write P1 there). That one
+        // is waited for before K0's boxes go out: the consumers' next release of K1, at this pair's end, needs
+        // only K0, so a wait after K0's boxes could come a phase late, find the parity it waits for again and
+        // never pass. A wait ahead of the warp's own next issue cannot.
+        if (buf == 0 || !k1_missing) {
+          mbarrier_wait(s_free + 8 * (2 * buf + half), ((free_phase >> buf) & 1u) ^ 1u);
+          free_phase ^= 1u << buf;
+        }
+        if (buf == 0 && k1_missing) {
+          mbarrier_wait(s_free + 8 * (2 + half), ((free_phase >> 1) & 1u) ^ 1u);
+          free_phase ^= 2u;
+        }
         if (groups == 0) continue;
         const bool rope = (buf == 0) == (half == 1);
         const uint32_t stage = s_k0 + buf * L::kStageBytes, bars = s_full + 8 * buf * U;
