@@ -71,7 +71,12 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
         rows = -(-num_heads * s_q // 8) * 8
         return Tile(min(rows, narrow_max_rows(ckv_dim, kv_dtype)) if ckv_dim % 64 == 0 else 8, 64, 2, 8)
     if family is Family.SEESAW:
-        return Tile(64, 64, 2, 8)  # 64 rows x pairs of 64-token tiles (K0, K1), two warpgroups
+        # 64 rows x pairs of 64-token tiles (K0, K1), two warpgroups; the kv buffers of two pairs where they fit
+        # (ckv 256: 197 KB), so that a pair's loads go out while the pair before it computes
+        two_pairs = Tile(64, 64, 4, 8)
+        if arch is not None and _fits(family, two_pairs, ckv_dim, rope_dim, arch, kv_dtype):
+            return two_pairs
+        return Tile(64, 64, 2, 8)
     raise SpecError(f"family: no tile rules for {family.value}")
 
 

@@ -281,7 +281,8 @@ class VariantSpec:
 
     @property
     def threads(self) -> int:
-        return 32 * self.tile.warps
+        """The decode kernel's block: the tile's working warps, and seesaw's producer warpgroup beside them."""
+        return 32 * self.tile.warps + (128 if self.family is Family.SEESAW else 0)
 
     @property
     def smem_bytes(self) -> int:
@@ -458,14 +459,14 @@ def _check_narrow(spec: VariantSpec) -> None:
 
 
 def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
-    """templates/seesaw.cuh Layout: q tile [M][C+R], two kv tiles [N][C+RK] (K0, K1 of a pair; RK = R, or 64 when
-    R < 64: TMA boxes of 128-byte rows; P0 / P1 live in their first rope block), the row max and row sum
-    exchanges [2][M] fp32 between the two warpgroups, and the mbarriers (per kv tile: one per 64-column ckv block
-    and one for the rope, the boxes landed; per kv tile half: the consumers freed it). 512/64: 72 + 2 x 72 + 1 KB
-    + 176 B = 217 KB."""
+    """templates/seesaw.cuh Layout: q tile [M][C+R], `stages` kv tiles [N][C+RK] (K0, K1 of a pair, or of two
+    pairs; RK = R, or 64 when R < 64: TMA boxes of 128-byte rows; P0 / P1 live in their first rope block), the row
+    max and row sum exchanges [2][M] fp32 between the two warpgroups, and the mbarriers (per kv tile: one per
+    64-column ckv block and one for the rope, the boxes landed; per kv tile half: the consumers freed it).
+    512/64, 2 stages: 72 + 2 x 72 + 1 KB + 176 B = 217 KB; 256/32, 4 stages: 36 + 4 x 40 + 1 KB + 144 B = 197 KB."""
     rope_k = rope if rope % 64 == 0 else 64
     return (tile.block_m * (ckv + rope) * itemsize + tile.stages * tile.block_n * (ckv + rope_k) * itemsize
-            + 2 * 2 * tile.block_m * 4 + 2 * (ckv // 64 + 1) * 8 + 2 * 2 * 8)
+            + 2 * 2 * tile.block_m * 4 + tile.stages * (ckv // 64 + 1) * 8 + tile.stages * 2 * 8)
 
 
 def _check_seesaw(spec: VariantSpec) -> None:
@@ -476,9 +477,9 @@ def _check_seesaw(spec: VariantSpec) -> None:
         raise SpecError(f"tile.block_n: seesaw takes 64 kv tokens per tile (S = m64n64 per warpgroup), got {t.block_n}")
     if t.warps != 8:
         raise SpecError(f"tile.warps: seesaw runs two warpgroups (8 warps), got {t.warps}")
-    if t.stages != 2:
-        raise SpecError(f"tile.stages: seesaw holds exactly the two kv tiles of a pair (K0, K1), expected 2, "
-                        f"got {t.stages}")
+    if t.stages not in (2, 4):
+        raise SpecError(f"tile.stages: seesaw holds the two kv tiles (K0, K1) of one pair or of two (the next pair's "
+                        f"loads in flight): expected 2 or 4, got {t.stages}")
     if spec.ckv_dim not in (128, 256, 512):
         raise SpecError(f"ckv_dim: seesaw gives each warpgroup ckv/2 output columns as one wgmma n (64, 128 or "
                         f"256): expected 128, 256 or 512, got {spec.ckv_dim}")

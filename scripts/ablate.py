@@ -38,10 +38,10 @@ class Ablation:
 
 # seesaw's Q K^T calls, waiting for their boxes only in a segment's first pair (the tiles no-loads still loads)
 _FIRST_PAIR_WAITS = (
-    Edit("seesaw.cuh", "        qk(sacc, 0, true);", "        qk(sacc, 0, it == 0);"),
-    Edit("seesaw.cuh", "        qk(sacc, 1, has_k1);", "        qk(sacc, 1, has_k1 && it == 0);"),
+    Edit("seesaw.cuh", "        qk(sacc, b0, true);", "        qk(sacc, b0, it == 0);"),
+    Edit("seesaw.cuh", "        qk(sacc, b1, has_k1);", "        qk(sacc, b1, has_k1 && it == 0);"),
 )
-_LAUNCH = "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);\n}"
+_LAUNCH = "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n}"
 
 
 def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
@@ -52,7 +52,7 @@ def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
         Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
         Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", decls + "\ntemplate <class Cfg>\nstruct Layout {"),
         Edit("seesaw.cuh", _LAUNCH, """  if (err) return err;
-  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
+  err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
   static int calls = 0;
   if (err || ++calls != 3) return err;
   cudaDeviceSynchronize();
@@ -116,32 +116,32 @@ def _stamp_between(first: str, second: str, event: int) -> Edit:
 _TIMELINE = (
     *_instrumented(_STAMP, _PRINT_STAMPS),
     # WG0
-    _stamp("        qk(sacc, 0, true);\n", before=0, after=1),
+    _stamp("        qk(sacc, b0, true);\n", before=0, after=1),
     _stamp_between("        fence_regs(sacc);\n", "\n        // ---- softmax S0", 2),
-    _stamp("        zero_tail(s_k0, it);\n        fence_proxy_async();\n        bar_sync(kBarP0, 256);\n", after=3),
-    _stamp("        release(0, 0);  // K0L\n", before=4),
+    _stamp("        zero_tail(s_kv0, it);\n        fence_proxy_async();\n        bar_sync(kBarP0, 256);\n", after=3),
+    _stamp("        release(b0, 0);  // K0L\n", before=4),
     _stamp_between("        bar_sync(kBarP1, 256);\n",
                    "#pragma unroll\n        for (int hh = 0; hh < 2; ++hh) {\n          m_end", 6),
     _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n"
-           "        release(1, 0);  // K1L (ckv-left + rope, and P1)\n",
+           "        release(b1, 0);  // K1L (ckv-left + rope, and P1)\n",
            before=7, after=9),
     # WG1
-    _stamp("        qk(sacc, 1, has_k1);\n", before=0, after=1),
+    _stamp("        qk(sacc, b1, has_k1);\n", before=0, after=1),
     _stamp_between("        bar_sync(kBarP0, 256);\n", "#pragma unroll\n", 2),
     _stamp("          sc0[hh] = m_mid[hh] != m_run[hh] ? fast_exp2(m_run[hh] - m_mid[hh]) : 1.f;\n        }\n",
            after=3),
     _stamp("\n        // ---- softmax S1", before=4),
     _stamp("        fence_proxy_async();\n        bar_sync(kBarP1, 256);\n", after=5),
-    _stamp("        release(0, 1);  // K0R (ckv-right + rope, and P0)\n", before=6),
+    _stamp("        release(b0, 1);  // K0R (ckv-right + rope, and P0)\n", before=6),
     _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n        fence_regs(pa);\n"
-           "        release(1, 1);  // K1R\n",
+           "        release(b1, 1);  // K1R\n",
            before=8, after=10),
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
-    Edit("seesaw.cuh", "        free_phase ^= 1u << buf;\n",
-         "        free_phase ^= 1u << buf;\n        PSTAMP(2 * buf);\n"),
-    Edit("seesaw.cuh", "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);\n"
+    Edit("seesaw.cuh", "        free_phase ^= 1u << b;\n",
+         "        free_phase ^= 1u << b;\n        PSTAMP(2 * buf);\n"),
+    Edit("seesaw.cuh", "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);\n"
          "            }\n          }\n        }\n",
-         "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);\n"
+         "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);\n"
          "            }\n          }\n        }\n        PSTAMP(2 * buf + 1);\n"),
 )
 

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -808,12 +809,22 @@ inline int launch_plan_kernel(const DecodeParams& p, uint64_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-// Raises a kernel's dynamic shared-memory limit (needed above 48 KB) on the current device. Called
-// on every launch: it is a cheap host-side attribute write, legal during graph capture, and a
-// per-process "done" flag would be wrong with several devices.
-template <typename Kernel>
-inline int set_smem_limit(Kernel kernel, int bytes) {
-  return static_cast<int>(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+// Raises the variant's decode kernel's dynamic shared-memory limit (Cfg::kSmemBytes, above 48 KB) on the current
+// device, once per device (a bit per device index; devices past 63 on every call): the attribute write is a driver
+// call that also waits for the runtime's pending copies, so it stays off the per-launch path. The value never
+// changes, so threads racing the first write at worst write it twice; a launch sees the bit only after its write.
+// (After a cudaDeviceReset the attribute is gone and the launch fails with an error naming it.)
+template <class Cfg, typename Kernel>
+inline int set_decode_smem_limit(Kernel kernel) {
+  static std::atomic<unsigned long long> written{0};
+  int device = 0;
+  const cudaError_t got = cudaGetDevice(&device);
+  if (got != cudaSuccess) return static_cast<int>(got);
+  const unsigned long long bit = device < 64 ? 1ull << device : 0ull;
+  if (written.load(std::memory_order_acquire) & bit) return 0;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (err == cudaSuccess) written.fetch_or(bit, std::memory_order_release);
+  return static_cast<int>(err);
 }
 
 // Launches kernel(p) after the previous work on the stream; where the device has programmatic
@@ -833,17 +844,16 @@ inline int launch_dependent(Kernel kernel, dim3 grid, dim3 block, int smem, cons
   return static_cast<int>(cudaLaunchKernelEx(&config, kernel, args));
 }
 
-// A family's decode kernel on grid (row blocks of kBlockM, parts), `threads` threads (32 * kWarps, or more where
+// A family's decode kernel on grid (row blocks of kBlockM, parts), Cfg::kThreads threads (32 * kWarps, more where
 // a producer warpgroup runs beside them), kSmemBytes; its one argument is p, or `args` holding p and more
 // (seesaw: the cache's tensor maps).
 template <class Cfg, typename Kernel, typename Args = DecodeParams>
-inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream, const Args& args,
-                                int threads = 32 * Cfg::kWarps) {
-  const int err = set_smem_limit(kernel, Cfg::kSmemBytes);
+inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t stream, const Args& args) {
+  const int err = set_decode_smem_limit<Cfg>(kernel);
   if (err) return err;
   const int rows = p.s_q * Cfg::kNumHeads;
   if (p.row_blocks != (rows + Cfg::kBlockM - 1) / Cfg::kBlockM) return static_cast<int>(cudaErrorInvalidValue);
-  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(threads), Cfg::kSmemBytes, args,
+  return launch_dependent<Cfg>(kernel, dim3(p.row_blocks, p.num_parts), dim3(Cfg::kThreads), Cfg::kSmemBytes, args,
                                stream);
 }
 template <class Cfg, typename Kernel>

@@ -36,8 +36,11 @@
 // Every pair frees all four halves (a missing K1 too), so the producer runs on into the next segment's tiles.
 // The loads are the kernel's loop-carried chain (K1's boxes go out at a pair's end and S1 needs them at the next
 // pair's start; a 72 KB tile takes about 2800 cycles to land, PERF.md), so every half is freed as early as its
-// readers allow. Issuing a half costs its warp about 800 cycles (4-5 boxes; PERF.md, eighth session): on a
-// producer warp that is no longer on the consumers' path (case 2: 312 -> 277 us).
+// readers allow. Where shared memory holds two pairs' buffers (4 stages, ckv 256: 197 KB), pair i computes in slot
+// i % 2 (kv buffers 2 slot, 2 slot + 1, their own mbarriers and P0 / P1) and the producer fills the other slot,
+// freed by pair i - 1, while it runs: the load leaves the chain. Issuing a half costs its warp about 800 cycles
+// (4-5 boxes; PERF.md, eighth session): on a producer warp that is no longer on the consumers' path (case 2: 312
+// -> 277 us).
 // Q K^T waits unit by unit (ckv-left, ckv-right, the rope), so its first k-steps run while later boxes land (in
 // S1, K1L's boxes went out before K1R's); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas.
 // The other WG's V half (WG0: K1 left blocks, WG1: K0 right blocks) is not waited for again: that WG waited in
@@ -59,15 +62,17 @@
 //   5 LOCAL0 128, 6 LOCAL1 128: inside WG0 / WG1, after zeroing V rows (visible to the WG's wgmma).
 // WAR hazards: a buffer half is rewritten only after every WG that reads it waited for its wgmmas: the freeing
 // WG's own (its four arrivals) and the other WG's, which retired before that WG reached P0 / P1, which the
-// freeing WG synced on before freeing. P0 / P1 and red_max[0/1] are rewritten at pair i+1 only after the loads
-// of pair i+1 landed, issued after their readers of pair i were done.
+// freeing WG synced on before freeing. P0 / P1 are rewritten only by a later pair of their slot, after its loads
+// landed, issued after the slot's readers freed it. red_max[0] (m0) is rewritten at pair i+1 only after WG0 passed
+// pair i's P1 hand-off, which WG1 reaches after reading m0; red_max[1] (m1) only after WG1 passed pair i+1's P0
+// hand-off, which WG0 reaches after reading m1.
 //
 // Shared memory (dynamic, 1024-byte aligned, wgmma.cuh panels: 64-column blocks of 128-byte swizzled rows):
-//   Q ckv [64][C] | Q rope [64][R] | K0 (ckv [64][C] | rope [64][RK]) | K1 (same) | red_max [2][64] fp32 |
-//   red_sum [2][64] fp32 | full mbarriers [2][2 C / 128 + 1] | free mbarriers [2][2].
+//   Q ckv [64][C] | Q rope [64][R] | kv buffers [S] (ckv [64][C] | rope [64][RK]; slot s: K0 = 2 s, K1 = 2 s + 1) |
+//   red_max [2][64] fp32 | red_sum [2][64] fp32 | full mbarriers [S][2 C / 128 + 1] | free mbarriers [S][2].
 // RK = R, or 64 when R < 64 (the columns past R are TMA's zero fill). P0 and P1 live in the first rope block of
 // K0 / K1 (dead after that tile's Q K^T; freed together with the half that holds the rope), so 512/64 needs
-// 72 + 2 x 72 + 1 KB + 176 B = 217 KB.
+// 72 + 2 x 72 + 1 KB + 176 B = 217 KB (2 stages); 256/32 with 4 stages 36 + 4 x 40 + 1 KB + 144 B = 197 KB.
 // Epilogue: as wgmma.cuh (row sums over the quad and both WGs through red_sum; normalise; out + lse or partial).
 #pragma once
 #include "wgmma.cuh"
@@ -110,17 +115,19 @@ struct Layout {
 
   static constexpr int kOffQn = 0;
   static constexpr int kOffQp = QN::kBytes;
-  static constexpr int kOffKV = kOffQp + QP::kBytes;  // K0; K1 follows it
+  static constexpr int kOffKV = kOffQp + QP::kBytes;  // kv buffers 0 .. S - 1: pair slot s holds K0 = 2 s, K1 = 2 s + 1
   static constexpr int kStageBytes = KN::kBytes + KP::kBytes;
-  static constexpr int kOffP0 = kOffKV + KN::kBytes;  // P0 / P1: the first rope block of K0 / K1
+  static constexpr int kPairSlots = S / 2;  // pairs in flight: pair i uses slot i % kPairSlots
+  static constexpr int kSlotBytes = 2 * kStageBytes;
+  static constexpr int kOffP0 = kOffKV + KN::kBytes;  // P0 / P1: the first rope block of K0 / K1 (slot 0; + slot bytes)
   static constexpr int kOffP1 = kOffP0 + kStageBytes;
   static constexpr int kRedBytes = 2 * M * 4;
-  static constexpr int kOffRedMax = kOffKV + 2 * kStageBytes;
+  static constexpr int kOffRedMax = kOffKV + S * kStageBytes;
   static constexpr int kOffRedSum = kOffRedMax + kRedBytes;
   static constexpr int kUnits = 2 * HB + 1;  // TMA units of a kv buffer: its 64-column ckv blocks, the rope panel
   static constexpr int kOffBars = kOffRedSum + kRedBytes;  // an mbarrier per (buffer, unit): its boxes landed
-  static constexpr int kOffFree = kOffBars + 2 * kUnits * 8;  // an mbarrier per (buffer, half): the consumers freed it
-  static constexpr int kSmemBytes = kOffFree + 2 * 2 * 8;
+  static constexpr int kOffFree = kOffBars + S * kUnits * 8;  // an mbarrier per (buffer, half): the consumers freed it
+  static constexpr int kSmemBytes = kOffFree + S * 2 * 8;
   static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
   static_assert(kSmemBytes <= 227 * 1024, "seesaw: shared memory over the 227 KB a block may use on sm_90a");
 
@@ -133,10 +140,12 @@ struct Layout {
   static_assert(W == 8, "warps: two (consumer) warpgroups");
   // the consumers (warps 0-7) and the producer warpgroup (warps 8-11; warps 8 and 9 issue the loads)
   static constexpr int kThreads = 32 * W + 128;
+  static_assert(kThreads == Cfg::kThreads, "block size disagrees with VariantSpec.threads");
   // registers per thread after setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 64 K (the kernel starts at 65536 / 384 = 168)
   static constexpr int kConsumerRegs = 232, kProducerRegs = 40;
   static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 65536, "register file");
-  static_assert(S == 2, "stages: the two kv tiles of a pair");
+  static_assert(S == 2 || S == 4, "stages: the kv tiles of one pair, or of two (the next pair's loads in flight)");
+  static_assert(S * kUnits <= 32, "a full-barrier parity bit per (buffer, unit) in one 32-bit word");
   static_assert(CW == 64 || CW == 128 || CW == 256, "ckv: 128, 256 or 512 (C/2 is one wgmma n)");
   static_assert(KN::kRowBytes == 128 && QN::kRowBytes == 128 && QN::kBlockBytes == KN::kBlockBytes,
                 "ckv panels of 64-column blocks, Q and kv blocks the same size (M == N)");
@@ -169,7 +178,8 @@ struct TmaParams {
 // walks the part's segments like the consumers and loads its half of every kv tile (tile 2i into K0, 2i + 1
 // into K1; the rope panel with the half that the consumers free last: K0R, K1L) once the consumers freed the
 // half's previous tile. A pair without a K1 tile (odd count) still takes its turn on K1's free barriers (the
-// consumers free K1 after that pair too), so a segment's first tiles go out while the last one still runs.
+// consumers free K1 after that pair too; waited for ahead of the pair's K0 boxes, see below), so a segment's
+// first tiles go out while the last one still runs.
 // Lane l issues the boxes of row groups l and l + 32 (b rows each, sm90.cuh tma_box_rows); each unit's
 // mbarrier gets the bytes of the groups before the length (its one arrival).
 template <class Cfg>
@@ -184,13 +194,20 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
   const int lane = threadIdx.x & 31;
   const int box_rows = tma_box_rows(p.page_size);
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
-  uint32_t free_phase = 0;  // bit buf: the parity of free[buf][half] this warp waits for next, flipped
+  uint32_t free_phase = 0;  // bit b: the parity of free[b][half] this warp waits for next, flipped
+  int pair_no = 0;          // pairs walked so far (over segments): pair i loads into slot i % kPairSlots
+  // kv lines first out of L2: a tile is read by the row blocks of one part at about the same time, then never again,
+  // while a split request's partials (written at a segment's end) are read back by the merge
+  const uint64_t policy = l2_evict_first_policy();
   for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
     const int len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
-    for (int it = 0; it < n_tiles; it += 2) {
+    for (int it = 0; it < n_tiles; it += 2, ++pair_no) {
+      const int slot = pair_no % L::kPairSlots;
+      const bool k1_missing = it + 1 >= n_tiles;
 #pragma unroll
-      for (int buf = 0; buf < 2; ++buf) {
+      for (int buf = 0; buf < 2; ++buf) {  // K0, K1 of the pair: kv buffer b = 2 slot + buf
+        const int b = 2 * slot + buf;
         const int tile = it + buf, t0 = (seg.blk_lo + tile) * N;
         const int groups = tile < n_tiles ? (min(len - t0, N) + box_rows - 1) / box_rows : 0;
         int page[kGroupIters];  // read before the wait: the block table's latency hides behind it
@@ -200,16 +217,23 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
           page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
         }
         // The first wait on each free barrier passes (the phase before a fresh barrier's counts as complete).
-        // A missing K1 (groups 0) is waited for too: every phase gets its wait (compute-sanitizer's synccheck
-        // reports a phase arrived on again before any wait as "Missing wait"). NOTE(missing-k1): this wait comes
-        // after the pair's K0 boxes, and the consumers' next release of K1 (at this pair's end) needs only K0, so
-        // a warp delayed past that whole pair would find its parity again and hang. Never seen (thousands of
-        // cycles for one warp); branch wip/seesaw-missing-k1-first waits ahead of K0's boxes instead.
-        mbarrier_wait(s_free + 8 * (2 * buf + half), ((free_phase >> buf) & 1u) ^ 1u);
-        free_phase ^= 1u << buf;
+        // Every phase gets its wait (compute-sanitizer's synccheck reports one arrived on again before any wait as
+        // "Missing wait"), a missing K1's too (the consumers free it after its pair: they write P1 there). That one
+        // is waited for before K0's boxes go out: the consumers' next release of K1, at this pair's end, needs
+        // only K0, so a wait after K0's boxes could come a phase late, find the parity it waits for again and
+        // never pass. A wait ahead of the warp's own next issue cannot.
+        if (buf == 0 || !k1_missing) {
+          mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> b) & 1u) ^ 1u);
+          free_phase ^= 1u << b;
+        }
+        if (buf == 0 && k1_missing) {
+          const int b1 = b + 1;
+          mbarrier_wait(s_free + 8 * (2 * b1 + half), ((free_phase >> b1) & 1u) ^ 1u);
+          free_phase ^= 1u << b1;
+        }
         if (groups == 0) continue;
         const bool rope = (buf == 0) == (half == 1);
-        const uint32_t stage = s_k0 + buf * L::kStageBytes, bars = s_full + 8 * buf * U;
+        const uint32_t stage = s_k0 + b * L::kStageBytes, bars = s_full + 8 * b * U;
         if (lane == 0) {
 #pragma unroll
           for (int blk = 0; blk < HB; ++blk)
@@ -225,12 +249,12 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
 #pragma unroll
             for (int blk = half * HB; blk < half * HB + HB; ++blk)
               tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok,
-                          page[k]);
+                          page[k], policy);
             if (rope) {
 #pragma unroll
               for (int blk = 0; blk < KP::kBlocks; ++blk)
                 tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
-                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k]);
+                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);
             }
           }
         }
@@ -271,9 +295,9 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   const uint32_t s_bars = s_base + L::kOffBars, s_free = s_base + L::kOffFree;
   if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < 2 * U; ++i) mbarrier_init(s_bars + 8 * i, 1);
+    for (int i = 0; i < L::S * U; ++i) mbarrier_init(s_bars + 8 * i, 1);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) mbarrier_init(s_free + 8 * i, 4);
+    for (int i = 0; i < 2 * L::S; ++i) mbarrier_init(s_free + 8 * i, 4);
     fence_mbarrier_init();
   }
   __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
@@ -327,10 +351,12 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   };
   const int bar_local = wg ? kBarLocal1 : kBarLocal0;
 
+  int pair_no = 0;  // pairs done (over segments): pair i computes in slot i % kPairSlots, like the producer loads
   for_each_segment<Cfg, kBarConsumers>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
+    uint32_t kv_off = 0;  // the current pair's slot: bytes from slot 0's K0 (its K0, K1, P0, P1 and descriptors)
 
     // Zeroes this WG's V columns (ckv half wg) of the rows past the length in `stage` when tile `it` is the
     // request's last and not full, then makes it visible to the WG's wgmma (before its P V).
@@ -423,7 +449,7 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
           lsum[hh] += p0 + p1;
           const uint32_t u = pack2<KV>(p0, p1);
           pa[j >> 1][2 * (j & 1) + hh] = u;  // n8 tiles j = 2 kk, 2 kk + 1 form the k16 step kk
-          sts_u32(s_pown + PP::off(wrow + g + 8 * hh, j) + 4 * tq, u);
+          sts_u32(s_pown + kv_off + PP::off(wrow + g + 8 * hh, j) + 4 * tq, u);
         }
       }
       if (tq == 0) {
@@ -457,17 +483,22 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
         wgmma_fence();
 #pragma unroll
         for (int ks = 4 * blk; ks < 4 * blk + 4; ++ks)
-          wgmma_ss<N, KV, 0>(sc, desc_add(d_qn, QN::step(ks)), desc_add(d_kn, KN::step(ks)), 1);
+          wgmma_ss<N, KV, 0>(sc, desc_add(d_qn, QN::step(ks)), desc_add(d_kn, kv_off + KN::step(ks)), 1);
       }
       if (wait) wait_unit(buf, 2 * HB);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < QP::kSteps; ++ks)
-        wgmma_ss<N, KV, 0>(sc, desc_add(d_qp, QP::step(ks)), desc_add(d_kp, KP::step(ks)), 1);
+        wgmma_ss<N, KV, 0>(sc, desc_add(d_qp, QP::step(ks)), desc_add(d_kp, kv_off + KP::step(ks)), 1);
       wgmma_commit();
     };
 
-    for (int it = 0; it < n_tiles; it += 2) {  // the pair: tile it in K0, tile it + 1 in K1
+    for (int it = 0; it < n_tiles; it += 2, ++pair_no) {  // the pair: tile it in K0, tile it + 1 in K1
+      const int slot = pair_no % L::kPairSlots, b0 = 2 * slot, b1 = b0 + 1;  // K0, K1: kv buffers b0, b1
+      kv_off = slot * L::kSlotBytes;
+      const uint32_t s_kv0 = s_k0 + kv_off, s_kv1 = s_k1 + kv_off;
+      const uint64_t dv0 = desc_add(d_v0, kv_off), dv1 = desc_add(d_v1, kv_off);  // the slot's V and P
+      const uint64_t dp0 = desc_add(d_p0, kv_off), dp1 = desc_add(d_p1, kv_off);
       const bool has_k1 = it + 1 < n_tiles;
       float sacc[SV];
 #pragma unroll
@@ -476,7 +507,7 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
 
       if (wg == 0) {
         // ---- S0 = Q K0^T
-        qk(sacc, 0, true);
+        qk(sacc, b0, true);
         wgmma_wait<0>();
         fence_regs(sacc);
 
@@ -485,7 +516,7 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
         rescale(sc0);
         l_run[0] += lsum[0];
         l_run[1] += lsum[1];
-        zero_tail(s_k0, it);
+        zero_tail(s_kv0, it);
         fence_proxy_async();
         bar_sync(kBarP0, 256);
 
@@ -494,13 +525,13 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
         fence_regs(pa);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < N / 16; ++kk) wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v0, 16 * kk * KN::kRowBytes), 1);
+        for (int kk = 0; kk < N / 16; ++kk) wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(dv0, 16 * kk * KN::kRowBytes), 1);
         wgmma_commit();
 
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        release(0, 0);  // K0L
+        release(b0, 0);  // K0L
         // ---- P1, m1 from WG1; scale1 = 2^(m0 - m1)
         bar_sync(kBarP1, 256);
 #pragma unroll
@@ -513,28 +544,28 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
         // ---- O_L += P1 V1_L (SS)
         if (has_k1) {
 #pragma unroll
-          for (int blk = 0; blk < HB; ++blk) pass_unit(1, blk, len - (seg.blk_lo + it + 1) * N < N);  // V1_L
-          zero_tail(s_k1, it + 1);
+          for (int blk = 0; blk < HB; ++blk) pass_unit(b1, blk, len - (seg.blk_lo + it + 1) * N < N);  // V1_L
+          zero_tail(s_kv1, it + 1);
           fence_regs(o);
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < N / 16; ++kk)
-            wgmma_ss<CW, KV, 1>(o, desc_add(d_p1, PP::step(kk)), desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
+            wgmma_ss<CW, KV, 1>(o, desc_add(dp1, PP::step(kk)), desc_add(dv1, 16 * kk * KN::kRowBytes), 1);
           wgmma_commit();
         }
         wgmma_wait<0>();
         fence_regs(o);
-        release(1, 0);  // K1L (ckv-left + rope, and P1)
+        release(b1, 0);  // K1L (ckv-left + rope, and P1)
       } else {
         // ---- S1 = Q K1^T. Issued even without a K1 tile (its scores are then overwritten by -inf in softmax; a
         //      wgmma issue under a branch makes ptxas serialize the following wgmmas); only the waits depend on it.
-        qk(sacc, 1, has_k1);
+        qk(sacc, b1, has_k1);
 
         // ---- P0, m0 from WG0: scale0 = 2^(m - m0); O_R += P0 V0_R (SS) runs under this WG's softmax. S1 is
         //      waited for first (O_R is rescaled here, and ptxas would insert that wait anyway).
         bar_sync(kBarP0, 256);
 #pragma unroll
-        for (int blk = HB; blk < 2 * HB; ++blk) pass_unit(0, blk, len - (seg.blk_lo + it) * N < N);  // V0_R
+        for (int blk = HB; blk < 2 * HB; ++blk) pass_unit(b0, blk, len - (seg.blk_lo + it) * N < N);  // V0_R
         wgmma_wait<0>();
         fence_regs(sacc);
 #pragma unroll
@@ -543,12 +574,12 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
           sc0[hh] = m_mid[hh] != m_run[hh] ? fast_exp2(m_run[hh] - m_mid[hh]) : 1.f;
         }
         rescale(sc0);  // no wgmma of O_R in flight
-        zero_tail(s_k0, it);
+        zero_tail(s_kv0, it);
         fence_regs(o);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < N / 16; ++kk)
-          wgmma_ss<CW, KV, 1>(o, desc_add(d_p0, PP::step(kk)), desc_add(d_v0, 16 * kk * KN::kRowBytes), 1);
+          wgmma_ss<CW, KV, 1>(o, desc_add(dp0, PP::step(kk)), desc_add(dv0, 16 * kk * KN::kRowBytes), 1);
         wgmma_commit();
 
         // ---- softmax S1 against m0 -> m1; publish P1, m1
@@ -558,26 +589,26 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        release(0, 1);  // K0R (ckv-right + rope, and P0)
+        release(b0, 1);  // K0R (ckv-right + rope, and P0)
         rescale(sc1);
         l_run[0] += lsum[0];
         l_run[1] += lsum[1];
 
         // ---- O_R += P1 V1_R (RS)
         if (has_k1) {
-          zero_tail(s_k1, it + 1);
+          zero_tail(s_kv1, it + 1);
           fence_regs(o);
           fence_regs(pa);
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < N / 16; ++kk)
-            wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(d_v1, 16 * kk * KN::kRowBytes), 1);
+            wgmma_rs<CW, KV, 1>(o, pa[kk], desc_add(dv1, 16 * kk * KN::kRowBytes), 1);
           wgmma_commit();
         }
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        release(1, 1);  // K1R
+        release(b1, 1);  // K1R
       }
       m_run[0] = m_end[0];
       m_run[1] = m_end[1];
@@ -617,7 +648,7 @@ inline int launch_decode(const DecodeParams& p, uint64_t stream) {
   if (!err)
     err = encode_paged_map(&tp.kpe, p.kpe, L::R, p.page_size, p.num_pages, p.kpe_stride_tok, p.kpe_stride_page,
                            L::KP::kBlockCols, L::KP::kRowBytes);
-  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp, L::kThreads);
+  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
 }
 
 }  // namespace seesaw

@@ -40,10 +40,21 @@ def test_kernel_cu_shows_parameters_as_constants() -> None:
     for line in ("static constexpr int kNumHeads = 128;", "static constexpr int kCkvDim = 512;",
                  "static constexpr int kRopeDim = 64;", "static constexpr int kBlockM = 16;",
                  "static constexpr int kBlockN = 32;", "static constexpr int kWarps = 8;",
+                 "static constexpr int kThreads = 256;",
                  f"static constexpr int kSmemBytes = {spec.smem_bytes};", "using QType = __nv_bfloat16;"):
         assert line in kernel, line
     assert '#include "simt.cuh"' in kernel
     assert "{{" not in kernel and "{%" not in kernel
+
+
+def test_seesaw_block_counts_its_producer_warpgroup() -> None:
+    """seesaw launches 8 consumer warps and a producer warpgroup: the occupancy query and `explain` must see 384
+    threads, not the tile's 256 (the kernel's static_assert ties its Layout to this constant)."""
+    spec = VariantSpec.from_id("mla_decode_h128_c512_r64_bf16_bf16_seesaw_m64n64s2w8_sm90a")
+    assert spec.threads == 384
+    kernel = render_sources(spec)["kernel.cu"]
+    assert "static constexpr int kThreads = 384;" in kernel
+    assert "num, kernel, VariantConfig::kThreads, VariantConfig::kSmemBytes" in kernel
 
 
 def test_sources_differ_by_spec_and_are_deterministic() -> None:

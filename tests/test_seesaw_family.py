@@ -62,10 +62,14 @@ def test_default_tile_and_shared_memory() -> None:
     # mbarriers + 2 x 2 "freed" ones (the producer warpgroup's)
     assert big.smem_bytes == 64 * 576 * 2 + 2 * 64 * 576 * 2 + 2 * 2 * 64 * 4 + 2 * 9 * 8 + 4 * 8 == 222384
     assert big.smem_bytes <= Arch.SM90A.max_smem_per_block
-    # rope 32: the kv rope panels are stored 64 wide (128-byte TMA rows; P0, P1 live there too)
+    # rope 32: the kv rope panels are stored 64 wide (128-byte TMA rows; P0, P1 live there too); ckv 256 holds the
+    # buffers of two pairs (4 stages: the next pair's loads in flight), 4 x 5 "landed" and 4 x 2 "freed" mbarriers
     small = seesaw(heads=40, ckv=256, rope=32)
-    assert small.smem_bytes == 64 * 288 * 2 + 2 * 64 * (256 + 64) * 2 + 2 * 2 * 64 * 4 + 2 * 5 * 8 + 4 * 8
-    assert seesaw(ckv=128, rope=16).smem_bytes == 64 * 144 * 2 + 2 * 64 * (128 + 64) * 2 + 1024 + 2 * 3 * 8 + 4 * 8
+    assert small.tile == Tile(64, 64, 4, 8)
+    assert small.smem_bytes == 64 * 288 * 2 + 4 * 64 * (256 + 64) * 2 + 2 * 2 * 64 * 4 + 4 * 5 * 8 + 8 * 8 == 201952
+    assert seesaw(ckv=256, rope=32, tile=Tile(64, 64, 2, 8)).smem_bytes == (
+        64 * 288 * 2 + 2 * 64 * (256 + 64) * 2 + 2 * 2 * 64 * 4 + 2 * 5 * 8 + 4 * 8)
+    assert seesaw(ckv=128, rope=16).smem_bytes == 64 * 144 * 2 + 4 * 64 * (128 + 64) * 2 + 1024 + 4 * 3 * 8 + 8 * 8
 
 
 def test_sources_carry_wgmma_header() -> None:
