@@ -1,7 +1,7 @@
 """Runs one decode shape a few times, for a profiler to time each kernel (planner, decode) of a call:
 
     ncu --clock-control none --metrics gpu__time_duration.sum -k regex:'plan_kernel|decode_kernel' \
-        python scripts/kernel_times.py --batch 32 --seqlen 1024 --heads 16 [--family narrow] [--s-q 1] \
+        python scripts/kernel_times.py --batch 32 --seqlen 1024 --heads 16 [--family narrow] [--s-q 1] [--ckv 256 --rope 32] \
             [--kv-dtype fp8_e4m3]
 
 The bench (python -m mla_gen.bench) is the instrument for speed claims; this only splits a call's time.
@@ -24,11 +24,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, required=True)
     ap.add_argument("--heads", type=int, required=True)
     ap.add_argument("--s-q", type=int, default=1, dest="s_q")
+    ap.add_argument("--ckv", type=int, default=512)
+    ap.add_argument("--rope", type=int, default=64)
     ap.add_argument("--family", default=None)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--kv-dtype", default=None, help="an fp8 cache format (the 16-bit cache quantized to it)")
     a = ap.parse_args()
-    inp = make_inputs([a.seqlen] * a.batch, heads=a.heads, s_q=a.s_q, page_size=64, device="cuda", combined=True,
+    inp = make_inputs([a.seqlen] * a.batch, heads=a.heads, ckv=a.ckv, rope=a.rope, s_q=a.s_q, page_size=64, device="cuda", combined=True,
                       generator=torch.Generator(device="cuda").manual_seed(0))
     q_nope, q_pe, ckv, kpe, block_table, seqlens, sm_scale = inp.args()
     kv_scale = None
