@@ -208,13 +208,16 @@ __device__ __forceinline__ void mask_scores(int t_lane, int r_lane, int rows, in
 // out_scale, an fp8 cache's per-tensor scale), its lse from l and the running max m (log2 domain). A request
 // the part finishes: out, and lse when asked; a split one: its partial row and partial lse. lse_writer: the one
 // thread of the row that writes the lse.
+// A row's lse (natural log) from its sum l and max m (log2 domain); -inf for a row that saw nothing.
+__device__ __forceinline__ float row_lse(float l, float m) { return l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY; }
+
 template <class Cfg, int NJ, class Pairs>
 __device__ __forceinline__ void write_result_row(const DecodeParams& p, const Segment& seg, int r, int col0, float l,
                                                  float m, float out_scale, bool lse_writer, Pairs&& pairs) {
   using OutT = typename Cfg::OutType;
   using Out2 = typename Vec2<OutT>::type;
   const float inv = l > 0.f ? out_scale / l : 0.f;
-  const float lse = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  const float lse = row_lse(l, m);
   if (seg.split) {
     float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + col0;
 #pragma unroll

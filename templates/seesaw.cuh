@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   using KN = typename L::KN;
   using KP = typename L::KP;
   using PP = typename L::PP;
-  constexpr int H = L::H, M = L::M, N = L::N, CW = L::CW, HB = L::HB;
+  constexpr int H = L::H, C = L::C, M = L::M, N = L::N, CW = L::CW, HB = L::HB;
   constexpr int SV = N / 2;   // S accumulators per thread (m64n64)
   constexpr int OV = CW / 2;  // O accumulators per thread
 
@@ -315,6 +315,13 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * M;
   const float scale_log2 = p.sm_scale * kLog2e;
+  // out rows by bulk copy (epilogue): 16-byte aligned rows; staged 16 bytes apart past their C values, so that
+  // the 8 rows of a warp's shared store fall in different banks
+  using OutT = typename Cfg::OutType;
+  using Out2 = typename Vec2<OutT>::type;
+  constexpr int kOutRowBytes = C * sizeof(OutT) + 16;
+  static_assert(M * kOutRowBytes <= QN::kBytes + QP::kBytes, "seesaw: the staged out rows fit Q's panels");
+  const bool bulk_out = ((p.out | (p.out_stride_b | p.out_stride_s | p.out_stride_h) * sizeof(OutT)) & 15) == 0;
 
   // ---- descriptors (warp-uniform). Q K^T over this WG's buffer: ckv, then the rope.
   const uint32_t s_kown = wg ? s_k1 : s_k0;
@@ -626,12 +633,37 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
     l_run[1] += lds_f32(red_other + 32);
 
     const int r_lane = opaque(row0 + wrow + g);
+    if (!seg.split && bulk_out) {
+      // ---- out rows staged in Q's ckv panel (dead until the next segment's Q) and sent by one bulk copy each,
+      //      so that no warp waits on its stores behind the other SMs' cache reads (PERF.md, eleventh session)
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = r_lane + 8 * hh;
-      if (r >= rows) continue;
-      write_result_row<Cfg, OV / 4>(p, seg, r, wg * CW + 2 * tq, l_run[hh], m_run[hh], 1.f, wg == 0 && tq == 0,
-                                    [&](int j) { return make_float2(o[4 * j + 2 * hh], o[4 * j + 2 * hh + 1]); });
+      for (int hh = 0; hh < 2; ++hh) {
+        const float inv = l_run[hh] > 0.f ? 1.f / l_run[hh] : 0.f;
+        const uint32_t dst = s_qn + (wrow + g + 8 * hh) * kOutRowBytes + (wg * CW + 2 * tq) * sizeof(OutT);
+#pragma unroll
+        for (int j = 0; j < OV / 4; ++j) {
+          const Out2 v = from_float2<OutT>(make_float2(o[4 * j + 2 * hh] * inv, o[4 * j + 2 * hh + 1] * inv));
+          sts_u32(dst + 8 * j * sizeof(OutT), *reinterpret_cast<const uint32_t*>(&v));
+        }
+        const int r = r_lane + 8 * hh;
+        if (p.lse && wg == 0 && tq == 0 && r < rows)
+          *ResultRows<Cfg>::lse(p, seg.req, r) = row_lse(l_run[hh], m_run[hh]);
+      }
+      fence_proxy_async();
+      bar_sync(kBarConsumers, 256);
+      if (tid < M && row0 + tid < rows) {
+        bulk_store(ResultRows<Cfg>::out(p, seg.req, row0 + tid), s_qn + tid * kOutRowBytes, C * sizeof(OutT));
+        bulk_commit();
+        bulk_wait_read();  // before the barrier below, after which the next segment's Q lands there
+      }
+    } else {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = r_lane + 8 * hh;
+        if (r >= rows) continue;
+        write_result_row<Cfg, OV / 4>(p, seg, r, wg * CW + 2 * tq, l_run[hh], m_run[hh], 1.f, wg == 0 && tq == 0,
+                                      [&](int j) { return make_float2(o[4 * j + 2 * hh], o[4 * j + 2 * hh + 1]); });
+      }
     }
     bar_sync(kBarConsumers, 256);  // the next segment rewrites Q and the exchange arrays
   });

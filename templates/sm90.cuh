@@ -109,6 +109,15 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// Bulk copy (async proxy) of `bytes` (a multiple of 16, both addresses 16-byte aligned) from shared to global memory,
+// in this thread's bulk group; bulk_wait_read: this thread's copies have read their shared memory (it may be
+// rewritten; the global writes complete on their own, before the grid does).
+__device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 // An L2 policy that marks the lines a load brings in as the first to evict: for data read once (the kv cache),
 // so that what is read again soon (the split partials the merge reads back) stays in L2.
 __device__ __forceinline__ uint64_t l2_evict_first_policy() {
