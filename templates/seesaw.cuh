@@ -73,7 +73,8 @@
 // RK = R, or 64 when R < 64 (the columns past R are TMA's zero fill). P0 and P1 live in the first rope block of
 // K0 / K1 (dead after that tile's Q K^T; freed together with the half that holds the rope), so 512/64 needs
 // 72 + 2 x 72 + 1 KB + 176 B = 217 KB (2 stages); 256/32 with 4 stages 36 + 4 x 40 + 1 KB + 144 B = 197 KB.
-// Epilogue: as wgmma.cuh (row sums over the quad and both WGs through red_sum; normalise; out + lse or partial).
+// Epilogue: as wgmma.cuh (row sums over the quad and both WGs through red_sum; normalise; out + lse or partial),
+// but out rows (16-byte aligned) go through Q's dead ckv panel and one bulk copy per row (cp.async.bulk).
 #pragma once
 #include "wgmma.cuh"
 
