@@ -203,14 +203,14 @@ __device__ __forceinline__ void mask_scores(int t_lane, int r_lane, int rows, in
   }
 }
 
+// A row's lse (natural log) from its sum l and max m (log2 domain); -inf for a row that saw nothing.
+__device__ __forceinline__ float row_lse(float l, float m) { return l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY; }
+
 // The epilogue of one query row r of a segment, from one thread's part of it in the m16n8 C layout: the
 // accumulator pairs pairs(j) (a float2) at columns col0 + 8 j, j < NJ, normalised by the row sum l (times
 // out_scale, an fp8 cache's per-tensor scale), its lse from l and the running max m (log2 domain). A request
 // the part finishes: out, and lse when asked; a split one: its partial row and partial lse. lse_writer: the one
 // thread of the row that writes the lse.
-// A row's lse (natural log) from its sum l and max m (log2 domain); -inf for a row that saw nothing.
-__device__ __forceinline__ float row_lse(float l, float m) { return l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY; }
-
 template <class Cfg, int NJ, class Pairs>
 __device__ __forceinline__ void write_result_row(const DecodeParams& p, const Segment& seg, int r, int col0, float l,
                                                  float m, float out_scale, bool lse_writer, Pairs&& pairs) {

@@ -484,7 +484,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
         const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
         const float l = a0 * lw[0] + a1 * lw[1];
         scale_own[j][e] = l > 0.f ? scale.out(wg == 0 ? a0 : a1) / l : 0.f;
-        if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY);
+        if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, row_lse(l, m));
       }
     // O staged row-major [RN][C + 4] fp32 over the kv stages: WG 0 stores, WG 1 adds
     const uint32_t s_o = s_base + L::kOffKV;
