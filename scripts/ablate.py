@@ -137,8 +137,8 @@ _TIMELINE = (
            "        release(b1, 1);  // K1R\n",
            before=8, after=10),
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
-    Edit("seesaw.cuh", "        free_phase ^= 1u << b;\n",
-         "        free_phase ^= 1u << b;\n        PSTAMP(2 * buf);\n"),
+    Edit("seesaw.cuh", "        if (buf == 0 || !k1_missing) wait_free(b);\n",
+         "        if (buf == 0 || !k1_missing) {\n          wait_free(b);\n          PSTAMP(2 * buf);\n        }\n"),
     Edit("seesaw.cuh", "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);\n"
          "            }\n          }\n        }\n",
          "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);\n"

@@ -1,8 +1,8 @@
 """Runs one decode shape a few times, for a profiler to time each kernel (planner, decode) of a call:
 
     ncu --clock-control none --metrics gpu__time_duration.sum -k regex:'plan_kernel|decode_kernel' \
-        python scripts/kernel_times.py --batch 32 --seqlen 1024 --heads 16 [--family narrow] [--s-q 1] [--ckv 256 --rope 32] \
-            [--kv-dtype fp8_e4m3]
+        python scripts/kernel_times.py --batch 32 --seqlen 1024 --heads 16 [--family narrow] [--s-q 1] \
+            [--ckv 256 --rope 32] [--kv-dtype fp8_e4m3]
 
 The bench (python -m mla_gen.bench) is the instrument for speed claims; this only splits a call's time.
 """
@@ -30,8 +30,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--kv-dtype", default=None, help="an fp8 cache format (the 16-bit cache quantized to it)")
     a = ap.parse_args()
-    inp = make_inputs([a.seqlen] * a.batch, heads=a.heads, ckv=a.ckv, rope=a.rope, s_q=a.s_q, page_size=64, device="cuda", combined=True,
-                      generator=torch.Generator(device="cuda").manual_seed(0))
+    inp = make_inputs([a.seqlen] * a.batch, heads=a.heads, ckv=a.ckv, rope=a.rope, s_q=a.s_q, page_size=64,
+                      device="cuda", combined=True, generator=torch.Generator(device="cuda").manual_seed(0))
     q_nope, q_pe, ckv, kpe, block_table, seqlens, sm_scale = inp.args()
     kv_scale = None
     if a.kv_dtype is not None:

@@ -200,6 +200,10 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
   // kv lines first out of L2: a tile is read by the row blocks of one part at about the same time, then never again,
   // while a split request's partials (written at a segment's end) are read back by the merge
   const uint64_t policy = l2_evict_first_policy();
+  auto wait_free = [&](int b) {  // until the consumers freed this warp's half of kv buffer b (its next phase)
+    mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> b) & 1u) ^ 1u);
+    free_phase ^= 1u << b;
+  };
   for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
     const int len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
@@ -223,15 +227,8 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
         // is waited for before K0's boxes go out: the consumers' next release of K1, at this pair's end, needs
         // only K0, so a wait after K0's boxes could come a phase late, find the parity it waits for again and
         // never pass. A wait ahead of the warp's own next issue cannot.
-        if (buf == 0 || !k1_missing) {
-          mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> b) & 1u) ^ 1u);
-          free_phase ^= 1u << b;
-        }
-        if (buf == 0 && k1_missing) {
-          const int b1 = b + 1;
-          mbarrier_wait(s_free + 8 * (2 * b1 + half), ((free_phase >> b1) & 1u) ^ 1u);
-          free_phase ^= 1u << b1;
-        }
+        if (buf == 0 || !k1_missing) wait_free(b);
+        if (buf == 0 && k1_missing) wait_free(b + 1);
         if (groups == 0) continue;
         const bool rope = (buf == 0) == (half == 1);
         const uint32_t stage = s_k0 + b * L::kStageBytes, bars = s_full + 8 * b * U;
