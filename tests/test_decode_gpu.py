@@ -100,6 +100,29 @@ def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, hea
     check(out, lse, inp, torch.bfloat16)
 
 
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], dtypes=("bf16", "fp16")))
+def test_a_split_request_is_as_accurate_as_an_unsplit_one(family, dtype, dims, heads, s_q):
+    """A request split over ~100 parts and merged by the merge kernel is no less accurate than the same request
+    unsplit, give or take one rounding of the output's dtype (rel L2 against the float64 reference): the
+    partials (fp32 o, lse) and the merge's weights lose nothing that matters."""
+    dt = torch_dtype(dtype)
+    inp = make_inputs([20000], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64, dtype=dt,
+                      device="cuda", generator=seeded(heads + 11))
+    ref, _ = mla_decode_reference(*inp.args())
+    errors = {}
+    for parts in (1, 100):
+        w = mla_gen.MLADecodeWrapper(family=family, num_parts=parts)
+        w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
+               max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
+        out, _ = poisoned(inp, dt)
+        w.run(*inp.args()[:6], out=out)
+        assert not out.isnan().any()
+        errors[parts] = float((out.double() - ref.to(out.device).double()).norm() / ref.double().norm())
+    assert int(w.schedule()[1][0, 1]) > 4, "the request is not split over enough parts for the merge kernel"
+    ulp = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11  # the dtype's relative rounding step
+    assert errors[100] <= errors[1] + ulp, errors
+
+
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
 def test_combined_cache_views_and_return_lse(family, dtype, dims, heads, s_q):
     inp = make_inputs([100, 1, 257], heads=heads, page_size=16, device="cuda", combined=True, generator=seeded(5))
