@@ -94,7 +94,7 @@ using namespace sm90;  // wgmma, descriptors, panels, mbarriers, TMA
 __device__ __forceinline__ void bar_sync(int id, int count) {
   asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
-enum : int { kBarConsumers = 1, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6, kBarConvert0 = 7 };
+enum : int { kBarConsumers = 1, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLocal1 = 6 };
 
 template <class Cfg>
 struct Layout {
@@ -157,9 +157,10 @@ struct Layout {
   // the consumers (warps 0-7) and the producer warpgroup (warps 8-11; warps 8 and 9 issue the loads)
   static constexpr int kThreads = 32 * W + 128;
   static_assert(kThreads == Cfg::kThreads, "block size disagrees with VariantSpec.threads");
-  // registers per thread after setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 64 K (the kernel starts at 65536 / 384 = 168);
-  // fp8: the converters need 56 (their chunks in flight), the consumers still fit 224 without spills
-  static constexpr int kConsumerRegs = kFp8 ? 224 : 232, kProducerRegs = kFp8 ? 56 : 40;
+  // registers per thread after setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 64 K (the kernel starts at 65536 / 384 = 168).
+  // fp8 below ckv 512 (fewer O registers, the converter of the 4-stage ring spills at 40): 224 and 56.
+  static constexpr bool kWideProducer = kFp8 && CW < 256;
+  static constexpr int kConsumerRegs = kWideProducer ? 224 : 232, kProducerRegs = kWideProducer ? 56 : 40;
   static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 65536, "register file");
   static_assert(!kFp8 || KN::kBlockBytes == 2 * kRawBlockBytes, "fp8: a raw block is half an fp16 block");
   static_assert(S == 2 || S == 4, "stages: the kv tiles of one pair, or of two (the next pair's loads in flight)");
@@ -211,75 +212,58 @@ struct TmaParams {
   CUtensorMap ckv, kpe;
 };
 
-// fp8_e4m3: the 64 converters of a half (ctid 0 .. 63: the issuing warp's lanes, then its partner's) turn the
-// raw block [N][64] e4m3 at `raw` into the fp16 block (128-byte swizzled rows, Panel) at `dst`, the first `rows`
-// tokens (zeros after them; raw bytes past kCols as well: a rope narrower than 64). A converter takes 16-byte raw
-// chunks ctid + 64 i (a warp reads 512 contiguous bytes; its two stores per chunk cover each 16-byte position of
-// the 8 rows four times: no bank conflict beyond the 4 wavefronts 512 bytes need), tokens 0 .. N/2 - 1 first.
-// dst's first half may hold raw blocks the converters read before (after_others: all of them are past those
-// reads first, barrier bar_id), its second half this block's own raw bytes (own_raw: every converter reads all
-// its chunks before rows N/2 .. N - 1 are written). Two rounds of two chunks keep the producer's registers few.
+// fp8_e4m3: the converter warp of a half turns the raw block [N][64] e4m3 at `raw` into the fp16 block (128-byte
+// swizzled rows, Panel) at `dst`, the first `rows` tokens (zeros after them; raw bytes past kCols as well: a rope
+// narrower than 64). Lane l takes 16-byte raw chunks l + 32 i (a warp reads 512 contiguous bytes; its two stores
+// per chunk cover each 16-byte position of the 8 rows four times: no bank conflict beyond the 4 wavefronts 512
+// bytes need), rows 0 .. N/2 - 1 two chunks at a time. dst's second half may hold this block's own raw bytes
+// (own_raw): the warp then reads all of rows N/2 .. N - 1's chunks before it writes any (its first half holds
+// only raw bytes the warp read before: __syncwarp orders the lanes).
 template <class Cfg, int kCols = 64>
-__device__ __forceinline__ void convert_block(uint32_t raw, uint32_t dst, int rows, int ctid, bool after_others,
-                                              bool own_raw, int bar_id) {
-  constexpr int N = Cfg::kBlockN, kIters = N * 4 / 64, kRound = kIters / 2;
-  static_assert(kIters % 2 == 0, "two rounds");
-  if (after_others) bar_sync(bar_id, 64);
+__device__ __forceinline__ void convert_block(uint32_t raw, uint32_t dst, int rows, int lane, bool own_raw) {
+  constexpr int N = Cfg::kBlockN, kIters = N * 4 / 32, kHalf = kIters / 2;
+  static_assert(kHalf % 2 == 0, "rows 0 .. N/2 - 1 in steps of two chunks");
+  auto load = [&](int i) {
+    const int q = lane + 32 * i, t = q >> 2, c = q & 3;
+    return t < rows && 16 * c < kCols ? lds_v4(raw + 64 * t + 16 * c) : make_uint4(0u, 0u, 0u, 0u);
+  };
+  auto store = [&](int i, const uint4& v) {
+    const int q = lane + 32 * i, t = q >> 2, c = q & 3;
+    const uint32_t row = dst + 128 * t;
+    store_e4m3x16_as_f16(row + 16 * ((2 * c) ^ (t & 7)), row + 16 * ((2 * c + 1) ^ (t & 7)), v);
+  };
+  __syncwarp();  // every lane is past its reads of the raw blocks dst holds (earlier blocks of the half)
 #pragma unroll
-  for (int i0 = 0; i0 < kIters; i0 += kRound) {
-    uint4 v[kRound];
-#pragma unroll
-    for (int i = 0; i < kRound; ++i) {
-      const int q = ctid + 64 * (i0 + i), t = q >> 2, c = q & 3;
-      v[i] = t < rows && 16 * c < kCols ? lds_v4(raw + 64 * t + 16 * c) : make_uint4(0u, 0u, 0u, 0u);
-    }
-    if (own_raw && i0 > 0) bar_sync(bar_id, 64);
-#pragma unroll
-    for (int i = 0; i < kRound; ++i) {
-      const int q = ctid + 64 * (i0 + i), t = q >> 2, c = q & 3;
-      const uint32_t row = dst + 128 * t;
-      store_e4m3x16_as_f16(row + 16 * ((2 * c) ^ (t & 7)), row + 16 * ((2 * c + 1) ^ (t & 7)), v[i]);
-    }
+  for (int i = 0; i < kHalf; i += 2) {
+    const uint4 v0 = load(i), v1 = load(i + 1);
+    store(i, v0);
+    store(i + 1, v1);
   }
+  uint4 v[kHalf];
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) v[i] = load(kHalf + i);
+  if (own_raw) __syncwarp();
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) store(kHalf + i, v[i]);
 }
 
-// The producer of ckv half `half` (warp 8: the left halves K0L, K1L; warp 9: the right halves K0R, K1R; with an
-// fp8 cache warps 10 and 11 join 8 and 9 as converters, `issuer` false): walks the part's segments like the
-// consumers and loads its half of every kv tile (tile 2i into K0, 2i + 1 into K1; the rope panel with the half
-// that the consumers free last: K0R, K1L) once the consumers freed the half's previous tile. A pair without a K1
-// tile (odd count) still takes its turn on K1's free barriers (the consumers free K1 after that pair too; waited
-// for ahead of the pair's K0 boxes, see below), so a segment's first tiles go out while the last one still runs.
-// Lane l issues the boxes of row groups l and l + 32 (b rows each, sm90.cuh tma_box_rows); each unit's
-// mbarrier gets the bytes of the groups before the length (its one arrival).
-// fp8_e4m3: the boxes (uint8 maps, unswizzled) land on the raw mbarriers at Layout::raw_ckv / raw_rope (at b = 1 a
-// box's destination would not be 128-byte aligned: one bulk copy per token and block instead); then both warps
-// convert the half unit by unit (convert_block) and arrive on the unit's full mbarrier (64 arrivals), so that
-// Q K^T starts on the first block while the others convert.
+// fp8_e4m3: the converter warp of ckv half `half` (warp 10: left, 11: right) walks the tiles like its issuing warp
+// (produce) and turns each raw unit of its half into fp16 once its bytes landed (raw mbarrier), the ckv blocks in
+// order, then the rope where the half carries it; each unit's full mbarrier then gets the warp's 32 arrivals, so
+// that Q K^T starts on the first block while the others convert. The issuing warp never waits for it: the next
+// tile's bytes go out as soon as the consumers free the half, as with a 16-bit cache.
 template <class Cfg>
-__device__ __forceinline__ void produce(const TmaParams& tp, int part, int half, bool issuer, uint32_t s_k0,
-                                        uint32_t s_full, uint32_t s_free, uint32_t s_raw) {
+__device__ __forceinline__ void convert_tiles(const DecodeParams& p, int part, int half, uint32_t s_base) {
   using L = Layout<Cfg>;
   using KN = typename L::KN;
   using KP = typename L::KP;
   constexpr int N = L::N, HB = L::HB, U = L::kUnits;
-  constexpr int kGroupIters = 2;  // ceil(64 groups of one row / 32 lanes)
-  const DecodeParams& p = tp.p;
   const int lane = threadIdx.x & 31;
-  const int ctid = lane + (issuer ? 0 : 32);  // fp8: this thread among the half's converters
   const int box_rows = tma_box_rows(p.page_size);
-  const int* block_table = reinterpret_cast<const int*>(p.block_table);
-  uint32_t free_phase = 0;  // bit b: the parity of free[b][half] this warp waits for next, flipped
-  uint32_t raw_phase = 0;   // fp8: bit i: the parity of raw mbarrier i this thread waits for next
-  int pair_no = 0;          // pairs walked so far (over segments): pair i loads into slot i % kPairSlots
-  // kv lines first out of L2: a tile is read by the row blocks of one part at about the same time, then never again,
-  // while a split request's partials (written at a segment's end) are read back by the merge
-  const uint64_t policy = l2_evict_first_policy();
-  auto wait_free = [&](int b) {  // until the consumers freed this warp's half of kv buffer b (its next phase)
-    mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> b) & 1u) ^ 1u);
-    free_phase ^= 1u << b;
-  };
-  // fp8: raw unit `unit` of buffer b landed -> fp16 (its raw and fp16 blocks from its first), then its full arrival
-  auto convert_unit = [&](int b, int unit, int rows, auto convert) {
+  const uint32_t s_k0 = s_base + L::kOffKV, s_full = s_base + L::kOffBars, s_raw = s_base + L::kOffRaw;
+  uint32_t raw_phase = 0;  // bit i: the parity of raw mbarrier i this warp waits for next
+  int pair_no = 0;
+  auto convert_unit = [&](int b, int unit, auto convert) {
     const int i = b * U + unit;
     mbarrier_wait(s_raw + 8 * i, (raw_phase >> i) & 1u);
     raw_phase ^= 1u << i;
@@ -288,12 +272,70 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
     mbarrier_arrive(s_full + 8 * i);
   };
   for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
+    const int n_tiles = seg.blk_hi - seg.blk_lo;
+    for (int it = 0; it < n_tiles; it += 2, ++pair_no) {
+      const int slot = pair_no % L::kPairSlots;
+#pragma unroll 1
+      for (int buf = 0; buf < 2; ++buf) {
+        const int b = 2 * slot + buf, tile = it + buf, t0 = (seg.blk_lo + tile) * N;
+        if (tile >= n_tiles) continue;
+        const int rows = (min(seg.len - t0, N) + box_rows - 1) / box_rows * box_rows;  // the tokens loaded
+#pragma unroll
+        for (int j = 0; j < HB; ++j)  // from HB / 2 on, block j's fp16 bytes hold raw blocks (Layout::raw_ckv)
+          convert_unit(b, half * HB + j, [&](uint32_t st) {
+            convert_block<Cfg>(st + L::raw_ckv(half, j), st + (half * HB + j) * KN::kBlockBytes, rows, lane,
+                               j == HB - 1);
+          });
+        if ((buf == 0) == (half == 1))
+          convert_unit(b, 2 * HB, [&](uint32_t st) {
+#pragma unroll
+            for (int kb = 0; kb < KP::kBlocks; ++kb)
+              convert_block<Cfg, L::kRawRopeCols>(st + L::raw_rope(kb), st + KN::kBytes + kb * KP::kBlockBytes, rows,
+                                                  lane, true);
+          });
+      }
+    }
+  });
+}
+
+// The producer of ckv half `half` (warp 8: the left halves K0L, K1L; warp 9: the right halves K0R, K1R): walks
+// the part's segments like the consumers and loads its half of every kv tile (tile 2i into K0, 2i + 1 into K1; the
+// rope panel with the half that the consumers free last: K0R, K1L) once the consumers freed the half's previous
+// tile. A pair without a K1 tile (odd count) still takes its turn on K1's free barriers (the consumers free K1 after
+// that pair too; waited for ahead of the pair's K0 boxes, see below), so a segment's first tiles go out while the
+// last one still runs.
+// Lane l issues the boxes of row groups l and l + 32 (b rows each, sm90.cuh tma_box_rows); each unit's
+// mbarrier gets the bytes of the groups before the length (its one arrival).
+// fp8_e4m3: the boxes (uint8 maps, unswizzled) land on the raw mbarriers at Layout::raw_ckv / raw_rope (at b = 1 a
+// box's destination would not be 128-byte aligned: one bulk copy per token and block instead), for convert_tiles.
+template <class Cfg>
+__device__ __forceinline__ void produce(const TmaParams& tp, int part, int half, uint32_t s_k0, uint32_t s_full,
+                                        uint32_t s_free, uint32_t s_raw) {
+  using L = Layout<Cfg>;
+  using KN = typename L::KN;
+  using KP = typename L::KP;
+  constexpr int N = L::N, HB = L::HB, U = L::kUnits;
+  constexpr int kGroupIters = 2;  // ceil(64 groups of one row / 32 lanes)
+  const DecodeParams& p = tp.p;
+  const int lane = threadIdx.x & 31;
+  const int box_rows = tma_box_rows(p.page_size);
+  const int* block_table = reinterpret_cast<const int*>(p.block_table);
+  uint32_t free_phase = 0;  // bit b: the parity of free[b][half] this warp waits for next, flipped
+  int pair_no = 0;          // pairs walked so far (over segments): pair i loads into slot i % kPairSlots
+  // kv lines first out of L2: a tile is read by the row blocks of one part at about the same time, then never again,
+  // while a split request's partials (written at a segment's end) are read back by the merge
+  const uint64_t policy = l2_evict_first_policy();
+  auto wait_free = [&](int b) {  // until the consumers freed this warp's half of kv buffer b (its next phase)
+    mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> b) & 1u) ^ 1u);
+    free_phase ^= 1u << b;
+  };
+  for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
     const int len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
     for (int it = 0; it < n_tiles; it += 2, ++pair_no) {
       const int slot = pair_no % L::kPairSlots;
       const bool k1_missing = it + 1 >= n_tiles;
-#pragma unroll(L::kFp8 ? 1 : 2)  // fp8: the converters' registers fit 56 only in a rolled loop
+#pragma unroll
       for (int buf = 0; buf < 2; ++buf) {  // K0, K1 of the pair: kv buffer b = 2 slot + buf
         const int b = 2 * slot + buf;
         const int tile = it + buf, t0 = (seg.blk_lo + tile) * N;
@@ -302,7 +344,7 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
 #pragma unroll
         for (int k = 0; k < kGroupIters; ++k) {
           const int grp = lane + 32 * k;
-          page[k] = issuer && grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
+          page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
         }
         // The first wait on each free barrier passes (the phase before a fresh barrier's counts as complete).
         // Every phase gets its wait (compute-sanitizer's synccheck reports one arrived on again before any wait as
@@ -319,77 +361,59 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
         const uint32_t bars = (L::kFp8 ? s_raw : s_full) + 8 * b * U;
         constexpr int kUnitCols = L::kFp8 ? 64 : KN::kRowBytes / 2;  // elements per row of a unit's block
         constexpr int kElem = L::kFp8 ? 1 : 2;
-        if (issuer) {
-          if (lane == 0) {
+        if (lane == 0) {
 #pragma unroll
-            for (int blk = 0; blk < HB; ++blk)
-              mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * kUnitCols * kElem);
-            // fp8 at b = 1: a token's R rope bytes by one copy when R < 64 (else whole 64-byte blocks)
-            const int rope_bytes = L::kFp8 ? (box_rows > 1 ? KP::kBlocks * 64 : KP::kBlocks * L::kRawRopeCols)
-                                           : KP::kBlocks * KP::kRowBytes;
-            if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * rope_bytes);
-          }
-          __syncwarp();
-#pragma unroll
-          for (int k = 0; k < kGroupIters; ++k) {
-            const int grp = lane + 32 * k;
-            if (grp >= groups) continue;
-            const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
-            if constexpr (!L::kFp8) {
-#pragma unroll
-              for (int blk = half * HB; blk < half * HB + HB; ++blk)
-                tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64,
-                            tok, page[k], policy);
-              if (rope) {
-#pragma unroll
-                for (int blk = 0; blk < KP::kBlocks; ++blk)
-                  tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
-                              bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);
-              }
-            } else if (box_rows > 1) {
-#pragma unroll
-              for (int j = 0; j < HB; ++j)
-                tma_load_3d(stage + L::raw_ckv(half, j) + row * 64, &tp.ckv, bars + 8 * (half * HB + j),
-                            (half * HB + j) * 64, tok, page[k], policy);
-              if (rope) {
-#pragma unroll
-                for (int kb = 0; kb < KP::kBlocks; ++kb)
-                  tma_load_3d(stage + L::raw_rope(kb) + row * 64, &tp.kpe, bars + 8 * 2 * HB, kb * 64, tok, page[k],
-                              policy);
-              }
-            } else {
-              const uint8_t* ckv = reinterpret_cast<const uint8_t*>(p.ckv) +
-                                   (static_cast<int64_t>(page[k]) * p.ckv_stride_page + tok * p.ckv_stride_tok);
-#pragma unroll
-              for (int j = 0; j < HB; ++j)
-                bulk_load(stage + L::raw_ckv(half, j) + row * 64, ckv + (half * HB + j) * 64, 64,
-                          bars + 8 * (half * HB + j), policy);
-              if (rope) {
-                const uint8_t* kpe = reinterpret_cast<const uint8_t*>(p.kpe) +
-                                     (static_cast<int64_t>(page[k]) * p.kpe_stride_page + tok * p.kpe_stride_tok);
-#pragma unroll
-                for (int kb = 0; kb < KP::kBlocks; ++kb)
-                  bulk_load(stage + L::raw_rope(kb) + row * 64, kpe + kb * 64, L::kRawRopeCols, bars + 8 * 2 * HB,
-                            policy);
-              }
-            }
-          }
+          for (int blk = 0; blk < HB; ++blk)
+            mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * kUnitCols * kElem);
+          // fp8 at b = 1: a token's R rope bytes by one copy when R < 64 (else whole 64-byte blocks)
+          const int rope_bytes = L::kFp8 ? (box_rows > 1 ? KP::kBlocks * 64 : KP::kBlocks * L::kRawRopeCols)
+                                         : KP::kBlocks * KP::kRowBytes;
+          if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * rope_bytes);
         }
-        if constexpr (L::kFp8) {
-          const int rows = groups * box_rows, bar_id = kBarConvert0 + half;
+        __syncwarp();
 #pragma unroll
-          for (int j = 0; j < HB; ++j)  // from HB / 2 on, block j's fp16 bytes hold raw blocks (raw_ckv)
-            convert_unit(b, half * HB + j, rows, [&](uint32_t st) {
-              convert_block<Cfg>(st + L::raw_ckv(half, j), st + (half * HB + j) * KN::kBlockBytes, rows, ctid,
-                                 HB > 1 && j >= HB / 2, j == HB - 1, bar_id);
-            });
-          if (rope)
-            convert_unit(b, 2 * HB, rows, [&](uint32_t st) {
+        for (int k = 0; k < kGroupIters; ++k) {
+          const int grp = lane + 32 * k;
+          if (grp >= groups) continue;
+          const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
+          if constexpr (!L::kFp8) {
+#pragma unroll
+            for (int blk = half * HB; blk < half * HB + HB; ++blk)
+              tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64,
+                          tok, page[k], policy);
+            if (rope) {
+#pragma unroll
+              for (int blk = 0; blk < KP::kBlocks; ++blk)
+                tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
+                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);
+            }
+          } else if (box_rows > 1) {
+#pragma unroll
+            for (int j = 0; j < HB; ++j)
+              tma_load_3d(stage + L::raw_ckv(half, j) + row * 64, &tp.ckv, bars + 8 * (half * HB + j),
+                          (half * HB + j) * 64, tok, page[k], policy);
+            if (rope) {
 #pragma unroll
               for (int kb = 0; kb < KP::kBlocks; ++kb)
-                convert_block<Cfg, L::kRawRopeCols>(st + L::raw_rope(kb), st + KN::kBytes + kb * KP::kBlockBytes,
-                                                    rows, ctid, false, true, bar_id);
-            });
+                tma_load_3d(stage + L::raw_rope(kb) + row * 64, &tp.kpe, bars + 8 * 2 * HB, kb * 64, tok, page[k],
+                            policy);
+            }
+          } else {
+            const uint8_t* ckv = reinterpret_cast<const uint8_t*>(p.ckv) +
+                                 (static_cast<int64_t>(page[k]) * p.ckv_stride_page + tok * p.ckv_stride_tok);
+#pragma unroll
+            for (int j = 0; j < HB; ++j)
+              bulk_load(stage + L::raw_ckv(half, j) + row * 64, ckv + (half * HB + j) * 64, 64,
+                        bars + 8 * (half * HB + j), policy);
+            if (rope) {
+              const uint8_t* kpe = reinterpret_cast<const uint8_t*>(p.kpe) +
+                                   (static_cast<int64_t>(page[k]) * p.kpe_stride_page + tok * p.kpe_stride_tok);
+#pragma unroll
+              for (int kb = 0; kb < KP::kBlocks; ++kb)
+                bulk_load(stage + L::raw_rope(kb) + row * 64, kpe + kb * 64, L::kRawRopeCols, bars + 8 * 2 * HB,
+                          policy);
+            }
+          }
         }
       }
     }
@@ -425,12 +449,12 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   //      unit's boxes landed (one arrival: the producer's expect_tx). free[buf][half]: the four warps of the WG
   //      that frees the half (the last reader of its tile) are done with it.
   constexpr int U = L::kUnits;
-  //      fp8: full is arrived on by the half's 64 converters, raw[buf][unit] takes the boxes' bytes.
+  //      fp8: full is arrived on by the half's converter warp (32), raw[buf][unit] takes the boxes' bytes.
   const uint32_t s_bars = s_base + L::kOffBars, s_free = s_base + L::kOffFree, s_raw = s_base + L::kOffRaw;
   if (tid == 0) {
 #pragma unroll
     for (int i = 0; i < L::S * U; ++i) {
-      mbarrier_init(s_bars + 8 * i, L::kFp8 ? 64 : 1);
+      mbarrier_init(s_bars + 8 * i, L::kFp8 ? 32 : 1);
       if (L::kFp8) mbarrier_init(s_raw + 8 * i, 1);
     }
 #pragma unroll
@@ -440,7 +464,8 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
   if (warp >= 8) {
     setmaxnreg_dec<L::kProducerRegs>();
-    if (L::kFp8 || warp < 10) produce<Cfg>(tp, part, warp & 1, warp < 10, s_k0, s_bars, s_free, s_raw);
+    if (warp < 10) produce<Cfg>(tp, part, warp - 8, s_k0, s_bars, s_free, s_raw);
+    else if constexpr (L::kFp8) convert_tiles<Cfg>(p, part, warp - 10, s_base);
     return;
   }
   setmaxnreg_inc<L::kConsumerRegs>();
@@ -527,14 +552,14 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
       const int s = valid ? r / H : 0, h = valid ? r % H : 0;
       const Q* src_n = reinterpret_cast<const Q*>(p.q_nope) +
                        (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8);
-      const Q* src_p = reinterpret_cast<const Q*>(p.q_pe) +
-                       (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
-      if constexpr (std::is_same<Q, KV>::value) {
-        copy_half_row<QN>(s_qn, m, src_n, tl, valid ? 16 : 0, wg);
-        if (wg == 1) QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
-      } else {  // bf16 q over an fp8 cache: fp16 like the tiles
-        convert_half_row<QN>(s_qn, m, src_n, tl, valid, wg);
-        if (wg == 1) QP::convert_row(s_qp, m, src_p, tl, valid);
+      constexpr bool kCopy = std::is_same<Q, KV>::value;  // else bf16 q over an fp8 cache: fp16 like the tiles
+      if constexpr (kCopy) copy_half_row<QN>(s_qn, m, src_n, tl, valid ? 16 : 0, wg);
+      else convert_half_row<QN>(s_qn, m, src_n, tl, valid, wg);
+      if (wg == 1) {
+        const Q* src_p = reinterpret_cast<const Q*>(p.q_pe) +
+                         (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
+        if constexpr (kCopy) QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
+        else QP::convert_row(s_qp, m, src_p, tl, valid);
       }
     }
     cp_async_commit();
