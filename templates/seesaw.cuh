@@ -233,13 +233,11 @@ __device__ __forceinline__ void convert_block(uint32_t raw, uint32_t dst, int ro
     store_e4m3x16_as_f16(row + 16 * ((2 * c) ^ (t & 7)), row + 16 * ((2 * c + 1) ^ (t & 7)), v);
   };
   __syncwarp();  // every lane is past its reads of the raw blocks dst holds (earlier blocks of the half)
-#pragma unroll
-  for (int i = 0; i < kHalf; i += 2) {
-    const uint4 v0 = load(i), v1 = load(i + 1);
-    store(i, v0);
-    store(i + 1, v1);
-  }
   uint4 v[kHalf];
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) v[i] = load(i);
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) store(i, v[i]);
 #pragma unroll
   for (int i = 0; i < kHalf; ++i) v[i] = load(kHalf + i);
   if (own_raw) __syncwarp();
