@@ -21,7 +21,8 @@ from generator.spec import Arch, DType, Family, Tile, VariantSpec
 PROG = "python -m generator"
 DEFAULT_ARCH = "sm_90a"
 KV_DTYPE_HELP = ("latent cache: the --dtype (default), fp8_e4m3 (one fp32 scale per tensor) or fp8_ds_mla (656-byte "
-                 "tokens, one fp32 scale per 128 values; ckv 512, rope 64, bf16 q); fp8 caches: narrow, wgmma, mma")
+                 "tokens, one fp32 scale per 128 values; ckv 512, rope 64, bf16 q); fp8 caches: narrow, seesaw "
+                 "(fp8_e4m3), wgmma, mma")
 _FIELD_FLAGS = {"num_heads": "--heads", "ckv_dim": "--ckv", "rope_dim": "--rope", "arch": "--arch",
                 "preset": "--preset", "family": "--family", "tile": "--tile", "dtype": "--dtype",
                 "q_dtype": "--dtype", "kv_dtype": "--kv-dtype", "tp": "--tp", "s_q": "--s-q", "variant id": "--id"}

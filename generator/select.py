@@ -163,6 +163,10 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most {limit} with an fp8 cache "
                            f"at ckv {ckv_dim}); {kv_dtype.cli_name} dequantized to fp16 on its way into shared "
                            f"memory, fp16 tensor-core math")
+        elif Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and kv_dtype is DType.FP8_E4M3:
+            family = Family.SEESAW
+            reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on); its producer warpgroup "
+                           f"loads the e4m3 bytes by TMA and converts them to fp16 tiles off the consumers' path")
         else:
             reasons.append(f"family {family.value}: the fastest family with an fp8 path on {arch.nvcc_name} "
                            f"({kv_dtype.cli_name}: the cache's bytes staged, dequantized to fp16 inside shared "

@@ -303,7 +303,7 @@ def smem_bytes(family: Family, tile: Tile, ckv_dim: int, rope_dim: int, kv_dtype
     if family is Family.WGMMA:
         return _wgmma_smem_bytes(t, ckv_dim, rope_dim, kv_dtype)
     if family is Family.SEESAW:
-        return _seesaw_smem_bytes(t, ckv_dim, rope_dim, kv)
+        return _seesaw_smem_bytes(t, ckv_dim, rope_dim, kv_dtype)
     # mma (templates/mma.cuh Layout): q tile [M][C+R], `stages` kv tiles [N][C+R], the P tile [M][N]
     # (16-bit), then row max and row sum exchange arrays [WN][M] fp32 between the column-split warps
     # (fp8: see _kv_stages_bytes).
@@ -458,15 +458,18 @@ def _check_narrow(spec: VariantSpec) -> None:
                         f"multiple of 64, got {spec.rope_dim}")
 
 
-def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, itemsize: int) -> int:
+def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
     """templates/seesaw.cuh Layout: q tile [M][C+R], `stages` kv tiles [N][C+RK] (K0, K1 of a pair, or of two
     pairs; RK = R, or 64 when R < 64: TMA boxes of 128-byte rows; P0 / P1 live in their first rope block), the row
     max and row sum exchanges [2][M] fp32 between the two warpgroups, and the mbarriers (per kv tile: one per
     64-column ckv block and one for the rope, the boxes landed; per kv tile half: the consumers freed it).
-    512/64, 2 stages: 72 + 2 x 72 + 1 KB + 176 B = 217 KB; 256/32, 4 stages: 36 + 4 x 40 + 1 KB + 144 B = 197 KB."""
+    512/64, 2 stages: 72 + 2 x 72 + 1 KB + 176 B = 217 KB; 256/32, 4 stages: 36 + 4 x 40 + 1 KB + 144 B = 197 KB.
+    fp8_e4m3: the same fp16 tiles (the raw bytes land inside them) and an mbarrier per unit for the raw bytes."""
     rope_k = rope if rope % 64 == 0 else 64
+    units = tile.stages * (ckv // 64 + 1)
+    itemsize = 2
     return (tile.block_m * (ckv + rope) * itemsize + tile.stages * tile.block_n * (ckv + rope_k) * itemsize
-            + 2 * 2 * tile.block_m * 4 + tile.stages * (ckv // 64 + 1) * 8 + tile.stages * 2 * 8)
+            + 2 * 2 * tile.block_m * 4 + units * 8 + tile.stages * 2 * 8 + (units * 8 if kv_dtype.is_fp8 else 0))
 
 
 def _check_seesaw(spec: VariantSpec) -> None:
@@ -489,7 +492,7 @@ def _check_seesaw(spec: VariantSpec) -> None:
 
 
 # Families with an fp8-cache path (dequantized to fp16 on the way into, or inside, shared memory).
-FP8_FAMILIES = (Family.NARROW, Family.WGMMA, Family.MMA)
+FP8_FAMILIES = (Family.NARROW, Family.SEESAW, Family.WGMMA, Family.MMA)
 
 
 def _check_fp8(spec: VariantSpec) -> None:
@@ -505,6 +508,9 @@ def _check_fp8(spec: VariantSpec) -> None:
     if spec.rope_dim > 128:
         raise SpecError(f"rope_dim: an fp8 cache's rope is read in one 16-byte chunk per lane of 8, expected at "
                         f"most 128, got {spec.rope_dim}")
+    if spec.family is Family.SEESAW and spec.kv_dtype is not DType.FP8_E4M3:
+        raise SpecError(f"kv_dtype: seesaw reads fp8_e4m3 caches only (its producer converts 64-byte e4m3 rows), "
+                        f"got {spec.kv_dtype.cli_name}")
     if spec.kv_dtype is DType.FP8_DS_MLA:
         if (spec.ckv_dim, spec.rope_dim) != (DS_MLA_CKV, DS_MLA_ROPE):
             raise SpecError(f"kv_dtype: the {DS_MLA_TOKEN_BYTES}-byte fp8_ds_mla token holds ckv {DS_MLA_CKV} and "

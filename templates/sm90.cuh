@@ -118,6 +118,15 @@ __device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t byt
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Bulk copy (async proxy) of `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared
+// memory under the L2 policy `policy`, completing its bytes on the mbarrier bar (TMA boxes need 128-byte aligned
+// shared destinations; this needs 16).
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                          uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
+      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(policy) : "memory");
+}
 // An L2 policy that marks the lines a load brings in as the first to evict: for data read once (the kv cache),
 // so that what is read again soon (the split partials the merge reads back) stays in L2.
 __device__ __forceinline__ uint64_t l2_evict_first_policy() {
@@ -240,25 +249,28 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// The map of one paged cache array [num_pages, page_size, width] of 16-bit values (element strides,
+// The map of one paged cache array [num_pages, page_size, width] of elem_bytes-byte values (element strides,
 // last dim contiguous) as dims {width, page_size, num_pages}: a box is box_cols x tma_box_rows(page_size)
-// x 1 page, landing in shared memory as `row_bytes`-byte swizzled rows (128, 64 or 32: the Panel atoms).
+// x 1 page, landing in shared memory as `row_bytes`-byte swizzled rows (128, 64 or 32: the Panel atoms), or
+// dense and unswizzled when row_bytes is 0 (an fp8 cache's raw bytes, converted before any wgmma reads them).
 inline int encode_paged_map(CUtensorMap* map, uint64_t base, int width, int page_size, int num_pages,
-                            int64_t stride_tok, int64_t stride_page, int box_cols, int row_bytes) {
+                            int64_t stride_tok, int64_t stride_page, int box_cols, int row_bytes, int elem_bytes = 2) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (!encode) return static_cast<int>(cudaErrorNotSupported);
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(width), static_cast<cuuint64_t>(page_size),
                               static_cast<cuuint64_t>(num_pages)};
   // strides of dims 1 and 2 in bytes; a page of one token has no token stride of its own: give TMA the row
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(2 * (page_size > 1 ? stride_tok : width)),
-                                 static_cast<cuuint64_t>(2 * stride_page)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(elem_bytes * (page_size > 1 ? stride_tok : width)),
+                                 static_cast<cuuint64_t>(elem_bytes * stride_page)};
   const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(tma_box_rows(page_size)), 1u};
   const cuuint32_t elem_strides[3] = {1u, 1u, 1u};
   const CUtensorMapSwizzle swizzle = row_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
                                      : row_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
-                                                       : CU_TENSOR_MAP_SWIZZLE_32B;
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, reinterpret_cast<void*>(base), dims, strides, box,
-                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                     : row_bytes == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                       : CU_TENSOR_MAP_SWIZZLE_NONE;
+  const CUtensorMapDataType type = elem_bytes == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_UINT16;
+  const CUresult r = encode(map, type, 3, reinterpret_cast<void*>(base), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? 0 : static_cast<int>(cudaErrorInvalidValue);
 }

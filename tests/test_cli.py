@@ -157,7 +157,7 @@ def test_explicit_dims_with_an_fp8_cache_take_the_family_dispatch_picks() -> Non
     want = [decide(arch=Arch.SM90A, num_heads=h, ckv_dim=256, rope_dim=32, dtype=DType.BF16, s_q=s_q,
                    kv_dtype=DType.FP8_E4M3).spec.variant_id for h in (16, 40) for s_q in (1, 2)]
     assert [r["variant_id"] for r in rows] == list(dict.fromkeys(want))       # 40 heads: one variant for both
-    assert [r["family"] for r in rows] == ["narrow", "narrow", "wgmma"]       # 16 and 32 rows fit narrow, 40 not
+    assert [r["family"] for r in rows] == ["narrow", "narrow", "seesaw"]      # 16 and 32 rows fit narrow, 40 not
 
 
 @pytest.mark.parametrize("kv, granularity", [("fp8_e4m3", "one fp32 scale per tensor"),
@@ -174,8 +174,8 @@ def test_explain_prints_the_kv_dtype_and_its_scales(kv: str | None, granularity:
 
 
 @pytest.mark.parametrize("args, names", [
-    (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--family", "seesaw"],
-     ["--kv-dtype", "family seesaw"]),
+    (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_ds_mla", "--family", "seesaw"],
+     ["--kv-dtype", "seesaw reads fp8_e4m3 caches only"]),
     (["list", "--heads", "16", "--ckv", "512", "--rope", "64", "--kv-dtype", "fp8_e4m3", "--family", "simt"],
      ["--kv-dtype", "narrow", "family simt"]),
     (["list", "--preset", "deepseek-v3", "--kv-dtype", "fp8_e4m3", "--arch", "sm_75"], ["--kv-dtype", "sm_75"]),

@@ -162,7 +162,7 @@ def test_dispatch_of_fp8_per_arch(monkeypatch, request):
     dispatch.choose.cache_clear()
     request.addfinalizer(dispatch.choose.cache_clear)
     monkeypatch.setattr(dispatch, "device_info", lambda index: dispatch.DeviceInfo(index, "T4", Arch.SM75, 40))
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, wgmma, mma families"):
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, seesaw, wgmma, mma families"):
         dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, kv_dtype=DType.FP8_E4M3)
     assert dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1).spec.kv_dtype is DType.BF16  # 16-bit still runs
     monkeypatch.setattr(dispatch, "device_info", lambda index: dispatch.DeviceInfo(index, "A100", Arch.SM80, 108))
@@ -172,9 +172,11 @@ def test_dispatch_of_fp8_per_arch(monkeypatch, request):
     assert d.spec.variant_id == "mla_decode_h16_c512_r64_bf16_fp8dsmla_narrow_m16n64s2w8_sm90a" and d.m_blocks == 1
     d = dispatch.choose(0, 128, 512, 64, torch.bfloat16, 2, kv_dtype=DType.FP8_DS_MLA)
     assert d.spec.variant_id == "mla_decode_h128_c512_r64_bf16_fp8dsmla_wgmma_m64n32s4w8_sm90a" and d.m_blocks == 4
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, wgmma, mma families only, "
-                                        r"got family seesaw"):
-        dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, "seesaw", kv_dtype=DType.FP8_E4M3)
+    with pytest.raises(SpecError, match=r"^kv_dtype: seesaw reads fp8_e4m3 caches only .*got fp8_ds_mla"):
+        dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, "seesaw", kv_dtype=DType.FP8_DS_MLA)
+    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, seesaw, wgmma, mma "
+                                        r"families only, got family simt"):
+        dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, "simt", kv_dtype=DType.FP8_E4M3)
 
 
 @pytest.mark.parametrize("ckv, rope, field", [(192, 64, "ckv_dim"), (384, 144, "rope_dim")])

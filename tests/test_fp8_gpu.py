@@ -5,8 +5,9 @@ fp8_ds_mla), heads 16/40/64/128 at ckv 512/rope 64 and fp8_e4m3 at 256/32 with 4
 two, codes at e4m3's +-448 (the largest value, or saturated), lse too, split and unsplit schedules, NaN in
 every slot no request may read; a long request merged by the merge kernel; kv_scale read at each launch (a
 new tensor per call, a graph replay after it changed in place); the MLA layer's absorbed form on an fp8
-cache. Dispatch on sm_90a runs narrow (up to 16 fp8 rows) and wgmma; the mma family (sm_80+) gets a matrix
-of its own; on an arch without any of them plan must raise naming kv_dtype.
+cache. Dispatch on sm_90a runs narrow (up to 16 fp8 rows), seesaw (fp8_e4m3 from 40 rows) and wgmma; the mma
+family (sm_80+) and wgmma's fp8_e4m3 get a matrix of their own; on an arch without any of them plan must raise
+naming kv_dtype.
 
 Tolerance (issue 13: q is not quantized): rel L2 <= 1e-2, max abs <= 2e-2 x max |ref|, lse max abs <= 2e-3
 (mla_gen.testing's bf16 row), and no NaN."""
@@ -56,10 +57,13 @@ def spec_for(kv_dtype: str, heads: int, dims=(512, 64), s_q: int = 1, dtype: DTy
 MATRIX = [pytest.param(kv, dims, h, s_q, id=f"{spec_for(kv, h, dims, s_q).variant_id}-sq{s_q}")
           for kv, dims, h in SHAPES for s_q in (1, 2)]
 FP16_Q = [(16, 1), (128, 2)]  # fp8_e4m3 under fp16 queries (fp8_ds_mla takes bf16 only)
-# the mma family's fp8 path (what sm_80..sm_90 dispatch), requested by name on this device
-MMA_SHAPES = [(kv, (512, 64), h) for kv in FORMATS for h in (16, 128)] + [("fp8_e4m3", (256, 32), 40)]
-MMA_MATRIX = [pytest.param(kv, dims, h, s_q, id=f"{spec_for(kv, h, dims, s_q, family=Family.MMA).variant_id}-sq{s_q}")
-              for kv, dims, h in MMA_SHAPES for s_q in (1, 2)]
+# families requested by name on this device: mma's fp8 path (what sm_80..sm_90 dispatch) and wgmma's fp8_e4m3
+# (dispatch runs seesaw from 40 rows on)
+NAMED_SHAPES = ([(Family.MMA, kv, (512, 64), h) for kv in FORMATS for h in (16, 128)]
+                + [(Family.MMA, "fp8_e4m3", (256, 32), 40)]
+                + [(Family.WGMMA, "fp8_e4m3", (512, 64), h) for h in (64, 128)])
+NAMED_MATRIX = [pytest.param(f, kv, dims, h, s_q, id=f"{spec_for(kv, h, dims, s_q, family=f).variant_id}-sq{s_q}")
+                for f, kv, dims, h in NAMED_SHAPES for s_q in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def fp8_variants():
 
     specs = {spec_for(kv, h, dims, s_q) for kv, dims, h in SHAPES for s_q in (1, 2)}
     specs |= {spec_for("fp8_e4m3", h, s_q=s_q, dtype=DType.FP16) for h, s_q in FP16_Q}
-    specs |= {spec_for(kv, h, dims, s_q, family=Family.MMA) for kv, dims, h in MMA_SHAPES for s_q in (1, 2)}
+    specs |= {spec_for(kv, h, dims, s_q, family=f) for f, kv, dims, h in NAMED_SHAPES for s_q in (1, 2)}
     failed = [(s.variant_id, e) for s, _, e in build_many(sorted(specs, key=lambda s: s.variant_id),
                                                           jobs=os.cpu_count() or 4) if e is not None]
     assert not failed, failed
@@ -152,13 +156,13 @@ def test_fp8_matrix(kv_dtype, dims, heads, s_q, page, schedule):
 
 
 @pytest.mark.parametrize("page", [1, 64], ids=lambda p: f"p{p}")
-@pytest.mark.parametrize("kv_dtype, dims, heads, s_q", MMA_MATRIX)
+@pytest.mark.parametrize("family, kv_dtype, dims, heads, s_q", NAMED_MATRIX)
 @fp8_only
-def test_fp8_mma_matrix(kv_dtype, dims, heads, s_q, page):
-    seed = zlib.crc32(repr(("mma", kv_dtype, dims, heads, s_q, page)).encode())
+def test_fp8_named_family_matrix(family, kv_dtype, dims, heads, s_q, page):
+    seed = zlib.crc32(repr((family.value, kv_dtype, dims, heads, s_q, page)).encode())
     case = make_case(kv_dtype, dims, heads, s_q, page, seed, variant=heads // 8 + page + s_q + 1)
     out, lse = poisoned(case)
-    mla_gen.mla_decode(*case.args(), **case.kwargs(), out=out, lse=lse, family="mma")
+    mla_gen.mla_decode(*case.args(), **case.kwargs(), out=out, lse=lse, family=family.value)
     check(out, lse, case)
 
 
@@ -276,6 +280,7 @@ def test_layer_absorbed_on_an_fp8_cache(kv_dtype, s_q):
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 def test_plan_names_kv_dtype_where_no_kernel_reads_fp8(kv_dtype):
     w = mla_gen.MLADecodeWrapper()
-    with pytest.raises(SpecError, match=rf"^kv_dtype: {kv_dtype} caches are read by the narrow, wgmma, mma families"):
+    with pytest.raises(SpecError,
+                       match=rf"^kv_dtype: {kv_dtype} caches are read by the narrow, seesaw, wgmma, mma families"):
         w.plan(torch.zeros(2, dtype=torch.int32, device="cuda"), 1, num_heads=16, page_size=64, max_pages=4,
                sm_scale=0.1, kv_dtype=kv_dtype)

@@ -117,10 +117,13 @@ def test_fp8_shared_memory_formula() -> None:
 
 @pytest.mark.parametrize("heads, s_q, family, blocks", [(16, 1, Family.NARROW, 1), (5, 1, Family.NARROW, 1),
                                                          (8, 2, Family.NARROW, 1), (16, 2, Family.WGMMA, 1),
-                                                         (128, 1, Family.WGMMA, 2)])
+                                                         (128, 1, Family.WGMMA, 2), (20, 2, Family.WGMMA, 1)])
 @pytest.mark.parametrize("kv", [E4M3, DS], ids=lambda d: d.cli_name)
 def test_fp8_dispatch_narrow_up_to_16_rows_then_wgmma(kv: DType, heads: int, s_q: int, family: Family,
                                                       blocks: int) -> None:
+    """From 40 rows on, fp8_e4m3 runs seesaw (its producer converts); fp8_ds_mla stays in wgmma."""
+    if kv is E4M3 and heads * s_q >= 40:
+        family = Family.SEESAW
     d = decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q, kv_dtype=kv)
     assert d.spec.family is family and d.spec.kv_dtype is kv and d.m_blocks == blocks
     assert d.reasons[0].startswith(f"family {family.value}:")
@@ -133,13 +136,17 @@ def test_fp8_without_narrow_is_mma(arch: Arch) -> None:
 
 
 def test_fp8_before_sm80_names_kv_dtype() -> None:
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, wgmma, mma families"):
+    with pytest.raises(SpecError,
+                       match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, seesaw, wgmma, mma families"):
         decide(arch=Arch.SM75, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
 
 
-@pytest.mark.parametrize("family", [Family.SEESAW, Family.SIMT])
-def test_fp8_in_a_family_without_the_path_names_kv_dtype(family: Family) -> None:
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_ds_mla caches are read by the narrow, wgmma, mma families only"):
+@pytest.mark.parametrize("family, message", [
+    (Family.SEESAW, r"^kv_dtype: seesaw reads fp8_e4m3 caches only .*got fp8_ds_mla"),
+    (Family.SIMT, r"^kv_dtype: fp8_ds_mla caches are read by the narrow, seesaw, wgmma, mma families only"),
+])
+def test_fp8_in_a_family_without_the_path_names_kv_dtype(family: Family, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
         decide(arch=Arch.SM90A, num_heads=64, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=DS, family=family)
 
 

@@ -49,7 +49,9 @@ def test_dispatch_picks_seesaw_from_40_rows_on_sm90a() -> None:
     assert minicpm3.spec.family is Family.SEESAW
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=DType.FP16)
     assert d.spec.family is Family.SEESAW and any(r.startswith("family seesaw: 128 query rows") for r in d.reasons)
-    assert family(128, kv_dtype=DType.FP8_E4M3) is Family.WGMMA  # seesaw has no fp8 path
+    assert family(128, kv_dtype=DType.FP8_E4M3) is Family.SEESAW  # its producer converts the e4m3 bytes
+    assert family(40, kv_dtype=DType.FP8_E4M3) is Family.SEESAW
+    assert family(128, kv_dtype=DType.FP8_DS_MLA) is Family.WGMMA  # seesaw reads fp8_e4m3 only
     assert family(128, arch=Arch.SM80) is Family.MMA
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=2, family=Family.SEESAW)
     assert d.spec.family is Family.SEESAW and d.m_blocks == 4 and d.spec.tile == Tile(64, 64, 2, 8)
