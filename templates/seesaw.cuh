@@ -5,7 +5,8 @@
 // count is correct; it is measured ahead of wgmma from 40 packed rows up, where dispatch takes it (PERF.md).
 //
 // Threads: 1 CTA per SM of three warpgroups: two consumers, WG0 (warps 0-3) and WG1 (warps 4-7), and a producer
-// (warps 8-11: warp 8 loads the ckv-left halves, warp 9 the right ones, 10 and 11 idle) that gives its registers
+// (warps 8-11: warp 8 loads the ckv-left halves, warp 9 the right ones; 10 and 11 idle, or over an fp8_e4m3 cache
+// convert the e4m3 bytes of the left / right halves to the fp16 tiles, convert_tiles) that gives its registers
 // to the consumers (setmaxnreg: 40 each, the consumers 232; 168 at launch). WG0 owns O_L = O[:, 0 .. C/2),
 // WG1 owns O_R = O[:, C/2 .. C), fp32 in registers (C/4 per thread: 128 at C = 512). A segment's kv tiles are
 // taken in PAIRS: tile 2i lives in buffer K0, tile 2i+1 in buffer K1 (a missing K1 at an odd count is skipped and
@@ -216,13 +217,13 @@ struct TmaParams {
 // swizzled rows, Panel) at `dst`, the first `rows` tokens (zeros after them; raw bytes past kCols as well: a rope
 // narrower than 64). Lane l takes 16-byte raw chunks l + 32 i (a warp reads 512 contiguous bytes; its two stores
 // per chunk cover each 16-byte position of the 8 rows four times: no bank conflict beyond the 4 wavefronts 512
-// bytes need), rows 0 .. N/2 - 1 two chunks at a time. dst's second half may hold this block's own raw bytes
-// (own_raw): the warp then reads all of rows N/2 .. N - 1's chunks before it writes any (its first half holds
-// only raw bytes the warp read before: __syncwarp orders the lanes).
+// bytes need), a block half's four chunks loaded before any is converted (loads in flight: the converter was
+// latency-bound, PERF.md). dst's second half may hold this block's own raw bytes (own_raw): the warp then reads
+// all of rows N/2 .. N - 1's chunks before it writes any (its first half holds only raw bytes the warp read
+// before: __syncwarp orders the lanes).
 template <class Cfg, int kCols = 64>
 __device__ __forceinline__ void convert_block(uint32_t raw, uint32_t dst, int rows, int lane, bool own_raw) {
   constexpr int N = Cfg::kBlockN, kIters = N * 4 / 32, kHalf = kIters / 2;
-  static_assert(kHalf % 2 == 0, "rows 0 .. N/2 - 1 in steps of two chunks");
   auto load = [&](int i) {
     const int q = lane + 32 * i, t = q >> 2, c = q & 3;
     return t < rows && 16 * c < kCols ? lds_v4(raw + 64 * t + 16 * c) : make_uint4(0u, 0u, 0u, 0u);

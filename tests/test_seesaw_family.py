@@ -13,13 +13,13 @@ from generator.render import render_sources
 from generator.select import FAMILY_ORDER, decide, default_tile, families_for
 from generator.spec import Arch, DType, Family, Tile, VariantSpec
 
-BF16, FP16 = DType.BF16, DType.FP16
+BF16, FP16, E4M3 = DType.BF16, DType.FP16, DType.FP8_E4M3
 
 
 def seesaw(heads: int = 128, ckv: int = 512, rope: int = 64, tile: Tile | None = None, arch: Arch = Arch.SM90A,
-           dtype: DType = BF16) -> VariantSpec:
+           dtype: DType = BF16, kv_dtype: DType | None = None) -> VariantSpec:
     tile = tile or default_tile(Family.SEESAW, heads, ckv, rope, Arch.SM90A)
-    return VariantSpec(heads, ckv, rope, dtype, dtype, dtype, Family.SEESAW, tile, arch)
+    return VariantSpec(heads, ckv, rope, dtype, kv_dtype or dtype, dtype, Family.SEESAW, tile, arch)
 
 
 @pytest.mark.parametrize("arch", [a for a in Arch if a is not Arch.SM90A], ids=lambda a: a.nvcc_name)
@@ -72,6 +72,9 @@ def test_default_tile_and_shared_memory() -> None:
     assert seesaw(ckv=256, rope=32, tile=Tile(64, 64, 2, 8)).smem_bytes == (
         64 * 288 * 2 + 2 * 64 * (256 + 64) * 2 + 2 * 2 * 64 * 4 + 2 * 5 * 8 + 4 * 8)
     assert seesaw(ckv=128, rope=16).smem_bytes == 64 * 144 * 2 + 4 * 64 * (128 + 64) * 2 + 1024 + 4 * 3 * 8 + 8 * 8
+    # fp8_e4m3: the same fp16 tiles (the e4m3 bytes land inside them) and a "raw bytes landed" mbarrier per unit
+    assert seesaw(kv_dtype=E4M3).smem_bytes == 222384 + 2 * 9 * 8
+    assert seesaw(heads=40, ckv=256, rope=32, kv_dtype=E4M3).smem_bytes == 201952 + 4 * 5 * 8
 
 
 def test_sources_carry_wgmma_header() -> None:
@@ -109,6 +112,8 @@ BUILDS = {
     "h64_c512_r64_bf16": dict(heads=64),
     "h128_c512_r64_fp16": dict(dtype=FP16),
     "h40_c256_r32_bf16": dict(heads=40, ckv=256, rope=32),
+    "h128_c512_r64_bf16_fp8": dict(kv_dtype=E4M3),
+    "h40_c256_r32_bf16_fp8": dict(heads=40, ckv=256, rope=32, kv_dtype=E4M3),
 }
 
 
@@ -134,7 +139,8 @@ def test_seesaw_variant_has_no_spills_and_no_warnings(seesaw_entry):
 def test_seesaw_sass_uses_hgmma(seesaw_entry):
     name, entry = seesaw_entry
     sass = sass_of(entry)
-    dt = "F32 " if "fp16" in name else "F32.BF16 "  # fp16 inputs print as plain HGMMA...F32
+    fp8 = name.endswith("_fp8")  # fp8_e4m3 cache: fp16 tiles (the producer converts), bf16 q converted too
+    dt = "F32 " if "fp16" in name or fp8 else "F32.BF16 "  # fp16 inputs print as plain HGMMA...F32
     cw = 256 if "c512" in name else 128
     lines = sass.splitlines()
     qk = [ln for ln in lines if f"HGMMA.64x64x16.{dt}" in ln]
@@ -145,12 +151,15 @@ def test_seesaw_sass_uses_hgmma(seesaw_entry):
     assert len(pv) == 4 * 4 and all(".tnspB" in ln for ln in pv)  # 4 P V products of 64 tokens, V MN-major
     rs = [ln for ln in pv if "gdesc" in ln and ln.split("HGMMA")[1].split(",")[1].strip().startswith("R")]
     assert len(rs) == 8                                         # own P from registers (RS) in both warpgroups
-    assert "LDGSTS.E.BYPASS.128" in sass                        # 16-byte cp.async copies of Q
+    assert ("LDGSTS.E.BYPASS.128" in sass) != fp8               # 16-byte cp.async copies of Q (fp8: converted)
     assert "UTMALDG.3D" in sass and "SYNCS.PHASECHK" in sass    # kv boxes by TMA, mbarrier waits
-    # the producer warpgroup gives registers to the consumers
+    if fp8:  # e4m3 -> fp16 in the converter warps; per-token bulk copies where boxes would be misaligned
+        assert "F2FP.F16.E4M3.UNPACK_B" in sass and "UBLKCP.S.G" in sass
+    # the producer warpgroup gives registers to the consumers (fp8 below ckv 512: 56 to its converters, 224 left)
+    regs = ("0x38", "0xe0") if fp8 and cw == 128 else ("0x28", "0xe8")
     setmaxreg = [ln.split(";")[0].split() for ln in lines if "USETMAXREG" in ln]
-    assert sorted((w[1], w[-1]) for w in setmaxreg) == [("USETMAXREG.DEALLOC.CTAPOOL", "0x28"),  # 40
-                                                        ("USETMAXREG.TRY_ALLOC.CTAPOOL", "0xe8")], setmaxreg  # 232
+    assert sorted((w[1], w[-1]) for w in setmaxreg) == [("USETMAXREG.DEALLOC.CTAPOOL", regs[0]),
+                                                        ("USETMAXREG.TRY_ALLOC.CTAPOOL", regs[1])], setmaxreg
     # named-barrier handshakes, synced on both sides (racecheck does not model bar.arrive)
     assert "BAR.SYNC.DEFER_BLOCKING 0x4, 0x100" in sass and "BAR.ARV" not in sass
     assert " LDL" not in sass and " STL" not in sass
