@@ -139,10 +139,8 @@ _TIMELINE = (
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
     Edit("seesaw.cuh", "        if (buf == 0 || !k1_missing) wait_free(b);\n",
          "        if (buf == 0 || !k1_missing) {\n          wait_free(b);\n          PSTAMP(2 * buf);\n        }\n"),
-    Edit("seesaw.cuh", "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);\n"
-         "            }\n          }\n        }\n",
-         "                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);\n"
-         "            }\n          }\n        }\n        PSTAMP(2 * buf + 1);\n"),
+    Edit("seesaw.cuh", "                          policy);\n            }\n          }\n        }\n      }\n",
+         "                          policy);\n            }\n          }\n        }\n        PSTAMP(2 * buf + 1);\n      }\n"),
 )
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
@@ -178,8 +176,8 @@ _PHASES = (
     *_instrumented(_PHASE_STAMP, _PRINT_PHASES),
     Edit("seesaw.cuh", "  setmaxnreg_inc<L::kConsumerRegs>();\n",
          "  setmaxnreg_inc<L::kConsumerRegs>();\n  unsigned long long t_last = clock64();\n"),
-    Edit("seesaw.cuh", "    const int n_tiles = seg.blk_hi - seg.blk_lo;\n",
-         "    const int n_tiles = seg.blk_hi - seg.blk_lo;\n    PHASE(0);\n"
+    Edit("seesaw.cuh", "    const int len = seg.len;\n    const int n_tiles = seg.blk_hi - seg.blk_lo;\n",
+         "    const int len = seg.len;\n    const int n_tiles = seg.blk_hi - seg.blk_lo;\n    PHASE(0);\n"
          "    if (tid == 0) g_phase[blockIdx.y * gridDim.x + blockIdx.x][5] += 1, "
          "g_phase[blockIdx.y * gridDim.x + blockIdx.x][6] += n_tiles;\n"),
     Edit("seesaw.cuh", "    bar_sync(kBarConsumers, 256);\n\n    // ---- row state",
@@ -216,9 +214,8 @@ ABLATIONS: dict[str, Ablation] = {
         "seesaw", "every TMA box 1/8 of its rows: the same boxes, waits and frees, 1/8 of the bytes",
         (Edit("sm90.cuh", "static_cast<cuuint32_t>(tma_box_rows(page_size)), 1u};",
               "static_cast<cuuint32_t>(tma_box_rows(page_size) / 8), 1u};"),
-         Edit("seesaw.cuh", "groups * box_rows * KN::kRowBytes);", "groups * box_rows * KN::kRowBytes / 8);"),
-         Edit("seesaw.cuh", "groups * box_rows * KP::kBlocks * KP::kRowBytes);",
-              "groups * box_rows * KP::kBlocks * KP::kRowBytes / 8);"))),
+         Edit("seesaw.cuh", "groups * box_rows * kUnitCols * kElem);", "groups * box_rows * kUnitCols * kElem / 8);"),
+         Edit("seesaw.cuh", "groups * box_rows * rope_bytes);", "groups * box_rows * rope_bytes / 8);"))),
     "no-softmax": Ablation(
         "seesaw", "P = S rounded and the running max never moves: no exp2, no rescale (the max, the sums and the "
         "stores of P stay)",
