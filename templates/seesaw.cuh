@@ -213,15 +213,6 @@ struct TmaParams {
   CUtensorMap ckv, kpe;
 };
 
-// Waits until the consumers freed half `half` of kv buffer b for its next phase (bit b of `phase`, then flipped): the
-// issuing warp before it loads the buffer (produce), over fp8 its converter warp before it reads the raw bytes
-// there (convert_tiles), so that those reads follow the consumers' last writes to the buffer (P) by a wait of
-// their own, not only through the issuer and the TMA (which compute-sanitizer's racecheck does not follow).
-__device__ __forceinline__ void wait_free(uint32_t s_free, int half, uint32_t& phase, int b) {
-  mbarrier_wait(s_free + 8 * (2 * b + half), ((phase >> b) & 1u) ^ 1u);
-  phase ^= 1u << b;
-}
-
 // fp8_e4m3: the converter warp of a half turns the raw block [N][64] e4m3 at `raw` into the fp16 block (128-byte
 // swizzled rows, Panel) at `dst`, the first `rows` tokens (zeros after them; raw bytes past kCols as well: a rope
 // narrower than 64). Lane l takes 16-byte raw chunks l + 32 i (a warp reads 512 contiguous bytes; its two stores
@@ -269,9 +260,7 @@ __device__ __forceinline__ void convert_tiles(const DecodeParams& p, int part, i
   const int lane = threadIdx.x & 31;
   const int box_rows = tma_box_rows(p.page_size);
   const uint32_t s_k0 = s_base + L::kOffKV, s_full = s_base + L::kOffBars, s_raw = s_base + L::kOffRaw;
-  const uint32_t s_free = s_base + L::kOffFree;
-  uint32_t raw_phase = 0;   // bit i: the parity of raw mbarrier i this warp waits for next
-  uint32_t free_phase = 0;  // as the issuing warp's (produce)
+  uint32_t raw_phase = 0;  // bit i: the parity of raw mbarrier i this warp waits for next
   int pair_no = 0;
   auto convert_unit = [&](int b, int unit, auto convert) {
     const int i = b * U + unit;
@@ -285,12 +274,9 @@ __device__ __forceinline__ void convert_tiles(const DecodeParams& p, int part, i
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     for (int it = 0; it < n_tiles; it += 2, ++pair_no) {
       const int slot = pair_no % L::kPairSlots;
-      const bool k1_missing = it + 1 >= n_tiles;
 #pragma unroll 1
       for (int buf = 0; buf < 2; ++buf) {
         const int b = 2 * slot + buf, tile = it + buf, t0 = (seg.blk_lo + tile) * N;
-        if (buf == 0 || !k1_missing) wait_free(s_free, half, free_phase, b);  // the issuer's waits, in its order
-        if (buf == 0 && k1_missing) wait_free(s_free, half, free_phase, b + 1);
         if (tile >= n_tiles) continue;
         const int rows = (min(seg.len - t0, N) + box_rows - 1) / box_rows * box_rows;  // the tokens loaded
 #pragma unroll
@@ -338,7 +324,10 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
   // kv lines first out of L2: a tile is read by the row blocks of one part at about the same time, then never again,
   // while a split request's partials (written at a segment's end) are read back by the merge
   const uint64_t policy = l2_evict_first_policy();
-  auto wait_free = [&](int b) { seesaw::wait_free(s_free, half, free_phase, b); };
+  auto wait_free = [&](int b) {  // until the consumers freed this warp's half of kv buffer b (its next phase)
+    mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> b) & 1u) ^ 1u);
+    free_phase ^= 1u << b;
+  };
   for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
     const int len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
