@@ -9,7 +9,7 @@ import math
 
 from generator.errors import SpecError
 from generator.spec import (FP8_FAMILIES, MAX_HEADS, Arch, DType, Family, Tile, VariantSpec, narrow_max_rows,
-                            smem_bytes)
+                            seesaw_fp8_dims, smem_bytes)
 
 # Families with a template, fastest first (decide makes two exceptions on sm_90a: seesaw from SEESAW_MIN_ROWS
 # rows on, narrow below that where all rows fit one narrow CTA).
@@ -163,7 +163,8 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most {limit} with an fp8 cache "
                            f"at ckv {ckv_dim}); {kv_dtype.cli_name} dequantized to fp16 on its way into shared "
                            f"memory, fp16 tensor-core math")
-        elif Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and kv_dtype is DType.FP8_E4M3:
+        elif (Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and kv_dtype is DType.FP8_E4M3
+              and seesaw_fp8_dims(ckv_dim, rope_dim)):
             family = Family.SEESAW
             reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on); its producer warpgroup "
                            f"loads the e4m3 bytes by TMA and converts them to fp16 tiles off the consumers' path")

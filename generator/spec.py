@@ -495,6 +495,12 @@ def _check_seesaw(spec: VariantSpec) -> None:
 FP8_FAMILIES = (Family.NARROW, Family.SEESAW, Family.WGMMA, Family.MMA)
 
 
+def seesaw_fp8_dims(ckv_dim: int, rope_dim: int) -> bool:
+    """Whether seesaw's fp8_e4m3 path takes these dims: those it was measured and tested at on a GPU (the models'
+    512/64 and 256/32, and their crosses)."""
+    return ckv_dim in (256, 512) and rope_dim in (32, 64)
+
+
 def _check_fp8(spec: VariantSpec) -> None:
     if spec.family not in FP8_FAMILIES:
         raise SpecError(f"kv_dtype: {spec.kv_dtype.cli_name} caches are read by the "
@@ -508,9 +514,13 @@ def _check_fp8(spec: VariantSpec) -> None:
     if spec.rope_dim > 128:
         raise SpecError(f"rope_dim: an fp8 cache's rope is read in one 16-byte chunk per lane of 8, expected at "
                         f"most 128, got {spec.rope_dim}")
-    if spec.family is Family.SEESAW and spec.kv_dtype is not DType.FP8_E4M3:
-        raise SpecError(f"kv_dtype: seesaw reads fp8_e4m3 caches only (its producer converts 64-byte e4m3 rows), "
-                        f"got {spec.kv_dtype.cli_name}")
+    if spec.family is Family.SEESAW:
+        if spec.kv_dtype is not DType.FP8_E4M3:
+            raise SpecError(f"kv_dtype: seesaw reads fp8_e4m3 caches only (its producer converts 64-byte e4m3 rows), "
+                            f"got {spec.kv_dtype.cli_name}")
+        if not seesaw_fp8_dims(spec.ckv_dim, spec.rope_dim):
+            raise SpecError(f"ckv_dim: seesaw's fp8_e4m3 path takes ckv 256 or 512 with rope 32 or 64, got ckv "
+                            f"{spec.ckv_dim}, rope {spec.rope_dim}")
     if spec.kv_dtype is DType.FP8_DS_MLA:
         if (spec.ckv_dim, spec.rope_dim) != (DS_MLA_CKV, DS_MLA_ROPE):
             raise SpecError(f"kv_dtype: the {DS_MLA_TOKEN_BYTES}-byte fp8_ds_mla token holds ckv {DS_MLA_CKV} and "

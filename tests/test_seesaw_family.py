@@ -52,6 +52,9 @@ def test_dispatch_picks_seesaw_from_40_rows_on_sm90a() -> None:
     assert family(128, kv_dtype=DType.FP8_E4M3) is Family.SEESAW  # its producer converts the e4m3 bytes
     assert family(40, kv_dtype=DType.FP8_E4M3) is Family.SEESAW
     assert family(128, kv_dtype=DType.FP8_DS_MLA) is Family.WGMMA  # seesaw reads fp8_e4m3 only
+    # fp8_e4m3 at dims seesaw's fp8 path does not take: wgmma's
+    assert decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=128, dtype=BF16,
+                  kv_dtype=DType.FP8_E4M3).spec.family is Family.WGMMA
     assert family(128, arch=Arch.SM80) is Family.MMA
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=2, family=Family.SEESAW)
     assert d.spec.family is Family.SEESAW and d.m_blocks == 4 and d.spec.tile == Tile(64, 64, 2, 8)
@@ -75,6 +78,12 @@ def test_default_tile_and_shared_memory() -> None:
     # fp8_e4m3: the same fp16 tiles (the e4m3 bytes land inside them) and a "raw bytes landed" mbarrier per unit
     assert seesaw(kv_dtype=E4M3).smem_bytes == 222384 + 2 * 9 * 8
     assert seesaw(heads=40, ckv=256, rope=32, kv_dtype=E4M3).smem_bytes == 201952 + 4 * 5 * 8
+
+
+@pytest.mark.parametrize("ckv, rope", [(128, 64), (512, 128), (256, 16)])
+def test_fp8_at_dims_its_path_was_not_tested_at_names_ckv_dim(ckv: int, rope: int) -> None:
+    with pytest.raises(SpecError, match=r"^ckv_dim: seesaw's fp8_e4m3 path takes ckv 256 or 512 with rope 32 or 64"):
+        seesaw(ckv=ckv, rope=rope, kv_dtype=E4M3)
 
 
 def test_sources_carry_wgmma_header() -> None:
