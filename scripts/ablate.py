@@ -140,7 +140,8 @@ _TIMELINE = (
     Edit("seesaw.cuh", "        if (buf == 0 || !k1_missing) wait_free(b);\n",
          "        if (buf == 0 || !k1_missing) {\n          wait_free(b);\n          PSTAMP(2 * buf);\n        }\n"),
     Edit("seesaw.cuh", "                          policy);\n            }\n          }\n        }\n      }\n",
-         "                          policy);\n            }\n          }\n        }\n        PSTAMP(2 * buf + 1);\n      }\n"),
+         "                          policy);\n            }\n          }\n        }\n"
+         "        PSTAMP(2 * buf + 1);\n      }\n"),
 )
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the

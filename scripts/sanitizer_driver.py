@@ -7,9 +7,10 @@ a ragged batch of 3 or 4 short requests (racecheck is slow); then per family wit
 cases (fp8_e4m3 and fp8_ds_mla quantized from the bf16 cache), each where the family reads that format.
 Under racecheck (`--tool racecheck`) seesaw's fp8 case is left out: its converter warps read raw bytes that
 the TMA wrote over the consumers' P stores, ordered by mbarriers, and racecheck sees neither the TMA's
-writes nor mbarrier order (PERF.md, thirteenth session), so it reports every such read. Every output is poisoned with NaN first
-and checked against the float64 reference on the CPU (mla_gen.testing.accuracy_problems; fp8 caches
-dequantized), and every schedule is checked to split (or not) as its case says.
+writes nor mbarrier order (PERF.md, thirteenth session), so it reports every such read. Every output is
+poisoned with NaN first and checked against the float64 reference on the CPU
+(mla_gen.testing.accuracy_problems; fp8 caches dequantized), and every schedule is checked to split (or
+not) as its case says.
 
     python scripts/sanitizer_driver.py [--family F] [--tool T]   # run the matrix (needs CUDA); exit 1 if wrong
     python scripts/sanitizer_driver.py --list [--arch sm_90a]   # the cases, no CUDA needed

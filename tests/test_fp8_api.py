@@ -162,7 +162,8 @@ def test_dispatch_of_fp8_per_arch(monkeypatch, request):
     dispatch.choose.cache_clear()
     request.addfinalizer(dispatch.choose.cache_clear)
     monkeypatch.setattr(dispatch, "device_info", lambda index: dispatch.DeviceInfo(index, "T4", Arch.SM75, 40))
-    with pytest.raises(SpecError, match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, seesaw, wgmma, mma families"):
+    with pytest.raises(SpecError,
+                       match=r"^kv_dtype: fp8_e4m3 caches are read by the narrow, seesaw, wgmma, mma families"):
         dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1, kv_dtype=DType.FP8_E4M3)
     assert dispatch.choose(0, 16, 512, 64, torch.bfloat16, 1).spec.kv_dtype is DType.BF16  # 16-bit still runs
     monkeypatch.setattr(dispatch, "device_info", lambda index: dispatch.DeviceInfo(index, "A100", Arch.SM80, 108))
