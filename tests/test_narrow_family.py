@@ -115,15 +115,15 @@ def test_fp8_shared_memory_formula() -> None:
     assert narrow_fp8(DS).smem_bytes == 170688 + 2 * 3 * 16 * 64 * 2 + 2 * 64 * 4 * 4
 
 
-@pytest.mark.parametrize("heads, s_q, family, blocks", [(16, 1, Family.NARROW, 1), (5, 1, Family.NARROW, 1),
-                                                         (8, 2, Family.NARROW, 1), (16, 2, Family.WGMMA, 1),
-                                                         (128, 1, Family.WGMMA, 2), (20, 2, Family.WGMMA, 1)])
+# per row count: fp8_e4m3's family and fp8_ds_mla's (seesaw reads fp8_e4m3 only), row blocks
+@pytest.mark.parametrize("heads, s_q, families, blocks", [
+    (16, 1, (Family.NARROW, Family.NARROW), 1), (5, 1, (Family.NARROW, Family.NARROW), 1),
+    (8, 2, (Family.NARROW, Family.NARROW), 1), (16, 2, (Family.WGMMA, Family.WGMMA), 1),
+    (128, 1, (Family.SEESAW, Family.WGMMA), 2), (20, 2, (Family.SEESAW, Family.WGMMA), 1)])
 @pytest.mark.parametrize("kv", [E4M3, DS], ids=lambda d: d.cli_name)
-def test_fp8_dispatch_narrow_up_to_16_rows_then_wgmma(kv: DType, heads: int, s_q: int, family: Family,
-                                                      blocks: int) -> None:
-    """From 40 rows on, fp8_e4m3 runs seesaw (its producer converts); fp8_ds_mla stays in wgmma."""
-    if kv is E4M3 and heads * s_q >= 40:
-        family = Family.SEESAW
+def test_fp8_dispatch_narrow_up_to_16_rows_then_seesaw_or_wgmma(kv: DType, heads: int, s_q: int,
+                                                                families: tuple[Family, Family], blocks: int) -> None:
+    family = families[0] if kv is E4M3 else families[1]
     d = decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q, kv_dtype=kv)
     assert d.spec.family is family and d.spec.kv_dtype is kv and d.m_blocks == blocks
     assert d.reasons[0].startswith(f"family {family.value}:")
