@@ -145,7 +145,8 @@ _TIMELINE = (
 )
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
-# third call: the steady pairs are not the whole kernel (segment starts, epilogues, merges, the planner wait)
+# third call: the steady pairs are not the whole kernel (segment starts, epilogues, merges, the planner wait); beside
+# each mean, the CTA that took longest (the kernel ends with it)
 _PHASE_STAMP = """__device__ unsigned long long g_phase[2048][7];
 #define PHASE(e) \\
   if (tid == 0) { \\
@@ -158,19 +159,20 @@ _PRINT_PHASES = """  static unsigned long long ph[2048][7];
   cudaMemcpyFromSymbol(ph, g_phase, sizeof(ph));
   double sum[7] = {0};
   unsigned long long most = 0;
-  int ctas = 0;
+  int ctas = 0, longest = 0;
   for (int c = 0; c < 2048; ++c) {
     unsigned long long total = 0;
     for (int e = 0; e < 5; ++e) total += ph[c][e];
     if (!total) continue;
     ++ctas;
-    most = total > most ? total : most;
+    if (total > most) most = total, longest = c;
     for (int e = 0; e < 7; ++e) sum[e] += static_cast<double>(ph[c][e]) / 3;  // three calls summed
   }
   const char* names[7] = {"before segment (planner wait, merges)", "Q load", "pairs", "epilogue", "after last",
                           "segments", "tiles"};
   fprintf(stderr, "phases: %d CTAs, longest %.0f cycles per call; mean per CTA per call:\\n", ctas, most / 3.0);
-  for (int e = 0; e < 7; ++e) fprintf(stderr, "phase %-40s %.1f\\n", names[e], sum[e] / ctas);
+  for (int e = 0; e < 7; ++e)
+    fprintf(stderr, "phase %-40s %.1f (longest CTA %.1f)\\n", names[e], sum[e] / ctas, ph[longest][e] / 3.0);
   return 0;
 }"""
 _PHASES = (

@@ -3,6 +3,7 @@
     ncu --clock-control none --metrics gpu__time_duration.sum -k regex:'plan_kernel|decode_kernel' \
         python scripts/kernel_times.py --batch 32 --seqlen 1024 --heads 16 [--family narrow] [--s-q 1] \
             [--ckv 256 --rope 32] [--kv-dtype fp8_e4m3]
+    python scripts/kernel_times.py --case 6 ...   # a bench suite case (its lengths, ragged for 6), not the sizes
 
 The bench (python -m mla_gen.bench) is the instrument for speed claims; this only splits a call's time.
 """
@@ -14,15 +15,17 @@ import torch
 
 import mla_gen
 from generator.spec import DType
+from mla_gen.bench.cases import default_suite
 from mla_gen.bench.impls import quantize
 from mla_gen.testing import make_inputs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, required=True)
-    ap.add_argument("--seqlen", type=int, required=True)
-    ap.add_argument("--heads", type=int, required=True)
+    ap.add_argument("--case", default=None, help="a bench suite case by name (e.g. 6): its lengths, heads, s_q, dims")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seqlen", type=int)
+    ap.add_argument("--heads", type=int)
     ap.add_argument("--s-q", type=int, default=1, dest="s_q")
     ap.add_argument("--ckv", type=int, default=512)
     ap.add_argument("--rope", type=int, default=64)
@@ -30,7 +33,16 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--kv-dtype", default=None, help="an fp8 cache format (the 16-bit cache quantized to it)")
     a = ap.parse_args()
-    inp = make_inputs([a.seqlen] * a.batch, heads=a.heads, ckv=a.ckv, rope=a.rope, s_q=a.s_q, page_size=64,
+    if a.case is not None:
+        case = next((c for c in default_suite() if c.name == a.case), None)
+        if case is None:
+            ap.error(f"--case: expected a suite case name ({', '.join(c.name for c in default_suite())}), got {a.case}")
+        lengths, a.heads, a.ckv, a.rope, a.s_q = case.lengths(), case.heads, case.ckv, case.rope, case.s_q
+    elif None in (a.batch, a.seqlen, a.heads):
+        ap.error("--batch, --seqlen and --heads: required without --case")
+    else:
+        lengths = [a.seqlen] * a.batch
+    inp = make_inputs(lengths, heads=a.heads, ckv=a.ckv, rope=a.rope, s_q=a.s_q, page_size=64,
                       device="cuda", combined=True, generator=torch.Generator(device="cuda").manual_seed(0))
     q_nope, q_pe, ckv, kpe, block_table, seqlens, sm_scale = inp.args()
     kv_scale = None
