@@ -60,7 +60,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
 
 def _select(args: argparse.Namespace) -> list[VariantSpec]:
     from generator.presets import preset_variants
-    from generator.select import decide, default_tile
+    from generator.select import default_tile, dispatch_specs
 
     arch = Arch.parse(args.arch)
     dtype = DType.parse(args.dtype) if args.dtype else None
@@ -85,8 +85,8 @@ def _select(args: argparse.Namespace) -> list[VariantSpec]:
             for fam in families or [None]:
                 for s_q in args.s_q:
                     if fam is None:
-                        specs.append(decide(arch=arch, num_heads=h, ckv_dim=args.ckv, rope_dim=args.rope, dtype=dt,
-                                            s_q=s_q, kv_dtype=kv, tile=tile).spec)
+                        specs += dispatch_specs(arch=arch, num_heads=h, ckv_dim=args.ckv, rope_dim=args.rope,
+                                                dtype=dt, s_q=s_q, kv_dtype=kv, tile=tile)
                     else:
                         specs.append(VariantSpec(h, args.ckv, args.rope, dt, kv, dt, fam,
                                                  tile or default_tile(fam, h, args.ckv, args.rope, arch, s_q, kv), arch))
@@ -243,7 +243,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                       dtype=DType.parse(args.dtype), s_q=args.s_q, sm_count=args.sm_count,
                       ctas_per_sm=args.ctas_per_sm, family=Family.parse(args.family) if args.family else None,
                       num_parts=args.num_parts, batch=args.batch, mean_seqlen=args.seqlen,
-                      kv_dtype=DType.parse(args.kv_dtype, "kv_dtype") if args.kv_dtype else None)
+                      kv_dtype=DType.parse(args.kv_dtype, "kv_dtype") if args.kv_dtype else None,
+                      max_tokens=args.max_tokens)
     kv = decision.spec.kv_dtype
     if args.json:
         print(json.dumps({**decision.to_dict(), "scale_granularity": kv.scale_granularity}, indent=2))
@@ -305,6 +306,9 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--arch", default=DEFAULT_ARCH)
     s.add_argument("--batch", type=positive_int, default=None)
     s.add_argument("--seqlen", type=positive_int, default=None, help="mean cache length per request")
+    s.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="tokens one request's block table holds (max_pages x page_size), as the runtime passes it: "
+                        "with --batch, a small call's family")
     s.add_argument("--s-q", type=positive_int, default=1, dest="s_q", help="query tokens per request")
     s.add_argument("--sm-count", type=positive_int, default=132, help="SMs of the device (default 132, H100 SXM)")
     s.add_argument("--ctas-per-sm", type=positive_int, default=None)

@@ -87,9 +87,9 @@ def preset_variants(name: str, arch: Arch, *, dtype: DType | None = None, famili
                     tp_sizes: list[int] | None = None, kv_dtype: DType | None = None,
                     s_q: tuple[int, ...] = (1,)) -> list[VariantSpec]:
     """The variants preset `name` needs on `arch`: per tensor-parallel head count and query length in
-    `s_q`, the one dispatch picks (generator.select.decide), or one per family in `families` (duplicates
+    `s_q`, the ones dispatch picks (generator.select.dispatch_specs), or one per family in `families` (duplicates
     dropped: most tiles do not depend on s_q). kv_dtype: the cache (default the q dtype). Raises SpecError."""
-    from generator.select import decide, default_tile  # select builds on spec; presets stay below it
+    from generator.select import default_tile, dispatch_specs  # select builds on spec; presets stay below it
 
     cfg = model_config(name)
     heads = cfg.tp_heads()
@@ -109,7 +109,7 @@ def preset_variants(name: str, arch: Arch, *, dtype: DType | None = None, famili
     for h in sorted(set(heads.values()), reverse=True):
         for q in s_q:
             if families is None:
-                out.append(decide(arch=arch, num_heads=h, ckv_dim=C, rope_dim=R, dtype=dt, s_q=q, kv_dtype=kv).spec)
+                out += dispatch_specs(arch=arch, num_heads=h, ckv_dim=C, rope_dim=R, dtype=dt, s_q=q, kv_dtype=kv)
                 continue
             for fam in families:
                 out.append(VariantSpec(h, C, R, dt, kv, dt, fam, default_tile(fam, h, C, R, arch, q, kv), arch))

@@ -36,6 +36,12 @@ class DecodeInputs:
                 self.sm_scale)
 
 
+def block_table_pages(lengths: list[int], page_size: int) -> int:
+    """The block-table width make_inputs gives `lengths`: the longest request's pages and one spare column
+    (poisoned)."""
+    return max(-(-n // page_size) for n in lengths) + 1
+
+
 def make_inputs(lengths: list[int], *, heads: int, ckv: int = 512, rope: int = 64, s_q: int = 1,
                 page_size: int = 64, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                 combined: bool = False, extra_pages: int = 3, generator: torch.Generator | None = None,
@@ -47,7 +53,7 @@ def make_inputs(lengths: list[int], *, heads: int, ckv: int = 512, rope: int = 6
     gdev = g.device if g is not None else torch.device("cpu")
     batch = len(lengths)
     pages_per = [-(-n // page_size) for n in lengths]
-    max_pages = max(pages_per) + 1  # one spare column, poisoned
+    max_pages = block_table_pages(lengths, page_size)
     num_pages = sum(pages_per) + extra_pages + 1
     poison_page = num_pages - 1
     perm = torch.randperm(num_pages - 1, generator=g, device=gdev).tolist()

@@ -1,8 +1,8 @@
-"""The seesaw family (templates/seesaw.cuh): sm_90a only, dispatch's family there from 64 query rows on (16-bit
-caches), tile rules, the shared-memory formula, and (slow, real nvcc) builds with no spills and no warnings whose SASS
-carries HGMMA 64x64 (S per warpgroup) and 64xCW (P V, V read transposed, P from registers and from shared memory)
-and TMA loads by a producer warpgroup (setmaxnreg); on a GPU, the page sizes the main matrix lacks (TMA boxes of 1,
-16 and 64 rows, tiles inside one page)."""
+"""The seesaw family (templates/seesaw.cuh): sm_90a only, dispatch's family there from 40 query rows on and for
+small calls below (16-bit caches), tile rules, the shared-memory formula, and (slow, real nvcc) builds with no spills
+and no warnings whose SASS carries HGMMA 64x64 (S per warpgroup) and 64xCW (P V, V read transposed, P from registers
+and from shared memory) and TMA loads by a producer warpgroup (setmaxnreg); on a GPU, the page sizes the main matrix
+lacks (TMA boxes of 1, 16 and 64 rows, tiles inside one page)."""
 from __future__ import annotations
 
 import pytest
@@ -58,6 +58,46 @@ def test_dispatch_picks_seesaw_from_40_rows_on_sm90a() -> None:
     assert family(128, arch=Arch.SM80) is Family.MMA
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=2, family=Family.SEESAW)
     assert d.spec.family is Family.SEESAW and d.m_blocks == 4 and d.spec.tile == Tile(64, 64, 2, 8)
+
+
+@pytest.mark.parametrize("batch, max_tokens, sm_count, want", [
+    (32, 17 * 64, 132, Family.SEESAW),      # B32 S1024 (one spare page): 4 tiles per SM
+    (8, 257 * 64, 132, Family.SEESAW),      # B8 S16384: 15.6
+    (132, 24 * 64, 132, Family.SEESAW),     # exactly 24 tiles per SM
+    (133, 24 * 64, 132, Family.NARROW),     # one tile past
+    (64, 65 * 64, 132, Family.NARROW),      # B64 S4096: 31.5
+    (128, 65 * 64, 132, Family.NARROW),     # B128 S4096 (case 1)
+    (8, 257 * 64, 78, Family.NARROW),       # the same call on a GPU of 78 SMs: 26.4 tiles per SM
+    (32, 17 * 64 - 63, 132, Family.SEESAW),  # tokens, not pages: rounded up to whole tiles
+])
+def test_small_calls_below_40_rows_take_seesaw(batch: int, max_tokens: int, sm_count: int, want: Family) -> None:
+    """Below 40 rows at 512/64 a call whose block tables hold few kv tiles per SM runs seesaw, measured faster than
+    narrow there (PERF.md, fourteenth session); the runtime passes batch and max_pages x page_size."""
+    for heads, s_q in ((16, 1), (32, 1), (16, 2)):
+        d = decide(arch=Arch.SM90A, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q, batch=batch,
+                   max_tokens=max_tokens, sm_count=sm_count)
+        assert d.spec.family is want, (heads, s_q)
+        if want is Family.SEESAW:
+            assert d.reasons[0].startswith(f"family seesaw: {heads * s_q} query rows, but a small call")
+
+
+def test_the_small_call_rule_leaves_the_rest_alone() -> None:
+    small = dict(batch=1, max_tokens=64)
+
+    def family(heads: int, ckv: int = 512, rope: int = 64, arch: Arch = Arch.SM90A, **kw) -> Family:
+        return decide(arch=arch, num_heads=heads, ckv_dim=ckv, rope_dim=rope, dtype=BF16, **kw).spec.family
+
+    assert family(16) is Family.NARROW and family(16, batch=1) is Family.NARROW  # work unknown: narrow
+    assert family(16, max_tokens=64) is Family.NARROW
+    assert family(36, **small) is Family.WGMMA  # 33-39 rows: past narrow, not measured for seesaw
+    assert family(16, ckv=256, rope=32, **small) is Family.NARROW  # measured at 512/64 only
+    assert family(16, kv_dtype=DType.FP8_E4M3, **small) is Family.NARROW  # fp8 caches: unchanged
+    assert family(16, arch=Arch.SM80, **small) is Family.MMA
+    assert family(16, family=Family.NARROW, **small) is Family.NARROW  # a requested family wins
+    assert family(128, **small) is Family.SEESAW
+    for bad in (0, -64, 1.5, True, "64"):
+        with pytest.raises(SpecError, match=r"^max_tokens: expected a positive int"):
+            family(16, batch=1, max_tokens=bad)
 
 
 def test_default_tile_and_shared_memory() -> None:
@@ -200,3 +240,38 @@ def test_seesaw_page_sizes_the_matrix_lacks(page, dims, num_parts):
     ref, ref_lse = mla_decode_reference(*inp.args())
     problems = accuracy_problems(out, lse, ref, ref_lse, DType.BF16)
     assert not problems, "; ".join(problems)
+
+
+@pytest.mark.gpu
+def test_seesaw_encodes_new_tensor_maps_when_the_cache_changes():
+    """launch_decode reuses the thread's last tensor maps while the cache's pointers, strides and page counts stay
+    the same: caches that differ in one of them, alternated through one wrapper (same checked structure where
+    they allow it), each give the reference's answer. A stale map would read the previous cache."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import mla_gen
+    from mla_gen.reference import mla_decode_reference
+    from mla_gen.testing import accuracy_problems, make_inputs
+
+    heads, dt, page = 16, torch.bfloat16, 16
+    lengths = [300, 17, 64]
+
+    def inputs(seed: int, extra_pages: int = 3, combined: bool = False):
+        return make_inputs(lengths, heads=heads, page_size=page, dtype=dt, device="cuda", combined=combined,
+                           extra_pages=extra_pages, generator=torch.Generator(device="cuda").manual_seed(seed))
+
+    a, b = inputs(1), inputs(2)            # same shapes and strides, other pointers
+    c = inputs(3, extra_pages=9)           # more pages
+    d = inputs(4, combined=True)           # other strides (views of one [pages, page, C + R] cache)
+    max_pages = a.block_table.shape[1]
+    assert all(x.block_table.shape[1] == max_pages for x in (b, c, d))
+    w = mla_gen.MLADecodeWrapper(family="seesaw")
+    w.plan(a.cache_seqlens, 1, num_heads=heads, page_size=page, max_pages=max_pages, sm_scale=a.sm_scale, dtype=dt)
+    for inp in (a, b, a, c, d, a, d):
+        out = torch.full(inp.q_nope.shape, float("nan"), dtype=dt, device="cuda")
+        lse = torch.full(inp.q_nope.shape[:3], float("nan"), dtype=torch.float32, device="cuda")
+        w.run(*inp.args()[:6], out=out, lse=lse)
+        ref, ref_lse = mla_decode_reference(*inp.args())
+        problems = accuracy_problems(out, lse, ref, ref_lse, DType.BF16)
+        assert not problems, "; ".join(problems)
