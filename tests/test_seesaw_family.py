@@ -31,31 +31,34 @@ def test_seesaw_only_for_sm90a(arch: Arch) -> None:
         decide(arch=arch, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, family=Family.SEESAW)
 
 
+def dispatched_family(heads: int, s_q: int = 1, arch: Arch = Arch.SM90A, ckv: int = 512, rope: int = 64,
+                      **kw) -> Family:
+    """The family dispatch picks for bf16 q (kw: decide's other arguments)."""
+    return decide(arch=arch, num_heads=heads, ckv_dim=ckv, rope_dim=rope, dtype=BF16, s_q=s_q, **kw).spec.family
+
+
 def test_dispatch_picks_seesaw_from_40_rows_on_sm90a() -> None:
     assert Family.SEESAW.min_cc == 90
     fams = families_for(Arch.SM90A)
     assert Family.SEESAW in fams and fams.index(Family.WGMMA) < fams.index(Family.SEESAW)
     assert FAMILY_ORDER[0] is Family.WGMMA
 
-    def family(heads: int, s_q: int = 1, arch: Arch = Arch.SM90A, **kw) -> Family:
-        return decide(arch=arch, num_heads=heads, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=s_q, **kw).spec.family
-
-    assert family(16, s_q=2) is Family.NARROW  # 32 rows fit one narrow CTA
-    assert family(36) is Family.WGMMA  # 33-39 rows at ckv 512: past narrow, below seesaw's 40
+    assert dispatched_family(16, s_q=2) is Family.NARROW  # 32 rows fit one narrow CTA
+    assert dispatched_family(36) is Family.WGMMA  # 33-39 rows at ckv 512: past narrow, below seesaw's 40
     for heads, s_q in ((40, 1), (20, 2), (64, 1), (128, 1), (128, 2), (16, 5), (32, 2)):  # 40 rows and more
-        assert family(heads, s_q) is Family.SEESAW, (heads, s_q)
+        assert dispatched_family(heads, s_q) is Family.SEESAW, (heads, s_q)
     # MiniCPM3's 40 heads fit one narrow CTA at ckv 256, yet seesaw was measured ahead (121.6 / 131.2 us)
     minicpm3 = decide(arch=Arch.SM90A, num_heads=40, ckv_dim=256, rope_dim=32, dtype=BF16)
     assert minicpm3.spec.family is Family.SEESAW
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=DType.FP16)
     assert d.spec.family is Family.SEESAW and any(r.startswith("family seesaw: 128 query rows") for r in d.reasons)
-    assert family(128, kv_dtype=DType.FP8_E4M3) is Family.SEESAW  # its producer converts the e4m3 bytes
-    assert family(40, kv_dtype=DType.FP8_E4M3) is Family.SEESAW
-    assert family(128, kv_dtype=DType.FP8_DS_MLA) is Family.WGMMA  # seesaw reads fp8_e4m3 only
+    assert dispatched_family(128, kv_dtype=DType.FP8_E4M3) is Family.SEESAW  # its producer converts the e4m3 bytes
+    assert dispatched_family(40, kv_dtype=DType.FP8_E4M3) is Family.SEESAW
+    assert dispatched_family(128, kv_dtype=DType.FP8_DS_MLA) is Family.WGMMA  # seesaw reads fp8_e4m3 only
     # fp8_e4m3 at dims seesaw's fp8 path does not take: wgmma's
     assert decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=128, dtype=BF16,
                   kv_dtype=DType.FP8_E4M3).spec.family is Family.WGMMA
-    assert family(128, arch=Arch.SM80) is Family.MMA
+    assert dispatched_family(128, arch=Arch.SM80) is Family.MMA
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, s_q=2, family=Family.SEESAW)
     assert d.spec.family is Family.SEESAW and d.m_blocks == 4 and d.spec.tile == Tile(64, 64, 2, 8)
 
@@ -84,20 +87,18 @@ def test_small_calls_below_40_rows_take_seesaw(batch: int, max_tokens: int, sm_c
 def test_the_small_call_rule_leaves_the_rest_alone() -> None:
     small = dict(batch=1, max_tokens=64)
 
-    def family(heads: int, ckv: int = 512, rope: int = 64, arch: Arch = Arch.SM90A, **kw) -> Family:
-        return decide(arch=arch, num_heads=heads, ckv_dim=ckv, rope_dim=rope, dtype=BF16, **kw).spec.family
-
-    assert family(16) is Family.NARROW and family(16, batch=1) is Family.NARROW  # work unknown: narrow
-    assert family(16, max_tokens=64) is Family.NARROW
-    assert family(36, **small) is Family.WGMMA  # 33-39 rows: past narrow, not measured for seesaw
-    assert family(16, ckv=256, rope=32, **small) is Family.NARROW  # measured at 512/64 only
-    assert family(16, kv_dtype=DType.FP8_E4M3, **small) is Family.NARROW  # fp8 caches: unchanged
-    assert family(16, arch=Arch.SM80, **small) is Family.MMA
-    assert family(16, family=Family.NARROW, **small) is Family.NARROW  # a requested family wins
-    assert family(128, **small) is Family.SEESAW
+    # the work unknown: narrow
+    assert dispatched_family(16) is Family.NARROW and dispatched_family(16, batch=1) is Family.NARROW
+    assert dispatched_family(16, max_tokens=64) is Family.NARROW
+    assert dispatched_family(36, **small) is Family.WGMMA  # 33-39 rows: past narrow, not measured for seesaw
+    assert dispatched_family(16, ckv=256, rope=32, **small) is Family.NARROW  # measured at 512/64 only
+    assert dispatched_family(16, kv_dtype=DType.FP8_E4M3, **small) is Family.NARROW  # fp8 caches: unchanged
+    assert dispatched_family(16, arch=Arch.SM80, **small) is Family.MMA
+    assert dispatched_family(16, family=Family.NARROW, **small) is Family.NARROW  # a requested family wins
+    assert dispatched_family(128, **small) is Family.SEESAW
     for bad in (0, -64, 1.5, True, "64"):
         with pytest.raises(SpecError, match=r"^max_tokens: expected a positive int"):
-            family(16, batch=1, max_tokens=bad)
+            dispatched_family(16, batch=1, max_tokens=bad)
 
 
 def test_default_tile_and_shared_memory() -> None:
