@@ -40,19 +40,25 @@ MIN_TOKENS_PER_PART = 256
 MAX_PARTS = 2048
 # Fixed cost of a request or a split (q load, epilogue, merge), in kv tokens.
 FIXED_COST_TOKENS = 128
-# A grid of fewer parts that each take whole requests (uniform lengths then split none: no partial rows, no merge,
-# one segment fewer) is worth up to 5 % of the parts idle. H200, seesaw, same run: B128 S4096 H128 at 64 parts
-# 258.9 us against 66 parts 271.4; B64 S8192 H128 253.9 against 267.9 (scripts/split_sweep.py).
-WHOLE_REQUEST_MIN_FILL = 0.95
+# A grid whose parts line up with the requests: fewer parts that each take k whole requests (batch >= parts; uniform
+# lengths then split none: no partial rows, no merge, one segment fewer), or batch x k parts so that each request
+# spans k of them (batch < parts; uniform lengths then split into k equal pieces, each part one segment) is worth up
+# to 5 % of the parts idle. H200, seesaw, same run (scripts/split_sweep.py, us): B128 S4096 H128 at 64 parts 258.9
+# against 66 parts 271.4; B64 S8192 H128 253.9 against 267.9; B32 S1024 H16 at 128 parts 26.2 against 28.5 (132);
+# B4 S65536 H128 at 64 parts 145.6 against 149.1 (66); B8 S16384 H16 at 128 parts 56.6 against 57.4 (132).
+ALIGNED_PARTS_MIN_FILL = 0.95
 
 
-def whole_request_parts(parts: int, batch: int) -> int:
-    """batch / k parts when k = ceil(batch / parts) divides the batch and they keep at least WHOLE_REQUEST_MIN_FILL
-    of `parts` busy (the planner, balancing cost, then gives each part k whole requests of a uniform batch);
-    else `parts`."""
+def aligned_parts(parts: int, batch: int) -> int:
+    """The parts of a grid lined up with the requests, if they keep at least ALIGNED_PARTS_MIN_FILL of `parts`
+    busy, else `parts`: batch / k parts when k = ceil(batch / parts) divides the batch (k whole requests each),
+    and batch x k parts for k = parts // batch when the batch is smaller (each request over k parts)."""
+    if batch < parts:
+        aligned = batch * (parts // batch)
+        return aligned if aligned >= ALIGNED_PARTS_MIN_FILL * parts else parts
     per_part = math.ceil(batch / parts)
     aligned = batch // per_part
-    return aligned if aligned * per_part == batch and aligned >= WHOLE_REQUEST_MIN_FILL * parts else parts
+    return aligned if aligned * per_part == batch and aligned >= ALIGNED_PARTS_MIN_FILL * parts else parts
 
 
 def small_call(batch: int | None, max_tokens: int | None, sm_count: int) -> bool:
@@ -240,22 +246,29 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
                    f"{tile.block_m}" + (f", {padded - rows} padded rows" if padded != rows else ""))
     if ctas_per_sm is None:
         ctas_per_sm = 1
-    fixed_cost = max(1, math.ceil(FIXED_COST_TOKENS / tile.block_n))
-    min_part_cost = math.ceil(MIN_TOKENS_PER_PART / tile.block_n) + fixed_cost
     if num_parts is None:
         num_parts = min(MAX_PARTS, max(1, (sm_count * ctas_per_sm) // m_blocks))
         reasons.append(f"{num_parts} parts: {sm_count} SMs x {ctas_per_sm} CTA(s)/SM over {m_blocks} row "
-                       f"block(s); the device planner balances kv blocks + {fixed_cost} per request over them "
-                       f"and uses fewer when a part would get under {min_part_cost} blocks")
-        if batch is not None and (aligned := whole_request_parts(num_parts, batch)) != num_parts:
-            reasons.append(f"{aligned} parts: {math.ceil(batch / aligned)} whole request(s) of the {batch} each (at "
-                           f"uniform lengths none is split: no partial rows or merge), {num_parts - aligned} of "
-                           f"{num_parts} columns left idle")
+                       f"block(s)")
+        if batch is not None and (aligned := aligned_parts(num_parts, batch)) != num_parts:
+            how = (f"each request over {aligned // batch} of them (at uniform lengths, equal pieces)" if batch < aligned
+                   else f"{batch // aligned} whole request(s) of the {batch} each (at uniform lengths none is split: "
+                        f"no partial rows or merge)")
+            reasons.append(f"{aligned} parts: {how}, {num_parts - aligned} of {num_parts} columns left idle")
             num_parts = aligned
     else:
         if isinstance(num_parts, bool) or not isinstance(num_parts, int) or not 1 <= num_parts <= MAX_PARTS:
             raise SpecError(f"num_parts: expected 1..{MAX_PARTS}, got {num_parts!r}")
         reasons.append(f"{num_parts} parts: requested")
+    # The planner charges a request's fixed work (q load, epilogue) to the part holding its first block. When the
+    # batch is split anyway (at most half a request per part), every part pays that work for its own piece, and
+    # the charge would only make the first pieces shorter than the rest (B32 S1024 H16: 27.7 against 26.2 us).
+    split_all = batch is not None and 2 * batch <= num_parts
+    fixed_cost = 0 if split_all else math.ceil(FIXED_COST_TOKENS / tile.block_n)
+    min_part_cost = max(1, math.ceil(MIN_TOKENS_PER_PART / tile.block_n) + fixed_cost)
+    reasons.append(f"the device planner balances kv blocks + {fixed_cost} per request"
+                   + (f" (batch {batch} over {num_parts} parts: every request is split)" if split_all else "")
+                   + f" over the parts, and uses fewer when a part would get under {min_part_cost} blocks")
     if batch is not None and mean_seqlen is not None:
         blocks = batch * (math.ceil(mean_seqlen / tile.block_n) + fixed_cost)
         used = max(1, min(num_parts, math.ceil(blocks / min_part_cost)))

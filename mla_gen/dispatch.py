@@ -35,7 +35,7 @@ def choose(device_index: int, num_heads: int, ckv_dim: int, rope_dim: int, dtype
     """The rules' decision for a shape on a device. Loads nothing: the grid assumes `ctas_per_sm`
     CTAs per SM (1 when None), so size it by calling again with `occupancy` of the chosen variant.
     kv_dtype: the cache's format (None: q's dtype). batch: requests per call (None: the grid ignores it;
-    else parts may be fewer so that each takes whole requests, generator.select.whole_request_parts).
+    else the parts line up with the requests where that idles few, generator.select.aligned_parts).
     max_tokens: tokens one request's block table holds; with batch, a small call's family (select.small_call).
     Raises SpecError (a ValueError) naming the field for a shape no variant takes (kv_dtype for an fp8
     cache on an arch no kernel reads it on)."""

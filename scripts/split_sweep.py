@@ -46,17 +46,18 @@ def parse_cases(text: str) -> list[Case]:
     return [suite[n] for n in names]
 
 
-def time_policy(timer: Timer, case: Case, inp, parts: int | None, min_tokens: int, fixed_tokens: int):
-    """(median us, grid parts, family) of one policy; parts None: dispatch's own count."""
+def time_policy(timer: Timer, case: Case, inp, parts: int | None, min_tokens: int, fixed_tokens: int,
+                family: str | None = None):
+    """(median us, grid parts, family, planner fixed cost) of one policy; parts None: dispatch's own count."""
     select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = min_tokens, fixed_tokens
-    wrapper = MLADecodeWrapper(inp.q_nope.device, num_parts=parts)
+    wrapper = MLADecodeWrapper(inp.q_nope.device, num_parts=parts, family=family)
     plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                         page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,
                         dtype=torch_dtype(case.dtype))
     args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.block_table, inp.cache_seqlens)
     wrapper.run(*args)  # the device work list, reused by the timed calls
     us = timer.time(lambda: wrapper.run(*args, replan=False)).median_us
-    return us, plan.decision.num_parts, plan.spec.family.value
+    return us, plan.decision.num_parts, plan.spec.family.value, plan.decision.fixed_cost
 
 
 def main() -> None:
@@ -68,6 +69,7 @@ def main() -> None:
                     help="CTA columns of the grid (default: 1/2, 1, 2, 3 and 4 waves of the device's SMs)")
     ap.add_argument("--min-tokens", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--fixed-tokens", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--family", default=None, help="time this family instead of dispatch's (e.g. narrow)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--top", type=int, default=6)
     a = ap.parse_args()
@@ -80,16 +82,16 @@ def main() -> None:
         inp = build_inputs(case, device)
         m_blocks = -(-case.heads * case.s_q // 64)
         parts = a.parts or [max(1, sms * w // (2 * m_blocks)) for w in (1, 2, 4, 6, 8)]
-        base = time_policy(timer, case, inp, None, *default)
-        rows = [(time_policy(timer, case, inp, p, mt, ft), p, mt, ft)
+        base = time_policy(timer, case, inp, None, *default, a.family)
+        rows = [(time_policy(timer, case, inp, p, mt, ft, a.family), p, mt, ft)
                 for p, mt, ft in itertools.product(parts, a.min_tokens, a.fixed_tokens)]
         select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = default
         rows.sort(key=lambda r: r[0][0])
         print(f"{case.name} ({case.shape}): dispatch's policy {base[0]:.1f} us ({base[1]} parts, {base[2]}, "
-              f"min_tokens {default[0]}, fixed_tokens {default[1]}); fastest:")
-        for (us, grid_parts, family), p, mt, ft in rows[:a.top]:
+              f"min_tokens {default[0]}, fixed_tokens {default[1]}, planner fixed cost {base[3]}); fastest:")
+        for (us, grid_parts, family, fixed), p, mt, ft in rows[:a.top]:
             print(f"  {us:8.1f} us  parts {p} ({grid_parts} in the grid, {family}), min_tokens {mt}, "
-                  f"fixed_tokens {ft}")
+                  f"fixed_tokens {ft} (planner fixed cost {fixed})")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 
 from generator.errors import SpecError
-from generator.select import (FIXED_COST_TOKENS, MAX_PARTS, MIN_TOKENS_PER_PART, decide, default_tile, families_for,
-                              whole_request_parts)
+from generator.select import (FIXED_COST_TOKENS, MAX_PARTS, MIN_TOKENS_PER_PART, aligned_parts, decide, default_tile,
+                              families_for)
 from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, smem_bytes
+from mla_gen.schedule import PlanConfig, part_blocks, plan
 
 BF16 = DType.BF16
 
@@ -20,6 +21,7 @@ def test_constants_the_hand_numbers_assume() -> None:
 
 
 WGMMA = dict(arch=Arch.SM90A, family=Family.WGMMA)
+SEESAW = dict(arch=Arch.SM90A, family=Family.SEESAW)
 
 
 def test_wgmma_h128_grid_by_hand() -> None:
@@ -72,8 +74,8 @@ def test_requested_parts_are_kept() -> None:
 @pytest.mark.parametrize("batch, seqlen, used, per_part, how", [
     (64, 4096, 64, 4224 / 64, "whole requests per part"),           # 64 x (64 + 2) = 4224 blocks over 64 parts
     (40, 4096, 66, 2640 / 66, "requests are split across parts"),   # 40 whole requests would leave 26 of 66 idle
-    (1, 100, 1, 4.0, "whole requests per part"),                    # 1 x (2 + 2) = 4 < 6, one part's minimum
-    (1, 600, 2, 6.0, "requests are split across parts"),            # 1 x (10 + 2) = 12 over ceil(12 / 6) = 2 parts
+    (1, 100, 1, 2.0, "whole requests per part"),                    # 1 x (2 + 0) = 2 < 4, one part's minimum
+    (1, 600, 3, 10 / 3, "requests are split across parts"),         # 1 x (10 + 0) = 10 over ceil(10 / 4) = 3 parts
     (8, 1000, 14, 8 * 18 / 14, "requests are split across parts"),   # 8 x (16 + 2) = 144; 24 parts, capped at 14
 ])
 def test_split_reason_by_hand(batch: int, seqlen: int, used: int, per_part: float, how: str) -> None:
@@ -90,20 +92,39 @@ def test_split_reason_by_hand(batch: int, seqlen: int, used: int, per_part: floa
     (132, 128, 128),
     (132, 132, 132),  # already whole
     (66, 100, 66),    # 2 each would be 50 parts: 76 % of 66, so the split grid stays
-    (66, 4, 66),      # 4 parts would idle 62 columns
+    (66, 4, 64),      # each request over 16 parts: 2 of 66 idle
+    (132, 32, 128),   # each over 4
+    (132, 8, 128),    # each over 16
+    (66, 1, 66),      # one request over all
+    (132, 100, 132),  # each over 1 would idle 32 columns
+    (132, 60, 132),   # each over 2: 120 parts, 91 %
     (66, 126, 63),    # 2 each: 63 parts (95.5 %)
     (66, 127, 66),    # 2 each does not divide 127: the planner would split a request anyway
     (66, 1000, 66),   # 16 each does not divide 1000
 ])
-def test_whole_request_parts_by_hand(parts: int, batch: int, want: int) -> None:
-    assert whole_request_parts(parts, batch) == want
+def test_aligned_parts_by_hand(parts: int, batch: int, want: int) -> None:
+    assert aligned_parts(parts, batch) == want
 
 
 def test_a_batch_that_fills_a_whole_request_grid_gets_it() -> None:
     d = decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, batch=128)
-    assert d.num_parts == 64 and "64 parts: 2 whole request(s) of the 128 each" in d.reasons[-1], d.reasons
+    assert d.num_parts == 64 and "64 parts: 2 whole request(s) of the 128 each" in d.reasons[-2], d.reasons
     assert decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16).num_parts == 66  # batch unknown
     assert decide(**WGMMA, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, batch=128, num_parts=66).num_parts == 66
+
+
+def test_a_small_batch_is_cut_into_equal_pieces_without_a_fixed_cost() -> None:
+    d = decide(**SEESAW, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, batch=32)
+    assert (d.num_parts, d.fixed_cost, d.min_part_cost) == (128, 0, 4), d.reasons
+    assert "128 parts: each request over 4 of them" in d.reasons[-2], d.reasons
+    assert "every request is split" in d.reasons[-1], d.reasons
+    # 32 x 16 blocks over 128 parts: 4 each, one segment per part
+    cfg = PlanConfig(block_n=64, num_parts=d.num_parts, fixed_cost=d.fixed_cost, min_part_cost=d.min_part_cost)
+    pl = plan([1024] * 32, cfg)
+    assert set(part_blocks(pl, [1024] * 32, cfg)) == {4} and pl.active_parts == 128
+    big = decide(**SEESAW, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, batch=67)
+    assert (big.num_parts, big.fixed_cost) == (132, 2), big.reasons  # 134 > 132: not every request is split
+    assert decide(**WGMMA, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16).fixed_cost == 2  # batch unknown
 
 
 @pytest.mark.parametrize("arch, heads, dims, tile", [
