@@ -55,10 +55,10 @@ def aligned_parts(parts: int, batch: int) -> int:
     and batch x k parts for k = parts // batch when the batch is smaller (each request over k parts)."""
     if batch < parts:
         aligned = batch * (parts // batch)
-        return aligned if aligned >= ALIGNED_PARTS_MIN_FILL * parts else parts
-    per_part = math.ceil(batch / parts)
-    aligned = batch // per_part
-    return aligned if aligned * per_part == batch and aligned >= ALIGNED_PARTS_MIN_FILL * parts else parts
+    else:
+        per_part = math.ceil(batch / parts)
+        aligned = batch // per_part if batch % per_part == 0 else parts
+    return aligned if aligned >= ALIGNED_PARTS_MIN_FILL * parts else parts
 
 
 def small_call(batch: int | None, max_tokens: int | None, sm_count: int) -> bool:
