@@ -68,7 +68,7 @@ WGMMA_NS = tuple(range(8, 65, 8)) + (128, 256)
 # Families whose kernels include the rendered wgmma_ops.cuh.
 WGMMA_FAMILIES = ("wgmma", "narrow", "seesaw")
 # Families that load the cache with TMA: their launch encodes the cache's tensor maps (kernel.cu.jinja).
-TMA_FAMILIES = ("seesaw",)
+TMA_FAMILIES = ("seesaw", "narrow")
 
 LAUNCHER_MODULE = "mla_gen_launcher"
 
@@ -100,8 +100,9 @@ def template_context(spec: VariantSpec) -> dict[str, object]:
     }
 
 
-# Family headers another family's header includes (seesaw reuses wgmma.cuh's primitives and panels).
-_FAMILY_DEPS = {"seesaw": ("wgmma.cuh",)}
+# Family headers another family's header includes (seesaw reuses wgmma.cuh's primitives and panels; narrow keeps its
+# fp8_e4m3 kernel in a header of its own).
+_FAMILY_DEPS = {"seesaw": ("wgmma.cuh",), "narrow": ("narrow_e4m3.cuh",)}
 
 
 def render_sources(spec: VariantSpec) -> dict[str, str]:

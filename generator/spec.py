@@ -281,8 +281,16 @@ class VariantSpec:
 
     @property
     def threads(self) -> int:
-        """The decode kernel's block: the tile's working warps, and seesaw's producer warpgroup beside them."""
-        return 32 * self.tile.warps + (128 if self.family is Family.SEESAW else 0)
+        """The decode kernel's block: the tile's working warps, and the producer warpgroup beside them of seesaw and
+        of narrow over an fp8_e4m3 cache."""
+        producer = self.family is Family.SEESAW or (self.family is Family.NARROW and self.kv_dtype is DType.FP8_E4M3)
+        return 32 * self.tile.warps + (128 if producer else 0)
+
+    @property
+    def quantizes_q(self) -> bool:
+        """Whether the kernel turns q into e4m3 (narrow over an fp8_e4m3 cache: two e4m3 parts a value in a per-row
+        scale, about bf16's precision, so that Q K^T reads the cache's bytes with e4m3 tensor-core math)."""
+        return self.family is Family.NARROW and self.kv_dtype is DType.FP8_E4M3
 
     @property
     def smem_bytes(self) -> int:
@@ -417,18 +425,32 @@ def _check_wgmma(spec: VariantSpec) -> None:
 def narrow_max_rows(ckv_dim: int, kv_dtype: DType = DType.BF16) -> int:
     """Most query rows a narrow CTA takes: O^T (ckv / 64 m-tiles x rows / 2 per thread) and the two S^T
     chains (rows each) must fit 255 registers without spills: measured 254 at 32 rows (ckv 512) and 40
-    rows (ckv 256); 64 rows at ckv 256 spilled. An fp8 cache's gather holds a tile's bytes in registers
-    (72 per thread for fp8_e4m3, 84 for fp8_ds_mla) next to O^T, and fp8_ds_mla keeps five S^T chains
-    (one per scale group and the rope): 16 rows at ckv 512, 32 at ckv 256."""
+    rows (ckv 256); 64 rows at ckv 256 spilled. fp8_ds_mla's gather holds a tile's bytes in registers (84
+    per thread) next to O^T and keeps five S^T chains (one per scale group and the rope); fp8_e4m3's kernel
+    (narrow_e4m3.cuh) keeps O^T beside two buffers of V^T fragments within the 168 registers of a 384-thread
+    CTA: 16 rows at ckv 512, 32 at ckv 256 for both."""
     if kv_dtype.is_fp8:
         return 16 if ckv_dim > 256 else 32
     return 32 if ckv_dim > 256 else 40
 
 
+def _narrow_e4m3_smem_bytes(tile: Tile, ckv: int) -> int:
+    """templates/narrow_e4m3.cuh E4m3Layout: q hi and lo ([M][C] and [M][128] e4m3 each, 1024-byte aligned as a
+    whole), a ring of 3 (ckv 512) or 4 raw stages [N][C + 128], P^T [2][M][N] fp16, O [M][C + 4] fp32, then 1 / q
+    scale [M], per-warp row max/sum [2][4][M], m [2][M] and lse [M] fp32, and 2 mbarriers per stage."""
+    rows, n = tile.block_m, tile.block_n
+    ring = 3 if ckv > 256 else 4
+    ring_off = -(-2 * rows * (ckv + 128) // 1024) * 1024
+    return (ring_off + ring * n * (ckv + 128) + 2 * rows * n * 2 + rows * (ckv + 4) * 4 + (1 + 2 * 4 + 2 + 1) * rows * 4
+            + 2 * ring * 8)
+
+
 def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
-    """templates/narrow.cuh Layout: q [M][C] and [M][R] (each panel 1024-byte aligned), two kv stages
+    """templates/narrow.cuh Layout (fp8_e4m3: _narrow_e4m3_smem_bytes): q [M][C] and [M][R] (each panel 1024-byte aligned), two kv stages
     [N][C + R] (16-bit), P^T [2][groups][M][N] (16-bit; fp8_ds_mla: one per scale group, else one),
     the fp8_ds_mla scales [2][N][4] fp32, per-warp row max/sum [2][4][M], m [2][M] and lse [M] fp32."""
+    if kv_dtype is DType.FP8_E4M3:
+        return _narrow_e4m3_smem_bytes(tile, ckv)
     up = lambda x: -(-x // 1024) * 1024  # noqa: E731 - the kernel's align()
     rows, n, kv = tile.block_m, tile.block_n, 2
     groups = ckv // 128 if kv_dtype is DType.FP8_DS_MLA else 1

@@ -14,6 +14,9 @@ from generator.spec import DType
 # inputs are exact in the reference; the error is fp32 accumulation, P rounding and out's rounding.
 REF_TOL = {DType.BF16.value: (1e-2, 2e-2), DType.FP16.value: (2e-3, 4e-3)}
 LSE_TOL = 2e-3  # max abs of lse (fp32 throughout, so independent of the dtype)
+# ... where the kernel quantizes q (VariantSpec.quantizes_q: two e4m3 parts a value, about bf16's 8 significant bits
+# against the reference's exact q; issue 13 allows quantized queries rel L2 2e-2): measured up to 3.0e-3
+LSE_TOL_QUANTIZED_Q = 1e-2
 # relative L2 of a whole bf16 MLA layer (mla_gen.layer) against the float64 vanilla layer: the bf16
 # rounding of activations, cache and q_abs, plus the kernel's own error
 LAYER_TOL = 2e-2
@@ -88,9 +91,9 @@ def max_abs(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def accuracy_problems(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Tensor, ref_lse: torch.Tensor | None,
-                      dtype: str | DType) -> list[str]:
+                      dtype: str | DType, lse_tol: float = LSE_TOL) -> list[str]:
     """What is wrong with a kernel's out (and lse) against the float64 reference, by REF_TOL and
-    LSE_TOL: NaN (an unwritten or poisoned element) first, then the errors. Empty when all is well."""
+    lse_tol: NaN (an unwritten or poisoned element) first, then the errors. Empty when all is well."""
     tol_l2, tol_max = REF_TOL[DType.parse(dtype).value]
     problems = [f"{name}: {n} elements NaN (unwritten or poisoned)" for name, t in (("out", out), ("lse", lse))
                 if t is not None and (n := int(t.isnan().sum()))]
@@ -101,8 +104,8 @@ def accuracy_problems(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Te
         problems.append(f"out: rel L2 {l2:.2e} > {tol_l2:.0e}")
     if mx > tol_max * ref_max:
         problems.append(f"out: max abs {mx:.2e} > {tol_max:.0e} x max|ref| ({ref_max:.2e})")
-    if lse is not None and ref_lse is not None and (err := max_abs(lse, ref_lse)) > LSE_TOL:
-        problems.append(f"lse: max abs {err:.2e} > {LSE_TOL:.0e}")
+    if lse is not None and ref_lse is not None and (err := max_abs(lse, ref_lse)) > lse_tol:
+        problems.append(f"lse: max abs {err:.2e} > {lse_tol:.0e}")
     return problems
 
 

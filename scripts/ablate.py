@@ -41,7 +41,7 @@ _FIRST_PAIR_WAITS = (
     Edit("seesaw.cuh", "        qk(sacc, b0, true);", "        qk(sacc, b0, it == 0);"),
     Edit("seesaw.cuh", "        qk(sacc, b1, has_k1);", "        qk(sacc, b1, has_k1 && it == 0);"),
 )
-_LAUNCH = "  return launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n}"
+_LAUNCH = "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n}"
 
 
 def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
@@ -51,9 +51,10 @@ def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
     return (
         Edit("seesaw.cuh", "#pragma once\n", "#pragma once\n#include <cstdio>\n"),
         Edit("seesaw.cuh", "template <class Cfg>\nstruct Layout {", decls + "\ntemplate <class Cfg>\nstruct Layout {"),
-        Edit("seesaw.cuh", _LAUNCH, """  const int err = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+        Edit("seesaw.cuh", _LAUNCH, """  if (err) return err;
+  const int launched = launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
   static int calls = 0;
-  if (err || ++calls != 3) return err;
+  if (launched || ++calls != 3) return launched;
   cudaDeviceSynchronize();
 """ + report),
     )

@@ -45,6 +45,7 @@
 // fp32 | per-warp row max/sum [2][4][RN] fp32 | m [2][RN] fp32 | lse [RN] fp32 (G = 4 scale groups for
 // fp8_ds_mla, else 1). The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
 #pragma once
+#include "narrow_e4m3.cuh"
 #include "sm90.cuh"
 
 namespace mla_gen {
@@ -97,8 +98,9 @@ struct Layout {
                 "panels start on 1024-byte boundaries (swizzle atoms)");
 };
 
+// The body of the 16-bit path (16-bit and fp8_ds_mla caches); fp8_e4m3 caches take narrow_e4m3.cuh's.
 template <class Cfg>
-__global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
+__device__ __forceinline__ void decode_16(const DecodeParams& p) {
   using L = Layout<Cfg>;
   using KV = typename Cfg::KVType;
   using Q = typename Cfg::QType;
@@ -534,6 +536,24 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
     }
     __syncthreads();  // the next segment rewrites Q, the stages and the exchange arrays
   });
+}
+
+// fp8_e4m3 caches: the kernel takes the cache's tensor maps beside the params (narrow_e4m3.cuh)
+template <class Cfg>
+constexpr bool kE4m3 = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
+template <class Cfg>
+using KernelArg = std::conditional_t<kE4m3<Cfg>, TmaParams, DecodeParams>;
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) decode_kernel(const __grid_constant__ KernelArg<Cfg> arg) {
+  if constexpr (kE4m3<Cfg>) decode_e4m3<Cfg>(arg);
+  else decode_16<Cfg>(arg);
+}
+
+template <class Cfg>
+inline int launch_decode(const DecodeParams& p, uint64_t stream) {
+  if constexpr (kE4m3<Cfg>) return launch_e4m3<Cfg>(decode_kernel<Cfg>, p, stream);
+  else return launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream);
 }
 
 }  // namespace narrow

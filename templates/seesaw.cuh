@@ -207,12 +207,6 @@ __device__ __forceinline__ void convert_half_row(uint32_t dst, int row, const __
            bf16x2_to_f16x2(v[i].w));
 }
 
-// The kernel's argument: the params and the cache's tensor maps (built by launch_decode).
-struct TmaParams {
-  DecodeParams p;
-  CUtensorMap ckv, kpe;
-};
-
 // fp8_e4m3: the converter warp of a half turns the raw block [N][64] e4m3 at `raw` into the fp16 block (128-byte
 // swizzled rows, Panel) at `dst`, the first `rows` tokens (zeros after them; raw bytes past kCols as well: a rope
 // narrower than 64). Lane l takes 16-byte raw chunks l + 32 i (a warp reads 512 contiguous bytes; its two stores
@@ -835,38 +829,17 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   });
 }
 
-// Encodes the cache's tensor maps (sm90.cuh encode_paged_map) and launches the kernel. The maps depend only on the
-// cache's pointers, strides and page counts, which an engine passes unchanged call after call: the thread's last
-// maps are reused while those stay the same (a small call's host time, issue 12).
+// Encodes the cache's tensor maps (sm90.cuh cache_maps, reused while the cache stays the same) and launches the
+// kernel.
 template <class Cfg>
 inline int launch_decode(const DecodeParams& p, uint64_t stream) {
   using L = Layout<Cfg>;
-  struct Maps {
-    int64_t key[8];
-    CUtensorMap ckv, kpe;
-  };
-  thread_local Maps last = {};  // a zero key: nothing encoded yet (a real key's page size is never 0)
-  const int64_t key[8] = {static_cast<int64_t>(p.ckv), static_cast<int64_t>(p.kpe), p.page_size, p.num_pages,
-                          p.ckv_stride_tok, p.ckv_stride_page, p.kpe_stride_tok, p.kpe_stride_page};
-  if (std::memcmp(key, last.key, sizeof(key)) != 0) {
-    // fp8: the e4m3 bytes in dense 64-byte box rows (the producer converts them; the rope box is 64 wide too)
-    constexpr int kElem = L::kFp8 ? 1 : 2, kSwizzle = L::kFp8 ? 0 : L::KN::kRowBytes;
-    int err = encode_paged_map(&last.ckv, p.ckv, L::C, p.page_size, p.num_pages, p.ckv_stride_tok, p.ckv_stride_page,
-                               64, kSwizzle, kElem);
-    if (!err)
-      err = encode_paged_map(&last.kpe, p.kpe, L::R, p.page_size, p.num_pages, p.kpe_stride_tok, p.kpe_stride_page,
-                             L::KP::kBlockCols, L::kFp8 ? 0 : L::KP::kRowBytes, kElem);
-    if (err) {
-      std::memset(last.key, 0, sizeof(last.key));
-      return err;
-    }
-    std::memcpy(last.key, key, sizeof(key));
-  }
+  // fp8: the e4m3 bytes in dense 64-byte box rows (the producer converts them; the rope box is 64 wide too)
+  constexpr int kElem = L::kFp8 ? 1 : 2, kSwizzle = L::kFp8 ? 0 : L::KN::kRowBytes;
+  constexpr CacheMapShape kShape = {L::C, 64, kSwizzle, L::R, L::KP::kBlockCols, L::kFp8 ? 0 : L::KP::kRowBytes, kElem};
   TmaParams tp;
-  tp.p = p;
-  tp.ckv = last.ckv;
-  tp.kpe = last.kpe;
-  return launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+  const int err = cache_maps<L>(p, kShape, tp);
+  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
 }
 
 }  // namespace seesaw

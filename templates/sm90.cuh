@@ -70,6 +70,12 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
   wgmma_ops::mma_rs<N, TransB>(d, a, b, scale_d);
 }
 
+// D (+)= A B, m64nNk32, e4m3 A and B K-major from shared memory (a k32 step is 32 bytes, like a 16-bit k16 step).
+template <int N>
+__device__ __forceinline__ void wgmma_ss_e4m3(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {
+  wgmma_ops::mma_ss_e4m3<N>(d, a, b, scale_d);
+}
+
 // 2^x with one MUFU.EX2 (subnormal results flush to 0: such probabilities add nothing); 2^-inf = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -275,6 +281,47 @@ inline int encode_paged_map(CUtensorMap* map, uint64_t base, int width, int page
   return r == CUDA_SUCCESS ? 0 : static_cast<int>(cudaErrorInvalidValue);
 }
 
+// The argument of a decode kernel that loads the cache by TMA: the params and the cache's two tensor maps.
+struct TmaParams {
+  DecodeParams p;
+  CUtensorMap ckv, kpe;
+};
+
+// How a kernel's boxes see the cache (encode_paged_map's arguments per array): the array's width in elements, a
+// box's columns, the shared-memory row bytes (a Panel's swizzle; 0: dense), and the element size of both.
+struct CacheMapShape {
+  int ckv_width, ckv_box_cols, ckv_row_bytes, kpe_width, kpe_box_cols, kpe_row_bytes, elem_bytes;
+};
+
+// Encodes the cache's maps into tp. They depend only on the cache's pointers, strides and page counts, which an
+// engine passes unchanged call after call: the thread's last maps (one memo per Tag, a kernel's layout type) are
+// reused while those stay the same (a small call's host time, issue 12).
+template <class Tag>
+inline int cache_maps(const DecodeParams& p, const CacheMapShape& shape, TmaParams& tp) {
+  struct Maps {
+    int64_t key[8];
+    CUtensorMap ckv, kpe;
+  };
+  thread_local Maps last = {};  // a zero key: nothing encoded yet (a real key's page size is never 0)
+  const int64_t key[8] = {static_cast<int64_t>(p.ckv), static_cast<int64_t>(p.kpe), p.page_size, p.num_pages,
+                          p.ckv_stride_tok, p.ckv_stride_page, p.kpe_stride_tok, p.kpe_stride_page};
+  if (std::memcmp(key, last.key, sizeof(key)) != 0) {
+    int err = encode_paged_map(&last.ckv, p.ckv, shape.ckv_width, p.page_size, p.num_pages, p.ckv_stride_tok,
+                               p.ckv_stride_page, shape.ckv_box_cols, shape.ckv_row_bytes, shape.elem_bytes);
+    if (!err)
+      err = encode_paged_map(&last.kpe, p.kpe, shape.kpe_width, p.page_size, p.num_pages, p.kpe_stride_tok,
+                             p.kpe_stride_page, shape.kpe_box_cols, shape.kpe_row_bytes, shape.elem_bytes);
+    if (err) {
+      std::memset(last.key, 0, sizeof(last.key));
+      return err;
+    }
+    std::memcpy(last.key, key, sizeof(key));
+  }
+  tp.p = p;
+  tp.ckv = last.ckv;
+  tp.kpe = last.kpe;
+  return 0;
+}
 
 }  // namespace sm90
 }  // namespace mla_gen

@@ -10,7 +10,9 @@ family (sm_80+) and wgmma's fp8_e4m3 get a matrix of their own; on an arch witho
 naming kv_dtype.
 
 Tolerance (issue 13: q is not quantized): rel L2 <= 1e-2, max abs <= 2e-2 x max |ref|, lse max abs <= 2e-3
-(mla_gen.testing's bf16 row), and no NaN."""
+(mla_gen.testing's bf16 row), and no NaN. Where the kernel quantizes q (VariantSpec.quantizes_q: narrow over
+fp8_e4m3, q in two e4m3 parts; the issue allows such kernels rel L2 2e-2) the same out bounds and lse max abs
+<= 1e-2 (LSE_TOL_QUANTIZED_Q)."""
 from __future__ import annotations
 
 import math
@@ -30,7 +32,7 @@ from gpu_cases import ARCH
 from layer_cases import build_case
 from mla_gen import fp8
 from mla_gen.reference import mla_decode_reference
-from mla_gen.testing import LAYER_TOL, accuracy_problems, make_inputs, rel_l2
+from mla_gen.testing import LAYER_TOL, LSE_TOL, LSE_TOL_QUANTIZED_Q, accuracy_problems, make_inputs, rel_l2
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -121,9 +123,14 @@ def poisoned(case: Fp8Inputs) -> tuple[torch.Tensor, torch.Tensor]:
             torch.full((b, s_q, h), float("nan"), dtype=torch.float32, device="cuda"))
 
 
-def check(out: torch.Tensor, lse: torch.Tensor | None, case: Fp8Inputs, scale: torch.Tensor | None = None) -> None:
+def check(out: torch.Tensor, lse: torch.Tensor | None, case: Fp8Inputs, scale: torch.Tensor | None = None,
+          family: Family | None = None) -> None:
+    """family: the one the call named (else dispatch's), whose spec says whether q was quantized."""
     ref, ref_lse = mla_decode_reference(*case.args(), kv_scale=case.kv_scale if scale is None else scale)
-    problems = accuracy_problems(out, lse, ref, ref_lse, TOL_KEY)
+    _, s_q, heads, ckv = case.base.q_nope.shape
+    spec = spec_for(case.kv_dtype, heads, (ckv, case.base.q_pe.shape[3]), s_q, family=family)
+    problems = accuracy_problems(out, lse, ref, ref_lse, TOL_KEY,
+                                 LSE_TOL_QUANTIZED_Q if spec.quantizes_q else LSE_TOL)
     assert not problems, "; ".join(problems)
 
 
@@ -163,7 +170,7 @@ def test_fp8_named_family_matrix(family, kv_dtype, dims, heads, s_q, page):
     case = make_case(kv_dtype, dims, heads, s_q, page, seed, variant=heads // 8 + page + s_q + 1)
     out, lse = poisoned(case)
     mla_gen.mla_decode(*case.args(), **case.kwargs(), out=out, lse=lse, family=family.value)
-    check(out, lse, case)
+    check(out, lse, case, family=family)
 
 
 @pytest.mark.parametrize("heads, s_q", FP16_Q)

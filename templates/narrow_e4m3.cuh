@@ -1,0 +1,557 @@
+// mla-gen family `narrow`, its fp8_e4m3 path: the cache's bytes are never turned into a 16-bit tile.
+//
+// Why: narrow's 16-bit path over an fp8 cache (each warpgroup converting its tile into an fp16 stage before
+// its wgmma) ran no faster than over bf16: one warpgroup's convert -> Q K^T -> softmax -> P V chain per tile,
+// two per SM, is the limit, and two fp16 stages fill shared memory (PERF.md, third and twelfth sessions).
+// Here (PERF.md, fifteenth session):
+//   - a producer warp (8) loads the raw e4m3 tiles by TMA into a ring of kRing stages (128-byte swizzled rows:
+//     the ckv in C / 128 column blocks, the rope in one block whose bytes past R are TMA's zero fill);
+//   - S^T = K Q^T by e4m3 wgmma (m64nRNk32) straight from a stage: each query row is scaled to 224 at its
+//     largest |value| and split into two e4m3 parts in that scale, hi = e4m3(q s) and lo = e4m3(q s - hi), two
+//     accumulator chains (about bf16's precision for the same tensor work as a 16-bit Q K^T); x = (hi + lo) / s;
+//   - O^T = V^T P^T with V^T as wgmma's A operand in registers, made from the stage's bytes: a thread's O^T
+//     rows are 2 MT consecutive features (one 16- or 8-byte piece of a token row: O^T row 16 w + g + 8 h of
+//     m-tile mt is feature 2 MT (8 w + g) + 2 mt + h), so per k16 step it loads its piece of 4 tokens, pairs
+//     tokens with PRMT and converts pairs with cvt (e4m3 -> f16 exact); the epilogue puts the features back.
+// The work contract, grid, softmax (lazy reference max) and epilogue are narrow.cuh's. 384 threads: the two
+// consumer warpgroups, and a producer warpgroup whose warp 8 loads (setmaxnreg: 40 / 232).
+#pragma once
+#include "sm90.cuh"
+
+namespace mla_gen {
+namespace narrow {
+
+using namespace sm90;
+
+constexpr int kBarConsumers = 1;  // the e4m3 kernel's named barrier of its 256 consumer threads
+
+template <class Cfg>
+struct E4m3Layout {
+  static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim;
+  static constexpr int RN = Cfg::kBlockM, N = Cfg::kBlockN, MT = C / 64;
+  // raw stages: more than two take a tile's load off the chain (three and four measured even at ckv 512)
+  static constexpr int kRing = C > 256 ? 3 : 4;
+  using QB = Panel<C / 2, RN>;  // e4m3 q ckv: C bytes a row, 128-byte rows in C / 128 blocks (a 16-bit Panel's bytes)
+  using QR = Panel<64, RN>;     // e4m3 q rope: one 128-byte block, bytes past R unused
+  using KB = Panel<C / 2, N>;   // a stage's ckv
+  using KR = Panel<64, N>;      // a stage's rope (TMA zero-fills the bytes past R)
+  using PP = Panel<N, RN>;      // P^T fp16 [RN][N]
+  static constexpr int kStageBytes = KB::kBytes + KR::kBytes;
+  static constexpr int kOffQhi = 0, kOffQlo = QB::kBytes, kOffQrHi = 2 * QB::kBytes, kOffQrLo = kOffQrHi + QR::kBytes;
+  static constexpr int kOffRing = (kOffQrLo + QR::kBytes + 1023) / 1024 * 1024;
+  static constexpr int kOffP = kOffRing + kRing * kStageBytes;  // [2] P^T panels
+  static constexpr int kOStride = C + 4;                        // fp32 O staging row (+4: conflict-free columns)
+  static constexpr int kOffO = kOffP + 2 * PP::kBytes;          // [RN][kOStride] fp32 (its own: the ring refills)
+  static constexpr int kOffInvS = kOffO + RN * kOStride * 4;    // [RN] fp32: 1 / the row's q scale
+  static constexpr int kOffWarpRed = kOffInvS + RN * 4;         // [2][4][RN] fp32
+  static constexpr int kOffM = kOffWarpRed + 2 * 4 * RN * 4;    // [2][RN] fp32
+  static constexpr int kOffLse = kOffM + 2 * RN * 4;            // [RN] fp32
+  static constexpr int kOffBars = kOffLse + RN * 4;             // full [kRing], empty [kRing]
+  static constexpr int kSmemBytes = kOffBars + 2 * kRing * 8;
+  static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
+  static_assert(kSmemBytes <= 227 * 1024, "narrow e4m3: shared memory over the 227 KB a block may use on sm_90a");
+  static_assert(Cfg::kThreads == 384, "two consumer warpgroups and a producer warpgroup");
+  static_assert(N == 64 && C % 128 == 0 && MT % 4 == 0 && R <= 128 && R % 32 == 0, "ckv 256 or 512, rope 32 or 64");
+  static_assert(RN % 8 == 0 && RN <= 32, "8, 16, 24 or 32 rows");
+  // q is quantized by kQTeam threads a row (a power of two: the row max is a shuffle reduction)
+  static constexpr int kQTeam = RN <= 8 ? 32 : (RN <= 16 ? 16 : 8);
+  static_assert(KB::kRowBytes == 128 && QB::kRowBytes == 128 && KR::kRowBytes == 128, "128-byte swizzled rows");
+  static_assert(kOffRing % 1024 == 0 && kStageBytes % 1024 == 0 && kOffP % 1024 == 0 && PP::kBytes % 1024 == 0 &&
+                    QB::kBytes % 1024 == 0 && QR::kBytes % 1024 == 0,
+                "panels start on 1024-byte boundaries (swizzle atoms)");
+  static constexpr int kPiece = 2 * MT;  // bytes of a token row behind a thread's O^T rows (16 or 8)
+};
+
+// e4m3 pair (the low 16 bits, lower byte first) -> f16x2, lower half first; exact
+__device__ __forceinline__ uint32_t e4m3x2_lo_to_f16x2(uint32_t v) {
+  uint32_t r;
+  asm("{\n.reg .b16 l;\ncvt.u16.u32 l, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}" : "=r"(r) : "r"(v));
+  return r;
+}
+// two floats -> two e4m3 bytes (a lower), saturated to +-448
+__device__ __forceinline__ uint32_t f32x2_to_e4m3x2(float a, float b) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(b), "f"(a));
+  return r;
+}
+
+// The producer warp: walks the part's segments like the consumers and loads each tile into ring stage k %
+// kRing (k counts the part's tiles) once its consumers freed it: the row groups before the length (lane l takes
+// groups l and l + 32, b rows each: sm90.cuh tma_box_rows), C / 128 ckv boxes and a rope box per group.
+template <class Cfg>
+__device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint32_t s_base) {
+  using L = E4m3Layout<Cfg>;
+  constexpr int N = L::N, kRing = L::kRing;
+  const DecodeParams& p = tp.p;
+  const int lane = threadIdx.x & 31;
+  const int box_rows = tma_box_rows(p.page_size);
+  const int* block_table = reinterpret_cast<const int*>(p.block_table);
+  const uint32_t full = s_base + L::kOffBars, empty = full + 8 * kRing;
+  int k = 0;  // the part's tiles so far
+  for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
+    const int n_tiles = seg.blk_hi - seg.blk_lo;
+    const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
+    for (int it = 0; it < n_tiles; ++it, ++k) {
+      const int st = k % kRing, t0 = (seg.blk_lo + it) * N;
+      const int groups = (min(seg.len - t0, N) + box_rows - 1) / box_rows;
+      int page[2];  // read before the wait: the block table's latency hides behind it
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int grp = lane + 32 * i;
+        page[i] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
+      }
+      mbarrier_wait(empty + 8 * st, ((k / kRing) & 1) ^ 1);  // the first pass of a fresh barrier returns at once
+      const uint32_t stage = s_base + L::kOffRing + st * L::kStageBytes;
+      if (lane == 0) mbarrier_arrive_expect_tx(full + 8 * st, groups * box_rows * (L::C + 128));
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int grp = lane + 32 * i;
+        if (grp >= groups) continue;
+        const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
+#pragma unroll
+        for (int blk = 0; blk < L::KB::kBlocks; ++blk)
+          tma_load_3d(stage + blk * L::KB::kBlockBytes + row * 128, &tp.ckv, full + 8 * st, blk * 128, tok, page[i],
+                      l2_evict_first_policy());
+        tma_load_3d(stage + L::KB::kBytes + row * 128, &tp.kpe, full + 8 * st, 0, tok, page[i],
+                    l2_evict_first_policy());
+      }
+    }
+  });
+}
+
+// The consumers of the e4m3 path (warpgroups 0 and 1, threads 0-255); see the file's header.
+template <class Cfg>
+__device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, uint32_t s_base) {
+  using L = E4m3Layout<Cfg>;
+  using Q = typename Cfg::QType;
+  using OutT = typename Cfg::OutType;
+  using Out2 = typename Vec2<OutT>::type;
+  using QB = typename L::QB;
+  using QR = typename L::QR;
+  using KB = typename L::KB;
+  using PP = typename L::PP;
+  constexpr int H = L::H, C = L::C, R = L::R, RN = L::RN, N = L::N, MT = L::MT, kRing = L::kRing;
+  constexpr int SV = RN / 2;  // accumulators per thread of one m64nRN tile
+  constexpr int J = RN / 8;   // n8 column groups: a thread holds rows 8 j + 2 (lane % 4) + e
+  constexpr int kWgThreads = 128;
+  constexpr float kRescaleLog2 = 8.f;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  const int wg = warp >> 2, wq = warp & 3;
+  const int g = lane >> 2, tq = lane & 3;
+  const int bar_id = 2 + wg;  // 1 is the consumers' (kBarConsumers)
+  const int rows = p.s_q * H;
+  const int row0 = blockIdx.x * RN;
+  const uint32_t full = s_base + L::kOffBars, empty = full + 8 * kRing;
+  const uint32_t s_pt = s_base + L::kOffP + wg * PP::kBytes, s_inv = s_base + L::kOffInvS;
+  const uint32_t s_wred = s_base + L::kOffWarpRed, s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
+  const uint64_t d_qhi = QB::desc(s_base + L::kOffQhi), d_qlo = QB::desc(s_base + L::kOffQlo);
+  const uint64_t d_qrhi = QR::desc(s_base + L::kOffQrHi), d_qrlo = QR::desc(s_base + L::kOffQrLo);
+  const uint64_t d_pt = PP::desc(s_pt);
+  // this thread's piece of a token row (O^T rows): byte 2 MT (8 wq + g) of the ckv, in block / 16-byte chunk / half
+  const int piece = L::kPiece * (8 * wq + g);
+  const int piece_blk = piece / 128, piece_chunk = (piece % 128) / 16, piece_half = piece % 16;
+  const TensorScale<Cfg> scale(p, p.sm_scale * kLog2e);  // the per-tensor scale on the scores and the output
+  const float scale_log2 = scale.log2;
+  int k_base = 0;  // the part's tiles before this segment (the ring's position)
+
+  for_each_segment<Cfg, kBarConsumers>(p, part, [&](const Segment& seg) {
+    const int b = seg.req;
+    const int len = seg.len;
+    const int n_tiles = seg.blk_hi - seg.blk_lo;
+
+    // ---- q: TPR threads a row (the rest idle); its largest |value| -> scale s = 224 / it; hi = e4m3(q s), lo = e4m3(q s - hi)
+    {
+      constexpr int TPR = L::kQTeam, kChunks = (C + R) / 16, KQ = (kChunks + TPR - 1) / TPR;
+      const int m = tid / TPR, tl = tid % TPR, r = opaque(row0 + m);
+      const bool valid = m < RN && r < rows;
+      const int s = valid ? r / H : 0, h = valid ? r % H : 0;
+      const Q* qn = reinterpret_cast<const Q*>(p.q_nope) + (b * p.q_nope_stride_b + s * p.q_nope_stride_s +
+                                                            h * p.q_nope_stride_h);
+      const Q* qp = reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s +
+                                                         h * p.q_pe_stride_h);
+      float v[KQ][16];
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < KQ; ++i) {
+        const int c = tl + TPR * i;  // 16 values: ckv chunk c, or rope chunk c - C / 16
+#pragma unroll
+        for (int e = 0; e < 16; ++e) v[i][e] = 0.f;
+        if (valid && c < kChunks) {
+          const uint4* src = reinterpret_cast<const uint4*>(c < C / 16 ? qn + 16 * c : qp + 16 * (c - C / 16));
+          const uint4 w[2] = {__ldg(src), __ldg(src + 1)};
+          const typename Vec2<Q>::type* x = reinterpret_cast<const typename Vec2<Q>::type*>(w);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float2 f = to_float2(x[e]);
+            v[i][2 * e] = f.x, v[i][2 * e + 1] = f.y;
+            amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+          }
+        }
+      }
+#pragma unroll
+      for (int o = TPR / 2; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      const float sc = amax > 0.f && amax < INFINITY ? 224.f / amax : 1.f;
+      if (m < RN && tl == 0) sts_f32(s_inv + 4 * m, 1.f / sc);
+#pragma unroll
+      for (int i = 0; i < KQ; ++i) {
+        const int c = tl + TPR * i;
+        if (m >= RN || c >= kChunks) continue;
+        uint32_t hi[4], lo[4];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          hi[w] = lo[w] = 0u;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float a0 = v[i][4 * w + 2 * e] * sc, a1 = v[i][4 * w + 2 * e + 1] * sc;
+            const uint32_t h2 = f32x2_to_e4m3x2(a0, a1);
+            const uint32_t hb = e4m3x2_lo_to_f16x2(h2);
+            __half2 back;
+            memcpy(&back, &hb, sizeof(back));
+            const uint32_t l2 = f32x2_to_e4m3x2(a0 - __low2float(back), a1 - __high2float(back));
+            hi[w] |= h2 << (16 * e);
+            lo[w] |= l2 << (16 * e);
+          }
+        }
+        const bool ckv = c < C / 16;
+        const uint32_t off = ckv ? QB::off(m, c) : QR::off(m, c - C / 16);
+        sts_v4(s_base + (ckv ? L::kOffQhi : L::kOffQrHi) + off, hi[0], hi[1], hi[2], hi[3]);
+        sts_v4(s_base + (ckv ? L::kOffQlo : L::kOffQrLo) + off, lo[0], lo[1], lo[2], lo[3]);
+      }
+    }
+    fence_proxy_async();  // -> visible to wgmma
+    named_barrier_sync(kBarConsumers, 256);
+    float inv_s[J][2];  // 1 / the q scale of this thread's rows 8 j + 2 tq + e
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) inv_s[j][e] = lds_f32(s_inv + 4 * (8 * j + 2 * tq + e));
+
+    float m_run[J][2], l_run[J][2];
+    float o[MT][SV];
+#pragma unroll
+    for (int j = 0; j < J; ++j) m_run[j][0] = m_run[j][1] = -INFINITY, l_run[j][0] = l_run[j][1] = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < SV; ++i) o[mt][i] = 0.f;
+    const int mask_from = len - p.s_q + 1;  // causal: row r sees tokens t < mask_from + r / H
+
+    for (int it = wg; it < n_tiles; it += 2) {
+      const int k = k_base + it, st = k % kRing;
+      const uint32_t stage = s_base + L::kOffRing + st * L::kStageBytes;
+      const uint64_t d_kb = KB::desc(stage), d_kr = L::KR::desc(stage + KB::kBytes);
+      mbarrier_wait(full + 8 * st, (k / kRing) & 1);
+
+      // ---- S^T = K Q^T: e4m3, the hi and lo parts of q in two accumulator chains
+      float shi[SV], slo[SV];
+#pragma unroll
+      for (int i = 0; i < SV; ++i) shi[i] = slo[i] = 0.f;
+      fence_regs(shi);
+      fence_regs(slo);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < C / 32; ++ks) {
+        wgmma_ss_e4m3<RN>(shi, desc_add(d_kb, KB::step(ks)), desc_add(d_qhi, QB::step(ks)), 1);
+        wgmma_ss_e4m3<RN>(slo, desc_add(d_kb, KB::step(ks)), desc_add(d_qlo, QB::step(ks)), 1);
+      }
+#pragma unroll
+      for (int ks = 0; ks < R / 32; ++ks) {
+        wgmma_ss_e4m3<RN>(shi, desc_add(d_kr, L::KR::step(ks)), desc_add(d_qrhi, QR::step(ks)), 1);
+        wgmma_ss_e4m3<RN>(slo, desc_add(d_kr, L::KR::step(ks)), desc_add(d_qrlo, QR::step(ks)), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(shi);
+      fence_regs(slo);
+
+      // ---- softmax over tokens (narrow.cuh): x[4 j + 2 h + e] = score of token 16 wq + g + 8 h, row 8 j + 2 tq + e
+      float x[SV];
+#pragma unroll
+      for (int i = 0; i < SV; ++i) x[i] = (shi[i] + slo[i]) * inv_s[i >> 2][i & 1];
+      const int t_tile = (seg.blk_lo + it) * N, valid = min(len - t_tile, N);
+      if (t_tile + N > mask_from) {  // the last tile(s): per-row causal / length limit
+        const int r_lane = opaque(row0 + 2 * tq);
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = r_lane + 8 * j + e;
+            const int limit = r < rows ? mask_from + r / H : len;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              if (t_tile + 16 * wq + g + 8 * h >= limit) x[4 * j + 2 * h + e] = -INFINITY;
+          }
+      }
+      float wmax[J][2];
+      bool move = false;
+#pragma unroll
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = fmaxf(x[4 * j + e], x[4 * j + 2 + e]);
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+          wmax[j][e] = v * scale_log2;
+          move |= wmax[j][e] > m_run[j][e] + kRescaleLog2;
+        }
+      if (g == 0) {
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) sts_f32(s_wred + 4 * ((wg * 4 + wq) * RN + 8 * j + 2 * tq + e), wmax[j][e]);
+      }
+      float lsum[J][2];
+      auto make_p = [&]() {  // P^T of this warp's tokens against m_run -> shared memory, lsum
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float neg_m = m_run[j][e] == -INFINITY ? 0.f : -m_run[j][e];
+            const int r = 8 * j + 2 * tq + e;
+            lsum[j][e] = 0.f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float pv = exp2_scaled(x[4 * j + 2 * h + e], scale_log2, neg_m);
+              lsum[j][e] += pv;
+              const int t = 16 * wq + g + 8 * h;
+              const __half pk = __float2half_rn(pv);
+              sts_u16(s_pt + PP::off(r, t >> 3) + 2 * (t & 7), __half_as_ushort(pk));
+            }
+          }
+        fence_proxy_async();  // P^T -> visible to wgmma
+      };
+      make_p();
+      if (named_barrier_or(bar_id, kWgThreads, move)) {  // some row's max passed m + 8 (rare): the slow path
+        float alpha[J][2];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 8 * j + 2 * tq + e;
+            float t = lds_f32(s_wred + 4 * ((wg * 4) * RN + r));
+#pragma unroll
+            for (int w = 1; w < 4; ++w) t = fmaxf(t, lds_f32(s_wred + 4 * ((wg * 4 + w) * RN + r)));
+            alpha[j][e] = 1.f;
+            if (t > m_run[j][e] + kRescaleLog2) {  // the same decision in every thread of the warpgroup
+              alpha[j][e] = fast_exp2(m_run[j][e] - t);
+              m_run[j][e] = t;
+              l_run[j][e] *= alpha[j][e];
+              any = true;
+            }
+          }
+        if (any) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < J; ++j)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) o[mt][4 * j + i] *= alpha[j][i & 1];
+        }
+        make_p();
+      }
+      named_barrier_sync(bar_id, kWgThreads);  // the (recomputed) P^T of all 4 warps
+#pragma unroll
+      for (int j = 0; j < J; ++j) l_run[j][0] += lsum[j][0], l_run[j][1] += lsum[j][1];
+
+      // ---- O^T += V^T P^T: A = V^T from the stage's bytes, groups of 4 m-tiles double-buffered (a group's
+      //      registers are rewritten once the wgmmas of the group two before have read them). Tokens past the
+      //      length read as 0 (P is 0 there, but the stage may hold NaN bytes: 0 x NaN = NaN).
+      uint32_t a[2][4][4];
+      constexpr int kGroups = MT / 4;
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk) {
+        uint32_t w[4][L::kPiece / 4];  // the piece of tokens 16 kk + 2 tq + {0, 1, 8, 9}
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
+          const uint32_t addr = stage + piece_blk * KB::kBlockBytes + t * 128 + ((piece_chunk ^ (t & 7)) << 4) +
+                                piece_half;
+          if constexpr (L::kPiece == 16) {
+            const uint4 q4 = lds_v4(addr);
+            w[u][0] = q4.x, w[u][1] = q4.y, w[u][2] = q4.z, w[u][3] = q4.w;
+          } else {
+            asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w[u][0]), "=r"(w[u][1]) : "r"(addr));
+          }
+          if (t >= valid) {
+#pragma unroll
+            for (int i = 0; i < L::kPiece / 4; ++i) w[u][i] = 0u;
+          }
+        }
+#pragma unroll
+        for (int gh = 0; gh < kGroups; ++gh) {
+          const int gi = kGroups * kk + gh;
+          uint32_t(&f)[4][4] = a[gi & 1];
+          if (gi >= 2) {
+            wgmma_wait<1>();
+            fence_regs(f);
+          }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int mt = 4 * gh + q;
+            const uint32_t sel = (mt & 1) ? 0x7362u : 0x5140u;  // bytes 2 mt, 2 mt + 1 of two tokens, paired
+            const uint32_t r01 = __byte_perm(w[0][mt >> 1], w[1][mt >> 1], sel);
+            const uint32_t r89 = __byte_perm(w[2][mt >> 1], w[3][mt >> 1], sel);
+            f[q][0] = e4m3x2_lo_to_f16x2(r01);
+            f[q][1] = e4m3x2_lo_to_f16x2(r01 >> 16);
+            f[q][2] = e4m3x2_lo_to_f16x2(r89);
+            f[q][3] = e4m3x2_lo_to_f16x2(r89 >> 16);
+          }
+#pragma unroll
+          for (int q = 0; q < 4; ++q) fence_regs(o[4 * gh + q]);
+          wgmma_fence();
+#pragma unroll
+          for (int q = 0; q < 4; ++q) wgmma_rs<RN, __half, 0>(o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
+          wgmma_commit();
+        }
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) fence_regs(o[mt]);
+      fence_regs(a[0]);
+      fence_regs(a[1]);
+      if (lane == 0) mbarrier_arrive(empty + 8 * st);  // this warp is done with the stage
+      named_barrier_sync(bar_id, kWgThreads);          // P^T and the warp maxima are free
+    }
+    k_base += n_tiles;
+
+    // ---- epilogue (narrow.cuh): row sums over lanes and warps, the two warpgroups merged by log-sum-exp
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = l_run[j][e];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        l_run[j][e] = v;
+      }
+    named_barrier_sync(kBarConsumers, 256);  // both warpgroups are done with their tiles: the exchange arrays
+    if (g == 0) {
+#pragma unroll
+      for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = 8 * j + 2 * tq + e;
+          sts_f32(s_wred + 4 * ((wg * 4 + wq) * RN + r), l_run[j][e]);
+          if (wq == 0) sts_f32(s_m + 4 * (wg * RN + r), m_run[j][e]);
+        }
+    }
+    named_barrier_sync(kBarConsumers, 256);
+    float scale_own[J][2];
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = 8 * j + 2 * tq + e;
+        float mw[2], lw[2];
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          mw[w] = lds_f32(s_m + 4 * (w * RN + r));
+          lw[w] = 0.f;
+#pragma unroll
+          for (int q4 = 0; q4 < 4; ++q4) lw[w] += lds_f32(s_wred + 4 * ((w * 4 + q4) * RN + r));
+        }
+        const float m = fmaxf(mw[0], mw[1]);
+        const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
+        const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
+        const float l = a0 * lw[0] + a1 * lw[1];
+        scale_own[j][e] = l > 0.f ? scale.out(wg == 0 ? a0 : a1) / l : 0.f;
+        if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, row_lse(l, m));
+      }
+    // O staged row-major [RN][C + 4] fp32, features put back: WG 0 stores, WG 1 adds
+    const uint32_t s_o = s_base + L::kOffO;
+    auto o_addr = [&](int mt, int j, int i) {  // O[row 8 j + 2 tq + (i & 1)][feature piece + 2 mt + (i >> 1)]
+      return s_o + 4 * ((8 * j + 2 * tq + (i & 1)) * L::kOStride + piece + 2 * mt + (i >> 1));
+    };
+    if (wg == 0) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sts_f32(o_addr(mt, j, i), o[mt][4 * j + i] * scale_own[j][i & 1]);
+    }
+    named_barrier_sync(kBarConsumers, 256);
+    if (wg == 1) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t ad = o_addr(mt, j, i);
+            sts_f32(ad, lds_f32(ad) + o[mt][4 * j + i] * scale_own[j][i & 1]);
+          }
+    }
+    named_barrier_sync(kBarConsumers, 256);
+
+    // ---- write: each thread 4 consecutive columns of a row
+    constexpr int kQuads = C / 4;
+    for (int idx = tid; idx < RN * kQuads; idx += 256) {
+      const int rl = idx / kQuads, c = 4 * (idx % kQuads);
+      const int r = row0 + rl;
+      if (r >= rows) continue;
+      float4 v;
+      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                   : "r"(s_o + 4 * (rl * L::kOStride + c)));
+      const float lse = lds_f32(s_lse + 4 * rl);
+      if (seg.split) {
+        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + c;
+        *reinterpret_cast<float4*>(dst) = v;
+        if (c == 0) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
+      } else {
+        OutT* dst = ResultRows<Cfg>::out(p, b, r) + c;
+        reinterpret_cast<Out2*>(dst)[0] = from_float2<OutT>(make_float2(v.x, v.y));
+        reinterpret_cast<Out2*>(dst)[1] = from_float2<OutT>(make_float2(v.z, v.w));
+        if (p.lse && c == 0) *ResultRows<Cfg>::lse(p, b, r) = lse;
+      }
+    }
+    named_barrier_sync(kBarConsumers, 256);  // the next segment rewrites q, O and the exchange arrays
+  });
+}
+
+// The e4m3 kernel's body: barriers, then the producer warpgroup or a consumer warpgroup.
+template <class Cfg>
+__device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
+  using L = E4m3Layout<Cfg>;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t s_base = smem_u32(smem);
+  if (s_base & 1023u) __trap();  // the swizzle atoms of the descriptors need 1024-byte alignment
+  const int tid = threadIdx.x, warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  if (tid == 0) {
+    const uint32_t full = s_base + L::kOffBars;
+#pragma unroll
+    for (int i = 0; i < L::kRing; ++i) {
+      mbarrier_init(full + 8 * i, 1);                 // the producer's expect_tx; the boxes' bytes
+      mbarrier_init(full + 8 * (L::kRing + i), 4);    // empty: the four warps of the consuming warpgroup
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
+  if (warp >= 8) {
+    setmaxnreg_dec<40>();
+    if (warp == 8) produce_e4m3<Cfg>(tp, blockIdx.y, s_base);
+    return;
+  }
+  setmaxnreg_inc<232>();
+  consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base);
+}
+
+// Encodes the cache's maps (e4m3 bytes, 128-byte box rows: the ckv in 128-column boxes, the rope in one box of 128
+// whose bytes past R are zero fill) and launches the kernel.
+template <class Cfg, typename Kernel>
+inline int launch_e4m3(Kernel kernel, const DecodeParams& p, uint64_t stream) {
+  using L = E4m3Layout<Cfg>;
+  constexpr CacheMapShape kShape = {L::C, 128, 128, L::R, 128, 128, 1};
+  TmaParams tp;
+  const int err = cache_maps<L>(p, kShape, tp);
+  return err ? err : launch_decode_kernel<Cfg>(kernel, p, stream, tp);
+}
+
+}  // namespace narrow
+}  // namespace mla_gen
