@@ -30,15 +30,15 @@
 // Epilogue per segment: both warpgroups' (m, l, O) meet in shared memory (log-sum-exp merge), O is
 // normalised and written row-major (out, or the split's fp32 partial and lse, as the other families).
 //
-// fp8 caches (Cfg::kKVFormat, common.cuh): the stage stays fp16 and every phase above is unchanged but
-// the load. The gather's 16-byte row chunks go to registers (ld.global), and the start of the tile
-// converts them (cvt e4m3x2 -> f16x2, exact) into the stage and at once issues the loads of the WG's
-// next tile, so a tile's loads are in flight during a whole tile of this warpgroup's work (the 16-bit
-// cp.async into the stage can only start after PV, when the stage is free). Bf16 queries become fp16 on load. No
-// scale touches the tile: fp8_e4m3's one scale multiplies the scores (scale_log2) and the output;
-// fp8_ds_mla's per-token scales of its four 128-value groups multiply the four partial scores (one
-// accumulator chain per group, the rope in a fifth) and P^T (one P^T panel per group, each read by the
-// PV of that group's two m-tiles). The registers the tile waits in halve the rows a CTA takes.
+// fp8_ds_mla caches (Cfg::kKVFormat, common.cuh): the stage stays fp16 and every phase above is unchanged
+// but the load. The gather's 16-byte row chunks go to registers (ld.global), and the start of the tile
+// converts them (cvt e4m3x2 -> f16x2, exact; the bf16 rope to fp16) into the stage and at once issues the
+// loads of the WG's next tile, so a tile's loads are in flight during a whole tile of this warpgroup's work
+// (the 16-bit cp.async into the stage can only start after PV, when the stage is free). Bf16 queries become
+// fp16 on load. The per-token scales of the four 128-value groups multiply the four partial scores (one
+// accumulator chain per group, the rope in a fifth) and P^T (one P^T panel per group, each read by the PV
+// of that group's two m-tiles). The registers the tile waits in halve the rows a CTA takes.
+// fp8_e4m3 caches take a kernel of their own, with no 16-bit copy of the cache: narrow_e4m3.cuh.
 //
 // Shared memory (1024-byte aligned panels, see sm90.cuh Panel): Q ckv [RN][C] | Q rope [RN][R] |
 // 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][G][RN][64] | fp8_ds_mla token scales [2][64][G]
@@ -57,13 +57,12 @@ template <class Cfg>
 struct Layout {
   using KV = typename Cfg::KVType;
   static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim;
-  static constexpr bool kFp8 = Cfg::kKVFormat != KVFormat::kKV16;
-  static constexpr bool kDs = Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
+  static_assert(Cfg::kKVFormat != KVFormat::kKVFp8Tensor, "fp8_e4m3 caches: narrow_e4m3.cuh");
+  static constexpr bool kDs = Cfg::kKVFormat == KVFormat::kKVFp8DsMla;  // the gather into registers, dequantized
   static constexpr int G = kDs ? C / 128 : 1;  // P^T buffers per warpgroup: one per fp8_ds_mla scale group
   static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv tiles");
-  static_assert(std::is_same<typename Cfg::QType, KV>::value || (kFp8 && std::is_same<KV, __half>::value),
+  static_assert(std::is_same<typename Cfg::QType, KV>::value || (kDs && std::is_same<KV, __half>::value),
                 "the q type is the tile type, except bf16 q over an fp8 cache (fp16 tiles)");
-  static_assert(!kFp8 || (R % 16 == 0 && R <= 128), "fp8 rope: whole 16-byte chunks, one per lane of a team");
   static_assert(!kDs || (C == 512 && R == 64), "fp8_ds_mla: 512 ckv + 64 rope");
   static constexpr int RN = Cfg::kBlockM, N = Cfg::kBlockN, W = Cfg::kWarps;
   static constexpr int MT = C / 64;   // m64 tiles of O^T
@@ -151,23 +150,22 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
-    const TensorScale<Cfg> scale(p, sm_scale_log2);  // fp8_e4m3's scale on the scores and the output
-    const float scale_log2 = scale.log2;
+    const float scale_log2 = sm_scale_log2;
 
     // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup.
-    //      16-bit caches: cp.async into the stage. fp8 caches: issue_tile loads the tile's bytes into
+    //      16-bit caches: cp.async into the stage. fp8_ds_mla: issue_tile loads the tile's bytes into
     //      registers (ld.global, a whole tile ahead: see the loop's start) and store_tile dequantizes them
-    //      into the fp16 stage: e4m3 -> f16 is exact, the scales stay out of it (fp8_e4m3: in scale_log2
-    //      and the output; fp8_ds_mla: per token and group on S and P^T).
+    //      into the fp16 stage: e4m3 -> f16 is exact, the scales stay out of it (per token and group on S
+    //      and P^T).
     using Pages = PagedRows<KV, N, TEAMS>;
     constexpr int KI = Pages::kIters;
-    constexpr int kCkvChunks = L::kFp8 ? C / 128 : 1;  // 16-byte e4m3 chunks per lane and token: tl + 8 i
+    constexpr int kCkvChunks = L::kDs ? C / 128 : 1;  // 16-byte e4m3 chunks per lane and token: tl + 8 i
     Pages pages;
-    uint4 raw_c[KI][kCkvChunks], raw_r[KI];  // ckv e4m3; rope (e4m3 or bf16)
+    uint4 raw_c[KI][kCkvChunks], raw_r[KI];  // ckv e4m3; rope bf16
     float raw_s[KI];                          // fp8_ds_mla: the scale of group tl (tl < G)
     auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&]() {
-      if constexpr (!L::kFp8) {
+      if constexpr (!L::kDs) {
         pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
           KN::copy_row(s_stage, n, src_ckv, tl, bytes);
           KP::copy_row(s_stage + KN::kBytes, n, src_pe, tl, bytes);
@@ -182,20 +180,14 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
 #pragma unroll
           for (int i = 0; i < kCkvChunks; ++i)
             raw_c[k][i] = valid ? __ldg(reinterpret_cast<const uint4*>(ckv + 16 * (tl + 8 * i))) : zero;
-          if constexpr (L::kDs) {
-            const __nv_bfloat16* kpe = reinterpret_cast<const __nv_bfloat16*>(p.kpe) +
-                                       pages.row_offset(k, p.kpe_stride_page, p.kpe_stride_tok);
-            raw_r[k] = valid ? __ldg(reinterpret_cast<const uint4*>(kpe + 8 * tl)) : zero;
-            raw_s[k] = valid && tl < L::G ? __ldg(reinterpret_cast<const float*>(ckv + C) + tl) : 0.f;
-          } else {
-            const uint8_t* kpe =
-                reinterpret_cast<const uint8_t*>(p.kpe) + pages.row_offset(k, p.kpe_stride_page, p.kpe_stride_tok);
-            raw_r[k] = valid && tl < L::R / 16 ? __ldg(reinterpret_cast<const uint4*>(kpe + 16 * tl)) : zero;
-          }
+          const __nv_bfloat16* kpe = reinterpret_cast<const __nv_bfloat16*>(p.kpe) +
+                                     pages.row_offset(k, p.kpe_stride_page, p.kpe_stride_tok);
+          raw_r[k] = valid ? __ldg(reinterpret_cast<const uint4*>(kpe + 8 * tl)) : zero;
+          raw_s[k] = valid && tl < L::G ? __ldg(reinterpret_cast<const float*>(ckv + C) + tl) : 0.f;
         }
       }
     };
-    auto store_tile = [&]() {  // fp8: issue_tile's registers -> fp16 rows of the stage (and the scales)
+    auto store_tile = [&]() {  // fp8_ds_mla: issue_tile's registers -> fp16 rows of the stage and the scales
 #pragma unroll
       for (int k = 0; k < KI; ++k) {
         const int n = team + k * TEAMS;
@@ -204,16 +196,10 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
           const int c = tl + 8 * i;  // columns 16 c .. 16 c + 15 = fp16 chunks 2 c, 2 c + 1
           store_e4m3x16_as_f16(s_stage + KN::off(n, 2 * c), s_stage + KN::off(n, 2 * c + 1), raw_c[k][i]);
         }
-        const uint32_t s_rope = s_stage + KN::kBytes;
-        if constexpr (L::kDs) {
-          const uint4 v = raw_r[k];
-          sts_v4(s_rope + KP::off(n, tl), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y), bf16x2_to_f16x2(v.z),
-                 bf16x2_to_f16x2(v.w));
-          if (tl < L::G) sts_f32(s_scale + 4 * (n * L::G + tl), raw_s[k]);
-        } else {
-          if (tl < L::R / 16)
-            store_e4m3x16_as_f16(s_rope + KP::off(n, 2 * tl), s_rope + KP::off(n, 2 * tl + 1), raw_r[k]);
-        }
+        const uint4 v = raw_r[k];
+        sts_v4(s_stage + KN::kBytes + KP::off(n, tl), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y),
+               bf16x2_to_f16x2(v.z), bf16x2_to_f16x2(v.w));
+        if (tl < L::G) sts_f32(s_scale + 4 * (n * L::G + tl), raw_s[k]);
       }
     };
 
@@ -242,7 +228,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     if (wg < n_tiles) {
       prefetch_pages(seg.blk_lo + wg);
       issue_tile();
-      if (L::kFp8 && wg + 2 < n_tiles) prefetch_pages(seg.blk_lo + wg + 2);
+      if (L::kDs && wg + 2 < n_tiles) prefetch_pages(seg.blk_lo + wg + 2);
     }
     cp_async_commit();
     cp_async_wait<1>();   // this thread's Q copies
@@ -262,7 +248,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     const int mask_from = len - p.s_q + 1;
 
     for (int it = wg; it < n_tiles; it += 2) {
-      if constexpr (L::kFp8) {
+      if constexpr (L::kDs) {
         // the registers are free once converted: the next tile's loads go out now, in flight under this
         // tile's work and the other warpgroup's (issued after PV, they were waited for at once)
         store_tile();
@@ -302,7 +288,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
         for (int gi = 0; gi < L::G; ++gi)
           tok_scale[h][gi] = L::kDs ? lds_f32(s_scale + 4 * ((16 * wq + g + 8 * h) * L::G + gi)) : 1.f;
       const bool more = it + 2 < n_tiles;
-      if (!L::kFp8 && more) prefetch_pages(seg.blk_lo + it + 2);  // block-table reads overlap the tensor work
+      if (!L::kDs && more) prefetch_pages(seg.blk_lo + it + 2);  // block-table reads overlap the tensor work
       wgmma_wait<0>();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(sacc[c]);
@@ -430,7 +416,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
 
       // ---- next: the stage and P^T are free once every warp of the warpgroup is past its wait
       named_barrier_sync(bar_id, kWgThreads);
-      if (!L::kFp8 && more) issue_tile();
+      if (!L::kDs && more) issue_tile();
       cp_async_commit();
     }
     // Both warpgroups pass the same named barriers, four per tile: with an odd tile count WG 1 passes
@@ -485,7 +471,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
         const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
         const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
         const float l = a0 * lw[0] + a1 * lw[1];
-        scale_own[j][e] = l > 0.f ? scale.out(wg == 0 ? a0 : a1) / l : 0.f;
+        scale_own[j][e] = l > 0.f ? (wg == 0 ? a0 : a1) / l : 0.f;
         if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, row_lse(l, m));
       }
     // O staged row-major [RN][C + 4] fp32 over the kv stages: WG 0 stores, WG 1 adds
