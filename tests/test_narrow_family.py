@@ -109,6 +109,14 @@ def test_fp8_rows_leave_registers_for_the_gather() -> None:
     assert narrow_fp8(E4M3, heads=40, ckv=256, rope=32).tile.block_m == 32
 
 
+def test_only_narrow_over_fp8_e4m3_quantizes_q() -> None:
+    assert narrow_fp8(E4M3).quantizes_q and not narrow_fp8(DS).quantizes_q and not narrow().quantizes_q
+    seesaw = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
+    assert seesaw.spec.family is Family.SEESAW and not seesaw.spec.quantizes_q
+    d = decide(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
+    assert d.spec.quantizes_q and "Q K^T in e4m3 straight from the cache's bytes" in d.reasons[0], d.reasons
+
+
 def test_fp8_shared_memory_formula() -> None:
     # fp8_e4m3 (narrow_e4m3.cuh): q hi and lo 2 x 16 x (512 + 128), 3 raw stages 64 x (512 + 128), P^T 2 x 16 x 64
     # fp16, O 16 x (512 + 4) fp32, the row arrays (1 + 8 + 2 + 1) x 16 fp32, 6 mbarriers; a producer warpgroup
