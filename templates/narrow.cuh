@@ -46,6 +46,7 @@
 // fp8_ds_mla, else 1). The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
 #pragma once
 #include "narrow_e4m3.cuh"
+#include "narrow_tile.cuh"
 #include "sm90.cuh"
 
 namespace mla_gen {
@@ -103,20 +104,16 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
   using L = Layout<Cfg>;
   using KV = typename Cfg::KVType;
   using Q = typename Cfg::QType;
-  using OutT = typename Cfg::OutType;
-  using Out2 = typename Vec2<OutT>::type;
   using QN = typename L::QN;
   using QP = typename L::QP;
   using KN = typename L::KN;
   using KP = typename L::KP;
   using PP = typename L::PP;
   constexpr int H = L::H, C = L::C, RN = L::RN, N = L::N, MT = L::MT;
-  constexpr int SV = RN / 2;  // accumulators per thread of one m64nRN tile
-  constexpr int J = RN / 8;   // n8 column groups: a thread holds rows 8 j + 2 (lane % 4) + e, e = 0, 1
+  constexpr int SV = RN / 2;  // accumulators per thread of one m64nRN tile (narrow_tile.cuh's layout)
   constexpr int kWgThreads = 128;
   constexpr int TEAMS = kWgThreads / 8;  // copy teams of 8 lanes (128 contiguous bytes) per warpgroup
   constexpr int Q_ITERS = (RN + 2 * TEAMS - 1) / (2 * TEAMS);
-  constexpr float kRescaleLog2 = 8.f;
 
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t s_base = smem_u32(smem);
@@ -143,7 +140,8 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
   const uint64_t d_kn = KN::desc(s_stage), d_kp = KP::desc(s_stage + KN::kBytes);
   // V^T: MN-major A, m = 64 columns of one column block, k = tokens (8-row atoms SBO apart)
   const uint64_t d_vt = make_desc(s_stage, KN::kBlockBytes, 8u * KN::kRowBytes, 1u);
-  const uint32_t s_wred = s_base + L::kOffWarpRed, s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
+  const uint32_t s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
+  const WarpPlace place{wg, wq, g, tq, bar_id, s_base + L::kOffWarpRed};
 
   for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
@@ -236,14 +234,8 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     __syncthreads();      // Q of every thread
 
     // ---- per-thread row state: rows 8 j + 2 tq + e of the block (the same in the warpgroup's threads)
-    float m_run[J][2], l_run[J][2];
-    float o[MT][SV];
-#pragma unroll
-    for (int j = 0; j < J; ++j) m_run[j][0] = m_run[j][1] = -INFINITY, l_run[j][0] = l_run[j][1] = 0.f;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < SV; ++i) o[mt][i] = 0.f;
+    RowState<RN, MT> state;
+    state.reset();
     // causal: row r (query token r / H) sees tokens t < len - s_q + r / H + 1; padding rows see t < len.
     const int mask_from = len - p.s_q + 1;
 
@@ -306,113 +298,31 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
         }
       }
       const int t_tile = (seg.blk_lo + it) * N;
-      if (t_tile + N > mask_from) {  // the last tile(s): per-row causal / length limit
-        const int r_lane = opaque(row0 + 2 * tq);
+      softmax_tile<H, RN, MT>(x, state, place, t_tile, mask_from, len, row0, rows, scale_log2,
+                              [&](int r, int t, int h, float pv) {
 #pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = r_lane + 8 * j + e;
-            const int limit = r < rows ? mask_from + r / H : len;
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-              if (t_tile + 16 * wq + g + 8 * h >= limit) x[4 * j + 2 * h + e] = -INFINITY;
-          }
-      }
-      // tile max per row over this warp's 16 tokens (own 2, then lanes lane / 4); the scale is positive
-      float wmax[J][2];
-      bool move = false;
-#pragma unroll
-      for (int j = 0; j < J; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = fmaxf(x[4 * j + e], x[4 * j + 2 + e]);
-          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
-          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
-          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
-          wmax[j][e] = v * scale_log2;
-          move |= wmax[j][e] > m_run[j][e] + kRescaleLog2;
-        }
-      if (g == 0) {
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) sts_f32(s_wred + 4 * ((wg * 4 + wq) * RN + 8 * j + 2 * tq + e), wmax[j][e]);
-      }
-      float lsum[J][2];
-      auto make_p = [&]() {  // P^T of this warp's tokens against m_run -> shared memory, lsum
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float neg_m = m_run[j][e] == -INFINITY ? 0.f : -m_run[j][e];
-            const int r = 8 * j + 2 * tq + e;
-            lsum[j][e] = 0.f;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const float pv = exp2_scaled(x[4 * j + 2 * h + e], scale_log2, neg_m);
-              lsum[j][e] += pv;
-              const int t = 16 * wq + g + 8 * h;
-#pragma unroll
-              for (int gi = 0; gi < L::G; ++gi) {  // fp8_ds_mla: P^T times the token's scale, per group
-                const KV pk = from_float<KV>(L::kDs ? pv * tok_scale[h][gi] : pv);
-                uint16_t bits;
-                memcpy(&bits, &pk, sizeof(bits));
-                sts_u16(s_pt + gi * PP::kBytes + PP::off(r, t >> 3) + 2 * (t & 7), bits);
-              }
-            }
-          }
-        fence_proxy_async();  // P^T -> visible to wgmma
-      };
-      make_p();
-      // P^T and warp maxima published; some row must move (rare): the slow path
-      if (named_barrier_or(bar_id, kWgThreads, move)) {
-        float alpha[J][2];
-        bool any = false;
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = 8 * j + 2 * tq + e;
-            float t = lds_f32(s_wred + 4 * ((wg * 4) * RN + r));
-#pragma unroll
-            for (int w = 1; w < 4; ++w) t = fmaxf(t, lds_f32(s_wred + 4 * ((wg * 4 + w) * RN + r)));
-            alpha[j][e] = 1.f;
-            if (t > m_run[j][e] + kRescaleLog2) {  // the same decision in every thread of the warpgroup
-              alpha[j][e] = fast_exp2(m_run[j][e] - t);  // 0 when m_run was -inf
-              m_run[j][e] = t;
-              l_run[j][e] *= alpha[j][e];
-              any = true;
-            }
-          }
-        if (any) {
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int j = 0; j < J; ++j)
-#pragma unroll
-              for (int i = 0; i < 4; ++i) o[mt][4 * j + i] *= alpha[j][i & 1];
-        }
-        make_p();
-      }
-      named_barrier_sync(bar_id, kWgThreads);  // the recomputed P^T of all 4 warps (always: see the loop's end)
-#pragma unroll
-      for (int j = 0; j < J; ++j) l_run[j][0] += lsum[j][0], l_run[j][1] += lsum[j][1];
+                                for (int gi = 0; gi < L::G; ++gi) {  // fp8_ds_mla: times the token's scale, per group
+                                  const KV pk = from_float<KV>(L::kDs ? pv * tok_scale[h][gi] : pv);
+                                  uint16_t bits;
+                                  memcpy(&bits, &pk, sizeof(bits));
+                                  sts_u16(s_pt + gi * PP::kBytes + PP::off(r, t >> 3) + 2 * (t & 7), bits);
+                                }
+                              });
 
       // ---- PV: O^T[64 mt ..][rows] += V^T P^T, k = the tile's 64 tokens
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) fence_regs(o[mt]);
+      for (int mt = 0; mt < MT; ++mt) fence_regs(state.o[mt]);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < N / 16; ++kk)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          wgmma_ss<RN, KV, 0, 1>(o[mt], desc_add(d_vt, mt * KN::kBlockBytes + 16 * kk * KN::kRowBytes),
+          wgmma_ss<RN, KV, 0, 1>(state.o[mt], desc_add(d_vt, mt * KN::kBlockBytes + 16 * kk * KN::kRowBytes),
                                  desc_add(d_pt, (L::kDs ? mt / 2 : 0) * PP::kBytes + PP::step(kk)), 1);
       wgmma_commit();
       wgmma_wait<0>();
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) fence_regs(o[mt]);
+      for (int mt = 0; mt < MT; ++mt) fence_regs(state.o[mt]);
 
       // ---- next: the stage and P^T are free once every warp of the warpgroup is past its wait
       named_barrier_sync(bar_id, kWgThreads);
@@ -430,97 +340,10 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     }
     cp_async_wait<0>();
 
-    // ---- epilogue: row sums over lanes and warps, the two warpgroups merged by log-sum-exp
-#pragma unroll
-    for (int j = 0; j < J; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float v = l_run[j][e];
-        v += __shfl_xor_sync(0xffffffffu, v, 4);
-        v += __shfl_xor_sync(0xffffffffu, v, 8);
-        v += __shfl_xor_sync(0xffffffffu, v, 16);
-        l_run[j][e] = v;
-      }
-    __syncthreads();  // both warpgroups are done with their tiles: warp maxima, stages and P are free
-    if (g == 0) {
-#pragma unroll
-      for (int j = 0; j < J; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int r = 8 * j + 2 * tq + e;
-          sts_f32(s_wred + 4 * ((wg * 4 + wq) * RN + r), l_run[j][e]);
-          if (wq == 0) sts_f32(s_m + 4 * (wg * RN + r), m_run[j][e]);
-        }
-    }
-    __syncthreads();
-    float scale_own[J][2];
-#pragma unroll
-    for (int j = 0; j < J; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = 8 * j + 2 * tq + e;
-        float mw[2], lw[2];
-#pragma unroll
-        for (int w = 0; w < 2; ++w) {
-          mw[w] = lds_f32(s_m + 4 * (w * RN + r));
-          lw[w] = 0.f;
-#pragma unroll
-          for (int q4 = 0; q4 < 4; ++q4) lw[w] += lds_f32(s_wred + 4 * ((w * 4 + q4) * RN + r));
-        }
-        const float m = fmaxf(mw[0], mw[1]);
-        const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
-        const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
-        const float l = a0 * lw[0] + a1 * lw[1];
-        scale_own[j][e] = l > 0.f ? (wg == 0 ? a0 : a1) / l : 0.f;
-        if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, row_lse(l, m));
-      }
-    // O staged row-major [RN][C + 4] fp32 over the kv stages: WG 0 stores, WG 1 adds
-    const uint32_t s_o = s_base + L::kOffKV;
-    auto o_addr = [&](int mt, int j, int i) {  // element O[row 8 j + 2 tq + (i & 1)][col 64 mt + 16 wq + g + 8 (i >> 1)]
-      return s_o + 4 * ((8 * j + 2 * tq + (i & 1)) * L::kOStride + 64 * mt + 16 * wq + g + 8 * (i >> 1));
-    };
-    if (wg == 0) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) sts_f32(o_addr(mt, j, i), o[mt][4 * j + i] * scale_own[j][i & 1]);
-    }
-    __syncthreads();
-    if (wg == 1) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const uint32_t a = o_addr(mt, j, i);
-            sts_f32(a, lds_f32(a) + o[mt][4 * j + i] * scale_own[j][i & 1]);
-          }
-    }
-    __syncthreads();
-
-    // ---- write: each thread 4 consecutive columns of a row
-    constexpr int kQuads = C / 4;
-    for (int idx = tid; idx < RN * kQuads; idx += 32 * Cfg::kWarps) {
-      const int rl = idx / kQuads, c = 4 * (idx % kQuads);
-      const int r = row0 + rl;
-      if (r >= rows) continue;
-      const float4 v = *reinterpret_cast<const float4*>(smem + L::kOffKV + 4 * (rl * L::kOStride + c));
-      const float lse = lds_f32(s_lse + 4 * rl);
-      if (seg.split) {
-        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + c;
-        *reinterpret_cast<float4*>(dst) = v;
-        if (c == 0) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
-      } else {
-        OutT* dst = ResultRows<Cfg>::out(p, b, r) + c;
-        reinterpret_cast<Out2*>(dst)[0] = from_float2<OutT>(make_float2(v.x, v.y));
-        reinterpret_cast<Out2*>(dst)[1] = from_float2<OutT>(make_float2(v.z, v.w));
-        if (p.lse && c == 0) *ResultRows<Cfg>::lse(p, b, r) = lse;
-      }
-    }
-    __syncthreads();  // the next segment rewrites Q, the stages and the exchange arrays
+    // ---- epilogue (narrow_tile.cuh), O staged over the kv stages
+    write_segment<Cfg, RN, MT>(
+        p, seg, state, place, s_m, s_lse, s_base + L::kOffKV, 1.f,
+        [&](int mt, int i) { return 64 * mt + 16 * wq + g + 8 * (i >> 1); }, [] { __syncthreads(); });
   });
 }
 

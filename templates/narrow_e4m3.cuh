@@ -16,6 +16,7 @@
 // The work contract, grid, softmax (lazy reference max) and epilogue are narrow.cuh's. 384 threads: the two
 // consumer warpgroups, and a producer warpgroup whose warp 8 loads (setmaxnreg: 40 / 232).
 #pragma once
+#include "narrow_tile.cuh"
 #include "sm90.cuh"
 
 namespace mla_gen {
@@ -125,8 +126,6 @@ template <class Cfg>
 __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, uint32_t s_base) {
   using L = E4m3Layout<Cfg>;
   using Q = typename Cfg::QType;
-  using OutT = typename Cfg::OutType;
-  using Out2 = typename Vec2<OutT>::type;
   using QB = typename L::QB;
   using QR = typename L::QR;
   using KB = typename L::KB;
@@ -135,7 +134,6 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   constexpr int SV = RN / 2;  // accumulators per thread of one m64nRN tile
   constexpr int J = RN / 8;   // n8 column groups: a thread holds rows 8 j + 2 (lane % 4) + e
   constexpr int kWgThreads = 128;
-  constexpr float kRescaleLog2 = 8.f;
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int wg = warp >> 2, wq = warp & 3;
@@ -145,7 +143,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   const int row0 = blockIdx.x * RN;
   const uint32_t full = s_base + L::kOffBars, empty = full + 8 * kRing;
   const uint32_t s_pt = s_base + L::kOffP + wg * PP::kBytes, s_inv = s_base + L::kOffInvS;
-  const uint32_t s_wred = s_base + L::kOffWarpRed, s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
+  const uint32_t s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
+  const WarpPlace place{wg, wq, g, tq, bar_id, s_base + L::kOffWarpRed};
   const uint64_t d_qhi = QB::desc(s_base + L::kOffQhi), d_qlo = QB::desc(s_base + L::kOffQlo);
   const uint64_t d_qrhi = QR::desc(s_base + L::kOffQrHi), d_qrlo = QR::desc(s_base + L::kOffQrLo);
   const uint64_t d_pt = PP::desc(s_pt);
@@ -228,14 +227,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
 #pragma unroll
       for (int e = 0; e < 2; ++e) inv_s[j][e] = lds_f32(s_inv + 4 * (8 * j + 2 * tq + e));
 
-    float m_run[J][2], l_run[J][2];
-    float o[MT][SV];
-#pragma unroll
-    for (int j = 0; j < J; ++j) m_run[j][0] = m_run[j][1] = -INFINITY, l_run[j][0] = l_run[j][1] = 0.f;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < SV; ++i) o[mt][i] = 0.f;
+    RowState<RN, MT> state;
+    state.reset();
     const int mask_from = len - p.s_q + 1;  // causal: row r sees tokens t < mask_from + r / H
 
     for (int it = wg; it < n_tiles; it += 2) {
@@ -271,91 +264,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
 #pragma unroll
       for (int i = 0; i < SV; ++i) x[i] = (shi[i] + slo[i]) * inv_s[i >> 2][i & 1];
       const int t_tile = (seg.blk_lo + it) * N, valid = min(len - t_tile, N);
-      if (t_tile + N > mask_from) {  // the last tile(s): per-row causal / length limit
-        const int r_lane = opaque(row0 + 2 * tq);
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = r_lane + 8 * j + e;
-            const int limit = r < rows ? mask_from + r / H : len;
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-              if (t_tile + 16 * wq + g + 8 * h >= limit) x[4 * j + 2 * h + e] = -INFINITY;
-          }
-      }
-      float wmax[J][2];
-      bool move = false;
-#pragma unroll
-      for (int j = 0; j < J; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = fmaxf(x[4 * j + e], x[4 * j + 2 + e]);
-          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
-          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
-          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
-          wmax[j][e] = v * scale_log2;
-          move |= wmax[j][e] > m_run[j][e] + kRescaleLog2;
-        }
-      if (g == 0) {
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) sts_f32(s_wred + 4 * ((wg * 4 + wq) * RN + 8 * j + 2 * tq + e), wmax[j][e]);
-      }
-      float lsum[J][2];
-      auto make_p = [&]() {  // P^T of this warp's tokens against m_run -> shared memory, lsum
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float neg_m = m_run[j][e] == -INFINITY ? 0.f : -m_run[j][e];
-            const int r = 8 * j + 2 * tq + e;
-            lsum[j][e] = 0.f;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const float pv = exp2_scaled(x[4 * j + 2 * h + e], scale_log2, neg_m);
-              lsum[j][e] += pv;
-              const int t = 16 * wq + g + 8 * h;
-              const __half pk = __float2half_rn(pv);
-              sts_u16(s_pt + PP::off(r, t >> 3) + 2 * (t & 7), __half_as_ushort(pk));
-            }
-          }
-        fence_proxy_async();  // P^T -> visible to wgmma
-      };
-      make_p();
-      if (named_barrier_or(bar_id, kWgThreads, move)) {  // some row's max passed m + 8 (rare): the slow path
-        float alpha[J][2];
-        bool any = false;
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = 8 * j + 2 * tq + e;
-            float t = lds_f32(s_wred + 4 * ((wg * 4) * RN + r));
-#pragma unroll
-            for (int w = 1; w < 4; ++w) t = fmaxf(t, lds_f32(s_wred + 4 * ((wg * 4 + w) * RN + r)));
-            alpha[j][e] = 1.f;
-            if (t > m_run[j][e] + kRescaleLog2) {  // the same decision in every thread of the warpgroup
-              alpha[j][e] = fast_exp2(m_run[j][e] - t);
-              m_run[j][e] = t;
-              l_run[j][e] *= alpha[j][e];
-              any = true;
-            }
-          }
-        if (any) {
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int j = 0; j < J; ++j)
-#pragma unroll
-              for (int i = 0; i < 4; ++i) o[mt][4 * j + i] *= alpha[j][i & 1];
-        }
-        make_p();
-      }
-      named_barrier_sync(bar_id, kWgThreads);  // the (recomputed) P^T of all 4 warps
-#pragma unroll
-      for (int j = 0; j < J; ++j) l_run[j][0] += lsum[j][0], l_run[j][1] += lsum[j][1];
+      softmax_tile<H, RN, MT>(x, state, place, t_tile, mask_from, len, row0, rows, scale_log2,
+                              [&](int r, int t, int, float pv) {
+                                sts_u16(s_pt + PP::off(r, t >> 3) + 2 * (t & 7), __half_as_ushort(__float2half_rn(pv)));
+                              });
 
       // ---- O^T += V^T P^T: A = V^T from the stage's bytes, groups of 4 m-tiles double-buffered (a group's
       //      registers are rewritten once the wgmmas of the group two before have read them). Tokens past the
@@ -401,16 +313,16 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
             f[q][3] = e4m3x2_lo_to_f16x2(r89 >> 16);
           }
 #pragma unroll
-          for (int q = 0; q < 4; ++q) fence_regs(o[4 * gh + q]);
+          for (int q = 0; q < 4; ++q) fence_regs(state.o[4 * gh + q]);
           wgmma_fence();
 #pragma unroll
-          for (int q = 0; q < 4; ++q) wgmma_rs<RN, __half, 0>(o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
+          for (int q = 0; q < 4; ++q) wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
           wgmma_commit();
         }
       }
       wgmma_wait<0>();
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) fence_regs(o[mt]);
+      for (int mt = 0; mt < MT; ++mt) fence_regs(state.o[mt]);
       fence_regs(a[0]);
       fence_regs(a[1]);
       if (lane == 0) mbarrier_arrive(empty + 8 * st);  // this warp is done with the stage
@@ -418,100 +330,11 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     }
     k_base += n_tiles;
 
-    // ---- epilogue (narrow.cuh): row sums over lanes and warps, the two warpgroups merged by log-sum-exp
-#pragma unroll
-    for (int j = 0; j < J; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float v = l_run[j][e];
-        v += __shfl_xor_sync(0xffffffffu, v, 4);
-        v += __shfl_xor_sync(0xffffffffu, v, 8);
-        v += __shfl_xor_sync(0xffffffffu, v, 16);
-        l_run[j][e] = v;
-      }
-    named_barrier_sync(kBarConsumers, 256);  // both warpgroups are done with their tiles: the exchange arrays
-    if (g == 0) {
-#pragma unroll
-      for (int j = 0; j < J; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int r = 8 * j + 2 * tq + e;
-          sts_f32(s_wred + 4 * ((wg * 4 + wq) * RN + r), l_run[j][e]);
-          if (wq == 0) sts_f32(s_m + 4 * (wg * RN + r), m_run[j][e]);
-        }
-    }
-    named_barrier_sync(kBarConsumers, 256);
-    float scale_own[J][2];
-#pragma unroll
-    for (int j = 0; j < J; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = 8 * j + 2 * tq + e;
-        float mw[2], lw[2];
-#pragma unroll
-        for (int w = 0; w < 2; ++w) {
-          mw[w] = lds_f32(s_m + 4 * (w * RN + r));
-          lw[w] = 0.f;
-#pragma unroll
-          for (int q4 = 0; q4 < 4; ++q4) lw[w] += lds_f32(s_wred + 4 * ((w * 4 + q4) * RN + r));
-        }
-        const float m = fmaxf(mw[0], mw[1]);
-        const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
-        const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
-        const float l = a0 * lw[0] + a1 * lw[1];
-        scale_own[j][e] = l > 0.f ? scale.out(wg == 0 ? a0 : a1) / l : 0.f;
-        if (wg == 0 && wq == 0 && g == 0) sts_f32(s_lse + 4 * r, row_lse(l, m));
-      }
-    // O staged row-major [RN][C + 4] fp32, features put back: WG 0 stores, WG 1 adds
-    const uint32_t s_o = s_base + L::kOffO;
-    auto o_addr = [&](int mt, int j, int i) {  // O[row 8 j + 2 tq + (i & 1)][feature piece + 2 mt + (i >> 1)]
-      return s_o + 4 * ((8 * j + 2 * tq + (i & 1)) * L::kOStride + piece + 2 * mt + (i >> 1));
-    };
-    if (wg == 0) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) sts_f32(o_addr(mt, j, i), o[mt][4 * j + i] * scale_own[j][i & 1]);
-    }
-    named_barrier_sync(kBarConsumers, 256);
-    if (wg == 1) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < J; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const uint32_t ad = o_addr(mt, j, i);
-            sts_f32(ad, lds_f32(ad) + o[mt][4 * j + i] * scale_own[j][i & 1]);
-          }
-    }
-    named_barrier_sync(kBarConsumers, 256);
-
-    // ---- write: each thread 4 consecutive columns of a row
-    constexpr int kQuads = C / 4;
-    for (int idx = tid; idx < RN * kQuads; idx += 256) {
-      const int rl = idx / kQuads, c = 4 * (idx % kQuads);
-      const int r = row0 + rl;
-      if (r >= rows) continue;
-      float4 v;
-      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                   : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                   : "r"(s_o + 4 * (rl * L::kOStride + c)));
-      const float lse = lds_f32(s_lse + 4 * rl);
-      if (seg.split) {
-        float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + c;
-        *reinterpret_cast<float4*>(dst) = v;
-        if (c == 0) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
-      } else {
-        OutT* dst = ResultRows<Cfg>::out(p, b, r) + c;
-        reinterpret_cast<Out2*>(dst)[0] = from_float2<OutT>(make_float2(v.x, v.y));
-        reinterpret_cast<Out2*>(dst)[1] = from_float2<OutT>(make_float2(v.z, v.w));
-        if (p.lse && c == 0) *ResultRows<Cfg>::lse(p, b, r) = lse;
-      }
-    }
-    named_barrier_sync(kBarConsumers, 256);  // the next segment rewrites q, O and the exchange arrays
+    // ---- epilogue (narrow_tile.cuh): O staged in its own array (the producer may be refilling the ring), the
+    //      features put back in order
+    write_segment<Cfg, RN, MT>(p, seg, state, place, s_m, s_lse, s_base + L::kOffO, scale.out(1.f),
+                               [&](int mt, int i) { return piece + 2 * mt + (i >> 1); },
+                               [] { named_barrier_sync(kBarConsumers, 256); });
   });
 }
 
