@@ -13,8 +13,8 @@
 //     rows are 2 MT consecutive features (one 16- or 8-byte piece of a token row: O^T row 16 w + g + 8 h of
 //     m-tile mt is feature 2 MT (8 w + g) + 2 mt + h), so per k16 step it loads its piece of 4 tokens, pairs
 //     tokens with PRMT and converts pairs with cvt (e4m3 -> f16 exact); the epilogue puts the features back.
-// The work contract, grid, softmax (lazy reference max) and epilogue are narrow.cuh's. 384 threads: the two
-// consumer warpgroups, and a producer warpgroup whose warp 8 loads (setmaxnreg: 40 / 232).
+// The work contract and grid are narrow.cuh's, the softmax (lazy reference max) and the epilogue narrow_tile.cuh's.
+// 384 threads: the two consumer warpgroups, and a producer warpgroup whose warp 8 loads (setmaxnreg: 40 / 232).
 #pragma once
 #include "narrow_tile.cuh"
 #include "sm90.cuh"
