@@ -88,6 +88,7 @@ __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint
   const int box_rows = tma_box_rows(p.page_size);
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   const uint32_t full = s_base + L::kOffBars, empty = full + 8 * kRing;
+  const uint64_t policy = l2_evict_first_policy();  // kv lines read once: first out of L2 (as seesaw's)
   int k = 0;  // the part's tiles so far
   for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
     const int n_tiles = seg.blk_hi - seg.blk_lo;
@@ -113,9 +114,8 @@ __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint
 #pragma unroll
         for (int blk = 0; blk < L::KB::kBlocks; ++blk)
           tma_load_3d(stage + blk * L::KB::kBlockBytes + row * 128, &tp.ckv, full + 8 * st, blk * 128, tok, page[i],
-                      l2_evict_first_policy());
-        tma_load_3d(stage + L::KB::kBytes + row * 128, &tp.kpe, full + 8 * st, 0, tok, page[i],
-                    l2_evict_first_policy());
+                      policy);
+        tma_load_3d(stage + L::KB::kBytes + row * 128, &tp.kpe, full + 8 * st, 0, tok, page[i], policy);
       }
     }
   });
