@@ -160,7 +160,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
 
-    // ---- q: TPR threads a row (the rest idle); its largest |value| -> scale s = 224 / it; hi = e4m3(q s), lo = e4m3(q s - hi)
+    // ---- q: TPR threads a row (the rest idle); its largest |value| -> scale s = 224 / it;
+    //      hi = e4m3(q s), lo = e4m3(q s - hi)
     {
       constexpr int TPR = L::kQTeam, kChunks = (C + R) / 16, KQ = (kChunks + TPR - 1) / TPR;
       const int m = tid / TPR, tl = tid % TPR, r = opaque(row0 + m);
@@ -316,7 +317,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
           for (int q = 0; q < 4; ++q) fence_regs(state.o[4 * gh + q]);
           wgmma_fence();
 #pragma unroll
-          for (int q = 0; q < 4; ++q) wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
+          for (int q = 0; q < 4; ++q)
+            wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
           wgmma_commit();
         }
       }
