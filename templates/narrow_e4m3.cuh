@@ -6,9 +6,10 @@
 // Here (PERF.md, fifteenth session):
 //   - a producer warp (8) loads the raw e4m3 tiles by TMA into a ring of kRing stages (128-byte swizzled rows:
 //     the ckv in C / 128 column blocks, the rope in one block whose bytes past R are TMA's zero fill);
-//   - S^T = K Q^T by e4m3 wgmma (m64nRNk32) straight from a stage: each query row is scaled to 224 at its
-//     largest |value| and split into two e4m3 parts in that scale, hi = e4m3(q s) and lo = e4m3(q s - hi), two
-//     accumulator chains (about bf16's precision for the same tensor work as a 16-bit Q K^T); x = (hi + lo) / s;
+//   - S^T = K Q^T by e4m3 wgmma straight from a stage: each query row is scaled to 224 at its largest |value| and
+//     split into two e4m3 parts in that scale, hi = e4m3(q s) and lo = e4m3(q s - hi) (about bf16's precision);
+//     the parts are the two row halves of one B operand (m64n(2 RN)k32), so a k step reads the stage's K once
+//     (two n RN chains read it twice: shared memory, not the tensor cores, bounds this phase); x = (hi + lo) / s;
 //   - O^T = V^T P^T with V^T as wgmma's A operand in registers, made from the stage's bytes: a thread's O^T
 //     rows are 2 MT consecutive features (one 16- or 8-byte piece of a token row: O^T row 16 w + g + 8 h of
 //     m-tile mt is feature 2 MT (8 w + g) + 2 mt + h), so per k16 step it loads its piece of 4 tokens, pairs
@@ -32,14 +33,16 @@ struct E4m3Layout {
   static constexpr int RN = Cfg::kBlockM, N = Cfg::kBlockN, MT = C / 64;
   // raw stages: more than two take a tile's load off the chain (three and four measured even at ckv 512)
   static constexpr int kRing = C > 256 ? 3 : 4;
-  using QB = Panel<C / 2, RN>;  // e4m3 q ckv: C bytes a row, 128-byte rows in C / 128 blocks (a 16-bit Panel's bytes)
-  using QR = Panel<64, RN>;     // e4m3 q rope: one 128-byte block, bytes past R unused
+  // e4m3 q, rows 0 .. RN-1 its hi part and RN .. 2 RN-1 its lo part (a 16-bit Panel's bytes): the ckv, C bytes a
+  // row in 128-byte rows of C / 128 blocks; the rope, one 128-byte block whose bytes past R are unused
+  using QB = Panel<C / 2, 2 * RN>;
+  using QR = Panel<64, 2 * RN>;
   using KB = Panel<C / 2, N>;   // a stage's ckv
   using KR = Panel<64, N>;      // a stage's rope (TMA zero-fills the bytes past R)
   using PP = Panel<N, RN>;      // P^T fp16 [RN][N]
   static constexpr int kStageBytes = KB::kBytes + KR::kBytes;
-  static constexpr int kOffQhi = 0, kOffQlo = QB::kBytes, kOffQrHi = 2 * QB::kBytes, kOffQrLo = kOffQrHi + QR::kBytes;
-  static constexpr int kOffRing = (kOffQrLo + QR::kBytes + 1023) / 1024 * 1024;
+  static constexpr int kOffQ = 0, kOffQr = QB::kBytes;
+  static constexpr int kOffRing = (kOffQr + QR::kBytes + 1023) / 1024 * 1024;
   static constexpr int kOffP = kOffRing + kRing * kStageBytes;  // [2] P^T panels
   static constexpr int kOStride = C + 4;                        // fp32 O staging row (+4: conflict-free columns)
   static constexpr int kOffO = kOffP + 2 * PP::kBytes;          // [RN][kOStride] fp32 (its own: the ring refills)
@@ -131,7 +134,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   using KB = typename L::KB;
   using PP = typename L::PP;
   constexpr int H = L::H, C = L::C, R = L::R, RN = L::RN, N = L::N, MT = L::MT, kRing = L::kRing;
-  constexpr int SV = RN / 2;  // accumulators per thread of one m64nRN tile
+  constexpr int SV = RN / 2;  // scores per thread of an m64nRN tile (the m64n(2 RN) accumulator holds twice that)
   constexpr int J = RN / 8;   // n8 column groups: a thread holds rows 8 j + 2 (lane % 4) + e
   constexpr int kWgThreads = 128;
   const int tid = threadIdx.x, lane = tid & 31;
@@ -145,8 +148,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   const uint32_t s_pt = s_base + L::kOffP + wg * PP::kBytes, s_inv = s_base + L::kOffInvS;
   const uint32_t s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
   const WarpPlace place{wg, wq, g, tq, bar_id, s_base + L::kOffWarpRed};
-  const uint64_t d_qhi = QB::desc(s_base + L::kOffQhi), d_qlo = QB::desc(s_base + L::kOffQlo);
-  const uint64_t d_qrhi = QR::desc(s_base + L::kOffQrHi), d_qrlo = QR::desc(s_base + L::kOffQrLo);
+  const uint64_t d_q = QB::desc(s_base + L::kOffQ), d_qr = QR::desc(s_base + L::kOffQr);
   const uint64_t d_pt = PP::desc(s_pt);
   // this thread's piece of a token row (O^T rows): byte 2 MT (8 wq + g) of the ckv, in block / 16-byte chunk / half
   const int piece = L::kPiece * (8 * wq + g);
@@ -215,9 +217,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
           }
         }
         const bool ckv = c < C / 16;
-        const uint32_t off = ckv ? QB::off(m, c) : QR::off(m, c - C / 16);
-        sts_v4(s_base + (ckv ? L::kOffQhi : L::kOffQrHi) + off, hi[0], hi[1], hi[2], hi[3]);
-        sts_v4(s_base + (ckv ? L::kOffQlo : L::kOffQrLo) + off, lo[0], lo[1], lo[2], lo[3]);
+        const uint32_t at_hi = ckv ? L::kOffQ + QB::off(m, c) : L::kOffQr + QR::off(m, c - C / 16);
+        const uint32_t at_lo = ckv ? L::kOffQ + QB::off(RN + m, c) : L::kOffQr + QR::off(RN + m, c - C / 16);
+        sts_v4(s_base + at_hi, hi[0], hi[1], hi[2], hi[3]);
+        sts_v4(s_base + at_lo, lo[0], lo[1], lo[2], lo[3]);
       }
     }
     fence_proxy_async();  // -> visible to wgmma
@@ -238,32 +241,26 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       const uint64_t d_kb = KB::desc(stage), d_kr = L::KR::desc(stage + KB::kBytes);
       mbarrier_wait(full + 8 * st, (k / kRing) & 1);
 
-      // ---- S^T = K Q^T: e4m3, the hi and lo parts of q in two accumulator chains
-      float shi[SV], slo[SV];
+      // ---- S^T = K Q^T: e4m3, columns 0 .. RN-1 against q's hi part and RN .. 2 RN-1 against its lo part
+      float acc[2 * SV];
 #pragma unroll
-      for (int i = 0; i < SV; ++i) shi[i] = slo[i] = 0.f;
-      fence_regs(shi);
-      fence_regs(slo);
+      for (int i = 0; i < 2 * SV; ++i) acc[i] = 0.f;
+      fence_regs(acc);
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < C / 32; ++ks) {
-        wgmma_ss_e4m3<RN>(shi, desc_add(d_kb, KB::step(ks)), desc_add(d_qhi, QB::step(ks)), 1);
-        wgmma_ss_e4m3<RN>(slo, desc_add(d_kb, KB::step(ks)), desc_add(d_qlo, QB::step(ks)), 1);
-      }
+      for (int ks = 0; ks < C / 32; ++ks)
+        wgmma_ss_e4m3<2 * RN>(acc, desc_add(d_kb, KB::step(ks)), desc_add(d_q, QB::step(ks)), 1);
 #pragma unroll
-      for (int ks = 0; ks < R / 32; ++ks) {
-        wgmma_ss_e4m3<RN>(shi, desc_add(d_kr, L::KR::step(ks)), desc_add(d_qrhi, QR::step(ks)), 1);
-        wgmma_ss_e4m3<RN>(slo, desc_add(d_kr, L::KR::step(ks)), desc_add(d_qrlo, QR::step(ks)), 1);
-      }
+      for (int ks = 0; ks < R / 32; ++ks)
+        wgmma_ss_e4m3<2 * RN>(acc, desc_add(d_kr, L::KR::step(ks)), desc_add(d_qr, QR::step(ks)), 1);
       wgmma_commit();
       wgmma_wait<0>();
-      fence_regs(shi);
-      fence_regs(slo);
+      fence_regs(acc);
 
       // ---- softmax over tokens (narrow.cuh): x[4 j + 2 h + e] = score of token 16 wq + g + 8 h, row 8 j + 2 tq + e
       float x[SV];
 #pragma unroll
-      for (int i = 0; i < SV; ++i) x[i] = (shi[i] + slo[i]) * inv_s[i >> 2][i & 1];
+      for (int i = 0; i < SV; ++i) x[i] = (acc[i] + acc[SV + i]) * inv_s[i >> 2][i & 1];  // hi column c, lo RN + c
       const int t_tile = (seg.blk_lo + it) * N, valid = min(len - t_tile, N);
       softmax_tile<H, RN, MT>(x, state, place, t_tile, mask_from, len, row0, rows, scale_log2,
                               [&](int r, int t, int, float pv) {
