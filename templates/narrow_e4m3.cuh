@@ -72,6 +72,12 @@ __device__ __forceinline__ uint32_t e4m3x2_lo_to_f16x2(uint32_t v) {
   asm("{\n.reg .b16 l;\ncvt.u16.u32 l, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}" : "=r"(r) : "r"(v));
   return r;
 }
+// e4m3 pair (the high 16 bits) -> f16x2: the half is picked by the conversion, no shift
+__device__ __forceinline__ uint32_t e4m3x2_hi_to_f16x2(uint32_t v) {
+  uint32_t r;
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, h;\n}" : "=r"(r) : "r"(v));
+  return r;
+}
 // two floats -> two e4m3 bytes (a lower), saturated to +-448
 __device__ __forceinline__ uint32_t f32x2_to_e4m3x2(float a, float b) {
   uint16_t r;
@@ -269,56 +275,61 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
 
       // ---- O^T += V^T P^T: A = V^T from the stage's bytes, groups of 4 m-tiles double-buffered (a group's
       //      registers are rewritten once the wgmmas of the group two before have read them). Tokens past the
-      //      length read as 0 (P is 0 there, but the stage may hold NaN bytes: 0 x NaN = NaN).
+      //      length read as 0 (P is 0 there, but the stage may hold NaN bytes: 0 x NaN = NaN): only the last
+      //      tile of a segment has such tokens, so the masking is a second copy of the phase, not a select per load.
       uint32_t a[2][4][4];
       constexpr int kGroups = MT / 4;
+      auto pv = [&](auto masked) {
 #pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        uint32_t w[4][L::kPiece / 4];  // the piece of tokens 16 kk + 2 tq + {0, 1, 8, 9}
+        for (int kk = 0; kk < N / 16; ++kk) {
+          uint32_t w[4][L::kPiece / 4];  // the piece of tokens 16 kk + 2 tq + {0, 1, 8, 9}
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
-          const uint32_t addr = stage + piece_blk * KB::kBlockBytes + t * 128 + ((piece_chunk ^ (t & 7)) << 4) +
-                                piece_half;
-          if constexpr (L::kPiece == 16) {
-            const uint4 q4 = lds_v4(addr);
-            w[u][0] = q4.x, w[u][1] = q4.y, w[u][2] = q4.z, w[u][3] = q4.w;
-          } else {
-            asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w[u][0]), "=r"(w[u][1]) : "r"(addr));
+          for (int u = 0; u < 4; ++u) {
+            const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
+            const uint32_t addr = stage + piece_blk * KB::kBlockBytes + t * 128 + ((piece_chunk ^ (t & 7)) << 4) +
+                                  piece_half;
+            if constexpr (L::kPiece == 16) {
+              const uint4 q4 = lds_v4(addr);
+              w[u][0] = q4.x, w[u][1] = q4.y, w[u][2] = q4.z, w[u][3] = q4.w;
+            } else {
+              asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w[u][0]), "=r"(w[u][1]) : "r"(addr));
+            }
+            if (decltype(masked)::value && t >= valid) {
+#pragma unroll
+              for (int i = 0; i < L::kPiece / 4; ++i) w[u][i] = 0u;
+            }
           }
-          if (t >= valid) {
 #pragma unroll
-            for (int i = 0; i < L::kPiece / 4; ++i) w[u][i] = 0u;
+          for (int gh = 0; gh < kGroups; ++gh) {
+            const int gi = kGroups * kk + gh;
+            uint32_t(&f)[4][4] = a[gi & 1];
+            if (gi >= 2) {
+              wgmma_wait<1>();
+              fence_regs(f);
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const int mt = 4 * gh + q;
+              const uint32_t sel = (mt & 1) ? 0x7362u : 0x5140u;  // bytes 2 mt, 2 mt + 1 of two tokens, paired
+              const uint32_t r01 = __byte_perm(w[0][mt >> 1], w[1][mt >> 1], sel);
+              const uint32_t r89 = __byte_perm(w[2][mt >> 1], w[3][mt >> 1], sel);
+              f[q][0] = e4m3x2_lo_to_f16x2(r01);
+              f[q][1] = e4m3x2_hi_to_f16x2(r01);
+              f[q][2] = e4m3x2_lo_to_f16x2(r89);
+              f[q][3] = e4m3x2_hi_to_f16x2(r89);
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) fence_regs(state.o[4 * gh + q]);
+            wgmma_fence();
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+              wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
+            wgmma_commit();
           }
         }
-#pragma unroll
-        for (int gh = 0; gh < kGroups; ++gh) {
-          const int gi = kGroups * kk + gh;
-          uint32_t(&f)[4][4] = a[gi & 1];
-          if (gi >= 2) {
-            wgmma_wait<1>();
-            fence_regs(f);
-          }
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int mt = 4 * gh + q;
-            const uint32_t sel = (mt & 1) ? 0x7362u : 0x5140u;  // bytes 2 mt, 2 mt + 1 of two tokens, paired
-            const uint32_t r01 = __byte_perm(w[0][mt >> 1], w[1][mt >> 1], sel);
-            const uint32_t r89 = __byte_perm(w[2][mt >> 1], w[3][mt >> 1], sel);
-            f[q][0] = e4m3x2_lo_to_f16x2(r01);
-            f[q][1] = e4m3x2_lo_to_f16x2(r01 >> 16);
-            f[q][2] = e4m3x2_lo_to_f16x2(r89);
-            f[q][3] = e4m3x2_lo_to_f16x2(r89 >> 16);
-          }
-#pragma unroll
-          for (int q = 0; q < 4; ++q) fence_regs(state.o[4 * gh + q]);
-          wgmma_fence();
-#pragma unroll
-          for (int q = 0; q < 4; ++q)
-            wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
-          wgmma_commit();
-        }
-      }
+      };
+      if (valid < N) pv(std::true_type{});
+      else pv(std::false_type{});
       wgmma_wait<0>();
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) fence_regs(state.o[mt]);
