@@ -179,23 +179,27 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
                                                             h * p.q_nope_stride_h);
       const Q* qp = reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s +
                                                          h * p.q_pe_stride_h);
+      // every load issued before any is used: one round trip, not KQ (the ring's loads are queued ahead of them)
+      uint4 raw[KQ][2];
+#pragma unroll
+      for (int i = 0; i < KQ; ++i) {
+        const int c = tl + TPR * i;  // 16 values: ckv chunk c, or rope chunk c - C / 16
+        raw[i][0] = raw[i][1] = make_uint4(0u, 0u, 0u, 0u);  // 16-bit zeros
+        if (valid && c < kChunks) {
+          const uint4* src = reinterpret_cast<const uint4*>(c < C / 16 ? qn + 16 * c : qp + 16 * (c - C / 16));
+          raw[i][0] = __ldg(src), raw[i][1] = __ldg(src + 1);
+        }
+      }
       float v[KQ][16];
       float amax = 0.f;
 #pragma unroll
       for (int i = 0; i < KQ; ++i) {
-        const int c = tl + TPR * i;  // 16 values: ckv chunk c, or rope chunk c - C / 16
+        const typename Vec2<Q>::type* x = reinterpret_cast<const typename Vec2<Q>::type*>(raw[i]);
 #pragma unroll
-        for (int e = 0; e < 16; ++e) v[i][e] = 0.f;
-        if (valid && c < kChunks) {
-          const uint4* src = reinterpret_cast<const uint4*>(c < C / 16 ? qn + 16 * c : qp + 16 * (c - C / 16));
-          const uint4 w[2] = {__ldg(src), __ldg(src + 1)};
-          const typename Vec2<Q>::type* x = reinterpret_cast<const typename Vec2<Q>::type*>(w);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const float2 f = to_float2(x[e]);
-            v[i][2 * e] = f.x, v[i][2 * e + 1] = f.y;
-            amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-          }
+        for (int e = 0; e < 8; ++e) {
+          const float2 f = to_float2(x[e]);
+          v[i][2 * e] = f.x, v[i][2 * e + 1] = f.y;
+          amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
         }
       }
 #pragma unroll
