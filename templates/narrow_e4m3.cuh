@@ -179,16 +179,17 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
                                                             h * p.q_nope_stride_h);
       const Q* qp = reinterpret_cast<const Q*>(p.q_pe) + (b * p.q_pe_stride_b + s * p.q_pe_stride_s +
                                                          h * p.q_pe_stride_h);
-      // every load issued before any is used: one round trip, not KQ (the ring's loads are queued ahead of them)
+      // every load issued before any is used, unconditionally (a padding row or chunk reads row 0's first chunk
+      // and drops it): one round trip, not KQ, behind the ring's loads already queued
       uint4 raw[KQ][2];
 #pragma unroll
       for (int i = 0; i < KQ; ++i) {
         const int c = tl + TPR * i;  // 16 values: ckv chunk c, or rope chunk c - C / 16
-        raw[i][0] = raw[i][1] = make_uint4(0u, 0u, 0u, 0u);  // 16-bit zeros
-        if (valid && c < kChunks) {
-          const uint4* src = reinterpret_cast<const uint4*>(c < C / 16 ? qn + 16 * c : qp + 16 * (c - C / 16));
-          raw[i][0] = __ldg(src), raw[i][1] = __ldg(src + 1);
-        }
+        const bool used = valid && c < kChunks;
+        const int cc = used ? c : 0;
+        const uint4* src = reinterpret_cast<const uint4*>(cc < C / 16 ? qn + 16 * cc : qp + 16 * (cc - C / 16));
+        raw[i][0] = __ldg(src), raw[i][1] = __ldg(src + 1);
+        if (!used) raw[i][0] = raw[i][1] = make_uint4(0u, 0u, 0u, 0u);  // 16-bit zeros
       }
       float v[KQ][16];
       float amax = 0.f;
