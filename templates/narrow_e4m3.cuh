@@ -250,6 +250,12 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       const int k = k_base + it, st = k % kRing;
       const uint32_t stage = s_base + L::kOffRing + st * L::kStageBytes;
       const uint64_t d_kb = KB::desc(stage), d_kr = L::KR::desc(stage + KB::kBytes);
+      // The full barrier's parity names this tile only once the stage's previous tile (k - kRing, the other
+      // warpgroup's when kRing is odd) has landed: until then the barrier is a phase behind and the parity of
+      // this tile's phase reads as done. So first the producer's own condition for loading this tile: the
+      // previous tile released (a fresh barrier's first pass returns at once). Without it a warpgroup two
+      // tiles ahead read a stage still filling and freed it early (unspecified launch failure in the bench).
+      mbarrier_wait(empty + 8 * st, ((k / kRing) & 1) ^ 1);
       mbarrier_wait(full + 8 * st, (k / kRing) & 1);
 
       // ---- S^T = K Q^T: e4m3, columns 0 .. RN-1 against q's hi part and RN .. 2 RN-1 against its lo part
