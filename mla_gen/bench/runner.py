@@ -30,7 +30,7 @@ from mla_gen.bench.report import (MLAGEN_PREFIX, PLANNER_SUFFIX, TORCH_IMPL, Che
                                   format_table, fp8_lines, header_lines, json_document, make_record, read_document,
                                   read_host, spin_lines, target_lines, with_16bit_ratio)
 from mla_gen.bench.roofline import Ceilings
-from mla_gen.bench.timing import FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
+from mla_gen.bench.timing import FLUSH, FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
 from mla_gen.dispatch import DeviceInfo, device_info
 from mla_gen.testing import REF_TOL, DecodeInputs, block_table_pages
 
@@ -277,7 +277,8 @@ def portable_path(path: Path) -> str:
 
 
 def _settings(opts: Options, ctx: Context) -> dict[str, Any]:
-    return {"iters": opts.iters, "warmup": WARMUP, "flush_bytes": FLUSH_BYTES, "spin_cycles": SPIN_CYCLES,
+    return {"iters": opts.iters, "warmup": WARMUP, "flush_bytes": FLUSH_BYTES, "flush": FLUSH,
+            "spin_cycles": SPIN_CYCLES,
             "reference_requests": REF_REQUESTS, "families": [f.value for f in ctx.families],
             "peers_dir": portable_path(opts.peers_dir) if opts.peers_dir else None,
             "cache_layout": "one combined [num_pages, page_size, C+R] cache; mla-gen reads views of it",

@@ -1,5 +1,5 @@
 """GPU timing for the benchmark (/work/.library/device/METHOD.md): CUDA events around each call, warm-up
-first, L2 flushed before every timed call (a write of a buffer larger than L2, outside the timed
+first, L2 flushed before every timed call (a read of a buffer larger than L2, outside the timed
 region), and the device's ceilings measured the same way."""
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from mla_gen.bench.report import Timing
 from mla_gen.bench.roofline import Ceilings
 
 FLUSH_BYTES = 256 * 2**20
+# NOTE(clean-flush): the flush reads the buffer, so a timed call starts on an L2 of clean lines that hold none of
+# its inputs. Writing it (zero_) left ~60 MB of dirty lines whose write-back ran inside the timed call, the same
+# extra time for every implementation: case 1's decode kernel took 92 us after a write against 85 us under ncu
+# (PERF.md, seventeenth session).
+FLUSH = "read"
 # NOTE(host-lead): after the flush the GPU spins ~0.1 ms (outside the timed region; longer for a callable
 # whose host time nears it: Timer.spin_for), so the host has queued the timed call's launches before the
 # start event runs; otherwise a call whose Python launch cost exceeds the spin would count host time.
@@ -68,7 +73,7 @@ class Timer:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         host = []
         for start, end in zip(starts, ends):
-            self._flush.zero_()
+            self._flush.sum(dtype=torch.int64)
             torch.cuda._sleep(cycles)
             start.record()
             t0 = time.perf_counter()
