@@ -11,7 +11,6 @@ time (the drain) is recorded beside it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import statistics
 import sys
 import time
