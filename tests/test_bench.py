@@ -279,6 +279,11 @@ def test_from_json_prints_table_and_plots(tmp_path: Path, capsys: pytest.Capture
     assert main(["--from-json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "ceilings: copy 3000 GB/s" in out and "mla-gen:simt" in out and "balance" in out
+    assert "L2 flushed before each timed call by a write\n" in out  # a document without the setting: before reads
+    path.write_text(json.dumps(json_document({"name": "GPU"}, CEILINGS, {"flush": "read", "flush_bytes": 256 << 20},
+                                             cases, records)))
+    assert main(["--from-json", str(path)]) == 0
+    assert "L2 flushed before each timed call by a read of 256 MB\n" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     png = tmp_path / "roofline.png"
     assert main(["--from-json", str(path), "--plot", str(png)]) == 0

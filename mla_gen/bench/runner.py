@@ -27,8 +27,8 @@ from mla_gen.bench.impls import (FP8_TOL, PEER_16BIT_NOTE, PEER_TOL, NotApplicab
                                  quantize)
 from mla_gen.bench.plot import plot_roofline
 from mla_gen.bench.report import (MLAGEN_PREFIX, PLANNER_SUFFIX, TORCH_IMPL, Check, HostTimes, Record, balance_lines,
-                                  format_table, fp8_lines, header_lines, json_document, make_record, read_document,
-                                  read_host, spin_lines, target_lines, with_16bit_ratio)
+                                  flush_line, format_table, fp8_lines, header_lines, json_document, make_record,
+                                  read_document, read_host, spin_lines, target_lines, with_16bit_ratio)
 from mla_gen.bench.roofline import Ceilings
 from mla_gen.bench.timing import FLUSH, FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
 from mla_gen.dispatch import DeviceInfo, device_info
@@ -321,20 +321,20 @@ def run(opts: Options) -> int:
     log(f"host time per call: {HOST_CASE.shape} ({time.perf_counter() - start:.0f} s)")
     host = host_section(ctx)
     log(f"done in {time.perf_counter() - start:.0f} s")
+    settings = {**_settings(opts, ctx), "spin_us": timer.spin_us}  # the GPU spin's measured length
     if opts.json_path:
-        settings = {**_settings(opts, ctx), "spin_us": timer.spin_us}  # the GPU spin's measured length
         doc = json_document(device_doc, ceilings, settings, opts.cases, records, host)
         opts.json_path.write_text(json.dumps(doc, indent=1) + "\n")
         log(f"wrote {opts.json_path}")
-    report(device_doc, ceilings, records, opts, host)
+    report(device_doc, ceilings, records, opts, settings, host)
     ours = [r for r in records if r.impl.startswith(MLAGEN_PREFIX) or r.impl == TORCH_IMPL]
     return 1 if any(r.status in ("WRONG", "error") for r in ours) else 0
 
 
 def report(device: dict[str, Any], ceilings: Ceilings, records: Sequence[Record], opts: Options,
-           host: HostTimes | None = None) -> None:
+           settings: dict[str, Any], host: HostTimes | None = None) -> None:
     """The table, the spin check and the host section on stdout, and the plot if asked."""
-    print("\n".join(header_lines(device, ceilings)))
+    print("\n".join(header_lines(device, ceilings) + [flush_line(settings)]))
     print(format_table(records))
     host_lines = host.lines() if host is not None else []
     for line in balance_lines(records) + target_lines(records) + fp8_lines(records) + spin_lines(records) + host_lines:
@@ -352,7 +352,7 @@ def replay(opts: Options) -> int:
     except (ValueError, KeyError, TypeError) as e:
         print(f"{PROG}: error: argument --from-json: {opts.from_json}: {e}", file=sys.stderr)
         return 2
-    report(device, ceilings, records, opts, host)
+    report(device, ceilings, records, opts, doc.get("settings", {}), host)
     return 0
 
 
