@@ -446,9 +446,10 @@ def _narrow_e4m3_smem_bytes(tile: Tile, ckv: int) -> int:
 
 
 def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
-    """templates/narrow.cuh Layout (fp8_e4m3: _narrow_e4m3_smem_bytes): q [M][C] and [M][R] (each panel 1024-byte aligned), two kv stages
-    [N][C + R] (16-bit), P^T [2][groups][M][N] (16-bit; fp8_ds_mla: one per scale group, else one),
-    the fp8_ds_mla scales [2][N][4] fp32, per-warp row max/sum [2][4][M], m [2][M] and lse [M] fp32."""
+    """templates/narrow.cuh Layout (fp8_e4m3: _narrow_e4m3_smem_bytes): q [M][C] and [M][R] (each panel
+    1024-byte aligned), two kv stages [N][C + R] (16-bit), P^T [2][groups][M][N] (16-bit; fp8_ds_mla: one per
+    scale group, else one), the fp8_ds_mla scales [2][N][4] fp32, per-warp row max/sum [2][4][M], m [2][M] and
+    lse [M] fp32."""
     if kv_dtype is DType.FP8_E4M3:
         return _narrow_e4m3_smem_bytes(tile, ckv)
     up = lambda x: -(-x // 1024) * 1024  # noqa: E731 - the kernel's align()

@@ -68,7 +68,7 @@ class Timer:
         host_us = self._warm_host_us(fn)
         for _ in range(SPIN_RETRIES):
             timing = self._timed(fn, iters, *self.spin_for(host_us))
-            if timing.spin_us is None or timing.host_us < timing.spin_us:
+            if timing.host_us < timing.spin_us:
                 break
             host_us = timing.host_us
         return timing
