@@ -427,7 +427,7 @@ def narrow_max_rows(ckv_dim: int, kv_dtype: DType = DType.BF16) -> int:
     chains (rows each) must fit 255 registers without spills: measured 254 at 32 rows (ckv 512) and 40
     rows (ckv 256); 64 rows at ckv 256 spilled. fp8_ds_mla's gather holds a tile's bytes in registers (84
     per thread) next to O^T and keeps five S^T chains (one per scale group and the rope); fp8_e4m3's kernel
-    (narrow_e4m3.cuh) keeps O^T beside two buffers of V^T fragments within its consumers' 232 registers
+    (narrow_e4m3.cuh) keeps O^T beside two buffers of V^T fragments within its consumers' 240 registers
     (setmaxnreg; ptxas reports the 168 at entry): 16 rows at ckv 512, 32 at ckv 256 for both."""
     if kv_dtype.is_fp8:
         return 16 if ckv_dim > 256 else 32

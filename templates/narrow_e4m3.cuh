@@ -15,7 +15,7 @@
 //     m-tile mt is feature 2 MT (8 w + g) + 2 mt + h), so per k16 step it loads its piece of 4 tokens, pairs
 //     tokens with PRMT and converts pairs with cvt (e4m3 -> f16 exact); the epilogue puts the features back.
 // The work contract and grid are narrow.cuh's, the softmax (lazy reference max) and the epilogue narrow_tile.cuh's.
-// 384 threads: the two consumer warpgroups, and a producer warpgroup whose warp 8 loads (setmaxnreg: 40 / 232).
+// 384 threads: the two consumer warpgroups, and a producer warpgroup whose warp 8 loads (setmaxnreg: 24 / 240).
 #pragma once
 #include "narrow_tile.cuh"
 #include "sm90.cuh"
@@ -64,6 +64,9 @@ struct E4m3Layout {
                     QB::kBytes % 1024 == 0 && QR::kBytes % 1024 == 0,
                 "panels start on 1024-byte boundaries (swizzle atoms)");
   static constexpr int kPiece = 2 * MT;  // bytes of a token row behind a thread's O^T rows (16 or 8)
+  // V^T fragment buffers of P V (a group of 4 m-tiles each): a group's wgmmas run while the next kABufs - 1 groups
+  // are built. Three fit the consumers' 240 registers at ckv 512 (16 rows); at ckv 256 (up to 32 rows) three spill.
+  static constexpr int kABufs = C > 256 ? 3 : 2;
 };
 
 // e4m3 pair (the low 16 bits, lower byte first) -> f16x2, lower half first; exact
@@ -284,11 +287,11 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
                                 sts_u16(s_pt + PP::off(r, t >> 3) + 2 * (t & 7), __half_as_ushort(__float2half_rn(pv)));
                               });
 
-      // ---- O^T += V^T P^T: A = V^T from the stage's bytes, groups of 4 m-tiles double-buffered (a group's
-      //      registers are rewritten once the wgmmas of the group two before have read them). Tokens past the
+      // ---- O^T += V^T P^T: A = V^T from the stage's bytes, groups of 4 m-tiles in kABufs buffers (a group's
+      //      registers are rewritten once the wgmmas of the group kABufs before have read them). Tokens past the
       //      length read as 0 (P is 0 there, but the stage may hold NaN bytes: 0 x NaN = NaN): only the last
       //      tile of a segment has such tokens, so the masking is a second copy of the phase, not a select per load.
-      uint32_t a[2][4][4];
+      uint32_t a[L::kABufs][4][4];
       constexpr int kGroups = MT / 4;
       auto pv = [&](auto masked) {
 #pragma unroll
@@ -313,9 +316,9 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
 #pragma unroll
           for (int gh = 0; gh < kGroups; ++gh) {
             const int gi = kGroups * kk + gh;
-            uint32_t(&f)[4][4] = a[gi & 1];
-            if (gi >= 2) {
-              wgmma_wait<1>();
+            uint32_t(&f)[4][4] = a[gi % L::kABufs];
+            if (gi >= L::kABufs) {
+              wgmma_wait<L::kABufs - 1>();
               fence_regs(f);
             }
 #pragma unroll
@@ -344,8 +347,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       wgmma_wait<0>();
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) fence_regs(state.o[mt]);
-      fence_regs(a[0]);
-      fence_regs(a[1]);
+#pragma unroll
+      for (int b = 0; b < L::kABufs; ++b) fence_regs(a[b]);
       if (lane == 0) mbarrier_arrive(empty + 8 * st);  // this warp is done with the stage
       named_barrier_sync(bar_id, kWgThreads);          // P^T and the warp maxima are free
     }
@@ -378,11 +381,11 @@ __device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
   }
   __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
   if (warp >= 8) {
-    setmaxnreg_dec<40>();
+    setmaxnreg_dec<24>();  // the producer warp needs 18
     if (warp == 8) produce_e4m3<Cfg>(tp, blockIdx.y, s_base);
     return;
   }
-  setmaxnreg_inc<232>();
+  setmaxnreg_inc<240>();  // 2 x 128 x 240 + 128 x 24 = 64512 of the SM's 65536
   consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base);
 }
 
