@@ -243,8 +243,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                       dtype=DType.parse(args.dtype), s_q=args.s_q, sm_count=args.sm_count,
                       ctas_per_sm=args.ctas_per_sm, family=Family.parse(args.family) if args.family else None,
                       num_parts=args.num_parts, batch=args.batch, mean_seqlen=args.seqlen,
-                      kv_dtype=DType.parse(args.kv_dtype, "kv_dtype") if args.kv_dtype else None,
-                      max_tokens=args.max_tokens)
+                      kv_dtype=DType.parse(args.kv_dtype, "kv_dtype") if args.kv_dtype else None)
     kv = decision.spec.kv_dtype
     if args.json:
         print(json.dumps({**decision.to_dict(), "scale_granularity": kv.scale_granularity}, indent=2))
@@ -306,9 +305,6 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--arch", default=DEFAULT_ARCH)
     s.add_argument("--batch", type=positive_int, default=None)
     s.add_argument("--seqlen", type=positive_int, default=None, help="mean cache length per request")
-    s.add_argument("--max-tokens", type=positive_int, default=None,
-                   help="tokens one request's block table holds (max_pages x page_size), as the runtime passes it: "
-                        "with --batch, a small call's family")
     s.add_argument("--s-q", type=positive_int, default=1, dest="s_q", help="query tokens per request")
     s.add_argument("--sm-count", type=positive_int, default=132, help="SMs of the device (default 132, H100 SXM)")
     s.add_argument("--ctas-per-sm", type=positive_int, default=None)

@@ -20,14 +20,10 @@ FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.SEESAW, Family.MMA, Family.S
 # S4096 H40 c256/r32 121.6 / narrow 131.2; H64 191.1 / 206.9, H128 280.8 / 351.4. Below 40 rows narrow stays:
 # B128 S4096 H32 179.1 / 179.8 and H16 s_q 2 178.2 / 180.3 are even, H16 170.8 / 167.0 favours narrow.
 SEESAW_MIN_ROWS = 40
-# Below 40 rows seesaw also takes calls of little work: at 512/64, when the batch's block tables hold at most this
-# many 64-token kv tiles per SM (batch x max_pages x page_size / 64 / SMs; lengths stay on the device). H200, one
-# bench call, us seesaw / narrow (PERF.md, fourteenth session): 4-8 tiles per SM, B32 S1024 H16 28.3 / 30.3, B64
-# S1024 H16 39.4 / 43.0, B16 S4096 H16 39.2 / 42.7, B32 S1024 H32 30.7 / 36.5, B16 S4096 H32 45.8 / 51.7; 16,
-# B32 S4096 H16 67.7 / 69.6, B64 S2048 H16 60.3 / 62.6, B4 S32768 H16 57.4 / 59.5, B8 S16384 H16 58.4 / 58.7;
-# 32 and more favour narrow, B64 S4096 H16 98.5 / 96.2, B128 S2048 H16 93.0 / 89.0, B128 S4096 H16 167.6 / 155.7.
-SEESAW_SMALL_CALL_TILES_PER_SM = 24
-SEESAW_SMALL_CALL_DIMS = (512, 64)
+# Below 40 rows narrow takes small calls too: from the fourteenth session seesaw took calls of at most 24 kv tiles
+# per SM, measured under the bench's writing L2 flush, whose dirty lines cost narrow more; with a reading flush
+# narrow led 8 of 12 such shapes by 3-16 % and trailed 4 by 1.5-4.5 % (B32 S1024 H16 25.6 / 29.6 us seesaw; PERF.md,
+# seventeenth session).
 # Why few heads do not go back to mma on sm_90a: wgmma pads rows to a 64-row tile, but measured it is
 # not slower there (H100 bench, same runs, us wgmma vs mma): B128 S4096 H16 238 vs 241, B32 S1024 H16
 # 40.3 vs 42.3, B128 S4096 H40 c256/r32 143 vs 201, B64 S8192 H128 s_q 2 623 vs 1078.
@@ -61,22 +57,12 @@ def aligned_parts(parts: int, batch: int) -> int:
     return aligned if aligned >= ALIGNED_PARTS_MIN_FILL * parts else parts
 
 
-def small_call(batch: int | None, max_tokens: int | None, sm_count: int) -> bool:
-    """Whether the batch's block tables hold at most SEESAW_SMALL_CALL_TILES_PER_SM 64-token tiles per SM (False
-    when either is unknown)."""
-    if batch is None or max_tokens is None:
-        return False
-    return batch * math.ceil(max_tokens / 64) <= SEESAW_SMALL_CALL_TILES_PER_SM * sm_count
-
-
 def dispatch_specs(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DType, s_q: int = 1,
                    kv_dtype: DType | None = None, tile: Tile | None = None) -> list[VariantSpec]:
-    """The variants dispatch may load for a shape, whatever the batch: its pick for a call of unknown work, then
-    the one for a small call where that differs (small_call). What `build` makes ahead of time."""
+    """The variants dispatch may load for a shape, whatever the batch. What `build` makes ahead of time."""
     shape = dict(arch=arch, num_heads=num_heads, ckv_dim=ckv_dim, rope_dim=rope_dim, dtype=dtype, s_q=s_q,
                  kv_dtype=kv_dtype, tile=tile)
-    specs = [decide(**shape).spec, decide(**shape, batch=1, max_tokens=64).spec]
-    return list(dict.fromkeys(specs))
+    return [decide(**shape).spec]
 
 
 def families_for(arch: Arch) -> list[Family]:
@@ -174,16 +160,12 @@ class Decision:
 def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DType, s_q: int = 1,
            sm_count: int = 132, ctas_per_sm: int | None = None, family: Family | None = None,
            tile: Tile | None = None, num_parts: int | None = None, batch: int | None = None,
-           mean_seqlen: float | None = None, kv_dtype: DType | None = None,
-           max_tokens: int | None = None) -> Decision:
+           mean_seqlen: float | None = None, kv_dtype: DType | None = None) -> Decision:
     """Chooses family, tile and grid. dtype: q and out (and the cache unless kv_dtype names an fp8
-    format). max_tokens: the tokens one request's block table holds (max_pages x page_size); with `batch`,
-    it bounds a call's work (small_call). Raises SpecError for an impossible request."""
+    format). Raises SpecError for an impossible request."""
     reasons: list[str] = []
     if s_q < 1:
         raise SpecError(f"s_q: expected >= 1, got {s_q}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise SpecError(f"max_tokens: expected a positive int (max_pages x page_size), got {max_tokens!r}")
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     available = families_for(arch)
     rows = num_heads * s_q
@@ -217,12 +199,6 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
             reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on): two warpgroups trade "
                            f"softmax and tensor-core work, a producer warpgroup loads kv by TMA; measured faster "
                            f"than wgmma and narrow there on H200")
-        elif (Family.SEESAW in available and (ckv_dim, rope_dim) == SEESAW_SMALL_CALL_DIMS
-              and rows <= narrow_max_rows(ckv_dim) and small_call(batch, max_tokens, sm_count)):
-            family = Family.SEESAW
-            reasons.append(f"family seesaw: {rows} query rows, but a small call (batch {batch} x {max_tokens} tokens "
-                           f"of block table: at most {SEESAW_SMALL_CALL_TILES_PER_SM} kv tiles of 64 per SM); "
-                           f"measured faster than narrow there on H200")
         elif Family.NARROW in available and ckv_dim % 64 == 0 and rows <= narrow_max_rows(ckv_dim):
             family = Family.NARROW
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most "

@@ -327,8 +327,6 @@ def test_a_case_end_to_end_on_the_cpu(kv: DType, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(impls, "MLADecodeWrapper", _ReferenceWrapper)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    # a case this small is a small call, which runs seesaw on a 16-bit cache (select.small_call): not the point here
-    monkeypatch.setattr("generator.select.SEESAW_SMALL_CALL_TILES_PER_SM", 0)
     times = iter([200.0, 260.0, 210.0, 112.0, 150.0, 900.0])   # narrow, mma, narrow+plan, their fp8 rows, torch
 
     def timed(fn):

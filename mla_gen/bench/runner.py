@@ -32,7 +32,7 @@ from mla_gen.bench.report import (MLAGEN_PREFIX, PLANNER_SUFFIX, TORCH_IMPL, Che
 from mla_gen.bench.roofline import Ceilings
 from mla_gen.bench.timing import FLUSH, FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
 from mla_gen.dispatch import DeviceInfo, device_info
-from mla_gen.testing import REF_TOL, DecodeInputs, block_table_pages
+from mla_gen.testing import REF_TOL, DecodeInputs
 
 WARMUP = 5
 REF_REQUESTS = 4
@@ -83,11 +83,10 @@ def _error_text(e: BaseException) -> str:
 
 
 def _decision_spec(case: Case, family: Family | None, info: DeviceInfo, kv_dtype: DType | None = None) -> VariantSpec:
-    """The variant a planned wrapper of the case loads (its batch and block-table width, as build_inputs makes it)."""
-    max_tokens = block_table_pages(case.lengths(), case.page_size) * case.page_size
+    """The variant a planned wrapper of the case loads (its batch, as build_inputs makes it)."""
     return decide(arch=info.arch, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                   dtype=DType.parse(case.dtype), s_q=case.s_q, sm_count=info.sm_count, family=family,
-                  kv_dtype=kv_dtype, batch=case.batch, max_tokens=max_tokens).spec
+                  kv_dtype=kv_dtype, batch=case.batch).spec
 
 
 def prebuild(cases: Sequence[Case], families: Sequence[tuple[Family, DType | None]],
