@@ -282,15 +282,16 @@ class VariantSpec:
     @property
     def threads(self) -> int:
         """The decode kernel's block: the tile's working warps, and the producer warpgroup beside them of seesaw and
-        of narrow over an fp8_e4m3 cache."""
-        producer = self.family is Family.SEESAW or (self.family is Family.NARROW and self.kv_dtype is DType.FP8_E4M3)
+        of narrow over an fp8 cache."""
+        producer = self.family is Family.SEESAW or (self.family is Family.NARROW and self.kv_dtype.is_fp8)
         return 32 * self.tile.warps + (128 if producer else 0)
 
     @property
     def quantizes_q(self) -> bool:
-        """Whether the kernel turns q into e4m3 (narrow over an fp8_e4m3 cache: two e4m3 parts a value in a per-row
-        scale, about bf16's precision, so that Q K^T reads the cache's bytes with e4m3 tensor-core math)."""
-        return self.family is Family.NARROW and self.kv_dtype is DType.FP8_E4M3
+        """Whether the kernel turns q into e4m3 (narrow over an fp8 cache: two e4m3 parts a value in a per-row
+        scale, about bf16's precision, so that Q K^T reads the cache's bytes with e4m3 tensor-core math; an
+        fp8_ds_mla cache's bf16 rope meets q's rope in bf16)."""
+        return self.family is Family.NARROW and self.kv_dtype.is_fp8
 
     @property
     def smem_bytes(self) -> int:
@@ -434,15 +435,17 @@ def narrow_max_rows(ckv_dim: int, kv_dtype: DType = DType.BF16) -> int:
     return 32 if ckv_dim > 256 else 40
 
 
-def _narrow_e4m3_smem_bytes(tile: Tile, ckv: int) -> int:
+def _narrow_e4m3_smem_bytes(tile: Tile, ckv: int, kv_dtype: DType) -> int:
     """templates/narrow_e4m3.cuh E4m3Layout: q hi and lo ([M][C] and [M][128] e4m3 each, 1024-byte aligned as a
-    whole), a ring of 3 (ckv 512) or 4 raw stages [N][C + 128], P^T [2][M][N] fp16, O [M][C + 4] fp32, then 1 / q
-    scale [M], per-warp row max/sum [2][4][M], m [2][M] and lse [M] fp32, and 2 mbarriers per stage."""
+    whole), a ring of 3 (ckv 512) or 4 raw stages [N][C + 128] (fp8_ds_mla: and the tokens' scales [N][4] fp32),
+    P^T [2][M][N] fp16, O [M][C + 4] fp32, then 1 / q scale [M], per-warp row max/sum [2][4][M], m [2][M] and lse
+    [M] fp32, and 2 mbarriers per stage."""
     rows, n = tile.block_m, tile.block_n
     ring = 3 if ckv > 256 else 4
+    scales = n * (ckv // 128) * 4 if kv_dtype is DType.FP8_DS_MLA else 0
     ring_off = -(-2 * rows * (ckv + 128) // 1024) * 1024
-    return (ring_off + ring * n * (ckv + 128) + 2 * rows * n * 2 + rows * (ckv + 4) * 4 + (1 + 2 * 4 + 2 + 1) * rows * 4
-            + 2 * ring * 8)
+    return (ring_off + ring * (n * (ckv + 128) + scales) + 2 * rows * n * 2 + rows * (ckv + 4) * 4
+            + (1 + 2 * 4 + 2 + 1) * rows * 4 + 2 * ring * 8)
 
 
 def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
@@ -450,8 +453,8 @@ def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
     1024-byte aligned), two kv stages [N][C + R] (16-bit), P^T [2][groups][M][N] (16-bit; fp8_ds_mla: one per
     scale group, else one), the fp8_ds_mla scales [2][N][4] fp32, per-warp row max/sum [2][4][M], m [2][M] and
     lse [M] fp32."""
-    if kv_dtype is DType.FP8_E4M3:
-        return _narrow_e4m3_smem_bytes(tile, ckv)
+    if kv_dtype.is_fp8:
+        return _narrow_e4m3_smem_bytes(tile, ckv, kv_dtype)
     up = lambda x: -(-x // 1024) * 1024  # noqa: E731 - the kernel's align()
     rows, n, kv = tile.block_m, tile.block_n, 2
     groups = ckv // 128 if kv_dtype is DType.FP8_DS_MLA else 1

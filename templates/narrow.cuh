@@ -347,9 +347,9 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
   });
 }
 
-// fp8_e4m3 caches: the kernel takes the cache's tensor maps beside the params (narrow_e4m3.cuh)
+// fp8 caches: the kernel takes the cache's tensor maps beside the params (narrow_e4m3.cuh)
 template <class Cfg>
-constexpr bool kE4m3 = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;
+constexpr bool kE4m3 = Cfg::kKVFormat == KVFormat::kKVFp8Tensor || Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
 template <class Cfg>
 using KernelArg = std::conditional_t<kE4m3<Cfg>, TmaParams, DecodeParams>;
 

@@ -15,7 +15,7 @@
 //     m-tile mt is feature 2 MT (8 w + g) + 2 mt + h), so per k16 step it loads its piece of 4 tokens, pairs
 //     tokens with PRMT and converts pairs with cvt (e4m3 -> f16 exact); the epilogue puts the features back.
 // The work contract and grid are narrow.cuh's, the softmax (lazy reference max) and the epilogue narrow_tile.cuh's.
-// 384 threads: the two consumer warpgroups, and a producer warpgroup whose warp 8 loads (setmaxnreg: 24 / 240).
+// 384 threads: the two consumer warpgroups, and a producer warpgroup whose warp 8 loads (setmaxnreg: E4m3Layout).
 #pragma once
 #include "narrow_tile.cuh"
 #include "sm90.cuh"
@@ -31,6 +31,11 @@ template <class Cfg>
 struct E4m3Layout {
   static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim;
   static constexpr int RN = Cfg::kBlockM, N = Cfg::kBlockN, MT = C / 64;
+  // fp8_ds_mla (656-byte tokens): the ckv's e4m3 bytes in scale groups of 128 with an fp32 scale each per token,
+  // the rope in bf16. Q K^T keeps a chain per group (scaled per token after), the rope meets q's rope in bf16,
+  // and P V multiplies each token's scale into V^T as it converts it: a warp's O^T rows are one group's features.
+  static constexpr bool kDs = Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
+  static constexpr int G = kDs ? C / 128 : 1;  // Q K^T chains
   // raw stages: more than two take a tile's load off the chain (three and four measured even at ckv 512)
   static constexpr int kRing = C > 256 ? 3 : 4;
   // e4m3 q, rows 0 .. RN-1 its hi part and RN .. 2 RN-1 its lo part (a 16-bit Panel's bytes): the ckv, C bytes a
@@ -40,7 +45,9 @@ struct E4m3Layout {
   using KB = Panel<C / 2, N>;   // a stage's ckv
   using KR = Panel<64, N>;      // a stage's rope (TMA zero-fills the bytes past R)
   using PP = Panel<N, RN>;      // P^T fp16 [RN][N]
-  static constexpr int kStageBytes = KB::kBytes + KR::kBytes;
+  static constexpr int kScaleOff = KB::kBytes + KR::kBytes;  // fp8_ds_mla: a stage's token scales [N][G] fp32
+  static constexpr int kStageBytes = kScaleOff + (kDs ? N * G * 4 : 0);
+  static constexpr int kTokenBytes = C + 128 + (kDs ? 16 : 0);  // the bytes a token's boxes (and scales) bring
   static constexpr int kOffQ = 0, kOffQr = QB::kBytes;
   static constexpr int kOffRing = (kOffQr + QR::kBytes + 1023) / 1024 * 1024;
   static constexpr int kOffP = kOffRing + kRing * kStageBytes;  // [2] P^T panels
@@ -56,6 +63,7 @@ struct E4m3Layout {
   static_assert(kSmemBytes <= 227 * 1024, "narrow e4m3: shared memory over the 227 KB a block may use on sm_90a");
   static_assert(Cfg::kThreads == 384, "two consumer warpgroups and a producer warpgroup");
   static_assert(N == 64 && C % 128 == 0 && MT % 4 == 0 && R <= 128 && R % 32 == 0, "ckv 256 or 512, rope 32 or 64");
+  static_assert(!kDs || (C == 512 && R == 64 && RN <= 16), "fp8_ds_mla: 512 ckv + 64 rope, 16 rows");
   static_assert(RN % 8 == 0 && RN <= 32, "8, 16, 24 or 32 rows");
   // q is quantized by kQTeam threads a row (a power of two: the row max is a shuffle reduction)
   static constexpr int kQTeam = RN <= 8 ? 32 : (RN <= 16 ? 16 : 8);
@@ -67,6 +75,10 @@ struct E4m3Layout {
   // V^T fragment buffers of P V (a group of 4 m-tiles each): a group's wgmmas run while the next kABufs - 1 groups
   // are built. Three fit the consumers' 240 registers at ckv 512 (16 rows); at ckv 256 (up to 32 rows) three spill.
   static constexpr int kABufs = C > 256 ? 3 : 2;
+  // setmaxnreg moves registers within the CTA's pool, the 168 a thread ptxas gives 384 threads at entry: an inc
+  // past the pool waits forever. The producer warp needs 18 (fp8_ds_mla's scale copies included).
+  static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
+  static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 384 * 168, "setmaxnreg over the CTA's registers");
 };
 
 // e4m3 pair (the low 16 bits, lower byte first) -> f16x2, lower half first; exact
@@ -81,6 +93,26 @@ __device__ __forceinline__ uint32_t e4m3x2_hi_to_f16x2(uint32_t v) {
   asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, h;\n}" : "=r"(r) : "r"(v));
   return r;
 }
+// two floats -> bf16x2 (a lower)
+__device__ __forceinline__ uint32_t bf16x2_bits(float a, float b) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  uint32_t r;
+  memcpy(&r, &v, sizeof(r));
+  return r;
+}
+// two floats -> f16x2 (a lower)
+__device__ __forceinline__ uint32_t f16x2_bits(float a, float b) {
+  const __half2 v = __floats2half2_rn(a, b);
+  uint32_t r;
+  memcpy(&r, &v, sizeof(r));
+  return r;
+}
+// f16x2 product, for fp8_ds_mla's token scales on V^T
+__device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
 // two floats -> two e4m3 bytes (a lower), saturated to +-448
 __device__ __forceinline__ uint32_t f32x2_to_e4m3x2(float a, float b) {
   uint16_t r;
@@ -90,7 +122,8 @@ __device__ __forceinline__ uint32_t f32x2_to_e4m3x2(float a, float b) {
 
 // The producer warp: walks the part's segments like the consumers and loads each tile into ring stage k %
 // kRing (k counts the part's tiles) once its consumers freed it: the row groups before the length (lane l takes
-// groups l and l + 32, b rows each: sm90.cuh tma_box_rows), C / 128 ckv boxes and a rope box per group.
+// groups l and l + 32, b rows each: sm90.cuh tma_box_rows), C / 128 ckv boxes and a rope box per group;
+// fp8_ds_mla: also each loaded token's 16 scale bytes, a bulk copy each (lanes l and l + 32: tokens l, l + 32).
 template <class Cfg>
 __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint32_t s_base) {
   using L = E4m3Layout<Cfg>;
@@ -108,16 +141,28 @@ __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint
     for (int it = 0; it < n_tiles; ++it, ++k) {
       const int st = k % kRing, t0 = (seg.blk_lo + it) * N;
       const int groups = (min(seg.len - t0, N) + box_rows - 1) / box_rows;
-      int page[2];  // read before the wait: the block table's latency hides behind it
+      int page[2], tok_page[2];  // read before the wait: the block table's latency hides behind it
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int grp = lane + 32 * i;
         page[i] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
+        if constexpr (L::kDs) tok_page[i] = grp < groups * box_rows ? bt_row[(t0 + grp) / p.page_size] : 0;
       }
       mbarrier_wait(empty + 8 * st, ((k / kRing) & 1) ^ 1);  // the first pass of a fresh barrier returns at once
       const uint32_t stage = s_base + L::kOffRing + st * L::kStageBytes;
-      if (lane == 0) mbarrier_arrive_expect_tx(full + 8 * st, groups * box_rows * (L::C + 128));
+      if (lane == 0) mbarrier_arrive_expect_tx(full + 8 * st, groups * box_rows * L::kTokenBytes);
       __syncwarp();
+      if constexpr (L::kDs) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int n = lane + 32 * i, t = t0 + n;  // the stage's token n
+          if (n >= groups * box_rows) continue;
+          const unsigned char* src = reinterpret_cast<const unsigned char*>(p.ckv) +
+                                     static_cast<long long>(tok_page[i]) * p.ckv_stride_page +
+                                     static_cast<long long>(t % p.page_size) * p.ckv_stride_tok + L::C;
+          bulk_load(stage + L::kScaleOff + 16 * n, src, 16, full + 8 * st, policy);
+        }
+      }
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int grp = lane + 32 * i;
@@ -203,7 +248,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
         for (int e = 0; e < 8; ++e) {
           const float2 f = to_float2(x[e]);
           v[i][2 * e] = f.x, v[i][2 * e + 1] = f.y;
-          amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+          if (!L::kDs || tl + TPR * i < C / 16) amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));  // ds: ckv only
         }
       }
 #pragma unroll
@@ -214,6 +259,14 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       for (int i = 0; i < KQ; ++i) {
         const int c = tl + TPR * i;
         if (m >= RN || c >= kChunks) continue;
+        if (L::kDs && c >= C / 16) {  // fp8_ds_mla: q's rope in bf16, unscaled, rows 0 .. RN-1 of the rope panel
+          uint32_t b[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) b[e] = bf16x2_bits(v[i][2 * e], v[i][2 * e + 1]);
+          sts_v4(s_base + L::kOffQr + QR::off(m, 2 * (c - C / 16)), b[0], b[1], b[2], b[3]);
+          sts_v4(s_base + L::kOffQr + QR::off(m, 2 * (c - C / 16) + 1), b[4], b[5], b[6], b[7]);
+          continue;
+        }
         uint32_t hi[4], lo[4];
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
@@ -261,26 +314,73 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       mbarrier_wait(empty + 8 * st, ((k / kRing) & 1) ^ 1);
       mbarrier_wait(full + 8 * st, (k / kRing) & 1);
 
-      // ---- S^T = K Q^T: e4m3, columns 0 .. RN-1 against q's hi part and RN .. 2 RN-1 against its lo part
-      float acc[2 * SV];
+      // ---- S^T = K Q^T: e4m3, columns 0 .. RN-1 against q's hi part and RN .. 2 RN-1 against its lo part;
+      //      fp8_ds_mla: a chain per scale group (k32 steps 4 g .. 4 g + 3), two groups at a time (registers), each
+      //      scaled per token once done, and the bf16 rope in a chain of its own
+      float x[SV];  // x[4 j + 2 h + e] = score of token 16 wq + g + 8 h, row 8 j + 2 tq + e (before sm_scale)
+      if constexpr (L::kDs) {
+        float ckv[SV], accr[SV];
 #pragma unroll
-      for (int i = 0; i < 2 * SV; ++i) acc[i] = 0.f;
-      fence_regs(acc);
-      wgmma_fence();
+        for (int i = 0; i < SV; ++i) ckv[i] = 0.f;
 #pragma unroll
-      for (int ks = 0; ks < C / 32; ++ks)
-        wgmma_ss_e4m3<2 * RN>(acc, desc_add(d_kb, KB::step(ks)), desc_add(d_q, QB::step(ks)), 1);
+        for (int half = 0; half < 2; ++half) {
+          float acc[2][2 * SV];
 #pragma unroll
-      for (int ks = 0; ks < R / 32; ++ks)
-        wgmma_ss_e4m3<2 * RN>(acc, desc_add(d_kr, L::KR::step(ks)), desc_add(d_qr, QR::step(ks)), 1);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(acc);
+          for (int c = 0; c < 2; ++c)
+#pragma unroll
+            for (int i = 0; i < 2 * SV; ++i) acc[c][i] = 0.f;
+#pragma unroll
+          for (int i = 0; i < SV; ++i) accr[i] = 0.f;
+          fence_regs(acc[0]);
+          fence_regs(acc[1]);
+          fence_regs(accr);
+          wgmma_fence();
+#pragma unroll
+          for (int ks = 8 * half; ks < 8 * half + 8; ++ks)
+            wgmma_ss_e4m3<2 * RN>(acc[(ks / 4) % 2], desc_add(d_kb, KB::step(ks)), desc_add(d_q, QB::step(ks)), 1);
+          if (half == 1) {
+#pragma unroll
+            for (int ks = 0; ks < R / 16; ++ks)
+              wgmma_ss_bf16<RN>(accr, desc_add(d_kr, L::KR::step(ks)), desc_add(d_qr, QR::step(ks)), 1);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(acc[0]);
+          fence_regs(acc[1]);
+          fence_regs(accr);
+          float tsc[2][2];  // the scales of groups 2 half, 2 half + 1 of this thread's tokens 16 wq + g + 8 h
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t at = stage + L::kScaleOff + 16 * (16 * wq + g + 8 * h) + 8 * half;
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(tsc[h][0]), "=f"(tsc[h][1]) : "r"(at));
+          }
+#pragma unroll
+          for (int i = 0; i < SV; ++i)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) ckv[i] += tsc[(i >> 1) & 1][c] * (acc[c][i] + acc[c][SV + i]);
+        }
+#pragma unroll
+        for (int i = 0; i < SV; ++i) x[i] = ckv[i] * inv_s[i >> 2][i & 1] + accr[i];
+      } else {
+        float acc[2 * SV];
+#pragma unroll
+        for (int i = 0; i < 2 * SV; ++i) acc[i] = 0.f;
+        fence_regs(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < C / 32; ++ks)
+          wgmma_ss_e4m3<2 * RN>(acc, desc_add(d_kb, KB::step(ks)), desc_add(d_q, QB::step(ks)), 1);
+#pragma unroll
+        for (int ks = 0; ks < R / 32; ++ks)
+          wgmma_ss_e4m3<2 * RN>(acc, desc_add(d_kr, L::KR::step(ks)), desc_add(d_qr, QR::step(ks)), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(acc);
+#pragma unroll
+        for (int i = 0; i < SV; ++i) x[i] = (acc[i] + acc[SV + i]) * inv_s[i >> 2][i & 1];  // hi column c, lo RN + c
+      }
 
-      // ---- softmax over tokens (narrow.cuh): x[4 j + 2 h + e] = score of token 16 wq + g + 8 h, row 8 j + 2 tq + e
-      float x[SV];
-#pragma unroll
-      for (int i = 0; i < SV; ++i) x[i] = (acc[i] + acc[SV + i]) * inv_s[i >> 2][i & 1];  // hi column c, lo RN + c
+      // ---- softmax over tokens (narrow.cuh)
       const int t_tile = (seg.blk_lo + it) * N, valid = min(len - t_tile, N);
       softmax_tile<H, RN, MT>(x, state, place, t_tile, mask_from, len, row0, rows, scale_log2,
                               [&](int r, int t, int, float pv) {
@@ -313,6 +413,17 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
               for (int i = 0; i < L::kPiece / 4; ++i) w[u][i] = 0u;
             }
           }
+          uint32_t s01 = 0u, s89 = 0u;  // fp8_ds_mla: the f16 scales of tokens (0, 1) and (8, 9) in this warp's group
+          if constexpr (L::kDs) {
+            float ts[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
+              ts[u] = lds_f32(stage + L::kScaleOff + 16 * t + 4 * wq);
+              if (decltype(masked)::value && t >= valid) ts[u] = 0.f;  // a poisoned slot's scale may be NaN
+            }
+            s01 = f16x2_bits(ts[0], ts[1]), s89 = f16x2_bits(ts[2], ts[3]);
+          }
 #pragma unroll
           for (int gh = 0; gh < kGroups; ++gh) {
             const int gi = kGroups * kk + gh;
@@ -331,6 +442,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
               f[q][1] = e4m3x2_hi_to_f16x2(r01);
               f[q][2] = e4m3x2_lo_to_f16x2(r89);
               f[q][3] = e4m3x2_hi_to_f16x2(r89);
+              if constexpr (L::kDs) {
+                f[q][0] = hmul2_bits(f[q][0], s01), f[q][1] = hmul2_bits(f[q][1], s01);
+                f[q][2] = hmul2_bits(f[q][2], s89), f[q][3] = hmul2_bits(f[q][3], s89);
+              }
             }
 #pragma unroll
             for (int q = 0; q < 4; ++q) fence_regs(state.o[4 * gh + q]);
@@ -381,11 +496,11 @@ __device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
   }
   __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
   if (warp >= 8) {
-    setmaxnreg_dec<24>();  // the producer warp needs 18
+    setmaxnreg_dec<L::kProducerRegs>();
     if (warp == 8) produce_e4m3<Cfg>(tp, blockIdx.y, s_base);
     return;
   }
-  setmaxnreg_inc<240>();  // 2 x 128 x 240 + 128 x 24 = 64512 of the SM's 65536
+  setmaxnreg_inc<L::kConsumerRegs>();
   consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base);
 }
 
@@ -394,9 +509,13 @@ __device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
 template <class Cfg, typename Kernel>
 inline int launch_e4m3(Kernel kernel, const DecodeParams& p, uint64_t stream) {
   using L = E4m3Layout<Cfg>;
-  constexpr CacheMapShape kShape = {L::C, 128, 128, L::R, 128, 128, 1};
+  // fp8_ds_mla: the rope as 128 bytes at byte 528 of each 656-byte token, in the same 128-byte swizzle as bf16
+  constexpr CacheMapShape kShape = {L::C, 128, 128, L::kDs ? 2 * L::R : L::R, 128, 128, 1};
+  DecodeParams mp = p;
+  if constexpr (L::kDs) mp.kpe_stride_tok *= 2, mp.kpe_stride_page *= 2;  // bf16 elements -> bytes
   TmaParams tp;
-  const int err = cache_maps<L>(p, kShape, tp);
+  const int err = cache_maps<L>(mp, kShape, tp);
+  tp.p = p;
   return err ? err : launch_decode_kernel<Cfg>(kernel, p, stream, tp);
 }
 

@@ -75,6 +75,11 @@ template <int N>
 __device__ __forceinline__ void wgmma_ss_e4m3(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {
   wgmma_ops::mma_ss_e4m3<N>(d, a, b, scale_d);
 }
+// D (+)= A B, m64nNk16, bf16 A and B K-major from shared memory, whatever the variant's dtype.
+template <int N>
+__device__ __forceinline__ void wgmma_ss_bf16(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {
+  wgmma_ops::mma_ss_bf16<N>(d, a, b, scale_d);
+}
 
 // 2^x with one MUFU.EX2 (subnormal results flush to 0: such probabilities add nothing); 2^-inf = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
