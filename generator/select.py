@@ -180,7 +180,8 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
             family = Family.NARROW
             how = ("Q K^T in e4m3 straight from the cache's bytes (q quantized per row into two e4m3 parts), P V "
                    "in fp16 with V converted in registers" if kv_dtype is DType.FP8_E4M3 else
-                   f"{kv_dtype.cli_name} dequantized to fp16 on its way into shared memory, fp16 tensor-core math")
+                   "Q K^T in e4m3 straight from the cache's bytes, a chain per scale group (q quantized per row into "
+                   "two e4m3 parts) and the bf16 rope in bf16, P V in fp16 with V scaled and converted in registers")
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most {limit} with an fp8 cache "
                            f"at ckv {ckv_dim}); {how}")
         elif (Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and kv_dtype is DType.FP8_E4M3

@@ -413,7 +413,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
               for (int i = 0; i < L::kPiece / 4; ++i) w[u][i] = 0u;
             }
           }
-          uint32_t s01 = 0u, s89 = 0u;  // fp8_ds_mla: the f16 scales of tokens (0, 1) and (8, 9) in this warp's group
+          [[maybe_unused]] uint32_t s01 = 0u, s89 = 0u;  // fp8_ds_mla: f16 scales of tokens (0, 1), (8, 9), group wq
           if constexpr (L::kDs) {
             float ts[4];
 #pragma unroll
