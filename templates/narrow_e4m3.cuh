@@ -74,7 +74,7 @@ struct E4m3Layout {
   static constexpr int kPiece = 2 * MT;  // bytes of a token row behind a thread's O^T rows (16 or 8)
   // V^T fragment buffers of P V (a group of 4 m-tiles each): a group's wgmmas run while the next kABufs - 1 groups
   // are built. Three fit the consumers' 240 registers at ckv 512 (16 rows); at ckv 256 (up to 32 rows) three spill.
-  static constexpr int kABufs = C > 256 ? 3 : 2;
+  static constexpr int kABufs = C > 256 && !kDs ? 3 : 2;  // fp8_ds_mla: the scales take the third's registers
   // setmaxnreg moves registers within the CTA's pool, the 168 a thread ptxas gives 384 threads at entry: an inc
   // past the pool waits forever. The producer warp needs 18 (fp8_ds_mla's scale copies included).
   static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
