@@ -123,7 +123,8 @@ __device__ __forceinline__ uint32_t f32x2_to_e4m3x2(float a, float b) {
 // The producer warp: walks the part's segments like the consumers and loads each tile into ring stage k %
 // kRing (k counts the part's tiles) once its consumers freed it: the row groups before the length (lane l takes
 // groups l and l + 32, b rows each: sm90.cuh tma_box_rows), C / 128 ckv boxes and a rope box per group;
-// fp8_ds_mla: also each loaded token's 16 scale bytes, a bulk copy each (lanes l and l + 32: tokens l, l + 32).
+// fp8_ds_mla: also the tokens' 16 scale bytes, a box per group from the scale map (not 64 small
+// copies a tile), or below 8-row boxes a bulk copy per token (lanes l, l + 32: tokens l, l + 32).
 template <class Cfg>
 __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint32_t s_base) {
   using L = E4m3Layout<Cfg>;
@@ -146,13 +147,13 @@ __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint
       for (int i = 0; i < 2; ++i) {
         const int grp = lane + 32 * i;
         page[i] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
-        if constexpr (L::kDs) tok_page[i] = grp < groups * box_rows ? bt_row[(t0 + grp) / p.page_size] : 0;
+        if (L::kDs && box_rows < 8) tok_page[i] = grp < groups * box_rows ? bt_row[(t0 + grp) / p.page_size] : 0;
       }
       mbarrier_wait(empty + 8 * st, ((k / kRing) & 1) ^ 1);  // the first pass of a fresh barrier returns at once
       const uint32_t stage = s_base + L::kOffRing + st * L::kStageBytes;
       if (lane == 0) mbarrier_arrive_expect_tx(full + 8 * st, groups * box_rows * L::kTokenBytes);
       __syncwarp();
-      if constexpr (L::kDs) {
+      if (L::kDs && box_rows < 8) {  // a box of fewer than 8 scale rows would land off TMA's 128-byte alignment
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int n = lane + 32 * i, t = t0 + n;  // the stage's token n
@@ -173,6 +174,8 @@ __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint
           tma_load_3d(stage + blk * L::KB::kBlockBytes + row * 128, &tp.ckv, full + 8 * st, blk * 128, tok, page[i],
                       policy);
         tma_load_3d(stage + L::KB::kBytes + row * 128, &tp.kpe, full + 8 * st, 0, tok, page[i], policy);
+        if (L::kDs && box_rows >= 8)
+          tma_load_3d(stage + L::kScaleOff + row * 16, &tp.scale, full + 8 * st, 0, tok, page[i], policy);
       }
     }
   });
@@ -510,7 +513,7 @@ template <class Cfg, typename Kernel>
 inline int launch_e4m3(Kernel kernel, const DecodeParams& p, uint64_t stream) {
   using L = E4m3Layout<Cfg>;
   // fp8_ds_mla: the rope as 128 bytes at byte 528 of each 656-byte token, in the same 128-byte swizzle as bf16
-  constexpr CacheMapShape kShape = {L::C, 128, 128, L::kDs ? 2 * L::R : L::R, 128, 128, 1};
+  constexpr CacheMapShape kShape = {L::C, 128, 128, L::kDs ? 2 * L::R : L::R, 128, 128, 1, L::kDs ? 16 : 0};
   DecodeParams mp = p;
   if constexpr (L::kDs) mp.kpe_stride_tok *= 2, mp.kpe_stride_page *= 2;  // bf16 elements -> bytes
   TmaParams tp;

@@ -289,13 +289,14 @@ inline int encode_paged_map(CUtensorMap* map, uint64_t base, int width, int page
 // The argument of a decode kernel that loads the cache by TMA: the params and the cache's two tensor maps.
 struct TmaParams {
   DecodeParams p;
-  CUtensorMap ckv, kpe;
+  CUtensorMap ckv, kpe, scale;  // scale: the bytes after each token's ckv (fp8_ds_mla's scales), where asked
 };
 
 // How a kernel's boxes see the cache (encode_paged_map's arguments per array): the array's width in elements, a
-// box's columns, the shared-memory row bytes (a Panel's swizzle; 0: dense), and the element size of both.
+// box's columns, the shared-memory row bytes (a Panel's swizzle; 0: dense), and the element size of both;
+// scale_bytes > 0 also maps that many bytes after each token's ckv width, whole rows landing dense.
 struct CacheMapShape {
-  int ckv_width, ckv_box_cols, ckv_row_bytes, kpe_width, kpe_box_cols, kpe_row_bytes, elem_bytes;
+  int ckv_width, ckv_box_cols, ckv_row_bytes, kpe_width, kpe_box_cols, kpe_row_bytes, elem_bytes, scale_bytes;
 };
 
 // Encodes the cache's maps into tp. They depend only on the cache's pointers, strides and page counts, which an
@@ -305,7 +306,7 @@ template <class Tag>
 inline int cache_maps(const DecodeParams& p, const CacheMapShape& shape, TmaParams& tp) {
   struct Maps {
     int64_t key[8];
-    CUtensorMap ckv, kpe;
+    CUtensorMap ckv, kpe, scale;
   };
   thread_local Maps last = {};  // a zero key: nothing encoded yet (a real key's page size is never 0)
   const int64_t key[8] = {static_cast<int64_t>(p.ckv), static_cast<int64_t>(p.kpe), p.page_size, p.num_pages,
@@ -316,6 +317,10 @@ inline int cache_maps(const DecodeParams& p, const CacheMapShape& shape, TmaPara
     if (!err)
       err = encode_paged_map(&last.kpe, p.kpe, shape.kpe_width, p.page_size, p.num_pages, p.kpe_stride_tok,
                              p.kpe_stride_page, shape.kpe_box_cols, shape.kpe_row_bytes, shape.elem_bytes);
+    if (!err && shape.scale_bytes > 0)
+      err = encode_paged_map(&last.scale, p.ckv + static_cast<uint64_t>(shape.ckv_width) * shape.elem_bytes,
+                             shape.scale_bytes, p.page_size, p.num_pages, p.ckv_stride_tok * shape.elem_bytes,
+                             p.ckv_stride_page * shape.elem_bytes, shape.scale_bytes, 0, 1);
     if (err) {
       std::memset(last.key, 0, sizeof(last.key));
       return err;
@@ -325,6 +330,7 @@ inline int cache_maps(const DecodeParams& p, const CacheMapShape& shape, TmaPara
   tp.p = p;
   tp.ckv = last.ckv;
   tp.kpe = last.kpe;
+  tp.scale = last.scale;
   return 0;
 }
 
