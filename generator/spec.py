@@ -426,10 +426,9 @@ def _check_wgmma(spec: VariantSpec) -> None:
 def narrow_max_rows(ckv_dim: int, kv_dtype: DType = DType.BF16) -> int:
     """Most query rows a narrow CTA takes: O^T (ckv / 64 m-tiles x rows / 2 per thread) and the two S^T
     chains (rows each) must fit 255 registers without spills: measured 254 at 32 rows (ckv 512) and 40
-    rows (ckv 256); 64 rows at ckv 256 spilled. fp8_ds_mla's gather holds a tile's bytes in registers (84
-    per thread) next to O^T and keeps five S^T chains (one per scale group and the rope); fp8_e4m3's kernel
-    (narrow_e4m3.cuh) keeps O^T beside two buffers of V^T fragments within its consumers' 240 registers
-    (setmaxnreg; ptxas reports the 168 at entry): 16 rows at ckv 512, 32 at ckv 256 for both."""
+    rows (ckv 256); 64 rows at ckv 256 spilled. The fp8 kernel (narrow_e4m3.cuh, both formats) keeps O^T
+    beside two or three buffers of V^T fragments (and fp8_ds_mla's per-group score chains) within its consumers'
+    240 registers (setmaxnreg; ptxas reports the 168 at entry): 16 rows at ckv 512, 32 at ckv 256."""
     if kv_dtype.is_fp8:
         return 16 if ckv_dim > 256 else 32
     return 32 if ckv_dim > 256 else 40
@@ -449,19 +448,15 @@ def _narrow_e4m3_smem_bytes(tile: Tile, ckv: int, kv_dtype: DType) -> int:
 
 
 def _narrow_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
-    """templates/narrow.cuh Layout (fp8_e4m3: _narrow_e4m3_smem_bytes): q [M][C] and [M][R] (each panel
-    1024-byte aligned), two kv stages [N][C + R] (16-bit), P^T [2][groups][M][N] (16-bit; fp8_ds_mla: one per
-    scale group, else one), the fp8_ds_mla scales [2][N][4] fp32, per-warp row max/sum [2][4][M], m [2][M] and
-    lse [M] fp32."""
+    """templates/narrow.cuh Layout (fp8 caches: _narrow_e4m3_smem_bytes): q [M][C] and [M][R] (each panel
+    1024-byte aligned), two kv stages [N][C + R] (16-bit), P^T [2][M][N] (16-bit), per-warp row max/sum [2][4][M],
+    m [2][M] and lse [M] fp32."""
     if kv_dtype.is_fp8:
         return _narrow_e4m3_smem_bytes(tile, ckv, kv_dtype)
     up = lambda x: -(-x // 1024) * 1024  # noqa: E731 - the kernel's align()
     rows, n, kv = tile.block_m, tile.block_n, 2
-    groups = ckv // 128 if kv_dtype is DType.FP8_DS_MLA else 1
     kv_off = up(up(rows * ckv * kv) + rows * rope * kv)
-    p_off = kv_off + 2 * n * (ckv + rope) * kv
-    scales = 2 * n * groups * 4 if kv_dtype is DType.FP8_DS_MLA else 0
-    return p_off + 2 * groups * rows * n * kv + scales + (2 * 4 + 2 + 1) * rows * 4
+    return kv_off + 2 * n * (ckv + rope) * kv + 2 * rows * n * kv + (2 * 4 + 2 + 1) * rows * 4
 
 
 def _check_narrow(spec: VariantSpec) -> None:

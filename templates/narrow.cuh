@@ -30,20 +30,11 @@
 // Epilogue per segment: both warpgroups' (m, l, O) meet in shared memory (log-sum-exp merge), O is
 // normalised and written row-major (out, or the split's fp32 partial and lse, as the other families).
 //
-// fp8_ds_mla caches (Cfg::kKVFormat, common.cuh): the stage stays fp16 and every phase above is unchanged
-// but the load. The gather's 16-byte row chunks go to registers (ld.global), and the start of the tile
-// converts them (cvt e4m3x2 -> f16x2, exact; the bf16 rope to fp16) into the stage and at once issues the
-// loads of the WG's next tile, so a tile's loads are in flight during a whole tile of this warpgroup's work
-// (the 16-bit cp.async into the stage can only start after PV, when the stage is free). Bf16 queries become
-// fp16 on load. The per-token scales of the four 128-value groups multiply the four partial scores (one
-// accumulator chain per group, the rope in a fifth) and P^T (one P^T panel per group, each read by the PV
-// of that group's two m-tiles). The registers the tile waits in halve the rows a CTA takes.
-// fp8_e4m3 caches take a kernel of their own, with no 16-bit copy of the cache: narrow_e4m3.cuh.
+// fp8 caches (both formats) take a kernel of their own, with no 16-bit copy of the cache: narrow_e4m3.cuh.
 //
 // Shared memory (1024-byte aligned panels, see sm90.cuh Panel): Q ckv [RN][C] | Q rope [RN][R] |
-// 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][G][RN][64] | fp8_ds_mla token scales [2][64][G]
-// fp32 | per-warp row max/sum [2][4][RN] fp32 | m [2][RN] fp32 | lse [RN] fp32 (G = 4 scale groups for
-// fp8_ds_mla, else 1). The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
+// 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][RN][64] | per-warp row max/sum [2][4][RN] fp32 |
+// m [2][RN] fp32 | lse [RN] fp32. The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
 #pragma once
 #include "narrow_e4m3.cuh"
 #include "narrow_tile.cuh"
@@ -58,13 +49,8 @@ template <class Cfg>
 struct Layout {
   using KV = typename Cfg::KVType;
   static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim;
-  static_assert(Cfg::kKVFormat != KVFormat::kKVFp8Tensor, "fp8_e4m3 caches: narrow_e4m3.cuh");
-  static constexpr bool kDs = Cfg::kKVFormat == KVFormat::kKVFp8DsMla;  // the gather into registers, dequantized
-  static constexpr int G = kDs ? C / 128 : 1;  // P^T buffers per warpgroup: one per fp8_ds_mla scale group
-  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv tiles");
-  static_assert(std::is_same<typename Cfg::QType, KV>::value || (kDs && std::is_same<KV, __half>::value),
-                "the q type is the tile type, except bf16 q over an fp8 cache (fp16 tiles)");
-  static_assert(!kDs || (C == 512 && R == 64), "fp8_ds_mla: 512 ckv + 64 rope");
+  static_assert(Cfg::kKVFormat == KVFormat::kKV16, "fp8 caches: narrow_e4m3.cuh");
+  static_assert(std::is_same<typename Cfg::QType, KV>::value && sizeof(KV) == 2, "16-bit q and kv of one type");
   static constexpr int RN = Cfg::kBlockM, N = Cfg::kBlockN, W = Cfg::kWarps;
   static constexpr int MT = C / 64;   // m64 tiles of O^T
   using QN = Panel<C, RN>;
@@ -78,9 +64,8 @@ struct Layout {
   static constexpr int kOffQp = align(QN::kBytes);
   static constexpr int kOffKV = align(kOffQp + QP::kBytes);
   static constexpr int kStageBytes = KN::kBytes + KP::kBytes;
-  static constexpr int kOffP = kOffKV + 2 * kStageBytes;         // [2][G] P^T panels
-  static constexpr int kOffScale = kOffP + 2 * G * PP::kBytes;   // fp8_ds_mla: [2][N][G] fp32 token scales
-  static constexpr int kOffWarpRed = kOffScale + (kDs ? 2 * N * G * 4 : 0);  // [2][4][RN] fp32
+  static constexpr int kOffP = kOffKV + 2 * kStageBytes;      // [2] P^T panels
+  static constexpr int kOffWarpRed = kOffP + 2 * PP::kBytes;  // [2][4][RN] fp32
   static constexpr int kOffM = kOffWarpRed + 2 * 4 * RN * 4;  // [2][RN] fp32
   static constexpr int kOffLse = kOffM + 2 * RN * 4;          // [RN] fp32
   static constexpr int kSmemBytes = kOffLse + RN * 4;
@@ -98,7 +83,7 @@ struct Layout {
                 "panels start on 1024-byte boundaries (swizzle atoms)");
 };
 
-// The body of the 16-bit path (16-bit and fp8_ds_mla caches); fp8_e4m3 caches take narrow_e4m3.cuh's.
+// The body of the 16-bit path; fp8 caches take narrow_e4m3.cuh's.
 template <class Cfg>
 __device__ __forceinline__ void decode_16(const DecodeParams& p) {
   using L = Layout<Cfg>;
@@ -109,7 +94,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
   using KN = typename L::KN;
   using KP = typename L::KP;
   using PP = typename L::PP;
-  constexpr int H = L::H, C = L::C, RN = L::RN, N = L::N, MT = L::MT;
+  constexpr int H = L::H, RN = L::RN, N = L::N, MT = L::MT;
   constexpr int SV = RN / 2;  // accumulators per thread of one m64nRN tile (narrow_tile.cuh's layout)
   constexpr int kWgThreads = 128;
   constexpr int TEAMS = kWgThreads / 8;  // copy teams of 8 lanes (128 contiguous bytes) per warpgroup
@@ -134,8 +119,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
 
   // this warpgroup's stage and P^T buffer; descriptors (uniform per warpgroup)
   const uint32_t s_stage = s_base + L::kOffKV + wg * L::kStageBytes;
-  const uint32_t s_pt = s_base + L::kOffP + wg * L::G * PP::kBytes;
-  const uint32_t s_scale = s_base + L::kOffScale + wg * N * L::G * 4;
+  const uint32_t s_pt = s_base + L::kOffP + wg * PP::kBytes;
   const uint64_t d_qn = QN::desc(s_qn), d_qp = QP::desc(s_qp), d_pt = PP::desc(s_pt);
   const uint64_t d_kn = KN::desc(s_stage), d_kp = KP::desc(s_stage + KN::kBytes);
   // V^T: MN-major A, m = 64 columns of one column block, k = tokens (8-row atoms SBO apart)
@@ -150,55 +134,16 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
     const float scale_log2 = sm_scale_log2;
 
-    // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup.
-    //      16-bit caches: cp.async into the stage. fp8_ds_mla: issue_tile loads the tile's bytes into
-    //      registers (ld.global, a whole tile ahead: see the loop's start) and store_tile dequantizes them
-    //      into the fp16 stage: e4m3 -> f16 is exact, the scales stay out of it (per token and group on S
-    //      and P^T).
+    // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup,
+    //      cp.async into the stage
     using Pages = PagedRows<KV, N, TEAMS>;
-    constexpr int KI = Pages::kIters;
-    constexpr int kCkvChunks = L::kDs ? C / 128 : 1;  // 16-byte e4m3 chunks per lane and token: tl + 8 i
     Pages pages;
-    uint4 raw_c[KI][kCkvChunks], raw_r[KI];  // ckv e4m3; rope bf16
-    float raw_s[KI];                          // fp8_ds_mla: the scale of group tl (tl < G)
     auto prefetch_pages = [&](int blk) { pages.lookup(bt_row, p.page_size, len, blk, team); };
     auto issue_tile = [&]() {
-      if constexpr (!L::kDs) {
-        pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
-          KN::copy_row(s_stage, n, src_ckv, tl, bytes);
-          KP::copy_row(s_stage + KN::kBytes, n, src_pe, tl, bytes);
-        });
-      } else {
-        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-        for (int k = 0; k < KI; ++k) {
-          const bool valid = pages.off[k] >= 0;
-          const uint8_t* ckv =
-              reinterpret_cast<const uint8_t*>(p.ckv) + pages.row_offset(k, p.ckv_stride_page, p.ckv_stride_tok);
-#pragma unroll
-          for (int i = 0; i < kCkvChunks; ++i)
-            raw_c[k][i] = valid ? __ldg(reinterpret_cast<const uint4*>(ckv + 16 * (tl + 8 * i))) : zero;
-          const __nv_bfloat16* kpe = reinterpret_cast<const __nv_bfloat16*>(p.kpe) +
-                                     pages.row_offset(k, p.kpe_stride_page, p.kpe_stride_tok);
-          raw_r[k] = valid ? __ldg(reinterpret_cast<const uint4*>(kpe + 8 * tl)) : zero;
-          raw_s[k] = valid && tl < L::G ? __ldg(reinterpret_cast<const float*>(ckv + C) + tl) : 0.f;
-        }
-      }
-    };
-    auto store_tile = [&]() {  // fp8_ds_mla: issue_tile's registers -> fp16 rows of the stage and the scales
-#pragma unroll
-      for (int k = 0; k < KI; ++k) {
-        const int n = team + k * TEAMS;
-#pragma unroll
-        for (int i = 0; i < kCkvChunks; ++i) {
-          const int c = tl + 8 * i;  // columns 16 c .. 16 c + 15 = fp16 chunks 2 c, 2 c + 1
-          store_e4m3x16_as_f16(s_stage + KN::off(n, 2 * c), s_stage + KN::off(n, 2 * c + 1), raw_c[k][i]);
-        }
-        const uint4 v = raw_r[k];
-        sts_v4(s_stage + KN::kBytes + KP::off(n, tl), bf16x2_to_f16x2(v.x), bf16x2_to_f16x2(v.y),
-               bf16x2_to_f16x2(v.z), bf16x2_to_f16x2(v.w));
-        if (tl < L::G) sts_f32(s_scale + 4 * (n * L::G + tl), raw_s[k]);
-      }
+      pages.for_each_row(p, team, tl, [&](int n, const KV* src_ckv, const KV* src_pe, int bytes) {
+        KN::copy_row(s_stage, n, src_ckv, tl, bytes);
+        KP::copy_row(s_stage + KN::kBytes, n, src_pe, tl, bytes);
+      });
     };
 
     // Q rows (zero padding past the last row) by all 256 threads, then each WG's first tile
@@ -209,24 +154,20 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
         const int r = opaque(row0 + m);
         const bool valid = r < rows;
         const int s = valid ? r / H : 0, h = valid ? r % H : 0;
-        auto q_row = [&](auto panel, uint32_t dst, const Q* src) {
-          using P = decltype(panel);
-          if constexpr (std::is_same<Q, KV>::value) P::copy_row(dst, m, src, tl, valid ? 16 : 0);
-          else P::convert_row(dst, m, src, tl, valid);  // bf16 q over an fp8 cache: fp16 like the tiles
-        };
-        q_row(QN{}, s_qn,
-              reinterpret_cast<const Q*>(p.q_nope) +
-                  (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8));
-        q_row(QP{}, s_qp,
-              reinterpret_cast<const Q*>(p.q_pe) +
-                  (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8));
+        QN::copy_row(s_qn, m,
+                     reinterpret_cast<const Q*>(p.q_nope) +
+                         (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8),
+                     tl, valid ? 16 : 0);
+        QP::copy_row(s_qp, m,
+                     reinterpret_cast<const Q*>(p.q_pe) +
+                         (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8),
+                     tl, valid ? 16 : 0);
       }
     }
     cp_async_commit();
     if (wg < n_tiles) {
       prefetch_pages(seg.blk_lo + wg);
       issue_tile();
-      if (L::kDs && wg + 2 < n_tiles) prefetch_pages(seg.blk_lo + wg + 2);
     }
     cp_async_commit();
     cp_async_wait<1>();   // this thread's Q copies
@@ -240,21 +181,13 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     const int mask_from = len - p.s_q + 1;
 
     for (int it = wg; it < n_tiles; it += 2) {
-      if constexpr (L::kDs) {
-        // the registers are free once converted: the next tile's loads go out now, in flight under this
-        // tile's work and the other warpgroup's (issued after PV, they were waited for at once)
-        store_tile();
-        if (it + 2 < n_tiles) issue_tile();
-        if (it + 4 < n_tiles) prefetch_pages(seg.blk_lo + it + 4);
-      }
       cp_async_wait<0>();
       fence_proxy_async();  // this thread's copies (stores) of the tile -> visible to wgmma
       named_barrier_sync(bar_id, kWgThreads);
 
       // ---- QK: S^T = K Q^T, 64 tokens x RN rows. Independent accumulator chains keep the tensor pipe
-      //      busy: k16 steps alternate over two; fp8_ds_mla sums each 128-value scale group in a chain of
-      //      its own (scaled per token below) and the rope in one more.
-      constexpr int NC = L::kDs ? L::G + 1 : 2;
+      //      busy: k16 steps alternate over two.
+      constexpr int NC = 2;
       float sacc[NC][SV];
 #pragma unroll
       for (int c = 0; c < NC; ++c)
@@ -265,22 +198,14 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < QN::kSteps; ++ks)
-        wgmma_ss<RN, KV, 0>(sacc[L::kDs ? ks / 8 : ks % 2], desc_add(d_kn, KN::step(ks)), desc_add(d_qn, QN::step(ks)),
-                            1);
+        wgmma_ss<RN, KV, 0>(sacc[ks % 2], desc_add(d_kn, KN::step(ks)), desc_add(d_qn, QN::step(ks)), 1);
 #pragma unroll
       for (int ks = 0; ks < QP::kSteps; ++ks)
-        wgmma_ss<RN, KV, 0>(sacc[L::kDs ? L::G : (QN::kSteps + ks) % 2], desc_add(d_kp, KP::step(ks)),
+        wgmma_ss<RN, KV, 0>(sacc[(QN::kSteps + ks) % 2], desc_add(d_kp, KP::step(ks)),
                             desc_add(d_qp, QP::step(ks)), 1);
       wgmma_commit();
-      // fp8_ds_mla: the scales of this thread's tokens 16 wq + g + 8 h, per group
-      float tok_scale[2][L::G];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int gi = 0; gi < L::G; ++gi)
-          tok_scale[h][gi] = L::kDs ? lds_f32(s_scale + 4 * ((16 * wq + g + 8 * h) * L::G + gi)) : 1.f;
       const bool more = it + 2 < n_tiles;
-      if (!L::kDs && more) prefetch_pages(seg.blk_lo + it + 2);  // block-table reads overlap the tensor work
+      if (more) prefetch_pages(seg.blk_lo + it + 2);  // block-table reads overlap the tensor work
       wgmma_wait<0>();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(sacc[c]);
@@ -288,25 +213,14 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
       // ---- softmax over tokens: x[4 j + 2 h + e] = score of token 16 wq + g + 8 h, row 8 j + 2 tq + e
       float x[SV];
 #pragma unroll
-      for (int i = 0; i < SV; ++i) {
-        if constexpr (L::kDs) {
-          x[i] = sacc[L::G][i];
-#pragma unroll
-          for (int gi = 0; gi < L::G; ++gi) x[i] = fmaf(sacc[gi][i], tok_scale[(i >> 1) & 1][gi], x[i]);
-        } else {
-          x[i] = sacc[0][i] + sacc[1][i];
-        }
-      }
+      for (int i = 0; i < SV; ++i) x[i] = sacc[0][i] + sacc[1][i];
       const int t_tile = (seg.blk_lo + it) * N;
       softmax_tile<H, RN, MT>(x, state, place, t_tile, mask_from, len, row0, rows, scale_log2,
-                              [&](int r, int t, int h, float pv) {
-#pragma unroll
-                                for (int gi = 0; gi < L::G; ++gi) {  // fp8_ds_mla: times the token's scale, per group
-                                  const KV pk = from_float<KV>(L::kDs ? pv * tok_scale[h][gi] : pv);
-                                  uint16_t bits;
-                                  memcpy(&bits, &pk, sizeof(bits));
-                                  sts_u16(s_pt + gi * PP::kBytes + PP::off(r, t >> 3) + 2 * (t & 7), bits);
-                                }
+                              [&](int r, int t, int, float pv) {
+                                const KV pk = from_float<KV>(pv);
+                                uint16_t bits;
+                                memcpy(&bits, &pk, sizeof(bits));
+                                sts_u16(s_pt + PP::off(r, t >> 3) + 2 * (t & 7), bits);
                               });
 
       // ---- PV: O^T[64 mt ..][rows] += V^T P^T, k = the tile's 64 tokens
@@ -318,7 +232,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
           wgmma_ss<RN, KV, 0, 1>(state.o[mt], desc_add(d_vt, mt * KN::kBlockBytes + 16 * kk * KN::kRowBytes),
-                                 desc_add(d_pt, (L::kDs ? mt / 2 : 0) * PP::kBytes + PP::step(kk)), 1);
+                                 desc_add(d_pt, PP::step(kk)), 1);
       wgmma_commit();
       wgmma_wait<0>();
 #pragma unroll
@@ -326,7 +240,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
 
       // ---- next: the stage and P^T are free once every warp of the warpgroup is past its wait
       named_barrier_sync(bar_id, kWgThreads);
-      if (!L::kDs && more) issue_tile();
+      if (more) issue_tile();
       cp_async_commit();
     }
     // Both warpgroups pass the same named barriers, four per tile: with an odd tile count WG 1 passes
@@ -349,19 +263,19 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
 
 // fp8 caches: the kernel takes the cache's tensor maps beside the params (narrow_e4m3.cuh)
 template <class Cfg>
-constexpr bool kE4m3 = Cfg::kKVFormat == KVFormat::kKVFp8Tensor || Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
+constexpr bool kFp8 = Cfg::kKVFormat == KVFormat::kKVFp8Tensor || Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
 template <class Cfg>
-using KernelArg = std::conditional_t<kE4m3<Cfg>, TmaParams, DecodeParams>;
+using KernelArg = std::conditional_t<kFp8<Cfg>, TmaParams, DecodeParams>;
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) decode_kernel(const __grid_constant__ KernelArg<Cfg> arg) {
-  if constexpr (kE4m3<Cfg>) decode_e4m3<Cfg>(arg);
+  if constexpr (kFp8<Cfg>) decode_e4m3<Cfg>(arg);
   else decode_16<Cfg>(arg);
 }
 
 template <class Cfg>
 inline int launch_decode(const DecodeParams& p, uint64_t stream) {
-  if constexpr (kE4m3<Cfg>) return launch_e4m3<Cfg>(decode_kernel<Cfg>, p, stream);
+  if constexpr (kFp8<Cfg>) return launch_e4m3<Cfg>(decode_kernel<Cfg>, p, stream);
   else return launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream);
 }
 
