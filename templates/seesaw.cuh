@@ -158,11 +158,12 @@ struct Layout {
   // the consumers (warps 0-7) and the producer warpgroup (warps 8-11; warps 8 and 9 issue the loads)
   static constexpr int kThreads = 32 * W + 128;
   static_assert(kThreads == Cfg::kThreads, "block size disagrees with VariantSpec.threads");
-  // registers per thread after setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 64 K (the kernel starts at 65536 / 384 = 168).
+  // registers per thread after setmaxnreg, within the CTA's pool: ptxas gives 384 threads 168 each at entry, and an
+  // inc past 384 x 168 = 64512 waits forever (2 x 128 x 232 + 128 x 40 fills it exactly).
   // fp8 below ckv 512 (fewer O registers, the converter of the 4-stage ring spills at 40): 224 and 56.
   static constexpr bool kWideProducer = kFp8 && CW < 256;
   static constexpr int kConsumerRegs = kWideProducer ? 224 : 232, kProducerRegs = kWideProducer ? 56 : 40;
-  static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 65536, "register file");
+  static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 384 * 168, "setmaxnreg over the CTA's registers");
   static_assert(!kFp8 || KN::kBlockBytes == 2 * kRawBlockBytes, "fp8: a raw block is half an fp16 block");
   static_assert(S == 2 || S == 4, "stages: the kv tiles of one pair, or of two (the next pair's loads in flight)");
   static_assert(S * kUnits <= 32, "a full-barrier parity bit per (buffer, unit) in one 32-bit word");
