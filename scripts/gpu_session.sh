@@ -34,13 +34,17 @@ for m in sorted(glob.glob(".cache/mla_gen/sm90a/*/meta.json")):
     k = next(p for p in d["ptxas"] if p["function"] == "decode_kernel")
     print(f"{d['variant_id']}: {k['registers']} regs, spill {k['spill_stores']}/{k['spill_loads']} B, {d['build_seconds']} s")
 PY
+# A kernel that hangs (an mbarrier or setmaxnreg waiting forever) would take the whole device call: with
+# pytest-timeout present, a test past 300 s stops the run with every thread's stack (the thread method: a hung
+# CUDA call never returns to Python for a signal to land).
+hang_limit=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 300 --timeout-method thread")
 case "$what" in
   build) ;;
-  test) python -m pytest -m gpu -q -p no:cacheprovider "$@" >"$OUT/pytest.log" 2>&1
+  test) python -m pytest -m gpu -q -p no:cacheprovider $hang_limit "$@" >"$OUT/pytest.log" 2>&1
         rc=$?; tail -40 "$OUT/pytest.log"; echo "pytest exit status $rc" | tee -a "$OUT/summary.txt"; exit $rc ;;
   bench) python -m mla_gen.bench "$@" 2>&1 | tee "$OUT/bench.log" ;;
   all) logs="$OUT/logs"; mkdir -p "$logs"
-       python -m pytest -m gpu -q -p no:cacheprovider >"$logs/pytest.log" 2>&1
+       python -m pytest -m gpu -q -p no:cacheprovider $hang_limit >"$logs/pytest.log" 2>&1
        echo "pytest -m gpu: $(tail -1 "$logs/pytest.log")" | tee -a "$OUT/summary.txt"
        OUT="$logs" scripts/sanitizer.sh 2>&1 | tee -a "$OUT/summary.txt"
        python examples/serve_decode.py >"$logs/serve.log" 2>&1
