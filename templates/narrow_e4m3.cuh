@@ -76,7 +76,7 @@ struct E4m3Layout {
   // are built. Three fit the consumers' 240 registers at ckv 512 (16 rows); at ckv 256 (up to 32 rows) three spill.
   static constexpr int kABufs = C > 256 && !kDs ? 3 : 2;  // fp8_ds_mla: the scales take the third's registers
   // setmaxnreg moves registers within the CTA's pool, the 168 a thread ptxas gives 384 threads at entry: an inc
-  // past the pool waits forever. The producer warp needs 18 (fp8_ds_mla's scale copies included).
+  // past the pool waits forever. The producer warp fits 24 with 0 spills (18 used over fp8_e4m3).
   static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
   static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 384 * 168, "setmaxnreg over the CTA's registers");
 };
