@@ -127,6 +127,7 @@ def test_subsample_keeps_extremes() -> None:
     (["--preset", "deepseek-v3", "--s-q", "4", "--seqlen", "2"], "--seqlen"),
     (["--seqlen", "5", "--seqlens-random", "1,9"], "--seqlens-random"),
     (["--iters", "5"], "--iters"),
+    (["--case-timeout", "0"], "--case-timeout"),
     (["--cases", "1,99"], "--cases"),
     (["--cases", "1", "--preset", "kimi-k2"], "--cases"),
     (["--dtype", "fp8"], "--dtype"),
@@ -166,6 +167,22 @@ def test_options_single_case_and_suite() -> None:
     assert [c.name for c in suite.cases] == ["6", "6eq"] and all(c.dtype == "fp16" for c in suite.cases)
     assert suite.peers_dir == Path("/x") and suite.families is None
     assert len(parse_options([]).cases) == len(default_suite())
+    assert parse_options([]).case_timeout_s == 300 and parse_options(["--case-timeout", "20"]).case_timeout_s == 20
+
+
+@pytest.mark.parametrize("hangs", [True, False])
+def test_hang_watchdog_stops_a_case_that_never_finishes(hangs: bool) -> None:
+    """The bench's per-case watchdog (a kernel waiting forever on an mbarrier took a whole device call): past its
+    limit the process prints the stack and exits 1; a case that finishes in time disarms it."""
+    body = "time.sleep(30)" if hangs else "pass"
+    code = ("import time\nfrom mla_gen.bench.runner import hang_watchdog\n"
+            f"with hang_watchdog(1):\n    {body}\ntime.sleep(2)\nprint('finished')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    if hangs:
+        assert proc.returncode == 1 and "Timeout" in proc.stderr and "line 4" in proc.stderr, proc.stderr
+        assert "finished" not in proc.stdout
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == "finished", proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the suite where there is a GPU")

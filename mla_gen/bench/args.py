@@ -79,6 +79,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="folder holding peers.py (default .peers in the repo root; implies --peers)")
     p.add_argument("--iters", type=positive_int, default=30, metavar="N", help=f"timed runs per (case, impl), "
                    f">= {MIN_ITERS} (default 30)")
+    p.add_argument("--case-timeout", type=positive_int, default=300, metavar="S",
+                   help="seconds a case may take before the run stops with every thread's stack (a kernel that "
+                        "never finishes; default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random lengths and data (default 0)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write one JSON document of all records")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="write a roofline PNG (needs matplotlib)")
@@ -94,6 +97,7 @@ class Options:
     kv_dtype: DType | None             # an fp8 format timed beside the 16-bit cache; None: the 16-bit cache only
     peers_dir: Path | None             # None: no peers
     iters: int
+    case_timeout_s: int                # a case (or the host section) past it stops the run
     json_path: Path | None
     plot_path: Path | None
     from_json: Path | None
@@ -181,7 +185,8 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         cases = _suite(args, page_size, dtype)
     peers_dir = args.peers_dir or (REPO / ".peers" if args.peers else None)
     kv_dtype = _kv_dtype(args, dtype, cases)
-    return Options(cases, args.families, kv_dtype, peers_dir, args.iters, args.json, args.plot, args.from_json)
+    return Options(cases, args.families, kv_dtype, peers_dir, args.iters, args.case_timeout, args.json, args.plot,
+                   args.from_json)
 
 
 def _kv_dtype(args: argparse.Namespace, dtype: str, cases: list[Case]) -> DType | None:

@@ -2,7 +2,9 @@
 table, the JSON and the plot. `main` is `python -m mla_gen.bench` (see the package docstring)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import faulthandler
 import functools
 import json
 import os
@@ -10,7 +12,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -40,6 +42,19 @@ REF_REQUESTS = 4
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def hang_watchdog(seconds: int) -> Iterator[None]:
+    """A kernel that never finishes (an mbarrier or setmaxnreg waiting forever) would hold the run, and its
+    device, until killed from outside: past `seconds` the process prints every thread's stack under the last
+    progress line (which names the case) and exits with status 1. A C-level watchdog: it fires even while the
+    main thread waits inside a CUDA call."""
+    faulthandler.dump_traceback_later(seconds, exit=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @dataclasses.dataclass
@@ -313,12 +328,14 @@ def run(opts: Options) -> int:
     for i, case in enumerate(opts.cases, 1):
         log(f"[{i}/{len(opts.cases)}] case {case.name}: {case.shape} ({time.perf_counter() - start:.0f} s)")
         try:
-            records += bench_case(ctx, case)
+            with hang_watchdog(opts.case_timeout_s):
+                records += bench_case(ctx, case)
         except Exception as e:  # e.g. a CUDA error that outlives the row that caused it: keep the table
             log(f"  case {case.name} failed: {_error_text(e)}")
             records += ctx.failed_case(case, _error_text(e))
     log(f"host time per call: {HOST_CASE.shape} ({time.perf_counter() - start:.0f} s)")
-    host = host_section(ctx)
+    with hang_watchdog(opts.case_timeout_s):
+        host = host_section(ctx)
     log(f"done in {time.perf_counter() - start:.0f} s")
     settings = {**_settings(opts, ctx), "spin_us": timer.spin_us}  # the GPU spin's measured length
     if opts.json_path:
