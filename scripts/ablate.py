@@ -34,6 +34,7 @@ class Ablation:
     family: str
     what: str
     edits: tuple[Edit, ...]
+    kv_dtype: str = "bf16"  # the cache the ablated kernel reads (kernel_ab's SHAPE needs the same --kv-dtype)
 
 
 # seesaw's Q K^T calls, waiting for their boxes only in a segment's first pair (the tiles no-loads still loads)
@@ -226,6 +227,30 @@ ABLATIONS: dict[str, Ablation] = {
               "const bool move = false && v > m_ref[hh] + kRescaleLog2;"),
          Edit("seesaw.cuh", "exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m)", "sc[4 * j + 2 * hh] + 0.f * neg_m"),
          Edit("seesaw.cuh", "exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m)", "sc[4 * j + 2 * hh + 1]"))),
+    # narrow over fp8_e4m3 (narrow_e4m3.cuh; time on case 1: SHAPE="--case 1 --kv-dtype fp8_e4m3" FAMILIES=narrow)
+    "e4m3-no-qk": Ablation(
+        "narrow", "no Q K^T wgmmas (the scores stay 0; the commit and wait stay)",
+        (Edit("narrow_e4m3.cuh", "for (int ks = 0; ks < C / 32; ++ks)\n          wgmma_ss_e4m3<2 * RN>(acc,",
+              "for (int ks = 0; ks < 0; ++ks)\n          wgmma_ss_e4m3<2 * RN>(acc,"),
+         Edit("narrow_e4m3.cuh", "for (int ks = 0; ks < R / 32; ++ks)\n          wgmma_ss_e4m3<2 * RN>(acc,",
+              "for (int ks = 0; ks < 0; ++ks)\n          wgmma_ss_e4m3<2 * RN>(acc,")),
+        "fp8_e4m3"),
+    "e4m3-no-pv": Ablation(
+        "narrow", "no P V wgmmas (and most V^T loads and conversions, which only fed them; the waits stay)",
+        (Edit("narrow_e4m3.cuh", "wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);",
+              "if (q < 0) wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);"),),
+        "fp8_e4m3"),
+    "e4m3-no-softmax": Ablation(
+        "narrow", "P = S unscaled and no exp2 (narrow_tile.cuh, both narrow paths; the max, the barriers and the "
+        "stores of P stay)",
+        (Edit("narrow_tile.cuh", "exp2_scaled(x[4 * j + 2 * h + e], scale_log2, neg_m)", "x[4 * j + 2 * h + e]"),),
+        "fp8_e4m3"),
+    "e4m3-one-softmax-barrier": Ablation(
+        "narrow", "not wrong: the softmax's closing barrier only on the slow path (bar.red already orders the fast "
+        "path's P^T stores; racecheck's barrier pairing would then need the count kept)",
+        (Edit("narrow_tile.cuh", "    make_p();\n  }\n  named_barrier_sync(w.bar_id, kWgThreads);",
+              "    make_p();\n    named_barrier_sync(w.bar_id, kWgThreads);\n  }"),),
+        "fp8_e4m3"),
 }
 
 
@@ -261,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.list:
         for name, a in ABLATIONS.items():
-            print(f"{name:14s} {a.family}: {a.what}")
+            print(f"{name:24s} {a.family} over {a.kv_dtype}: {a.what}")
         return 0
     if args.out is None or not args.names:
         ap.error("give a folder and at least one ablation (or --list)")

@@ -58,8 +58,9 @@ def test_cli_lists_and_makes(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 @builds_with_nvcc
 @pytest.mark.parametrize("name", list(ablate.ABLATIONS))
 def test_ablation_builds_clean(name: str, tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    family = Family(ablate.ABLATIONS[name].family)
+    family, kv = Family(ablate.ABLATIONS[name].family), DType.parse(ablate.ABLATIONS[name].kv_dtype)
+    heads = 16 if family is Family.NARROW else 128  # a head count the family is dispatched for
     monkeypatch.setenv("MLA_GEN_TEMPLATE_DIR", str(ablate.ablate(name, tmp_path_factory.mktemp("ablations"))))
-    spec = VariantSpec(128, 512, 64, DType.BF16, DType.BF16, DType.BF16, family,
-                       default_tile(family, 128, 512, 64, Arch.SM90A), Arch.SM90A)
+    spec = VariantSpec(heads, 512, 64, DType.BF16, kv, DType.BF16, family,
+                       default_tile(family, heads, 512, 64, Arch.SM90A, kv_dtype=kv), Arch.SM90A)
     assert_clean_decode_kernel(built_entry(spec, tmp_path_factory, f"ablation_{name}"))
