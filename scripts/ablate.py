@@ -237,8 +237,8 @@ ABLATIONS: dict[str, Ablation] = {
         "fp8_e4m3"),
     "e4m3-no-pv": Ablation(
         "narrow", "no P V wgmmas (and most V^T loads and conversions, which only fed them; the waits stay)",
-        (Edit("narrow_e4m3.cuh", "wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);",
-              "if (q < 0) wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q], desc_add(d_pt, PP::step(kk)), 1);"),),
+        (Edit("narrow_e4m3.cuh", "wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q],",
+              "if (q < 0) wgmma_rs<RN, __half, 0>(state.o[4 * gh + q], f[q],"),),
         "fp8_e4m3"),
     "e4m3-no-softmax": Ablation(
         "narrow", "P = S unscaled and no exp2 (narrow_tile.cuh, both narrow paths; the max, the barriers and the "
