@@ -356,7 +356,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const uint32_t at = stage + L::kScaleOff + 16 * (16 * wq + g + 8 * h) + 8 * half;
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(tsc[h][0]), "=f"(tsc[h][1]) : "r"(at));
+            const uint2 v = lds_v2(at);
+            tsc[h][0] = __uint_as_float(v.x), tsc[h][1] = __uint_as_float(v.y);
           }
 #pragma unroll
           for (int i = 0; i < SV; ++i)
@@ -410,7 +411,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
               const uint4 q4 = lds_v4(addr);
               w[u][0] = q4.x, w[u][1] = q4.y, w[u][2] = q4.z, w[u][3] = q4.w;
             } else {
-              asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w[u][0]), "=r"(w[u][1]) : "r"(addr));
+              const uint2 q2 = lds_v2(addr);
+              w[u][0] = q2.x, w[u][1] = q2.y;
             }
             if (decltype(masked)::value && t >= valid) {
 #pragma unroll
