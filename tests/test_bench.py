@@ -185,6 +185,20 @@ def test_hang_watchdog_stops_a_case_that_never_finishes(hangs: bool) -> None:
         assert proc.returncode == 0 and proc.stdout.strip() == "finished", proc.stderr
 
 
+def test_hang_watchdog_where_stderr_is_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a notebook sys.stderr has no file descriptor: the watchdog falls back to the process's own, or to none."""
+    import io
+
+    from mla_gen.bench.runner import hang_watchdog
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with hang_watchdog(60):
+        pass
+    monkeypatch.setattr(sys, "__stderr__", None)
+    with hang_watchdog(60):
+        pass
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the suite where there is a GPU")
 def test_no_gpu_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--cases", "4"]) == 1

@@ -49,12 +49,25 @@ def hang_watchdog(seconds: int) -> Iterator[None]:
     """A kernel that never finishes (an mbarrier or setmaxnreg waiting forever) would hold the run, and its
     device, until killed from outside: past `seconds` the process prints every thread's stack under the last
     progress line (which names the case) and exits with status 1. A C-level watchdog: it fires even while the
-    main thread waits inside a CUDA call."""
-    faulthandler.dump_traceback_later(seconds, exit=True, file=sys.stderr)
+    main thread waits inside a CUDA call. Where stderr is no file (a notebook's), the process's own stderr takes the
+    stacks; without one either, nothing watches."""
+    out = next((f for f in (sys.stderr, sys.__stderr__) if _has_fileno(f)), None)
+    if out is None:
+        yield
+        return
+    faulthandler.dump_traceback_later(seconds, exit=True, file=out)
     try:
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return False
+    return True
 
 
 @dataclasses.dataclass
