@@ -5,7 +5,7 @@ fp8_ds_mla), heads 16/40/64/128 at ckv 512/rope 64 and fp8_e4m3 at 256/32 with 4
 two, codes at e4m3's +-448 (the largest value, or saturated), lse too, split and unsplit schedules, NaN in
 every slot no request may read; a long request merged by the merge kernel; kv_scale read at each launch (a
 new tensor per call, a graph replay after it changed in place); the MLA layer's absorbed form on an fp8
-cache. Dispatch on sm_90a runs narrow (up to 16 fp8 rows), seesaw (fp8_e4m3 from 40 rows) and wgmma; the mma
+cache; narrow at pages 2, 4, 8, 24 and 32 (its TMA box and scale-copy regimes). Dispatch on sm_90a runs narrow (up to 16 fp8 rows), seesaw (fp8_e4m3 from 40 rows) and wgmma; the mma
 family (sm_80+) and wgmma's fp8_e4m3 get a matrix of their own; on an arch without any of them plan must raise
 naming kv_dtype.
 
@@ -159,6 +159,21 @@ def test_fp8_matrix(kv_dtype, dims, heads, s_q, page, schedule):
         assert w.plan_info.spec.kv_dtype is DType.parse(kv_dtype)
         w.run(*case.args()[:6], **case.kwargs(), out=out, lse=lse)
         assert int(w.schedule()[1][:, 1].max()) > 1, "the split schedule split no request"
+    check(out, lse, case)
+
+
+# narrow's raw kernel loads a page group's tokens as TMA boxes of tma_box_rows(page) rows (the largest power of two
+# dividing the page, at most 64); fp8_ds_mla's scales come by boxes of 16-byte rows from 8 rows on (their
+# destinations then 128-byte aligned) and by a bulk copy per token below: pages on either side of each regime
+@pytest.mark.parametrize("page", [2, 4, 8, 24, 32], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+@fp8_only
+def test_fp8_narrow_pages_across_the_box_regimes(kv_dtype, page):
+    assert spec_for(kv_dtype, 16).family is Family.NARROW
+    seed = zlib.crc32(repr(("box regimes", kv_dtype, page)).encode())
+    case = make_case(kv_dtype, (512, 64), 16, 1, page, seed, variant=page // 2)
+    out, lse = poisoned(case)
+    mla_gen.mla_decode(*case.args(), **case.kwargs(), out=out, lse=lse)
     check(out, lse, case)
 
 
