@@ -5,9 +5,9 @@ fp8_ds_mla), heads 16/40/64/128 at ckv 512/rope 64 and fp8_e4m3 at 256/32 with 4
 two, codes at e4m3's +-448 (the largest value, or saturated), lse too, split and unsplit schedules, NaN in
 every slot no request may read; a long request merged by the merge kernel; kv_scale read at each launch (a
 new tensor per call, a graph replay after it changed in place); the MLA layer's absorbed form on an fp8
-cache; narrow at pages 2, 4, 8, 24 and 32 (its TMA box and scale-copy regimes). Dispatch on sm_90a runs narrow (up to 16 fp8 rows), seesaw (fp8_e4m3 from 40 rows) and wgmma; the mma
-family (sm_80+) and wgmma's fp8_e4m3 get a matrix of their own; on an arch without any of them plan must raise
-naming kv_dtype.
+cache; narrow at pages 2, 4, 8, 24 and 32 (its TMA box and scale-copy regimes). Dispatch on sm_90a runs
+narrow (up to 16 fp8 rows), seesaw (fp8_e4m3 from 40 rows) and wgmma; the mma family (sm_80+) and wgmma's
+fp8_e4m3 get a matrix of their own; on an arch without any of them plan must raise naming kv_dtype.
 
 Tolerance (issue 13: q is not quantized): rel L2 <= 1e-2, max abs <= 2e-2 x max |ref|, lse max abs <= 2e-3
 (mla_gen.testing's bf16 row), and no NaN. Where the kernel quantizes q (VariantSpec.quantizes_q: narrow over
