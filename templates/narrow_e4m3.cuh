@@ -87,26 +87,6 @@ __device__ __forceinline__ uint32_t e4m3x2_lo_to_f16x2(uint32_t v) {
   asm("{\n.reg .b16 l;\ncvt.u16.u32 l, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}" : "=r"(r) : "r"(v));
   return r;
 }
-// e4m3 pair (the high 16 bits) -> f16x2: the half is picked by the conversion, no shift
-__device__ __forceinline__ uint32_t e4m3x2_hi_to_f16x2(uint32_t v) {
-  uint32_t r;
-  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, h;\n}" : "=r"(r) : "r"(v));
-  return r;
-}
-// two floats -> bf16x2 (a lower)
-__device__ __forceinline__ uint32_t bf16x2_bits(float a, float b) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  uint32_t r;
-  memcpy(&r, &v, sizeof(r));
-  return r;
-}
-// two floats -> f16x2 (a lower)
-__device__ __forceinline__ uint32_t f16x2_bits(float a, float b) {
-  const __half2 v = __floats2half2_rn(a, b);
-  uint32_t r;
-  memcpy(&r, &v, sizeof(r));
-  return r;
-}
 // f16x2 product, for fp8_ds_mla's token scales on V^T
 __device__ __forceinline__ uint32_t hmul2_bits(uint32_t a, uint32_t b) {
   uint32_t r;
@@ -266,7 +246,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
         if (L::kDs && c >= C / 16) {  // fp8_ds_mla: q's rope in bf16, unscaled, rows 0 .. RN-1 of the rope panel
           uint32_t b[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) b[e] = bf16x2_bits(v[i][2 * e], v[i][2 * e + 1]);
+          for (int e = 0; e < 8; ++e) b[e] = pack2<__nv_bfloat16>(v[i][2 * e], v[i][2 * e + 1]);
           sts_v4(s_base + L::kOffQr + QR::off(m, 2 * (c - C / 16)), b[0], b[1], b[2], b[3]);
           sts_v4(s_base + L::kOffQr + QR::off(m, 2 * (c - C / 16) + 1), b[4], b[5], b[6], b[7]);
           continue;
@@ -428,7 +408,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
               ts[u] = lds_f32(stage + L::kScaleOff + 16 * t + 4 * wq);
               if (decltype(masked)::value && t >= valid) ts[u] = 0.f;  // a poisoned slot's scale may be NaN
             }
-            s01 = f16x2_bits(ts[0], ts[1]), s89 = f16x2_bits(ts[2], ts[3]);
+            s01 = pack2<__half>(ts[0], ts[1]), s89 = pack2<__half>(ts[2], ts[3]);
           }
 #pragma unroll
           for (int gh = 0; gh < kGroups; ++gh) {
@@ -444,10 +424,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
               const uint32_t sel = (mt & 1) ? 0x7362u : 0x5140u;  // bytes 2 mt, 2 mt + 1 of two tokens, paired
               const uint32_t r01 = __byte_perm(w[0][mt >> 1], w[1][mt >> 1], sel);
               const uint32_t r89 = __byte_perm(w[2][mt >> 1], w[3][mt >> 1], sel);
-              f[q][0] = e4m3x2_lo_to_f16x2(r01);
-              f[q][1] = e4m3x2_hi_to_f16x2(r01);
-              f[q][2] = e4m3x2_lo_to_f16x2(r89);
-              f[q][3] = e4m3x2_hi_to_f16x2(r89);
+              e4m3x4_to_f16x4(r01, f[q][0], f[q][1]);
+              e4m3x4_to_f16x4(r89, f[q][2], f[q][3]);
               if constexpr (L::kDs) {
                 f[q][0] = hmul2_bits(f[q][0], s01), f[q][1] = hmul2_bits(f[q][1], s01);
                 f[q][2] = hmul2_bits(f[q][2], s89), f[q][3] = hmul2_bits(f[q][3], s89);
