@@ -113,7 +113,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * RN;
   const int part = blockIdx.y;
-  const float sm_scale_log2 = p.sm_scale * kLog2e;
+  const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
   const int team = (tid & (kWgThreads - 1)) >> 3, tl = tid & 7;
 
@@ -132,7 +132,6 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     const int len = seg.len;
     const int n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(b) * p.block_table_stride;
-    const float scale_log2 = sm_scale_log2;
 
     // ---- load (common.cuh PagedRows): token n of a tile is copied by team n mod TEAMS of the warpgroup,
     //      cp.async into the stage

@@ -1,4 +1,5 @@
-// mla-gen family `narrow`, its fp8_e4m3 path: the cache's bytes are never turned into a 16-bit tile.
+// mla-gen family `narrow`, its fp8 path (fp8_e4m3; fp8_ds_mla as E4m3Layout says): the cache's bytes are never
+// turned into a 16-bit tile.
 //
 // Why: narrow's 16-bit path over an fp8 cache (each warpgroup converting its tile into an fp16 stage before
 // its wgmma) ran no faster than over bf16: one warpgroup's convert -> Q K^T -> softmax -> P V chain per tile,
@@ -35,7 +36,7 @@ struct E4m3Layout {
   // the rope in bf16. Q K^T keeps a chain per group (scaled per token after), the rope meets q's rope in bf16,
   // and P V multiplies each token's scale into V^T as it converts it: a warp's O^T rows are one group's features.
   static constexpr bool kDs = Cfg::kKVFormat == KVFormat::kKVFp8DsMla;
-  static constexpr int G = kDs ? C / 128 : 1;  // Q K^T chains
+  static constexpr int G = kDs ? C / 128 : 1;  // scale groups a token (fp8_ds_mla; 1: the per-tensor scale)
   // raw stages: more than two take a tile's load off the chain (three and four measured even at ckv 512)
   static constexpr int kRing = C > 256 ? 3 : 4;
   // e4m3 q, rows 0 .. RN-1 its hi part and RN .. 2 RN-1 its lo part (a 16-bit Panel's bytes): the ckv, C bytes a
