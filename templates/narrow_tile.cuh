@@ -1,5 +1,5 @@
-// mla-gen family `narrow`: what its two kernels share (narrow.cuh for 16-bit and fp8_ds_mla caches,
-// narrow_e4m3.cuh for fp8_e4m3): a warpgroup's row state, its softmax over a tile's tokens, and the segment's
+// mla-gen family `narrow`: what its two kernels share (narrow.cuh for 16-bit caches, narrow_e4m3.cuh for both
+// fp8 formats): a warpgroup's row state, its softmax over a tile's tokens, and the segment's
 // epilogue. Layout of a thread's values (wgmma m64nRN accumulators with the kv tokens on M): score / O^T
 // element [4 j + 2 h + e] is token (or O^T row) 16 wq + g + 8 h and query row 8 j + 2 tq + e of the block.
 #pragma once
