@@ -38,7 +38,7 @@ def test_replayed_calls_after_a_16_bit_wrapper_stay_clean_and_equal() -> None:
     first = fp8.check_run().clone()  # a NaN-filled out, the planner on the GPU
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for _ in range(400):
-        flush.zero_()  # the bench's L2 flush between timed calls
+        flush.zero_()  # an L2 flush between calls, by a write as the bench flushed when the race showed
         last = fp8.run()
     torch.cuda.synchronize()  # a launch failure raises here
     assert not first.isnan().any(), "the first call left NaN in out"

@@ -196,7 +196,8 @@ def test_fp8_sass_dequantizes_into_fp16_hgmma(fp8_entry):
         assert " LDL" not in sass and " STL" not in sass
         return
     # fp8_ds_mla (narrow_e4m3.cuh): Q K^T in e4m3 per scale group (16 k32 steps), the bf16 rope in 4 k16 steps,
-    # P V as over fp8_e4m3 with each token's scale multiplied into V^T (HMUL2), the scales by bulk copies
+    # P V as over fp8_e4m3 with each token's scale multiplied into V^T (HMUL2), the scales by boxes of their own map
+    # (bulk copies per token below 8-row boxes)
     assert sass.count("QGMMA.64x32x32.F32.E4M3.E4M3 ") == 16 and sass.count("HGMMA.64x16x16.F32.BF16 ") == 4
     assert sass.count("HGMMA.64x16x16.F32 ") == 2 * 32 and "HMUL2" in sass and "F2FP.F16.E4M3.UNPACK_B" in sass
     assert "UTMALDG.3D" in sass and "UBLKCP" in sass and "USETMAXREG.TRY_ALLOC" in sass
