@@ -1,0 +1,78 @@
+"""Where a call's time goes between its kernels: a CUPTI timeline (torch.profiler) of the bench's own timed
+sequence (L2 flush by a read, GPU spin, `MLADecodeWrapper.run` with the work list reused), 20 calls per case; per
+kernel of the call, its median start and end after the spin's end and its median duration:
+
+    PYTHONPATH=. python scripts/call_timeline.py 4 b8long 5 b4long b8long:fp8_e4m3
+
+Arguments are bench suite case names, each optionally with an fp8 cache format after a colon. The family is the
+one dispatch runs for the case's rows. The bench stays the instrument for speed claims; this splits a call.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from generator.select import decide
+from generator.spec import Arch, DType
+from mla_gen.bench.cases import default_suite
+from mla_gen.bench.impls import build_inputs, prepare_mlagen, quantize
+
+CALLS = 20
+SPIN_CYCLES = 200_000          # ~0.1 ms: the call is launched before the GPU reaches it
+FLUSH_BYTES = 256 * 2**20      # larger than the L2
+
+
+def timeline(prep, flush: torch.Tensor) -> dict[str, list[tuple[float, float]]]:
+    """Per kernel name, (start, end) in us after the spin's end, one pair per call."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            flush.sum(dtype=torch.int64)
+            torch.cuda._sleep(SPIN_CYCLES)
+            prep.run()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per: dict[str, list[tuple[float, float]]] = {}
+    spin_end = None
+    for e in events:
+        if "spin" in e.name or "sleep" in e.name:
+            spin_end = e.time_range.end
+        elif spin_end is not None and "reduce" not in e.name.lower():
+            name = e.name.split("(")[0].split("<")[0][-40:]
+            per.setdefault(name, []).append((e.time_range.start - spin_end, e.time_range.end - spin_end))
+    return per
+
+
+def main() -> None:
+    suite = {c.name: c for c in default_suite()}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("cases", nargs="+", help="suite case names, e.g. 4 or b8long:fp8_e4m3")
+    a = ap.parse_args()
+    for arg in a.cases:
+        if arg.partition(":")[0] not in suite:
+            ap.error(f"cases: expected suite case names ({', '.join(suite)}), got {arg!r}")
+    dev = torch.device("cuda")
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=dev)
+    for arg in a.cases:
+        name, _, kv = arg.partition(":")
+        case = suite[name]
+        kv_dtype = DType.parse(kv) if kv else DType.parse(case.dtype)
+        family = decide(arch=Arch.SM90A, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
+                        dtype=DType.parse(case.dtype), s_q=case.s_q, kv_dtype=kv_dtype).spec.family
+        inp = build_inputs(case, dev)
+        prep = prepare_mlagen(family, inp, case, fp8=quantize(inp, kv_dtype) if kv else None)
+        for _ in range(5):
+            prep.run()
+        torch.cuda.synchronize()
+        print(f"{arg} ({prep.note}):")
+        for kernel, spans in timeline(prep, flush).items():
+            start = statistics.median(s for s, _ in spans)
+            end = statistics.median(t for _, t in spans)
+            dur = statistics.median(t - s for s, t in spans)
+            print(f"  {kernel:40s} n={len(spans):3d} start {start:7.2f} us  end {end:7.2f} us  dur {dur:7.2f} us")
+
+
+if __name__ == "__main__":
+    main()
