@@ -709,8 +709,10 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
 // 9.1 us for one request of 66 splits at 128 heads on an H200). The groups' sums meet in shared memory.
 // Launched with programmatic dependent launch after the decode kernel, whose results it waits for.
 constexpr int kMergeGroups = 4;
-// 17: a request split over every part of a 2-row-block grid on a 132-SM GPU (66 splits) in one round trip.
-constexpr int kMergeUnroll = 17;
+// 4: the code stays small. Each CTA runs it once on an instruction cache the decode kernel left cold, and 17 loads
+// unrolled made issuing them alone take 2 us a CTA (b8long's merge ended 6.8 us after the decode kernel; PERF.md,
+// nineteenth session). More splits than 16 take the loop, whose body is then cached.
+constexpr int kMergeUnroll = 4;
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kCkvDim / 4 * kMergeGroups, 1)
