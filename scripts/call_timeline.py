@@ -23,6 +23,7 @@ from mla_gen.bench.impls import build_inputs, prepare_mlagen, quantize
 CALLS = 20
 SPIN_CYCLES = 200_000          # ~0.1 ms: the call is launched before the GPU reaches it
 FLUSH_BYTES = 256 * 2**20      # larger than the L2
+FP8_FORMATS = tuple(d.cli_name for d in DType if d.is_fp8)
 
 
 def timeline(prep, flush: torch.Tensor) -> dict[str, list[tuple[float, float]]]:
@@ -51,8 +52,11 @@ def main() -> None:
     ap.add_argument("cases", nargs="+", help="suite case names, e.g. 4 or b8long:fp8_e4m3")
     a = ap.parse_args()
     for arg in a.cases:
-        if arg.partition(":")[0] not in suite:
+        name, _, kv = arg.partition(":")
+        if name not in suite:
             ap.error(f"cases: expected suite case names ({', '.join(suite)}), got {arg!r}")
+        if kv and kv not in FP8_FORMATS:
+            ap.error(f"cases: expected an fp8 cache format after the colon ({', '.join(FP8_FORMATS)}), got {arg!r}")
     dev = torch.device("cuda")
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=dev)
     for arg in a.cases:
