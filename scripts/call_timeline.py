@@ -27,7 +27,7 @@ FP8_FORMATS = tuple(d.cli_name for d in DType if d.is_fp8)
 
 
 def timeline(prep, flush: torch.Tensor) -> dict[str, list[tuple[float, float]]]:
-    """Per kernel name, (start, end) in us after the spin's end, one pair per call."""
+    """Per mla-gen kernel name, (start, end) in us after the spin's end, one pair per call."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(CALLS):
             flush.sum(dtype=torch.int64)
@@ -40,7 +40,7 @@ def timeline(prep, flush: torch.Tensor) -> dict[str, list[tuple[float, float]]]:
     for e in events:
         if "spin" in e.name or "sleep" in e.name:
             spin_end = e.time_range.end
-        elif spin_end is not None and "reduce" not in e.name.lower():
+        elif spin_end is not None and "mla_gen" in e.name:  # not the next flush's kernels
             name = e.name.split("(")[0].split("<")[0][-40:]
             per.setdefault(name, []).append((e.time_range.start - spin_end, e.time_range.end - spin_end))
     return per
