@@ -5,7 +5,7 @@ kernel of the call, its median start and end after the spin's end and its median
     PYTHONPATH=. python scripts/call_timeline.py 4 b8long 5 b4long b8long:fp8_e4m3
 
 Arguments are bench suite case names, each optionally with an fp8 cache format after a colon. The family is the
-one dispatch runs for the case's rows. The bench stays the instrument for speed claims; this splits a call.
+one dispatch picks for the case on this device; the flush and the spin are the bench's (mla_gen/bench/timing.py). The bench stays the instrument for speed claims; this splits a call.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from generator.select import decide
-from generator.spec import Arch, DType
+from generator.spec import DType
 from mla_gen.bench.cases import default_suite
 from mla_gen.bench.impls import build_inputs, prepare_mlagen, quantize
+from mla_gen.bench.timing import FLUSH_BYTES, SPIN_CYCLES
+from mla_gen.dispatch import choose
+from mla_gen.dtypes import torch_dtype
 
 CALLS = 20
-SPIN_CYCLES = 200_000          # ~0.1 ms: the call is launched before the GPU reaches it
-FLUSH_BYTES = 256 * 2**20      # larger than the L2
 FP8_FORMATS = tuple(d.cli_name for d in DType if d.is_fp8)
 
 
@@ -63,8 +63,8 @@ def main() -> None:
         name, _, kv = arg.partition(":")
         case = suite[name]
         kv_dtype = DType.parse(kv) if kv else DType.parse(case.dtype)
-        family = decide(arch=Arch.SM90A, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
-                        dtype=DType.parse(case.dtype), s_q=case.s_q, kv_dtype=kv_dtype).spec.family
+        family = choose(dev.index or 0, case.heads, case.ckv, case.rope, torch_dtype(case.dtype), case.s_q,
+                        kv_dtype=kv_dtype, batch=case.batch).spec.family
         inp = build_inputs(case, dev)
         prep = prepare_mlagen(family, inp, case, fp8=quantize(inp, kv_dtype) if kv else None)
         for _ in range(5):
