@@ -184,21 +184,20 @@ def test_fp8_variant_has_no_spills_and_no_warnings(fp8_entry):
 
 
 @reads_sass
-def test_fp8_sass_dequantizes_into_fp16_hgmma(fp8_entry):
+def test_fp8_sass_reads_the_raw_cache_with_e4m3_qgmma(fp8_entry):
+    # both formats (narrow_e4m3.cuh): P V in fp16 with V^T from registers (8 m-tiles x 4 k16 steps; twice: a copy
+    # that masks the last tile's tokens), converted there; the tiles by TMA, the producer's registers handed over
     sass = sass_of(fp8_entry)
-    if "fp8e4m3" in fp8_entry.meta()["variant_id"]:
-        # narrow_e4m3.cuh: Q K^T in e4m3 from the raw tile (16 + 2 k32 steps, q's hi and lo parts as one n32 operand),
-        # P V in fp16 with V^T from registers (8 m-tiles x 4 k16 steps; twice: a copy that masks the last tile's
-        # tokens), the tiles by TMA, the producer's registers handed to the consumers
-        assert sass.count("QGMMA.64x32x32.F32.E4M3.E4M3 ") == 18 and sass.count("HGMMA.64x16x16.F32 ") == 2 * 32
-        assert "F2FP.F16.E4M3.UNPACK_B" in sass and "PRMT" in sass and "LDS.128" in sass  # V^T fragments
-        assert "UTMALDG.3D" in sass and "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
-        assert " LDL" not in sass and " STL" not in sass
-        return
-    # fp8_ds_mla (narrow_e4m3.cuh): Q K^T in e4m3 per scale group (16 k32 steps), the bf16 rope in 4 k16 steps,
-    # P V as over fp8_e4m3 with each token's scale multiplied into V^T (HMUL2), the scales by boxes of their own map
-    # (bulk copies per token below 8-row boxes)
-    assert sass.count("QGMMA.64x32x32.F32.E4M3.E4M3 ") == 16 and sass.count("HGMMA.64x16x16.F32.BF16 ") == 4
-    assert sass.count("HGMMA.64x16x16.F32 ") == 2 * 32 and "HMUL2" in sass and "F2FP.F16.E4M3.UNPACK_B" in sass
-    assert "UTMALDG.3D" in sass and "UBLKCP" in sass and "USETMAXREG.TRY_ALLOC" in sass
+    assert sass.count("HGMMA.64x16x16.F32 ") == 2 * 32 and "F2FP.F16.E4M3.UNPACK_B" in sass
+    assert "UTMALDG.3D" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert " LDL" not in sass and " STL" not in sass
+    if "fp8e4m3" in fp8_entry.meta()["variant_id"]:
+        # Q K^T in e4m3 from the raw tile (16 + 2 k32 steps, q's hi and lo parts as one n32 operand)
+        assert sass.count("QGMMA.64x32x32.F32.E4M3.E4M3 ") == 18
+        assert "PRMT" in sass and "LDS.128" in sass  # V^T fragments
+        assert "USETMAXREG.DEALLOC" in sass
+    else:
+        # fp8_ds_mla: Q K^T in e4m3 per scale group (16 k32 steps), the bf16 rope in 4 k16 steps, each token's scale
+        # multiplied into V^T (HMUL2), the scales by boxes of their own map (bulk copies per token below 8-row boxes)
+        assert sass.count("QGMMA.64x32x32.F32.E4M3.E4M3 ") == 16 and sass.count("HGMMA.64x16x16.F32.BF16 ") == 4
+        assert "HMUL2" in sass and "UBLKCP" in sass

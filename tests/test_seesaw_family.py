@@ -1,5 +1,5 @@
-"""The seesaw family (templates/seesaw.cuh): sm_90a only, dispatch's family there from 40 query rows on and for
-tile rules, the shared-memory formula, and (slow, real nvcc) builds with no spills
+"""The seesaw family (templates/seesaw.cuh): sm_90a only, dispatch's family there from 40 query rows on (narrow
+below, whatever the call's size), tile rules, the shared-memory formula, and (slow, real nvcc) builds with no spills
 and no warnings whose SASS carries HGMMA 64x64 (S per warpgroup) and 64xCW (P V, V read transposed, P from registers
 and from shared memory) and TMA loads by a producer warpgroup (setmaxnreg); on a GPU, the page sizes the main matrix
 lacks (TMA boxes of 1, 16 and 64 rows, tiles inside one page)."""
