@@ -84,12 +84,20 @@ def _no_overlap(name: str, t: torch.Tensor) -> None:
                              f"expected a tensor the kernels can write")
 
 
+# A softmax scale is 1 / sqrt(head dim) times a small factor (YaRN's mscale). The kernels scale float32 scores,
+# which overflow from about 1e36 / |q k|; a scale this large is a mistake, not a model.
+MAX_SM_SCALE = 1e4
+
+
 def check_sm_scale(sm_scale: object) -> float:
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):  # numpy scalars too
         raise TypeError(f"sm_scale: expected a float, got {type(sm_scale).__name__}")
     value = float(sm_scale)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"sm_scale: expected a finite number > 0, got {value}")
+    if value > MAX_SM_SCALE:
+        raise ValueError(f"sm_scale: expected a finite number > 0 and at most {MAX_SM_SCALE:.0e} (the kernels' "
+                         f"float32 scores overflow beyond), got {value:g}")
     return value
 
 
