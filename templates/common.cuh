@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -702,105 +703,123 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
 
 // ---- merge kernel: split requests of more than kInlineMergeSplits parts ----------------------------
 
-// Grid-stride over (listed request, row). The CTA is kMergeGroups groups of kCkv / 4 threads: a thread owns 4
-// columns of every kMergeGroups-th split. A row's loads all go out at once, before the first use: its splits' lse
-// (one per thread) and the thread's first kMergeUnroll partial values, so a row of up to kMergeGroups *
-// kMergeUnroll splits costs one L2 round trip (it cost two, lse then values, plus one per further 32 splits:
-// 9.1 us for one request of 66 splits at 128 heads on an H200). The groups' sums meet in shared memory.
+// Grid-stride over units (listed request, row, chunk of kMergeCols columns), many CTAs an SM: a row's partials
+// are read from L2 (other SMs wrote them just before) at the rate of the units in flight, so the units spread
+// over the whole GPU at once (a CTA per row took a b4long CTA through 4 rows in turn, 13 us after the decode
+// kernel). Lane l of each warp owns 4 columns of the chunk; warp w takes splits w, w + kMergeWarps, ... Each
+// unit's values go out by cp.async into shared memory from a rolled loop, kMergeStage splits at once, beside
+// the splits' lse: one L2 round trip for up to kMergeStage splits, from a loop small enough that the
+// instruction cache, which the decode kernel left cold, holds it after one pass (17 loads unrolled took 2 us
+// a CTA just to issue; PERF.md, nineteenth and twentieth sessions). The first unit's lookups (the planner's
+// merge list and split counts, final before the decode kernel lets this one launch) run before the wait.
 // Launched with programmatic dependent launch after the decode kernel, whose results it waits for.
-constexpr int kMergeGroups = 4;
-// 4: the code stays small. Each CTA runs it once on an instruction cache the decode kernel left cold, and 17 loads
-// unrolled made issuing them alone take 2 us a CTA (b8long's merge ended 6.8 us after the decode kernel; PERF.md,
-// nineteenth session). More splits than 16 take the loop, whose body is then cached.
-constexpr int kMergeUnroll = 4;
+constexpr int kMergeWarps = 8;
+constexpr int kMergeCols = 128;   // a unit's columns: 32 lanes x 4
+constexpr int kMergeStage = 64;   // splits whose values are in flight at once: 32 KB of shared memory
+constexpr int kMergeCtasPerPart = 4;  // the grid: at most this many CTAs per decode CTA (they fit an SM at once)
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kCkvDim / 4 * kMergeGroups, 1)
-    merge_kernel(const __grid_constant__ DecodeParams p) {
+__global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const __grid_constant__ DecodeParams p) {
   using OutT = typename Cfg::OutType;
   using Out2 = typename Vec2<OutT>::type;
-  constexpr int kHeads = Cfg::kNumHeads, kCkv = Cfg::kCkvDim, kUnroll = kMergeUnroll;
-  constexpr int kColThreads = kCkv / 4, kThreads = kColThreads * kMergeGroups, kWarps = (kThreads + 31) / 32;
-  static_assert(kCkv % 4 == 0, "ckv: 4 columns per thread");
-  wait_for_previous_grid();
+  using Rows = ResultRows<Cfg>;
+  constexpr int kChunks = Cfg::kCkvDim / kMergeCols, kThreads = kMergeWarps * 32;
+  static_assert(Cfg::kCkvDim % kMergeCols == 0, "ckv: whole chunks of kMergeCols columns");
+  __shared__ float4 s_val[kMergeStage][32];   // the stage's partial values of this unit's chunk
+  __shared__ float s_w[kMergeMaxSplits];      // each split's lse, then its weight exp(lse_k - max)
+  __shared__ float s_red[2][kMergeWarps];
+  __shared__ float4 s_acc[kMergeWarps][32];   // each warp's sum over its splits
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int* list = reinterpret_cast<const int*>(p.merge_list);
   const int* req_info = reinterpret_cast<const int*>(p.req_info);
-  using Rows = ResultRows<Cfg>;
-  const int rows = p.s_q * kHeads, ct = threadIdx.x % kColThreads, group = threadIdx.x / kColThreads, col = 4 * ct;
-  const int items = list[0] * rows;
-  __shared__ float s_w[kMergeMaxSplits];  // each split's weight exp(lse_k - lse)
-  __shared__ float s_red[2][kWarps];
-  __shared__ float4 s_acc[kMergeGroups - 1][kColThreads];  // groups 1.. -> group 0
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int item = blockIdx.x; item < items; item += gridDim.x) {
-    const int b = list[1 + item / rows], row = item % rows;
-    const int num_splits = req_info[4 * b + 1], first = req_info[4 * b + 2];
-    float4 v[kUnroll];  // splits k0 + u * kMergeGroups of this thread's columns
-    auto load_values = [&](int k0) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int k = k0 + u * kMergeGroups;
-        v[u] = k < num_splits ? __ldcg(reinterpret_cast<const float4*>(Rows::partial(p, first + k, row) + col))
-                              : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+  const int rows = p.s_q * Cfg::kNumHeads;
+  const int units = __ldcg(list) * rows * kChunks;
+  struct Unit {
+    int b, row, col, num_splits, first;
+  };
+  auto lookup = [&](int u) {
+    Unit w;
+    w.b = __ldcg(list + 1 + u / (rows * kChunks));
+    w.row = u / kChunks % rows;
+    w.col = u % kChunks * kMergeCols + 4 * lane;
+    w.num_splits = __ldcg(req_info + 4 * w.b + 1);
+    w.first = __ldcg(req_info + 4 * w.b + 2);
+    return w;
+  };
+  int u = blockIdx.x;
+  Unit w = u < units ? lookup(u) : Unit{};
+  wait_for_previous_grid();
+  for (; u < units; u += gridDim.x) {
+    // values of splits [k0, k0 + kMergeStage): warp w copies splits k0 + w, k0 + w + kMergeWarps, ...
+    auto issue = [&](int k0) {
+      const int k1 = min(w.num_splits, k0 + kMergeStage);
+      for (int k = k0 + warp; k < k1; k += kMergeWarps)
+        cp_async_16(smem_u32(&s_val[k - k0][lane]), Rows::partial(p, w.first + k, w.row) + w.col, 16);
+      cp_async_commit();
     };
-    load_values(group);
-    // the splits' lse spread over the threads, max and sum reduced over the CTA
+    issue(0);
     float m = -INFINITY;
-    for (int k = threadIdx.x; k < num_splits; k += kThreads) {
-      s_w[k] = __ldcg(Rows::partial_lse(p, first + k, row));
+    for (int k = threadIdx.x; k < w.num_splits; k += kThreads) {
+      s_w[k] = __ldcg(Rows::partial_lse(p, w.first + k, w.row));
       m = fmaxf(m, s_w[k]);
     }
     m = warp_max(m);
     if (lane == 0) s_red[0][warp] = m;
     __syncthreads();
     m = s_red[0][0];
-    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, s_red[0][w]);
+#pragma unroll
+    for (int i = 1; i < kMergeWarps; ++i) m = fmaxf(m, s_red[0][i]);
     float sum = 0.f;
-    for (int k = threadIdx.x; k < num_splits; k += kThreads) {
+    for (int k = threadIdx.x; k < w.num_splits; k += kThreads) {
       const float e = m == -INFINITY ? 0.f : __expf(s_w[k] - m);
       s_w[k] = e;
       sum += e;
     }
     sum = warp_sum(sum);
     if (lane == 0) s_red[1][warp] = sum;
-    __syncthreads();
-    sum = 0.f;
-    for (int w = 0; w < kWarps; ++w) sum += s_red[1][w];
-    const float lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k0 = group;;) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int k = k0 + u * kMergeGroups;
-        const float w = k < num_splits ? s_w[k] * inv : 0.f;
-        acc.x += w * v[u].x;
-        acc.y += w * v[u].y;
-        acc.z += w * v[u].z;
-        acc.w += w * v[u].w;
+    for (int k0 = 0;;) {
+      cp_async_wait<0>();
+      __syncthreads();  // the stage's values, the weights and s_red[1]
+      const int k1 = min(w.num_splits, k0 + kMergeStage);
+      for (int k = k0 + warp; k < k1; k += kMergeWarps) {
+        const float e = s_w[k];
+        const float4 v = s_val[k - k0][lane];
+        acc.x += e * v.x;
+        acc.y += e * v.y;
+        acc.z += e * v.z;
+        acc.w += e * v.w;
       }
-      k0 += kMergeGroups * kUnroll;
-      if (k0 >= num_splits) break;
-      load_values(k0);
+      k0 = k1;
+      if (k0 >= w.num_splits) break;
+      __syncthreads();  // every warp is done with the stage before the next one lands
+      issue(k0);
     }
-    if (group > 0) s_acc[group - 1][ct] = acc;
-    __syncthreads();
-    if (group == 0) {
+    s_acc[warp][lane] = acc;
+    sum = 0.f;
 #pragma unroll
-      for (int g = 0; g < kMergeGroups - 1; ++g) {
-        const float4 o = s_acc[g][ct];
+    for (int i = 0; i < kMergeWarps; ++i) sum += s_red[1][i];
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int i = 1; i < kMergeWarps; ++i) {
+        const float4 o = s_acc[i][lane];
         acc.x += o.x;
         acc.y += o.y;
         acc.z += o.z;
         acc.w += o.w;
       }
-      OutT* out = ResultRows<Cfg>::out(p, b, row) + col;
-      reinterpret_cast<Out2*>(out)[0] = from_float2<OutT>(make_float2(acc.x, acc.y));
-      reinterpret_cast<Out2*>(out)[1] = from_float2<OutT>(make_float2(acc.z, acc.w));
-      if (p.lse && threadIdx.x == 0) *ResultRows<Cfg>::lse(p, b, row) = lse;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      OutT* out = Rows::out(p, w.b, w.row) + w.col;
+      reinterpret_cast<Out2*>(out)[0] = from_float2<OutT>(make_float2(acc.x * inv, acc.y * inv));
+      reinterpret_cast<Out2*>(out)[1] = from_float2<OutT>(make_float2(acc.z * inv, acc.w * inv));
+      if (p.lse && lane == 0 && w.col == 0)
+        *Rows::lse(p, w.b, w.row) = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
     }
-    __syncthreads();  // s_w, s_red and s_acc are rewritten by the next item
+    if (u + gridDim.x < units) {
+      w = lookup(u + gridDim.x);
+      __syncthreads();  // s_w, s_red, s_val and s_acc are rewritten by the next unit
+    }
   }
 }
 
@@ -877,12 +896,18 @@ inline bool merge_may_have_work(const DecodeParams& p, int block_n) {
   return (worth < p.num_parts ? worth : p.num_parts) > kInlineMergeSplits;
 }
 
-// The merge kernel over as many CTAs as the decode grid has (it strides over the listed rows).
+// The merge kernel over a CTA per unit (listed request, row, column chunk) that can exist, at most
+// kMergeCtasPerPart per decode CTA. A listed request spans more than kInlineMergeSplits parts, and the requests'
+// parts overlap only where one ends and the next begins, so at most (num_parts + batch - 1) / (kInlineMergeSplits
+// + 1) requests are listed.
 template <class Cfg>
 inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
   if (!merge_may_have_work(p, Cfg::kBlockN)) return 0;
-  return launch_dependent<Cfg>(merge_kernel<Cfg>, dim3(p.row_blocks * p.num_parts),
-                               dim3(Cfg::kCkvDim / 4 * kMergeGroups), 0, p, stream);
+  const long long listed = std::min<long long>(p.batch, (p.num_parts + p.batch - 1LL) / (kInlineMergeSplits + 1));
+  const long long units = listed * p.s_q * Cfg::kNumHeads * (Cfg::kCkvDim / kMergeCols);
+  const long long cap = static_cast<long long>(kMergeCtasPerPart) * p.row_blocks * p.num_parts;
+  const int grid = static_cast<int>(std::max(1LL, std::min(units, cap)));
+  return launch_dependent<Cfg>(merge_kernel<Cfg>, dim3(grid), dim3(kMergeWarps * 32), 0, p, stream);
 }
 
 }  // namespace mla_gen

@@ -87,8 +87,9 @@ def test_long_request(family, dtype, dims, heads, s_q, schedule):
 
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
 def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, heads, s_q):
-    """The merge kernel loads 4 x 4 splits of a row at once and loops for more (common.cuh kMergeUnroll): one
-    request over about 105 of 150 parts takes the loop several times (its short neighbour is not split)."""
+    """The merge kernel copies a row's values of up to 64 splits at once and loops for more (common.cuh
+    kMergeStage): one request over about 105 of 150 parts takes the loop twice (its short neighbour is not
+    split)."""
     inp = make_inputs([40000, 300], heads=heads, page_size=64, device="cuda", generator=seeded(heads + 7))
     out, lse = poisoned(inp, torch.bfloat16)
     w = mla_gen.MLADecodeWrapper(family=family, num_parts=150)
@@ -96,8 +97,26 @@ def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, hea
            sm_scale=inp.sm_scale)
     w.run(*inp.args()[:6], out=out, lse=lse)
     splits = w.schedule()[1][:, 1]
-    assert int(splits[0]) > 4 * 4 * 4, f"the long request split {int(splits[0])} ways, not over 64"
+    assert int(splits[0]) > 64, f"the long request split {int(splits[0])} ways, not over 64"
     check(out, lse, inp, torch.bfloat16)
+
+
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], DIMS, DTYPES, (1, 2)))
+def test_merge_kernel_ctas_take_several_units_in_turn(family, dtype, dims, heads, s_q):
+    """Four long requests over 24 parts split about 6 ways each, more than the decode kernel merges itself, so
+    the merge kernel gets 4 x rows x column chunks units, more than its grid (at most 4 CTAs per decode CTA,
+    common.cuh kMergeCtasPerPart): each of its CTAs merges several units in turn, every dtype and head count."""
+    dt = torch_dtype(dtype)
+    inp = make_inputs([6000, 5003, 7000, 6499], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
+                      dtype=dt, device="cuda", generator=seeded(heads + 13 * s_q))
+    out, lse = poisoned(inp, dt)
+    w = mla_gen.MLADecodeWrapper(family=family, num_parts=24)
+    w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
+           max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
+    w.run(*inp.args()[:6], out=out, lse=lse)
+    splits = w.schedule()[1][:, 1]
+    assert int(splits.min()) > 4, f"a request split only {int(splits.min())} ways: the decode kernel merges it"
+    check(out, lse, inp, dt)
 
 
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], dtypes=("bf16", "fp16")))
