@@ -1,6 +1,7 @@
 """Where a call's time goes between its kernels: a CUPTI timeline (torch.profiler) of the bench's own timed
 sequence (L2 flush by a read, GPU spin, `MLADecodeWrapper.run` with the work list reused), 20 calls per case; per
-kernel of the call, its median start and end after the spin's end and its median duration:
+kernel of the call, its median start and end after the spin's end and its median duration, then the tail (how
+long the last kernel ends after the decode kernel):
 
     PYTHONPATH=. python scripts/call_timeline.py 4 b8long 5 b4long b8long:fp8_e4m3
 
@@ -46,6 +47,13 @@ def timeline(prep, flush: torch.Tensor) -> dict[str, list[tuple[float, float]]]:
     return per
 
 
+def tail(ends: dict[str, float]) -> float | None:
+    """How long after the decode kernel's end the call's last kernel ends (the merge's tail), from each kernel's
+    end; None without a decode kernel."""
+    decode_end = next((t for kernel, t in ends.items() if "decode_kernel" in kernel), None)
+    return None if decode_end is None else max(ends.values()) - decode_end
+
+
 def main() -> None:
     suite = {c.name: c for c in default_suite()}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,11 +79,14 @@ def main() -> None:
             prep.run()
         torch.cuda.synchronize()
         print(f"{arg} ({prep.note}):")
+        ends = {}
         for kernel, spans in timeline(prep, flush).items():
             start = statistics.median(s for s, _ in spans)
-            end = statistics.median(t for _, t in spans)
+            ends[kernel] = end = statistics.median(t for _, t in spans)
             dur = statistics.median(t - s for s, t in spans)
             print(f"  {kernel:40s} n={len(spans):3d} start {start:7.2f} us  end {end:7.2f} us  dur {dur:7.2f} us")
+        if (after := tail(ends)) is not None:
+            print(f"  tail: the last kernel ends {after:.2f} us after the decode kernel")
 
 
 if __name__ == "__main__":

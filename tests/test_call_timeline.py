@@ -1,10 +1,14 @@
 """scripts/call_timeline.py refuses a case the bench suite does not have, or a cache format that is not fp8, naming
-the argument and what it expected, before it touches a GPU."""
+the argument and what it expected, before it touches a GPU; its tail is the last kernel's end after the decode
+kernel's."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,3 +29,17 @@ def test_a_cache_format_that_is_not_fp8_is_refused() -> None:
     run = run_script("4:bogus")
     assert run.returncode == 2, run.stderr
     assert "expected an fp8 cache format after the colon (fp8_e4m3, fp8_ds_mla), got '4:bogus'" in run.stderr
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("call_timeline", REPO / "scripts" / "call_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tail_is_the_last_end_after_the_decode_kernel() -> None:
+    tail = load_script().tail
+    assert tail({"mla_gen::narrow::decode_kernel": 43.7, "mla_gen::merge_kernel": 48.2}) == pytest.approx(4.5)
+    assert tail({"mla_gen::plan_kernel": 2.0, "mla_gen::seesaw::decode_kernel": 27.0}) == 0.0
+    assert tail({"mla_gen::merge_kernel": 3.0}) is None
