@@ -140,7 +140,7 @@ def check_plan(cache_seqlens: object, s_q: object, *, num_heads: object, ckv_dim
                kv_dtype: object = None) -> tuple[int, float, DType]:
     """MLADecodeWrapper.plan's arguments: cache_seqlens an int32 [batch] tensor on `device` with
     batch >= 1, positive integer sizes, a kernel dtype, a cache format (mla_gen.dtypes.to_kv_dtype) that
-    takes these dims and dtype, a finite sm_scale > 0. Returns (batch, sm_scale as a float, the cache's
+    takes these dims and dtype, a finite sm_scale in (0, MAX_SM_SCALE]. Returns (batch, sm_scale as a float, the cache's
     DType). Raises TypeError/ValueError naming the argument."""
     cache_seqlens = _tensor("cache_seqlens", cache_seqlens)
     _dims("cache_seqlens", cache_seqlens, "batch")
