@@ -6,7 +6,8 @@ long the last kernel ends after the decode kernel):
     PYTHONPATH=. python scripts/call_timeline.py 4 b8long 5 b4long b8long:fp8_e4m3
 
 Arguments are bench suite case names, each optionally with an fp8 cache format after a colon. The family is the
-one dispatch picks for the case on this device; the flush and the spin are the bench's (mla_gen/bench/timing.py). The bench stays the instrument for speed claims; this splits a call.
+one dispatch picks for the case on this device; the flush and the spin are the bench's (mla_gen/bench/timing.py).
+The bench stays the instrument for speed claims; this splits a call.
 """
 from __future__ import annotations
 
@@ -59,16 +60,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cases", nargs="+", help="suite case names, e.g. 4 or b8long:fp8_e4m3")
     a = ap.parse_args()
-    for arg in a.cases:
-        name, _, kv = arg.partition(":")
+    runs = [(arg, *arg.partition(":")[::2]) for arg in a.cases]  # (argument, case name, fp8 format or "")
+    for arg, name, kv in runs:
         if name not in suite:
             ap.error(f"cases: expected suite case names ({', '.join(suite)}), got {arg!r}")
         if kv and kv not in FP8_FORMATS:
             ap.error(f"cases: expected an fp8 cache format after the colon ({', '.join(FP8_FORMATS)}), got {arg!r}")
     dev = torch.device("cuda")
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=dev)
-    for arg in a.cases:
-        name, _, kv = arg.partition(":")
+    for arg, name, kv in runs:
         case = suite[name]
         kv_dtype = DType.parse(kv) if kv else DType.parse(case.dtype)
         family = choose(dev.index or 0, case.heads, case.ckv, case.rope, torch_dtype(case.dtype), case.s_q,
