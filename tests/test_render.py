@@ -157,6 +157,30 @@ def test_unknown_variable_in_a_template_raises(template_copy: Path) -> None:
         render_sources(VariantSpec.from_id(V3_TP1))
 
 
+def test_compiled_templates_are_kept_in_the_cache_and_an_edited_template_compiles_again(
+        template_copy: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = VariantSpec.from_id(V3_TP1)
+    first = render_sources(spec)
+    assert list((cache_root / ".jinja").glob("*.cache"))
+    compiles: list[str] = []
+    real = jinja2.Environment.compile
+    monkeypatch.setattr(jinja2.Environment, "compile", lambda self, *a, **k: compiles.append(a[1]) or real(self, *a, **k))
+    render._env_for.cache_clear()  # as a new process would
+    assert render_sources(spec) == first and compiles == []
+    kernel = template_copy / "kernel.cu.jinja"
+    kernel.write_text(kernel.read_text() + "// edited\n")
+    render._env_for.cache_clear()
+    assert render_sources(spec)["kernel.cu"] == first["kernel.cu"] + "// edited\n"
+    assert compiles == ["kernel.cu.jinja"]
+
+
+def test_a_cache_that_cannot_keep_compiled_templates_still_renders(cache_root: Path) -> None:
+    cache_root.mkdir()
+    (cache_root / ".jinja").write_text("a file where the folder would go")
+    render._env_for.cache_clear()
+    assert render_sources(VariantSpec.from_id(V3_TP1))["kernel.cu"]
+
+
 def test_bad_template_dir_warns_and_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLA_GEN_TEMPLATE_DIR", str(tmp_path / "nowhere"))
     with pytest.warns(UserWarning, match="MLA_GEN_TEMPLATE_DIR"):
