@@ -115,10 +115,6 @@ class Arch(enum.Enum):
         return int(re.sub(r"\D", "", self.value))
 
     @property
-    def arch_specific(self) -> bool:
-        return self.value.endswith("a")
-
-    @property
     def nvcc_name(self) -> str:
         return "sm_" + self.value[2:]
 
