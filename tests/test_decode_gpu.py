@@ -119,6 +119,24 @@ def test_merge_kernel_ctas_take_several_units_in_turn(family, dtype, dims, heads
     check(out, lse, inp, dt)
 
 
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], DIMS, DTYPES, (1, 2)))
+def test_merge_kernel_units_of_long_and_short_splits_alternate(family, dtype, dims, heads, s_q):
+    """Long and short requests over 100 parts split 44 and 7 ways (mla_gen.schedule.plan), so a merge CTA that
+    takes units in turn meets units past half a stage of splits (32: common.cuh kMergeStage / 2) and units
+    within it, in either order, and at 128 heads more units than it looks up at once."""
+    dt = torch_dtype(dtype)
+    inp = make_inputs([40000, 6000, 40000, 6000], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
+                      dtype=dt, device="cuda", generator=seeded(heads + 17 * s_q))
+    out, lse = poisoned(inp, dt)
+    w = mla_gen.MLADecodeWrapper(family=family, num_parts=100)
+    w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
+           max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
+    w.run(*inp.args()[:6], out=out, lse=lse)
+    splits = [int(n) for n in w.schedule()[1][:, 1]]
+    assert splits == [44, 7, 44, 7], splits
+    check(out, lse, inp, dt)
+
+
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], dtypes=("bf16", "fp16")))
 def test_a_split_request_is_as_accurate_as_an_unsplit_one(family, dtype, dims, heads, s_q):
     """A request split over ~100 parts and merged by the merge kernel is no less accurate than the same request
