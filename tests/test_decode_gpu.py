@@ -123,7 +123,7 @@ def test_merge_kernel_ctas_take_several_units_in_turn(family, dtype, dims, heads
 def test_merge_kernel_units_of_long_and_short_splits_alternate(family, dtype, dims, heads, s_q):
     """Long and short requests over 100 parts split 44 and 7 ways (mla_gen.schedule.plan), so a merge CTA that
     takes units in turn meets units past half a stage of splits (32: common.cuh kMergeStage / 2) and units
-    within it, in either order, and at 128 heads more units than it looks up at once."""
+    within it, in either order."""
     dt = torch_dtype(dtype)
     inp = make_inputs([40000, 6000, 40000, 6000], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
                       dtype=dt, device="cuda", generator=seeded(heads + 17 * s_q))
