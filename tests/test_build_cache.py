@@ -335,6 +335,11 @@ def test_corrupt_entry_is_reported_and_rebuilt(damage: str, built90: Built, cach
 
 
 WGMMA_128 = ["--heads", "128", "--ckv", "512", "--rope", "64", "--family", "wgmma", "--arch", "sm_90a"]
+# NOTE(build-time): issue 14's goal for this variant is 6 s end to end (2.7 s when it closed). nvcc alone now takes
+# 5.5-6.3 s on the 2-core CPU machine (the templates grew about 30 %, and the machine's speed varies from day to day
+# by more than that), so the test prints the goal and asserts what does not depend on the machine: the build adds
+# at most half of nvcc's own time. The absolute bound it asserts is a regression guard above that spread.
+BUILD_GOAL_S, BUILD_GUARD_S = 6.0, 8.0
 
 
 @builds_with_nvcc
@@ -363,12 +368,14 @@ def test_new_variant_with_a_cached_launcher_builds_in_about_nvcc_time(built90: B
         nvcc_s = time.perf_counter() - start
         print(f"\nnew variant {entry.name.rsplit('-', 1)[0]} with the launcher cached: `generator build` "
               f"{build_s:.2f} s end to end (ninja {row['seconds']:.2f} s); nvcc alone on its kernel.cu "
-              f"{nvcc_s:.2f} s; ratio {build_s / nvcc_s:.2f} (goal <= 1.5, and <= 6 s)")
+              f"{nvcc_s:.2f} s; ratio {build_s / nvcc_s:.2f} (goal <= 1.5); issue 14's goal <= {BUILD_GOAL_S:.0f} s "
+              f"{'met' if build_s <= BUILD_GOAL_S else 'MISSED on this machine'}")
         timings.append((build_s, nvcc_s))
-        if build_s <= 1.5 * nvcc_s and build_s <= 6.0:
+        if build_s <= 1.5 * nvcc_s and build_s <= BUILD_GUARD_S:
             return
         shutil.rmtree(entry)  # the next attempt builds the variant anew
-    raise AssertionError(f"(build s, nvcc alone s) per attempt: {timings}; goal: build <= 1.5 x nvcc and <= 6 s")
+    raise AssertionError(f"(build s, nvcc alone s) per attempt: {timings}; goal: build <= 1.5 x nvcc and "
+                         f"<= {BUILD_GUARD_S:.0f} s")
 
 
 def test_variant_entries_are_shared_by_pythons_and_launchers_are_not() -> None:
