@@ -50,6 +50,18 @@ def poisoned(inp, dtype):
     return out, lse
 
 
+def run_planned(inp, family: str, num_parts: int, out: torch.Tensor, lse: torch.Tensor | None = None) -> list[int]:
+    """Plans `inp` on a wrapper of `family` over `num_parts` parts, runs it into out (and lse); each request's
+    split count."""
+    _, s_q, heads, ckv = inp.q_nope.shape
+    w = mla_gen.MLADecodeWrapper(family=family, num_parts=num_parts)
+    w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=ckv, rope_dim=inp.q_pe.shape[3],
+           page_size=inp.ckv_cache.shape[1], max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale,
+           dtype=inp.q_nope.dtype)
+    w.run(*inp.args()[:6], out=out, lse=lse)
+    return [int(n) for n in w.schedule()[1][:, 1]]
+
+
 @pytest.mark.parametrize("schedule", ["auto", "unsplit", "split"])
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants(HEADS, DIMS, DTYPES, (1, 2)))
@@ -64,15 +76,11 @@ def test_decode_matrix(family, dtype, dims, heads, s_q, page, schedule):
     if schedule == "auto":
         mla_gen.mla_decode(*inp.args(), out=out, lse=lse, family=family)
     else:
-        w = mla_gen.MLADecodeWrapper(family=family, num_parts=1 if schedule == "unsplit" else 64)
-        w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=page,
-               max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
-        w.run(*inp.args()[:6], out=out, lse=lse)
-        splits = w.schedule()[1][:, 1]
+        splits = run_planned(inp, family, 1 if schedule == "unsplit" else 64, out, lse)
         if schedule == "split":
-            assert int(splits.max()) > 1, "the split schedule split no request"
+            assert max(splits) > 1, "the split schedule split no request"
         else:
-            assert int(splits.max()) == 1
+            assert max(splits) == 1
     check(out, lse, inp, dt)
 
 
@@ -92,12 +100,8 @@ def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, hea
     split)."""
     inp = make_inputs([40000, 300], heads=heads, page_size=64, device="cuda", generator=seeded(heads + 7))
     out, lse = poisoned(inp, torch.bfloat16)
-    w = mla_gen.MLADecodeWrapper(family=family, num_parts=150)
-    w.plan(inp.cache_seqlens, 1, num_heads=heads, page_size=64, max_pages=inp.block_table.shape[1],
-           sm_scale=inp.sm_scale)
-    w.run(*inp.args()[:6], out=out, lse=lse)
-    splits = w.schedule()[1][:, 1]
-    assert int(splits[0]) > 64, f"the long request split {int(splits[0])} ways, not over 64"
+    splits = run_planned(inp, family, 150, out, lse)
+    assert splits[0] > 64, f"the long request split {splits[0]} ways, not over 64"
     check(out, lse, inp, torch.bfloat16)
 
 
@@ -110,12 +114,8 @@ def test_merge_kernel_ctas_take_several_units_in_turn(family, dtype, dims, heads
     inp = make_inputs([6000, 5003, 7000, 6499], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
                       dtype=dt, device="cuda", generator=seeded(heads + 13 * s_q))
     out, lse = poisoned(inp, dt)
-    w = mla_gen.MLADecodeWrapper(family=family, num_parts=24)
-    w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
-           max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
-    w.run(*inp.args()[:6], out=out, lse=lse)
-    splits = w.schedule()[1][:, 1]
-    assert int(splits.min()) > 4, f"a request split only {int(splits.min())} ways: the decode kernel merges it"
+    splits = run_planned(inp, family, 24, out, lse)
+    assert min(splits) > 4, f"a request split only {min(splits)} ways: the decode kernel merges it"
     check(out, lse, inp, dt)
 
 
@@ -128,11 +128,7 @@ def test_merge_kernel_units_of_long_and_short_splits_alternate(family, dtype, di
     inp = make_inputs([40000, 6000, 40000, 6000], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
                       dtype=dt, device="cuda", generator=seeded(heads + 17 * s_q))
     out, lse = poisoned(inp, dt)
-    w = mla_gen.MLADecodeWrapper(family=family, num_parts=100)
-    w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
-           max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
-    w.run(*inp.args()[:6], out=out, lse=lse)
-    splits = [int(n) for n in w.schedule()[1][:, 1]]
+    splits = run_planned(inp, family, 100, out, lse)
     assert splits == [44, 7, 44, 7], splits
     check(out, lse, inp, dt)
 
@@ -146,16 +142,13 @@ def test_a_split_request_is_as_accurate_as_an_unsplit_one(family, dtype, dims, h
     inp = make_inputs([20000], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64, dtype=dt,
                       device="cuda", generator=seeded(heads + 11))
     ref, _ = mla_decode_reference(*inp.args())
-    errors = {}
+    errors, splits = {}, []
     for parts in (1, 100):
-        w = mla_gen.MLADecodeWrapper(family=family, num_parts=parts)
-        w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
-               max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt)
         out, _ = poisoned(inp, dt)
-        w.run(*inp.args()[:6], out=out)
+        splits = run_planned(inp, family, parts, out)
         assert not out.isnan().any()
         errors[parts] = float((out.double() - ref.to(out.device).double()).norm() / ref.double().norm())
-    assert int(w.schedule()[1][0, 1]) > 4, "the request is not split over enough parts for the merge kernel"
+    assert splits[0] > 4, "the request is not split over enough parts for the merge kernel"
     ulp = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11  # the dtype's relative rounding step
     assert errors[100] <= errors[1] + ulp, errors
 
