@@ -710,8 +710,9 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
 // pass (the decode kernel leaves it cold: 17 unrolled loads took 2 us a CTA just to issue). The first unit's
 // lookups (the planner's merge list and split counts, final before the decode kernel lets this one launch) run
 // before the wait. Launched with programmatic dependent launch after the decode kernel, whose results it waits
-// for. What is left after the decode kernel (b8long 4.5 us, b4long 11 us, case 5 6.2 us, an empty merge 0.6 us)
-// and the designs measured against this one: PERF.md, twentieth session.
+// for; a CTA with no unit leaves before the wait. What is left after the decode kernel (b8long 4.5 us, b4long
+// 12 us, case 5 6.4 us, an empty merge 0.3 us) and the designs measured against this one: PERF.md, twentieth and
+// twenty-second sessions.
 constexpr int kMergeWarps = 8;
 constexpr int kMergeCols = 128;   // a unit's columns: 32 lanes x 4
 constexpr int kMergeStage = 64;   // splits whose values are in flight at once: 32 KB of shared memory
@@ -746,6 +747,9 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const __grid_co
     return w;
   };
   int u = blockIdx.x;
+  // a CTA with no unit leaves before the wait (while the decode kernel runs); CTA 0 always waits, so this grid
+  // still ends after the decode kernel's
+  if (u >= units && u != 0) return;
   Unit w = u < units ? lookup(u) : Unit{};
   wait_for_previous_grid();
   for (; u < units; u += gridDim.x) {
