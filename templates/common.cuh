@@ -713,10 +713,13 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
 // for; a CTA with no unit leaves before the wait. What is left after the decode kernel (b8long 4.5 us, b4long
 // 12 us, case 5 6.4 us, an empty merge 0.3 us) and the designs measured against this one: PERF.md, twentieth and
 // twenty-second sessions.
-constexpr int kMergeWarps = 8;
+// Small CTAs, many of them: 4 warps and 27 KB of shared memory, so 8 fit an SM and 8 per decode CTA are resident
+// at once (b4long's 2048 units take two turns a CTA, not four; its tail 12 -> 7 us against 8 warps, 64 splits a
+// stage and 4 CTAs per decode CTA).
+constexpr int kMergeWarps = 4;
 constexpr int kMergeCols = 128;   // a unit's columns: 32 lanes x 4
-constexpr int kMergeStage = 64;   // splits whose values are in flight at once: 32 KB of shared memory
-constexpr int kMergeCtasPerPart = 4;  // the grid: at most this many CTAs per decode CTA (they fit an SM at once)
+constexpr int kMergeStage = 32;   // splits whose values are in flight at once: 16 KB of shared memory
+constexpr int kMergeCtasPerPart = 8;  // the grid: at most this many CTAs per decode CTA
 
 template <class Cfg>
 __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const __grid_constant__ DecodeParams p) {

@@ -95,9 +95,9 @@ def test_long_request(family, dtype, dims, heads, s_q, schedule):
 
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
 def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, heads, s_q):
-    """The merge kernel copies a row's values of up to 64 splits at once and loops for more (common.cuh
-    kMergeStage): one request over about 105 of 150 parts takes the loop twice (its short neighbour is not
-    split)."""
+    """The merge kernel copies a row's values of up to 32 splits at once and loops for more (common.cuh
+    kMergeStage): one request over about 105 of 150 parts takes the loop more than twice (its short neighbour is
+    not split)."""
     inp = make_inputs([40000, 300], heads=heads, page_size=64, device="cuda", generator=seeded(heads + 7))
     out, lse = poisoned(inp, torch.bfloat16)
     splits = run_planned(inp, family, 150, out, lse)
@@ -108,8 +108,9 @@ def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, hea
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], DIMS, DTYPES, (1, 2)))
 def test_merge_kernel_ctas_take_several_units_in_turn(family, dtype, dims, heads, s_q):
     """Four long requests over 24 parts split about 6 ways each, more than the decode kernel merges itself, so
-    the merge kernel gets 4 x rows x column chunks units, more than its grid (at most 4 CTAs per decode CTA,
-    common.cuh kMergeCtasPerPart): each of its CTAs merges several units in turn, every dtype and head count."""
+    the merge kernel gets 4 x rows x column chunks units, more than its grid (at most 8 CTAs per decode CTA,
+    common.cuh kMergeCtasPerPart): each of its CTAs merges several units in turn, every dtype and head count (but
+    16 heads of width 256 at s_q 1: 128 units over 192 CTAs, one each)."""
     dt = torch_dtype(dtype)
     inp = make_inputs([6000, 5003, 7000, 6499], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
                       dtype=dt, device="cuda", generator=seeded(heads + 13 * s_q))
@@ -122,8 +123,8 @@ def test_merge_kernel_ctas_take_several_units_in_turn(family, dtype, dims, heads
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], DIMS, DTYPES, (1, 2)))
 def test_merge_kernel_units_of_long_and_short_splits_alternate(family, dtype, dims, heads, s_q):
     """Long and short requests over 100 parts split 44 and 7 ways (mla_gen.schedule.plan), so a merge CTA that
-    takes units in turn meets units past half a stage of splits (32: common.cuh kMergeStage / 2) and units
-    within it, in either order."""
+    takes units in turn meets units of more than one stage of splits (32: common.cuh kMergeStage) and units
+    within one, in either order."""
     dt = torch_dtype(dtype)
     inp = make_inputs([40000, 6000, 40000, 6000], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
                       dtype=dt, device="cuda", generator=seeded(heads + 17 * s_q))
