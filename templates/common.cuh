@@ -710,12 +710,10 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
 // pass (the decode kernel leaves it cold: 17 unrolled loads took 2 us a CTA just to issue). The first unit's
 // lookups (the planner's merge list and split counts, final before the decode kernel lets this one launch) run
 // before the wait. Launched with programmatic dependent launch after the decode kernel, whose results it waits
-// for; a CTA with no unit leaves before the wait. What is left after the decode kernel (b8long 4.5 us, b4long
-// 12 us, case 5 6.4 us, an empty merge 0.3 us) and the designs measured against this one: PERF.md, twentieth and
-// twenty-second sessions.
-// Small CTAs, many of them: 4 warps and 27 KB of shared memory, so 8 fit an SM and 8 per decode CTA are resident
-// at once (b4long's 2048 units take two turns a CTA, not four; its tail 12 -> 7 us against 8 warps, 64 splits a
-// stage and 4 CTAs per decode CTA).
+// for; a CTA with no unit leaves before the wait. Small CTAs, many of them: 4 warps and 27 KB of shared memory,
+// so 8 fit an SM and 8 per decode CTA are resident at once (b4long's 2048 units take two turns a CTA, not four).
+// What is left after the decode kernel (b8long 4.1 us, b4long 7.0 us, case 5 6.3 us, an empty merge 0.3 us) and
+// the designs measured against this one: PERF.md, twentieth and twenty-second sessions.
 constexpr int kMergeWarps = 4;
 constexpr int kMergeCols = 128;   // a unit's columns: 32 lanes x 4
 constexpr int kMergeStage = 32;   // splits whose values are in flight at once: 16 KB of shared memory
