@@ -84,9 +84,12 @@ def _no_overlap(name: str, t: torch.Tensor) -> None:
                              f"expected a tensor the kernels can write")
 
 
-# The kernels scale float32 scores: past this an ordinary |q k| of 1e8 overflows them (3.1e37 gave a zero output).
-# Below it a huge scale is a hard max over the tokens (tests/test_edge_cases_gpu.py takes 6.35e8).
+# The kernels scale float32 scores: past MAX_SM_SCALE an ordinary |q k| of 1e8 overflows them (3.1e37 gave a zero
+# output); below it a huge scale is a hard max over the tokens (tests/test_edge_cases_gpu.py takes 6.35e8). Below
+# MIN_SM_SCALE the scale (times log2 e and an fp8 cache's scale) nears float32's smallest normal, and one that is
+# 0 in float32 (4.75e-247) turned a tile's masked scores into NaN; at it the softmax is uniform (the same file).
 MAX_SM_SCALE = 1e30
+MIN_SM_SCALE = 1e-30
 
 
 def check_sm_scale(sm_scale: object) -> float:
@@ -98,6 +101,9 @@ def check_sm_scale(sm_scale: object) -> float:
     if value > MAX_SM_SCALE:
         raise ValueError(f"sm_scale: expected a finite number > 0 and at most {MAX_SM_SCALE:.0e} (the kernels' "
                          f"float32 scores overflow beyond), got {value:g}")
+    if value < MIN_SM_SCALE:
+        raise ValueError(f"sm_scale: expected a finite number of at least {MIN_SM_SCALE:.0e} (the kernels' "
+                         f"float32 scale underflows below), got {value:g}")
     return value
 
 
@@ -140,8 +146,8 @@ def check_plan(cache_seqlens: object, s_q: object, *, num_heads: object, ckv_dim
                kv_dtype: object = None) -> tuple[int, float, DType]:
     """MLADecodeWrapper.plan's arguments: cache_seqlens an int32 [batch] tensor on `device` with
     batch >= 1, positive integer sizes, a kernel dtype, a cache format (mla_gen.dtypes.to_kv_dtype) that
-    takes these dims and dtype, a finite sm_scale in (0, MAX_SM_SCALE]. Returns (batch, sm_scale as a float, the cache's
-    DType). Raises TypeError/ValueError naming the argument."""
+    takes these dims and dtype, a finite sm_scale in [MIN_SM_SCALE, MAX_SM_SCALE]. Returns (batch, sm_scale as a
+    float, the cache's DType). Raises TypeError/ValueError naming the argument."""
     cache_seqlens = _tensor("cache_seqlens", cache_seqlens)
     _dims("cache_seqlens", cache_seqlens, "batch")
     _dtype("cache_seqlens", cache_seqlens, torch.int32)

@@ -9,8 +9,8 @@ Under racecheck (`--tool racecheck`) seesaw's fp8 case is left out: its converte
 the TMA wrote over the consumers' P stores, ordered by mbarriers, and racecheck sees neither the TMA's
 writes nor mbarrier order (PERF.md, thirteenth session), so it reports every such read. Every output is
 poisoned with NaN first and checked against the float64 reference on the CPU
-(mla_gen.testing.accuracy_problems with the GPU tests' bounds; fp8 caches dequantized), and every schedule is checked to split (or
-not) as its case says.
+(mla_gen.testing.accuracy_problems with the GPU tests' bounds; fp8 caches dequantized), and every schedule is
+checked to split (or not) as its case says.
 
     python scripts/sanitizer_driver.py [--family F] [--tool T]   # run the matrix (needs CUDA); exit 1 if wrong
     python scripts/sanitizer_driver.py --list [--arch sm_90a]   # the cases, no CUDA needed

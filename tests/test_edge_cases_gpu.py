@@ -10,6 +10,7 @@ import mla_gen.api
 from gpu_cases import variants
 from mla_gen.reference import mla_decode_reference
 from mla_gen.testing import accuracy_problems, make_inputs
+from mla_gen.validate import MIN_SM_SCALE
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -78,6 +79,19 @@ def test_a_huge_sm_scale_gives_the_hard_max_not_nan(family, dtype, dims, heads, 
     problems = accuracy_problems(out, None, ref, None, "bf16")
     assert not problems, problems
     assert bool(torch.isfinite(lse).all()), lse
+
+
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
+def test_the_smallest_sm_scale_gives_the_uniform_softmax_not_nan(family, dtype, dims, heads, s_q):
+    """sm_scale 1e-30 (validate.MIN_SM_SCALE; test_validate_props drew 4.75e-247, which is 0 in float32 and gave a
+    NaN row where the tile's masked scores met it): every score is ~0, so each row is the mean of its tokens' values,
+    also for a request of one token in a 64-token tile."""
+    inp = make_inputs([1, 130, 700], heads=heads, s_q=1, page_size=16, device="cuda", sm_scale=MIN_SM_SCALE,
+                      generator=torch.Generator(device="cuda").manual_seed(13))
+    out, lse = run(inp, family)
+    ref, ref_lse = mla_decode_reference(*inp.args())
+    problems = accuracy_problems(out, lse, ref, ref_lse, "bf16")
+    assert not problems, problems
 
 
 def test_a_checked_call_does_not_report_an_earlier_unchecked_one():

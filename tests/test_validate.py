@@ -27,8 +27,8 @@ def test_valid_inputs_reach_the_device_check():
         call(inputs())
 
 
-@pytest.mark.parametrize("scale", [np.float32(0.1), np.float64(0.1), 1, 1e30],
-                         ids=["np.float32", "np.float64", "int", "max"])
+@pytest.mark.parametrize("scale", [np.float32(0.1), np.float64(0.1), 1, 1e30, 1e-30],
+                         ids=["np.float32", "np.float64", "int", "max", "min"])
 def test_any_real_sm_scale_is_taken(scale):
     with pytest.raises(ValueError, match=r"q_nope: expected a CUDA tensor"):
         call(inputs(), sm_scale=scale)
@@ -53,6 +53,8 @@ def test_any_real_sm_scale_is_taken(scale):
     (lambda i: {"sm_scale": math.nan}, ValueError, r"sm_scale: expected a finite number > 0"),
     (lambda i: {"sm_scale": 3.1e37}, ValueError,
      r"sm_scale: expected a finite number > 0 and at most 1e\+30 .*got 3\.1e\+37"),
+    (lambda i: {"sm_scale": 4.75e-247}, ValueError,
+     r"sm_scale: expected a finite number of at least 1e-30 .*got 4\.75e-247"),
     (lambda i: {"sm_scale": "0.1"}, TypeError, r"sm_scale: expected a float"),
     (lambda i: {"ckv_cache": [1, 2]}, TypeError, r"ckv_cache: expected a torch.Tensor"),
     (lambda i: {"out": torch.empty(2, 1, 4, 256, dtype=torch.bfloat16)}, ValueError, r"out: expected shape"),
