@@ -231,7 +231,8 @@ def check_structure(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqle
     if block_table.shape[1] < 1:
         raise ValueError("block_table: expected at least one page column, got 0")
     if block_table.stride(1) != 1:
-        raise ValueError(f"block_table: expected contiguous rows (stride 1 on dim 1), got {tuple(block_table.stride())}")
+        raise ValueError(f"block_table: expected contiguous rows (stride 1 on dim 1), got "
+                         f"{tuple(block_table.stride())}")
     _dims("cache_seqlens", cache_seqlens, "batch")
     _dtype("cache_seqlens", cache_seqlens, torch.int32)
     _agree("cache_seqlens", "batch", cache_seqlens.shape[0], batch, "q_nope")
