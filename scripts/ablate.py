@@ -42,6 +42,9 @@ _FIRST_PAIR_WAITS = (
     Edit("seesaw.cuh", "        qk(sacc, b0, true);", "        qk(sacc, b0, it == 0);"),
     Edit("seesaw.cuh", "        qk(sacc, b1, has_k1);", "        qk(sacc, b1, has_k1 && it == 0);"),
 )
+# both narrow paths' softmax (narrow_tile.cuh) without its exp2: P = S unscaled
+_NARROW_NO_EXP2 = Edit("narrow_tile.cuh", "exp2_scaled(x[4 * j + 2 * h + e], scale_log2, neg_m)",
+                       "x[4 * j + 2 * h + e]")
 _LAUNCH = "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n}"
 
 
@@ -227,6 +230,19 @@ ABLATIONS: dict[str, Ablation] = {
               "const bool move = false && v > m_ref[hh] + kRescaleLog2;"),
          Edit("seesaw.cuh", "exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m)", "sc[4 * j + 2 * hh] + 0.f * neg_m"),
          Edit("seesaw.cuh", "exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m)", "sc[4 * j + 2 * hh + 1]"))),
+    # narrow's 16-bit path (narrow.cuh; time on case 4 or b8long: SHAPE="--case 4" FAMILIES=narrow), where a 64-token
+    # tile's compute takes ~3.3 us a warpgroup and its tensor work ~0.3 (PERF.md, twenty-second session)
+    "narrow-no-qk": Ablation(
+        "narrow", "no Q K^T wgmmas, 16-bit path (the scores stay 0; the commit and wait stay)",
+        (Edit("narrow.cuh", "for (int ks = 0; ks < QN::kSteps; ++ks)\n        wgmma_ss<RN, KV, 0>(sacc[ks % 2],",
+              "for (int ks = 0; ks < 0; ++ks)\n        wgmma_ss<RN, KV, 0>(sacc[ks % 2],"),
+         Edit("narrow.cuh", "for (int ks = 0; ks < QP::kSteps; ++ks)\n        wgmma_ss<RN, KV, 0>(sacc[(QN::kSteps",
+              "for (int ks = 0; ks < 0; ++ks)\n        wgmma_ss<RN, KV, 0>(sacc[(QN::kSteps"))),
+    "narrow-no-pv": Ablation(
+        "narrow", "no P V wgmmas, 16-bit path (the commit and wait stay)",
+        (Edit("narrow.cuh", "for (int kk = 0; kk < N / 16; ++kk)", "for (int kk = 0; kk < 0; ++kk)"),)),
+    "narrow-no-softmax": Ablation("narrow", "P = S unscaled and no exp2, 16-bit path (as e4m3-no-softmax)",
+                                  (_NARROW_NO_EXP2,)),
     # narrow over fp8_e4m3 (narrow_e4m3.cuh; time on case 1: SHAPE="--case 1 --kv-dtype fp8_e4m3" FAMILIES=narrow)
     "e4m3-no-qk": Ablation(
         "narrow", "no Q K^T wgmmas (the scores stay 0; the commit and wait stay)",
@@ -243,7 +259,7 @@ ABLATIONS: dict[str, Ablation] = {
     "e4m3-no-softmax": Ablation(
         "narrow", "P = S unscaled and no exp2 (narrow_tile.cuh, both narrow paths; the max, the barriers and the "
         "stores of P stay)",
-        (Edit("narrow_tile.cuh", "exp2_scaled(x[4 * j + 2 * h + e], scale_log2, neg_m)", "x[4 * j + 2 * h + e]"),),
+        (_NARROW_NO_EXP2,),
         "fp8_e4m3"),
     "e4m3-one-softmax-barrier": Ablation(
         "narrow", "not wrong: the softmax's closing barrier only on the slow path (bar.red already orders the fast "
