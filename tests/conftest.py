@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -85,6 +86,15 @@ def cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv("MLA_GEN_CACHE_DIR", str(root))
     return root
+
+
+def load_file(name: str, relpath: str):
+    """The module at REPO / relpath (a script or example, not a package), imported as `name` and registered in
+    sys.modules (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,

@@ -3,21 +3,17 @@ it expects) and, with real nvcc, builds its kernel without spills or warnings; a
 and leaves no copy behind."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from build_checks import assert_clean_decode_kernel, builds_with_nvcc, built_entry
+from conftest import load_file
 from generator.select import default_tile
 from generator.spec import Arch, DType, Family, VariantSpec
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("ablate", REPO / "scripts" / "ablate.py")
-ablate = sys.modules["ablate"] = importlib.util.module_from_spec(_spec)  # its dataclasses look it up
-_spec.loader.exec_module(ablate)
+ablate = load_file("ablate", "scripts/ablate.py")
 
 
 @pytest.mark.parametrize("name", list(ablate.ABLATIONS))

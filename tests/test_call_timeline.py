@@ -3,13 +3,12 @@ the argument and what it expected, before it touches a GPU; its tail is the last
 kernel's."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_file
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -30,15 +29,8 @@ def test_a_cache_format_that_is_not_fp8_is_refused() -> None:
     assert "expected an fp8 cache format after the colon (fp8_e4m3, fp8_ds_mla), got '4:bogus'" in run.stderr
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("call_timeline", REPO / "scripts" / "call_timeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_tail_is_the_last_end_after_the_decode_kernel() -> None:
-    tail = load_script().tail
+    tail = load_file("call_timeline", "scripts/call_timeline.py").tail
     assert tail({"mla_gen::narrow::decode_kernel": 43.7, "mla_gen::merge_kernel": 48.2}) == pytest.approx(4.5)
     assert tail({"mla_gen::plan_kernel": 2.0, "mla_gen::seesaw::decode_kernel": 27.0}) == 0.0
     assert tail({"mla_gen::merge_kernel": 3.0}) is None

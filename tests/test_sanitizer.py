@@ -5,7 +5,6 @@ On the CPU: the matrix covers what issue 16 asks of it and its schedules split a
 `python -m pytest -m sanitizer` runs each tool once over the matrix and wants it clean."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import shutil
@@ -14,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_file
 from generator.select import families_for
 from generator.spec import FP8_FAMILIES, Arch, DType, Family
 from mla_gen.schedule import INLINE_MERGE_SPLITS, PlanConfig, plan
@@ -24,11 +23,7 @@ SCRIPT = REPO / "scripts" / "sanitizer.sh"
 
 
 def driver():
-    spec = importlib.util.spec_from_file_location("sanitizer_driver", REPO / "scripts" / "sanitizer_driver.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_file("sanitizer_driver", "scripts/sanitizer_driver.py")
 
 
 @pytest.mark.parametrize("arch", [Arch.SM90A, Arch.SM80], ids=lambda a: a.nvcc_name)

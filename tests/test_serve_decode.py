@@ -2,23 +2,18 @@
 CUDA-graph replays match the eager steps."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_file
 from generator.presets import model_config
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("serve_decode_example", REPO / "examples" / "serve_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_file("serve_decode_example", "examples/serve_decode.py")
 
 
 def test_defaults_are_deepseek_v3_at_tp8() -> None:

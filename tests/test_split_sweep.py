@@ -3,16 +3,12 @@ s_q, dims) by name; a bad one is an argparse error naming what was expected (CPU
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("split_sweep", REPO / "scripts" / "split_sweep.py")
-split_sweep = sys.modules["split_sweep"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(split_sweep)
+from conftest import load_file
+
+split_sweep = load_file("split_sweep", "scripts/split_sweep.py")
 
 
 def test_a_shape_is_an_equal_length_bf16_case() -> None:

@@ -1,6 +1,5 @@
 """examples/tp_decode.py under torchrun: tensor-parallel decode vs the single-GPU layer, and one
 compile per variant for ranks starting together on one empty cache."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -9,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, load_file
 from mla_gen.testing import LAYER_TOL
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_tp(nproc: int, cache: Path) -> str:
@@ -26,10 +24,7 @@ def run_tp(nproc: int, cache: Path) -> str:
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("tp_decode_example", REPO / "examples" / "tp_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("tp_decode_example", "examples/tp_decode.py")
 
 
 @pytest.mark.parametrize("explicit", [True, False], ids=["MLA_GEN_CACHE_DIR", "default-cache"])
