@@ -243,6 +243,10 @@ ABLATIONS: dict[str, Ablation] = {
         (Edit("narrow.cuh", "for (int kk = 0; kk < N / 16; ++kk)", "for (int kk = 0; kk < 0; ++kk)"),)),
     "narrow-no-softmax": Ablation("narrow", "P = S unscaled and no exp2, 16-bit path (as e4m3-no-softmax)",
                                   (_NARROW_NO_EXP2,)),
+    "narrow-no-loads": Ablation(
+        "narrow", "no kv gathers after each warpgroup's first tile of a segment, 16-bit path (the waits and the "
+        "block-table reads stay)",
+        (Edit("narrow.cuh", "if (more) issue_tile();", "if (false) issue_tile();"),)),
     # narrow over fp8_e4m3 (narrow_e4m3.cuh; time on case 1: SHAPE="--case 1 --kv-dtype fp8_e4m3" FAMILIES=narrow)
     "e4m3-no-qk": Ablation(
         "narrow", "no Q K^T wgmmas (the scores stay 0; the commit and wait stay)",

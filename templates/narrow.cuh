@@ -34,7 +34,8 @@
 //
 // Shared memory (1024-byte aligned panels, see sm90.cuh Panel): Q ckv [RN][C] | Q rope [RN][R] |
 // 2 stages (kv ckv [64][C] | kv rope [64][R]) | P^T [2][RN][64] | per-warp row max/sum [2][4][RN] fp32 |
-// m [2][RN] fp32 | lse [RN] fp32. The epilogue stages O as [RN][C + 4] fp32 over the kv stages.
+// m [2][RN] fp32 | lse [RN] fp32. The epilogue stages O as [RN][C + 4] fp32 over the kv stages (an area per
+// warpgroup where two fit: Layout::kTwoAreas).
 #pragma once
 #include "narrow_e4m3.cuh"
 #include "narrow_tile.cuh"
@@ -72,6 +73,7 @@ struct Layout {
   static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
   static constexpr int kOStride = C + 4;  // fp32 staging row: +4 floats keep the column writes conflict-free
   static_assert(RN * kOStride * 4 <= 2 * kStageBytes, "the O staging fits over the kv stages");
+  static constexpr bool kTwoAreas = 2 * RN * kOStride * 4 <= 2 * kStageBytes;  // a staging area per warpgroup
 
   static_assert(N == 64, "block_n: one wgmma m64 tile of tokens");
   static_assert(W == 8, "warps: two warpgroups");
@@ -254,7 +256,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
     cp_async_wait<0>();
 
     // ---- epilogue (narrow_tile.cuh), O staged over the kv stages
-    write_segment<Cfg, RN, MT>(
+    write_segment<Cfg, RN, MT, L::kTwoAreas>(
         p, seg, state, place, s_m, s_lse, s_base + L::kOffKV, 1.f,
         [&](int mt, int i) { return 64 * mt + 16 * wq + g + 8 * (i >> 1); }, [] { __syncthreads(); });
   });

@@ -463,7 +463,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
 
     // ---- epilogue (narrow_tile.cuh): O staged in its own array (the producer may be refilling the ring), the
     //      features put back in order
-    write_segment<Cfg, RN, MT>(p, seg, state, place, s_m, s_lse, s_base + L::kOffO, scale.out(1.f),
+    write_segment<Cfg, RN, MT, false>(p, seg, state, place, s_m, s_lse, s_base + L::kOffO, scale.out(1.f),
                                [&](int mt, int i) { return piece + 2 * mt + (i >> 1); },
                                [] { named_barrier_sync(kBarConsumers, 256); });
   });

@@ -137,8 +137,10 @@ __device__ __forceinline__ void softmax_tile(float (&x)[RN / 2], RowState<RN, MT
 // sums over lanes and warps, the two warpgroups' (m, l, O) merged by log-sum-exp through s_m [2][RN] and the
 // exchange array, O staged row-major [RN][C + 4] fp32 at s_o (o[mt][4 j + i] is output column col(mt, i)),
 // normalised (times out_scale, an fp8_e4m3 cache's scale) and written: the request's out rows and lse, or the
-// split's partial rows and lse.
-template <class Cfg, int RN, int MT, class Col, class Sync>
+// split's partial rows and lse. kTwoAreas: each warpgroup stages its scaled O in its own area (WG 1's right after
+// WG 0's) and the row writer adds the two, one barrier and a read-modify-write pass fewer than one shared area
+// (this code runs once a segment, from a cold instruction cache: its length is its time).
+template <class Cfg, int RN, int MT, bool kTwoAreas, class Col, class Sync>
 __device__ __forceinline__ void write_segment(const DecodeParams& p, const Segment& seg, RowState<RN, MT>& st,
                                               const WarpPlace& w, uint32_t s_m, uint32_t s_lse, uint32_t s_o,
                                               float out_scale, Col&& col, Sync&& sync) {
@@ -186,14 +188,16 @@ __device__ __forceinline__ void write_segment(const DecodeParams& p, const Segme
       const float a0 = mw[0] == -INFINITY ? 0.f : fast_exp2(mw[0] - m);
       const float a1 = mw[1] == -INFINITY ? 0.f : fast_exp2(mw[1] - m);
       const float l = a0 * lw[0] + a1 * lw[1];
-      scale_own[j][e] = l > 0.f ? out_scale * (w.wg == 0 ? a0 : a1) / l : 0.f;
+      scale_own[j][e] = l > 0.f ? __fdividef(out_scale * (w.wg == 0 ? a0 : a1), l) : 0.f;  // l < 2^126
       if (w.wg == 0 && w.wq == 0 && w.g == 0) sts_f32(s_lse + 4 * r, row_lse(l, m));
     }
-  // WG 0 stores its O rows, WG 1 adds its own
+  // WG 0 stores its O rows, WG 1 adds its own (kTwoAreas: stores them in its own area)
+  constexpr uint32_t kAreaBytes = RN * kOStride * 4;
+  const uint32_t s_own = kTwoAreas ? s_o + w.wg * kAreaBytes : s_o;
   auto o_addr = [&](int mt, int j, int i) {  // O[row 8 j + 2 tq + (i & 1)][col(mt, i)]
-    return s_o + 4 * ((8 * j + 2 * w.tq + (i & 1)) * kOStride + col(mt, i));
+    return s_own + 4 * ((8 * j + 2 * w.tq + (i & 1)) * kOStride + col(mt, i));
   };
-  if (w.wg == 0) {
+  if (kTwoAreas || w.wg == 0) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -202,27 +206,34 @@ __device__ __forceinline__ void write_segment(const DecodeParams& p, const Segme
         for (int i = 0; i < 4; ++i) sts_f32(o_addr(mt, j, i), st.o[mt][4 * j + i] * scale_own[j][i & 1]);
   }
   sync();
-  if (w.wg == 1) {
+  if (!kTwoAreas) {
+    if (w.wg == 1) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int j = 0; j < J; ++j)
+        for (int j = 0; j < J; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t a = o_addr(mt, j, i);
-          sts_f32(a, lds_f32(a) + st.o[mt][4 * j + i] * scale_own[j][i & 1]);
-        }
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t a = o_addr(mt, j, i);
+            sts_f32(a, lds_f32(a) + st.o[mt][4 * j + i] * scale_own[j][i & 1]);
+          }
+    }
+    sync();
   }
-  sync();
   // each thread 4 consecutive columns of a row
   constexpr int kQuads = C / 4;
   for (int idx = tid; idx < RN * kQuads; idx += 256) {
     const int rl = idx / kQuads, c = 4 * (idx % kQuads);
     const int r = row0 + rl;
     if (r >= rows) continue;
-    const uint4 u = lds_v4(s_o + 4 * (rl * kOStride + c));
-    const float4 v = make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z),
-                                 __uint_as_float(u.w));
+    const uint32_t at = s_o + 4 * (rl * kOStride + c);
+    const uint4 u = lds_v4(at);
+    float4 v = make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
+    if (kTwoAreas) {
+      const uint4 u1 = lds_v4(at + kAreaBytes);
+      v.x += __uint_as_float(u1.x), v.y += __uint_as_float(u1.y), v.z += __uint_as_float(u1.z);
+      v.w += __uint_as_float(u1.w);
+    }
     const float lse = lds_f32(s_lse + 4 * rl);
     if (seg.split) {
       float* dst = ResultRows<Cfg>::partial(p, seg.slot, r) + c;
