@@ -154,7 +154,7 @@ class MLADecodeWrapper:
         i32 = dict(dtype=torch.int32, device=device)
         self._module = module
         self._index = device.index
-        self._part_info = torch.zeros(plan.decision.num_parts, 4, **i32)
+        self._part_info = torch.zeros(plan.decision.num_parts, 8, **i32)
         self._req_info = torch.zeros(batch, 4, **i32)
         self._status = torch.zeros(1, **i32)
         self._tickets = torch.zeros(batch, plan.decision.m_blocks, **i32)
@@ -311,7 +311,7 @@ class MLADecodeWrapper:
                      0 if own_lse is None else own_lse.data_ptr(), pair)
 
     def schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The device work list of the last run: part_info [num_parts, 4], req_info [batch, 4]."""
+        """The device work list of the last run: part_info [num_parts, 8], req_info [batch, 4]."""
         return self._part_info, self._req_info
 
     def check_status(self) -> None:

@@ -38,7 +38,9 @@ class PlanConfig:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Mirrors the device work list: part_info rows and req_info rows (see templates/params.h)."""
-    part_info: tuple[tuple[int, int, int, int], ...]  # begin_req, begin_blk, end_req, end_blk
+    # begin_req, begin_blk, end_req, end_blk, then begin_req's length, num_splits and this part's partial slot
+    # (0 unless split), 0: the copies a part's first segment reads with its row
+    part_info: tuple[tuple[int, int, int, int, int, int, int, int], ...]
     req_info: tuple[tuple[int, int, int, int], ...]   # first_part, num_splits, partial_offset, cost_begin
     active_parts: int
     total_cost: int
@@ -100,8 +102,6 @@ def plan(seqlens: Sequence[int], cfg: PlanConfig) -> Plan:
         return lo, max(0, x - cost_begin[lo] - cfg.fixed_cost)
 
     begins = [position(total * p // active if p < active else total) for p in range(cfg.num_parts + 1)]
-    part_info = tuple((*begins[p], *begins[p + 1]) for p in range(cfg.num_parts))
-
     req_info, offset = [], 0
     for b, nb in enumerate(blocks):
         if nb == 0:
@@ -112,13 +112,22 @@ def plan(seqlens: Sequence[int], cfg: PlanConfig) -> Plan:
         n = last - first + 1
         req_info.append((first, n, offset, cost_begin[b]))
         offset += n if n > 1 else 0
+
+    def first_facts(part: int) -> tuple[int, int, int]:
+        b = begins[part][0]
+        if b >= batch:
+            return 0, 0, 0
+        first, n, off, _ = req_info[b]
+        return int(seqlens[b]), n, off + part - first if n > 1 else 0
+
+    part_info = tuple((*begins[p], *begins[p + 1], *first_facts(p), 0) for p in range(cfg.num_parts))
     return Plan(part_info, tuple(req_info), active, total)
 
 
 def segments(pl: Plan, seqlens: Sequence[int], cfg: PlanConfig) -> Iterator[Segment]:
     """The segments each part processes, walked exactly as the kernels' for_each_segment does."""
     batch = len(seqlens)
-    for part, (begin_req, begin_blk, end_req, end_blk) in enumerate(pl.part_info):
+    for part, (begin_req, begin_blk, end_req, end_blk, *_) in enumerate(pl.part_info):
         for b in range(begin_req, min(end_req, batch - 1) + 1):
             nb = cfg.request_blocks(int(seqlens[b]))
             lo = begin_blk if b == begin_req else 0

@@ -515,21 +515,23 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
   constexpr int kBlockN = Cfg::kBlockN;
   wait_for_previous_grid();  // the planner's work list and tickets
   start_next_grid();         // the merge kernel may launch; it waits for this grid's results
-  const int* info = reinterpret_cast<const int*>(p.part_info) + 4 * part;
-  const int begin_req = info[0], begin_blk = info[1], end_req = info[2], end_blk = info[3];
+  const int4* info = reinterpret_cast<const int4*>(p.part_info) + 2 * part;
+  const int4 bounds = info[0], first = info[1];  // one round trip: the first segment's facts are in the row
+  const int begin_req = bounds.x, begin_blk = bounds.y, end_req = bounds.z, end_blk = bounds.w;
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
   const int* req_info = reinterpret_cast<const int*>(p.req_info);
   const int last = end_req < p.batch - 1 ? end_req : p.batch - 1;
   for (int b = begin_req; b <= last; ++b) {
-    const int len = seqlens[b];
+    const bool head = b == begin_req;
+    const int len = head ? first.x : seqlens[b];
     const int nb = request_blocks(len, p, kBlockN);
-    const int lo = b == begin_req ? begin_blk : 0;
+    const int lo = head ? begin_blk : 0;
     int hi = b == end_req ? end_blk : nb;
     hi = hi < nb ? hi : nb;
     if (lo >= hi) continue;
-    const int num_splits = req_info[4 * b + 1];
+    const int num_splits = head ? first.y : req_info[4 * b + 1];
     Segment seg{b, len, lo, hi, num_splits > 1, 0};
-    if (seg.split) seg.slot = req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
+    if (seg.split) seg.slot = head ? first.z : req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
     fn(seg);
     if (kMerge && seg.split && num_splits <= kInlineMergeSplits) merge_if_last<Cfg, kBarrier>(p, b);
   }
@@ -637,9 +639,9 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
       const long long into = x - cost_begin(lo) - p.fixed_cost;
       blk = into > 0 ? static_cast<int>(into) : 0;
     }
-    if (part < p.num_parts) { part_info[4 * part + 0] = req; part_info[4 * part + 1] = blk; }
+    if (part < p.num_parts) { part_info[8 * part + 0] = req; part_info[8 * part + 1] = blk; }
     s_begin[part] = pos_key(req, blk);
-    if (part > 0) { part_info[4 * (part - 1) + 2] = req; part_info[4 * (part - 1) + 3] = blk; }
+    if (part > 0) { part_info[8 * (part - 1) + 2] = req; part_info[8 * (part - 1) + 3] = blk; }
   }
   __syncthreads();
 
@@ -684,7 +686,23 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
   }
   if (tid == 0) merge_list[0] = static_cast<int>(listed);
 
-  // 4. requests of invalid length (rare): NaN rows, so the error cannot pass unnoticed
+  // 4. each part's copy of its first request's facts (req_info of other threads: the barrier orders them)
+  __syncthreads();
+  for (int part = tid; part < p.num_parts; part += kPlanThreads) {
+    const int b = part_info[8 * part + 0];
+    int len = 0, num_splits = 0, slot = 0;
+    if (b < p.batch) {
+      len = seqlens[b];
+      num_splits = req_info[4 * b + 1];
+      if (num_splits > 1) slot = req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
+    }
+    part_info[8 * part + 4] = len;
+    part_info[8 * part + 5] = num_splits;
+    part_info[8 * part + 6] = slot;
+    part_info[8 * part + 7] = 0;
+  }
+
+  // 5. requests of invalid length (rare): NaN rows, so the error cannot pass unnoticed
   __syncthreads();
   if (!s_invalid) return;
   using OutT = typename Cfg::OutType;

@@ -32,7 +32,9 @@ struct DecodeParams {
   int64_t lse_stride_b = 0, lse_stride_s = 0;
   // Split-kv workspace, owned by the runtime's plan:
   //   partial_o [max_partials, s_q*H, C] fp32, partial_lse [max_partials, s_q*H] fp32,
-  //   part_info [num_parts, 4] int32 = begin_req, begin_blk, end_req, end_blk (end exclusive),
+  //   part_info [num_parts, 8] int32 = begin_req, begin_blk, end_req, end_blk (end exclusive), then the facts of
+  //   request begin_req that a part's first segment needs (copies, so the decode kernel reads them with the
+  //   row, one dependent load fewer): its length, num_splits, this part's partial slot (0 unless split), 0,
   //   req_info [B, 4] int32 = first_part, num_splits (0: invalid length), partial_offset, cost_begin,
   //   status [1] int32: bit 0 set when some length was invalid (that request's output is NaN),
   //   tickets [B, row_blocks] int32: parts of a split request that have written their partial (the planner

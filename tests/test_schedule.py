@@ -63,6 +63,18 @@ def check_plan(lengths: list[int], cfg: PlanConfig) -> None:
             slots.add(s.slot)
     assert len(slots) == pl.num_partials <= max_partials(cfg.num_parts)
     assert all(pl.req_info[b][1] == 0 for b, n in enumerate(lengths) if cfg.request_blocks(n) == 0)
+    # a part's row carries its first request's length, parts and partial slot: what its first segment reads
+    first_segment = {}
+    for s in segs:
+        first_segment.setdefault(s.part, s)
+    for part, row in enumerate(pl.part_info):
+        b = row[0]
+        assert row[4:] == ((lengths[b], pl.req_info[b][1]) if b < len(lengths) else (0, 0)) + row[6:7] + (0,)
+        s = first_segment.get(part)
+        if s is not None and s.req == b:
+            assert row[6] == (s.slot if s.split else 0)
+        elif b >= len(lengths) or pl.req_info[b][1] <= 1:
+            assert row[6] == 0
 
 
 @pytest.mark.parametrize("seed", range(40))
