@@ -521,17 +521,20 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
   const int* req_info = reinterpret_cast<const int*>(p.req_info);
   const int last = end_req < p.batch - 1 ? end_req : p.batch - 1;
+  // the request's facts, loaded at the top of each later iteration (so the row's copies are not live across fn)
+  int len = first.x, num_splits = first.y, slot = first.z;
   for (int b = begin_req; b <= last; ++b) {
-    const bool head = b == begin_req;
-    const int len = head ? first.x : seqlens[b];
+    if (b != begin_req) {
+      len = seqlens[b];
+      num_splits = req_info[4 * b + 1];
+      slot = num_splits > 1 ? req_info[4 * b + 2] + (part - req_info[4 * b + 0]) : 0;
+    }
     const int nb = request_blocks(len, p, kBlockN);
-    const int lo = head ? begin_blk : 0;
+    const int lo = b == begin_req ? begin_blk : 0;
     int hi = b == end_req ? end_blk : nb;
     hi = hi < nb ? hi : nb;
     if (lo >= hi) continue;
-    const int num_splits = head ? first.y : req_info[4 * b + 1];
-    Segment seg{b, len, lo, hi, num_splits > 1, 0};
-    if (seg.split) seg.slot = head ? first.z : req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
+    Segment seg{b, len, lo, hi, num_splits > 1, slot};
     fn(seg);
     if (kMerge && seg.split && num_splits <= kInlineMergeSplits) merge_if_last<Cfg, kBarrier>(p, b);
   }
