@@ -433,13 +433,13 @@ def narrow_max_rows(ckv_dim: int, kv_dtype: DType = DType.BF16) -> int:
 def _narrow_e4m3_smem_bytes(tile: Tile, ckv: int, kv_dtype: DType) -> int:
     """templates/narrow_e4m3.cuh E4m3Layout: q hi and lo ([M][C] and [M][128] e4m3 each, 1024-byte aligned as a
     whole), a ring of 3 (ckv 512) or 4 raw stages [N][C + 128] (fp8_ds_mla: and the tokens' scales [N][4] fp32),
-    P^T [2][M][N] fp16, O [M][C + 4] fp32, then 1 / q scale [M], per-warp row max/sum [2][4][M], m [2][M] and lse
-    [M] fp32, and 2 mbarriers per stage."""
+    P^T [2][M][N] fp16, O [2][M][C + 4] fp32 (an area per warpgroup), then 1 / q scale [M], per-warp row max/sum
+    [2][4][M], m [2][M] and lse [M] fp32, and 2 mbarriers per stage."""
     rows, n = tile.block_m, tile.block_n
     ring = 3 if ckv > 256 else 4
     scales = n * (ckv // 128) * 4 if kv_dtype is DType.FP8_DS_MLA else 0
     ring_off = -(-2 * rows * (ckv + 128) // 1024) * 1024
-    return (ring_off + ring * (n * (ckv + 128) + scales) + 2 * rows * n * 2 + rows * (ckv + 4) * 4
+    return (ring_off + ring * (n * (ckv + 128) + scales) + 2 * rows * n * 2 + 2 * rows * (ckv + 4) * 4
             + (1 + 2 * 4 + 2 + 1) * rows * 4 + 2 * ring * 8)
 
 

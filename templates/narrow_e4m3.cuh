@@ -53,8 +53,9 @@ struct E4m3Layout {
   static constexpr int kOffRing = (kOffQr + QR::kBytes + 1023) / 1024 * 1024;
   static constexpr int kOffP = kOffRing + kRing * kStageBytes;  // [2] P^T panels
   static constexpr int kOStride = C + 4;                        // fp32 O staging row (+4: conflict-free columns)
-  static constexpr int kOffO = kOffP + 2 * PP::kBytes;          // [RN][kOStride] fp32 (its own: the ring refills)
-  static constexpr int kOffInvS = kOffO + RN * kOStride * 4;    // [RN] fp32: 1 / the row's q scale
+  static constexpr int kOffO = kOffP + 2 * PP::kBytes;          // [2][RN][kOStride] fp32, an area per warpgroup
+                                                                // (its own: the ring refills)
+  static constexpr int kOffInvS = kOffO + 2 * RN * kOStride * 4;  // [RN] fp32: 1 / the row's q scale
   static constexpr int kOffWarpRed = kOffInvS + RN * 4;         // [2][4][RN] fp32
   static constexpr int kOffM = kOffWarpRed + 2 * 4 * RN * 4;    // [2][RN] fp32
   static constexpr int kOffLse = kOffM + 2 * RN * 4;            // [RN] fp32
@@ -461,11 +462,11 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       named_barrier_sync(bar_id, kWgThreads);
     }
 
-    // ---- epilogue (narrow_tile.cuh): O staged in its own array (the producer may be refilling the ring), the
+    // ---- epilogue (narrow_tile.cuh): O staged in its own two areas (the producer may be refilling the ring), the
     //      features put back in order
-    write_segment<Cfg, RN, MT, false>(p, seg, state, place, s_m, s_lse, s_base + L::kOffO, scale.out(1.f),
-                               [&](int mt, int i) { return piece + 2 * mt + (i >> 1); },
-                               [] { named_barrier_sync(kBarConsumers, 256); });
+    write_segment<Cfg, RN, MT, true>(p, seg, state, place, s_m, s_lse, s_base + L::kOffO, scale.out(1.f),
+                                     [&](int mt, int i) { return piece + 2 * mt + (i >> 1); },
+                                     [] { named_barrier_sync(kBarConsumers, 256); });
   });
 }
 

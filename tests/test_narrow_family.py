@@ -119,13 +119,14 @@ def test_only_narrow_over_an_fp8_cache_quantizes_q() -> None:
 
 def test_fp8_shared_memory_formula() -> None:
     # fp8_e4m3 (narrow_e4m3.cuh): q hi and lo 2 x 16 x (512 + 128), 3 raw stages 64 x (512 + 128), P^T 2 x 16 x 64
-    # fp16, O 16 x (512 + 4) fp32, the row arrays (1 + 8 + 2 + 1) x 16 fp32, 6 mbarriers; a producer warpgroup
-    assert narrow_fp8(E4M3).smem_bytes == 20480 + 3 * 64 * 640 + 4096 + 16 * 516 * 4 + 12 * 16 * 4 + 48 == 181296
+    # fp16, O 2 x 16 x (512 + 4) fp32 (an area per warpgroup), the row arrays (1 + 8 + 2 + 1) x 16 fp32, 6 mbarriers;
+    # a producer warpgroup
+    assert narrow_fp8(E4M3).smem_bytes == 20480 + 3 * 64 * 640 + 4096 + 2 * 16 * 516 * 4 + 12 * 16 * 4 + 48 == 214320
     assert narrow_fp8(E4M3, heads=32, ckv=256, rope=32).smem_bytes == (24576 + 4 * 64 * 384 + 2 * 32 * 64 * 2 +
-                                                                        32 * 260 * 4 + 12 * 32 * 4 + 64)
+                                                                        2 * 32 * 260 * 4 + 12 * 32 * 4 + 64)
     assert (narrow_fp8(E4M3).threads, narrow_fp8(DS).threads, narrow().threads) == (384, 384, 256)
     # fp8_ds_mla: the same, each stage with its tokens' scales [64][4] fp32
-    assert narrow_fp8(DS).smem_bytes == narrow_fp8(E4M3).smem_bytes + 3 * 64 * 4 * 4 == 181296 + 3072
+    assert narrow_fp8(DS).smem_bytes == narrow_fp8(E4M3).smem_bytes + 3 * 64 * 4 * 4 == 214320 + 3072 <= 227 * 1024
 
 
 # per row count: fp8_e4m3's family and fp8_ds_mla's (seesaw reads fp8_e4m3 only), row blocks
