@@ -139,7 +139,7 @@ __device__ __forceinline__ void softmax_tile(float (&x)[RN / 2], RowState<RN, MT
 // normalised (times out_scale, an fp8_e4m3 cache's scale) and written: the request's out rows and lse, or the
 // split's partial rows and lse. kTwoAreas: each warpgroup stages its scaled O in its own area (WG 1's right after
 // WG 0's) and the row writer adds the two, one barrier and a read-modify-write pass fewer than one shared area
-// (this code runs once a segment, from a cold instruction cache: its length is its time).
+// (PERF.md, twenty-third session: the pass took 0.7 of the epilogue's 2.9 us).
 template <class Cfg, int RN, int MT, bool kTwoAreas, class Col, class Sync>
 __device__ __forceinline__ void write_segment(const DecodeParams& p, const Segment& seg, RowState<RN, MT>& st,
                                               const WarpPlace& w, uint32_t s_m, uint32_t s_lse, uint32_t s_o,
