@@ -78,6 +78,13 @@ def merge_may_have_work(batch: int, cfg: PlanConfig) -> bool:
     return min(cfg.num_parts, -(-total_max // cfg.min_part_cost)) > INLINE_MERGE_SPLITS
 
 
+def part_slot(req_row: tuple[int, int, int, int], part: int) -> int:
+    """The partial slot of `part` in the split of the request with this req_info row, 0 when it is not split
+    (common.cuh part_slot)."""
+    first, n, offset, _ = req_row
+    return offset + part - first if n > 1 else 0
+
+
 def plan(seqlens: Sequence[int], cfg: PlanConfig) -> Plan:
     """The work list for these lengths (same result as the device planner)."""
     batch = len(seqlens)
@@ -117,8 +124,7 @@ def plan(seqlens: Sequence[int], cfg: PlanConfig) -> Plan:
         b = begins[part][0]
         if b >= batch:
             return 0, 0, 0
-        first, n, off, _ = req_info[b]
-        return int(seqlens[b]), n, off + part - first if n > 1 else 0
+        return int(seqlens[b]), req_info[b][1], part_slot(req_info[b], part)
 
     part_info = tuple((*begins[p], *begins[p + 1], *first_facts(p), 0) for p in range(cfg.num_parts))
     return Plan(part_info, tuple(req_info), active, total)
@@ -134,8 +140,7 @@ def segments(pl: Plan, seqlens: Sequence[int], cfg: PlanConfig) -> Iterator[Segm
             hi = min(end_blk if b == end_req else nb, nb)
             if lo >= hi:
                 continue
-            first, n, offset, _ = pl.req_info[b]
-            yield Segment(part, b, lo, hi, n > 1, offset + part - first if n > 1 else 0)
+            yield Segment(part, b, lo, hi, pl.req_info[b][1] > 1, part_slot(pl.req_info[b], part))
 
 
 def part_blocks(pl: Plan, seqlens: Sequence[int], cfg: PlanConfig) -> list[int]:

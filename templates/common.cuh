@@ -157,6 +157,12 @@ __device__ __forceinline__ int request_blocks(int len, const DecodeParams& p, in
   return (len + block_n - 1) / block_n;
 }
 
+// The partial slot of `part` in request b's split (its req_info row: first part, num_splits, partial offset),
+// 0 when the request is not split. The planner's copy in part_info and the kernels' walk must agree.
+__device__ __forceinline__ int part_slot(const int* req_info, int b, int part) {
+  return req_info[4 * b + 1] > 1 ? req_info[4 * b + 2] + (part - req_info[4 * b + 0]) : 0;
+}
+
 // One contiguous piece of one request's kv blocks that a part (CTA column) processes.
 struct Segment {
   int req, len, blk_lo, blk_hi;
@@ -527,7 +533,7 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     if (b != begin_req) {
       len = seqlens[b];
       num_splits = req_info[4 * b + 1];
-      slot = num_splits > 1 ? req_info[4 * b + 2] + (part - req_info[4 * b + 0]) : 0;
+      slot = part_slot(req_info, b, part);
     }
     const int nb = request_blocks(len, p, kBlockN);
     const int lo = b == begin_req ? begin_blk : 0;
@@ -697,7 +703,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
     if (b < p.batch) {
       len = seqlens[b];
       num_splits = req_info[4 * b + 1];
-      if (num_splits > 1) slot = req_info[4 * b + 2] + (part - req_info[4 * b + 0]);
+      slot = part_slot(req_info, b, part);
     }
     part_info[8 * part + 4] = len;
     part_info[8 * part + 5] = num_splits;
