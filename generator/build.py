@@ -92,27 +92,39 @@ def write_sources(plan: BuildPlan, folder: Path) -> None:
 
 
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
+_PTXAS_PROPS = re.compile(r"Function properties for (\S+)")
 _PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 _KERNEL_NAME = re.compile(r"\d+((?:[a-z]+_)*kernel)")
 
 
 def parse_ptxas(log: str) -> list[dict[str, object]]:
-    """Per kernel: registers, stack frame, spill stores/loads, static smem, from `ptxas -v` lines."""
+    """Per kernel: registers, stack frame, spill stores/loads, static smem, from `ptxas -v` lines. A device function
+    compiled as a call (__noinline__) gets its own record (entry False: its frame and spills, no registers), so its
+    figures never stand in for the kernel's."""
     out: list[dict[str, object]] = []
-    current: dict[str, object] | None = None
+    current: dict[str, object] | None = None  # the entry being compiled
+    target: dict[str, object] | None = None   # the function whose properties the next frame line gives
     for line in log.splitlines():
         m = _PTXAS_ENTRY.search(line)
         if m:
             short = _KERNEL_NAME.search(m.group(1))
-            current = {"function": short.group(1) if short else m.group(1), "mangled": m.group(1), "arch": m.group(2)}
+            current = target = {"function": short.group(1) if short else m.group(1), "mangled": m.group(1),
+                                "arch": m.group(2), "entry": True}
             out.append(current)
             continue
         if current is None:
             continue
-        m = _PTXAS_FRAME.search(line)
+        m = _PTXAS_PROPS.search(line)
         if m:
-            current.update(stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+            target = current
+            if m.group(1) != current["mangled"]:
+                target = {"function": m.group(1), "mangled": m.group(1), "arch": current["arch"], "entry": False}
+                out.append(target)
+            continue
+        m = _PTXAS_FRAME.search(line)
+        if m and target is not None:
+            target.update(stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
         m = _PTXAS_USED.search(line)
         if m:
             current.update(registers=int(m.group(1)), static_smem=int(m.group(2) or 0))

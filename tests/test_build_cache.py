@@ -177,7 +177,7 @@ def test_meta_json_and_build_log(built90: Built) -> None:
     log = (built90.entry / "build.log").read_text()
     assert "ptxas info    : Compiling entry function" in log and re.search(r"Used \d+ registers", log)
     assert "-gencode=arch=compute_90a,code=sm_90a" in log
-    kernels = {k["function"]: k for k in meta["ptxas"]}
+    kernels = {k["function"]: k for k in meta["ptxas"] if k["entry"]}
     assert {"decode_kernel", "merge_kernel", "plan_kernel"} <= set(kernels)
     for k in kernels.values():
         assert k["arch"] == "sm_90a" and k["registers"] > 0
@@ -602,3 +602,28 @@ def test_generator_imports_no_torch() -> None:
     imported, installed = proc.stdout.split()[-2:]
     print(f"\ntorch installed: {installed}; imported by generator: {imported}")
     assert imported == "False"
+
+
+def test_ptxas_figures_of_a_called_device_function_do_not_replace_the_kernels() -> None:
+    """ptxas -v lists a __noinline__ device function's frame after its caller's register line; those figures
+    (here 0 spills) are the function's own, and the kernel keeps its 8 bytes of spills."""
+    from generator.build import parse_ptxas
+
+    log = """ptxas info    : Compiling entry function '_ZN7mla_gen6narrow13decode_kernelIvEEv' for 'sm_90a'
+ptxas info    : Function properties for _ZN7mla_gen6narrow13decode_kernelIvEEv
+    8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 8 bytes cumulative stack size
+ptxas info    : Function properties for _ZN7mla_gen12joint_mergesIvLi1EEEvii
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function '_ZN7mla_gen11plan_kernelIvEEv' for 'sm_90a'
+ptxas info    : Function properties for _ZN7mla_gen11plan_kernelIvEEv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 48 registers, used 1 barriers, 33792 bytes smem
+"""
+    decode, call, plan = parse_ptxas(log)
+    assert decode == {"function": "decode_kernel", "mangled": "_ZN7mla_gen6narrow13decode_kernelIvEEv",
+                      "arch": "sm_90a", "entry": True, "stack_bytes": 8, "spill_stores": 8, "spill_loads": 8,
+                      "registers": 168, "static_smem": 0}
+    assert call == {"function": "_ZN7mla_gen12joint_mergesIvLi1EEEvii", "mangled": "_ZN7mla_gen12joint_mergesIvLi1EEEvii",
+                    "arch": "sm_90a", "entry": False, "stack_bytes": 0, "spill_stores": 0, "spill_loads": 0}
+    assert plan["function"] == "plan_kernel" and plan["registers"] == 48 and plan["static_smem"] == 33792
