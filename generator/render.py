@@ -115,7 +115,6 @@ def template_context(spec: VariantSpec) -> dict[str, object]:
         "out_ctype": spec.out_dtype.c_type, "num_heads": spec.num_heads, "ckv_dim": spec.ckv_dim,
         "rope_dim": spec.rope_dim, "block_m": t.block_m, "block_n": t.block_n, "stages": t.stages,
         "warps": t.warps, "threads": spec.threads, "smem_bytes": spec.smem_bytes,
-        "joint_merge": spec.merges_jointly,
         "tma_loads": spec.family.value in TMA_FAMILIES,
         "wgmma_ns": WGMMA_NS, "wgmma_dt": {"bf16": "bf16", "fp16": "f16"}[tile_dtype.value],
     }

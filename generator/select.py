@@ -29,8 +29,6 @@ SEESAW_MIN_ROWS = 40
 # 40.3 vs 42.3, B128 S4096 H40 c256/r32 143 vs 201, B64 S8192 H128 s_q 2 623 vs 1078.
 WGMMA_FEW_HEADS_NOTE = ("also for few heads: measured on H100 at 16 heads no slower than mma "
                         "(238 vs 241 us B128 S4096, 40 vs 42 us B32 S1024)")
-# A request split over at most this many parts is merged by its last part (templates/common.cuh).
-INLINE_MERGE_SPLITS = 4
 # Tokens of kv that one part must at least get before splitting pays for its fixed costs.
 MIN_TOKENS_PER_PART = 256
 # Most CTA columns a grid may have: the merge kernel holds one weight per part of a request in shared
@@ -152,15 +150,11 @@ class Decision:
     fixed_cost: int        # planner blocks charged per request
     min_part_cost: int     # planner blocks a part must get before another part is used
     reasons: tuple[str, ...]
-    # the whole grid is resident at once, so the parts of a request split over more than INLINE_MERGE_SPLITS merge
-    # it themselves (templates/common.cuh joint_merges); else the merge kernel does
-    joint_merge: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return {"variant_id": self.spec.variant_id, "spec": self.spec.to_dict(), "m_blocks": self.m_blocks,
                 "num_parts": self.num_parts, "grid": [self.m_blocks, self.num_parts],
-                "fixed_cost": self.fixed_cost, "min_part_cost": self.min_part_cost, "joint_merge": self.joint_merge,
-                "reasons": list(self.reasons)}
+                "fixed_cost": self.fixed_cost, "min_part_cost": self.min_part_cost, "reasons": list(self.reasons)}
 
 
 def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DType, s_q: int = 1,
@@ -245,14 +239,6 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
         if isinstance(num_parts, bool) or not isinstance(num_parts, int) or not 1 <= num_parts <= MAX_PARTS:
             raise SpecError(f"num_parts: expected 1..{MAX_PARTS}, got {num_parts!r}")
         reasons.append(f"{num_parts} parts: requested")
-    resident, ctas = sm_count * ctas_per_sm, m_blocks * num_parts
-    joint_merge = spec.merges_jointly and ctas <= resident
-    reasons.append(f"requests split over more than {INLINE_MERGE_SPLITS} parts: "
-                   + (f"merged by their parts (the grid's {ctas} CTAs are resident at once)" if joint_merge else
-                      f"merged by the merge kernel (the grid's {ctas} CTAs exceed the {resident} resident at once)"
-                      if spec.merges_jointly else
-                      f"merged by the merge kernel ({family.value} over {kv_dtype.cli_name} does not merge in the "
-                      f"decode kernel)"))
     # The planner charges a request's fixed work (q load, epilogue) to the part holding its first block. When the
     # batch is split anyway (at most half a request per part), every part pays that work for its own piece, and
     # the charge would only make the first pieces shorter than the rest (B32 S1024 H16: 27.7 against 26.2 us).
@@ -269,4 +255,4 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
         splits = "requests are split across parts" if used > batch else "whole requests per part"
         reasons.append(f"batch {batch} x ~{mean_seqlen:.0f} tokens = ~{blocks} cost blocks over {used} parts "
                        f"(~{per_part:.1f} each): {splits}")
-    return Decision(spec, m_blocks, num_parts, fixed_cost, min_part_cost, tuple(reasons), joint_merge)
+    return Decision(spec, m_blocks, num_parts, fixed_cost, min_part_cost, tuple(reasons))

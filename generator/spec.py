@@ -290,14 +290,6 @@ class VariantSpec:
         return self.family is Family.NARROW and self.kv_dtype.is_fp8
 
     @property
-    def merges_jointly(self) -> bool:
-        """Whether the decode kernel's parts can merge a request split over more than a few of them themselves
-        (templates/common.cuh joint_merges; where the grid is resident at once: generator.select Decision).
-        Not narrow over fp8_e4m3: its consumers, compiled within 168 registers, spilled 8-24 bytes with any
-        ticket atomic after their walk; the merge kernel merges there."""
-        return not (self.family is Family.NARROW and self.kv_dtype is DType.FP8_E4M3)
-
-    @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory of the decode kernel (must match the family's .cuh layout)."""
         return smem_bytes(self.family, self.tile, self.ckv_dim, self.rope_dim, self.kv_dtype)

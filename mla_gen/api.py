@@ -94,10 +94,6 @@ class _Site:
 
 
 _MAX_SITES = 64
-# How long a part of a wide split request waits for the others' partials before it leaves their merge to the
-# last of them (templates/common.cuh joint_merges); only reached where the grid is not resident after all (a
-# shared device, MPS), since the parts of a request end within microseconds of each other otherwise.
-JOINT_MERGE_WAIT_NS = 200_000
 
 
 class MLADecodeWrapper:
@@ -106,10 +102,9 @@ class MLADecodeWrapper:
     plan(cache_seqlens, s_q, num_heads=..., ...) once per batch shape: picks the variant, builds or
     loads it, allocates the schedule and split workspace and the output buffers.
     run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens[, kv_scale=]) per step: up to three
-    launches on the current stream (the device planner; the decode kernel, which merges split requests itself
-    where its grid is resident at once; else the merge of requests split over more than a few parts, skipped
-    when the block table is too short for any request to need it: mla_gen.schedule.merge_may_have_work), each
-    overlapping the one before on sm_90
+    launches on the current stream (the device planner; the decode kernel, which merges requests split over
+    a few parts itself; the merge of requests split over many, skipped when the block table is too short for
+    any request to need it: mla_gen.schedule.merge_may_have_work), each overlapping the one before on sm_90
     (programmatic dependent launch), made by one call into the launcher; no host sync, no allocation. Without
     `out=`, the result is the plan's own output buffer, overwritten by the next run. Inputs of a
     structure (shapes, strides, dtypes, devices) seen before are checked only for pointer alignment.
@@ -162,7 +157,7 @@ class MLADecodeWrapper:
         self._part_info = torch.zeros(plan.decision.num_parts, 8, **i32)
         self._req_info = torch.zeros(batch, 4, **i32)
         self._status = torch.zeros(1, **i32)
-        self._tickets = torch.zeros(batch, plan.decision.m_blocks, dtype=torch.int64, device=device)
+        self._tickets = torch.zeros(batch, plan.decision.m_blocks, **i32)
         self._merge_list = torch.zeros(1 + batch, **i32)
         self._partial_o = torch.empty(plan.max_partials, rows, plan.ckv_dim, dtype=torch.float32, device=device)
         self._partial_lse = torch.empty(plan.max_partials, rows, dtype=torch.float32, device=device)
@@ -311,7 +306,6 @@ class MLADecodeWrapper:
         p.num_parts, p.max_partials = d.num_parts, plan.max_partials
         p.fixed_cost, p.min_part_cost = d.fixed_cost, d.min_part_cost
         p.row_blocks = d.m_blocks
-        p.joint_wait_ns = JOINT_MERGE_WAIT_NS if d.joint_merge else 0
         p.sm_scale = sm_scale
         return _Site(shape, p, 0 if own_out is None else own_out.data_ptr(),
                      0 if own_lse is None else own_lse.data_ptr(), pair)

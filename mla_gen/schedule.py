@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-from generator.select import INLINE_MERGE_SPLITS
-
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
@@ -68,13 +66,14 @@ def max_partials(num_parts: int) -> int:
     return max(2, 2 * (num_parts - 1))
 
 
-def merge_may_have_work(batch: int, cfg: PlanConfig, joint_merge: bool = False) -> bool:
+# A request split over at most this many parts is merged inside the decode kernel (templates/common.cuh).
+INLINE_MERGE_SPLITS = 4
+
+
+def merge_may_have_work(batch: int, cfg: PlanConfig) -> bool:
     """Whether any lengths the block table holds can split a request over more than INLINE_MERGE_SPLITS
     parts, the merge kernel's work (common.cuh merge_may_have_work, which skips its launch otherwise): a
-    request spans at most the active parts, and the total cost is at most every request at capacity. With
-    joint_merge (the launch's joint_wait_ns > 0) the decode kernel's parts merge those requests: never."""
-    if joint_merge:
-        return False
+    request spans at most the active parts, and the total cost is at most every request at capacity."""
     total_max = batch * (-(-cfg.max_pages * cfg.page_size // cfg.block_n) + cfg.fixed_cost)
     return min(cfg.num_parts, -(-total_max // cfg.min_part_cost)) > INLINE_MERGE_SPLITS
 

@@ -501,9 +501,7 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
   bool last = false;
   if (threadIdx.x == 0) {
     const int num_splits = reinterpret_cast<const int*>(p.req_info)[4 * b + 1];
-    // the low half of the request's 64-bit ticket (joint_merges uses all of it for wider splits)
-    int* ticket = reinterpret_cast<int*>(reinterpret_cast<unsigned long long*>(p.tickets) + b * p.row_blocks +
-                                         blockIdx.x);
+    int* ticket = reinterpret_cast<int*>(p.tickets) + b * p.row_blocks + blockIdx.x;
     last = atomicAdd(ticket, 1) + 1 == num_splits;
     if (last) *ticket = 0;  // no other part touches it in this launch: ready for a run that reuses the plan
     __threadfence();  // the other parts' partials, seen through the ticket, before this CTA reads them
@@ -515,223 +513,9 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
     merge_row<Cfg>(p, b, row0 + m, lane);
 }
 
-// ---- joint merge: a request split over more than kInlineMergeSplits parts, merged by those parts ------------
-//
-// Where the whole decode grid is resident at once (p.joint_wait_ns > 0: the host's check, generator/select.py
-// Decision.joint_merge), the parts of such a wide split merge its rows themselves instead of the merge kernel,
-// after their walks: piece k (= part - the request's first part) of n owns the rows i of the row block with
-// i % n == k. Pieces 0 .. n-2 always end their parts; piece n-1 ends its part or is followed there by other
-// requests. A piece that ends its part waits (thread 0 polls the request's ticket) until all n partials are
-// written, then merges its rows. Piece n-1 followed by more work is `deferred`: it arrives after its walk
-// without waiting, and its rows go to the owners (row i with i % n == n-1 to owner (i / n) % (n - 1)). A part
-// arrives for its deferred piece before it waits for its last one, so no wait depends on another.
-//
-// The ticket (64 bits, per request and row block, zeroed by the planner): bits 0-15 count this launch's arrivals,
-// bits 16-45 number the launches of the plan (the last arrival starts the next: count 0, number + 1, so a waiter
-// sees its launch complete when the count reaches n or the number moves on), then
-//   kJointDeferred: piece n-1 is deferred (set before its arrival, so whoever sees the count complete sees it;
-//     the same in every launch of the plan, so it stays);
-//   kJointGaveUp (a count): pieces that stopped waiting after p.joint_wait_ns (the grid was not resident after
-//     all: MPS, a shared device). They merge nothing; the last arrival, which never waits, then merges every row
-//     (a row merged twice gets the same bits). So the walk cannot deadlock whatever the residency.
-// (No 64-bit division: its subroutine call made narrow_e4m3's consumers spill.)
-constexpr unsigned long long kJointCount = 0xffffull;
-constexpr int kJointLaunchShift = 16;
-constexpr unsigned long long kJointLaunches = (1ull << 30) - 1;  // after the shift
-constexpr unsigned long long kJointDeferred = 1ull << 46;
-constexpr unsigned long long kJointGaveUp = 1ull << 47;
-constexpr unsigned long long kJointGaveUpMask = ~((1ull << 47) - 1);
-
-__device__ __forceinline__ unsigned long long ld_acquire_u64(const unsigned long long* ptr) {
-  unsigned long long v;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(v) : "l"(ptr) : "memory");
-  return v;
-}
-__device__ __forceinline__ unsigned long long globaltimer_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
-  return t;
-}
-
-// Row `row` of split request b (n partials from slot `first_slot`), merged by the CTA's kWarps working warps:
-// warp w takes a 1/kWarps share of the columns (float4 groups), and its lanes split into kSub subsets of
-// kLanes lanes over the splits (subset s takes splits s, s + kSub, ...), summed by shuffles at the end. The
-// values of up to kRound splits a lane are in flight at once, issued before the lse statistics they wait on:
-// one L2 round trip for n <= kSub x kRound (16 at ckv 512 and 8 warps).
-template <class Cfg>
-__device__ __forceinline__ void merge_row_by_cta(const DecodeParams& p, int b, int row, int first_slot, int n) {
-  using OutT = typename Cfg::OutType;
-  using Out2 = typename Vec2<OutT>::type;
-  using Rows = ResultRows<Cfg>;
-  constexpr int kGroups = Cfg::kCkvDim / 4;                           // float4 columns of a row
-  constexpr int kWarpGroups = (kGroups + Cfg::kWarps - 1) / Cfg::kWarps;
-  constexpr int kLanes = kWarpGroups >= 32 ? 32 : kWarpGroups >= 16 ? 16 : kWarpGroups >= 8 ? 8
-                         : kWarpGroups >= 4 ? 4 : kWarpGroups >= 2 ? 2 : 1;
-  constexpr int kSub = 32 / kLanes;
-  constexpr int kPerLane = (kWarpGroups + kLanes - 1) / kLanes;       // float4 groups a lane owns
-  constexpr int kRound = 8 / kPerLane > 0 ? 8 / kPerLane : 1;         // splits a lane loads at once
-  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % Cfg::kWarps;
-  const int sub = lane / kLanes, gl = lane % kLanes;
-  auto group = [&](int j) { return warp * kWarpGroups + gl + kLanes * j; };
-  auto owned = [&](int j) { return gl + kLanes * j < kWarpGroups && group(j) < kGroups; };
-  float4 acc[kPerLane];
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-  float lse = -INFINITY;
-#pragma unroll 1
-  for (int k0 = 0; k0 < n; k0 += kSub * kRound) {
-    float4 v[kRound][kPerLane];
-    float lk[kRound];
-#pragma unroll
-    for (int i = 0; i < kRound; ++i) {
-      const int k = k0 + sub + kSub * i;
-      lk[i] = k < n ? __ldcg(Rows::partial_lse(p, first_slot + k, row)) : -INFINITY;
-      const float4* src = reinterpret_cast<const float4*>(Rows::partial(p, first_slot + (k < n ? k : 0), row));
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j)
-        v[i][j] = k < n && owned(j) ? __ldcg(src + group(j)) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    if (k0 == 0) {  // the merged lse: every warp reads all n split lse values, 32 a step
-      float m = -INFINITY;
-#pragma unroll 1
-      for (int k = lane; k < n; k += 32) m = fmaxf(m, __ldcg(Rows::partial_lse(p, first_slot + k, row)));
-      m = warp_max(m);
-      float sum = 0.f;
-#pragma unroll 1
-      for (int k = lane; k < n; k += 32) {
-        const float l = __ldcg(Rows::partial_lse(p, first_slot + k, row));
-        sum += l == -INFINITY ? 0.f : __expf(l - m);
-      }
-      sum = warp_sum(sum);
-      lse = (m == -INFINITY || sum == 0.f) ? -INFINITY : m + __logf(sum);
-    }
-#pragma unroll
-    for (int i = 0; i < kRound; ++i) {
-      const float w = lk[i] == -INFINITY ? 0.f : __expf(lk[i] - lse);
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        acc[j].x += w * v[i][j].x;
-        acc[j].y += w * v[i][j].y;
-        acc[j].z += w * v[i][j].z;
-        acc[j].w += w * v[i][j].w;
-      }
-    }
-  }
-#pragma unroll
-  for (int off = kLanes; off < 32; off <<= 1) {
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      acc[j].x += __shfl_xor_sync(0xffffffffu, acc[j].x, off);
-      acc[j].y += __shfl_xor_sync(0xffffffffu, acc[j].y, off);
-      acc[j].z += __shfl_xor_sync(0xffffffffu, acc[j].z, off);
-      acc[j].w += __shfl_xor_sync(0xffffffffu, acc[j].w, off);
-    }
-  }
-  if (sub == 0) {
-    Out2* out = reinterpret_cast<Out2*>(Rows::out(p, b, row));
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      if (!owned(j)) continue;
-      out[2 * group(j)] = from_float2<OutT>(make_float2(acc[j].x, acc[j].y));
-      out[2 * group(j) + 1] = from_float2<OutT>(make_float2(acc[j].z, acc[j].w));
-    }
-  }
-  if (p.lse && warp == 0 && lane == 0) *Rows::lse(p, b, row) = lse;
-}
-
-// The rows of the row block of wide split request b that this CTA merges: every one (`all`), or piece k's (`own`,
-// with the deferred piece's share when `deferred`).
-template <class Cfg>
-__device__ __forceinline__ void merge_joint_rows(const DecodeParams& p, int b, int n, int k, bool own, bool deferred,
-                                                 bool all) {
-  if (!own && !all) return;
-  const int rows = p.s_q * Cfg::kNumHeads, row0 = blockIdx.x * Cfg::kBlockM;
-  const int block_rows = rows - row0 < Cfg::kBlockM ? rows - row0 : Cfg::kBlockM;
-  const int first_slot = __ldcg(reinterpret_cast<const int*>(p.req_info) + 4 * b + 2);
-#pragma unroll 1
-  for (int i = 0; i < block_rows; ++i) {
-    int owner = i % n;
-    if (owner == n - 1 && deferred) owner = i / n % (n - 1);
-    if (all || owner == k) merge_row_by_cta<Cfg>(p, b, row0 + i, first_slot, n);
-  }
-}
-
-// The last arrival of a launch (its atomicAdd returned `old`): the next launch starts at count 0 under the next
-// number, keeping kJointDeferred and dropping the give-ups (every arrival is in, so no piece gives up now).
-__device__ __forceinline__ void joint_next_launch(unsigned long long* ticket, unsigned long long old) {
-  const unsigned long long launch = ((old >> kJointLaunchShift) + 1) & kJointLaunches;
-  atomicExch(ticket, (old & kJointDeferred) | (launch << kJointLaunchShift));
-}
-
-// A part's arrivals at the wide splits it holds, after its walk (p.joint_wait_ns > 0; every working thread, 32 *
-// Cfg::kWarps meeting at barrier kBarrier): first its deferred piece (its first segment, when that is a wide
-// split's last piece and more requests follow it here), then the piece its walk ended with (wait, merge).
-template <class Cfg, int kBarrier = 0>
-__device__ __forceinline__ void joint_merges(const DecodeParams& p, int part) {
-  // the part's bounds again (an L2 hit, not registers held across the walk)
-  const int4 bounds = __ldcg(reinterpret_cast<const int4*>(p.part_info) + 2 * part);
-  const int begin_req = bounds.x, end_req = bounds.z, end_blk = bounds.w;
-  const int* req_info = reinterpret_cast<const int*>(p.req_info);
-  unsigned long long* tickets = reinterpret_cast<unsigned long long*>(p.tickets);
-  __threadfence();  // this thread's partial writes, device-wide, before the tickets
-  // the request of the walk's last segment (the part ends inside it, or at its end)
-  const int last_req = end_blk > 0 && end_req < p.batch ? end_req : end_req - 1;
-  if (begin_req < p.batch && begin_req != last_req) {
-    const int n = __ldcg(req_info + 4 * begin_req + 1);
-    if (n > kInlineMergeSplits && part == __ldcg(req_info + 4 * begin_req) + n - 1) {
-      bool all = false;
-      if (threadIdx.x == 0) {
-        unsigned long long* ticket = tickets + begin_req * p.row_blocks + blockIdx.x;
-        atomicOr(ticket, kJointDeferred);
-        const unsigned long long old = atomicAdd(ticket, 1ull);
-        if (static_cast<int>(old & kJointCount) + 1 == n) {
-          all = old & kJointGaveUpMask;
-          joint_next_launch(ticket, old);
-        }
-        __threadfence();  // the others' partials, seen through the ticket, before this CTA reads them
-      }
-      if (barrier_any<Cfg, kBarrier>(all)) merge_joint_rows<Cfg>(p, begin_req, n, n - 1, false, false, true);
-    }
-  }
-  if (last_req < 0 || last_req < begin_req) return;
-  const int n = __ldcg(req_info + 4 * last_req + 1), k = part - __ldcg(req_info + 4 * last_req);
-  if (n <= kInlineMergeSplits || k < 0 || k >= n) return;
-  bool own = false, deferred = false, all = false;
-  if (threadIdx.x == 0) {
-    unsigned long long* ticket = tickets + last_req * p.row_blocks + blockIdx.x;
-    const unsigned long long old = atomicAdd(ticket, 1ull);
-    if (static_cast<int>(old & kJointCount) + 1 == n) {  // the last arrival: nothing to wait for
-      own = true;
-      deferred = old & kJointDeferred;
-      all = old & kJointGaveUpMask;
-      joint_next_launch(ticket, old);
-    } else {
-      const unsigned long long launch = old >> kJointLaunchShift & kJointLaunches;
-      const unsigned long long t0 = globaltimer_ns();
-      for (;;) {
-        const unsigned long long v = ld_acquire_u64(ticket);
-        if (static_cast<int>(v & kJointCount) == n || (v >> kJointLaunchShift & kJointLaunches) != launch) {
-          own = true;
-          deferred = v & kJointDeferred;
-          break;
-        }
-        if (globaltimer_ns() - t0 > static_cast<unsigned long long>(p.joint_wait_ns) &&
-            atomicCAS(ticket, v, v + kJointGaveUp) == v)
-          break;  // the last arrival merges every row
-      }
-    }
-    __threadfence();  // the others' partials, seen through the ticket, before this CTA reads them
-  }
-  own = barrier_any<Cfg, kBarrier>(own);
-  deferred = barrier_any<Cfg, kBarrier>(deferred);
-  all = barrier_any<Cfg, kBarrier>(all);
-  merge_joint_rows<Cfg>(p, last_req, n, k, own, deferred, all);
-}
-
 // Walks the segments of part `part` in order, calling fn(segment); a split segment's part then takes
-// its ticket (merge_if_last, its CTA barrier `kBarrier`), and after the walk its arrivals at wider splits
-// (joint_merges). fn must end with that barrier after its last shared-memory use. kMerge false: the walk alone
-// (a producer warp that only loads the segments' tiles).
+// its ticket (merge_if_last, its CTA barrier `kBarrier`). fn must end with that barrier after its last
+// shared-memory use. kMerge false: the walk alone (a producer warp that only loads the segments' tiles).
 template <class Cfg, int kBarrier = 0, bool kMerge = true, typename Fn>
 __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
   constexpr int kBlockN = Cfg::kBlockN;
@@ -760,9 +544,6 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     fn(seg);
     if (kMerge && seg.split && num_splits <= kInlineMergeSplits) merge_if_last<Cfg, kBarrier>(p, b);
   }
-  // wider splits: merged by their parts after the walks (joint_merges), or by the merge kernel
-  if constexpr (kMerge && Cfg::kJointMerge)
-    if (p.joint_wait_ns > 0) joint_merges<Cfg, kBarrier>(p, part);
 }
 
 // ---- planner: device-resident lengths -> work list (one CTA; no host sync) -------------------------
@@ -825,8 +606,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constan
   __shared__ int s_invalid;
   if (tid == 0) s_invalid = 0;
   __syncthreads();
-  for (int i = tid; i < p.batch * p.row_blocks; i += kPlanThreads)
-    reinterpret_cast<unsigned long long*>(p.tickets)[i] = 0;
+  for (int i = tid; i < p.batch * p.row_blocks; i += kPlanThreads) reinterpret_cast<int*>(p.tickets)[i] = 0;
 
   // 1. cost per request and its exclusive prefix (req_info[.,3]).
   long long carry = 0;
@@ -1139,10 +919,8 @@ inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t s
 // Whether the merge kernel can have work. Only a request over more than kInlineMergeSplits parts gives it
 // some; a request spans at most the parts plan_kernel uses, min(num_parts, ceil(total / min_part_cost)),
 // and total is at most every request at the block table's capacity. When even that bound stays within
-// kInlineMergeSplits (small batches with short tables), or the decode kernel's parts merge such requests
-// (joint_merge: Cfg::kJointMerge and p.joint_wait_ns > 0), the call launches two kernels, not three.
-inline bool merge_may_have_work(const DecodeParams& p, int block_n, bool joint_merge) {
-  if (joint_merge) return false;  // the decode kernel's parts merge them (joint_merges)
+// kInlineMergeSplits (small batches with short tables), the call launches two kernels, not three.
+inline bool merge_may_have_work(const DecodeParams& p, int block_n) {
   const long long cap = static_cast<long long>(p.max_pages) * p.page_size;
   const long long total_max = static_cast<long long>(p.batch) * ((cap + block_n - 1) / block_n + p.fixed_cost);
   const long long worth = (total_max + p.min_part_cost - 1) / p.min_part_cost;
@@ -1155,7 +933,7 @@ inline bool merge_may_have_work(const DecodeParams& p, int block_n, bool joint_m
 // + 1) requests are listed.
 template <class Cfg>
 inline int launch_merge_kernel(const DecodeParams& p, uint64_t stream) {
-  if (!merge_may_have_work(p, Cfg::kBlockN, Cfg::kJointMerge && p.joint_wait_ns > 0)) return 0;
+  if (!merge_may_have_work(p, Cfg::kBlockN)) return 0;
   const long long listed = std::min<long long>(p.batch, (p.num_parts + p.batch - 1LL) / (kInlineMergeSplits + 1));
   const long long units = listed * p.s_q * Cfg::kNumHeads * (Cfg::kCkvDim / kMergeCols);
   const long long cap = static_cast<long long>(kMergeCtasPerPart) * p.row_blocks * p.num_parts;

@@ -37,11 +37,10 @@ struct DecodeParams {
   //   row, one dependent load fewer): its length, num_splits, this part's partial slot (0 unless split), 0,
   //   req_info [B, 4] int32 = first_part, num_splits (0: invalid length), partial_offset, cost_begin,
   //   status [1] int32: bit 0 set when some length was invalid (that request's output is NaN),
-  //   tickets [B, row_blocks] uint64: parts of a split request that have written their partial (the planner
+  //   tickets [B, row_blocks] int32: parts of a split request that have written their partial (the planner
   //   zeroes them; the part that completes the count merges the request's rows when it has at most
-  //   kInlineMergeSplits parts; with more, the parts merge them together where joint_wait_ns > 0: common.cuh
-  //   joint_merges), merge_list [1 + B] int32: the number of requests with more parts, then those requests (the
-  //   merge kernel's work where joint_wait_ns is 0).
+  //   kInlineMergeSplits parts, common.cuh), merge_list [1 + B] int32: the number of requests with more parts, then
+  //   those requests (the merge kernel's work).
   uint64_t partial_o = 0;
   uint64_t partial_lse = 0;
   uint64_t part_info = 0;
@@ -54,10 +53,6 @@ struct DecodeParams {
   // of them so short batches are not cut into slivers; fixed_cost: blocks charged per request.
   int32_t num_parts = 0, max_partials = 0, fixed_cost = 0, min_part_cost = 1;
   int32_t row_blocks = 0;  // CTAs along the packed query rows (gridDim.x of the decode launch)
-  // > 0: the whole decode grid is resident at once, so the parts of a request split over more than
-  // kInlineMergeSplits merge it themselves, a part waiting at most this long for the others (common.cuh
-  // joint_merges); 0: the merge kernel merges those requests.
-  int32_t joint_wait_ns = 0;
   float sm_scale = 0.f;
 };
 

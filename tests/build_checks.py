@@ -35,7 +35,7 @@ def assert_clean_decode_kernel(entry) -> None:
     log = (entry.path / "build.log").read_text()
     decode = next(k for k in meta["ptxas"] if k["function"] == "decode_kernel")
     assert decode["spill_stores"] == 0 and decode["spill_loads"] == 0 and decode["stack_bytes"] == 0, log
-    calls = [k for k in meta["ptxas"] if not k["entry"]]  # device functions compiled as calls (joint_merges)
+    calls = [k for k in meta["ptxas"] if not k["entry"]]  # device functions compiled as calls (__noinline__)
     assert all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in calls), log
     print(f"{meta['variant_id']}: {decode['registers']} registers, 0 spills")
     assert "warning" not in log.lower(), log

@@ -134,43 +134,6 @@ def test_merge_kernel_units_of_long_and_short_splits_alternate(family, dtype, di
     check(out, lse, inp, dt)
 
 
-@pytest.mark.parametrize("merge", ["joint", "merge_kernel", "joint_gave_up"])
-@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], DIMS, DTYPES, (1, 2)))
-def test_wide_splits_merged_by_their_parts_or_the_merge_kernel(family, dtype, dims, heads, s_q, merge, monkeypatch):
-    """Four long requests over 100 CTAs, each split over more parts than the 4 a last part merges alone: merged
-    by their own parts where the grid is resident (common.cuh joint_merge), by the merge kernel where the
-    launch says so (JOINT_MERGE_WAIT_NS 0), and by the last arrival alone where the others stop waiting at once
-    (1 ns: every waiting part gives up). Some request's last piece is followed by the next request in its part
-    (it does not wait: the last arrival merges its rows). Each runs twice more on the same work list: the tickets
-    count arrivals across launches and the last arrival clears the flags."""
-    dt = torch_dtype(dtype)
-    monkeypatch.setattr(mla_gen.api, "JOINT_MERGE_WAIT_NS", {"joint": 200_000, "merge_kernel": 0,
-                                                              "joint_gave_up": 1}[merge])
-    inp = make_inputs([40000, 30000, 40000, 30000], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
-                      dtype=dt, device="cuda", generator=seeded(heads + 19 * s_q))
-    m_blocks = mla_gen.MLADecodeWrapper(family=family).plan(
-        inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
-        max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt).decision.m_blocks
-    w = mla_gen.MLADecodeWrapper(family=family, num_parts=100 // m_blocks)
-    w.plan(inp.cache_seqlens, s_q, num_heads=heads, ckv_dim=dims[0], rope_dim=dims[1], page_size=64,
-           max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=dt, return_lse=True)
-    if not w.plan_info.decision.joint_merge:
-        pytest.skip("fewer than 100 decode CTAs are resident at once on this device")
-    results = []
-    for replan in (True, False, False):
-        out, lse = poisoned(inp, dt)
-        w.run(*inp.args()[:6], out=out, lse=lse, replan=replan)
-        results.append((out, lse))
-    part_info, req_info = (t.tolist() for t in w.schedule())
-    assert min(n for _, n, _, _ in req_info) > 4, req_info
-    followed = [r for r, (first, n, _, _) in enumerate(req_info)
-                if part_info[first + n - 1][2] > r and part_info[first + n - 1][2:4] != [r + 1, 0]]
-    assert followed, "no request's last piece is followed by another request in its part"
-    check(*results[0], inp, dt)
-    for out, lse in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
-
-
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], dtypes=("bf16", "fp16")))
 def test_a_split_request_is_as_accurate_as_an_unsplit_one(family, dtype, dims, heads, s_q):
     """A request split over ~100 parts and merged by the merge kernel is no less accurate than the same request
