@@ -243,7 +243,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                       dtype=DType.parse(args.dtype), s_q=args.s_q, sm_count=args.sm_count,
                       ctas_per_sm=args.ctas_per_sm, family=Family.parse(args.family) if args.family else None,
                       num_parts=args.num_parts, batch=args.batch, mean_seqlen=args.seqlen,
-                      kv_dtype=DType.parse(args.kv_dtype, "kv_dtype") if args.kv_dtype else None)
+                      kv_dtype=DType.parse(args.kv_dtype, "kv_dtype") if args.kv_dtype else None,
+                      page_size=args.page_size)
     kv = decision.spec.kv_dtype
     if args.json:
         print(json.dumps({**decision.to_dict(), "scale_granularity": kv.scale_granularity}, indent=2))
@@ -306,6 +307,8 @@ def make_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--batch", type=positive_int, default=None)
     s.add_argument("--seqlen", type=positive_int, default=None, help="mean cache length per request")
     s.add_argument("--s-q", type=positive_int, default=1, dest="s_q", help="query tokens per request")
+    s.add_argument("--page-size", type=positive_int, default=None, help="the cache's page size (default: one of "
+                   "whole TMA boxes, e.g. 64)")
     s.add_argument("--sm-count", type=positive_int, default=132, help="SMs of the device (default 132, H100 SXM)")
     s.add_argument("--ctas-per-sm", type=positive_int, default=None)
     s.add_argument("--family", default=None)

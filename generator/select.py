@@ -20,6 +20,12 @@ FAMILY_ORDER = (Family.WGMMA, Family.NARROW, Family.SEESAW, Family.MMA, Family.S
 # S4096 H40 c256/r32 121.6 / narrow 131.2; H64 191.1 / 206.9, H128 280.8 / 351.4. Below 40 rows narrow stays:
 # B128 S4096 H32 179.1 / 179.8 and H16 s_q 2 178.2 / 180.3 are even, H16 170.8 / 167.0 favours narrow.
 SEESAW_MIN_ROWS = 40
+# Seesaw's producer loads a kv tile as TMA boxes of one page's rows (the largest power of two dividing the page size,
+# at most 64), and the TMA unit takes ~32 cycles a box: at page 1 that is 576 boxes a tile, and B128 S4096 H128 took
+# 1310 us against 254 at page 64 and wgmma's 344 (cp.async gathers, any page size the same); at page 16 (36 boxes)
+# 276-288 us. So from 40 rows seesaw needs boxes of at least this many rows, else wgmma runs (H200, PERF.md,
+# twenty-fourth session; a seesaw that gathered small pages by cp.async from its producer warps took 548 us).
+SEESAW_MIN_BOX_ROWS = 8
 # Below 40 rows narrow takes small calls too: from the fourteenth session seesaw took calls of at most 24 kv tiles
 # per SM, measured under the bench's writing L2 flush, whose dirty lines cost narrow more; with a reading flush
 # narrow led 8 of 12 such shapes by 3-16 % and trailed 4 by 1.5-4.5 % (B32 S1024 H16 25.6 / 29.6 us seesaw; PERF.md,
@@ -59,10 +65,19 @@ def aligned_parts(parts: int, batch: int) -> int:
 
 def dispatch_specs(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DType, s_q: int = 1,
                    kv_dtype: DType | None = None, tile: Tile | None = None) -> list[VariantSpec]:
-    """The variants dispatch may load for a shape, whatever the batch. What `build` makes ahead of time."""
+    """The variants dispatch may load for a shape, whatever the batch and page size. What `build` makes ahead of
+    time."""
     shape = dict(arch=arch, num_heads=num_heads, ckv_dim=ckv_dim, rope_dim=rope_dim, dtype=dtype, s_q=s_q,
                  kv_dtype=kv_dtype, tile=tile)
-    return [decide(**shape).spec]
+    specs = [decide(**shape).spec]
+    small_pages = decide(**shape, page_size=1).spec  # page sizes of small TMA boxes
+    return specs + ([small_pages] if small_pages != specs[0] else [])
+
+
+def tma_box_rows(page_size: int) -> int:
+    """Rows of a TMA box of one page (templates/sm90.cuh tma_box_rows): the largest power of two dividing the page
+    size, at most 64."""
+    return min(page_size & -page_size, 64)
 
 
 def families_for(arch: Arch) -> list[Family]:
@@ -160,15 +175,22 @@ class Decision:
 def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DType, s_q: int = 1,
            sm_count: int = 132, ctas_per_sm: int | None = None, family: Family | None = None,
            tile: Tile | None = None, num_parts: int | None = None, batch: int | None = None,
-           mean_seqlen: float | None = None, kv_dtype: DType | None = None) -> Decision:
+           mean_seqlen: float | None = None, kv_dtype: DType | None = None, page_size: int | None = None) -> Decision:
     """Chooses family, tile and grid. dtype: q and out (and the cache unless kv_dtype names an fp8
-    format). Raises SpecError for an impossible request."""
+    format). page_size: the cache's (None: one of whole TMA boxes). Raises SpecError for an impossible request."""
     reasons: list[str] = []
     if s_q < 1:
         raise SpecError(f"s_q: expected >= 1, got {s_q}")
+    if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
+        raise SpecError(f"page_size: expected a positive int, got {page_size!r}")
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     available = families_for(arch)
     rows = num_heads * s_q
+    # seesaw's TMA boxes of page_size's rows (SEESAW_MIN_BOX_ROWS)
+    boxes_ok = page_size is None or tma_box_rows(page_size) >= SEESAW_MIN_BOX_ROWS
+    box = tma_box_rows(page_size or 64)
+    small_boxes = (f"; not seesaw: page size {page_size} makes its TMA boxes {box} row{'s' if box > 1 else ''} high, "
+                   f"under {SEESAW_MIN_BOX_ROWS}")
     if family is None and kv_dtype.is_fp8:
         family = next((f for f in available if f in FP8_FAMILIES), None)
         if family is None:
@@ -185,17 +207,17 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most {limit} with an fp8 cache "
                            f"at ckv {ckv_dim}); {how}")
         elif (Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and kv_dtype is DType.FP8_E4M3
-              and seesaw_fp8_dims(ckv_dim, rope_dim)):
+              and seesaw_fp8_dims(ckv_dim, rope_dim) and boxes_ok):
             family = Family.SEESAW
             reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on); its producer warpgroup "
                            f"loads the e4m3 bytes by TMA and converts them to fp16 tiles off the consumers' path")
         else:
             reasons.append(f"family {family.value}: the fastest family with an fp8 path on {arch.nvcc_name} "
                            f"({kv_dtype.cli_name}: the cache's bytes staged, dequantized to fp16 inside shared "
-                           f"memory, fp16 tensor-core math)")
+                           f"memory, fp16 tensor-core math)" + ("" if boxes_ok else small_boxes))
     elif family is None:
         family = available[0]
-        if Family.SEESAW in available and rows >= SEESAW_MIN_ROWS:
+        if Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and boxes_ok:
             family = Family.SEESAW
             reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on): two warpgroups trade "
                            f"softmax and tensor-core work, a producer warpgroup loads kv by TMA; measured faster "
@@ -207,6 +229,8 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
                            f"of the rows to 64")
         else:
             note = f" ({WGMMA_FEW_HEADS_NOTE})" if family is Family.WGMMA else ""
+            if Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and not boxes_ok:
+                note = small_boxes + " (cp.async gathers, any page size)"
             reasons.append(f"family {family.value}: fastest of {[f.value for f in available]} on "
                            f"{arch.nvcc_name}{note}")
     elif family not in available:

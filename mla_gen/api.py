@@ -139,7 +139,7 @@ class MLADecodeWrapper:
                                                   sm_scale=sm_scale, dtype=dtype, device=device, kv_dtype=kv_dtype)
         # variant by the rules, then the grid by that variant's occupancy on this device
         shape = (device.index, num_heads, ckv_dim, rope_dim, dtype, s_q, self._family, self._num_parts)
-        work = dict(kv_dtype=kv, batch=batch)
+        work = dict(kv_dtype=kv, batch=batch, page_size=page_size)
         module = get_module(choose(*shape, **work).spec)
         decision = choose(*shape, ctas_per_sm=occupancy(module, device.index), **work)
         plan = DecodePlan(device, batch, s_q, num_heads, ckv_dim, rope_dim, dtype, page_size, max_pages, sm_scale,

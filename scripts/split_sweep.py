@@ -3,6 +3,7 @@
     python scripts/split_sweep.py                      # the small-batch and long-request shapes of issue 12
     python scripts/split_sweep.py --shape 32x1024x16 --parts 66 132 264 --min-tokens 128 256 --fixed-tokens 128
     python scripts/split_sweep.py --cases 2,3,6 --parts 64 66 --min-tokens 256 --fixed-tokens 128 256
+    python scripts/split_sweep.py --cases 1 --kv-dtype fp8_e4m3 --parts 128 132 --min-tokens 256 --fixed-tokens 128
 
 A policy is (num_parts, MIN_TOKENS_PER_PART, FIXED_COST_TOKENS): the grid's CTA columns and the two planner
 constants of generator/select.py, set in this process before each plan. Each is timed as the bench times a
@@ -22,8 +23,9 @@ import torch
 import generator.select as select
 from mla_gen import MLADecodeWrapper
 from mla_gen.bench.cases import Case, default_suite
-from mla_gen.bench.impls import build_inputs
+from mla_gen.bench.impls import QuantizedCache, build_inputs, quantize
 from mla_gen.bench.timing import Timer
+from generator.spec import DType
 from mla_gen.dtypes import torch_dtype
 
 SHAPES = ["32x1024x16", "8x16384x16", "128x4096x16", "1x32768x128", "4x65536x128", "128x4096x32"]
@@ -47,16 +49,21 @@ def parse_cases(text: str) -> list[Case]:
 
 
 def time_policy(timer: Timer, case: Case, inp, parts: int | None, min_tokens: int, fixed_tokens: int,
-                family: str | None = None):
-    """(median us, grid parts, family, planner fixed cost) of one policy; parts None: dispatch's own count."""
+                family: str | None = None, fp8: QuantizedCache | None = None):
+    """(median us, grid parts, family, planner fixed cost) of one policy; parts None: dispatch's own count. fp8:
+    read that cache instead of the inputs' 16-bit one."""
     select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = min_tokens, fixed_tokens
+    ckv, kpe, kv_plan, kv_run = inp.ckv_cache, inp.kpe_cache, {}, {}
+    if fp8 is not None:
+        ckv, kpe, scale = fp8.run_args()
+        kv_plan, kv_run = {"kv_dtype": fp8.kv_dtype.cli_name}, {"kv_scale": scale}
     wrapper = MLADecodeWrapper(inp.q_nope.device, num_parts=parts, family=family)
     plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                         page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,
-                        dtype=torch_dtype(case.dtype))
-    args = (inp.q_nope, inp.q_pe, inp.ckv_cache, inp.kpe_cache, inp.block_table, inp.cache_seqlens)
-    wrapper.run(*args)  # the device work list, reused by the timed calls
-    us = timer.time(lambda: wrapper.run(*args, replan=False)).median_us
+                        dtype=torch_dtype(case.dtype), **kv_plan)
+    args = (inp.q_nope, inp.q_pe, ckv, kpe, inp.block_table, inp.cache_seqlens)
+    wrapper.run(*args, **kv_run)  # the device work list, reused by the timed calls
+    us = timer.time(lambda: wrapper.run(*args, replan=False, **kv_run)).median_us
     return us, plan.decision.num_parts, plan.spec.family.value, plan.decision.fixed_cost
 
 
@@ -70,6 +77,8 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--fixed-tokens", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--family", default=None, help="time this family instead of dispatch's (e.g. narrow)")
+    ap.add_argument("--kv-dtype", default=None, choices=["fp8_e4m3", "fp8_ds_mla"],
+                    help="time the cache quantized to this fp8 format (default: the 16-bit cache)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--top", type=int, default=6)
     a = ap.parse_args()
@@ -80,14 +89,15 @@ def main() -> None:
     shapes = a.shape if a.shape is not None else ([] if a.cases else [parse_shape(s) for s in SHAPES])
     for case in shapes + a.cases:
         inp = build_inputs(case, device)
+        fp8 = quantize(inp, DType.parse(a.kv_dtype)) if a.kv_dtype else None
         m_blocks = -(-case.heads * case.s_q // 64)
         parts = a.parts or [max(1, sms * w // (2 * m_blocks)) for w in (1, 2, 4, 6, 8)]
-        base = time_policy(timer, case, inp, None, *default, a.family)
-        rows = [(time_policy(timer, case, inp, p, mt, ft, a.family), p, mt, ft)
+        base = time_policy(timer, case, inp, None, *default, a.family, fp8)
+        rows = [(time_policy(timer, case, inp, p, mt, ft, a.family, fp8), p, mt, ft)
                 for p, mt, ft in itertools.product(parts, a.min_tokens, a.fixed_tokens)]
         select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = default
         rows.sort(key=lambda r: r[0][0])
-        print(f"{case.name} ({case.shape}): dispatch's policy {base[0]:.1f} us ({base[1]} parts, {base[2]}, "
+        print(f"{case.name} ({case.shape}{', ' + a.kv_dtype if a.kv_dtype else ''}): dispatch's policy {base[0]:.1f} us ({base[1]} parts, {base[2]}, "
               f"min_tokens {default[0]}, fixed_tokens {default[1]}, planner fixed cost {base[3]}); fastest:")
         for (us, grid_parts, family, fixed), p, mt, ft in rows[:a.top]:
             print(f"  {us:8.1f} us  parts {p} ({grid_parts} in the grid, {family}), min_tokens {mt}, "

@@ -37,14 +37,15 @@ def test_list_preset_json(preset: str, heads: set[int], ckv: int, rope: int) -> 
 
 def test_list_preset_takes_the_query_lengths() -> None:
     """--s-q applies to presets as to explicit dims: MTP's rows change narrow's tile and the family (16 heads x
-    s_q 5 = 80 rows: seesaw). It was ignored for presets, which listed (and built) the s_q 1 variants only."""
-    from generator.select import decide
+    s_q 5 = 80 rows: seesaw, and wgmma for page sizes of small TMA boxes). It was ignored for presets, which listed
+    (and built) the s_q 1 variants only."""
+    from generator.select import dispatch_specs
 
     rows = _json("list", "--preset", "deepseek-v3", "--tp", "8", "--s-q", "1", "2", "5", "--json")
-    want = [decide(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=DType.BF16, s_q=s_q).spec
-            for s_q in (1, 2, 5)]
+    want = [spec for s_q in (1, 2, 5) for spec in
+            dispatch_specs(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=DType.BF16, s_q=s_q)]
     assert [r["variant_id"] for r in rows] == list(dict.fromkeys(s.variant_id for s in want))
-    assert [r["family"] for r in rows] == ["narrow", "narrow", "seesaw"]
+    assert [r["family"] for r in rows] == ["narrow", "narrow", "seesaw", "wgmma"]
     assert rows[0]["variant_id"] != rows[1]["variant_id"]  # narrow's tile follows the rows (16, 32)
     simt = _json("list", "--preset", "deepseek-v3", "--tp", "8", "--s-q", "1", "2", "--family", "simt", "--json")
     assert len(simt) == 1  # simt's tile does not depend on the rows: one variant for both
@@ -135,30 +136,33 @@ def test_kv_dtype_defaults_to_the_q_dtype() -> None:
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_explicit_dims_take_the_variant_dispatch_picks(arch: str) -> None:
     """`build --heads ...` without --family makes what mla_decode loads for those rows (was: the arch's first
-    family, wgmma, which dispatch no longer picks for 16..32 rows or from 40 rows on)."""
-    from generator.select import decide
+    family, wgmma, which dispatch no longer picks for 16..32 rows or from 40 rows on; wgmma is there for page
+    sizes of small TMA boxes)."""
+    from generator.select import dispatch_specs
 
     rows = _json("list", "--heads", "16", "40", "128", "--ckv", "512", "--rope", "64", "--arch", arch,
                  "--s-q", "1", "2", "--json")
-    want = [decide(arch=Arch.parse(arch), num_heads=h, ckv_dim=512, rope_dim=64, dtype=DType.BF16, s_q=s_q).spec
-            for h in (16, 40, 128) for s_q in (1, 2)]
+    want = [spec for h in (16, 40, 128) for s_q in (1, 2) for spec in
+            dispatch_specs(arch=Arch.parse(arch), num_heads=h, ckv_dim=512, rope_dim=64, dtype=DType.BF16, s_q=s_q)]
     assert [r["variant_id"] for r in rows] == list(dict.fromkeys(s.variant_id for s in want))
     families = [r["family"] for r in rows]
-    if arch == "sm_90a":  # 16 and 32 rows: narrow; 40 rows on: seesaw (one id per head count for s_q 1, 2)
-        assert families == ["narrow", "narrow", "seesaw", "seesaw"], families
+    if arch == "sm_90a":  # 16 and 32 rows: narrow; 40 rows on: seesaw and wgmma (one id per head count, s_q 1, 2)
+        assert families == ["narrow", "narrow", "seesaw", "wgmma", "seesaw", "wgmma"], families
     else:
         assert set(families) == {"mma"}, families
 
 
 def test_explicit_dims_with_an_fp8_cache_take_the_family_dispatch_picks() -> None:
-    from generator.select import decide
+    from generator.select import dispatch_specs
 
     rows = _json("list", "--heads", "16", "40", "--ckv", "256", "--rope", "32", "--kv-dtype", "fp8_e4m3", "--s-q", "1",
                  "2", "--json")
-    want = [decide(arch=Arch.SM90A, num_heads=h, ckv_dim=256, rope_dim=32, dtype=DType.BF16, s_q=s_q,
-                   kv_dtype=DType.FP8_E4M3).spec.variant_id for h in (16, 40) for s_q in (1, 2)]
+    want = [spec.variant_id for h in (16, 40) for s_q in (1, 2) for spec in
+            dispatch_specs(arch=Arch.SM90A, num_heads=h, ckv_dim=256, rope_dim=32, dtype=DType.BF16, s_q=s_q,
+                           kv_dtype=DType.FP8_E4M3)]
     assert [r["variant_id"] for r in rows] == list(dict.fromkeys(want))       # 40 heads: one variant for both
-    assert [r["family"] for r in rows] == ["narrow", "narrow", "seesaw"]      # 16 and 32 rows fit narrow, 40 not
+    # 16 and 32 rows fit narrow, 40 not: seesaw, and wgmma for page sizes of small TMA boxes
+    assert [r["family"] for r in rows] == ["narrow", "narrow", "seesaw", "wgmma"]
 
 
 @pytest.mark.parametrize("kv, granularity", [("fp8_e4m3", "one fp32 scale per tensor"),

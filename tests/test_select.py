@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from generator.errors import SpecError
-from generator.select import (FIXED_COST_TOKENS, MAX_PARTS, MIN_TOKENS_PER_PART, aligned_parts, decide, default_tile,
-                              families_for)
+from generator.select import (FIXED_COST_TOKENS, MAX_PARTS, MIN_TOKENS_PER_PART, SEESAW_MIN_BOX_ROWS, aligned_parts,
+                              decide, default_tile, dispatch_specs, families_for, tma_box_rows)
 from generator.spec import MAX_HEADS, Arch, DType, Family, Tile, smem_bytes
 from mla_gen.schedule import PlanConfig, part_blocks, plan
 
@@ -64,6 +64,40 @@ def test_parts_are_capped_by_the_merge_kernel() -> None:
     for bad in (0, MAX_PARTS + 1):
         with pytest.raises(SpecError, match=r"^num_parts: "):
             decide(**WGMMA, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, num_parts=bad)
+
+
+@pytest.mark.parametrize("page, box", [(1, 1), (2, 2), (3, 1), (4, 4), (8, 8), (12, 4), (16, 16), (48, 16),
+                                       (64, 64), (128, 64), (192, 64)])
+def test_tma_box_rows_by_hand(page: int, box: int) -> None:
+    assert tma_box_rows(page) == box
+
+
+@pytest.mark.parametrize("kv_dtype", [None, DType.FP8_E4M3])
+@pytest.mark.parametrize("page", [None, 1, 2, 4, 6, 8, 16, 24, 64])
+def test_seesaw_only_where_its_tma_boxes_are_tall_enough(page, kv_dtype) -> None:
+    """From 40 rows seesaw loads tiles as TMA boxes of one page's rows; boxes under SEESAW_MIN_BOX_ROWS rows (page
+    sizes not a multiple of 8) take wgmma, which gathers by cp.async at any page size."""
+    d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, page_size=page,
+               kv_dtype=kv_dtype)
+    tall = page is None or page % SEESAW_MIN_BOX_ROWS == 0
+    assert d.spec.family is (Family.SEESAW if tall else Family.WGMMA), d.reasons
+    assert tall or any(f"page size {page} makes its TMA boxes" in r for r in d.reasons), d.reasons
+    # below 40 rows the rule does not apply: narrow
+    assert decide(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, page_size=page,
+                  kv_dtype=kv_dtype).spec.family is Family.NARROW
+
+
+def test_build_ahead_makes_the_small_page_variant_too() -> None:
+    specs = dispatch_specs(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16)
+    assert [s.family for s in specs] == [Family.SEESAW, Family.WGMMA]
+    assert [s.family for s in dispatch_specs(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16)] \
+        == [Family.NARROW]
+
+
+@pytest.mark.parametrize("bad", [0, -64, True, 1.5, "64"])
+def test_a_bad_page_size_is_named(bad) -> None:
+    with pytest.raises(SpecError, match=r"^page_size: expected a positive int"):
+        decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, page_size=bad)
 
 
 def test_requested_parts_are_kept() -> None:
