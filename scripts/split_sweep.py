@@ -97,7 +97,8 @@ def main() -> None:
                 for p, mt, ft in itertools.product(parts, a.min_tokens, a.fixed_tokens)]
         select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = default
         rows.sort(key=lambda r: r[0][0])
-        print(f"{case.name} ({case.shape}{', ' + a.kv_dtype if a.kv_dtype else ''}): dispatch's policy {base[0]:.1f} us ({base[1]} parts, {base[2]}, "
+        kv = f", {a.kv_dtype}" if a.kv_dtype else ""
+        print(f"{case.name} ({case.shape}{kv}): dispatch's policy {base[0]:.1f} us ({base[1]} parts, {base[2]}, "
               f"min_tokens {default[0]}, fixed_tokens {default[1]}, planner fixed cost {base[3]}); fastest:")
         for (us, grid_parts, family, fixed), p, mt, ft in rows[:a.top]:
             print(f"  {us:8.1f} us  parts {p} ({grid_parts} in the grid, {family}), min_tokens {mt}, "
