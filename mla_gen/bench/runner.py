@@ -114,7 +114,7 @@ def _decision_spec(case: Case, family: Family | None, info: DeviceInfo, kv_dtype
     """The variant a planned wrapper of the case loads (its batch, as build_inputs makes it)."""
     return decide(arch=info.arch, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                   dtype=DType.parse(case.dtype), s_q=case.s_q, sm_count=info.sm_count, family=family,
-                  kv_dtype=kv_dtype, batch=case.batch).spec
+                  kv_dtype=kv_dtype, batch=case.batch, page_size=case.page_size).spec
 
 
 def prebuild(cases: Sequence[Case], families: Sequence[tuple[Family, DType | None]],
