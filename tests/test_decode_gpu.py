@@ -84,6 +84,27 @@ def test_decode_matrix(family, dtype, dims, heads, s_q, page, schedule):
     check(out, lse, inp, dt)
 
 
+@pytest.mark.parametrize("page", [1, 4, 8, 64], ids=lambda p: f"p{p}")
+def test_dispatch_follows_the_page_size_at_128_heads(page):
+    """Without a family, a plan at 128 heads takes the variant generator.select.decide names for the cache's page
+    size (seesaw where its TMA boxes have at least SEESAW_MIN_BOX_ROWS rows, else wgmma; on other archs whatever
+    the rules say) and is as accurate as ever."""
+    from generator.select import decide
+    from mla_gen.dispatch import device_info
+
+    inp = make_inputs([700, 5000, 1, 64], heads=128, page_size=page, device="cuda", generator=seeded(page + 3))
+    w = mla_gen.MLADecodeWrapper()
+    w.plan(inp.cache_seqlens, 1, num_heads=128, ckv_dim=512, rope_dim=64, page_size=page,
+           max_pages=inp.block_table.shape[1], sm_scale=inp.sm_scale, dtype=torch.bfloat16, return_lse=True)
+    info = device_info(torch.cuda.current_device())
+    want = decide(arch=info.arch, num_heads=128, ckv_dim=512, rope_dim=64, dtype=to_dtype(torch.bfloat16),
+                  page_size=page).spec.family
+    assert w.plan_info.spec.family is want
+    out, lse = poisoned(inp, torch.bfloat16)
+    w.run(*inp.args()[:6], out=out, lse=lse)
+    check(out, lse, inp, torch.bfloat16)
+
+
 @pytest.mark.parametrize("schedule", ["auto", "unsplit"])
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128]))
 def test_long_request(family, dtype, dims, heads, s_q, schedule):
