@@ -206,15 +206,15 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
                    "two e4m3 parts) and the bf16 rope in bf16, P V in fp16 with V scaled and converted in registers")
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most {limit} with an fp8 cache "
                            f"at ckv {ckv_dim}); {how}")
-        elif (Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and kv_dtype is DType.FP8_E4M3
-              and seesaw_fp8_dims(ckv_dim, rope_dim) and boxes_ok):
+        elif (seesaw_fp8 := Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and kv_dtype is DType.FP8_E4M3
+              and seesaw_fp8_dims(ckv_dim, rope_dim)) and boxes_ok:
             family = Family.SEESAW
             reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on); its producer warpgroup "
                            f"loads the e4m3 bytes by TMA and converts them to fp16 tiles off the consumers' path")
         else:
             reasons.append(f"family {family.value}: the fastest family with an fp8 path on {arch.nvcc_name} "
                            f"({kv_dtype.cli_name}: the cache's bytes staged, dequantized to fp16 inside shared "
-                           f"memory, fp16 tensor-core math)" + ("" if boxes_ok else small_boxes))
+                           f"memory, fp16 tensor-core math)" + (small_boxes if seesaw_fp8 else ""))
     elif family is None:
         family = available[0]
         if Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and boxes_ok:
