@@ -186,6 +186,7 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     available = families_for(arch)
     rows = num_heads * s_q
+    seesaw_rows = Family.SEESAW in available and rows >= SEESAW_MIN_ROWS
     # seesaw's TMA boxes of page_size's rows (SEESAW_MIN_BOX_ROWS)
     boxes_ok = page_size is None or tma_box_rows(page_size) >= SEESAW_MIN_BOX_ROWS
     box = tma_box_rows(page_size or 64)
@@ -206,8 +207,8 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
                    "two e4m3 parts) and the bf16 rope in bf16, P V in fp16 with V scaled and converted in registers")
             reasons.append(f"family narrow: {rows} query rows fit one narrow CTA (at most {limit} with an fp8 cache "
                            f"at ckv {ckv_dim}); {how}")
-        elif (seesaw_fp8 := Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and kv_dtype is DType.FP8_E4M3
-              and seesaw_fp8_dims(ckv_dim, rope_dim)) and boxes_ok:
+        elif (seesaw_fp8 := seesaw_rows and kv_dtype is DType.FP8_E4M3 and seesaw_fp8_dims(ckv_dim, rope_dim)) \
+                and boxes_ok:
             family = Family.SEESAW
             reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on); its producer warpgroup "
                            f"loads the e4m3 bytes by TMA and converts them to fp16 tiles off the consumers' path")
@@ -217,7 +218,7 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
                            f"memory, fp16 tensor-core math)" + (small_boxes if seesaw_fp8 else ""))
     elif family is None:
         family = available[0]
-        if Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and boxes_ok:
+        if seesaw_rows and boxes_ok:
             family = Family.SEESAW
             reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on): two warpgroups trade "
                            f"softmax and tensor-core work, a producer warpgroup loads kv by TMA; measured faster "
@@ -229,7 +230,7 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
                            f"of the rows to 64")
         else:
             note = f" ({WGMMA_FEW_HEADS_NOTE})" if family is Family.WGMMA else ""
-            if Family.SEESAW in available and rows >= SEESAW_MIN_ROWS and not boxes_ok:
+            if seesaw_rows and not boxes_ok:
                 note = small_boxes + " (cp.async gathers, any page size)"
             reasons.append(f"family {family.value}: fastest of {[f.value for f in available]} on "
                            f"{arch.nvcc_name}{note}")

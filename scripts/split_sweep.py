@@ -21,11 +21,11 @@ import itertools
 import torch
 
 import generator.select as select
+from generator.spec import DType
 from mla_gen import MLADecodeWrapper
 from mla_gen.bench.cases import Case, default_suite
-from mla_gen.bench.impls import QuantizedCache, build_inputs, quantize
+from mla_gen.bench.impls import QuantizedCache, build_inputs, quantize, wrapper_cache_args
 from mla_gen.bench.timing import Timer
-from generator.spec import DType
 from mla_gen.dtypes import torch_dtype
 
 SHAPES = ["32x1024x16", "8x16384x16", "128x4096x16", "1x32768x128", "4x65536x128", "128x4096x32"]
@@ -53,10 +53,7 @@ def time_policy(timer: Timer, case: Case, inp, parts: int | None, min_tokens: in
     """(median us, grid parts, family, planner fixed cost) of one policy; parts None: dispatch's own count. fp8:
     read that cache instead of the inputs' 16-bit one."""
     select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = min_tokens, fixed_tokens
-    ckv, kpe, kv_plan, kv_run = inp.ckv_cache, inp.kpe_cache, {}, {}
-    if fp8 is not None:
-        ckv, kpe, scale = fp8.run_args()
-        kv_plan, kv_run = {"kv_dtype": fp8.kv_dtype.cli_name}, {"kv_scale": scale}
+    ckv, kpe, kv_plan, kv_run = wrapper_cache_args(inp, fp8)
     wrapper = MLADecodeWrapper(inp.q_nope.device, num_parts=parts, family=family)
     plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                         page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,

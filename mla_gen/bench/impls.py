@@ -129,16 +129,22 @@ def quantize(inp: DecodeInputs, kv_dtype: DType) -> QuantizedCache:
     return QuantizedCache(kv_dtype, cache, scale, inp.ckv_cache.shape[2])
 
 
+def wrapper_cache_args(inp: DecodeInputs, fp8: QuantizedCache | None) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                             dict, dict]:
+    """(ckv_cache, kpe_cache, plan()'s and run()'s extra keyword arguments) of an MLADecodeWrapper that reads the
+    inputs' 16-bit cache (fp8 None: no kv arguments, the calls the bench made before fp8 caches) or `fp8`."""
+    if fp8 is None:
+        return inp.ckv_cache, inp.kpe_cache, {}, {}
+    ckv, kpe, scale = fp8.run_args()
+    return ckv, kpe, {"kv_dtype": fp8.kv_dtype.cli_name}, {"kv_scale": scale}
+
+
 # -- mla-gen ---------------------------------------------------------------------------------------
 
 def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case, replan: bool = False,
                    fp8: QuantizedCache | None = None) -> Prepared:
     """fp8: read that cache instead of the inputs' 16-bit one."""
-    if fp8 is None:  # no kv arguments: the 16-bit calls are those the bench made before fp8 caches
-        ckv, kpe, kv_plan, kv_run = inp.ckv_cache, inp.kpe_cache, {}, {}
-    else:
-        ckv, kpe, scale = fp8.run_args()
-        kv_plan, kv_run = {"kv_dtype": fp8.kv_dtype.cli_name}, {"kv_scale": scale}
+    ckv, kpe, kv_plan, kv_run = wrapper_cache_args(inp, fp8)
     wrapper = MLADecodeWrapper(inp.q_nope.device, family=family.value)
     plan = wrapper.plan(inp.cache_seqlens, case.s_q, num_heads=case.heads, ckv_dim=case.ckv, rope_dim=case.rope,
                         page_size=case.page_size, max_pages=inp.block_table.shape[1], sm_scale=case.sm_scale,
