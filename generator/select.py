@@ -106,10 +106,11 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
     if family is Family.SEESAW:
         # 64 rows x pairs of 64-token tiles (K0, K1), two warpgroups; the kv buffers of two pairs where they fit
         # (ckv 256: 197 KB), so that a pair's loads go out while the pair before it computes
+        # (fp8_e4m3: a ring of raw tiles, four where they fit, else three)
         two_pairs = Tile(64, 64, 4, 8)
         if arch is not None and _fits(family, two_pairs, ckv_dim, rope_dim, arch, kv_dtype):
             return two_pairs
-        return Tile(64, 64, 2, 8)
+        return Tile(64, 64, 3 if kv_dtype is DType.FP8_E4M3 else 2, 8)
     raise SpecError(f"family: no tile rules for {family.value}")
 
 

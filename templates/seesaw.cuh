@@ -77,6 +77,7 @@
 // Epilogue: as wgmma.cuh (row sums over the quad and both WGs through red_sum; normalise; out + lse or partial),
 // but out rows (16-byte aligned) go through Q's dead ckv panel and one bulk copy per row (cp.async.bulk).
 #pragma once
+#include "narrow_e4m3.cuh"
 #include "wgmma.cuh"
 
 namespace mla_gen {
@@ -414,8 +415,12 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
   });
 }
 
+// The fp8_e4m3 path (seesaw_e4m3.cuh, included at the end of this file).
 template <class Cfg>
-__global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const __grid_constant__ TmaParams tp) {
+__device__ __forceinline__ void decode_e4m3(const TmaParams& tp);
+
+template <class Cfg>
+__device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
   using L = Layout<Cfg>;
   const DecodeParams& p = tp.p;
   using KV = typename Cfg::KVType;
@@ -830,18 +835,34 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   });
 }
 
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) decode_kernel(const __grid_constant__ TmaParams tp) {
+  if constexpr (Cfg::kKVFormat == KVFormat::kKVFp8Tensor) decode_e4m3<Cfg>(tp);
+  else decode_16bit<Cfg>(tp);
+}
+
+template <class Cfg>
+struct E4m3Layout;
+
 // Encodes the cache's tensor maps (sm90.cuh cache_maps, reused while the cache stays the same) and launches the
 // kernel.
 template <class Cfg>
 inline int launch_decode(const DecodeParams& p, uint64_t stream) {
-  using L = Layout<Cfg>;
-  // fp8: the e4m3 bytes in dense 64-byte box rows (the producer converts them; the rope box is 64 wide too)
-  constexpr int kElem = L::kFp8 ? 1 : 2, kSwizzle = L::kFp8 ? 0 : L::KN::kRowBytes;
-  constexpr CacheMapShape kShape = {L::C, 64, kSwizzle, L::R, L::KP::kBlockCols, L::kFp8 ? 0 : L::KP::kRowBytes, kElem};
-  TmaParams tp;
-  const int err = cache_maps<L>(p, kShape, tp);
-  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+  if constexpr (Cfg::kKVFormat == KVFormat::kKVFp8Tensor) {
+    return narrow::launch_e4m3<Cfg, E4m3Layout<Cfg>>(decode_kernel<Cfg>, p, stream);
+  } else {
+    using L = Layout<Cfg>;
+    // fp8: the e4m3 bytes in dense 64-byte box rows (the producer converts them; the rope box is 64 wide too)
+    constexpr int kElem = L::kFp8 ? 1 : 2, kSwizzle = L::kFp8 ? 0 : L::KN::kRowBytes;
+    constexpr CacheMapShape kShape = {L::C,           64, kSwizzle, L::R, L::KP::kBlockCols,
+                                      L::kFp8 ? 0 : L::KP::kRowBytes, kElem};
+    TmaParams tp;
+    const int err = cache_maps<L>(p, kShape, tp);
+    return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+  }
 }
 
 }  // namespace seesaw
 }  // namespace mla_gen
+
+#include "seesaw_e4m3.cuh"
