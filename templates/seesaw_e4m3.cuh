@@ -24,8 +24,8 @@
 // pair i + 1's; WG0 stores pair i + 2's only after WG1 passed pair i + 1's P1 hand-off, after it retired); P1 has
 // one (WG1 stores pair i + 1's after the P0 hand-off, which WG0 reaches after its P1 V1_L retired).
 // Shared memory (dynamic, 1024-byte aligned): q hi, q lo [64][C] e4m3 | q rope hi, lo [64][128] | the ring
-// [kRing][64][C + 128] | P [3][64][64] fp16 | red_m [2 parity][2][64] fp32 | red_sum [2][64] | 1 / q scale [64] |
-// move flags [2][2] u32 | full, empty mbarriers [kRing] each. 512/64: 80 + 120 + 24 KB + 1.8 KB = 226 KB.
+// [kRing][64][C + 128] | P [3][64][64] fp16 | red_m (m, scale) [2 parity][2][2][64] fp32 | red_sum [2][64] |
+// 1 / q scale [64] | move flags [2][2] u32 | full, empty mbarriers [kRing] each. 512/64: 80 + 120 + 24 + 2.8 KB.
 #pragma once
 #include "narrow_e4m3.cuh"
 #include "wgmma.cuh"
@@ -54,8 +54,8 @@ struct E4m3Layout {
   static constexpr int kOffQrLo = kOffQrHi + QR::kBytes;
   static constexpr int kOffRing = kOffQrLo + QR::kBytes;
   static constexpr int kOffP = kOffRing + kRing * kStageBytes;  // P0 (pair parity 0, 1), P1
-  static constexpr int kOffRedM = kOffP + 3 * PP::kBytes;        // [2 parity][2: m0, m1][M] fp32
-  static constexpr int kOffRedSum = kOffRedM + 4 * M * 4;        // [2 warpgroups][M] fp32
+  static constexpr int kOffRedM = kOffP + 3 * PP::kBytes;        // [2 parity][2: S0, S1][2: m, scale][M] fp32
+  static constexpr int kOffRedSum = kOffRedM + 8 * M * 4;        // [2 warpgroups][M] fp32
   static constexpr int kOffInvS = kOffRedSum + 2 * M * 4;        // [M] fp32
   static constexpr int kOffFlags = kOffInvS + M * 4;             // [2 parity][2] u32: a row moved (pair + 1)
   static constexpr int kOffBars = kOffFlags + 4 * 4;             // full [kRing], empty [kRing]
@@ -70,7 +70,8 @@ struct E4m3Layout {
   // registers after setmaxnreg within the CTA's pool of 384 x 168 (narrow_e4m3.cuh's producer fits 24)
   static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
   static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 384 * 168, "setmaxnreg over the CTA's registers");
-  static constexpr int kABufs = 2;  // V^T fragment buffers (k16 steps) in flight per warpgroup
+  static constexpr int kABufs = 2;                    // V^T fragment buffers in flight per warpgroup
+  static constexpr int kGroupMT = 1;  // m-tiles a buffer holds (a wgmma commit group)
 };
 
 // The consumers (warpgroups 0 and 1, threads 0-255); see the file's header.
@@ -87,6 +88,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   constexpr int H = L::H, C = L::C, R = L::R, M = L::M, N = L::N, MTW = L::MTW, kRing = L::kRing;
   constexpr int SV = N / 2;          // S accumulators per thread (m64n64)
   constexpr int kWords = (L::kPiece + 3) / 4;
+  constexpr int kGroup = L::kGroupMT;  // m-tiles per P V commit group (a fragment buffer)
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int wg = warp >> 2, wq = warp & 3, wrow = 16 * wq;
@@ -150,8 +152,9 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       bits = __vmaxu2(bits, __shfl_xor_sync(0xffffffffu, bits, 2));
       bits = max(bits & 0xFFFFu, bits >> 16);
       const float amax = to_float2(*reinterpret_cast<const typename Vec2<Q>::type*>(&bits)).x;
-      const float sc = amax > 0.f && amax < INFINITY ? 224.f / amax : 1.f;
-      if (tl == 0) sts_f32(s_inv + 4 * m, 1.f / sc);
+      // (fast divisions: the IEEE ones call a slow path, and a call costs registers beside O^T: spills)
+      const float sc = amax > 0.f && amax < INFINITY ? __fdividef(224.f, amax) : 1.f;
+      if (tl == 0) sts_f32(s_inv + 4 * m, __fdividef(1.f, sc));
 #pragma unroll
       for (int i = 0; i < KQ; ++i) {
         const int c = tl + TPR * i;
@@ -252,6 +255,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       if (tq == 0) {
         sts_f32(red_m + 4 * (wrow + g), m_new[0]);
         sts_f32(red_m + 4 * (wrow + g + 8), m_new[1]);
+        sts_f32(red_m + 4 * (M + wrow + g), scale[0]);  // for O^T's columns (rescale_o)
+        sts_f32(red_m + 4 * (M + wrow + g + 8), scale[1]);
       }
       if (moved) sts_u32(flag, static_cast<uint32_t>(pair_no + 1));
     };
@@ -262,57 +267,70 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     };
     // O^T's columns (rows 8 j + 2 tq + e) from reference red_from to red_to, where the softmax flagged a move
     // (no wgmma of O^T in flight)
-    auto rescale_o = [&](uint32_t flag, uint32_t red_from, uint32_t red_to) {
+    auto rescale_o = [&](uint32_t flag, uint32_t red) {
       if (lds_u32(flag) != static_cast<uint32_t>(pair_no + 1)) return;
 #pragma unroll
       for (int j = 0; j < N / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int r = 8 * j + 2 * tq + e;
-          const float a = lds_f32(red_from + 4 * r), c = lds_f32(red_to + 4 * r);
-          const float f = a == c ? 1.f : fast_exp2(a - c);  // -inf -> finite: 0
+          const float f = lds_f32(red + 4 * (M + 8 * j + 2 * tq + e));  // the row's scale (1 where it did not move)
 #pragma unroll
           for (int mt = 0; mt < MTW; ++mt) o[mt][4 * j + e] *= f, o[mt][4 * j + 2 + e] *= f;
         }
     };
-    // O^T += V^T P^T over the stage's features of this warpgroup: A = V^T from the stage's bytes (tokens past
-    // `valid` read as 0: P is 0 there, but the stage may hold NaN bytes), B = P^T at s_pt
+    // Zeroes this warpgroup's features of the stage's token rows from `valid` on (a request's last tile: P is 0
+    // there, but the rows may hold NaN bytes, and 0 x NaN is NaN), once every Q K^T that reads the stage is done,
+    // then makes it visible to the warpgroup's loads (a select per load instead cost registers: spills)
+    const int bar_local = wg ? kBarLocal1 : kBarLocal0;
+    auto zero_tail = [&](uint32_t stage, int valid) {
+      if (valid >= N) return;
+      constexpr int HBK = KB::kBlocks / 2;  // 128-byte column blocks of a warpgroup's half
+      const int chunks = HBK * (N - valid) * 8;
+      for (int i = tid & 127; i < chunks; i += 128) {
+        const int row = valid + (i >> 3) % (N - valid), blk = (i >> 3) / (N - valid);
+        sts_v4(stage + (wg * HBK + blk) * KB::kBlockBytes + row * 128 + (i & 7) * 16, 0u, 0u, 0u, 0u);
+      }
+      bar_sync(bar_local, 128);
+    };
+    // O^T += V^T P^T over the stage's features of this warpgroup: A = V^T from the stage's bytes, B = P^T at s_pt
     // (a: the warpgroup's fragment buffers; kk0: k16 steps issued before in this pair, so that a buffer is
     // rewritten only once the wgmmas that read it retired, across both of a pair's calls)
-    auto pv = [&](uint32_t stage, uint32_t s_pt, int valid, uint32_t (&a)[L::kABufs][MTW][4], int kk0) {
+    auto pv = [&](uint32_t stage, uint32_t s_pt, uint32_t (&a)[L::kABufs][kGroup][4], int kk0) {
       const uint64_t d_pt = PP::desc(s_pt);
 #pragma unroll
       for (int kk = 0; kk < N / 16; ++kk) {
-        uint32_t w[4][kWords];  // the piece of tokens 16 kk + 2 tq + {0, 1, 8, 9}
+        // word wd of the piece of tokens 16 kk + 2 tq + {0, 1, 8, 9}: the four bytes behind m-tiles 2 wd, 2 wd + 1
+        auto piece_word = [&](int wd, uint32_t (&w)[4][1]) {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
-          const uint32_t addr =
-              stage + piece_blk * KB::kBlockBytes + t * 128 + ((piece_chunk ^ (t & 7)) << 4) + piece_byte;
-          if constexpr (kWords == 2) {
-            const uint2 q2 = lds_v2(addr);
-            w[u][0] = q2.x, w[u][1] = q2.y;
-          } else {
-            w[u][0] = lds_u32(addr);
+          for (int u = 0; u < 4; ++u) {
+            const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
+            w[u][0] = lds_u32(stage + piece_blk * KB::kBlockBytes + t * 128 + ((piece_chunk ^ (t & 7)) << 4) +
+                              piece_byte + 4 * wd);
           }
-          if (t >= valid) {
+        };
+        uint32_t w[4][1];
 #pragma unroll
-            for (int i = 0; i < kWords; ++i) w[u][i] = 0u;
+        for (int gi = 0; gi < MTW / kGroup; ++gi) {  // a commit group of kGroup m-tiles
+          const int n = (kk0 + kk) * (MTW / kGroup) + gi;  // groups issued before in this pair
+          uint32_t(&f)[kGroup][4] = a[n % L::kABufs];
+          if (n >= L::kABufs) {
+            wgmma_wait<L::kABufs - 1>();
+            fence_regs(f);
           }
+#pragma unroll
+          for (int q = 0; q < kGroup; ++q) {
+            const int mt = kGroup * gi + q;
+            if (mt % 2 == 0) piece_word(mt / 2, w);  // (loaded per word: registers)
+            narrow::e4m3_vt_fragment(w, mt % 2, f[q]);
+          }
+#pragma unroll
+          for (int q = 0; q < kGroup; ++q) fence_regs(o[kGroup * gi + q]);
+          wgmma_fence();
+#pragma unroll
+          for (int q = 0; q < kGroup; ++q)
+            wgmma_rs<M, __half, 0>(o[kGroup * gi + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
+          wgmma_commit();
         }
-        uint32_t(&f)[MTW][4] = a[(kk0 + kk) % L::kABufs];
-        if (kk0 + kk >= L::kABufs) {
-          wgmma_wait<L::kABufs - 1>();
-          fence_regs(f);
-        }
-#pragma unroll
-        for (int mt = 0; mt < MTW; ++mt) narrow::e4m3_vt_fragment(w, mt, f[mt]);
-#pragma unroll
-        for (int mt = 0; mt < MTW; ++mt) fence_regs(o[mt]);
-        wgmma_fence();
-#pragma unroll
-        for (int mt = 0; mt < MTW; ++mt) wgmma_rs<M, __half, 0>(o[mt], f[mt], desc_add(d_pt, PP::step(kk)), 1);
-        wgmma_commit();
       }
     };
     auto retire_pv = [&]() {
@@ -330,14 +348,13 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       const bool has_k1 = it + 1 < n_tiles;
       const int par = pair_no & 1;
       const uint32_t s_p0 = s_base + L::kOffP + par * PP::kBytes, s_p1 = s_base + L::kOffP + 2 * PP::kBytes;
-      const uint32_t red_m0 = s_red_m + 4 * M * (2 * par), red_m1 = red_m0 + 4 * M;
-      const uint32_t red_prev = s_red_m + 4 * M * (2 * (par ^ 1) + 1);  // m at the pair's start (pair i - 1's m1)
+      const uint32_t red_m0 = s_red_m + 4 * M * (4 * par), red_m1 = red_m0 + 8 * M;  // m and scale of S0, S1
       const uint32_t flag0 = s_flags + 8 * par, flag1 = flag0 + 4;
       const int valid0 = len - (seg.blk_lo + it) * N, valid1 = valid0 - N;
       float sacc[SV];
       float m_mid[2], m_end[2], sc0[2], sc1[2], lsum[2];
 
-      uint32_t frag[L::kABufs][MTW][4];
+      uint32_t frag[L::kABufs][kGroup][4];
       if (wg == 0) {
         // ---- S0 = Q K0^T
         mbarrier_wait(full + 8 * st0, (k0 / kRing) & 1);
@@ -351,9 +368,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
         l_run[1] += lsum[1];
         fence_proxy_async();
         bar_sync(kBarP0, 256);
-        if (it > 0) rescale_o(flag0, red_prev, red_m0);  // (a segment's first pair: O^T is still 0)
+        if (it > 0) rescale_o(flag0, red_m0);  // (a segment's first pair: O^T is still 0)
         // ---- O^T_L += V0_L^T P0^T, under the wait for P1
-        pv(stage0, s_p0, valid0, frag, 0);
+        zero_tail(stage0, valid0);
+        pv(stage0, s_p0, frag, 0);
         // ---- P1, m1 from WG1: scale1 = 2^(m0 - m1)
         bar_sync(kBarP1, 256);
 #pragma unroll
@@ -384,16 +402,20 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
         rescale_l(sc1);
         l_run[0] += lsum[0];
         l_run[1] += lsum[1];
-        if (it > 0) rescale_o(flag0, red_prev, red_m0);
+        if (it > 0) rescale_o(flag0, red_m0);
         // ---- O^T_R += V0_R^T P0^T
-        pv(stage0, s_p0, valid0, frag, 0);
+        zero_tail(stage0, valid0);
+        pv(stage0, s_p0, frag, 0);
       }
       // ---- both: O^T_half += V1_half^T P1^T (O^T first rescaled where WG1 moved a row: P0 V0 retired first)
       if (lds_u32(flag1) == static_cast<uint32_t>(pair_no + 1)) {
         retire_pv();
-        rescale_o(flag1, red_m0, red_m1);
+        rescale_o(flag1, red_m1);
       }
-      if (has_k1) pv(stage1, s_p1, valid1, frag, N / 16);
+      if (has_k1) {
+        zero_tail(stage1, valid1);
+        pv(stage1, s_p1, frag, N / 16);
+      }
       retire_pv();
       release(st0);
       if (has_k1) release(st1);
@@ -411,79 +433,62 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       sts_f32(s_red_sum + 4 * (wg * M + wrow + g + 8), l_run[1]);
     }
     bar_sync(kBarConsumers, 256);
-    // normalise O^T's columns in place
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int rl = 8 * j + 2 * tq + e;
-        const float l = lds_f32(s_red_sum + 4 * rl) + lds_f32(s_red_sum + 4 * (M + rl));
-        const float inv = l > 0.f ? __fdividef(kv_scale.out(1.f), l) : 0.f;  // l < 2^126
-#pragma unroll
-        for (int mt = 0; mt < MTW; ++mt) o[mt][4 * j + e] *= inv, o[mt][4 * j + 2 + e] *= inv;
-      }
-    // Each warpgroup's half in turn: staged row-major in Q's dead panels ([M][C / 2] of the result's type: the
-    // out dtype, or fp32 for a split's partial), then copied out by all 256 threads in 16-byte chunks (a thread's
-    // own rows would take a pointer per row in registers beside O^T). Rows not 16-byte aligned (out strides):
-    // one value at a time.
-    static_assert(sizeof(OutT) == 2, "16-bit out rows");
-    constexpr int kHalfChunksLog2 = C == 512 ? 5 : 4;  // 16-byte chunks of a half row of 16-bit values: C / 16
+    // Each warpgroup's half in turn: its fp32 O^T columns staged row-major in Q's dead panels ([M][C / 2]: the two
+    // halves do not fit at once), then copied out by the warpgroup in 4-value chunks, normalised by the row's sum
+    // on the way (out rows in the out dtype, or a split's partial rows in fp32). The staging keeps the code that
+    // reads O^T plain (registers: a thread's own rows would take a pointer per row beside O^T).
+    constexpr int kHalfBytes = C / 2 * 4, kChunksLog2 = C == 512 ? 6 : 5;  // 16-byte chunks of a staged half row
+    static_assert(kHalfBytes == 16 << kChunksLog2 && M * kHalfBytes <= 2 * QB::kBytes, "a half in Q's panels");
+    using Out2 = typename Vec2<OutT>::type;
     const bool split = seg.split;
-    const int elem = split ? 4 : static_cast<int>(sizeof(OutT));
-    const int half_bytes = (C / 2) * elem;
-    const bool aligned =
-        split || ((p.out | (p.out_stride_b | p.out_stride_s | p.out_stride_h) * sizeof(OutT)) & 15) == 0;
+    const uint32_t red_last = s_red_m + 4 * M * (4 * ((pair_no - 1) & 1) + 2);  // m1 of the segment's last pair
+    const bool aligned = ((p.out | (p.out_stride_b | p.out_stride_s | p.out_stride_h) * sizeof(OutT)) & 7) == 0;
 #pragma unroll 1
     for (int w = 0; w < 2; ++w) {
       if (wg == w) {
-        const int col = L::kPiece * (8 * wq + g);  // the piece's first feature inside the half
+        const uint32_t at = s_base + 2 * tq * kHalfBytes + L::kPiece * (8 * wq + g) * 4;
 #pragma unroll
         for (int j = 0; j < N / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const uint32_t at = s_base + (8 * j + 2 * tq + e) * half_bytes + col * elem;
-            if (split) {
+          for (int e = 0; e < 2; ++e)
 #pragma unroll
-              for (int mt = 0; mt < MTW; ++mt) {
-                sts_f32(at + 8 * mt, o[mt][4 * j + e]);
-                sts_f32(at + 8 * mt + 4, o[mt][4 * j + 2 + e]);
-              }
-            } else {
-#pragma unroll
-              for (int mt = 0; mt < MTW; ++mt) sts_u32(at + 4 * mt, pack2<OutT>(o[mt][4 * j + e], o[mt][4 * j + 2 + e]));
+            for (int mt = 0; mt < MTW; ++mt) {
+              sts_f32(at + (8 * j + e) * kHalfBytes + 8 * mt, o[mt][4 * j + e]);
+              sts_f32(at + (8 * j + e) * kHalfBytes + 8 * mt + 4, o[mt][4 * j + 2 + e]);
             }
-          }
-      }
-      if (w == 1 && wg == 0 && tq == 0) {  // the lse of its softmax rows (m_run: the same in both warpgroups), O^T
-                                              // staged
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int rl = wrow + g + 8 * hh, r = row0 + rl;
+        bar_sync(bar_local, 128);
+        for (int i = tid & 127; i < M << kChunksLog2; i += 128) {
+          const int rl = i >> kChunksLog2, c = i & ((1 << kChunksLog2) - 1), r = row0 + rl;
           if (r >= rows) continue;
           const float l = lds_f32(s_red_sum + 4 * rl) + lds_f32(s_red_sum + 4 * (M + rl));
-          if (seg.split) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = row_lse(l, m_run[hh]);
-          else if (p.lse) *ResultRows<Cfg>::lse(p, seg.req, r) = row_lse(l, m_run[hh]);
-        }
-      }
-      bar_sync(kBarConsumers, 256);
-      const int chunks_log2 = split ? kHalfChunksLog2 + 1 : kHalfChunksLog2;  // 16-byte chunks of a half row
-      for (int i = tid; i < M << chunks_log2; i += 256) {
-        const int rl = i >> chunks_log2, c = i & ((1 << chunks_log2) - 1), r = row0 + rl;
-        if (r >= rows) continue;
-        const uint32_t at = s_base + rl * half_bytes + 16 * c;
-        char* dst = split ? reinterpret_cast<char*>(ResultRows<Cfg>::partial(p, seg.slot, r) + w * (C / 2))
-                          : reinterpret_cast<char*>(ResultRows<Cfg>::out(p, seg.req, r) + w * (C / 2));
-        if (aligned) {
-          *reinterpret_cast<uint4*>(dst + 16 * c) = lds_v4(at);
-        } else {
-#pragma unroll
-          for (int k = 0; k < 16 / static_cast<int>(sizeof(OutT)); ++k) {
-            const uint32_t v = lds_u32(at + 2 * (k & ~1));
-            reinterpret_cast<uint16_t*>(dst + 16 * c)[k] = static_cast<uint16_t>(k & 1 ? v >> 16 : v);
+          const float inv = l > 0.f ? __fdividef(kv_scale.out(1.f), l) : 0.f;  // l < 2^126
+          const uint4 u = lds_v4(s_base + rl * kHalfBytes + 16 * c);
+          const float4 v = make_float4(__uint_as_float(u.x) * inv, __uint_as_float(u.y) * inv,
+                                       __uint_as_float(u.z) * inv, __uint_as_float(u.w) * inv);
+          const int col = w * (C / 2) + 4 * c;
+          // the row's lse, by the thread of its last chunk out: from its sum and the last pair's m1 (every warpgroup's
+          // m_run; red_m, not registers: a row's lse here needs no register beside the other WG's O^T)
+          const float lse = w == 1 && c == 0 ? (l > 0.f ? (lds_f32(red_last + 4 * rl) + __log2f(l)) * kLn2 : -INFINITY)
+                                             : 0.f;
+          if (w == 1 && c == 0) {
+            if (split) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
+            else if (p.lse) *ResultRows<Cfg>::lse(p, seg.req, r) = lse;
+          }
+          if (split) {
+            *reinterpret_cast<float4*>(ResultRows<Cfg>::partial(p, seg.slot, r) + col) = v;
+          } else {
+            OutT* dst = ResultRows<Cfg>::out(p, seg.req, r) + col;
+            const Out2 lo = from_float2<OutT>(make_float2(v.x, v.y)), hi = from_float2<OutT>(make_float2(v.z, v.w));
+            if (aligned) {
+              *reinterpret_cast<uint2*>(dst) =
+                  make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+            } else {
+              dst[0] = lo.x, dst[1] = lo.y, dst[2] = hi.x, dst[3] = hi.y;
+            }
           }
         }
       }
-      bar_sync(kBarConsumers, 256);  // (the last: the next segment rewrites Q and the exchange arrays)
+      bar_sync(kBarConsumers, 256);  // the staging area free (the last: for the next segment's Q, the exchanges)
     }
   });
 }
