@@ -8,7 +8,7 @@
 //     is 40 KB at 512/64, so three fit beside Q and the loads run up to a pair and a half ahead;
 //   - S = Q K^T by e4m3 wgmma straight from the stage: q is quantized per row (scaled to 224 at its largest
 //     |value|) into two e4m3 parts hi + lo (about bf16's precision, narrow_e4m3.cuh), two k-chains into one
-//     accumulator (m64n64k32), then x = S / scale;
+//     accumulator (m64n64k32, lo first), then x = S / scale;
 //   - O^T = V^T P^T (fp16): V^T is wgmma's A operand in registers, built from the stage's bytes (LDS, PRMT, cvt;
 //     narrow_e4m3.cuh e4m3_vt_fragment), P^T its B operand from shared memory ([row][token] fp16 = P as stored).
 //     A thread's O^T rows are kPiece consecutive features of its warpgroup's half (WG w: features w C/2 ..), so
@@ -70,7 +70,7 @@ struct E4m3Layout {
   // registers after setmaxnreg within the CTA's pool of 384 x 168 (narrow_e4m3.cuh's producer fits 24)
   static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
   static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 384 * 168, "setmaxnreg over the CTA's registers");
-  static constexpr int kABufs = 2;                    // V^T fragment buffers in flight per warpgroup
+  static constexpr int kABufs = 3;                    // V^T fragment buffers in flight per warpgroup
   static constexpr int kGroupMT = 1;  // m-tiles a buffer holds (a wgmma commit group)
 };
 
@@ -112,7 +112,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     // ---- q: 4 threads a row; its largest |value| -> scale s = 224 / it; hi = e4m3(q s), lo = e4m3(q s - hi)
     {
       constexpr int TPR = 4, kChunks = (C + R) / 16, KQ = (kChunks + TPR - 1) / TPR;
-      const int m = tid / TPR, tl = tid % TPR, r = opaque(row0 + m);
+      // (opaque: the row's shared-memory addresses are then made per segment, not hoisted and kept: registers)
+      const int tq_id = opaque(tid), m = tq_id / TPR, tl = tq_id % TPR, r = row0 + m;
       const bool valid = r < rows;
       const int s = valid ? r / H : 0, h = valid ? r % H : 0;
       const Q* qn = reinterpret_cast<const Q*>(p.q_nope) + (b * p.q_nope_stride_b + s * p.q_nope_stride_s +
@@ -198,9 +199,11 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       for (int i = 0; i < SV; ++i) sc[i] = 0.f;
       fence_regs(sc);
       wgmma_fence();
+      // lo first: the tensor cores add a k32 step's products to the accumulator at ~14 bits of its magnitude
+      // (DeepSeek-V3's fp8 GEMM note), so the small lo terms go in while the accumulator is small
 #pragma unroll
       for (int part_q = 0; part_q < 2; ++part_q) {
-        const uint64_t dq = part_q ? d_qlo : d_qhi, dr = part_q ? d_qrlo : d_qrhi;
+        const uint64_t dq = part_q ? d_qhi : d_qlo, dr = part_q ? d_qrhi : d_qrlo;
 #pragma unroll
         for (int ks = 0; ks < C / 32; ++ks)
           wgmma_ss_e4m3<N>(sc, desc_add(dq, QB::step(ks)), desc_add(d_kb, KB::step(ks)), 1);
@@ -299,16 +302,19 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       const uint64_t d_pt = PP::desc(s_pt);
 #pragma unroll
       for (int kk = 0; kk < N / 16; ++kk) {
-        // word wd of the piece of tokens 16 kk + 2 tq + {0, 1, 8, 9}: the four bytes behind m-tiles 2 wd, 2 wd + 1
-        auto piece_word = [&](int wd, uint32_t (&w)[4][1]) {
+        uint32_t w[4][kWords];  // the piece of tokens 16 kk + 2 tq + {0, 1, 8, 9}
 #pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
-            w[u][0] = lds_u32(stage + piece_blk * KB::kBlockBytes + t * 128 + ((piece_chunk ^ (t & 7)) << 4) +
-                              piece_byte + 4 * wd);
+        for (int u = 0; u < 4; ++u) {
+          const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
+          const uint32_t addr =
+              stage + piece_blk * KB::kBlockBytes + t * 128 + ((piece_chunk ^ (t & 7)) << 4) + piece_byte;
+          if constexpr (kWords == 2) {
+            const uint2 q2 = lds_v2(addr);
+            w[u][0] = q2.x, w[u][1] = q2.y;
+          } else {
+            w[u][0] = lds_u32(addr);
           }
-        };
-        uint32_t w[4][1];
+        }
 #pragma unroll
         for (int gi = 0; gi < MTW / kGroup; ++gi) {  // a commit group of kGroup m-tiles
           const int n = (kk0 + kk) * (MTW / kGroup) + gi;  // groups issued before in this pair
@@ -318,11 +324,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
             fence_regs(f);
           }
 #pragma unroll
-          for (int q = 0; q < kGroup; ++q) {
-            const int mt = kGroup * gi + q;
-            if (mt % 2 == 0) piece_word(mt / 2, w);  // (loaded per word: registers)
-            narrow::e4m3_vt_fragment(w, mt % 2, f[q]);
-          }
+          for (int q = 0; q < kGroup; ++q) narrow::e4m3_vt_fragment(w, kGroup * gi + q, f[q]);
 #pragma unroll
           for (int q = 0; q < kGroup; ++q) fence_regs(o[kGroup * gi + q]);
           wgmma_fence();
