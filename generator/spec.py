@@ -493,7 +493,7 @@ def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
     units = tile.stages * (ckv // 64 + 1)
     itemsize = 2
     return (tile.block_m * (ckv + rope) * itemsize + tile.stages * tile.block_n * (ckv + rope_k) * itemsize
-            + 2 * 2 * tile.block_m * 4 + units * 8 + tile.stages * 2 * 8 + (units * 8 if kv_dtype.is_fp8 else 0))
+            + 2 * 2 * tile.block_m * 4 + units * 8 + tile.stages * 2 * 8)
 
 
 def _check_seesaw(spec: VariantSpec) -> None:

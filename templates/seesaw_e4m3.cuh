@@ -183,7 +183,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
 
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     const int mask_from = len - p.s_q + 1;  // causal: row r sees tokens t < mask_from + r / H
-    float o[MTW][SV];  // O^T of this warpgroup's half: o[mt][4 j + 2 h + e] = feature piece + 2 mt + h, row 8 j + 2 tq + e
+    // O^T of this warpgroup's half: o[mt][4 j + 2 h + e] = feature piece + 2 mt + h, query row 8 j + 2 tq + e
+    float o[MTW][SV];
 #pragma unroll
     for (int mt = 0; mt < MTW; ++mt)
 #pragma unroll
