@@ -459,7 +459,11 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
               sts_f32(at + (8 * j + e) * kHalfBytes + 8 * mt, o[mt][4 * j + e]);
               sts_f32(at + (8 * j + e) * kHalfBytes + 8 * mt + 4, o[mt][4 * j + 2 + e]);
             }
-        bar_sync(bar_local, 128);
+      }
+      // both warpgroups pass their own barrier each round: compute-sanitizer's racecheck pairs barrier instances
+      // by count, and reported the other's round across the consumers' barrier below as a hazard otherwise
+      bar_sync(bar_local, 128);
+      if (wg == w) {
         for (int i = tid & 127; i < M << kChunksLog2; i += 128) {
           const int rl = i >> kChunksLog2, c = i & ((1 << kChunksLog2) - 1), r = row0 + rl;
           if (r >= rows) continue;
@@ -469,11 +473,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
           const float4 v = make_float4(__uint_as_float(u.x) * inv, __uint_as_float(u.y) * inv,
                                        __uint_as_float(u.z) * inv, __uint_as_float(u.w) * inv);
           const int col = w * (C / 2) + 4 * c;
-          // the row's lse, by the thread of its last chunk out: from its sum and the last pair's m1 (every warpgroup's
-          // m_run; red_m, not registers: a row's lse here needs no register beside the other WG's O^T)
-          const float lse = w == 1 && c == 0 ? (l > 0.f ? (lds_f32(red_last + 4 * rl) + __log2f(l)) * kLn2 : -INFINITY)
-                                             : 0.f;
           if (w == 1 && c == 0) {
+            // the row's lse (row_lse, with MUFU's log2: log2f's slow path is a call, whose registers beside the
+            // other warpgroup's O^T spilled), from its sum and m_run, which is the last pair's m1 in red_m
+            const float lse = l > 0.f ? (lds_f32(red_last + 4 * rl) + __log2f(l)) * kLn2 : -INFINITY;
             if (split) *ResultRows<Cfg>::partial_lse(p, seg.slot, r) = lse;
             else if (p.lse) *ResultRows<Cfg>::lse(p, seg.req, r) = lse;
           }
