@@ -96,8 +96,8 @@ def test_default_tile_and_shared_memory() -> None:
     # 1 / q scale [64] fp32, 4 move flags, a full and an empty mbarrier per stage
     e4m3 = seesaw(kv_dtype=E4M3)
     assert e4m3.tile == Tile(64, 64, 3, 8) and e4m3.quantizes_q
-    assert e4m3.smem_bytes == (2 * 64 * 512 + 2 * 64 * 128 + 3 * 64 * 640 + 3 * 8192 + 11 * 64 * 4 + 16 + 3 * 16
-                               == 232256)
+    assert e4m3.smem_bytes == 232256 == (2 * 64 * 512 + 2 * 64 * 128 + 3 * 64 * 640 + 3 * 8192 + 11 * 64 * 4 + 16
+                                         + 3 * 16)
     assert e4m3.smem_bytes <= Arch.SM90A.max_smem_per_block
     small_e4m3 = seesaw(heads=40, ckv=256, rope=32, kv_dtype=E4M3)
     assert small_e4m3.tile == Tile(64, 64, 4, 8)
