@@ -122,7 +122,8 @@ def template_context(spec: VariantSpec) -> dict[str, object]:
 
 # Family headers another family's header includes (seesaw reuses wgmma.cuh's primitives and panels; narrow keeps its
 # fp8_e4m3 kernel in a header of its own, and what its two kernels share in a third).
-_FAMILY_DEPS = {"seesaw": ("wgmma.cuh",), "narrow": ("narrow_tile.cuh", "narrow_e4m3.cuh")}
+_FAMILY_DEPS = {"seesaw": ("wgmma.cuh", "narrow_tile.cuh", "narrow_e4m3.cuh", "seesaw_e4m3.cuh"),
+               "narrow": ("narrow_tile.cuh", "narrow_e4m3.cuh")}
 
 
 def render_sources(spec: VariantSpec) -> dict[str, str]:

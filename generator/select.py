@@ -106,10 +106,11 @@ def default_tile(family: Family, num_heads: int, ckv_dim: int, rope_dim: int, ar
     if family is Family.SEESAW:
         # 64 rows x pairs of 64-token tiles (K0, K1), two warpgroups; the kv buffers of two pairs where they fit
         # (ckv 256: 197 KB), so that a pair's loads go out while the pair before it computes
+        # (fp8_e4m3: a ring of raw tiles, four where they fit, else three)
         two_pairs = Tile(64, 64, 4, 8)
         if arch is not None and _fits(family, two_pairs, ckv_dim, rope_dim, arch, kv_dtype):
             return two_pairs
-        return Tile(64, 64, 2, 8)
+        return Tile(64, 64, 3 if kv_dtype is DType.FP8_E4M3 else 2, 8)
     raise SpecError(f"family: no tile rules for {family.value}")
 
 
@@ -210,8 +211,9 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
         elif (seesaw_fp8 := seesaw_rows and kv_dtype is DType.FP8_E4M3 and seesaw_fp8_dims(ckv_dim, rope_dim)) \
                 and boxes_ok:
             family = Family.SEESAW
-            reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on); its producer warpgroup "
-                           f"loads the e4m3 bytes by TMA and converts them to fp16 tiles off the consumers' path")
+            reasons.append(f"family seesaw: {rows} query rows (from {SEESAW_MIN_ROWS} on); Q K^T in e4m3 straight "
+                           f"from a ring of the cache's TMA-loaded bytes (q quantized per row into two e4m3 parts), "
+                           f"P V in fp16 with V converted in registers")
         else:
             reasons.append(f"family {family.value}: the fastest family with an fp8 path on {arch.nvcc_name} "
                            f"({kv_dtype.cli_name}: the cache's bytes staged, dequantized to fp16 inside shared "

@@ -284,10 +284,11 @@ class VariantSpec:
 
     @property
     def quantizes_q(self) -> bool:
-        """Whether the kernel turns q into e4m3 (narrow over an fp8 cache: two e4m3 parts a value in a per-row
-        scale, about bf16's precision, so that Q K^T reads the cache's bytes with e4m3 tensor-core math; an
-        fp8_ds_mla cache's bf16 rope meets q's rope in bf16)."""
-        return self.family is Family.NARROW and self.kv_dtype.is_fp8
+        """Whether the kernel turns q into e4m3 (narrow over an fp8 cache, seesaw over fp8_e4m3: two e4m3 parts a
+        value in a per-row scale, about bf16's precision, so that Q K^T reads the cache's bytes with e4m3
+        tensor-core math; an fp8_ds_mla cache's bf16 rope meets q's rope in bf16)."""
+        return (self.family is Family.NARROW and self.kv_dtype.is_fp8) or \
+            (self.family is Family.SEESAW and self.kv_dtype is DType.FP8_E4M3)
 
     @property
     def smem_bytes(self) -> int:
@@ -481,12 +482,18 @@ def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
     max and row sum exchanges [2][M] fp32 between the two warpgroups, and the mbarriers (per kv tile: one per
     64-column ckv block and one for the rope, the boxes landed; per kv tile half: the consumers freed it).
     512/64, 2 stages: 72 + 2 x 72 + 1 KB + 176 B = 217 KB; 256/32, 4 stages: 36 + 4 x 40 + 1 KB + 144 B = 197 KB.
-    fp8_e4m3: the same fp16 tiles (the raw bytes land inside them) and an mbarrier per unit for the raw bytes."""
+    fp8_e4m3 (templates/seesaw_e4m3.cuh E4m3Layout): q hi and lo [M][C] e4m3, their ropes [M][128] each, a ring of
+    `stages` raw tiles [N][C + 128], P [3][M][N] fp16, row max and scale [2][2][2][M], row sum [2][M] and 1 / q
+    scale [M] fp32, 4 move flags, and 2 mbarriers per stage: 512/64 with 3 stages 227 KB."""
+    if kv_dtype is DType.FP8_E4M3:
+        m, n = tile.block_m, tile.block_n
+        return (2 * m * ckv + 2 * m * 128 + tile.stages * n * (ckv + 128) + 3 * m * n * 2 + (8 + 2 + 1) * m * 4 + 16
+                + tile.stages * 2 * 8)
     rope_k = rope if rope % 64 == 0 else 64
     units = tile.stages * (ckv // 64 + 1)
     itemsize = 2
     return (tile.block_m * (ckv + rope) * itemsize + tile.stages * tile.block_n * (ckv + rope_k) * itemsize
-            + 2 * 2 * tile.block_m * 4 + units * 8 + tile.stages * 2 * 8 + (units * 8 if kv_dtype.is_fp8 else 0))
+            + 2 * 2 * tile.block_m * 4 + units * 8 + tile.stages * 2 * 8)
 
 
 def _check_seesaw(spec: VariantSpec) -> None:
@@ -497,7 +504,11 @@ def _check_seesaw(spec: VariantSpec) -> None:
         raise SpecError(f"tile.block_n: seesaw takes 64 kv tokens per tile (S = m64n64 per warpgroup), got {t.block_n}")
     if t.warps != 8:
         raise SpecError(f"tile.warps: seesaw runs two warpgroups (8 warps), got {t.warps}")
-    if t.stages not in (2, 4):
+    if spec.kv_dtype is DType.FP8_E4M3:
+        if t.stages < 3:
+            raise SpecError(f"tile.stages: seesaw over fp8_e4m3 keeps a ring of raw tiles, at least 3 (the next pair's "
+                            f"loads in flight), got {t.stages}")
+    elif t.stages not in (2, 4):
         raise SpecError(f"tile.stages: seesaw holds the two kv tiles (K0, K1) of one pair or of two (the next pair's "
                         f"loads in flight): expected 2 or 4, got {t.stages}")
     if spec.ckv_dim not in (128, 256, 512):
@@ -533,7 +544,7 @@ def _check_fp8(spec: VariantSpec) -> None:
                         f"most 128, got {spec.rope_dim}")
     if spec.family is Family.SEESAW:
         if spec.kv_dtype is not DType.FP8_E4M3:
-            raise SpecError(f"kv_dtype: seesaw reads fp8_e4m3 caches only (its producer converts 64-byte e4m3 rows), "
+            raise SpecError(f"kv_dtype: seesaw reads fp8_e4m3 caches only (e4m3 Q K^T over the cache's bytes), "
                             f"got {spec.kv_dtype.cli_name}")
         if not seesaw_fp8_dims(spec.ckv_dim, spec.rope_dim):
             raise SpecError(f"ckv_dim: seesaw's fp8_e4m3 path takes ckv 256 or 512 with rope 32 or 64, got ckv "

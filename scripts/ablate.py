@@ -45,7 +45,7 @@ _FIRST_PAIR_WAITS = (
 # both narrow paths' softmax (narrow_tile.cuh) without its exp2: P = S unscaled
 _NARROW_NO_EXP2 = Edit("narrow_tile.cuh", "exp2_scaled(x[4 * j + 2 * h + e], scale_log2, neg_m)",
                        "x[4 * j + 2 * h + e]")
-_LAUNCH = "  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n}"
+_LAUNCH = "    return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);\n  }"
 
 
 def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
@@ -143,9 +143,8 @@ _TIMELINE = (
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
     Edit("seesaw.cuh", "        if (buf == 0 || !k1_missing) wait_free(b);\n",
          "        if (buf == 0 || !k1_missing) {\n          wait_free(b);\n          PSTAMP(2 * buf);\n        }\n"),
-    Edit("seesaw.cuh", "                          policy);\n            }\n          }\n        }\n      }\n",
-         "                          policy);\n            }\n          }\n        }\n"
-         "        PSTAMP(2 * buf + 1);\n      }\n"),
+    Edit("seesaw.cuh", "page[k], policy);\n          }\n        }\n      }\n    }\n  });\n",
+         "page[k], policy);\n          }\n        }\n        PSTAMP(2 * buf + 1);\n      }\n    }\n  });\n"),
 )
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
@@ -192,8 +191,8 @@ _PHASES = (
     Edit("seesaw.cuh", "\n    // ---- epilogue: row sums", "\n    PHASE(2);\n    // ---- epilogue: row sums"),
     Edit("seesaw.cuh", "    bar_sync(kBarConsumers, 256);  // the next segment rewrites Q and the exchange arrays\n",
          "    bar_sync(kBarConsumers, 256);  // the next segment rewrites Q and the exchange arrays\n    PHASE(3);\n"),
-    Edit("seesaw.cuh", "  });\n}\n\n// Encodes the cache's tensor maps",
-         "  });\n  PHASE(4);\n}\n\n// Encodes the cache's tensor maps"),
+    Edit("seesaw.cuh", "  });\n}\n\ntemplate <class Cfg>\n__global__",
+         "  });\n  PHASE(4);\n}\n\ntemplate <class Cfg>\n__global__"),
 )
 
 
@@ -221,8 +220,9 @@ ABLATIONS: dict[str, Ablation] = {
         "seesaw", "every TMA box 1/8 of its rows: the same boxes, waits and frees, 1/8 of the bytes",
         (Edit("sm90.cuh", "static_cast<cuuint32_t>(tma_box_rows(page_size)), 1u};",
               "static_cast<cuuint32_t>(tma_box_rows(page_size) / 8), 1u};"),
-         Edit("seesaw.cuh", "groups * box_rows * kUnitCols * kElem);", "groups * box_rows * kUnitCols * kElem / 8);"),
-         Edit("seesaw.cuh", "groups * box_rows * rope_bytes);", "groups * box_rows * rope_bytes / 8);"))),
+         Edit("seesaw.cuh", "groups * box_rows * KN::kRowBytes);", "groups * box_rows * KN::kRowBytes / 8);"),
+         Edit("seesaw.cuh", "groups * box_rows * KP::kBlocks * KP::kRowBytes);",
+              "groups * box_rows * KP::kBlocks * KP::kRowBytes / 8);"))),
     "no-softmax": Ablation(
         "seesaw", "P = S rounded and the running max never moves: no exp2, no rescale (the max, the sums and the "
         "stores of P stay)",

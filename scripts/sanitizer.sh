@@ -37,7 +37,7 @@ for tool in "${tools[@]}"; do
   log="$OUT/sanitizer_$tool.log"
   start=$SECONDS
   compute-sanitizer --tool "$tool" --error-exitcode 1 "${extra[@]}" python scripts/sanitizer_driver.py \
-    "${driver_args[@]}" --tool "$tool" >"$log" 2>&1
+    "${driver_args[@]}" >"$log" 2>&1
   rc=$?
   line=$(python scripts/sanitizer_driver.py --summary "$tool" "$log" "$rc") || status=1
   echo "$line; $((SECONDS - start)) s; log $log" | tee -a "$OUT/sanitizer_summary.txt"

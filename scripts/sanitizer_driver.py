@@ -4,15 +4,14 @@ Per kernel family the device runs (every family of generator.select.families_for
 ckv/rope 512/64 and 256/32, page 1 and 64, s_q 1 and 2, split and unsplit schedules, in 8 cases (a
 2^(5-2) fractional factorial: every pair of those five factors meets in all four combinations), each
 a ragged batch of 3 or 4 short requests (racecheck is slow); then per family with an fp8 path two fp8
-cases (fp8_e4m3 and fp8_ds_mla quantized from the bf16 cache), each where the family reads that format.
-Under racecheck (`--tool racecheck`) seesaw's fp8 case is left out: its converter warps read raw bytes that
-the TMA wrote over the consumers' P stores, ordered by mbarriers, and racecheck sees neither the TMA's
-writes nor mbarrier order (PERF.md, thirteenth session), so it reports every such read. Every output is
+cases (fp8_e4m3 and fp8_ds_mla quantized from the bf16 cache), each where the family reads that format
+(every tool runs every case: since seesaw reads fp8_e4m3 with e4m3 tensor cores, no converter warp reads bytes
+the TMA wrote over the consumers' stores). Every output is
 poisoned with NaN first and checked against the float64 reference on the CPU
 (mla_gen.testing.accuracy_problems with the GPU tests' bounds; fp8 caches dequantized), and every schedule is
 checked to split (or not) as its case says.
 
-    python scripts/sanitizer_driver.py [--family F] [--tool T]   # run the matrix (needs CUDA); exit 1 if wrong
+    python scripts/sanitizer_driver.py [--family F]     # run the matrix (needs CUDA); exit 1 if wrong
     python scripts/sanitizer_driver.py --list [--arch sm_90a]   # the cases, no CUDA needed
     python scripts/sanitizer_driver.py --ids            # the variant ids, for `python -m generator build`
     python scripts/sanitizer_driver.py --summary TOOL LOG RC    # one line from a compute-sanitizer log
@@ -86,9 +85,9 @@ def _reads(case: Case, arch: Arch) -> bool:
     return True
 
 
-def cases(arch: Arch, families: list[Family] | None = None, tool: str | None = None) -> list[Case]:
+def cases(arch: Arch, families: list[Family] | None = None) -> list[Case]:
     """The matrix for `families` (default: every family that runs on `arch`), then the fp8 cases of the
-    families that read fp8 caches (under racecheck, not seesaw's: see the module docstring)."""
+    families that read fp8 caches."""
     out = []
     families = families or families_for(arch)
     for family in families:
@@ -97,8 +96,6 @@ def cases(arch: Arch, families: list[Family] | None = None, tool: str | None = N
             out.append(Case(family, heads=(16, 128)[a], ckv=(512, 256)[b], rope=(64, 32)[b], page=(1, 64)[c],
                             s_q=1 + (a ^ b), split=bool(a ^ c), combined=bool(a ^ b ^ c)))
     for family in (f for f in families if f in FP8_FAMILIES):
-        if tool == "racecheck" and family is Family.SEESAW:
-            continue
         for kv, heads, ckv, rope, page, s_q, split in FP8_CASES:
             case = Case(family, heads, ckv, rope, page, s_q, split, combined=False, kv=kv)
             if _reads(case, arch):
@@ -173,8 +170,8 @@ def device_arch() -> Arch:
     return device_info(torch.cuda.current_device()).arch
 
 
-def run_all(arch: Arch, families: list[Family] | None, tool: str | None) -> int:
-    todo = cases(arch, families, tool)
+def run_all(arch: Arch, families: list[Family] | None) -> int:
+    todo = cases(arch, families)
     ok = 0
     for case in todo:
         try:
@@ -236,8 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default=None, help="with --list/--ids: target arch (default: the device's, else sm_90a)")
     p.add_argument("--family", action="append", type=_family, metavar="F",
                    help="only this family (repeatable; default every family the arch runs)")
-    p.add_argument("--tool", choices=TOOLS, default=None,
-                   help="the compute-sanitizer tool the run is under (racecheck leaves seesaw's fp8 case out)")
     p.add_argument("--summary", nargs=3, metavar=("TOOL", "LOG", "RC"),
                    help="print one line from a compute-sanitizer log; exit 1 unless clean")
     args = p.parse_args(argv)
@@ -266,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("scripts/sanitizer_driver.py: error: no CUDA device (--list works without one)", file=sys.stderr)
         return 2
-    return run_all(device_arch(), args.family, args.tool)
+    return run_all(device_arch(), args.family)
 
 
 if __name__ == "__main__":

@@ -102,15 +102,46 @@ __device__ __forceinline__ uint32_t f32x2_to_e4m3x2(float a, float b) {
   return r;
 }
 
+// 16 values in the row scale sc -> their two e4m3 parts, hi = e4m3(x sc) and lo = e4m3(x sc - hi), 16 bytes each
+// (memory order): about bf16's precision for q (the fp8 paths' Q K^T in e4m3)
+__device__ __forceinline__ void quantize_hi_lo(const float (&v)[16], float sc, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    hi[w] = lo[w] = 0u;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float a0 = v[4 * w + 2 * e] * sc, a1 = v[4 * w + 2 * e + 1] * sc;
+      const uint32_t h2 = f32x2_to_e4m3x2(a0, a1);
+      const uint32_t hb = e4m3x2_lo_to_f16x2(h2);
+      __half2 back;
+      memcpy(&back, &hb, sizeof(back));
+      const uint32_t l2 = f32x2_to_e4m3x2(a0 - __low2float(back), a1 - __high2float(back));
+      hi[w] |= h2 << (16 * e);
+      lo[w] |= l2 << (16 * e);
+    }
+  }
+}
+
+// One m-tile's V^T A fragment (fp16, exact) from a thread's pieces of four token rows: w[u] holds the piece of
+// tokens 2 tq + {0, 1, 8, 9} of a k16 step, and the m-tile's two O^T rows (features 2 mt, 2 mt + 1 of the piece)
+// are its bytes 2 mt, 2 mt + 1: the tokens are paired by PRMT, then converted (rows g, g + 8 x k pairs, mma_rs)
+template <int kWords>
+__device__ __forceinline__ void e4m3_vt_fragment(const uint32_t (&w)[4][kWords], int mt, uint32_t (&f)[4]) {
+  const uint32_t sel = (mt & 1) ? 0x7362u : 0x5140u;  // bytes 2 mt, 2 mt + 1 of two tokens, paired
+  const uint32_t r01 = __byte_perm(w[0][mt >> 1], w[1][mt >> 1], sel);
+  const uint32_t r89 = __byte_perm(w[2][mt >> 1], w[3][mt >> 1], sel);
+  e4m3x4_to_f16x4(r01, f[0], f[1]);
+  e4m3x4_to_f16x4(r89, f[2], f[3]);
+}
+
 // The producer warp: walks the part's segments like the consumers and loads each tile into ring stage k %
 // kRing (k counts the part's tiles) once its consumers freed it: the row groups before the length (lane l takes
 // groups l and l + 32, b rows each: sm90.cuh tma_box_rows), C / 128 ckv boxes and a rope box per group;
 // fp8_ds_mla: also the tokens' 16 scale bytes, a box per group from the scale map (64 16-byte bulk copies a
 // tile took case 1 from 104 to 241 us), or below 8-row boxes a bulk copy per token (lanes l, l + 32: tokens l,
 // l + 32).
-template <class Cfg>
+template <class Cfg, class L = E4m3Layout<Cfg>>
 __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint32_t s_base) {
-  using L = E4m3Layout<Cfg>;
   constexpr int N = L::N, kRing = L::kRing;
   const DecodeParams& p = tp.p;
   const int lane = threadIdx.x & 31;
@@ -254,21 +285,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
           continue;
         }
         uint32_t hi[4], lo[4];
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          hi[w] = lo[w] = 0u;
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float a0 = v[i][4 * w + 2 * e] * sc, a1 = v[i][4 * w + 2 * e + 1] * sc;
-            const uint32_t h2 = f32x2_to_e4m3x2(a0, a1);
-            const uint32_t hb = e4m3x2_lo_to_f16x2(h2);
-            __half2 back;
-            memcpy(&back, &hb, sizeof(back));
-            const uint32_t l2 = f32x2_to_e4m3x2(a0 - __low2float(back), a1 - __high2float(back));
-            hi[w] |= h2 << (16 * e);
-            lo[w] |= l2 << (16 * e);
-          }
-        }
+        quantize_hi_lo(v[i], sc, hi, lo);
         const bool ckv = c < C / 16;
         const uint32_t at_hi = ckv ? L::kOffQ + QB::off(m, c) : L::kOffQr + QR::off(m, c - C / 16);
         const uint32_t at_lo = ckv ? L::kOffQ + QB::off(RN + m, c) : L::kOffQr + QR::off(RN + m, c - C / 16);
@@ -422,12 +439,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
             }
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-              const int mt = 4 * gh + q;
-              const uint32_t sel = (mt & 1) ? 0x7362u : 0x5140u;  // bytes 2 mt, 2 mt + 1 of two tokens, paired
-              const uint32_t r01 = __byte_perm(w[0][mt >> 1], w[1][mt >> 1], sel);
-              const uint32_t r89 = __byte_perm(w[2][mt >> 1], w[3][mt >> 1], sel);
-              e4m3x4_to_f16x4(r01, f[q][0], f[q][1]);
-              e4m3x4_to_f16x4(r89, f[q][2], f[q][3]);
+              e4m3_vt_fragment(w, 4 * gh + q, f[q]);
               if constexpr (L::kDs) {
                 f[q][0] = hmul2_bits(f[q][0], s01), f[q][1] = hmul2_bits(f[q][1], s01);
                 f[q][2] = hmul2_bits(f[q][2], s89), f[q][3] = hmul2_bits(f[q][3], s89);
@@ -499,9 +511,8 @@ __device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
 
 // Encodes the cache's maps (e4m3 bytes, 128-byte box rows: the ckv in 128-column boxes, the rope in one box of 128
 // whose bytes past R are zero fill) and launches the kernel.
-template <class Cfg, typename Kernel>
+template <class Cfg, class L = E4m3Layout<Cfg>, typename Kernel>
 inline int launch_e4m3(Kernel kernel, const DecodeParams& p, uint64_t stream) {
-  using L = E4m3Layout<Cfg>;
   // fp8_ds_mla: the rope as 128 bytes at byte 528 of each 656-byte token, in the same 128-byte swizzle as bf16
   constexpr CacheMapShape kShape = {L::C, 128, 128, L::kDs ? 2 * L::R : L::R, 128, 128, 1, L::kDs ? 16 : 0};
   DecodeParams mp = p;

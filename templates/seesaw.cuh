@@ -5,8 +5,7 @@
 // count is correct; it is measured ahead of wgmma from 40 packed rows up, where dispatch takes it (PERF.md).
 //
 // Threads: 1 CTA per SM of three warpgroups: two consumers, WG0 (warps 0-3) and WG1 (warps 4-7), and a producer
-// (warps 8-11: warp 8 loads the ckv-left halves, warp 9 the right ones; 10 and 11 idle, or over an fp8_e4m3 cache
-// convert the e4m3 bytes of the left / right halves to the fp16 tiles, convert_tiles) that gives its registers
+// (warps 8-11: warp 8 loads the ckv-left halves, warp 9 the right ones; 10 and 11 idle) that gives its registers
 // to the consumers (setmaxnreg: 40 each, the consumers 232; 168 at launch). WG0 owns O_L = O[:, 0 .. C/2),
 // WG1 owns O_R = O[:, C/2 .. C), fp32 in registers (C/4 per thread: 128 at C = 512). A segment's kv tiles are
 // taken in PAIRS: tile 2i lives in buffer K0, tile 2i+1 in buffer K1 (a missing K1 at an odd count is skipped and
@@ -77,6 +76,7 @@
 // Epilogue: as wgmma.cuh (row sums over the quad and both WGs through red_sum; normalise; out + lse or partial),
 // but out rows (16-byte aligned) go through Q's dead ckv panel and one bulk copy per row (cp.async.bulk).
 #pragma once
+#include "narrow_e4m3.cuh"
 #include "wgmma.cuh"
 
 namespace mla_gen {
@@ -100,11 +100,8 @@ enum : int { kBarConsumers = 1, kBarP0 = 3, kBarP1 = 4, kBarLocal0 = 5, kBarLoca
 template <class Cfg>
 struct Layout {
   using KV = typename Cfg::KVType;
-  static constexpr bool kFp8 = Cfg::kKVFormat == KVFormat::kKVFp8Tensor;  // fp8_e4m3: the producer converts
-  static_assert(sizeof(typename Cfg::QType) == 2 && sizeof(KV) == 2, "16-bit q and kv tiles");
-  static_assert(Cfg::kKVFormat != KVFormat::kKVFp8DsMla, "fp8_ds_mla: not in this family (generator/spec.py)");
-  static_assert(std::is_same<typename Cfg::QType, KV>::value || (kFp8 && std::is_same<KV, __half>::value),
-                "the q type is the tile type, except bf16 q over an fp8 cache (fp16 tiles)");
+  static_assert(Cfg::kKVFormat == KVFormat::kKV16, "a 16-bit cache (fp8_e4m3: seesaw_e4m3.cuh)");
+  static_assert(std::is_same<typename Cfg::QType, KV>::value && sizeof(KV) == 2, "16-bit q, the cache's type");
   static constexpr int H = Cfg::kNumHeads, C = Cfg::kCkvDim, R = Cfg::kRopeDim, D = C + R;
   static constexpr int M = Cfg::kBlockM, N = Cfg::kBlockN, S = Cfg::kStages, W = Cfg::kWarps;
   static constexpr int CW = C / 2;  // O columns per warpgroup
@@ -132,19 +129,7 @@ struct Layout {
   static constexpr int kUnits = 2 * HB + 1;  // TMA units of a kv buffer: its 64-column ckv blocks, the rope panel
   static constexpr int kOffBars = kOffRedSum + kRedBytes;  // an mbarrier per (buffer, unit): its boxes landed
   static constexpr int kOffFree = kOffBars + S * kUnits * 8;  // an mbarrier per (buffer, half): the consumers freed it
-  static constexpr int kOffRaw = kOffFree + S * 2 * 8;  // fp8: an mbarrier per (buffer, unit): its e4m3 bytes landed
-  static constexpr int kSmemBytes = kOffRaw + (kFp8 ? S * kUnits * 8 : 0);
-  // fp8: a unit's e4m3 bytes land as dense [N][64] blocks in the upper half of the fp16 blocks they become (the
-  // converters write a block only after all of them read the raw bytes stored there; see convert_block):
-  // ckv half h's raw block j at byte HB x 4 KB + j x 4 KB of the half, rope block k's at 4 KB into rope block k
-  static constexpr int kRawBlockBytes = N * 64;
-  static constexpr uint32_t raw_ckv(int half, int j) {
-    return static_cast<uint32_t>(half * HB * KN::kBlockBytes + (HB + j) * kRawBlockBytes);
-  }
-  static constexpr uint32_t raw_rope(int k) {
-    return static_cast<uint32_t>(KN::kBytes + k * KP::kBlockBytes + kRawBlockBytes);
-  }
-  static constexpr int kRawRopeCols = R < 64 ? R : 64;  // e4m3 rope bytes of a token per rope block
+  static constexpr int kSmemBytes = kOffFree + S * 2 * 8;
   static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
   static_assert(kSmemBytes <= 227 * 1024, "seesaw: shared memory over the 227 KB a block may use on sm_90a");
 
@@ -160,11 +145,8 @@ struct Layout {
   static_assert(kThreads == Cfg::kThreads, "block size disagrees with VariantSpec.threads");
   // registers per thread after setmaxnreg, within the CTA's pool: ptxas gives 384 threads 168 each at entry, and an
   // inc past 384 x 168 = 64512 waits forever (2 x 128 x 232 + 128 x 40 fills it exactly).
-  // fp8 below ckv 512 (fewer O registers, the converter of the 4-stage ring spills at 40): 224 and 56.
-  static constexpr bool kWideProducer = kFp8 && CW < 256;
-  static constexpr int kConsumerRegs = kWideProducer ? 224 : 232, kProducerRegs = kWideProducer ? 56 : 40;
+  static constexpr int kConsumerRegs = 232, kProducerRegs = 40;
   static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 384 * 168, "setmaxnreg over the CTA's registers");
-  static_assert(!kFp8 || KN::kBlockBytes == 2 * kRawBlockBytes, "fp8: a raw block is half an fp16 block");
   static_assert(S == 2 || S == 4, "stages: the kv tiles of one pair, or of two (the next pair's loads in flight)");
   static_assert(S * kUnits <= 32, "a full-barrier parity bit per (buffer, unit) in one 32-bit word");
   static_assert(CW == 64 || CW == 128 || CW == 256, "ckv: 128, 256 or 512 (C/2 is one wgmma n)");
@@ -189,109 +171,6 @@ __device__ __forceinline__ void copy_half_row(uint32_t dst, int row, const T* sr
   for (int i = 0; i < HB; ++i) cp_async_16(d + i * P::kBlockBytes, src + 64 * i, bytes);
 }
 
-// copy_half_row for bf16 queries over an fp8 cache: the row's values converted to fp16 (the tile type); !valid
-// stores zeros.
-template <class P>
-__device__ __forceinline__ void convert_half_row(uint32_t dst, int row, const __nv_bfloat16* src, int tl, bool valid,
-                                                 int half) {
-  static_assert(P::kChunks == 8, "whole 64-column blocks");
-  constexpr int HB = P::kBlocks / 2;
-  src = opaque(src + half * HB * 64);
-  const uint32_t d = dst + half * HB * P::kBlockBytes + row * P::kRowBytes + P::swz(row, tl) * 16;
-  uint4 v[HB];
-#pragma unroll
-  for (int i = 0; i < HB; ++i)
-    v[i] = valid ? __ldg(reinterpret_cast<const uint4*>(src + 64 * i)) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-  for (int i = 0; i < HB; ++i)
-    sts_v4(d + i * P::kBlockBytes, bf16x2_to_f16x2(v[i].x), bf16x2_to_f16x2(v[i].y), bf16x2_to_f16x2(v[i].z),
-           bf16x2_to_f16x2(v[i].w));
-}
-
-// fp8_e4m3: the converter warp of a half turns the raw block [N][64] e4m3 at `raw` into the fp16 block (128-byte
-// swizzled rows, Panel) at `dst`, the first `rows` tokens (zeros after them; raw bytes past kCols as well: a rope
-// narrower than 64). Lane l takes 16-byte raw chunks l + 32 i (a warp reads 512 contiguous bytes; its two stores
-// per chunk cover each 16-byte position of the 8 rows four times: no bank conflict beyond the 4 wavefronts 512
-// bytes need), a block half's four chunks loaded before any is converted (loads in flight: the converter was
-// latency-bound, PERF.md). dst's second half may hold this block's own raw bytes (own_raw): the warp then reads
-// all of rows N/2 .. N - 1's chunks before it writes any (its first half holds only raw bytes the warp read
-// before: __syncwarp orders the lanes).
-template <class Cfg, int kCols = 64>
-__device__ __forceinline__ void convert_block(uint32_t raw, uint32_t dst, int rows, int lane, bool own_raw) {
-  constexpr int N = Cfg::kBlockN, kIters = N * 4 / 32, kHalf = kIters / 2;
-  auto load = [&](int i) {
-    const int q = lane + 32 * i, t = q >> 2, c = q & 3;
-    return t < rows && 16 * c < kCols ? lds_v4(raw + 64 * t + 16 * c) : make_uint4(0u, 0u, 0u, 0u);
-  };
-  auto store = [&](int i, const uint4& v) {
-    const int q = lane + 32 * i, t = q >> 2, c = q & 3;
-    const uint32_t row = dst + 128 * t;
-    store_e4m3x16_as_f16(row + 16 * ((2 * c) ^ (t & 7)), row + 16 * ((2 * c + 1) ^ (t & 7)), v);
-  };
-  __syncwarp();  // every lane is past its reads of the raw blocks dst holds (earlier blocks of the half)
-  uint4 v[kHalf];
-#pragma unroll
-  for (int i = 0; i < kHalf; ++i) v[i] = load(i);
-#pragma unroll
-  for (int i = 0; i < kHalf; ++i) store(i, v[i]);
-#pragma unroll
-  for (int i = 0; i < kHalf; ++i) v[i] = load(kHalf + i);
-  if (own_raw) __syncwarp();
-#pragma unroll
-  for (int i = 0; i < kHalf; ++i) store(kHalf + i, v[i]);
-}
-
-// fp8_e4m3: the converter warp of ckv half `half` (warp 10: left, 11: right) walks the tiles like its issuing warp
-// (produce) and turns each raw unit of its half into fp16 once its bytes landed (raw mbarrier), the ckv blocks in
-// order, then the rope where the half carries it; each unit's full mbarrier then gets the warp's 32 arrivals, so
-// that Q K^T starts on the first block while the others convert. The issuing warp never waits for it: the next
-// tile's bytes go out as soon as the consumers free the half, as with a 16-bit cache.
-template <class Cfg>
-__device__ __forceinline__ void convert_tiles(const DecodeParams& p, int part, int half, uint32_t s_base) {
-  using L = Layout<Cfg>;
-  using KN = typename L::KN;
-  using KP = typename L::KP;
-  constexpr int N = L::N, HB = L::HB, U = L::kUnits;
-  const int lane = threadIdx.x & 31;
-  const int box_rows = tma_box_rows(p.page_size);
-  const uint32_t s_k0 = s_base + L::kOffKV, s_full = s_base + L::kOffBars, s_raw = s_base + L::kOffRaw;
-  uint32_t raw_phase = 0;  // bit i: the parity of raw mbarrier i this warp waits for next
-  int pair_no = 0;
-  auto convert_unit = [&](int b, int unit, auto convert) {
-    const int i = b * U + unit;
-    mbarrier_wait(s_raw + 8 * i, (raw_phase >> i) & 1u);
-    raw_phase ^= 1u << i;
-    convert(s_k0 + b * L::kStageBytes);
-    fence_proxy_async();
-    mbarrier_arrive(s_full + 8 * i);
-  };
-  for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
-    const int n_tiles = seg.blk_hi - seg.blk_lo;
-    for (int it = 0; it < n_tiles; it += 2, ++pair_no) {
-      const int slot = pair_no % L::kPairSlots;
-#pragma unroll 1
-      for (int buf = 0; buf < 2; ++buf) {
-        const int b = 2 * slot + buf, tile = it + buf, t0 = (seg.blk_lo + tile) * N;
-        if (tile >= n_tiles) continue;
-        const int rows = (min(seg.len - t0, N) + box_rows - 1) / box_rows * box_rows;  // the tokens loaded
-#pragma unroll
-        for (int j = 0; j < HB; ++j)  // from HB / 2 on, block j's fp16 bytes hold raw blocks (Layout::raw_ckv)
-          convert_unit(b, half * HB + j, [&](uint32_t st) {
-            convert_block<Cfg>(st + L::raw_ckv(half, j), st + (half * HB + j) * KN::kBlockBytes, rows, lane,
-                               j == HB - 1);
-          });
-        if ((buf == 0) == (half == 1))
-          convert_unit(b, 2 * HB, [&](uint32_t st) {
-#pragma unroll
-            for (int kb = 0; kb < KP::kBlocks; ++kb)
-              convert_block<Cfg, L::kRawRopeCols>(st + L::raw_rope(kb), st + KN::kBytes + kb * KP::kBlockBytes, rows,
-                                                  lane, true);
-          });
-      }
-    }
-  });
-}
-
 // The producer of ckv half `half` (warp 8: the left halves K0L, K1L; warp 9: the right halves K0R, K1R): walks
 // the part's segments like the consumers and loads its half of every kv tile (tile 2i into K0, 2i + 1 into K1; the
 // rope panel with the half that the consumers free last: K0R, K1L) once the consumers freed the half's previous
@@ -300,11 +179,9 @@ __device__ __forceinline__ void convert_tiles(const DecodeParams& p, int part, i
 // last one still runs.
 // Lane l issues the boxes of row groups l and l + 32 (b rows each, sm90.cuh tma_box_rows); each unit's
 // mbarrier gets the bytes of the groups before the length (its one arrival).
-// fp8_e4m3: the boxes (uint8 maps, unswizzled) land on the raw mbarriers at Layout::raw_ckv / raw_rope (at b = 1 a
-// box's destination would not be 128-byte aligned: one bulk copy per token and block instead), for convert_tiles.
 template <class Cfg>
 __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half, uint32_t s_k0, uint32_t s_full,
-                                        uint32_t s_free, uint32_t s_raw) {
+                                        uint32_t s_free) {
   using L = Layout<Cfg>;
   using KN = typename L::KN;
   using KP = typename L::KP;
@@ -351,18 +228,12 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
         if (groups == 0) continue;
         const bool rope = (buf == 0) == (half == 1);
         const uint32_t stage = s_k0 + b * L::kStageBytes;
-        // the unit's boxes complete on its full mbarrier (16-bit cache) or its raw one (fp8)
-        const uint32_t bars = (L::kFp8 ? s_raw : s_full) + 8 * b * U;
-        constexpr int kUnitCols = L::kFp8 ? 64 : KN::kRowBytes / 2;  // elements per row of a unit's block
-        constexpr int kElem = L::kFp8 ? 1 : 2;
+        const uint32_t bars = s_full + 8 * b * U;  // the unit's boxes complete on its full mbarrier
         if (lane == 0) {
 #pragma unroll
           for (int blk = 0; blk < HB; ++blk)
-            mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * kUnitCols * kElem);
-          // fp8 at b = 1: a token's R rope bytes by one copy when R < 64 (else whole 64-byte blocks)
-          const int rope_bytes = L::kFp8 ? (box_rows > 1 ? KP::kBlocks * 64 : KP::kBlocks * L::kRawRopeCols)
-                                         : KP::kBlocks * KP::kRowBytes;
-          if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * rope_bytes);
+            mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * KN::kRowBytes);
+          if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * KP::kBlocks * KP::kRowBytes);
         }
         __syncwarp();
 #pragma unroll
@@ -370,43 +241,15 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
           const int grp = lane + 32 * k;
           if (grp >= groups) continue;
           const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
-          if constexpr (!L::kFp8) {
 #pragma unroll
-            for (int blk = half * HB; blk < half * HB + HB; ++blk)
-              tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64,
-                          tok, page[k], policy);
-            if (rope) {
+          for (int blk = half * HB; blk < half * HB + HB; ++blk)
+            tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok,
+                        page[k], policy);
+          if (rope) {
 #pragma unroll
-              for (int blk = 0; blk < KP::kBlocks; ++blk)
-                tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
-                            bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);
-            }
-          } else if (box_rows > 1) {
-#pragma unroll
-            for (int j = 0; j < HB; ++j)
-              tma_load_3d(stage + L::raw_ckv(half, j) + row * 64, &tp.ckv, bars + 8 * (half * HB + j),
-                          (half * HB + j) * 64, tok, page[k], policy);
-            if (rope) {
-#pragma unroll
-              for (int kb = 0; kb < KP::kBlocks; ++kb)
-                tma_load_3d(stage + L::raw_rope(kb) + row * 64, &tp.kpe, bars + 8 * 2 * HB, kb * 64, tok, page[k],
-                            policy);
-            }
-          } else {
-            const uint8_t* ckv = reinterpret_cast<const uint8_t*>(p.ckv) +
-                                 (static_cast<int64_t>(page[k]) * p.ckv_stride_page + tok * p.ckv_stride_tok);
-#pragma unroll
-            for (int j = 0; j < HB; ++j)
-              bulk_load(stage + L::raw_ckv(half, j) + row * 64, ckv + (half * HB + j) * 64, 64,
-                        bars + 8 * (half * HB + j), policy);
-            if (rope) {
-              const uint8_t* kpe = reinterpret_cast<const uint8_t*>(p.kpe) +
-                                   (static_cast<int64_t>(page[k]) * p.kpe_stride_page + tok * p.kpe_stride_tok);
-#pragma unroll
-              for (int kb = 0; kb < KP::kBlocks; ++kb)
-                bulk_load(stage + L::raw_rope(kb) + row * 64, kpe + kb * 64, L::kRawRopeCols, bars + 8 * 2 * HB,
-                          policy);
-            }
+            for (int blk = 0; blk < KP::kBlocks; ++blk)
+              tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
+                          bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);
           }
         }
       }
@@ -414,8 +257,12 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
   });
 }
 
+// The fp8_e4m3 path (seesaw_e4m3.cuh, included at the end of this file).
 template <class Cfg>
-__global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const __grid_constant__ TmaParams tp) {
+__device__ __forceinline__ void decode_e4m3(const TmaParams& tp);
+
+template <class Cfg>
+__device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
   using L = Layout<Cfg>;
   const DecodeParams& p = tp.p;
   using KV = typename Cfg::KVType;
@@ -443,14 +290,10 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   //      unit's boxes landed (one arrival: the producer's expect_tx). free[buf][half]: the four warps of the WG
   //      that frees the half (the last reader of its tile) are done with it.
   constexpr int U = L::kUnits;
-  //      fp8: full is arrived on by the half's converter warp (32), raw[buf][unit] takes the boxes' bytes.
-  const uint32_t s_bars = s_base + L::kOffBars, s_free = s_base + L::kOffFree, s_raw = s_base + L::kOffRaw;
+  const uint32_t s_bars = s_base + L::kOffBars, s_free = s_base + L::kOffFree;
   if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < L::S * U; ++i) {
-      mbarrier_init(s_bars + 8 * i, L::kFp8 ? 32 : 1);
-      if (L::kFp8) mbarrier_init(s_raw + 8 * i, 1);
-    }
+    for (int i = 0; i < L::S * U; ++i) mbarrier_init(s_bars + 8 * i, 1);
 #pragma unroll
     for (int i = 0; i < 2 * L::S; ++i) mbarrier_init(s_free + 8 * i, 4);
     fence_mbarrier_init();
@@ -458,8 +301,7 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
   if (warp >= 8) {
     setmaxnreg_dec<L::kProducerRegs>();
-    if (warp < 10) produce<Cfg>(tp, part, warp - 8, s_k0, s_bars, s_free, s_raw);
-    else if constexpr (L::kFp8) convert_tiles<Cfg>(p, part, warp - 10, s_base);
+    if (warp < 10) produce<Cfg>(tp, part, warp - 8, s_k0, s_bars, s_free);
     return;
   }
   setmaxnreg_inc<L::kConsumerRegs>();
@@ -470,8 +312,7 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   const int team = (tid & 127) >> 3, tl = tid & 7;  // copy team inside the warpgroup
   const int rows = p.s_q * H;
   const int row0 = blockIdx.x * M;
-  const TensorScale<Cfg> kv_scale(p, p.sm_scale * kLog2e);  // fp8_e4m3's scale on the scores and the output
-  const float scale_log2 = kv_scale.log2;
+  const float scale_log2 = p.sm_scale * kLog2e;
   // out rows by bulk copy (epilogue): 16-byte aligned rows; staged 16 bytes apart past their C values, so that
   // the 8 rows of a warp's shared store fall in different banks
   using OutT = typename Cfg::OutType;
@@ -546,14 +387,11 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
       const int s = valid ? r / H : 0, h = valid ? r % H : 0;
       const Q* src_n = reinterpret_cast<const Q*>(p.q_nope) +
                        (b * p.q_nope_stride_b + s * p.q_nope_stride_s + h * p.q_nope_stride_h + tl * 8);
-      constexpr bool kCopy = std::is_same<Q, KV>::value;  // else bf16 q over an fp8 cache: fp16 like the tiles
-      if constexpr (kCopy) copy_half_row<QN>(s_qn, m, src_n, tl, valid ? 16 : 0, wg);
-      else convert_half_row<QN>(s_qn, m, src_n, tl, valid, wg);
+      copy_half_row<QN>(s_qn, m, src_n, tl, valid ? 16 : 0, wg);
       if (wg == 1) {
         const Q* src_p = reinterpret_cast<const Q*>(p.q_pe) +
                          (b * p.q_pe_stride_b + s * p.q_pe_stride_s + h * p.q_pe_stride_h + tl * 8);
-        if constexpr (kCopy) QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
-        else QP::convert_row(s_qp, m, src_p, tl, valid);
+        QP::copy_row(s_qp, m, src_p, tl, valid ? 16 : 0);
       }
     }
     cp_async_commit();
@@ -798,7 +636,7 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
       //      so that no warp waits on its stores behind the other SMs' cache reads (PERF.md, eleventh session)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const float inv = l_run[hh] > 0.f ? kv_scale.out(1.f) / l_run[hh] : 0.f;
+        const float inv = l_run[hh] > 0.f ? 1.f / l_run[hh] : 0.f;
         const uint32_t dst = s_qn + (wrow + g + 8 * hh) * kOutRowBytes + (wg * CW + 2 * tq) * sizeof(OutT);
 #pragma unroll
         for (int j = 0; j < OV / 4; ++j) {
@@ -821,7 +659,7 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
       for (int hh = 0; hh < 2; ++hh) {
         const int r = r_lane + 8 * hh;
         if (r >= rows) continue;
-        write_result_row<Cfg, OV / 4>(p, seg, r, wg * CW + 2 * tq, l_run[hh], m_run[hh], kv_scale.out(1.f),
+        write_result_row<Cfg, OV / 4>(p, seg, r, wg * CW + 2 * tq, l_run[hh], m_run[hh], 1.f,
                                       wg == 0 && tq == 0,
                                       [&](int j) { return make_float2(o[4 * j + 2 * hh], o[4 * j + 2 * hh + 1]); });
       }
@@ -830,18 +668,31 @@ __global__ void __launch_bounds__(Layout<Cfg>::kThreads, 1) decode_kernel(const 
   });
 }
 
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) decode_kernel(const __grid_constant__ TmaParams tp) {
+  if constexpr (Cfg::kKVFormat == KVFormat::kKVFp8Tensor) decode_e4m3<Cfg>(tp);
+  else decode_16bit<Cfg>(tp);
+}
+
+template <class Cfg>
+struct E4m3Layout;
+
 // Encodes the cache's tensor maps (sm90.cuh cache_maps, reused while the cache stays the same) and launches the
 // kernel.
 template <class Cfg>
 inline int launch_decode(const DecodeParams& p, uint64_t stream) {
-  using L = Layout<Cfg>;
-  // fp8: the e4m3 bytes in dense 64-byte box rows (the producer converts them; the rope box is 64 wide too)
-  constexpr int kElem = L::kFp8 ? 1 : 2, kSwizzle = L::kFp8 ? 0 : L::KN::kRowBytes;
-  constexpr CacheMapShape kShape = {L::C, 64, kSwizzle, L::R, L::KP::kBlockCols, L::kFp8 ? 0 : L::KP::kRowBytes, kElem};
-  TmaParams tp;
-  const int err = cache_maps<L>(p, kShape, tp);
-  return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+  if constexpr (Cfg::kKVFormat == KVFormat::kKVFp8Tensor) {
+    return narrow::launch_e4m3<Cfg, E4m3Layout<Cfg>>(decode_kernel<Cfg>, p, stream);
+  } else {
+    using L = Layout<Cfg>;
+    constexpr CacheMapShape kShape = {L::C, 64, L::KN::kRowBytes, L::R, L::KP::kBlockCols, L::KP::kRowBytes, 2};
+    TmaParams tp;
+    const int err = cache_maps<L>(p, kShape, tp);
+    return err ? err : launch_decode_kernel<Cfg>(decode_kernel<Cfg>, p, stream, tp);
+  }
 }
 
 }  // namespace seesaw
 }  // namespace mla_gen
+
+#include "seesaw_e4m3.cuh"

@@ -109,10 +109,11 @@ def test_fp8_rows_leave_registers_for_the_gather() -> None:
     assert narrow_fp8(E4M3, heads=40, ckv=256, rope=32).tile.block_m == 32
 
 
-def test_only_narrow_over_an_fp8_cache_quantizes_q() -> None:
+def test_the_e4m3_tensor_core_paths_quantize_q() -> None:
     assert narrow_fp8(E4M3).quantizes_q and narrow_fp8(DS).quantizes_q and not narrow().quantizes_q
     seesaw = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
-    assert seesaw.spec.family is Family.SEESAW and not seesaw.spec.quantizes_q
+    assert seesaw.spec.family is Family.SEESAW and seesaw.spec.quantizes_q
+    assert not decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16).spec.quantizes_q
     d = decide(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
     assert d.spec.quantizes_q and "Q K^T in e4m3 straight from the cache's bytes" in d.reasons[0], d.reasons
 

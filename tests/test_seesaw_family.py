@@ -18,7 +18,7 @@ BF16, FP16, E4M3 = DType.BF16, DType.FP16, DType.FP8_E4M3
 
 def seesaw(heads: int = 128, ckv: int = 512, rope: int = 64, tile: Tile | None = None, arch: Arch = Arch.SM90A,
            dtype: DType = BF16, kv_dtype: DType | None = None) -> VariantSpec:
-    tile = tile or default_tile(Family.SEESAW, heads, ckv, rope, Arch.SM90A)
+    tile = tile or default_tile(Family.SEESAW, heads, ckv, rope, Arch.SM90A, kv_dtype=kv_dtype or dtype)
     return VariantSpec(heads, ckv, rope, dtype, kv_dtype or dtype, dtype, Family.SEESAW, tile, arch)
 
 
@@ -52,7 +52,7 @@ def test_dispatch_picks_seesaw_from_40_rows_on_sm90a() -> None:
     assert minicpm3.spec.family is Family.SEESAW
     d = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=DType.FP16)
     assert d.spec.family is Family.SEESAW and any(r.startswith("family seesaw: 128 query rows") for r in d.reasons)
-    assert dispatched_family(128, kv_dtype=DType.FP8_E4M3) is Family.SEESAW  # its producer converts the e4m3 bytes
+    assert dispatched_family(128, kv_dtype=DType.FP8_E4M3) is Family.SEESAW  # e4m3 Q K^T (seesaw_e4m3.cuh)
     assert dispatched_family(40, kv_dtype=DType.FP8_E4M3) is Family.SEESAW
     assert dispatched_family(128, kv_dtype=DType.FP8_DS_MLA) is Family.WGMMA  # seesaw reads fp8_e4m3 only
     # fp8_e4m3 at dims seesaw's fp8 path does not take: wgmma's
@@ -91,9 +91,19 @@ def test_default_tile_and_shared_memory() -> None:
     assert seesaw(ckv=256, rope=32, tile=Tile(64, 64, 2, 8)).smem_bytes == (
         64 * 288 * 2 + 2 * 64 * (256 + 64) * 2 + 2 * 2 * 64 * 4 + 2 * 5 * 8 + 4 * 8)
     assert seesaw(ckv=128, rope=16).smem_bytes == 64 * 144 * 2 + 4 * 64 * (128 + 64) * 2 + 1024 + 4 * 3 * 8 + 8 * 8
-    # fp8_e4m3: the same fp16 tiles (the e4m3 bytes land inside them) and a "raw bytes landed" mbarrier per unit
-    assert seesaw(kv_dtype=E4M3).smem_bytes == 222384 + 2 * 9 * 8
-    assert seesaw(heads=40, ckv=256, rope=32, kv_dtype=E4M3).smem_bytes == 201952 + 4 * 5 * 8
+    # fp8_e4m3 (seesaw_e4m3.cuh): q hi and lo [64][C] + their ropes [64][128] e4m3, a ring of raw tiles [64][C + 128]
+    # (three at ckv 512, four at 256), P [3][64][64] fp16, row max and scale [2][2][2][64], row sum [2][64] and
+    # 1 / q scale [64] fp32, 4 move flags, a full and an empty mbarrier per stage
+    e4m3 = seesaw(kv_dtype=E4M3)
+    assert e4m3.tile == Tile(64, 64, 3, 8) and e4m3.quantizes_q
+    assert e4m3.smem_bytes == 232256 == (2 * 64 * 512 + 2 * 64 * 128 + 3 * 64 * 640 + 3 * 8192 + 11 * 64 * 4 + 16
+                                         + 3 * 16)
+    assert e4m3.smem_bytes <= Arch.SM90A.max_smem_per_block
+    small_e4m3 = seesaw(heads=40, ckv=256, rope=32, kv_dtype=E4M3)
+    assert small_e4m3.tile == Tile(64, 64, 4, 8)
+    assert small_e4m3.smem_bytes == 2 * 64 * 256 + 2 * 64 * 128 + 4 * 64 * 384 + 3 * 8192 + 11 * 64 * 4 + 16 + 4 * 16
+    with pytest.raises(SpecError, match=r"^tile.stages: seesaw over fp8_e4m3 keeps a ring of raw tiles, at least 3"):
+        seesaw(kv_dtype=E4M3, tile=Tile(64, 64, 2, 8))
 
 
 @pytest.mark.parametrize("ckv, rope", [(128, 64), (512, 128), (256, 16)])
@@ -164,24 +174,32 @@ def test_seesaw_variant_has_no_spills_and_no_warnings(seesaw_entry):
 def test_seesaw_sass_uses_hgmma(seesaw_entry):
     name, entry = seesaw_entry
     sass = sass_of(entry)
-    fp8 = name.endswith("_fp8")  # fp8_e4m3 cache: fp16 tiles (the producer converts), bf16 q converted too
-    dt = "F32 " if "fp16" in name or fp8 else "F32.BF16 "  # fp16 inputs print as plain HGMMA...F32
-    cw = 256 if "c512" in name else 128
     lines = sass.splitlines()
-    qk = [ln for ln in lines if f"HGMMA.64x64x16.{dt}" in ln]
-    pv = [ln for ln in lines if f"HGMMA.64x{cw}x16.{dt}" in ln]
+    cw = 256 if "c512" in name else 128
     rope = 64 if "r64" in name else 32
     ckv = 512 if "c512" in name else 256
+    if name.endswith("_fp8"):  # seesaw_e4m3.cuh: e4m3 Q K^T from the raw ring, fp16 P V with V^T from registers
+        qk = [ln for ln in lines if "QGMMA.64x64x32.F32.E4M3.E4M3" in ln]
+        assert len(qk) == 2 * 2 * (ckv + rope) // 32, len(qk)  # S0 and S1, q's hi and lo parts
+        pv = [ln for ln in lines if "HGMMA.64x64x16.F32 " in ln]
+        assert len(pv) == 3 * 4 * (ckv // 128), len(pv)  # P0 V0 per warpgroup, P1 V1: k16 steps x m-tiles
+        assert all(ln.split("HGMMA")[1].split(",")[1].strip().startswith("R") for ln in pv)  # A (V^T) in registers
+        assert "F2FP.F16.E4M3.UNPACK_B" in sass and "UTMALDG.3D" in sass and "SYNCS.PHASECHK" in sass
+        setmaxreg = sorted(tuple(ln.split(";")[0].split()[i] for i in (1, -1)) for ln in lines if "USETMAXREG" in ln)
+        assert setmaxreg == [("USETMAXREG.DEALLOC.CTAPOOL", "0x18"),
+                             ("USETMAXREG.TRY_ALLOC.CTAPOOL", "0xf0")], setmaxreg
+        assert " LDL" not in sass and " STL" not in sass
+        return
+    dt = "F32 " if "fp16" in name else "F32.BF16 "  # fp16 inputs print as plain HGMMA...F32
+    qk = [ln for ln in lines if f"HGMMA.64x64x16.{dt}" in ln]
+    pv = [ln for ln in lines if f"HGMMA.64x{cw}x16.{dt}" in ln]
     assert len(qk) == 2 * (ckv + rope) // 16, len(qk)          # S0 and S1, each (C + R) / 16 k-steps
     assert len(pv) == 4 * 4 and all(".tnspB" in ln for ln in pv)  # 4 P V products of 64 tokens, V MN-major
     rs = [ln for ln in pv if "gdesc" in ln and ln.split("HGMMA")[1].split(",")[1].strip().startswith("R")]
     assert len(rs) == 8                                         # own P from registers (RS) in both warpgroups
-    assert ("LDGSTS.E.BYPASS.128" in sass) != fp8               # 16-byte cp.async copies of Q (fp8: converted)
+    assert "LDGSTS.E.BYPASS.128" in sass                        # 16-byte cp.async copies of Q
     assert "UTMALDG.3D" in sass and "SYNCS.PHASECHK" in sass    # kv boxes by TMA, mbarrier waits
-    if fp8:  # e4m3 -> fp16 in the converter warps; per-token bulk copies where boxes would be misaligned
-        assert "F2FP.F16.E4M3.UNPACK_B" in sass and "UBLKCP.S.G" in sass
-    # the producer warpgroup gives registers to the consumers (fp8 below ckv 512: 56 to its converters, 224 left)
-    regs = ("0x38", "0xe0") if fp8 and cw == 128 else ("0x28", "0xe8")
+    regs = ("0x28", "0xe8")  # the producer warpgroup gives registers to the consumers
     setmaxreg = [ln.split(";")[0].split() for ln in lines if "USETMAXREG" in ln]
     assert sorted((w[1], w[-1]) for w in setmaxreg) == [("USETMAXREG.DEALLOC.CTAPOOL", regs[0]),
                                                         ("USETMAXREG.TRY_ALLOC.CTAPOOL", regs[1])], setmaxreg
