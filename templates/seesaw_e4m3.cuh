@@ -70,8 +70,9 @@ struct E4m3Layout {
   // registers after setmaxnreg within the CTA's pool of 384 x 168 (narrow_e4m3.cuh's producer fits 24)
   static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
   static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 384 * 168, "setmaxnreg over the CTA's registers");
-  static constexpr int kABufs = 3;                    // V^T fragment buffers in flight per warpgroup
-  static constexpr int kGroupMT = 1;  // m-tiles a buffer holds (a wgmma commit group)
+  // V^T fragment buffers (one m-tile's A each, a commit group) in flight per warpgroup: with four m-tiles a buffer
+  // ptxas serialized every wgmma (C7512, registers), four one-m-tile buffers spill (PERF.md, twenty-fifth session)
+  static constexpr int kABufs = 3;
 };
 
 // The consumers (warpgroups 0 and 1, threads 0-255); see the file's header.
@@ -88,7 +89,6 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   constexpr int H = L::H, C = L::C, R = L::R, M = L::M, N = L::N, MTW = L::MTW, kRing = L::kRing;
   constexpr int SV = N / 2;          // S accumulators per thread (m64n64)
   constexpr int kWords = (L::kPiece + 3) / 4;
-  constexpr int kGroup = L::kGroupMT;  // m-tiles per P V commit group (a fragment buffer)
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int wg = warp >> 2, wq = warp & 3, wrow = 16 * wq;
@@ -299,11 +299,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     // O^T += V^T P^T over the stage's features of this warpgroup: A = V^T from the stage's bytes, B = P^T at s_pt
     // (a: the warpgroup's fragment buffers; kk0: k16 steps issued before in this pair, so that a buffer is
     // rewritten only once the wgmmas that read it retired, across both of a pair's calls)
-    auto pv = [&](uint32_t stage, uint32_t s_pt, uint32_t (&a)[L::kABufs][kGroup][4], int kk0) {
+    auto pv = [&](uint32_t stage, uint32_t s_pt, uint32_t (&a)[L::kABufs][4], int kk0) {
       const uint64_t d_pt = PP::desc(s_pt);
-#pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        uint32_t w[4][kWords];  // the piece of tokens 16 kk + 2 tq + {0, 1, 8, 9}
+      uint32_t wb[2][4][kWords];  // the pieces of tokens 16 kk + 2 tq + {0, 1, 8, 9}, a k16 step ahead
+      auto load_w = [&](int kk, uint32_t (&w)[4][kWords]) {
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int t = 16 * kk + 2 * tq + (u & 1) + 8 * (u >> 1);
@@ -316,22 +315,24 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
             w[u][0] = lds_u32(addr);
           }
         }
+      };
+      load_w(0, wb[0]);
 #pragma unroll
-        for (int gi = 0; gi < MTW / kGroup; ++gi) {  // a commit group of kGroup m-tiles
-          const int n = (kk0 + kk) * (MTW / kGroup) + gi;  // groups issued before in this pair
-          uint32_t(&f)[kGroup][4] = a[n % L::kABufs];
+      for (int kk = 0; kk < N / 16; ++kk) {
+        uint32_t(&w)[4][kWords] = wb[kk & 1];
+        if (kk + 1 < N / 16) load_w(kk + 1, wb[(kk + 1) & 1]);
+#pragma unroll
+        for (int mt = 0; mt < MTW; ++mt) {  // a commit group per m-tile
+          const int n = (kk0 + kk) * MTW + mt;  // groups issued before in this pair
+          uint32_t(&f)[4] = a[n % L::kABufs];
           if (n >= L::kABufs) {
             wgmma_wait<L::kABufs - 1>();
             fence_regs(f);
           }
-#pragma unroll
-          for (int q = 0; q < kGroup; ++q) narrow::e4m3_vt_fragment(w, kGroup * gi + q, f[q]);
-#pragma unroll
-          for (int q = 0; q < kGroup; ++q) fence_regs(o[kGroup * gi + q]);
+          narrow::e4m3_vt_fragment(w, mt, f);
+          fence_regs(o[mt]);
           wgmma_fence();
-#pragma unroll
-          for (int q = 0; q < kGroup; ++q)
-            wgmma_rs<M, __half, 0>(o[kGroup * gi + q], f[q], desc_add(d_pt, PP::step(kk)), 1);
+          wgmma_rs<M, __half, 0>(o[mt], f, desc_add(d_pt, PP::step(kk)), 1);
           wgmma_commit();
         }
       }
@@ -357,7 +358,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       float sacc[SV];
       float m_mid[2], m_end[2], sc0[2], sc1[2], lsum[2];
 
-      uint32_t frag[L::kABufs][kGroup][4];
+      uint32_t frag[L::kABufs][4];
       if (wg == 0) {
         // ---- S0 = Q K0^T
         mbarrier_wait(full + 8 * st0, (k0 / kRing) & 1);

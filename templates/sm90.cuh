@@ -39,6 +39,11 @@ __device__ __forceinline__ void fence_regs(float (&d)[K]) {
 #pragma unroll
   for (int i = 0; i < K; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+template <int J>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[J]) {
+#pragma unroll
+  for (int j = 0; j < J; ++j) asm volatile("" : "+r"(a[j])::"memory");
+}
 template <int K, int J>
 __device__ __forceinline__ void fence_regs(uint32_t (&a)[K][J]) {
 #pragma unroll
