@@ -482,10 +482,12 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   });
 }
 
-// The e4m3 kernel's body: barriers, then the producer warpgroup or a consumer warpgroup.
-template <class Cfg>
-__device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
-  using L = E4m3Layout<Cfg>;
+// The body of a kernel whose producer warp (8) fills a ring of raw e4m3 stages (produce_e4m3, layout L) for two
+// consumer warpgroups: the ring's mbarriers (full: the producer's expect_tx and the boxes' bytes; empty:
+// kEmptyArrivals consumer warps), init(s_base) for the kernel's own shared state, the last barrier of all 384
+// threads, then the producer or consume(s_base) with the consumers' registers (setmaxnreg).
+template <class Cfg, class L, int kEmptyArrivals, class Init, class Consume>
+__device__ __forceinline__ void ring_kernel(const TmaParams& tp, Init&& init, Consume&& consume) {
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t s_base = smem_u32(smem);
   if (s_base & 1023u) __trap();  // the swizzle atoms of the descriptors need 1024-byte alignment
@@ -494,19 +496,28 @@ __device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
     const uint32_t full = s_base + L::kOffBars;
 #pragma unroll
     for (int i = 0; i < L::kRing; ++i) {
-      mbarrier_init(full + 8 * i, 1);                 // the producer's expect_tx; the boxes' bytes
-      mbarrier_init(full + 8 * (L::kRing + i), 4);    // empty: the four warps of the consuming warpgroup
+      mbarrier_init(full + 8 * i, 1);
+      mbarrier_init(full + 8 * (L::kRing + i), kEmptyArrivals);
     }
+    init(s_base);
     fence_mbarrier_init();
   }
-  __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
+  __syncthreads();  // the consumers meet at their own barriers from here on
   if (warp >= 8) {
     setmaxnreg_dec<L::kProducerRegs>();
-    if (warp == 8) produce_e4m3<Cfg>(tp, blockIdx.y, s_base);
+    if (warp == 8) produce_e4m3<Cfg, L>(tp, blockIdx.y, s_base);
     return;
   }
   setmaxnreg_inc<L::kConsumerRegs>();
-  consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base);
+  consume(s_base);
+}
+
+// The e4m3 kernel: each stage is one warpgroup's tile (empty: its four warps).
+template <class Cfg>
+__device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
+  ring_kernel<Cfg, E4m3Layout<Cfg>, 4>(tp, [](uint32_t) {}, [&](uint32_t s_base) {
+    consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base);
+  });
 }
 
 // Encodes the cache's maps (e4m3 bytes, 128-byte box rows: the ckv in 128-column boxes, the rope in one box of 128

@@ -257,6 +257,57 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
   });
 }
 
+// One tile's softmax in the m16n8 C layout of an m64n64 accumulator (sc[4 j + 2 hh + e]: row row_lane + 8 hh of
+// the CTA's rows, token t_tile + 8 j + 2 tq + e) against the lazy reference m_ref: a row moves only when its max
+// exceeds m_ref by more than kRescaleLog2, then to that max. Masks a tile that reaches the causal / length limit
+// (all of it when !present), writes m_new, scale = 2^(m_ref - m_new) (1 when not moved) and the row sums of P, and
+// hands each pair of P to store(hh, j, p0, p1). Returns whether a row of this thread moved. Shared by the 16-bit
+// kernel and seesaw_e4m3.cuh.
+template <int H, int N, class StoreP>
+__device__ __forceinline__ bool lazy_softmax(float (&sc)[N / 2], bool present, int t_tile, int mask_from, int len,
+                                             int row_lane, int rows, int tq, float scale_log2, const float (&m_ref)[2],
+                                             float (&m_new)[2], float (&scale)[2], float (&lsum)[2], StoreP&& store) {
+  constexpr float kRescaleLog2 = 8.f;
+  if (!present) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) sc[i] = -INFINITY;
+  }
+  if (present && t_tile + N > mask_from)  // the last tile(s): per-row causal / length limit
+    mask_scores<H, N / 8>(t_tile + 2 * tq, row_lane, rows, mask_from, len,
+                          [&](int hh, int j, int e) -> float& { return sc[4 * j + 2 * hh + e]; });
+  float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) tmax[e >> 1] = fmaxf(tmax[e >> 1], sc[4 * j + e]);
+  bool moved = false;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float v = tmax[hh];
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+    v *= scale_log2;  // the scale is positive: max of the scaled scores
+    const bool move = v > m_ref[hh] + kRescaleLog2;  // m_ref = -inf: any finite max moves
+    moved |= move;
+    m_new[hh] = move ? v : m_ref[hh];
+    scale[hh] = move ? fast_exp2(m_ref[hh] - v) : 1.f;  // 0 when m_ref was -inf
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    // a row that has seen nothing keeps m = -inf: reference 0, so 2^-inf = 0, never NaN
+    const float neg_m = m_new[hh] == -INFINITY ? 0.f : -m_new[hh];
+    lsum[hh] = 0.f;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      const float p0 = exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m);
+      const float p1 = exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m);
+      lsum[hh] += p0 + p1;
+      store(hh, j, p0, p1);
+    }
+  }
+  return moved;
+}
+
 // The fp8_e4m3 path (seesaw_e4m3.cuh, included at the end of this file).
 template <class Cfg>
 __device__ __forceinline__ void decode_e4m3(const TmaParams& tp);
@@ -413,50 +464,16 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) pa[kk][i] = 0u;
 
-    // Softmax of one tile's scores against the reference m_ref (lazy: a row moves only when its max exceeds
-    // m_ref by more than kRescaleLog2, then to that max). Writes m_new, scale = 2^(m_ref - m_new) (1 when not
-    // moved), the row sums of P, P as A fragments (pa), P to shared memory at s_pown and m_new to red_m.
-    constexpr float kRescaleLog2 = 8.f;
+    // Softmax of one tile's scores (lazy_softmax): m_new, scale, the row sums of P, P as A fragments (pa), P to shared
+    // memory at s_pown and m_new to red_m.
     auto softmax = [&](float (&sc)[SV], int it, bool present, const float (&m_ref)[2], float (&m_new)[2],
                        float (&scale)[2], float (&lsum)[2], uint32_t red_m) {
-      if (!present) {
-#pragma unroll
-        for (int i = 0; i < SV; ++i) sc[i] = -INFINITY;
-      }
-      const int t_tile = (seg.blk_lo + it) * N;
-      if (present && t_tile + N > mask_from)  // the last tile(s): per-row causal / length limit
-        mask_scores<H, N / 8>(t_tile + 2 * tq, opaque(row0 + wrow + g), rows, mask_from, len,
-                              [&](int hh, int j, int e) -> float& { return sc[4 * j + 2 * hh + e]; });
-      float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) tmax[e >> 1] = fmaxf(tmax[e >> 1], sc[4 * j + e]);
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        float v = tmax[hh];
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-        v *= scale_log2;  // the scale is positive: max of the scaled scores
-        const bool move = v > m_ref[hh] + kRescaleLog2;  // m_ref = -inf: any finite max moves
-        m_new[hh] = move ? v : m_ref[hh];
-        scale[hh] = move ? fast_exp2(m_ref[hh] - v) : 1.f;  // 0 when m_ref was -inf
-      }
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        // a row that has seen nothing keeps m = -inf: reference 0, so 2^-inf = 0, never NaN
-        const float neg_m = m_new[hh] == -INFINITY ? 0.f : -m_new[hh];
-        lsum[hh] = 0.f;
-#pragma unroll
-        for (int j = 0; j < N / 8; ++j) {
-          const float p0 = exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m);
-          const float p1 = exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m);
-          lsum[hh] += p0 + p1;
-          const uint32_t u = pack2<KV>(p0, p1);
-          pa[j >> 1][2 * (j & 1) + hh] = u;  // n8 tiles j = 2 kk, 2 kk + 1 form the k16 step kk
-          sts_u32(s_pown + kv_off + PP::off(wrow + g + 8 * hh, j) + 4 * tq, u);
-        }
-      }
+      lazy_softmax<H, N>(sc, present, (seg.blk_lo + it) * N, mask_from, len, opaque(row0 + wrow + g), rows, tq,
+                         scale_log2, m_ref, m_new, scale, lsum, [&](int hh, int j, float p0, float p1) {
+                           const uint32_t u = pack2<KV>(p0, p1);
+                           pa[j >> 1][2 * (j & 1) + hh] = u;  // n8 tiles j = 2 kk, 2 kk + 1 form the k16 step kk
+                           sts_u32(s_pown + kv_off + PP::off(wrow + g + 8 * hh, j) + 4 * tq, u);
+                         });
       if (tq == 0) {
         sts_f32(red_m, m_new[0]);
         sts_f32(red_m + 32, m_new[1]);

@@ -215,47 +215,18 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       wgmma_commit();
     };
 
-    // Softmax of one tile's scores against m_ref (lazy, as seesaw.cuh): m_new, the own rows' scale, the row sums
-    // of P; P to s_pt (fp16), m_new to red_m; a moved row sets `flag` to pair_no + 1.
-    constexpr float kRescaleLog2 = 8.f;
+    // Softmax of one tile's scores (seesaw.cuh lazy_softmax) after q's row scale: m_new, the own rows' scale, the
+    // row sums of P; P to s_pt (fp16), m_new and scale to red_m; a moved row sets `flag` to pair_no + 1.
     auto softmax = [&](float (&sc)[SV], int it, bool present, const float (&m_ref)[2], float (&m_new)[2],
                        float (&scale)[2], float (&lsum)[2], uint32_t s_pt, uint32_t red_m, uint32_t flag) {
       const float inv_s[2] = {lds_f32(s_inv + 4 * (wrow + g)), lds_f32(s_inv + 4 * (wrow + g + 8))};
 #pragma unroll
-      for (int i = 0; i < SV; ++i) sc[i] = present ? sc[i] * inv_s[(i >> 1) & 1] : -INFINITY;
-      const int t_tile = (seg.blk_lo + it) * N;
-      if (present && t_tile + N > mask_from)  // the last tile(s): per-row causal / length limit
-        mask_scores<H, N / 8>(t_tile + 2 * tq, opaque(row0 + wrow + g), rows, mask_from, len,
-                              [&](int hh, int j, int e) -> float& { return sc[4 * j + 2 * hh + e]; });
-      float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < N / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) tmax[e >> 1] = fmaxf(tmax[e >> 1], sc[4 * j + e]);
-      bool moved = false;
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        float v = tmax[hh];
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-        v *= scale_log2;
-        const bool move = v > m_ref[hh] + kRescaleLog2;
-        moved |= move;
-        m_new[hh] = move ? v : m_ref[hh];
-        scale[hh] = move ? fast_exp2(m_ref[hh] - v) : 1.f;
-      }
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const float neg_m = m_new[hh] == -INFINITY ? 0.f : -m_new[hh];
-        lsum[hh] = 0.f;
-#pragma unroll
-        for (int j = 0; j < N / 8; ++j) {
-          const float p0 = exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m);
-          const float p1 = exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m);
-          lsum[hh] += p0 + p1;
-          sts_u32(s_pt + PP::off(wrow + g + 8 * hh, j) + 4 * tq, pack2<__half>(p0, p1));
-        }
-      }
+      for (int i = 0; i < SV; ++i) sc[i] *= inv_s[(i >> 1) & 1];
+      const bool moved =
+          lazy_softmax<H, N>(sc, present, (seg.blk_lo + it) * N, mask_from, len, opaque(row0 + wrow + g), rows, tq,
+                             scale_log2, m_ref, m_new, scale, lsum, [&](int hh, int j, float p0, float p1) {
+                               sts_u32(s_pt + PP::off(wrow + g + 8 * hh, j) + 4 * tq, pack2<__half>(p0, p1));
+                             });
       if (tq == 0) {
         sts_f32(red_m + 4 * (wrow + g), m_new[0]);
         sts_f32(red_m + 4 * (wrow + g + 8), m_new[1]);
@@ -500,33 +471,15 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   });
 }
 
-// The e4m3 kernel's body: barriers, then the producer warp or a consumer warpgroup.
+// The e4m3 kernel (narrow_e4m3.cuh ring_kernel): both warpgroups read every stage (empty: all eight consumer warps).
 template <class Cfg>
 __device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
   using L = E4m3Layout<Cfg>;
-  extern __shared__ __align__(1024) unsigned char smem[];
-  const uint32_t s_base = smem_u32(smem);
-  if (s_base & 1023u) __trap();  // the swizzle atoms of the descriptors need 1024-byte alignment
-  const int tid = threadIdx.x, warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
-  if (tid == 0) {
-    const uint32_t full = s_base + L::kOffBars;
-#pragma unroll
-    for (int i = 0; i < L::kRing; ++i) {
-      mbarrier_init(full + 8 * i, 1);                // the producer's expect_tx; the boxes' bytes
-      mbarrier_init(full + 8 * (L::kRing + i), 8);   // empty: every consumer warp
-    }
+  auto init = [](uint32_t s_base) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) sts_u32(s_base + L::kOffFlags + 4 * i, 0u);  // no pair has moved a row yet
-    fence_mbarrier_init();
-  }
-  __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
-  if (warp >= 8) {
-    setmaxnreg_dec<L::kProducerRegs>();
-    if (warp == 8) narrow::produce_e4m3<Cfg, L>(tp, blockIdx.y, s_base);
-    return;
-  }
-  setmaxnreg_inc<L::kConsumerRegs>();
-  consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base);
+  };
+  narrow::ring_kernel<Cfg, L, 8>(tp, init, [&](uint32_t s_base) { consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base); });
 }
 
 }  // namespace seesaw
