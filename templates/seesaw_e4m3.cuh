@@ -12,13 +12,15 @@
 //   - O^T = V^T P^T (fp16): V^T is wgmma's A operand in registers, built from the stage's bytes (LDS, PRMT, cvt;
 //     narrow_e4m3.cuh e4m3_vt_fragment), P^T its B operand from shared memory ([row][token] fp16 = P as stored).
 //     A thread's O^T rows are kPiece consecutive features of its warpgroup's half (WG w: features w C/2 ..), so
-//     one 8-byte load per token feeds all four m-tiles, and its columns are query rows 8 j + 2 tq + e (16 rows).
-// The seesaw itself is seesaw.cuh's: per pair, WG0 computes S0 over tile 2i, WG1 S1 over tile 2i + 1; WG0's
-// softmax (lazy max, shared row state m) publishes P0 and m0, WG1's softmax of S1 against m0 publishes P1 and m1;
-// each warpgroup accumulates both tiles into its half of O^T: WG0 O^T_L += V0_L^T P0^T, then V1_L^T P1^T; WG1
-// O^T_R += V0_R^T P0^T under its softmax, then V1_R^T P1^T. O^T's columns are rows, so a rescale for a row whose
-// max moved (rare: > 8 in log2) reads the row's old and new max from shared memory (red_m, by pair parity) for
-// all 16 of a thread's rows; a flag per softmax says whether any row moved.
+//     one 8-byte load per token (a k16 step ahead) feeds all four m-tiles, and its columns are query rows
+//     8 j + 2 tq + e (16 rows). The rows of a request's last tile past its length are zeroed in the stage first.
+// The seesaw is seesaw.cuh's (its lazy_softmax too): per pair, WG0 computes S0 over tile 2i, WG1 S1 over tile
+// 2i + 1; WG0's softmax (lazy max, shared row state m) publishes P0 and m0, WG1's softmax of S1 against m0 (under
+// WG0's P V) publishes P1 and m1; each warpgroup accumulates both tiles into its half of O^T: WG0 O^T_L +=
+// V0_L^T P0^T, then V1_L^T P1^T; WG1 O^T_R += V0_R^T P0^T, then V1_R^T P1^T. O^T's columns are rows, so where a
+// row's max moved (rare: > 8 in log2) a thread reads the scale the softmax published (red_m, by pair parity) for
+// all 16 of its rows; a flag per softmax says whether any row moved.
+// Epilogue: each warpgroup's fp32 O^T half staged row-major in q's dead panels in turn, copied out normalised.
 // Every consumer warp arrives on a stage's empty barrier once its last read of the stage retired (count 8).
 // P0 alternates between two buffers by pair parity (WG1's P0 V0_R of pair i may still read P0 when WG0 stores
 // pair i + 1's; WG0 stores pair i + 2's only after WG1 passed pair i + 1's P1 hand-off, after it retired); P1 has
@@ -153,7 +155,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       bits = __vmaxu2(bits, __shfl_xor_sync(0xffffffffu, bits, 2));
       bits = max(bits & 0xFFFFu, bits >> 16);
       const float amax = to_float2(*reinterpret_cast<const typename Vec2<Q>::type*>(&bits)).x;
-      // (fast divisions: the IEEE ones call a slow path, and a call costs registers beside O^T: spills)
+      // (fast divisions: an IEEE division's slow path is a call, and calls cost registers)
       const float sc = amax > 0.f && amax < INFINITY ? __fdividef(224.f, amax) : 1.f;
       if (tl == 0) sts_f32(s_inv + 4 * m, __fdividef(1.f, sc));
 #pragma unroll
