@@ -113,6 +113,7 @@ def test_the_e4m3_tensor_core_paths_quantize_q() -> None:
     assert narrow_fp8(E4M3).quantizes_q and narrow_fp8(DS).quantizes_q and not narrow().quantizes_q
     seesaw = decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
     assert seesaw.spec.family is Family.SEESAW and seesaw.spec.quantizes_q
+    assert "Q K^T in e4m3 straight from a ring of the cache's TMA-loaded bytes" in seesaw.reasons[0], seesaw.reasons
     assert not decide(arch=Arch.SM90A, num_heads=128, ckv_dim=512, rope_dim=64, dtype=BF16).spec.quantizes_q
     d = decide(arch=Arch.SM90A, num_heads=16, ckv_dim=512, rope_dim=64, dtype=BF16, kv_dtype=E4M3)
     assert d.spec.quantizes_q and "Q K^T in e4m3 straight from the cache's bytes" in d.reasons[0], d.reasons
