@@ -242,7 +242,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       l_run[0] *= scale[0];
       l_run[1] *= scale[1];
     };
-    // O^T's columns (rows 8 j + 2 tq + e) from reference red_from to red_to, where the softmax flagged a move
+    // O^T's columns (rows 8 j + 2 tq + e) times the scales the softmax published at red, where it flagged a move
     // (no wgmma of O^T in flight)
     auto rescale_o = [&](uint32_t flag, uint32_t red) {
       if (lds_u32(flag) != static_cast<uint32_t>(pair_no + 1)) return;
@@ -401,8 +401,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     }
     k_base += n_tiles;
 
-    // ---- epilogue: row sums over the quad and both warpgroups; each thread writes its kPiece features of its
-    //      16 rows (normalised), out + lse or the split's partial
+    // ---- epilogue: row sums over the quad and both warpgroups, then O^T staged and written (below)
     l_run[0] = quad_sum(l_run[0]);
     l_run[1] = quad_sum(l_run[1]);
     if (tq == 0) {

@@ -268,7 +268,7 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // The map of one paged cache array [num_pages, page_size, width] of elem_bytes-byte values (element strides,
 // last dim contiguous) as dims {width, page_size, num_pages}: a box is box_cols x tma_box_rows(page_size)
 // x 1 page, landing in shared memory as `row_bytes`-byte swizzled rows (128, 64 or 32: the Panel atoms), or
-// dense and unswizzled when row_bytes is 0 (an fp8 cache's raw bytes, converted before any wgmma reads them).
+// dense and unswizzled when row_bytes is 0 (fp8_ds_mla's per-token scales).
 inline int encode_paged_map(CUtensorMap* map, uint64_t base, int width, int page_size, int num_pages,
                             int64_t stride_tok, int64_t stride_page, int box_cols, int row_bytes, int elem_bytes = 2) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
