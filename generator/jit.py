@@ -6,10 +6,10 @@
   MLA_GEN_DISABLE_JIT is set). A corrupt entry is rebuilt with a warning. Raises BuildError,
   ToolchainError, CacheError.
 
-A variant is opened by the launcher (generator/launcher.py): the object returned has plan, decode,
-merge, run (the three in one call), launch (run with a call's pointers), max_active_ctas, DecodeParams,
-variant_id and path. On a machine without nvcc, a prebuilt cache still loads: entries are matched by
-name and rendered-sources hash instead of the full key.
+A variant is opened by the launcher (generator/launcher.py): the object returned has decode (whose
+CTAs plan the work list), merge, run (the two in one call), launch (run with a call's pointers),
+max_active_ctas, DecodeParams, variant_id and path. On a machine without nvcc, a prebuilt cache still
+loads: entries are matched by name and rendered-sources hash instead of the full key.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ class Variant(Protocol):
     path: str
     DecodeParams: Any  # the launcher's params class: p = variant.DecodeParams(); p.batch = ...
 
-    def plan(self, params: Any, stream: int) -> None: ...
     def decode(self, params: Any, stream: int) -> None: ...
     def merge(self, params: Any, stream: int) -> None: ...
     def run(self, params: Any, stream: int, replan: bool = True) -> None: ...

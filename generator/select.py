@@ -162,9 +162,9 @@ def _wgmma_tile(ckv_dim: int, rope_dim: int, arch: Arch | None, kv_dtype: DType 
 class Decision:
     spec: VariantSpec
     m_blocks: int          # CTAs along the packed query rows
-    num_parts: int         # CTA columns along kv (the split-kv grid); the planner may use fewer
-    fixed_cost: int        # planner blocks charged per request
-    min_part_cost: int     # planner blocks a part must get before another part is used
+    num_parts: int         # CTA columns along kv (the split-kv grid); the plan may use fewer
+    fixed_cost: int        # plan blocks charged per request
+    min_part_cost: int     # plan blocks a part must get before another part is used
     reasons: tuple[str, ...]
 
     def to_dict(self) -> dict[str, object]:
@@ -266,13 +266,13 @@ def decide(*, arch: Arch, num_heads: int, ckv_dim: int, rope_dim: int, dtype: DT
         if isinstance(num_parts, bool) or not isinstance(num_parts, int) or not 1 <= num_parts <= MAX_PARTS:
             raise SpecError(f"num_parts: expected 1..{MAX_PARTS}, got {num_parts!r}")
         reasons.append(f"{num_parts} parts: requested")
-    # The planner charges a request's fixed work (q load, epilogue) to the part holding its first block. When the
+    # The plan charges a request's fixed work (q load, epilogue) to the part holding its first block. When the
     # batch is split anyway (at most half a request per part), every part pays that work for its own piece, and
     # the charge would only make the first pieces shorter than the rest (B32 S1024 H16: 27.7 against 26.2 us).
     split_all = batch is not None and 2 * batch <= num_parts
     fixed_cost = 0 if split_all else math.ceil(FIXED_COST_TOKENS / tile.block_n)
     min_part_cost = max(1, math.ceil(MIN_TOKENS_PER_PART / tile.block_n) + fixed_cost)
-    reasons.append(f"the device planner balances kv blocks + {fixed_cost} per request"
+    reasons.append(f"the device plan balances kv blocks + {fixed_cost} per request"
                    + (f" (batch {batch} over {num_parts} parts: every request is split)" if split_all else "")
                    + f" over the parts, and uses fewer when a part would get under {min_part_cost} blocks")
     if batch is not None and mean_seqlen is not None:

@@ -29,7 +29,7 @@ from mla_gen import validate
 from mla_gen.dispatch import choose, occupancy
 from mla_gen.fp8 import DS_MLA_ROPE_OFFSET
 from mla_gen.loader import get_module
-from mla_gen.schedule import max_partials
+from mla_gen.schedule import PART_INTS, max_partials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +101,12 @@ class MLADecodeWrapper:
 
     plan(cache_seqlens, s_q, num_heads=..., ...) once per batch shape: picks the variant, builds or
     loads it, allocates the schedule and split workspace and the output buffers.
-    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens[, kv_scale=]) per step: up to three
-    launches on the current stream (the device planner; the decode kernel, which merges requests split over
-    a few parts itself; the merge of requests split over many, skipped when the block table is too short for
-    any request to need it: mla_gen.schedule.merge_may_have_work), each overlapping the one before on sm_90
-    (programmatic dependent launch), made by one call into the launcher; no host sync, no allocation. Without
+    run(q_nope, q_pe, ckv_cache, kpe_cache, block_table, cache_seqlens[, kv_scale=]) per step: up to two
+    launches on the current stream (the decode kernel, whose CTAs plan their parts of the work list from the
+    device lengths and which merges requests split over a few parts itself; the merge of requests split over
+    many, skipped when the block table is too short for any request to need it:
+    mla_gen.schedule.merge_may_have_work), each overlapping the one before on sm_90 (programmatic dependent
+    launch), made by one call into the launcher; no host sync, no allocation. Without
     `out=`, the result is the plan's own output buffer, overwritten by the next run. Inputs of a
     structure (shapes, strides, dtypes, devices) seen before are checked only for pointer alignment.
     """
@@ -154,7 +155,7 @@ class MLADecodeWrapper:
         i32 = dict(dtype=torch.int32, device=device)
         self._module = module
         self._index = device.index
-        self._part_info = torch.zeros(plan.decision.num_parts, 8, **i32)
+        self._part_info = torch.zeros(plan.decision.num_parts, plan.decision.m_blocks, PART_INTS, **i32)
         self._req_info = torch.zeros(batch, 4, **i32)
         self._status = torch.zeros(1, **i32)
         self._tickets = torch.zeros(batch, plan.decision.m_blocks, **i32)
@@ -190,9 +191,10 @@ class MLADecodeWrapper:
         The caches as mla_decode takes them, in the plan's kv_dtype; an fp8_e4m3 cache's kv_scale is read
         by the kernel at each launch (its pointer is taken per call, so a graph replay sees its new value).
 
-        replan=False skips the device planner and reuses the work list the last run of this wrapper
-        computed: for the other layers of a decoding step, whose lengths are the same (as engines reuse
-        FlashMLA's metadata). With lengths that changed since, the results are wrong."""
+        replan=False: each decode CTA reuses the part of the work list it planned in the last run of this
+        wrapper instead of planning from the lengths: for the other layers of a decoding step, whose lengths
+        are the same (as engines reuse FlashMLA's metadata). With lengths that changed since, the results are
+        wrong."""
         sites = self._sites
         if sites is None:
             raise RuntimeError("MLADecodeWrapper.run: call plan() first")
@@ -262,7 +264,7 @@ class MLADecodeWrapper:
                 kv_scale.data_ptr())
 
     def _launch(self, args: tuple, replan: bool = True) -> None:
-        """Device planner (unless the last work list is reused), decode, merge: launches on the stream in
+        """Decode (planning the work list unless the last one is reused) and merge: launches on the stream in
         `args` only, made by one call into the launcher (its launch() takes the pointers with or without a
         kv_scale)."""
         if _current_device() == self._index:
@@ -311,8 +313,9 @@ class MLADecodeWrapper:
                      0 if own_lse is None else own_lse.data_ptr(), pair)
 
     def schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The device work list of the last run: part_info [num_parts, 8], req_info [batch, 4]."""
-        return self._part_info, self._req_info
+        """The device work list of the last planned run (mla_gen.schedule.Plan's rows): part_info
+        [num_parts, PART_INTS] (the first row block's CTAs; the others plan the same), req_info [batch, 4]."""
+        return self._part_info[:, 0], self._req_info
 
     def check_status(self) -> None:
         """Syncs; raises ValueError if a run since the last check met an invalid length (those requests'

@@ -8,9 +8,9 @@ one request and the head of the next. `active` = min(num_parts, ceil(total / min
 short batch is not cut into slivers. Requests spread over several parts write partial (o, lse)
 into slots merged afterwards.
 
-The runtime computes this plan ON THE GPU (templates/common.cuh plan_kernel) from the device
-lengths; this module is the same algorithm in Python: the reference the tests compare the device
-plan with, and the tool for reasoning about balance.
+The runtime computes this plan ON THE GPU from the device lengths: each decode CTA plans its own part
+at its start (templates/common.cuh plan_part); this module is the same algorithm in Python: the
+reference the tests compare the device plan with, and the tool for reasoning about balance.
 """
 from __future__ import annotations
 
@@ -35,12 +35,17 @@ class PlanConfig:
         return -(-length // self.block_n)
 
 
+# ints in a part's row of the device work list (templates/common.cuh kPartInts)
+PART_INTS = 12
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Mirrors the device work list: part_info rows and req_info rows (see templates/params.h)."""
-    # begin_req, begin_blk, end_req, end_blk, then begin_req's length, num_splits and this part's partial slot
-    # (0 unless split), 0: the copies a part's first segment reads with its row
-    part_info: tuple[tuple[int, int, int, int, int, int, int, int], ...]
+    # begin_req, begin_blk, end_req, end_blk (end exclusive), then begin_req's length, num_splits, this part's
+    # partial slot (0 unless split) and first slot; then, where the part ends inside a request that begins in
+    # it, that request's num_splits and first slot (else 0, 0); then 0, 0 (common.cuh PartField)
+    part_info: tuple[tuple[int, ...], ...]
     req_info: tuple[tuple[int, int, int, int], ...]   # first_part, num_splits, partial_offset, cost_begin
     active_parts: int
     total_cost: int
@@ -86,7 +91,7 @@ def part_slot(req_row: tuple[int, int, int, int], part: int) -> int:
 
 
 def plan(seqlens: Sequence[int], cfg: PlanConfig) -> Plan:
-    """The work list for these lengths (same result as the device planner)."""
+    """The work list for these lengths (the same as the decode CTAs plan on the device)."""
     batch = len(seqlens)
     blocks = [cfg.request_blocks(int(n)) for n in seqlens]
     costs = [nb + cfg.fixed_cost if nb > 0 else 0 for nb in blocks]
@@ -114,20 +119,29 @@ def plan(seqlens: Sequence[int], cfg: PlanConfig) -> Plan:
         if nb == 0:
             req_info.append((0, 0, offset, cost_begin[b]))
             continue
-        first = max(p for p in range(cfg.num_parts) if begins[p] <= (b, 0))
-        last = max(p for p in range(first, cfg.num_parts) if begins[p] < (b, nb))
+        first, last = spanned_parts(cost_begin[b], nb, cfg.fixed_cost, total, active)
         n = last - first + 1
         req_info.append((first, n, offset, cost_begin[b]))
         offset += n if n > 1 else 0
 
-    def first_facts(part: int) -> tuple[int, int, int]:
-        b = begins[part][0]
-        if b >= batch:
-            return 0, 0, 0
-        return int(seqlens[b]), req_info[b][1], part_slot(req_info[b], part)
+    def row(part: int) -> tuple[int, ...]:
+        (b, blk), (e, e_blk) = begins[part], begins[part + 1]
+        first = (int(seqlens[b]), req_info[b][1], part_slot(req_info[b], part), req_info[b][2]) if b < batch \
+            else (0, 0, 0, 0)
+        last = (req_info[e][1], req_info[e][2]) if e < batch and e_blk > 0 and e != b else (0, 0)
+        return (b, blk, e, e_blk, *first, *last, 0, 0)
 
-    part_info = tuple((*begins[p], *begins[p + 1], *first_facts(p), 0) for p in range(cfg.num_parts))
-    return Plan(part_info, tuple(req_info), active, total)
+    return Plan(tuple(row(p) for p in range(cfg.num_parts)), tuple(req_info), active, total)
+
+
+def spanned_parts(cost_begin: int, blocks: int, fixed_cost: int, total: int, active: int) -> tuple[int, int]:
+    """The first and last part of a request of `blocks` kv blocks (> 0) whose cost range starts at cost_begin:
+    the last parts that start at or before cost cost_begin + fixed_cost (its block 0), and before its end. Part
+    q starts at floor(q total / active), at or before y exactly when q <= ((y + 1) active - 1) // total."""
+    def last_starting_by(y: int) -> int:
+        return min(active - 1, ((y + 1) * active - 1) // total)
+
+    return last_starting_by(cost_begin + fixed_cost), last_starting_by(cost_begin + fixed_cost + blocks - 1)
 
 
 def segments(pl: Plan, seqlens: Sequence[int], cfg: PlanConfig) -> Iterator[Segment]:

@@ -1,5 +1,5 @@
-// mla-gen: device code every family shares: dtype helpers, the split-kv planner kernel,
-// the split merge kernel and the work-list walk. A variant's kernel.cu includes this once.
+// mla-gen: device code every family shares: dtype helpers, the split-kv plan each decode CTA makes of its
+// part, the work-list walk and the split merge kernel. A variant's kernel.cu includes this once.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -134,8 +134,8 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // ---- programmatic dependent launch (sm_90+; no-ops before) ------------------------------------------
 
-// The decode kernel is launched with programmatic stream serialization, so it may start while the
-// planner runs: it waits here before reading the work list. The planner lets it start at once.
+// The decode and merge kernels are launched with programmatic stream serialization, so each may start while the
+// kernel before it runs: it waits here before reading what that kernel wrote (the decode kernel: its inputs).
 __device__ __forceinline__ void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -155,12 +155,6 @@ __device__ __forceinline__ int request_blocks(int len, const DecodeParams& p, in
   const long long cap = static_cast<long long>(p.max_pages) * p.page_size;
   if (len < p.s_q || len < 1 || static_cast<long long>(len) > cap) return 0;
   return (len + block_n - 1) / block_n;
-}
-
-// The partial slot of `part` in request b's split (its req_info row: first part, num_splits, partial offset),
-// 0 when the request is not split. The planner's copy in part_info and the kernels' walk must agree.
-__device__ __forceinline__ int part_slot(const int* req_info, int b, int part) {
-  return req_info[4 * b + 1] > 1 ? req_info[4 * b + 2] + (part - req_info[4 * b + 0]) : 0;
 }
 
 // One contiguous piece of one request's kv blocks that a part (CTA column) processes.
@@ -420,14 +414,13 @@ constexpr int kInlineMergeSplits = 4;
 // (other SMs wrote them), all of the row's loads before the first use: one round trip per row. (A loop over the
 // splits made two plus two per split, latency-bound: ~30k cycles per seesaw CTA on B128 S4096 H128.)
 template <class Cfg>
-__device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row, int lane) {
+__device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row, int lane, int num_splits,
+                                          int first_slot) {
   using OutT = typename Cfg::OutType;
   using Rows = ResultRows<Cfg>;
   constexpr int S = kInlineMergeSplits;
   constexpr int kPairs = Cfg::kCkvDim / 2;
   constexpr int kIters = (kPairs + 31) / 32;
-  const int* req_info = reinterpret_cast<const int*>(p.req_info);
-  const int num_splits = req_info[4 * b + 1], first_slot = req_info[4 * b + 2];
   float lk[S];
   float2 v[S][kIters];
 #pragma unroll
@@ -469,8 +462,8 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int b, int row,
   }
   if (p.lse && lane == 0) *Rows::lse(p, b, row) = lse;
 }
-// Most parts (CTA columns) a grid has, so most parts a request can span: the planner keeps the part
-// begins and the merge kernel a request's split weights in shared memory (generator/select.py MAX_PARTS).
+// Most parts (CTA columns) a grid has, so most parts a request can span: the merge kernel keeps a request's split
+// weights in shared memory (generator/select.py MAX_PARTS).
 constexpr int kMergeMaxSplits = 2048;
 
 // Whether `pred` holds in any of the threads that meet at CTA barrier `id` (0: __syncthreads, every thread of
@@ -491,16 +484,15 @@ __device__ __forceinline__ bool barrier_any(bool pred) {
   }
 }
 
-// After a CTA wrote its partial rows of split request `b` (of at most kInlineMergeSplits parts): the
-// last of the request's parts to finish (an atomic ticket per request and row block) merges the
-// request's rows of this row block. Every working thread (32 * Cfg::kWarps, meeting at barrier kBarrier)
-// calls it.
+// After a CTA wrote its partial rows of split request `b` (num_splits parts, at most kInlineMergeSplits; its
+// partial slots from first_slot on): the last of the request's parts to finish (an atomic ticket per request and
+// row block) merges the request's rows of this row block. Every working thread (32 * Cfg::kWarps, meeting at
+// barrier kBarrier) calls it.
 template <class Cfg, int kBarrier = 0>
-__device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
+__device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b, int num_splits, int first_slot) {
   __threadfence();  // this thread's partial writes, device-wide, before the ticket
   bool last = false;
   if (threadIdx.x == 0) {
-    const int num_splits = reinterpret_cast<const int*>(p.req_info)[4 * b + 1];
     int* ticket = reinterpret_cast<int*>(p.tickets) + b * p.row_blocks + blockIdx.x;
     last = atomicAdd(ticket, 1) + 1 == num_splits;
     if (last) *ticket = 0;  // no other part touches it in this launch: ready for a run that reuses the plan
@@ -510,237 +502,231 @@ __device__ __forceinline__ void merge_if_last(const DecodeParams& p, int b) {
   const int rows = p.s_q * Cfg::kNumHeads;
   const int row0 = blockIdx.x * Cfg::kBlockM, lane = threadIdx.x & 31;
   for (int m = threadIdx.x >> 5; m < Cfg::kBlockM && row0 + m < rows; m += Cfg::kWarps)
-    merge_row<Cfg>(p, b, row0 + m, lane);
+    merge_row<Cfg>(p, b, row0 + m, lane, num_splits, first_slot);
+}
+
+// ---- work list: each decode CTA plans its own part ---------------------------------------------------
+
+// A decode CTA's row of the work list (part_info [num_parts][row_blocks][kPartInts] int32, written by the CTA's
+// plan_part and read back by its for_each_segment): where its part begins and ends, (request, block), end
+// exclusive; then the facts of the requests at its two ends, the only ones it can share with other parts: the
+// first's length, number of parts, this part's partial slot and its first slot, and, where the part ends inside a
+// request that begins in it, that request's number of parts and first slot (its slot in this part: it begins
+// here). Requests between the two are whole.
+constexpr int kPartInts = 12;
+enum PartField : int {
+  kBeginReq, kBeginBlk, kEndReq, kEndBlk,
+  kFirstLen, kFirstSplits, kFirstSlot, kFirstOffset,
+  kLastSplits, kLastOffset
+};
+static_assert(kFirstLen == 4 && kLastSplits == 8 && kPartInts % 4 == 0, "the row is read as int4, int4, int2");
+
+// This CTA's row of the work list (kPartInts ints, 16-byte aligned).
+__device__ __forceinline__ const int4* part_row(const DecodeParams& p, int part) {
+  return reinterpret_cast<const int4*>(p.part_info) + (kPartInts / 4) * (part * p.row_blocks + blockIdx.x);
 }
 
 // Walks the segments of part `part` in order, calling fn(segment); a split segment's part then takes
 // its ticket (merge_if_last, its CTA barrier `kBarrier`). fn must end with that barrier after its last
 // shared-memory use. kMerge false: the walk alone (a producer warp that only loads the segments' tiles).
+// The CTA's plan_part ran before.
 template <class Cfg, int kBarrier = 0, bool kMerge = true, typename Fn>
 __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
   constexpr int kBlockN = Cfg::kBlockN;
-  wait_for_previous_grid();  // the planner's work list and tickets
-  start_next_grid();         // the merge kernel may launch; it waits for this grid's results
-  const int4* info = reinterpret_cast<const int4*>(p.part_info) + 2 * part;
-  const int4 bounds = info[0], first = info[1];  // one round trip: the first segment's facts are in the row
-  const int begin_req = bounds.x, begin_blk = bounds.y, end_req = bounds.z, end_blk = bounds.w;
+  // The row is read again where it is needed (L1 hits after the first), its address made there too: only the
+  // request index stays live across fn (registers). The first iteration reads the bounds and the first request's
+  // facts in one round trip.
+  auto row = [&] { return part_row(p, opaque(part)); };
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
-  const int* req_info = reinterpret_cast<const int*>(p.req_info);
-  const int last = end_req < p.batch - 1 ? end_req : p.batch - 1;
-  // the request's facts, loaded at the top of each later iteration (so the row's copies are not live across fn)
-  int len = first.x, num_splits = first.y, slot = first.z;
-  for (int b = begin_req; b <= last; ++b) {
-    if (b != begin_req) {
+  for (int b = row()[0].x;; ++b) {
+    const int4 bounds = row()[0];  // begin_req, begin_blk, end_req, end_blk (end exclusive)
+    if (b > bounds.z || b >= p.batch) break;
+    int len, num_splits, slot;
+    if (b == bounds.x) {
+      const int4 first = row()[1];
+      len = first.x, num_splits = first.y, slot = first.z;
+    } else {
       len = seqlens[b];
-      num_splits = req_info[4 * b + 1];
-      slot = part_slot(req_info, b, part);
+      num_splits = 1, slot = 0;  // whole, unless the part ends inside it (where it ends at its block 0: not walked)
+      if (b == bounds.z) {       // begun in this part, continued by the next
+        const int2 tail = *reinterpret_cast<const int2*>(row() + 2);
+        num_splits = tail.x, slot = tail.y;
+      }
     }
     const int nb = request_blocks(len, p, kBlockN);
-    const int lo = b == begin_req ? begin_blk : 0;
-    int hi = b == end_req ? end_blk : nb;
+    const int lo = b == bounds.x ? bounds.y : 0;
+    int hi = b == bounds.z ? bounds.w : nb;
     hi = hi < nb ? hi : nb;
     if (lo >= hi) continue;
     Segment seg{b, len, lo, hi, num_splits > 1, slot};
     fn(seg);
-    if (kMerge && seg.split && num_splits <= kInlineMergeSplits) merge_if_last<Cfg, kBarrier>(p, b);
+    if (kMerge) {  // the request's parts and first slot, read again
+      const int* r = reinterpret_cast<const int*>(row());
+      const bool first = b == r[kBeginReq];
+      const int splits = first ? r[kFirstSplits] : (b == r[kEndReq] ? r[kLastSplits] : 1);
+      if (splits > 1 && splits <= kInlineMergeSplits)
+        merge_if_last<Cfg, kBarrier>(p, b, splits, r[first ? kFirstOffset : kLastOffset]);
+    }
   }
 }
 
-// ---- planner: device-resident lengths -> work list (one CTA; no host sync) -------------------------
-
-constexpr int kPlanThreads = 512;
-constexpr int kPlanSmemRequests = 4096;  // batches up to this size keep their cost prefixes in shared memory
-
-// Block-wide exclusive scan of one value per thread; returns the prefix and sets *total.
-__device__ __forceinline__ long long block_exclusive_scan(long long v, long long* total) {
-  __shared__ long long warp_sums[kPlanThreads / 32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  long long x = v;
+// Block-wide exclusive scan of one value per thread (every thread of the CTA, at most 32 warps); returns the
+// prefix and sets *total. scratch: 32 ints of shared memory, free again on return.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* total, int* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  int x = v;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    long long y = __shfl_up_sync(0xffffffffu, x, o);
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
     if (lane >= o) x += y;
   }
-  if (lane == 31) warp_sums[warp] = x;
+  if (lane == 31) scratch[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    long long w = lane < kPlanThreads / 32 ? warp_sums[lane] : 0;
+    int w = lane < warps ? scratch[lane] : 0;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      long long y = __shfl_up_sync(0xffffffffu, w, o);
+      const int y = __shfl_up_sync(0xffffffffu, w, o);
       if (lane >= o) w += y;
     }
-    if (lane < kPlanThreads / 32) warp_sums[lane] = w;
+    if (lane < warps) scratch[lane] = w;
   }
   __syncthreads();
-  const long long before = (warp > 0 ? warp_sums[warp - 1] : 0) + x - v;
-  *total = warp_sums[kPlanThreads / 32 - 1];
-  __syncthreads();  // warp_sums is reused by the next call
+  const int before = (warp > 0 ? scratch[warp - 1] : 0) + x - v;
+  *total = scratch[warps - 1];
+  __syncthreads();  // scratch is reused by the next call
   return before;
 }
 
-// Position (request, block) as one sortable key.
-__device__ __forceinline__ long long pos_key(int req, int blk) {
-  return (static_cast<long long>(req) << 32) | static_cast<unsigned>(blk);
-}
-
-// Splits the total cost (kv blocks + fixed_cost per request) evenly over `active` parts: part p
-// starts at cost floor(p * total / active), so loads differ by at most one block. Mirrors
-// mla_gen/schedule.py exactly (tests compare the two). Also zeroes the merge tickets and writes NaN
-// rows (out and lse) for requests of invalid length, which no part processes, and lists the requests
-// the merge kernel merges (more than kInlineMergeSplits parts).
+// The work list, planned by every decode CTA for its own part at the kernel's start (every thread calls it,
+// before the kernel uses its shared memory: its first 128 bytes are the scans' scratch). Splits the total cost
+// (kv blocks + fixed_cost per request) evenly over `active` parts: part q starts at cost floor(q total /
+// active), so loads differ by at most one block; mla_gen/schedule.py is the same plan (tests compare the two).
+// A request of cost range [c, c + fixed_cost + nb) begins in the last part starting at or before c + fixed_cost
+// and ends in the last starting before its end, so the parts it spans follow from c alone (no search).
+// CTA (0, 0) also writes the request rows (req_info) and the merge kernel's list, sets the status bit and NaN rows
+// for requests of invalid length (no part processes them), and lets the merge kernel launch only after those
+// writes. p.replan 0: the rows of the CTA's last planned call are reused (the lengths did not change).
 template <class Cfg>
-__global__ void __launch_bounds__(kPlanThreads) plan_kernel(const __grid_constant__ DecodeParams p) {
+__device__ __forceinline__ void plan_part(const DecodeParams& p) {
   constexpr int kBlockN = Cfg::kBlockN;
-  start_next_grid();  // the decode kernel may launch now; it waits for this grid's results
-  const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
-  int* req_info = reinterpret_cast<int*>(p.req_info);
-  int* part_info = reinterpret_cast<int*>(p.part_info);
-  int* merge_list = reinterpret_cast<int*>(p.merge_list);
-  const int tid = threadIdx.x;
-  // the binary searches read shared memory: request cost prefixes (when the batch fits) and part begins
-  __shared__ int s_cost[kPlanSmemRequests];
-  __shared__ long long s_begin[kMergeMaxSplits + 1];
-  const bool cost_in_smem = p.batch <= kPlanSmemRequests;
-  auto cost_begin = [&](int b) { return cost_in_smem ? s_cost[b] : req_info[4 * b + 3]; };
-  __shared__ int s_invalid;
-  if (tid == 0) s_invalid = 0;
-  __syncthreads();
-  for (int i = tid; i < p.batch * p.row_blocks; i += kPlanThreads) reinterpret_cast<int*>(p.tickets)[i] = 0;
-
-  // 1. cost per request and its exclusive prefix (req_info[.,3]).
-  long long carry = 0;
-  for (int base = 0; base < p.batch; base += kPlanThreads) {
-    const int b = base + tid;
-    long long cost = 0;
-    if (b < p.batch) {
-      const int nb = request_blocks(seqlens[b], p, kBlockN);
-      if (nb == 0) {
-        atomicOr(reinterpret_cast<int*>(p.status), 1);
-        s_invalid = 1;
+  extern __shared__ int plan_scratch[];  // the kernel's dynamic shared memory, not in use yet
+  wait_for_previous_grid();  // the lengths, and every other input an earlier kernel wrote
+  const bool lead = blockIdx.x == 0 && blockIdx.y == 0;
+  if (p.replan) {
+    const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
+    int* row = reinterpret_cast<int*>(p.part_info) + kPartInts * (blockIdx.y * p.row_blocks + blockIdx.x);
+    int* req_info = reinterpret_cast<int*>(p.req_info);
+    int* merge_list = reinterpret_cast<int*>(p.merge_list);
+    const int tid = threadIdx.x, nt = blockDim.x, part = blockIdx.y, fixed = p.fixed_cost;
+    if (tid < kPartInts) row[tid] = tid == kBeginReq || tid == kEndReq ? p.batch : 0;  // an empty part's row
+    // the total first, where the batch takes more than one pass (the part's cost range needs it)
+    int total = -1;
+    if (p.batch > nt) {
+      total = 0;
+      for (int base = 0; base < p.batch; base += nt) {
+        const int b = base + tid;
+        const int nb = b < p.batch ? request_blocks(seqlens[b], p, kBlockN) : 0;
+        int chunk;
+        block_exclusive_scan(nb > 0 ? nb + fixed : 0, &chunk, plan_scratch);
+        total += chunk;
       }
-      cost = nb > 0 ? nb + p.fixed_cost : 0;
     }
-    long long chunk_total;
-    const long long before = block_exclusive_scan(cost, &chunk_total);
-    if (b < p.batch) {
-      req_info[4 * b + 3] = static_cast<int>(carry + before);
-      if (cost_in_smem) s_cost[b] = static_cast<int>(carry + before);
-    }
-    carry += chunk_total;
-  }
-  const long long total = carry;
-  long long active = (total + p.min_part_cost - 1) / p.min_part_cost;  // parts worth their fixed costs
-  active = active < 1 ? 1 : (active > p.num_parts ? p.num_parts : active);
-  __syncthreads();
-
-  // 2. each part's begin position; its end is the next part's begin; parts past `active` are empty.
-  for (int part = tid; part <= p.num_parts; part += kPlanThreads) {
-    const long long x = part < active ? total * part / active : total;
-    int req = p.batch, blk = 0;
-    if (x < total) {
-      int lo = 0, hi = p.batch - 1;  // last b with cost_begin[b] <= x
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (cost_begin(mid) <= x) lo = mid; else hi = mid - 1;
+    int carry = 0, slot_carry = 0, listed = 0;
+    bool invalid = false;
+    for (int base = 0; base < p.batch; base += nt) {
+      const int b = base + tid;
+      const int len = b < p.batch ? seqlens[b] : 0;
+      const int nb = b < p.batch ? request_blocks(len, p, kBlockN) : 0;
+      const int cost = nb > 0 ? nb + fixed : 0;
+      int chunk;
+      const int cb = carry + block_exclusive_scan(cost, &chunk, plan_scratch);  // (the default row is written)
+      carry += chunk;
+      if (total < 0) total = chunk;  // one pass: this chunk is the batch
+      const long long T = total;
+      long long active = (T + p.min_part_cost - 1) / p.min_part_cost;  // parts worth their fixed costs
+      active = active < 1 ? 1 : (active > p.num_parts ? p.num_parts : active);
+      const long long x0 = part < active ? T * part / active : T;
+      const long long x1 = part + 1 < active ? T * (part + 1) / active : T;
+      int first_part = 0, num_splits = 0;
+      if (nb > 0) {  // the last parts starting at or before cost cb + fixed, and before cb + fixed + nb
+        const long long fp = ((cb + fixed + 1) * active - 1) / T, lp = ((cb + fixed + nb) * active - 1) / T;
+        first_part = static_cast<int>(fp < active - 1 ? fp : active - 1);
+        num_splits = static_cast<int>(lp < active - 1 ? lp : active - 1) - first_part + 1;
       }
-      req = lo;
-      const long long into = x - cost_begin(lo) - p.fixed_cost;
-      blk = into > 0 ? static_cast<int>(into) : 0;
-    }
-    if (part < p.num_parts) { part_info[8 * part + 0] = req; part_info[8 * part + 1] = blk; }
-    s_begin[part] = pos_key(req, blk);
-    if (part > 0) { part_info[8 * (part - 1) + 2] = req; part_info[8 * (part - 1) + 3] = blk; }
-  }
-  __syncthreads();
-
-  // 3. per request: the first part holding its block 0, the number of parts it spans, and the
-  //    offset of its partial slots (only split requests take slots).
-  carry = 0;
-  long long listed = 0;
-  for (int base = 0; base < p.batch; base += kPlanThreads) {
-    const int b = base + tid;
-    long long slots = 0, wide = 0;
-    if (b < p.batch) {
-      const int nb = request_blocks(seqlens[b], p, kBlockN);
-      int first = 0, last = 0;
-      if (nb > 0) {
-        const long long start = pos_key(b, 0), stop = pos_key(b, nb);
-        int lo = 0, hi = p.num_parts - 1;  // last part whose begin <= (b, 0)
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) >> 1;
-          if (s_begin[mid] <= start) lo = mid; else hi = mid - 1;
+      int chunk_slots;
+      const int offset = slot_carry + block_exclusive_scan(num_splits > 1 ? num_splits : 0, &chunk_slots, plan_scratch);
+      slot_carry += chunk_slots;
+      if (nb > 0 && cb <= x0 && x0 < cb + cost) {  // the part begins in request b
+        const long long into = x0 - cb - fixed;
+        row[kBeginReq] = b;
+        row[kBeginBlk] = into > 0 ? static_cast<int>(into) : 0;
+        row[kFirstLen] = len;
+        row[kFirstSplits] = num_splits;
+        row[kFirstSlot] = num_splits > 1 ? offset + part - first_part : 0;
+        row[kFirstOffset] = offset;
+      }
+      if (nb > 0 && cb <= x1 && x1 < cb + cost) {  // and ends in it
+        const long long into = x1 - cb - fixed;
+        row[kEndReq] = b;
+        row[kEndBlk] = into > 0 ? static_cast<int>(into) : 0;
+        if (into > 0 && x0 < cb) {  // begun in this part, continued by the next
+          row[kLastSplits] = num_splits;
+          row[kLastOffset] = offset;
         }
-        first = lo;
-        hi = p.num_parts - 1;  // last part whose begin < (b, nb)
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) >> 1;
-          if (s_begin[mid] < stop) lo = mid; else hi = mid - 1;
-        }
-        last = lo;
       }
-      const int num_splits = nb > 0 ? last - first + 1 : 0;
-      req_info[4 * b + 0] = first;
-      req_info[4 * b + 1] = num_splits;
-      slots = num_splits > 1 ? num_splits : 0;
-      wide = num_splits > kInlineMergeSplits;
+      if (lead) {  // (block-uniform: the scan below is every thread's)
+        if (b < p.batch) {
+          req_info[4 * b + 0] = first_part;
+          req_info[4 * b + 1] = num_splits;
+          req_info[4 * b + 2] = offset;
+          req_info[4 * b + 3] = cb;
+        }
+        invalid = __syncthreads_or(b < p.batch && nb == 0) || invalid;
+        const bool wide = num_splits > kInlineMergeSplits;
+        int chunk_wide;
+        const int at = block_exclusive_scan(wide ? 1 : 0, &chunk_wide, plan_scratch);
+        if (wide) merge_list[1 + listed + at] = b;
+        listed += chunk_wide;
+      }
     }
-    long long chunk_total;
-    const long long before = block_exclusive_scan(slots, &chunk_total);
-    if (b < p.batch) req_info[4 * b + 2] = static_cast<int>(carry + before);
-    carry += chunk_total;
-    const long long at = block_exclusive_scan(wide, &chunk_total);
-    if (wide) merge_list[1 + listed + at] = b;
-    listed += chunk_total;
-  }
-  if (tid == 0) merge_list[0] = static_cast<int>(listed);
-
-  // 4. each part's copy of its first request's facts (req_info of other threads: the barrier orders them)
-  __syncthreads();
-  for (int part = tid; part < p.num_parts; part += kPlanThreads) {
-    const int b = part_info[8 * part + 0];
-    int len = 0, num_splits = 0, slot = 0;
-    if (b < p.batch) {
-      len = seqlens[b];
-      num_splits = req_info[4 * b + 1];
-      slot = part_slot(req_info, b, part);
+    if (lead) {
+      if (tid == 0) merge_list[0] = listed;
+      if (invalid) {  // requests of invalid length (rare): NaN rows, so the error cannot pass unnoticed
+        if (tid == 0) atomicOr(reinterpret_cast<int*>(p.status), 1);
+        using OutT = typename Cfg::OutType;
+        constexpr int kRowElems = Cfg::kCkvDim;
+        const int rows = p.s_q * Cfg::kNumHeads;
+        const float nan = __int_as_float(0x7fffffff);
+        for (int b = 0; b < p.batch; ++b) {
+          if (request_blocks(seqlens[b], p, kBlockN) > 0) continue;
+          for (int i = tid; i < rows * kRowElems; i += nt) {
+            const int r = i / kRowElems;
+            ResultRows<Cfg>::out(p, b, r)[i % kRowElems] = from_float<OutT>(nan);
+            if (p.lse && i % kRowElems == 0) *ResultRows<Cfg>::lse(p, b, r) = nan;
+          }
+        }
+      }
+      __threadfence();  // the merge kernel reads merge_list's count before its wait: written first
     }
-    part_info[8 * part + 4] = len;
-    part_info[8 * part + 5] = num_splits;
-    part_info[8 * part + 6] = slot;
-    part_info[8 * part + 7] = 0;
+    __syncthreads();  // the row (for_each_segment reads it back), and the scratch free for the kernel
   }
-
-  // 5. requests of invalid length (rare): NaN rows, so the error cannot pass unnoticed
-  __syncthreads();
-  if (!s_invalid) return;
-  using OutT = typename Cfg::OutType;
-  constexpr int kRowElems = Cfg::kCkvDim;
-  const int rows = p.s_q * Cfg::kNumHeads;
-  const float nan = __int_as_float(0x7fffffff);
-  for (int b = 0; b < p.batch; ++b) {
-    if (request_blocks(seqlens[b], p, kBlockN) > 0) continue;
-    for (int i = tid; i < rows * kRowElems; i += kPlanThreads) {
-      const int row = i / kRowElems;
-      ResultRows<Cfg>::out(p, b, row)[i % kRowElems] = from_float<OutT>(nan);
-      if (p.lse && i % kRowElems == 0) *ResultRows<Cfg>::lse(p, b, row) = nan;
-    }
-  }
+  start_next_grid();  // the merge kernel may launch; it waits for this grid's results
 }
 
 // ---- merge kernel: split requests of more than kInlineMergeSplits parts ----------------------------
 
-// Grid-stride over units (listed request, row, chunk of kMergeCols columns), up to kMergeCtasPerPart CTAs per
-// decode CTA. Lane l of each warp owns 4 columns of the chunk; warp w takes splits w, w + kMergeWarps, ... A
-// unit's values go out by cp.async into shared memory from a rolled loop, kMergeStage splits at once, beside the
-// splits' lse: one L2 round trip for up to kMergeStage splits, from a loop the instruction cache holds after one
-// pass (the decode kernel leaves it cold: 17 unrolled loads took 2 us a CTA just to issue). The first unit's
-// lookups (the planner's merge list and split counts, final before the decode kernel lets this one launch) run
-// before the wait. Launched with programmatic dependent launch after the decode kernel, whose results it waits
-// for; a CTA with no unit leaves before the wait. Small CTAs, many of them: 4 warps and 27 KB of shared memory,
-// so 8 fit an SM and 8 per decode CTA are resident at once (b4long's 2048 units take two turns a CTA, not four).
-// What is left after the decode kernel (b8long 4.1 us, b4long 7.0 us, case 5 6.3 us, an empty merge 0.3 us) and
-// the designs measured against this one: PERF.md, twentieth and twenty-second sessions.
+// Grid-stride over units (listed request, row, chunk of kMergeCols columns), up to kMergeCtasPerPart CTAs per decode
+// CTA. Lane l of each warp owns 4 columns of the chunk; warp w takes splits w, w + kMergeWarps, ... A unit's values go
+// out by cp.async into shared memory from a rolled loop, kMergeStage splits at once, beside the splits' lse: one L2
+// round trip for up to kMergeStage splits, from a loop the instruction cache holds after one pass (the decode kernel
+// leaves it cold: 17 unrolled loads took 2 us a CTA just to issue). The first unit's lookups (the merge list and split
+// counts, which decode CTA (0, 0) writes and fences before it lets this kernel launch, plan_part) run before the wait.
+// Launched with programmatic dependent launch after the decode kernel, whose results it waits for; a CTA with no unit
+// leaves before the wait. Small CTAs, many of them: 4 warps and 27 KB of shared memory, so 8 fit an SM and 8 per decode
+// CTA are resident at once (b4long's 2048 units take two turns a CTA, not four). What is left after the decode kernel
+// (b8long 4.1 us, b4long 7.0 us, case 5 6.3 us, an empty merge 0.3 us) and the designs measured against this one:
+// PERF.md, twentieth and twenty-second sessions.
 constexpr int kMergeWarps = 4;
 constexpr int kMergeCols = 128;   // a unit's columns: 32 lanes x 4
 constexpr int kMergeStage = 32;   // splits whose values are in flight at once: 16 KB of shared memory
@@ -856,14 +842,6 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const __grid_co
 
 // ---- host-side launch helpers ----------------------------------------------------------------------
 
-template <class Cfg>
-inline int launch_plan_kernel(const DecodeParams& p, uint64_t stream) {
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  // the status word is sticky across steps: the runtime clears it when it reads it
-  plan_kernel<Cfg><<<1, kPlanThreads, 0, st>>>(p);
-  return static_cast<int>(cudaGetLastError());
-}
-
 // Raises the variant's decode kernel's dynamic shared-memory limit (Cfg::kSmemBytes, above 48 KB) on the current
 // device, once per device (a bit per device index; devices past 63 on every call): the attribute write is a driver
 // call that also waits for the runtime's pending copies, so it stays off the per-launch path. The value never
@@ -917,9 +895,9 @@ inline int launch_decode_kernel(Kernel kernel, const DecodeParams& p, uint64_t s
 }
 
 // Whether the merge kernel can have work. Only a request over more than kInlineMergeSplits parts gives it
-// some; a request spans at most the parts plan_kernel uses, min(num_parts, ceil(total / min_part_cost)),
+// some; a request spans at most the parts plan_part uses, min(num_parts, ceil(total / min_part_cost)),
 // and total is at most every request at the block table's capacity. When even that bound stays within
-// kInlineMergeSplits (small batches with short tables), the call launches two kernels, not three.
+// kInlineMergeSplits (small batches with short tables), the call launches one kernel, not two.
 inline bool merge_may_have_work(const DecodeParams& p, int block_n) {
   const long long cap = static_cast<long long>(p.max_pages) * p.page_size;
   const long long total_max = static_cast<long long>(p.batch) * ((cap + block_n - 1) / block_n + p.fixed_cost);

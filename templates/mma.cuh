@@ -332,6 +332,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   // this lane's rows in red_max [WN][M] (red_sum follows it): row wrow + g (+ 16 mt + 8 hh)
   const uint32_t red_row = s_base + L::kOffRedMax + 4 * (wrow + g);
 
+  plan_part<Cfg>(p);
   for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     const int len = seg.len;

@@ -129,6 +129,7 @@ __device__ __forceinline__ void decode_16(const DecodeParams& p) {
   const uint32_t s_m = s_base + L::kOffM, s_lse = s_base + L::kOffLse;
   const WarpPlace place{wg, wq, g, tq, bar_id, s_base + L::kOffWarpRed};
 
+  plan_part<Cfg>(p);
   for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     const int len = seg.len;

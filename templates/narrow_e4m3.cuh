@@ -492,6 +492,7 @@ __device__ __forceinline__ void ring_kernel(const TmaParams& tp, Init&& init, Co
   const uint32_t s_base = smem_u32(smem);
   if (s_base & 1023u) __trap();  // the swizzle atoms of the descriptors need 1024-byte alignment
   const int tid = threadIdx.x, warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  plan_part<Cfg>(tp.p);  // (every thread: the work list of this CTA's part)
   if (tid == 0) {
     const uint32_t full = s_base + L::kOffBars;
 #pragma unroll

@@ -32,15 +32,13 @@ struct DecodeParams {
   int64_t lse_stride_b = 0, lse_stride_s = 0;
   // Split-kv workspace, owned by the runtime's plan:
   //   partial_o [max_partials, s_q*H, C] fp32, partial_lse [max_partials, s_q*H] fp32,
-  //   part_info [num_parts, 8] int32 = begin_req, begin_blk, end_req, end_blk (end exclusive), then the facts of
-  //   request begin_req that a part's first segment needs (copies, so the decode kernel reads them with the
-  //   row, one dependent load fewer): its length, num_splits, this part's partial slot (0 unless split), 0,
+  //   part_info [num_parts, row_blocks, 12] int32: each decode CTA's plan of its part (common.cuh kPartInts),
   //   req_info [B, 4] int32 = first_part, num_splits (0: invalid length), partial_offset, cost_begin,
   //   status [1] int32: bit 0 set when some length was invalid (that request's output is NaN),
-  //   tickets [B, row_blocks] int32: parts of a split request that have written their partial (the planner
-  //   zeroes them; the part that completes the count merges the request's rows when it has at most
-  //   kInlineMergeSplits parts, common.cuh), merge_list [1 + B] int32: the number of requests with more parts, then
-  //   those requests (the merge kernel's work).
+  //   tickets [B, row_blocks] int32: parts of a split request that have written their partial (zero between
+  //   calls: the part that completes the count resets it and, when the request has at most kInlineMergeSplits
+  //   parts, merges the request's rows, common.cuh), merge_list [1 + B] int32: the number of requests with more
+  //   parts, then those requests (the merge kernel's work). The decode kernel writes them all (plan_part).
   uint64_t partial_o = 0;
   uint64_t partial_lse = 0;
   uint64_t part_info = 0;
@@ -49,10 +47,12 @@ struct DecodeParams {
   uint64_t tickets = 0;
   uint64_t merge_list = 0;
   int32_t batch = 0, s_q = 0, page_size = 0, num_pages = 0, max_pages = 0;
-  // num_parts: CTA columns of the grid; the planner uses min(num_parts, ceil(total / min_part_cost))
+  // num_parts: CTA columns of the grid; the plan uses min(num_parts, ceil(total / min_part_cost))
   // of them so short batches are not cut into slivers; fixed_cost: blocks charged per request.
   int32_t num_parts = 0, max_partials = 0, fixed_cost = 0, min_part_cost = 1;
   int32_t row_blocks = 0;  // CTAs along the packed query rows (gridDim.x of the decode launch)
+  // 1: the decode kernel plans the work list from the lengths; 0: it reuses its last call's (same lengths)
+  int32_t replan = 1;
   float sm_scale = 0.f;
 };
 
@@ -65,7 +65,6 @@ struct DecodeParams {
 #define MLA_GEN_EXPORT extern "C" __attribute__((visibility("default")))
 MLA_GEN_EXPORT const char* mla_gen_variant_id();
 MLA_GEN_EXPORT const char* mla_gen_params_hash();
-MLA_GEN_EXPORT int mla_gen_plan(const mla_gen::DecodeParams* params, uint64_t stream);
 MLA_GEN_EXPORT int mla_gen_decode(const mla_gen::DecodeParams* params, uint64_t stream);
 MLA_GEN_EXPORT int mla_gen_merge(const mla_gen::DecodeParams* params, uint64_t stream);
 MLA_GEN_EXPORT int mla_gen_max_active_ctas(int* num);  // decode CTAs resident per SM on the current device

@@ -342,6 +342,7 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
   //      that frees the half (the last reader of its tile) are done with it.
   constexpr int U = L::kUnits;
   const uint32_t s_bars = s_base + L::kOffBars, s_free = s_base + L::kOffFree;
+  plan_part<Cfg>(p);  // (every thread: the work list of this CTA's part)
   if (tid == 0) {
 #pragma unroll
     for (int i = 0; i < L::S * U; ++i) mbarrier_init(s_bars + 8 * i, 1);

@@ -58,6 +58,7 @@ decode_kernel(const __grid_constant__ DecodeParams p) {
   const float scale_log2 = p.sm_scale * kLog2e;
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
 
+  plan_part<Cfg>(p);
   for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     // ---- query rows -> fp32 shared memory; padded rows are zero

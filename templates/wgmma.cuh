@@ -151,6 +151,7 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
   const uint32_t red_own = s_base + L::kOffRedMax + 4 * (wg * M + wrow + g);
   const uint32_t red_other = s_base + L::kOffRedMax + 4 * ((wg ^ 1) * M + wrow + g);
 
+  plan_part<Cfg>(p);
   for_each_segment<Cfg>(p, part, [&](const Segment& seg) {
     const int b = seg.req;
     const int len = seg.len;

@@ -19,7 +19,6 @@ FAKE_VARIANT = r"""
 static uint64_t seen[2];
 MLA_GEN_EXPORT const char* mla_gen_variant_id() { return "fake_fp8_variant"; }
 MLA_GEN_EXPORT const char* mla_gen_params_hash() { return PARAMS_HASH; }
-MLA_GEN_EXPORT int mla_gen_plan(const mla_gen::DecodeParams* p, uint64_t) { return 0; }
 MLA_GEN_EXPORT int mla_gen_decode(const mla_gen::DecodeParams* p, uint64_t) {
   seen[0] = p->kv_scale;
   seen[1] = p->q_nope;

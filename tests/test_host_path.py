@@ -18,6 +18,7 @@ import torch
 
 import mla_gen.api as api
 from conftest import REPO
+from conftest import REPO
 from mla_gen.bench.cases import default_suite, work
 from mla_gen.bench.host import FakeLauncher, FakeParams, cpu_host_times, cpu_inputs, fake_host, fake_wrapper
 from mla_gen.bench.report import (HostTimes, Timing, format_table, json_document, make_record, read_host,
@@ -335,17 +336,19 @@ def test_the_spin_grows_with_a_slow_callables_host_time() -> None:
 # -- the launcher's run and launch, on a variant that launches nothing ------------------------------
 
 FAKE_VARIANT = r"""
-#include <stdint.h>
-#define EXPORT extern "C" __attribute__((visibility("default")))
-static uint64_t seen[16];
-EXPORT const char* mla_gen_variant_id() { return "fake_variant"; }
-EXPORT const char* mla_gen_params_hash() { return PARAMS_HASH; }
-EXPORT int mla_gen_plan(const uint64_t* p, uint64_t s) { seen[0] = p[0]; seen[1] = s; return FAIL == 1 ? 7 : 0; }
-EXPORT int mla_gen_decode(const uint64_t* p, uint64_t s) { seen[2] = p[0]; return FAIL == 2 ? 7 : 0; }
-EXPORT int mla_gen_merge(const uint64_t* p, uint64_t s) { seen[3] = p[0]; return FAIL == 3 ? 7 : 0; }
-EXPORT int mla_gen_max_active_ctas(int* n) { *n = 1; return 0; }
-EXPORT const char* mla_gen_error_string(int c) { return "fake error"; }
-EXPORT const uint64_t* fake_seen() { return seen; }
+#include "params.h"
+static uint64_t seen[4];
+MLA_GEN_EXPORT const char* mla_gen_variant_id() { return "fake_variant"; }
+MLA_GEN_EXPORT const char* mla_gen_params_hash() { return PARAMS_HASH; }
+MLA_GEN_EXPORT int mla_gen_decode(const mla_gen::DecodeParams* p, uint64_t s) {
+  seen[0] = p->q_nope; seen[1] = s; seen[2] = p->replan; return FAIL == 1 ? 7 : 0;
+}
+MLA_GEN_EXPORT int mla_gen_merge(const mla_gen::DecodeParams* p, uint64_t s) {
+  seen[3] = p->q_nope; return FAIL == 2 ? 7 : 0;
+}
+MLA_GEN_EXPORT int mla_gen_max_active_ctas(int* n) { *n = 1; return 0; }
+MLA_GEN_EXPORT const char* mla_gen_error_string(int c) { return "fake error"; }
+extern "C" __attribute__((visibility("default"))) const uint64_t* fake_seen() { return seen; }
 """
 
 
@@ -361,10 +364,10 @@ def test_launcher_run_and_launch(tmp_path: Path) -> None:
     src = tmp_path / "fake.cpp"
     src.write_text(FAKE_VARIANT)
     libs = {}
-    for fail in (0, 1, 2, 3):
+    for fail in (0, 1, 2):
         so = tmp_path / f"fake{fail}.so"
         subprocess.run([str(toolchain().cxx), "-shared", "-fPIC", f'-DPARAMS_HASH="{params_hash()}"',
-                        f"-DFAIL={fail}", str(src), "-o", str(so)], check=True)
+                        f"-I{REPO / 'templates'}", f"-DFAIL={fail}", str(src), "-o", str(so)], check=True)
         libs[fail] = so
     launcher = load_launcher(BinaryCache())
     variant = launcher.Variant(str(libs[0]))
@@ -373,13 +376,15 @@ def test_launcher_run_and_launch(tmp_path: Path) -> None:
     p = launcher.DecodeParams()
     p.q_nope, p.batch = 11, 3
     variant.run(p, 5)
-    assert seen()[0] == seen()[2] == seen()[3] == 11 and seen()[1] == 5
+    assert seen()[0] == seen()[3] == 11 and seen()[1] == 5 and seen()[2] == 1  # the decode kernel plans
+    variant.run(p, 5, replan=False)
+    assert seen()[2] == 0
     variant.launch(p, 6, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 0, True)
-    assert seen()[0] == seen()[2] == seen()[3] == 1024 and seen()[1] == 6
-    assert p.q_nope == 11 and p.out == 0  # launch works on a copy
-    variant.launch(p, 7, 4096, 2048, 3072, 4096, 5120, 6144, 7168, 0, False)  # no planner
-    assert seen()[0] == 1024 and seen()[2] == seen()[3] == 4096 and seen()[1] == 6
-    for fail, step in ((1, "plan"), (2, "decode"), (3, "merge")):
+    assert seen()[0] == seen()[3] == 1024 and seen()[1] == 6 and seen()[2] == 1
+    assert p.q_nope == 11 and p.out == 0 and p.replan == 1  # launch works on a copy
+    variant.launch(p, 7, 4096, 2048, 3072, 4096, 5120, 6144, 7168, 0, False)  # the last work list reused
+    assert seen()[0] == seen()[3] == 4096 and seen()[1] == 7 and seen()[2] == 0
+    for fail, step in ((1, "decode"), (2, "merge")):
         with pytest.raises(RuntimeError, match=rf"^fake_variant: {step} failed: fake error$"):
             launcher.Variant(str(libs[fail])).launch(p, 0, 0, 0, 0, 0, 0, 0, 0, 0, True)
 

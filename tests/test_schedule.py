@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from mla_gen.schedule import (INLINE_MERGE_SPLITS, PlanConfig, max_partials, merge_may_have_work, part_blocks, plan,
-                              segments)
+from mla_gen.schedule import (INLINE_MERGE_SPLITS, PlanConfig, Segment, max_partials, merge_may_have_work,
+                              part_blocks, plan, segments, spanned_parts)
 
 
 def random_lengths(rng: random.Random, batch: int, hi: int) -> list[int]:
@@ -63,18 +63,36 @@ def check_plan(lengths: list[int], cfg: PlanConfig) -> None:
             slots.add(s.slot)
     assert len(slots) == pl.num_partials <= max_partials(cfg.num_parts)
     assert all(pl.req_info[b][1] == 0 for b, n in enumerate(lengths) if cfg.request_blocks(n) == 0)
-    # a part's row carries its first request's length, parts and partial slot: what its first segment reads
-    first_segment = {}
-    for s in segs:
-        first_segment.setdefault(s.part, s)
+    # the parts a request spans, in closed form (each decode CTA's plan_part), against a search of the begins
+    begins = [row[:2] for row in pl.part_info]
+    for b, n in enumerate(lengths):
+        nb = cfg.request_blocks(n)
+        if nb:
+            first = max(p for p in range(cfg.num_parts) if begins[p] <= (b, 0))
+            last = max(p for p in range(cfg.num_parts) if begins[p] < (b, nb))
+            assert spanned_parts(pl.req_info[b][3], nb, cfg.fixed_cost, total, active) == (first, last)
+    # the kernels' walk (common.cuh for_each_segment) reads the split facts of a part's end requests from its
+    # row only, and takes every request between them as whole: it gives the same segments and merges
+    want = [(s, pl.req_info[s.req][1], pl.req_info[s.req][2] if s.split else 0) for s in segs]
+    assert list(row_walk(pl, lengths, cfg)) == want
+
+
+def row_walk(pl, lengths, cfg):
+    """for_each_segment over the part rows: (segment, the request's parts, its first slot where it is split)."""
     for part, row in enumerate(pl.part_info):
-        b = row[0]
-        assert row[4:] == ((lengths[b], pl.req_info[b][1]) if b < len(lengths) else (0, 0)) + row[6:7] + (0,)
-        s = first_segment.get(part)
-        if s is not None and s.req == b:
-            assert row[6] == (s.slot if s.split else 0)
-        elif b >= len(lengths) or pl.req_info[b][1] <= 1:
-            assert row[6] == 0
+        begin_req, begin_blk, end_req, end_blk, first_len, first_splits, first_slot, first_offset, *tail = row
+        assert tail[2:] == [0, 0]
+        for b in range(begin_req, min(end_req, len(lengths) - 1) + 1):
+            n, slot, offset = first_splits, first_slot, first_offset
+            if b == begin_req:
+                assert first_len == lengths[b]
+            else:
+                n, slot, offset = (tail[0], tail[1], tail[1]) if b == end_req else (1, 0, 0)
+            nb = cfg.request_blocks(lengths[b])
+            lo = begin_blk if b == begin_req else 0
+            hi = min(end_blk if b == end_req else nb, nb)
+            if lo < hi:
+                yield Segment(part, b, lo, hi, n > 1, slot), n, offset if n > 1 else 0
 
 
 @pytest.mark.parametrize("seed", range(40))

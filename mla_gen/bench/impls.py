@@ -3,7 +3,7 @@ index tensors: not timed) into a zero-argument call returning out [B, s_q, H, C]
 
 - mla-gen, one per family: MLADecodeWrapper.plan once, the device work list computed once (as engines do
   once per decoding step for all layers, and as FlashMLA's metadata is for its timed call), run(replan=False)
-  timed; and "<family>+plan", the dispatched family with the device planner launched in every timed call.
+  timed; and "<family>+plan", the dispatched family planning the work list in every timed call.
   With --kv-dtype fp8_*: "<family>[<format>]", the families with an fp8 path on the cache quantized once per
   case (QuantizedCache), checked against the float64 reference on its dequantization.
 - torch: gather the tokens + bmm + fp32 softmax + bmm, bf16/fp16 operands.
@@ -159,7 +159,8 @@ def prepare_mlagen(family: Family, inp: DecodeInputs, case: Case, replan: bool =
     d = plan.decision
     check_run()  # plans the work list on the GPU for these lengths (replan=False reuses it)
     return Prepared(lambda: wrapper.run(*args, replan=replan, **kv_run), check_run,
-                    f"{plan.spec.variant_id} grid {d.m_blocks}x{d.num_parts}" + (", planner per call" if replan else ""))
+                    f"{plan.spec.variant_id} grid {d.m_blocks}x{d.num_parts}"
+                    + (", planned per call" if replan else ""))
 
 
 # -- torch -----------------------------------------------------------------------------------------

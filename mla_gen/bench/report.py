@@ -25,8 +25,8 @@ PEER_TARGETS = {"1": 1.0, "2": 1.05, "3": 1.05, "6": 1.05, "tp32": 1.0, "tp40": 
                 "mtp5": 1.0, "tp64mtp2": 1.0, "b256": 1.0, "4": 1.25, "5": 1.5, "b8long": 1.3, "b4long": 1.3}
 COPY_TARGETS = {"minicpm3": 0.80}
 BALANCE_TARGET = 1.05
-# Implementation names: mla-gen's families ("mla-gen:<family>", "+plan": dispatch's family with the planner in
-# each timed call), the naive torch baseline; every other name is a peer.
+# Implementation names: mla-gen's families ("mla-gen:<family>", "+plan": dispatch's family planning the work list
+# in each timed call), the naive torch baseline; every other name is a peer.
 MLAGEN_PREFIX, PLANNER_SUFFIX, TORCH_IMPL = "mla-gen:", "+plan", "torch"
 
 
