@@ -484,11 +484,12 @@ def _seesaw_smem_bytes(tile: Tile, ckv: int, rope: int, kv_dtype: DType) -> int:
     512/64, 2 stages: 72 + 2 x 72 + 1 KB + 176 B = 217 KB; 256/32, 4 stages: 36 + 4 x 40 + 1 KB + 144 B = 197 KB.
     fp8_e4m3 (templates/seesaw_e4m3.cuh E4m3Layout): q hi and lo [M][C] e4m3, their ropes [M][128] each, a ring of
     `stages` raw tiles [N][C + 128], P [3][M][N] fp16, row max and scale [2][2][2][M], row sum [2][M] and 1 / q
-    scale [M] fp32, 4 move flags, and 2 mbarriers per stage: 512/64 with 3 stages 227 KB."""
+    scale [M] fp32, 4 move flags, the ring position (8 bytes) and 2 mbarriers per stage: 512/64 with 3 stages
+    227 KB."""
     if kv_dtype is DType.FP8_E4M3:
         m, n = tile.block_m, tile.block_n
         return (2 * m * ckv + 2 * m * 128 + tile.stages * n * (ckv + 128) + 3 * m * n * 2 + (8 + 2 + 1) * m * 4 + 16
-                + tile.stages * 2 * 8)
+                + 8 + tile.stages * 2 * 8)
     rope_k = rope if rope % 64 == 0 else 64
     units = tile.stages * (ckv // 64 + 1)
     itemsize = 2

@@ -533,20 +533,24 @@ __device__ __forceinline__ const int4* part_row(const DecodeParams& p, int part)
 template <class Cfg, int kBarrier = 0, bool kMerge = true, typename Fn>
 __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
   constexpr int kBlockN = Cfg::kBlockN;
-  // The row is read again where it is needed (L1 hits after the first), its address made there too: only the
-  // request index stays live across fn (registers). The first iteration reads the bounds and the first request's
-  // facts in one round trip.
+  if (!p.replan) {  // (plan_part did both where it planned)
+    wait_for_previous_grid();  // the inputs
+    start_next_grid();         // the merge kernel may launch; it waits for this grid's results
+  }
+  // Each iteration reads the row again with the request's length, three independent loads in one round trip (L1
+  // hits after the first), the row's address made there too: only the request index stays live across fn
+  // (registers). The first request's facts are in the row.
   auto row = [&] { return part_row(p, opaque(part)); };
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
-  for (int b = row()[0].x;; ++b) {
-    const int4 bounds = row()[0];  // begin_req, begin_blk, end_req, end_blk (end exclusive)
+  for (int b = -1;; ++b) {  // -1: the part's first request, whose index is in the row
+    const int4 bounds = row()[0], first = row()[1];  // begin_req, begin_blk, end_req, end_blk (end exclusive)
+    const int next_len = seqlens[b < 0 ? 0 : (b < p.batch ? b : p.batch - 1)];
+    const bool at_begin = b < 0;
+    if (at_begin) b = bounds.x;
     if (b > bounds.z || b >= p.batch) break;
-    int len, num_splits, slot;
-    if (b == bounds.x) {
-      const int4 first = row()[1];
-      len = first.x, num_splits = first.y, slot = first.z;
-    } else {
-      len = seqlens[b];
+    int len = first.x, num_splits = first.y, slot = first.z;
+    if (!at_begin) {
+      len = next_len;
       num_splits = 1, slot = 0;  // whole, unless the part ends inside it (where it ends at its block 0: not walked)
       if (b == bounds.z) {       // begun in this part, continued by the next
         const int2 tail = *reinterpret_cast<const int2*>(row() + 2);
@@ -554,7 +558,7 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
       }
     }
     const int nb = request_blocks(len, p, kBlockN);
-    const int lo = b == bounds.x ? bounds.y : 0;
+    const int lo = at_begin ? bounds.y : 0;
     int hi = b == bounds.z ? bounds.w : nb;
     hi = hi < nb ? hi : nb;
     if (lo >= hi) continue;
@@ -562,10 +566,10 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     fn(seg);
     if (kMerge) {  // the request's parts and first slot, read again
       const int* r = reinterpret_cast<const int*>(row());
-      const bool first = b == r[kBeginReq];
-      const int splits = first ? r[kFirstSplits] : (b == r[kEndReq] ? r[kLastSplits] : 1);
+      const bool begun_before = b == r[kBeginReq];
+      const int splits = begun_before ? r[kFirstSplits] : (b == r[kEndReq] ? r[kLastSplits] : 1);
       if (splits > 1 && splits <= kInlineMergeSplits)
-        merge_if_last<Cfg, kBarrier>(p, b, splits, r[first ? kFirstOffset : kLastOffset]);
+        merge_if_last<Cfg, kBarrier>(p, b, splits, r[begun_before ? kFirstOffset : kLastOffset]);
     }
   }
 }
@@ -606,111 +610,110 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* total, int* scra
 // and ends in the last starting before its end, so the parts it spans follow from c alone (no search).
 // CTA (0, 0) also writes the request rows (req_info) and the merge kernel's list, sets the status bit and NaN rows
 // for requests of invalid length (no part processes them), and lets the merge kernel launch only after those
-// writes. p.replan 0: the rows of the CTA's last planned call are reused (the lengths did not change).
+// writes. p.replan 0: nothing; the rows of the CTA's last planned call are reused (the lengths did not change).
 template <class Cfg>
 __device__ __forceinline__ void plan_part(const DecodeParams& p) {
   constexpr int kBlockN = Cfg::kBlockN;
   extern __shared__ int plan_scratch[];  // the kernel's dynamic shared memory, not in use yet
+  if (!p.replan) return;     // (for_each_segment waits for the inputs)
   wait_for_previous_grid();  // the lengths, and every other input an earlier kernel wrote
   const bool lead = blockIdx.x == 0 && blockIdx.y == 0;
-  if (p.replan) {
-    const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
-    int* row = reinterpret_cast<int*>(p.part_info) + kPartInts * (blockIdx.y * p.row_blocks + blockIdx.x);
-    int* req_info = reinterpret_cast<int*>(p.req_info);
-    int* merge_list = reinterpret_cast<int*>(p.merge_list);
-    const int tid = threadIdx.x, nt = blockDim.x, part = blockIdx.y, fixed = p.fixed_cost;
-    if (tid < kPartInts) row[tid] = tid == kBeginReq || tid == kEndReq ? p.batch : 0;  // an empty part's row
-    // the total first, where the batch takes more than one pass (the part's cost range needs it)
-    int total = -1;
-    if (p.batch > nt) {
-      total = 0;
-      for (int base = 0; base < p.batch; base += nt) {
-        const int b = base + tid;
-        const int nb = b < p.batch ? request_blocks(seqlens[b], p, kBlockN) : 0;
-        int chunk;
-        block_exclusive_scan(nb > 0 ? nb + fixed : 0, &chunk, plan_scratch);
-        total += chunk;
-      }
-    }
-    int carry = 0, slot_carry = 0, listed = 0;
-    bool invalid = false;
+  const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
+  int* row = reinterpret_cast<int*>(p.part_info) + kPartInts * (blockIdx.y * p.row_blocks + blockIdx.x);
+  int* req_info = reinterpret_cast<int*>(p.req_info);
+  int* merge_list = reinterpret_cast<int*>(p.merge_list);
+  const int tid = threadIdx.x, nt = blockDim.x, part = blockIdx.y, fixed = p.fixed_cost;
+  if (tid < kPartInts) row[tid] = tid == kBeginReq || tid == kEndReq ? p.batch : 0;  // an empty part's row
+  // the total first, where the batch takes more than one pass (the part's cost range needs it)
+  int total = -1;
+  if (p.batch > nt) {
+    total = 0;
     for (int base = 0; base < p.batch; base += nt) {
       const int b = base + tid;
-      const int len = b < p.batch ? seqlens[b] : 0;
-      const int nb = b < p.batch ? request_blocks(len, p, kBlockN) : 0;
-      const int cost = nb > 0 ? nb + fixed : 0;
+      const int nb = b < p.batch ? request_blocks(seqlens[b], p, kBlockN) : 0;
       int chunk;
-      const int cb = carry + block_exclusive_scan(cost, &chunk, plan_scratch);  // (the default row is written)
-      carry += chunk;
-      if (total < 0) total = chunk;  // one pass: this chunk is the batch
-      const long long T = total;
-      long long active = (T + p.min_part_cost - 1) / p.min_part_cost;  // parts worth their fixed costs
-      active = active < 1 ? 1 : (active > p.num_parts ? p.num_parts : active);
-      const long long x0 = part < active ? T * part / active : T;
-      const long long x1 = part + 1 < active ? T * (part + 1) / active : T;
-      int first_part = 0, num_splits = 0;
-      if (nb > 0) {  // the last parts starting at or before cost cb + fixed, and before cb + fixed + nb
-        const long long fp = ((cb + fixed + 1) * active - 1) / T, lp = ((cb + fixed + nb) * active - 1) / T;
-        first_part = static_cast<int>(fp < active - 1 ? fp : active - 1);
-        num_splits = static_cast<int>(lp < active - 1 ? lp : active - 1) - first_part + 1;
-      }
-      int chunk_slots;
-      const int offset = slot_carry + block_exclusive_scan(num_splits > 1 ? num_splits : 0, &chunk_slots, plan_scratch);
-      slot_carry += chunk_slots;
-      if (nb > 0 && cb <= x0 && x0 < cb + cost) {  // the part begins in request b
-        const long long into = x0 - cb - fixed;
-        row[kBeginReq] = b;
-        row[kBeginBlk] = into > 0 ? static_cast<int>(into) : 0;
-        row[kFirstLen] = len;
-        row[kFirstSplits] = num_splits;
-        row[kFirstSlot] = num_splits > 1 ? offset + part - first_part : 0;
-        row[kFirstOffset] = offset;
-      }
-      if (nb > 0 && cb <= x1 && x1 < cb + cost) {  // and ends in it
-        const long long into = x1 - cb - fixed;
-        row[kEndReq] = b;
-        row[kEndBlk] = into > 0 ? static_cast<int>(into) : 0;
-        if (into > 0 && x0 < cb) {  // begun in this part, continued by the next
-          row[kLastSplits] = num_splits;
-          row[kLastOffset] = offset;
-        }
-      }
-      if (lead) {  // (block-uniform: the scan below is every thread's)
-        if (b < p.batch) {
-          req_info[4 * b + 0] = first_part;
-          req_info[4 * b + 1] = num_splits;
-          req_info[4 * b + 2] = offset;
-          req_info[4 * b + 3] = cb;
-        }
-        invalid = __syncthreads_or(b < p.batch && nb == 0) || invalid;
-        const bool wide = num_splits > kInlineMergeSplits;
-        int chunk_wide;
-        const int at = block_exclusive_scan(wide ? 1 : 0, &chunk_wide, plan_scratch);
-        if (wide) merge_list[1 + listed + at] = b;
-        listed += chunk_wide;
-      }
+      block_exclusive_scan(nb > 0 ? nb + fixed : 0, &chunk, plan_scratch);
+      total += chunk;
     }
-    if (lead) {
-      if (tid == 0) merge_list[0] = listed;
-      if (invalid) {  // requests of invalid length (rare): NaN rows, so the error cannot pass unnoticed
-        if (tid == 0) atomicOr(reinterpret_cast<int*>(p.status), 1);
-        using OutT = typename Cfg::OutType;
-        constexpr int kRowElems = Cfg::kCkvDim;
-        const int rows = p.s_q * Cfg::kNumHeads;
-        const float nan = __int_as_float(0x7fffffff);
-        for (int b = 0; b < p.batch; ++b) {
-          if (request_blocks(seqlens[b], p, kBlockN) > 0) continue;
-          for (int i = tid; i < rows * kRowElems; i += nt) {
-            const int r = i / kRowElems;
-            ResultRows<Cfg>::out(p, b, r)[i % kRowElems] = from_float<OutT>(nan);
-            if (p.lse && i % kRowElems == 0) *ResultRows<Cfg>::lse(p, b, r) = nan;
-          }
-        }
-      }
-      __threadfence();  // the merge kernel reads merge_list's count before its wait: written first
-    }
-    __syncthreads();  // the row (for_each_segment reads it back), and the scratch free for the kernel
   }
+  int carry = 0, slot_carry = 0, listed = 0;
+  bool invalid = false;
+  for (int base = 0; base < p.batch; base += nt) {
+    const int b = base + tid;
+    const int len = b < p.batch ? seqlens[b] : 0;
+    const int nb = b < p.batch ? request_blocks(len, p, kBlockN) : 0;
+    const int cost = nb > 0 ? nb + fixed : 0;
+    int chunk;
+    const int cb = carry + block_exclusive_scan(cost, &chunk, plan_scratch);  // (the default row is written)
+    carry += chunk;
+    if (total < 0) total = chunk;  // one pass: this chunk is the batch
+    const long long T = total;
+    long long active = (T + p.min_part_cost - 1) / p.min_part_cost;  // parts worth their fixed costs
+    active = active < 1 ? 1 : (active > p.num_parts ? p.num_parts : active);
+    const long long x0 = part < active ? T * part / active : T;
+    const long long x1 = part + 1 < active ? T * (part + 1) / active : T;
+    int first_part = 0, num_splits = 0;
+    if (nb > 0) {  // the last parts starting at or before cost cb + fixed, and before cb + fixed + nb
+      const long long fp = ((cb + fixed + 1) * active - 1) / T, lp = ((cb + fixed + nb) * active - 1) / T;
+      first_part = static_cast<int>(fp < active - 1 ? fp : active - 1);
+      num_splits = static_cast<int>(lp < active - 1 ? lp : active - 1) - first_part + 1;
+    }
+    int chunk_slots;
+    const int offset = slot_carry + block_exclusive_scan(num_splits > 1 ? num_splits : 0, &chunk_slots, plan_scratch);
+    slot_carry += chunk_slots;
+    if (nb > 0 && cb <= x0 && x0 < cb + cost) {  // the part begins in request b
+      const long long into = x0 - cb - fixed;
+      row[kBeginReq] = b;
+      row[kBeginBlk] = into > 0 ? static_cast<int>(into) : 0;
+      row[kFirstLen] = len;
+      row[kFirstSplits] = num_splits;
+      row[kFirstSlot] = num_splits > 1 ? offset + part - first_part : 0;
+      row[kFirstOffset] = offset;
+    }
+    if (nb > 0 && cb <= x1 && x1 < cb + cost) {  // and ends in it
+      const long long into = x1 - cb - fixed;
+      row[kEndReq] = b;
+      row[kEndBlk] = into > 0 ? static_cast<int>(into) : 0;
+      if (into > 0 && x0 < cb) {  // begun in this part, continued by the next
+        row[kLastSplits] = num_splits;
+        row[kLastOffset] = offset;
+      }
+    }
+    if (lead) {  // (block-uniform: the scan below is every thread's)
+      if (b < p.batch) {
+        req_info[4 * b + 0] = first_part;
+        req_info[4 * b + 1] = num_splits;
+        req_info[4 * b + 2] = offset;
+        req_info[4 * b + 3] = cb;
+      }
+      invalid = __syncthreads_or(b < p.batch && nb == 0) || invalid;
+      const bool wide = num_splits > kInlineMergeSplits;
+      int chunk_wide;
+      const int at = block_exclusive_scan(wide ? 1 : 0, &chunk_wide, plan_scratch);
+      if (wide) merge_list[1 + listed + at] = b;
+      listed += chunk_wide;
+    }
+  }
+  if (lead) {
+    if (tid == 0) merge_list[0] = listed;
+    if (invalid) {  // requests of invalid length (rare): NaN rows, so the error cannot pass unnoticed
+      if (tid == 0) atomicOr(reinterpret_cast<int*>(p.status), 1);
+      using OutT = typename Cfg::OutType;
+      constexpr int kRowElems = Cfg::kCkvDim;
+      const int rows = p.s_q * Cfg::kNumHeads;
+      const float nan = __int_as_float(0x7fffffff);
+      for (int b = 0; b < p.batch; ++b) {
+        if (request_blocks(seqlens[b], p, kBlockN) > 0) continue;
+        for (int i = tid; i < rows * kRowElems; i += nt) {
+          const int r = i / kRowElems;
+          ResultRows<Cfg>::out(p, b, r)[i % kRowElems] = from_float<OutT>(nan);
+          if (p.lse && i % kRowElems == 0) *ResultRows<Cfg>::lse(p, b, r) = nan;
+        }
+      }
+    }
+    __threadfence();  // the merge kernel reads merge_list's count before its wait: written first
+  }
+  __syncthreads();  // the row (for_each_segment reads it back), and the scratch free for the kernel
   start_next_grid();  // the merge kernel may launch; it waits for this grid's results
 }
 

@@ -27,7 +27,8 @@
 // one (WG1 stores pair i + 1's after the P0 hand-off, which WG0 reaches after its P1 V1_L retired).
 // Shared memory (dynamic, 1024-byte aligned): q hi, q lo [64][C] e4m3 | q rope hi, lo [64][128] | the ring
 // [kRing][64][C + 128] | P [3][64][64] fp16 | red_m (m, scale) [2 parity][2][2][64] fp32 | red_sum [2][64] |
-// 1 / q scale [64] | move flags [2][2] u32 | full, empty mbarriers [kRing] each. 512/64: 80 + 120 + 24 + 2.8 KB.
+// 1 / q scale [64] | move flags [2][2] u32 | the ring position (tiles before the segment) | full, empty mbarriers
+// [kRing] each. 512/64: 80 + 120 + 24 + 2.8 KB.
 #pragma once
 #include "narrow_e4m3.cuh"
 #include "wgmma.cuh"
@@ -60,7 +61,8 @@ struct E4m3Layout {
   static constexpr int kOffRedSum = kOffRedM + 8 * M * 4;        // [2 warpgroups][M] fp32
   static constexpr int kOffInvS = kOffRedSum + 2 * M * 4;        // [M] fp32
   static constexpr int kOffFlags = kOffInvS + M * 4;             // [2 parity][2] u32: a row moved (pair + 1)
-  static constexpr int kOffBars = kOffFlags + 4 * 4;             // full [kRing], empty [kRing]
+  static constexpr int kOffKBase = kOffFlags + 4 * 4;            // u32: the part's tiles before this segment
+  static constexpr int kOffBars = kOffKBase + 8;                 // full [kRing], empty [kRing]
   static constexpr int kSmemBytes = kOffBars + 2 * kRing * 8;
   static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
   static_assert(kSmemBytes <= 227 * 1024, "seesaw e4m3: shared memory over the 227 KB a block may use on sm_90a");
@@ -105,7 +107,9 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   // block / 16-byte chunk / byte
   const int piece = wg * (C / 2) + L::kPiece * (8 * wq + g);
   const int piece_blk = piece / 128, piece_chunk = (piece % 128) / 16, piece_byte = piece % 16;
-  int k_base = 0;   // the part's tiles before this segment (the ring's position)
+  // the part's tiles before this segment (the ring's position) live in shared memory, read per pair: a register
+  // beside O^T and the pair's fragments spilled
+  const uint32_t s_kbase = s_base + L::kOffKBase;
   int pair_no = 0;  // pairs so far (over segments): red_m, the flags and P0 by its parity
 
   for_each_segment<Cfg, kBarConsumers>(p, part, [&](const Segment& seg) {
@@ -320,7 +324,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     };
 
     for (int it = 0; it < n_tiles; it += 2, ++pair_no) {
-      const int k0 = k_base + it, k1 = k0 + 1, st0 = k0 % kRing, st1 = k1 % kRing;
+      const int k0 = static_cast<int>(lds_u32(s_kbase)) + it, k1 = k0 + 1, st0 = k0 % kRing, st1 = k1 % kRing;
       const uint32_t stage0 = s_ring + st0 * L::kStageBytes, stage1 = s_ring + st1 * L::kStageBytes;
       const bool has_k1 = it + 1 < n_tiles;
       const int par = pair_no & 1;
@@ -399,7 +403,6 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       m_run[0] = m_end[0];
       m_run[1] = m_end[1];
     }
-    k_base += n_tiles;
 
     // ---- epilogue: row sums over the quad and both warpgroups, then O^T staged and written (below)
     l_run[0] = quad_sum(l_run[0]);
@@ -408,7 +411,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       sts_f32(s_red_sum + 4 * (wg * M + wrow + g), l_run[0]);
       sts_f32(s_red_sum + 4 * (wg * M + wrow + g + 8), l_run[1]);
     }
-    bar_sync(kBarConsumers, 256);
+    bar_sync(kBarConsumers, 256);  // (every consumer is past its last read of the ring position)
+    if (tid == 0) sts_u32(s_kbase, lds_u32(s_kbase) + n_tiles);  // read again after the barriers below
     // Each warpgroup's half in turn: its fp32 O^T columns staged row-major in Q's dead panels ([M][C / 2]: the two
     // halves do not fit at once), then copied out by the warpgroup in 4-value chunks, normalised by the row's sum
     // on the way (out rows in the out dtype, or a split's partial rows in fp32). The staging keeps the code that
@@ -479,6 +483,7 @@ __device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
   auto init = [](uint32_t s_base) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) sts_u32(s_base + L::kOffFlags + 4 * i, 0u);  // no pair has moved a row yet
+    sts_u32(s_base + L::kOffKBase, 0u);                                       // the ring at its start
   };
   narrow::ring_kernel<Cfg, L, 8>(tp, init, [&](uint32_t s_base) { consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base); });
 }
