@@ -101,7 +101,7 @@ def test_default_tile_and_shared_memory() -> None:
     assert e4m3.smem_bytes <= Arch.SM90A.max_smem_per_block
     small_e4m3 = seesaw(heads=40, ckv=256, rope=32, kv_dtype=E4M3)
     assert small_e4m3.tile == Tile(64, 64, 4, 8)
-    assert small_e4m3.smem_bytes == 2 * 64 * 256 + 2 * 64 * 128 + 4 * 64 * 384 + 3 * 8192 + 11 * 64 * 4 + 16 + 4 * 16
+    assert small_e4m3.smem_bytes == 2 * 64 * 256 + 2 * 64 * 128 + 4 * 64 * 384 + 3 * 8192 + 11 * 64 * 4 + 16 + 8 + 4 * 16
     with pytest.raises(SpecError, match=r"^tile.stages: seesaw over fp8_e4m3 keeps a ring of raw tiles, at least 3"):
         seesaw(kv_dtype=E4M3, tile=Tile(64, 64, 2, 8))
 
