@@ -538,7 +538,7 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     start_next_grid();         // the merge kernel may launch; it waits for this grid's results
   }
   // Each iteration reads the row again with the request's length, three independent loads in one round trip (L1
-  // hits after the first), the row's address made there too: only the request index stays live across fn
+  // hits after the first), the row's address made there too: across fn stay only the request index and two flags
   // (registers). The first request's facts are in the row.
   auto row = [&] { return part_row(p, opaque(part)); };
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
@@ -547,7 +547,8 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     const int next_len = seqlens[b < 0 ? 0 : (b < p.batch ? b : p.batch - 1)];
     const bool at_begin = b < 0;
     if (at_begin) b = bounds.x;
-    if (b > bounds.z || b >= p.batch) break;
+    const int last = bounds.z < p.batch - 1 ? bounds.z : p.batch - 1;
+    if (b > last) break;
     int len = first.x, num_splits = first.y, slot = first.z;
     if (!at_begin) {
       len = next_len;
@@ -561,16 +562,19 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     const int lo = at_begin ? bounds.y : 0;
     int hi = b == bounds.z ? bounds.w : nb;
     hi = hi < nb ? hi : nb;
-    if (lo >= hi) continue;
-    Segment seg{b, len, lo, hi, num_splits > 1, slot};
-    fn(seg);
-    if (kMerge) {  // the request's parts and first slot, read again
-      const int* r = reinterpret_cast<const int*>(row());
-      const bool begun_before = b == r[kBeginReq];
-      const int splits = begun_before ? r[kFirstSplits] : (b == r[kEndReq] ? r[kLastSplits] : 1);
-      if (splits > 1 && splits <= kInlineMergeSplits)
-        merge_if_last<Cfg, kBarrier>(p, b, splits, r[begun_before ? kFirstOffset : kLastOffset]);
+    const bool more = b < last;
+    if (lo < hi) {
+      const bool merge_here = kMerge && num_splits > 1 && num_splits <= kInlineMergeSplits;
+      Segment seg{b, len, lo, hi, num_splits > 1, slot};
+      fn(seg);
+      if (merge_here) {  // the request's parts and first slot, read again
+        const int* r = reinterpret_cast<const int*>(row());
+        const bool begun_before = b == r[kBeginReq];
+        merge_if_last<Cfg, kBarrier>(p, b, r[begun_before ? kFirstSplits : kLastSplits],
+                                     r[begun_before ? kFirstOffset : kLastOffset]);
+      }
     }
+    if (!more) break;
   }
 }
 

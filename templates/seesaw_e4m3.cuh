@@ -61,7 +61,7 @@ struct E4m3Layout {
   static constexpr int kOffRedSum = kOffRedM + 8 * M * 4;        // [2 warpgroups][M] fp32
   static constexpr int kOffInvS = kOffRedSum + 2 * M * 4;        // [M] fp32
   static constexpr int kOffFlags = kOffInvS + M * 4;             // [2 parity][2] u32: a row moved (pair + 1)
-  static constexpr int kOffKBase = kOffFlags + 4 * 4;            // u32: the part's tiles before this segment
+  static constexpr int kOffKBase = kOffFlags + 4 * 4;            // u32 [2]: the part's tiles, pairs before the segment
   static constexpr int kOffBars = kOffKBase + 8;                 // full [kRing], empty [kRing]
   static constexpr int kSmemBytes = kOffBars + 2 * kRing * 8;
   static_assert(kSmemBytes == Cfg::kSmemBytes, "shared memory layout disagrees with VariantSpec.smem_bytes");
@@ -101,19 +101,14 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
   const uint32_t s_ring = s_base + L::kOffRing, full = s_base + L::kOffBars, empty = full + 8 * kRing;
   const uint32_t s_red_m = s_base + L::kOffRedM, s_red_sum = s_base + L::kOffRedSum;
   const uint32_t s_inv = s_base + L::kOffInvS, s_flags = s_base + L::kOffFlags;
-  const TensorScale<Cfg> kv_scale(p, p.sm_scale * kLog2e);
-  const float scale_log2 = kv_scale.log2;
-  // this thread's piece of a token row: features wg C/2 + kPiece (8 wq + g) .. + kPiece (its O^T rows), in
-  // block / 16-byte chunk / byte
-  const int piece = wg * (C / 2) + L::kPiece * (8 * wq + g);
-  const int piece_blk = piece / 128, piece_chunk = (piece % 128) / 16, piece_byte = piece % 16;
-  // the part's tiles before this segment (the ring's position) live in shared memory, read per pair: a register
-  // beside O^T and the pair's fragments spilled
-  const uint32_t s_kbase = s_base + L::kOffKBase;
-  int pair_no = 0;  // pairs so far (over segments): red_m, the flags and P0 by its parity
+  const float scale_log2 = TensorScale<Cfg>(p, p.sm_scale * kLog2e).log2;
+  // the part's tiles and pairs before this segment (the ring's position; red_m, the flags and P0 by the pair's
+  // parity) live in shared memory, read per pair: two registers carried beside O^T and the fragments spilled
+  const uint32_t s_kbase = s_base + L::kOffKBase, s_pbase = s_kbase + 4;
 
   for_each_segment<Cfg, kBarConsumers>(p, part, [&](const Segment& seg) {
     const int b = seg.req, len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
+    int pair_no = 0;  // the part's pairs before the current one (set at each pair's start)
 
     // ---- q: 4 threads a row; its largest |value| -> scale s = 224 / it; hi = e4m3(q s), lo = e4m3(q s - hi)
     {
@@ -278,6 +273,11 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     // rewritten only once the wgmmas that read it retired, across both of a pair's calls)
     auto pv = [&](uint32_t stage, uint32_t s_pt, uint32_t (&a)[L::kABufs][4], int kk0) {
       const uint64_t d_pt = PP::desc(s_pt);
+      // this thread's piece of a token row: features wg C/2 + kPiece (8 wq + g) .. + kPiece (its O^T rows), in
+      // block / 16-byte chunk / byte (made here from an opaque thread index, not kept across the pair: registers)
+      const int t_id = opaque(tid);
+      const int piece = (t_id >> 7) * (C / 2) + L::kPiece * (8 * ((t_id >> 5) & 3) + ((t_id & 31) >> 2));
+      const int piece_blk = piece / 128, piece_chunk = (piece % 128) / 16, piece_byte = piece % 16;
       uint32_t wb[2][4][kWords];  // the pieces of tokens 16 kk + 2 tq + {0, 1, 8, 9}, a k16 step ahead
       auto load_w = [&](int kk, uint32_t (&w)[4][kWords]) {
 #pragma unroll
@@ -323,7 +323,8 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       if (lane == 0) mbarrier_arrive(empty + 8 * st);
     };
 
-    for (int it = 0; it < n_tiles; it += 2, ++pair_no) {
+    for (int it = 0; it < n_tiles; it += 2) {
+      pair_no = static_cast<int>(lds_u32(s_pbase)) + it / 2;
       const int k0 = static_cast<int>(lds_u32(s_kbase)) + it, k1 = k0 + 1, st0 = k0 % kRing, st1 = k1 % kRing;
       const uint32_t stage0 = s_ring + st0 * L::kStageBytes, stage1 = s_ring + st1 * L::kStageBytes;
       const bool has_k1 = it + 1 < n_tiles;
@@ -412,7 +413,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
       sts_f32(s_red_sum + 4 * (wg * M + wrow + g + 8), l_run[1]);
     }
     bar_sync(kBarConsumers, 256);  // (every consumer is past its last read of the ring position)
-    if (tid == 0) sts_u32(s_kbase, lds_u32(s_kbase) + n_tiles);  // read again after the barriers below
+    if (tid == 0) {  // read again after the barriers below
+      sts_u32(s_kbase, lds_u32(s_kbase) + n_tiles);
+      sts_u32(s_pbase, lds_u32(s_pbase) + (n_tiles + 1) / 2);
+    }
     // Each warpgroup's half in turn: its fp32 O^T columns staged row-major in Q's dead panels ([M][C / 2]: the two
     // halves do not fit at once), then copied out by the warpgroup in 4-value chunks, normalised by the row's sum
     // on the way (out rows in the out dtype, or a split's partial rows in fp32). The staging keeps the code that
@@ -421,8 +425,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     static_assert(kHalfBytes == 16 << kChunksLog2 && M * kHalfBytes <= 2 * QB::kBytes, "a half in Q's panels");
     using Out2 = typename Vec2<OutT>::type;
     const bool split = seg.split;
-    const uint32_t red_last = s_red_m + 4 * M * (4 * ((pair_no - 1) & 1) + 2);  // m1 of the segment's last pair
+    const uint32_t red_last = s_red_m + 4 * M * (4 * (pair_no & 1) + 2);  // m1 of the segment's last pair
     const bool aligned = ((p.out | (p.out_stride_b | p.out_stride_s | p.out_stride_h) * sizeof(OutT)) & 7) == 0;
+    // the cache's scale on the output, read here (not kept from the kernel's start: registers)
+    const float out_scale = *opaque(reinterpret_cast<const float*>(p.kv_scale));
 #pragma unroll 1
     for (int w = 0; w < 2; ++w) {
       if (wg == w) {
@@ -445,7 +451,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
           const int rl = i >> kChunksLog2, c = i & ((1 << kChunksLog2) - 1), r = row0 + rl;
           if (r >= rows) continue;
           const float l = lds_f32(s_red_sum + 4 * rl) + lds_f32(s_red_sum + 4 * (M + rl));
-          const float inv = l > 0.f ? __fdividef(kv_scale.out(1.f), l) : 0.f;  // l < 2^126
+          const float inv = l > 0.f ? __fdividef(out_scale, l) : 0.f;  // l < 2^126
           const uint4 u = lds_v4(s_base + rl * kHalfBytes + 16 * c);
           const float4 v = make_float4(__uint_as_float(u.x) * inv, __uint_as_float(u.y) * inv,
                                        __uint_as_float(u.z) * inv, __uint_as_float(u.w) * inv);
@@ -484,6 +490,7 @@ __device__ __forceinline__ void decode_e4m3(const TmaParams& tp) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) sts_u32(s_base + L::kOffFlags + 4 * i, 0u);  // no pair has moved a row yet
     sts_u32(s_base + L::kOffKBase, 0u);                                       // the ring at its start
+    sts_u32(s_base + L::kOffKBase + 4, 0u);                                   // no pair done
   };
   narrow::ring_kernel<Cfg, L, 8>(tp, init, [&](uint32_t s_base) { consume_e4m3<Cfg>(tp.p, blockIdx.y, s_base); });
 }
