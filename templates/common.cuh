@@ -537,44 +537,36 @@ __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part
     wait_for_previous_grid();  // the inputs
     start_next_grid();         // the merge kernel may launch; it waits for this grid's results
   }
-  // Each iteration reads the row again with the request's length, three independent loads in one round trip (L1
-  // hits after the first), the row's address made there too: across fn stay only the request index and two flags
-  // (registers). The first request's facts are in the row.
-  auto row = [&] { return part_row(p, opaque(part)); };
+  const int4* row = part_row(p, part);
+  const int4 bounds = row[0], first = row[1];  // one round trip: the first segment's facts are in the row
+  const int begin_req = bounds.x, begin_blk = bounds.y, end_req = bounds.z, end_blk = bounds.w;
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
-  for (int b = -1;; ++b) {  // -1: the part's first request, whose index is in the row
-    const int4 bounds = row()[0], first = row()[1];  // begin_req, begin_blk, end_req, end_blk (end exclusive)
-    const int next_len = seqlens[b < 0 ? 0 : (b < p.batch ? b : p.batch - 1)];
-    const bool at_begin = b < 0;
-    if (at_begin) b = bounds.x;
-    const int last = bounds.z < p.batch - 1 ? bounds.z : p.batch - 1;
-    if (b > last) break;
-    int len = first.x, num_splits = first.y, slot = first.z;
-    if (!at_begin) {
-      len = next_len;
+  const int last = end_req < p.batch - 1 ? end_req : p.batch - 1;
+  // the request's facts, loaded at the top of each later iteration (so the row's copies are not live across fn)
+  int len = first.x, num_splits = first.y, slot = first.z;
+  for (int b = begin_req; b <= last; ++b) {
+    if (b != begin_req) {
+      len = seqlens[b];
       num_splits = 1, slot = 0;  // whole, unless the part ends inside it (where it ends at its block 0: not walked)
-      if (b == bounds.z) {       // begun in this part, continued by the next
-        const int2 tail = *reinterpret_cast<const int2*>(row() + 2);
+      if (b == end_req) {        // begun in this part, continued by the next
+        const int2 tail = *reinterpret_cast<const int2*>(part_row(p, opaque(part)) + 2);
         num_splits = tail.x, slot = tail.y;
       }
     }
     const int nb = request_blocks(len, p, kBlockN);
-    const int lo = at_begin ? bounds.y : 0;
-    int hi = b == bounds.z ? bounds.w : nb;
+    const int lo = b == begin_req ? begin_blk : 0;
+    int hi = b == end_req ? end_blk : nb;
     hi = hi < nb ? hi : nb;
-    const bool more = b < last;
-    if (lo < hi) {
-      const bool merge_here = kMerge && num_splits > 1 && num_splits <= kInlineMergeSplits;
-      Segment seg{b, len, lo, hi, num_splits > 1, slot};
-      fn(seg);
-      if (merge_here) {  // the request's parts and first slot, read again
-        const int* r = reinterpret_cast<const int*>(row());
-        const bool begun_before = b == r[kBeginReq];
-        merge_if_last<Cfg, kBarrier>(p, b, r[begun_before ? kFirstSplits : kLastSplits],
-                                     r[begun_before ? kFirstOffset : kLastOffset]);
-      }
+    if (lo >= hi) continue;
+    const bool merge_here = kMerge && num_splits > 1 && num_splits <= kInlineMergeSplits;
+    Segment seg{b, len, lo, hi, num_splits > 1, slot};
+    fn(seg);
+    if (merge_here) {  // the request's parts and first slot, read again (registers)
+      const int* r = reinterpret_cast<const int*>(part_row(p, opaque(part)));
+      const bool begun_before = b == begin_req;
+      merge_if_last<Cfg, kBarrier>(p, b, r[begun_before ? kFirstSplits : kLastSplits],
+                                   r[begun_before ? kFirstOffset : kLastOffset]);
     }
-    if (!more) break;
   }
 }
 
