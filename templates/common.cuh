@@ -533,10 +533,8 @@ __device__ __forceinline__ const int4* part_row(const DecodeParams& p, int part)
 template <class Cfg, int kBarrier = 0, bool kMerge = true, typename Fn>
 __device__ __forceinline__ void for_each_segment(const DecodeParams& p, int part, Fn&& fn) {
   constexpr int kBlockN = Cfg::kBlockN;
-  if (!p.replan) {  // (plan_part did both where it planned)
-    wait_for_previous_grid();  // the inputs
-    start_next_grid();         // the merge kernel may launch; it waits for this grid's results
-  }
+  wait_for_previous_grid();  // the inputs (a no-op where plan_part waited)
+  start_next_grid();         // the merge kernel may launch; it waits for this grid's results (again: a no-op)
   const int4* row = part_row(p, part);
   const int4 bounds = row[0], first = row[1];  // one round trip: the first segment's facts are in the row
   const int begin_req = bounds.x, begin_blk = bounds.y, end_req = bounds.z, end_blk = bounds.w;

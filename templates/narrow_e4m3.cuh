@@ -492,7 +492,6 @@ __device__ __forceinline__ void ring_kernel(const TmaParams& tp, Init&& init, Co
   const uint32_t s_base = smem_u32(smem);
   if (s_base & 1023u) __trap();  // the swizzle atoms of the descriptors need 1024-byte alignment
   const int tid = threadIdx.x, warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
-  plan_part<Cfg>(tp.p);  // (every thread: the work list of this CTA's part)
   if (tid == 0) {
     const uint32_t full = s_base + L::kOffBars;
 #pragma unroll
@@ -503,8 +502,9 @@ __device__ __forceinline__ void ring_kernel(const TmaParams& tp, Init&& init, Co
     init(s_base);
     fence_mbarrier_init();
   }
-  __syncthreads();  // the consumers meet at their own barriers from here on
-  if (warp >= 8) {
+  __syncthreads();
+  plan_part<Cfg>(tp.p);  // (every thread: the work list of this CTA's part; the consumers meet at their own
+  if (warp >= 8) {       // barriers from here on)
     setmaxnreg_dec<L::kProducerRegs>();
     if (warp == 8) produce_e4m3<Cfg, L>(tp, blockIdx.y, s_base);
     return;

@@ -342,7 +342,6 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
   //      that frees the half (the last reader of its tile) are done with it.
   constexpr int U = L::kUnits;
   const uint32_t s_bars = s_base + L::kOffBars, s_free = s_base + L::kOffFree;
-  plan_part<Cfg>(p);  // (every thread: the work list of this CTA's part)
   if (tid == 0) {
 #pragma unroll
     for (int i = 0; i < L::S * U; ++i) mbarrier_init(s_bars + 8 * i, 1);
@@ -350,8 +349,9 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
     for (int i = 0; i < 2 * L::S; ++i) mbarrier_init(s_free + 8 * i, 4);
     fence_mbarrier_init();
   }
-  __syncthreads();  // the last barrier of all 384 threads: the consumers meet at kBarConsumers from here on
-  if (warp >= 8) {
+  __syncthreads();
+  plan_part<Cfg>(p);  // (every thread: the work list of this CTA's part; its last barrier is all 384 threads')
+  if (warp >= 8) {  // the consumers meet at kBarConsumers from here on
     setmaxnreg_dec<L::kProducerRegs>();
     if (warp < 10) produce<Cfg>(tp, part, warp - 8, s_k0, s_bars, s_free);
     return;
