@@ -148,7 +148,7 @@ _TIMELINE = (
 )
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
-# third call: the steady pairs are not the whole kernel (segment starts, epilogues, merges, the planner wait); beside
+# third call: the steady pairs are not the whole kernel (segment starts, epilogues, merges, the wait for the inputs); beside
 # each mean, the CTA that took longest (the kernel ends with it)
 _PHASE_STAMP = """__device__ unsigned long long g_phase[2048][7];
 #define PHASE(e) \\
@@ -171,7 +171,7 @@ _PRINT_PHASES = """  static unsigned long long ph[2048][7];
     if (total > most) most = total, longest = c;
     for (int e = 0; e < 7; ++e) sum[e] += static_cast<double>(ph[c][e]) / 3;  // three calls summed
   }
-  const char* names[7] = {"before segment (planner wait, merges)", "Q load", "pairs", "epilogue", "after last",
+  const char* names[7] = {"before segment (input wait, merges)", "Q load", "pairs", "epilogue", "after last",
                           "segments", "tiles"};
   fprintf(stderr, "phases: %d CTAs, longest %.0f cycles per call; mean per CTA per call:\\n", ctas, most / 3.0);
   for (int e = 0; e < 7; ++e)
@@ -212,7 +212,7 @@ ABLATIONS: dict[str, Ablation] = {
         "to WG0's start of the same pair, and the mean pair length",
         _TIMELINE),
     "phases": Ablation(
-        "seesaw", "not an ablation: each consumer CTA's clock64 cycles per phase (before a segment: the planner "
+        "seesaw", "not an ablation: each consumer CTA's clock64 cycles per phase (before a segment: the input "
         "wait and the merges; Q load; pairs; epilogue; after the last segment), summed over its segments, printed "
         "to stderr after the third call as means per CTA per call, with segments and tiles per CTA",
         _PHASES),

@@ -1,6 +1,6 @@
-"""Runs one decode shape a few times, for a profiler to time each kernel (planner, decode) of a call:
+"""Runs one decode shape a few times, for a profiler to time each kernel (decode, merge) of a call:
 
-    ncu --clock-control none --metrics gpu__time_duration.sum -k regex:'plan_kernel|decode_kernel' \
+    ncu --clock-control none --metrics gpu__time_duration.sum -k regex:'decode_kernel|merge_kernel' \
         python scripts/kernel_times.py --batch 32 --seqlen 1024 --heads 16 [--family narrow] [--s-q 1] \
             [--ckv 256 --rope 32] [--kv-dtype fp8_e4m3]
     python scripts/kernel_times.py --case 6 ...   # a bench suite case (its lengths, ragged for 6), not the sizes

@@ -1,14 +1,14 @@
-"""Times dispatch's family under other split policies, to see whether the planner's knobs cost time:
+"""Times dispatch's family under other split policies, to see whether the plan's knobs cost time:
 
     python scripts/split_sweep.py                      # the small-batch and long-request shapes of issue 12
     python scripts/split_sweep.py --shape 32x1024x16 --parts 66 132 264 --min-tokens 128 256 --fixed-tokens 128
     python scripts/split_sweep.py --cases 2,3,6 --parts 64 66 --min-tokens 256 --fixed-tokens 128 256
     python scripts/split_sweep.py --cases 1 --kv-dtype fp8_e4m3 --parts 128 132 --min-tokens 256 --fixed-tokens 128
 
-A policy is (num_parts, MIN_TOKENS_PER_PART, FIXED_COST_TOKENS): the grid's CTA columns and the two planner
+A policy is (num_parts, MIN_TOKENS_PER_PART, FIXED_COST_TOKENS): the grid's CTA columns and the two plan
 constants of generator/select.py, set in this process before each plan. Each is timed as the bench times a
 planned wrapper (mla_gen.bench.timing: CUDA events, L2 flushed, GPU spin, median), decode and merge launches
-without the planner. A workload is a BATCHxSEQLENxHEADS shape (bf16, 512/64, page 64, s_q 1) or a case of the
+without planning. A workload is a BATCHxSEQLENxHEADS shape (bf16, 512/64, page 64, s_q 1) or a case of the
 bench's suite (`--cases`: its lengths, ragged ones too, s_q, dims, dtype, page size and sm_scale). Prints
 dispatch's default and the fastest policies per workload. The bench is the instrument for speed claims; this
 only says whether a policy change is worth making.
@@ -50,7 +50,7 @@ def parse_cases(text: str) -> list[Case]:
 
 def time_policy(timer: Timer, case: Case, inp, parts: int | None, min_tokens: int, fixed_tokens: int,
                 family: str | None = None, fp8: QuantizedCache | None = None):
-    """(median us, grid parts, family, planner fixed cost) of one policy; parts None: dispatch's own count. fp8:
+    """(median us, grid parts, family, plan fixed cost) of one policy; parts None: dispatch's own count. fp8:
     read that cache instead of the inputs' 16-bit one."""
     select.MIN_TOKENS_PER_PART, select.FIXED_COST_TOKENS = min_tokens, fixed_tokens
     ckv, kpe, kv_plan, kv_run = wrapper_cache_args(inp, fp8)
@@ -96,10 +96,10 @@ def main() -> None:
         rows.sort(key=lambda r: r[0][0])
         kv = f", {a.kv_dtype}" if a.kv_dtype else ""
         print(f"{case.name} ({case.shape}{kv}): dispatch's policy {base[0]:.1f} us ({base[1]} parts, {base[2]}, "
-              f"min_tokens {default[0]}, fixed_tokens {default[1]}, planner fixed cost {base[3]}); fastest:")
+              f"min_tokens {default[0]}, fixed_tokens {default[1]}, plan fixed cost {base[3]}); fastest:")
         for (us, grid_parts, family, fixed), p, mt, ft in rows[:a.top]:
             print(f"  {us:8.1f} us  parts {p} ({grid_parts} in the grid, {family}), min_tokens {mt}, "
-                  f"fixed_tokens {ft} (planner fixed cost {fixed})")
+                  f"fixed_tokens {ft} (plan fixed cost {fixed})")
 
 
 if __name__ == "__main__":
