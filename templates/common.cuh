@@ -597,7 +597,7 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* total, int* scra
 }
 
 // The work list, planned by every decode CTA for its own part at the kernel's start (every thread calls it,
-// before the kernel uses its shared memory: its first 128 bytes are the scans' scratch). Splits the total cost
+// before the kernel uses the first 128 bytes of its shared memory: the scans' scratch). Splits the total cost
 // (kv blocks + fixed_cost per request) evenly over `active` parts: part q starts at cost floor(q total /
 // active), so loads differ by at most one block; mla_gen/schedule.py is the same plan (tests compare the two).
 // A request of cost range [c, c + fixed_cost + nb) begins in the last part starting at or before c + fixed_cost
