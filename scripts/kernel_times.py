@@ -2,7 +2,7 @@
 
     ncu --clock-control none --metrics gpu__time_duration.sum -k regex:'decode_kernel|merge_kernel' \
         python scripts/kernel_times.py --batch 32 --seqlen 1024 --heads 16 [--family narrow] [--s-q 1] \
-            [--ckv 256 --rope 32] [--kv-dtype fp8_e4m3]
+            [--ckv 256 --rope 32] [--kv-dtype fp8_e4m3] [--reuse]
     python scripts/kernel_times.py --case 6 ...   # a bench suite case (its lengths, ragged for 6), not the sizes
 
 The bench (python -m mla_gen.bench) is the instrument for speed claims; this only splits a call's time.
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--family", default=None)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--kv-dtype", default=None, help="an fp8 cache format (the 16-bit cache quantized to it)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="a planned MLADecodeWrapper: the first call plans, the others reuse its work list "
+                         "(run(replan=False), as the bench times); default: mla_decode, which plans every call")
     a = ap.parse_args()
     if a.case is not None:
         case = next((c for c in default_suite() if c.name == a.case), None)
@@ -48,7 +51,14 @@ def main() -> None:
     kv_scale = None
     if a.kv_dtype is not None:
         ckv, kpe, kv_scale = quantize(inp, DType.parse(a.kv_dtype)).run_args()
-    for _ in range(a.calls):
+    if a.reuse:
+        w = mla_gen.MLADecodeWrapper(family=a.family)
+        w.plan(seqlens, a.s_q, num_heads=a.heads, ckv_dim=a.ckv, rope_dim=a.rope, page_size=64,
+               max_pages=block_table.shape[1], sm_scale=sm_scale, dtype=q_nope.dtype, kv_dtype=a.kv_dtype)
+        scaled = {} if kv_scale is None else {"kv_scale": kv_scale}
+        for i in range(a.calls):
+            w.run(q_nope, q_pe, ckv, kpe, block_table, seqlens, replan=i == 0, **scaled)
+    for _ in range(0 if a.reuse else a.calls):
         mla_gen.mla_decode(q_nope, q_pe, ckv, kpe, block_table, seqlens, sm_scale, family=a.family, kv_scale=kv_scale)
     torch.cuda.synchronize()
 
