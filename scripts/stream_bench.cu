@@ -4,6 +4,7 @@
 // boxes over the page seen as 128-byte rows. The consumers only wait and release, so each time is the stream's
 // floor for that way of loading (PERF.md, twenty-sixth session).
 //   nvcc -std=c++17 -O3 -arch=sm_90a -o stream_bench scripts/stream_bench.cu && ./stream_bench TOK [STAGES]
+//   (from the repository root or anywhere: it includes templates/ptx.cuh by its relative path)
 //   TOK 576: fp8_e4m3, 656: fp8_ds_mla, 1152: bf16; STAGES: ring depth (default 3)
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -14,6 +15,10 @@
 #include <cstdlib>
 #include <random>
 #include <vector>
+
+#include "../templates/ptx.cuh"  // mbarriers, bulk and TMA copies, as the kernels issue them
+
+using namespace mla_gen;
 
 #define CK(x)                                                           \
   do {                                                                  \
@@ -26,41 +31,6 @@
 
 constexpr int kPage = 64, kMaxStages = 8, kConsumerWarps = 8;
 enum Mode { kBoxes128, kBulkPage, kBulkQuarters, kBoxes64, kRowBoxes };
-
-__device__ __forceinline__ void mb_init(uint32_t b, int n) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(b), "r"(n));
-}
-__device__ __forceinline__ void mb_expect(uint32_t b, uint32_t n) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(n) : "memory");
-}
-__device__ __forceinline__ void mb_arrive(uint32_t b) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(b) : "memory");
-}
-__device__ __forceinline__ void mb_wait(uint32_t b, uint32_t phase) {
-  asm volatile(
-      "{\n.reg .pred d;\nW:\nmbarrier.try_wait.parity.shared::cta.b64 d, [%0], %1;\n@!d bra W;\n}" ::"r"(b),
-      "r"(phase)
-      : "memory");
-}
-__device__ __forceinline__ uint64_t evict_first() {
-  uint64_t p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ void bulk(uint32_t dst, const void* src, uint32_t n, uint32_t bar, uint64_t pol) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-      ::"r"(dst), "l"(src), "r"(n), "r"(bar), "l"(pol)
-      : "memory");
-}
-__device__ __forceinline__ void box(uint32_t dst, const CUtensorMap* m, uint32_t bar, int c0, int c1, int c2,
-                                    uint64_t pol) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%3, %4, %5}], [%2], %6;" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(m)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "l"(pol)
-      : "memory");
-}
 
 struct Maps {
   CUtensorMap a, b;
@@ -77,41 +47,41 @@ template <Mode kMode>
 __global__ void __launch_bounds__(288, 1) stream(const __grid_constant__ Maps maps, const Launch a) {
   extern __shared__ __align__(1024) uint8_t smem[];
   __shared__ uint64_t bars[2 * kMaxStages];
-  const uint32_t full = static_cast<uint32_t>(__cvta_generic_to_shared(bars)), empty = full + 8 * a.stages;
-  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t full = smem_u32(bars), empty = full + 8 * a.stages, ring = smem_u32(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
-    for (int i = 0; i < a.stages; ++i) mb_init(full + 8 * i, 1), mb_init(empty + 8 * i, kConsumerWarps);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int i = 0; i < a.stages; ++i) mbarrier_init(full + 8 * i, 1), mbarrier_init(empty + 8 * i, kConsumerWarps);
+    fence_mbarrier_init();
   }
   __syncthreads();
   const int* pages = a.table + blockIdx.x * a.per_cta;
   const uint32_t page_bytes = kPage * a.tok_bytes;
   if (warp == kConsumerWarps) {
     if (lane != 0) return;
-    const uint64_t pol = evict_first();
+    const uint64_t pol = l2_evict_first_policy();
     for (int k = 0; k < a.per_cta; ++k) {
       const int st = k % a.stages, page = pages[k];
-      mb_wait(empty + 8 * st, ((k / a.stages) & 1) ^ 1);
+      mbarrier_wait(empty + 8 * st, ((k / a.stages) & 1) ^ 1);
       const uint32_t dst = ring + st * a.stage_bytes, bar = full + 8 * st;
       const uint8_t* src = a.cache + static_cast<size_t>(page) * page_bytes;
       if (kMode == kBoxes128) {  // 4 ckv boxes of 128 B x 64 rows, a 128-wide rope box of 64 bytes (zero fill)
-        mb_expect(bar, 5 * 8192);
-        for (int b = 0; b < 4; ++b) box(dst + b * 8192, &maps.a, bar, b * 128, 0, page, pol);
-        box(dst + 32768, &maps.b, bar, 0, 0, page, pol);
+        mbarrier_arrive_expect_tx(bar, 5 * 8192);
+        for (int b = 0; b < 4; ++b) tma_load_3d(dst + b * 8192, &maps.a, bar, b * 128, 0, page, pol);
+        tma_load_3d(dst + 32768, &maps.b, bar, 0, 0, page, pol);
       } else if (kMode == kBulkPage) {
-        mb_expect(bar, page_bytes);
-        bulk(dst, src, page_bytes, bar, pol);
+        mbarrier_arrive_expect_tx(bar, page_bytes);
+        bulk_load(dst, src, page_bytes, bar, pol);
       } else if (kMode == kBulkQuarters) {
-        mb_expect(bar, page_bytes);
-        for (int c = 0; c < 4; ++c) bulk(dst + c * page_bytes / 4, src + c * page_bytes / 4, page_bytes / 4, bar, pol);
+        mbarrier_arrive_expect_tx(bar, page_bytes);
+        for (int c = 0; c < 4; ++c)
+          bulk_load(dst + c * page_bytes / 4, src + c * page_bytes / 4, page_bytes / 4, bar, pol);
       } else if (kMode == kBoxes64) {  // 64-byte boxes (no row crosses an L2 line)
-        mb_expect(bar, page_bytes);
-        for (int b = 0; b < a.tok_bytes / 64; ++b) box(dst + b * 4096, &maps.a, bar, b * 64, 0, page, pol);
+        mbarrier_arrive_expect_tx(bar, page_bytes);
+        for (int b = 0; b < a.tok_bytes / 64; ++b) tma_load_3d(dst + b * 4096, &maps.a, bar, b * 64, 0, page, pol);
       } else {  // the page as [rows][128 B]: every box row one L2 line
-        mb_expect(bar, page_bytes);
+        mbarrier_arrive_expect_tx(bar, page_bytes);
         for (int r = 0; r < static_cast<int>(page_bytes / 128); r += a.box_rows)
-          box(dst + r * 128, &maps.a, bar, 0, r, page, pol);
+          tma_load_3d(dst + r * 128, &maps.a, bar, 0, r, page, pol);
       }
     }
     return;
@@ -119,10 +89,10 @@ __global__ void __launch_bounds__(288, 1) stream(const __grid_constant__ Maps ma
   unsigned acc = 0;
   for (int k = 0; k < a.per_cta; ++k) {
     const int st = k % a.stages;
-    mb_wait(full + 8 * st, (k / a.stages) & 1);
+    mbarrier_wait(full + 8 * st, (k / a.stages) & 1);
     acc += *reinterpret_cast<const unsigned*>(smem + st * a.stage_bytes + threadIdx.x * 64);
     __syncwarp();
-    if (lane == 0) mb_arrive(empty + 8 * st);
+    if (lane == 0) mbarrier_arrive(empty + 8 * st);
   }
   if (acc == 0x12345678u) a.sink[threadIdx.x] = acc;  // (keeps the reads)
 }
