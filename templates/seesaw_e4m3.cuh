@@ -429,19 +429,29 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     const bool aligned = ((p.out | (p.out_stride_b | p.out_stride_s | p.out_stride_h) * sizeof(OutT)) & 7) == 0;
     // the cache's scale on the output, read here (not kept from the kernel's start: registers)
     const float out_scale = *opaque(reinterpret_cast<const float*>(p.kv_scale));
+    // A staged row is C / (2 kPiece) slots of kPiece words, slot s holding features kPiece s ..; word w of slot s
+    // of row r lies at word (w + rot(r, s)) mod kPiece of it, so that a warp's 32 stores of one word (8 slots x 4
+    // rows) and its 32 reads of one word (16 or 32 slots of one row) each hit 32 banks (in order, the stores
+    // conflicted 8 ways: PERF.md, twenty-fifth session).
+    constexpr int SW = L::kPiece;
+    auto rot = [](int r, int s) {
+      return SW == 8 ? 2 * ((r >> 1) & 3) + ((s >> 2) & 1) + 2 * ((s >> 3) & 1) : ((r >> 1) & 3) + (s >> 3);
+    };
 #pragma unroll 1
     for (int w = 0; w < 2; ++w) {
       if (wg == w) {
-        const uint32_t at = s_base + 2 * tq * kHalfBytes + L::kPiece * (8 * wq + g) * 4;
+        const int slot = 8 * wq + g, r_rot = rot(2 * tq, slot);  // (rows 8 j + 2 tq + e share rot)
+        const uint32_t at = s_base + 2 * tq * kHalfBytes + slot * SW * 4;
 #pragma unroll
-        for (int j = 0; j < N / 8; ++j)
+        for (int mt = 0; mt < MTW; ++mt)
 #pragma unroll
-          for (int e = 0; e < 2; ++e)
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t word = at + 4 * ((2 * mt + h + r_rot) & (SW - 1));
 #pragma unroll
-            for (int mt = 0; mt < MTW; ++mt) {
-              sts_f32(at + (8 * j + e) * kHalfBytes + 8 * mt, o[mt][4 * j + e]);
-              sts_f32(at + (8 * j + e) * kHalfBytes + 8 * mt + 4, o[mt][4 * j + 2 + e]);
-            }
+            for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) sts_f32(word + (8 * j + e) * kHalfBytes, o[mt][4 * j + 2 * h + e]);
+          }
       }
       // both warpgroups pass their own barrier each round: compute-sanitizer's racecheck pairs barrier instances
       // by count, and reported the other's round across the consumers' barrier below as a hazard otherwise
@@ -452,9 +462,10 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
           if (r >= rows) continue;
           const float l = lds_f32(s_red_sum + 4 * rl) + lds_f32(s_red_sum + 4 * (M + rl));
           const float inv = l > 0.f ? __fdividef(out_scale, l) : 0.f;  // l < 2^126
-          const uint4 u = lds_v4(s_base + rl * kHalfBytes + 16 * c);
-          const float4 v = make_float4(__uint_as_float(u.x) * inv, __uint_as_float(u.y) * inv,
-                                       __uint_as_float(u.z) * inv, __uint_as_float(u.w) * inv);
+          const int slot = 4 * c / SW, w0 = 4 * c % SW, c_rot = rot(rl, slot);
+          const uint32_t at = s_base + rl * kHalfBytes + slot * SW * 4;
+          auto word = [&](int k) { return lds_f32(at + 4 * ((w0 + k + c_rot) & (SW - 1))) * inv; };
+          const float4 v = make_float4(word(0), word(1), word(2), word(3));
           const int col = w * (C / 2) + 4 * c;
           if (w == 1 && c == 0) {
             // the row's lse (row_lse, with MUFU's log2: log2f's slow path is a call, whose registers beside the
