@@ -605,12 +605,20 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* total, int* scra
 // CTA (0, 0) also writes the request rows (req_info) and the merge kernel's list, sets the status bit and NaN rows
 // for requests of invalid length (no part processes them), and lets the merge kernel launch only after those
 // writes. p.replan 0: nothing; the rows of the CTA's last planned call are reused (the lengths did not change).
+// The body is a called function, not inlined: inlined (even laid out of line by __builtin_expect) it made every
+// launch that skips it ~1 us slower (seesaw, B1 S32768 H128: 29.3 against 28.2-28.4 us; PERF.md, twenty-seventh
+// session).
+template <class Cfg>
+__device__ __noinline__ void plan_part_body(const DecodeParams& p);
 template <class Cfg>
 __device__ __forceinline__ void plan_part(const DecodeParams& p) {
+  if (__builtin_expect(!p.replan, 1)) return;  // (for_each_segment waits for the inputs)
+  plan_part_body<Cfg>(p);
+}
+template <class Cfg>
+__device__ __noinline__ void plan_part_body(const DecodeParams& p) {
   constexpr int kBlockN = Cfg::kBlockN;
   extern __shared__ int plan_scratch[];  // the kernel's dynamic shared memory, not in use yet
-  // (for_each_segment waits for the inputs; the plan's code is laid out of the way of the call that skips it)
-  if (__builtin_expect(!p.replan, 1)) return;
   wait_for_previous_grid();  // the lengths, and every other input an earlier kernel wrote
   const bool lead = blockIdx.x == 0 && blockIdx.y == 0;
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);

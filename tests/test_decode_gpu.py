@@ -126,6 +126,20 @@ def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, hea
     check(out, lse, inp, torch.bfloat16)
 
 
+@pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 40, 128], DIMS, ("bf16",), (1, 2)))
+def test_the_decode_kernel_merges_requests_of_two_three_and_four_parts(family, dtype, dims, heads, s_q):
+    """Three requests over 9 parts split 2, 3 and 4 ways (mla_gen.schedule.plan, at 16-, 32- and 64-token
+    tiles), so each is merged by its last part inside the decode kernel (common.cuh merge_if_last): two rows a
+    round at two parts, one at three and four; rows past the heads (40 heads at s_q 2: 80 rows, a second row
+    block of 16) are left alone."""
+    inp = make_inputs([2392, 3587, 4815], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
+                      device="cuda", generator=seeded(heads + 19 * s_q))
+    out, lse = poisoned(inp, torch.bfloat16)
+    splits = run_planned(inp, family, 9, out, lse)
+    assert splits == [2, 3, 4], splits
+    check(out, lse, inp, torch.bfloat16)
+
+
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 128], DIMS, DTYPES, (1, 2)))
 def test_merge_kernel_ctas_take_several_units_in_turn(family, dtype, dims, heads, s_q):
     """Four long requests over 24 parts split about 6 ways each, more than the decode kernel merges itself, so
