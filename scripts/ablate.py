@@ -228,8 +228,8 @@ ABLATIONS: dict[str, Ablation] = {
         "stores of P stay)",
         (Edit("seesaw.cuh", "const bool move = v > m_ref[hh] + kRescaleLog2;",
               "const bool move = false && v > m_ref[hh] + kRescaleLog2;"),
-         Edit("seesaw.cuh", "exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m)", "sc[4 * j + 2 * hh] + 0.f * neg_m"),
-         Edit("seesaw.cuh", "exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m)", "sc[4 * j + 2 * hh + 1]"))),
+         Edit("sm90.cuh", "exp2_scaled(x[4 * j + 2 * hh], scale, neg_m)", "x[4 * j + 2 * hh] + 0.f * neg_m"),
+         Edit("sm90.cuh", "exp2_scaled(x[4 * j + 2 * hh + 1], scale, neg_m)", "x[4 * j + 2 * hh + 1]"))),
     # narrow's 16-bit path (narrow.cuh; time on case 4 or b8long: SHAPE="--case 4" FAMILIES=narrow), where a 64-token
     # tile's compute takes ~3.3 us a warpgroup and its tensor work ~0.3 (PERF.md, twenty-second session)
     "narrow-no-qk": Ablation(

@@ -292,19 +292,7 @@ __device__ __forceinline__ bool lazy_softmax(float (&sc)[N / 2], bool present, i
     m_new[hh] = move ? v : m_ref[hh];
     scale[hh] = move ? fast_exp2(m_ref[hh] - v) : 1.f;  // 0 when m_ref was -inf
   }
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    // a row that has seen nothing keeps m = -inf: reference 0, so 2^-inf = 0, never NaN
-    const float neg_m = m_new[hh] == -INFINITY ? 0.f : -m_new[hh];
-    lsum[hh] = 0.f;
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j) {
-      const float p0 = exp2_scaled(sc[4 * j + 2 * hh], scale_log2, neg_m);
-      const float p1 = exp2_scaled(sc[4 * j + 2 * hh + 1], scale_log2, neg_m);
-      lsum[hh] += p0 + p1;
-      store(hh, j, p0, p1);
-    }
-  }
+  exp_rows<N / 8>(sc, scale_log2, m_new, lsum, store);
   return moved;
 }
 

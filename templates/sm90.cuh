@@ -101,6 +101,28 @@ __device__ __forceinline__ float exp2_scaled(float x, float scale, float neg_m) 
   return fast_exp2(__fmul_rn(x, scale) + neg_m);
 }
 
+// P = 2^(x scale - m) over the two rows a thread holds of an m64nN accumulator (m16n8 C layout: x[4 j + 2 hh + e] is
+// row hh, n8 tile j, column e) against each row's m (-inf for a row that has seen nothing: reference 0, so
+// 2^-inf = 0, never NaN); the row sums go to lsum, each pair of P to store(hh, j, p0, p1). Shared by seesaw's
+// lazy_softmax and wgmma's make_p.
+template <int NJ, int K, class Store>
+__device__ __forceinline__ void exp_rows(const float (&x)[K], float scale, const float (&m)[2], float (&lsum)[2],
+                                         Store&& store) {
+  static_assert(K >= 4 * NJ, "NJ n8 tiles of 4 values a thread");
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const float neg_m = m[hh] == -INFINITY ? 0.f : -m[hh];
+    lsum[hh] = 0.f;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const float p0 = exp2_scaled(x[4 * j + 2 * hh], scale, neg_m);
+      const float p1 = exp2_scaled(x[4 * j + 2 * hh + 1], scale, neg_m);
+      lsum[hh] += p0 + p1;
+      store(hh, j, p0, p1);
+    }
+  }
+}
+
 // Moves this warp's register budget to N (every warp of the warpgroup executes it): a producer warpgroup gives
 // registers back (dec) so that the consumer warpgroups can take them (inc, which waits until they are free).
 template <int N>

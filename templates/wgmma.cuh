@@ -333,21 +333,12 @@ __global__ void __launch_bounds__(32 * Cfg::kWarps, 1) decode_kernel(const __gri
       const bool move = tmax[0] > m_run[0] + kRescaleLog2 || tmax[1] > m_run[1] + kRescaleLog2;
       float lsum[2];
       auto make_p = [&]() {  // P of the own half against m_run -> pa, shared memory, lsum
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const float neg_m = m_run[hh] == -INFINITY ? 0.f : -m_run[hh];
-          lsum[hh] = 0.f;
-#pragma unroll
-          for (int j = 0; j < NW / 8; ++j) {
-            const float p0 = exp2_scaled(x[4 * j + 2 * hh], scale_log2, neg_m);
-            const float p1 = exp2_scaled(x[4 * j + 2 * hh + 1], scale_log2, neg_m);
-            lsum[hh] += p0 + p1;
-            const uint32_t u = pack2<KV>(p0, p1);
-            // pa[kk] = the m64 x k16 A fragment of own tokens 16 kk .. 16 kk + 15 (n8 tiles j = 2 kk, 2 kk + 1)
-            pa[j >> 1][2 * (j & 1) + hh] = u;
-            sts_u32(s_p + PP::off(wrow + g + 8 * hh, wg * (NW / 8) + j) + 4 * tq, u);
-          }
-        }
+        exp_rows<NW / 8>(x, scale_log2, m_run, lsum, [&](int hh, int j, float p0, float p1) {
+          const uint32_t u = pack2<KV>(p0, p1);
+          // pa[kk] = the m64 x k16 A fragment of own tokens 16 kk .. 16 kk + 15 (n8 tiles j = 2 kk, 2 kk + 1)
+          pa[j >> 1][2 * (j & 1) + hh] = u;
+          sts_u32(s_p + PP::off(wrow + g + 8 * hh, wg * (NW / 8) + j) + 4 * tq, u);
+        });
         fence_proxy_async();  // P -> visible to wgmma (the other warpgroup's)
       };
       make_p();
