@@ -296,6 +296,19 @@ __device__ __forceinline__ bool lazy_softmax(float (&sc)[N / 2], bool present, i
   return moved;
 }
 
+// Zeroes token rows valid .. N - 1 of warpgroup wg's kHalfBlocks 128-byte column blocks of a kv stage (kBlockBytes
+// apart; whole 128-byte rows, so the swizzle does not matter), from the warpgroup's 128 threads (tid: 0..127): the V
+// rows past a request's length in its last tile. P is 0 there, but the rows may hold anything (an older tile, NaN
+// bytes), and 0 x inf is NaN. Shared by both seesaw kernels (each then orders it before its P V).
+template <int N, int kHalfBlocks, int kBlockBytes>
+__device__ __forceinline__ void zero_rows_past(uint32_t stage, int valid, int wg, int tid) {
+  const int chunks = kHalfBlocks * (N - valid) * 8;
+  for (int i = tid; i < chunks; i += 128) {
+    const int row = valid + (i >> 3) % (N - valid), blk = (i >> 3) / (N - valid);
+    sts_v4(stage + (wg * kHalfBlocks + blk) * kBlockBytes + row * 128 + (i & 7) * 16, 0u, 0u, 0u, 0u);
+  }
+}
+
 // The fp8_e4m3 path (seesaw_e4m3.cuh, included at the end of this file).
 template <class Cfg>
 __device__ __forceinline__ void decode_e4m3(const TmaParams& tp);
@@ -408,11 +421,7 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
     auto zero_tail = [&](uint32_t stage, int it) {
       const int valid = len - (seg.blk_lo + it) * N;
       if (valid >= N) return;
-      const int chunks = HB * (N - valid) * 8;  // whole 128-byte rows: the swizzle does not matter
-      for (int i = tid & 127; i < chunks; i += 128) {
-        const int row = valid + (i >> 3) % (N - valid), blk = (i >> 3) / (N - valid);
-        sts_v4(stage + (wg * HB + blk) * KN::kBlockBytes + row * KN::kRowBytes + (i & 7) * 16, 0u, 0u, 0u, 0u);
-      }
+      zero_rows_past<N, HB, KN::kBlockBytes>(stage, valid, wg, tid & 127);
       fence_proxy_async();
       bar_sync(bar_local, 128);
     };

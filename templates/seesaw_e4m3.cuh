@@ -260,12 +260,7 @@ __device__ __forceinline__ void consume_e4m3(const DecodeParams& p, int part, ui
     const int bar_local = wg ? kBarLocal1 : kBarLocal0;
     auto zero_tail = [&](uint32_t stage, int valid) {
       if (valid >= N) return;
-      constexpr int HBK = KB::kBlocks / 2;  // 128-byte column blocks of a warpgroup's half
-      const int chunks = HBK * (N - valid) * 8;
-      for (int i = tid & 127; i < chunks; i += 128) {
-        const int row = valid + (i >> 3) % (N - valid), blk = (i >> 3) / (N - valid);
-        sts_v4(stage + (wg * HBK + blk) * KB::kBlockBytes + row * 128 + (i & 7) * 16, 0u, 0u, 0u, 0u);
-      }
+      zero_rows_past<N, KB::kBlocks / 2, KB::kBlockBytes>(stage, valid, wg, tid & 127);
       bar_sync(bar_local, 128);
     };
     // O^T += V^T P^T over the stage's features of this warpgroup: A = V^T from the stage's bytes, B = P^T at s_pt
