@@ -151,9 +151,7 @@ __device__ __forceinline__ void start_next_grid() {
 
 // Number of kv blocks of a request, 0 when its length is invalid (shorter than s_q or longer than
 // the pages the block table can hold). Planner and kernels must agree, so it lives here.
-// P: DecodeParams, or anything with its s_q, page_size and max_pages (plan_part_body's copies).
-template <class P>
-__device__ __forceinline__ int request_blocks(int len, const P& p, int block_n) {
+__device__ __forceinline__ int request_blocks(int len, const DecodeParams& p, int block_n) {
   const long long cap = static_cast<long long>(p.max_pages) * p.page_size;
   if (len < p.s_q || len < 1 || static_cast<long long>(len) > cap) return 0;
   return (len + block_n - 1) / block_n;
@@ -607,44 +605,29 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* total, int* scra
 // CTA (0, 0) also writes the request rows (req_info) and the merge kernel's list, sets the status bit and NaN rows
 // for requests of invalid length (no part processes them), and lets the merge kernel launch only after those
 // writes. p.replan 0: nothing; the rows of the CTA's last planned call are reused (the lengths did not change).
-// The body is a called function, not inlined: inlined (even laid out of line by __builtin_expect) it made every
-// launch that skips it (a wrapper's run that reuses its plan, the serving path) ~1 us slower (seesaw, B1 S32768
-// H128: 29.3 against 28.2-28.4 us); a planned launch pays 1-4 us for the call instead (PERF.md, twenty-seventh
-// session).
-template <class Cfg>
-__device__ __noinline__ void plan_part_body(const DecodeParams& p);
+// Inlined: as a called function (__noinline__) a launch that reuses the rows ran ~1 us faster on small seesaw calls
+// but a planned launch 1-4 us slower (PERF.md, twenty-seventh session; branch wip/plan-noinline).
 template <class Cfg>
 __device__ __forceinline__ void plan_part(const DecodeParams& p) {
-  if (__builtin_expect(!p.replan, 1)) return;  // (for_each_segment waits for the inputs)
-  plan_part_body<Cfg>(p);
-}
-template <class Cfg>
-__device__ __noinline__ void plan_part_body(const DecodeParams& p) {
   constexpr int kBlockN = Cfg::kBlockN;
   extern __shared__ int plan_scratch[];  // the kernel's dynamic shared memory, not in use yet
-  // Each param it reads, read once (the params are no earlier kernel's output: ahead of the wait): a called function
-  // reads the kernel's params through a pointer (generic loads), and again after every store it cannot tell apart
-  // from them.
-  struct Limits {
-    int s_q, page_size, max_pages;
-  };
-  const Limits lim{p.s_q, p.page_size, p.max_pages};
-  const int batch = p.batch, fixed = p.fixed_cost, min_part_cost = p.min_part_cost, num_parts = p.num_parts;
+  // (for_each_segment waits for the inputs; the plan's code is laid out of the way of the call that skips it)
+  if (__builtin_expect(!p.replan, 1)) return;
   wait_for_previous_grid();  // the lengths, and every other input an earlier kernel wrote
   const bool lead = blockIdx.x == 0 && blockIdx.y == 0;
   const int* seqlens = reinterpret_cast<const int*>(p.seqlens);
   int* row = reinterpret_cast<int*>(p.part_info) + kPartInts * (blockIdx.y * p.row_blocks + blockIdx.x);
   int* req_info = reinterpret_cast<int*>(p.req_info);
   int* merge_list = reinterpret_cast<int*>(p.merge_list);
-  const int tid = threadIdx.x, nt = blockDim.x, part = blockIdx.y;
-  if (tid < kPartInts) row[tid] = tid == kBeginReq || tid == kEndReq ? batch : 0;  // an empty part's row
+  const int tid = threadIdx.x, nt = blockDim.x, part = blockIdx.y, fixed = p.fixed_cost;
+  if (tid < kPartInts) row[tid] = tid == kBeginReq || tid == kEndReq ? p.batch : 0;  // an empty part's row
   // the total first, where the batch takes more than one pass (the part's cost range needs it)
   int total = -1;
-  if (batch > nt) {
+  if (p.batch > nt) {
     total = 0;
-    for (int base = 0; base < batch; base += nt) {
+    for (int base = 0; base < p.batch; base += nt) {
       const int b = base + tid;
-      const int nb = b < batch ? request_blocks(seqlens[b], lim, kBlockN) : 0;
+      const int nb = b < p.batch ? request_blocks(seqlens[b], p, kBlockN) : 0;
       int chunk;
       block_exclusive_scan(nb > 0 ? nb + fixed : 0, &chunk, plan_scratch);
       total += chunk;
@@ -652,18 +635,18 @@ __device__ __noinline__ void plan_part_body(const DecodeParams& p) {
   }
   int carry = 0, slot_carry = 0, listed = 0;
   bool invalid = false;
-  for (int base = 0; base < batch; base += nt) {
+  for (int base = 0; base < p.batch; base += nt) {
     const int b = base + tid;
-    const int len = b < batch ? seqlens[b] : 0;
-    const int nb = b < batch ? request_blocks(len, lim, kBlockN) : 0;
+    const int len = b < p.batch ? seqlens[b] : 0;
+    const int nb = b < p.batch ? request_blocks(len, p, kBlockN) : 0;
     const int cost = nb > 0 ? nb + fixed : 0;
     int chunk;
     const int cb = carry + block_exclusive_scan(cost, &chunk, plan_scratch);  // (the default row is written)
     carry += chunk;
     if (total < 0) total = chunk;  // one pass: this chunk is the batch
     const long long T = total;
-    long long active = (T + min_part_cost - 1) / min_part_cost;  // parts worth their fixed costs
-    active = active < 1 ? 1 : (active > num_parts ? num_parts : active);
+    long long active = (T + p.min_part_cost - 1) / p.min_part_cost;  // parts worth their fixed costs
+    active = active < 1 ? 1 : (active > p.num_parts ? p.num_parts : active);
     const long long x0 = part < active ? T * part / active : T;
     const long long x1 = part + 1 < active ? T * (part + 1) / active : T;
     int first_part = 0, num_splits = 0;
@@ -694,13 +677,13 @@ __device__ __noinline__ void plan_part_body(const DecodeParams& p) {
       }
     }
     if (lead) {  // (block-uniform: the scan below is every thread's)
-      if (b < batch) {
+      if (b < p.batch) {
         req_info[4 * b + 0] = first_part;
         req_info[4 * b + 1] = num_splits;
         req_info[4 * b + 2] = offset;
         req_info[4 * b + 3] = cb;
       }
-      invalid = __syncthreads_or(b < batch && nb == 0) || invalid;
+      invalid = __syncthreads_or(b < p.batch && nb == 0) || invalid;
       const bool wide = num_splits > kInlineMergeSplits;
       int chunk_wide;
       const int at = block_exclusive_scan(wide ? 1 : 0, &chunk_wide, plan_scratch);
@@ -716,8 +699,8 @@ __device__ __noinline__ void plan_part_body(const DecodeParams& p) {
       constexpr int kRowElems = Cfg::kCkvDim;
       const int rows = p.s_q * Cfg::kNumHeads;
       const float nan = __int_as_float(0x7fffffff);
-      for (int b = 0; b < batch; ++b) {
-        if (request_blocks(seqlens[b], lim, kBlockN) > 0) continue;
+      for (int b = 0; b < p.batch; ++b) {
+        if (request_blocks(seqlens[b], p, kBlockN) > 0) continue;
         for (int i = tid; i < rows * kRowElems; i += nt) {
           const int r = i / kRowElems;
           ResultRows<Cfg>::out(p, b, r)[i % kRowElems] = from_float<OutT>(nan);
