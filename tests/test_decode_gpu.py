@@ -129,8 +129,8 @@ def test_merge_of_more_splits_than_one_round_trip_holds(family, dtype, dims, hea
 @pytest.mark.parametrize("family, dtype, dims, heads, s_q", variants([16, 40, 128], DIMS, ("bf16",), (1, 2)))
 def test_the_decode_kernel_merges_requests_of_two_three_and_four_parts(family, dtype, dims, heads, s_q):
     """Three requests over 9 parts split 2, 3 and 4 ways (mla_gen.schedule.plan, at 16-, 32- and 64-token
-    tiles), so each is merged by its last part inside the decode kernel (common.cuh merge_if_last): two rows a
-    round at two parts, one at three and four; rows past the heads (40 heads at s_q 2: 80 rows, a second row
+    tiles), so each is merged by its last part inside the decode kernel (common.cuh merge_if_last: a warp a row,
+    the row's 2, 3 or 4 partials read at once); rows past the heads (40 heads at s_q 2: 80 rows, a second row
     block of 16) are left alone."""
     inp = make_inputs([2392, 3587, 4815], heads=heads, ckv=dims[0], rope=dims[1], s_q=s_q, page_size=64,
                       device="cuda", generator=seeded(heads + 19 * s_q))
