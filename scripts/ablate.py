@@ -148,8 +148,8 @@ _TIMELINE = (
 )
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
-# third call: the steady pairs are not the whole kernel (segment starts, epilogues, merges, the wait for the inputs); beside
-# each mean, the CTA that took longest (the kernel ends with it)
+# third call: the steady pairs are not the whole kernel (segment starts, epilogues, merges, the wait for the
+# inputs); beside each mean, the CTA that took longest (the kernel ends with it)
 _PHASE_STAMP = """__device__ unsigned long long g_phase[2048][7];
 #define PHASE(e) \\
   if (tid == 0) { \\

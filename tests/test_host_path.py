@@ -18,7 +18,6 @@ import torch
 
 import mla_gen.api as api
 from conftest import REPO
-from conftest import REPO
 from mla_gen.bench.cases import default_suite, work
 from mla_gen.bench.host import FakeLauncher, FakeParams, cpu_host_times, cpu_inputs, fake_host, fake_wrapper
 from mla_gen.bench.report import (HostTimes, Timing, format_table, json_document, make_record, read_host,
