@@ -127,7 +127,8 @@ _TIMELINE = (
     _stamp_between("        bar_sync(kBarP1, 256);\n",
                    "#pragma unroll\n        for (int hh = 0; hh < 2; ++hh) {\n          m_end", 6),
     _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n"
-           "        release(b1, 0);  // K1L (ckv-left + rope, and P1)\n",
+           "        if (has_k1) release(b1, 0);  // K1L (ckv-left + rope, and P1); a missing K1 is not the producer's "
+           "(produce)\n",
            before=7, after=9),
     # WG1
     _stamp("        qk(sacc, b1, has_k1);\n", before=0, after=1),
@@ -138,13 +139,12 @@ _TIMELINE = (
     _stamp("        fence_proxy_async();\n        bar_sync(kBarP1, 256);\n", after=5),
     _stamp("        release(b0, 1);  // K0R (ckv-right + rope, and P0)\n", before=6),
     _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n        fence_regs(pa);\n"
-           "        release(b1, 1);  // K1R\n",
+           "        if (has_k1) release(b1, 1);  // K1R\n",
            before=8, after=10),
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
-    Edit("seesaw.cuh", "        if (buf == 0 || !k1_missing) wait_free(b);\n",
-         "        if (buf == 0 || !k1_missing) {\n          wait_free(b);\n          PSTAMP(2 * buf);\n        }\n"),
-    Edit("seesaw.cuh", "page[k], policy);\n          }\n        }\n      }\n    }\n  });\n",
-         "page[k], policy);\n          }\n        }\n        PSTAMP(2 * buf + 1);\n      }\n    }\n  });\n"),
+    Edit("seesaw.cuh", "      free_phase ^= 1u << slot;\n", "      free_phase ^= 1u << slot;\n      PSTAMP(2 * buf);\n"),
+    Edit("seesaw.cuh", "page[k], policy);\n        }\n      }\n    }\n  });\n",
+         "page[k], policy);\n        }\n      }\n      PSTAMP(2 * buf + 1);\n    }\n  });\n"),
 )
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
@@ -199,7 +199,8 @@ _PHASES = (
 ABLATIONS: dict[str, Ablation] = {
     "no-loads": Ablation(
         "seesaw", "no kv boxes after a segment's first pair (the producer still waits for the frees), no waits",
-        (Edit("seesaw.cuh", "        if (groups == 0) continue;\n", "        if (groups == 0 || it > 0) continue;\n"),
+        (Edit("seesaw.cuh", "      const uint32_t stage = s_k0 + b * L::kStageBytes;\n",
+              "      if (it > 0) continue;\n      const uint32_t stage = s_k0 + b * L::kStageBytes;\n"),
          *_FIRST_PAIR_WAITS)),
     "timeline": Ablation(
         "seesaw", "not an ablation: clock64 per event of CTA (0, 0), printed to stderr after the third call "

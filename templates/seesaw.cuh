@@ -5,7 +5,7 @@
 // count is correct; it is measured ahead of wgmma from 40 packed rows up, where dispatch takes it (PERF.md).
 //
 // Threads: 1 CTA per SM of three warpgroups: two consumers, WG0 (warps 0-3) and WG1 (warps 4-7), and a producer
-// (warps 8-11: warp 8 loads the ckv-left halves, warp 9 the right ones; 10 and 11 idle) that gives its registers
+// (warps 8-11, a warp per kv buffer half: K0L, K0R, K1L, K1R, see below) that gives its registers
 // to the consumers (setmaxnreg: 40 each, the consumers 232; 168 at launch). WG0 owns O_L = O[:, 0 .. C/2),
 // WG1 owns O_R = O[:, C/2 .. C), fp32 in registers (C/4 per thread: 128 at C = 512). A segment's kv tiles are
 // taken in PAIRS: tile 2i lives in buffer K0, tile 2i+1 in buffer K1 (a missing K1 at an odd count is skipped and
@@ -30,17 +30,17 @@
 // The halves: K0L = K0 ckv-left, K0R = K0 ckv-right + rope, K1L = K1 ckv-left + rope, K1R = K1 ckv-right (the
 // rope goes with the half that frees last). Each half has a "free" mbarrier (count 4): every warp of the WG that
 // reads the half last arrives on it once its wgmmas reading the half retired, and the producer warp of that
-// half issues the next tile's boxes into it when it completes:
+// half (warp 8 + 2 buffer + half) issues the next tile's boxes into it when it completes:
 //   WG0 frees K0L after O_L += P0 V0_L, before waiting for P1  | K1L after O_L += P1 V1_L
 //   WG1 frees K0R after O_R += P0 V0_R                         | K1R after O_R += P1 V1_R
-// Every pair frees all four halves (a missing K1 too), so the producer runs on into the next segment's tiles.
+// A pair frees K1 only where it has a K1 tile (produce); the producer runs on into the next segment's tiles.
 // The loads are the kernel's loop-carried chain (K1's boxes go out at a pair's end and S1 needs them at the next
 // pair's start; a 72 KB tile takes about 2800 cycles to land, PERF.md), so every half is freed as early as its
 // readers allow. Where shared memory holds two pairs' buffers (4 stages, ckv 256: 197 KB), pair i computes in slot
 // i % 2 (kv buffers 2 slot, 2 slot + 1, their own mbarriers and P0 / P1) and the producer fills the other slot,
 // freed by pair i - 1, while it runs: the load leaves the chain. Issuing a half costs its warp about 800 cycles
-// (4-5 boxes; PERF.md, eighth session): on a producer warp that is no longer on the consumers' path (case 2: 312
-// -> 277 us).
+// (4-5 boxes; PERF.md, eighth session): on producer warps that are not on the consumers' path (case 2: 312
+// -> 277 us), one per half, so that K1R's boxes do not wait behind K0R's issue.
 // Q K^T waits unit by unit (ckv-left, ckv-right, the rope), so its first k-steps run while later boxes land (in
 // S1, K1L's boxes went out before K1R's); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas.
 // The other WG's V half (WG0: K1 left blocks, WG1: K0 right blocks) is not waited for again: that WG waited in
@@ -140,7 +140,7 @@ struct Layout {
   static_assert(M == 64, "block_m: one wgmma m64 tile");
   static_assert(N == 64, "block_n: 64 tokens per tile (S = m64n64 per warpgroup)");
   static_assert(W == 8, "warps: two (consumer) warpgroups");
-  // the consumers (warps 0-7) and the producer warpgroup (warps 8-11; warps 8 and 9 issue the loads)
+  // the consumers (warps 0-7) and the producer warpgroup (warps 8-11, one per kv buffer half)
   static constexpr int kThreads = 32 * W + 128;
   static_assert(kThreads == Cfg::kThreads, "block size disagrees with VariantSpec.threads");
   // registers per thread after setmaxnreg, within the CTA's pool: ptxas gives 384 threads 168 each at entry, and an
@@ -171,17 +171,20 @@ __device__ __forceinline__ void copy_half_row(uint32_t dst, int row, const T* sr
   for (int i = 0; i < HB; ++i) cp_async_16(d + i * P::kBlockBytes, src + 64 * i, bytes);
 }
 
-// The producer of ckv half `half` (warp 8: the left halves K0L, K1L; warp 9: the right halves K0R, K1R): walks
-// the part's segments like the consumers and loads its half of every kv tile (tile 2i into K0, 2i + 1 into K1; the
-// rope panel with the half that the consumers free last: K0R, K1L) once the consumers freed the half's previous
-// tile. A pair without a K1 tile (odd count) still takes its turn on K1's free barriers (the consumers free K1 after
-// that pair too; waited for ahead of the pair's K0 boxes, see below), so a segment's first tiles go out while the
-// last one still runs.
+// The producer of one half of one kv buffer of each pair (warp 8: K0L, 9: K0R, 10: K1L, 11: K1R; a warp per
+// half so that a half's boxes go out as soon as its readers freed it, not behind another half's issue): walks the
+// part's segments like the consumers and loads its half of every kv tile it owns (tile 2i into K0, 2i + 1 into
+// K1; the rope panel with the half that the consumers free last: K0R, K1L), each once the consumers freed the
+// half's previous tile in that slot. A pair without a K1 tile (odd count) is skipped by the K1 warps, and the
+// consumers neither free K1 nor store P1 there after such a pair, so every phase of a free barrier belongs to a
+// tile its warp loads: the consumers cannot complete the next phase before that warp issued the tile, and the
+// warp is never two phases behind its barrier.
 // Lane l issues the boxes of row groups l and l + 32 (b rows each, sm90.cuh tma_box_rows); each unit's
-// mbarrier gets the bytes of the groups before the length (its one arrival).
+// mbarrier gets the bytes of the groups before the length (its one arrival). A tile's block-table entries are read
+// before the warp waits for the free, so their latency hides behind that wait.
 template <class Cfg>
-__device__ __forceinline__ void produce(const TmaParams& tp, int part, int half, uint32_t s_k0, uint32_t s_full,
-                                        uint32_t s_free) {
+__device__ __forceinline__ void produce(const TmaParams& tp, int part, int buf, int half, uint32_t s_k0,
+                                        uint32_t s_full, uint32_t s_free) {
   using L = Layout<Cfg>;
   using KN = typename L::KN;
   using KP = typename L::KP;
@@ -191,66 +194,52 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int half,
   const int lane = threadIdx.x & 31;
   const int box_rows = tma_box_rows(p.page_size);
   const int* block_table = reinterpret_cast<const int*>(p.block_table);
-  uint32_t free_phase = 0;  // bit b: the parity of free[b][half] this warp waits for next, flipped
+  const bool rope = (buf == 0) == (half == 1);
+  uint32_t free_phase = 0;  // bit s: the parity this warp waits for next on its free barrier of pair slot s, flipped
   int pair_no = 0;          // pairs walked so far (over segments): pair i loads into slot i % kPairSlots
   // kv lines first out of L2: a tile is read by the row blocks of one part at about the same time, then never again,
   // while a split request's partials (written at a segment's end) are read back by the merge
   const uint64_t policy = l2_evict_first_policy();
-  auto wait_free = [&](int b) {  // until the consumers freed this warp's half of kv buffer b (its next phase)
-    mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> b) & 1u) ^ 1u);
-    free_phase ^= 1u << b;
-  };
   for_each_segment<Cfg, kBarConsumers, false>(p, part, [&](const Segment& seg) {
     const int len = seg.len, n_tiles = seg.blk_hi - seg.blk_lo;
     const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
     for (int it = 0; it < n_tiles; it += 2, ++pair_no) {
-      const int slot = pair_no % L::kPairSlots;
-      const bool k1_missing = it + 1 >= n_tiles;
+      const int slot = pair_no % L::kPairSlots, b = 2 * slot + buf;
+      const int tile = it + buf, t0 = (seg.blk_lo + tile) * N;
+      if (tile >= n_tiles) continue;  // a missing K1: no load, no free (see above)
+      const int groups = (min(len - t0, N) + box_rows - 1) / box_rows;
+      int page[kGroupIters];  // read before the wait: the block table's latency hides behind it
 #pragma unroll
-      for (int buf = 0; buf < 2; ++buf) {  // K0, K1 of the pair: kv buffer b = 2 slot + buf
-        const int b = 2 * slot + buf;
-        const int tile = it + buf, t0 = (seg.blk_lo + tile) * N;
-        const int groups = tile < n_tiles ? (min(len - t0, N) + box_rows - 1) / box_rows : 0;
-        int page[kGroupIters];  // read before the wait: the block table's latency hides behind it
+      for (int k = 0; k < kGroupIters; ++k) {
+        const int grp = lane + 32 * k;
+        page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
+      }
+      // the first wait on each free barrier passes (the phase before a fresh barrier's counts as complete)
+      mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> slot) & 1u) ^ 1u);
+      free_phase ^= 1u << slot;
+      const uint32_t stage = s_k0 + b * L::kStageBytes;
+      const uint32_t bars = s_full + 8 * b * U;  // the unit's boxes complete on its full mbarrier
+      if (lane == 0) {
 #pragma unroll
-        for (int k = 0; k < kGroupIters; ++k) {
-          const int grp = lane + 32 * k;
-          page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
-        }
-        // The first wait on each free barrier passes (the phase before a fresh barrier's counts as complete).
-        // Every phase gets its wait (compute-sanitizer's synccheck reports one arrived on again before any wait as
-        // "Missing wait"), a missing K1's too (the consumers free it after its pair: they write P1 there). That one
-        // is waited for before K0's boxes go out: the consumers' next release of K1, at this pair's end, needs
-        // only K0, so a wait after K0's boxes could come a phase late, find the parity it waits for again and
-        // never pass. A wait ahead of the warp's own next issue cannot.
-        if (buf == 0 || !k1_missing) wait_free(b);
-        if (buf == 0 && k1_missing) wait_free(b + 1);
-        if (groups == 0) continue;
-        const bool rope = (buf == 0) == (half == 1);
-        const uint32_t stage = s_k0 + b * L::kStageBytes;
-        const uint32_t bars = s_full + 8 * b * U;  // the unit's boxes complete on its full mbarrier
-        if (lane == 0) {
+        for (int blk = 0; blk < HB; ++blk)
+          mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * KN::kRowBytes);
+        if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * KP::kBlocks * KP::kRowBytes);
+      }
+      __syncwarp();
 #pragma unroll
-          for (int blk = 0; blk < HB; ++blk)
-            mbarrier_arrive_expect_tx(bars + 8 * (half * HB + blk), groups * box_rows * KN::kRowBytes);
-          if (rope) mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, groups * box_rows * KP::kBlocks * KP::kRowBytes);
-        }
-        __syncwarp();
+      for (int k = 0; k < kGroupIters; ++k) {
+        const int grp = lane + 32 * k;
+        if (grp >= groups) continue;
+        const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
 #pragma unroll
-        for (int k = 0; k < kGroupIters; ++k) {
-          const int grp = lane + 32 * k;
-          if (grp >= groups) continue;
-          const int row = grp * box_rows, tok = (t0 + row) % p.page_size;
+        for (int blk = half * HB; blk < half * HB + HB; ++blk)
+          tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok,
+                      page[k], policy);
+        if (rope) {
 #pragma unroll
-          for (int blk = half * HB; blk < half * HB + HB; ++blk)
-            tma_load_3d(stage + blk * KN::kBlockBytes + row * KN::kRowBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok,
-                        page[k], policy);
-          if (rope) {
-#pragma unroll
-            for (int blk = 0; blk < KP::kBlocks; ++blk)
-              tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
-                          bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);
-          }
+          for (int blk = 0; blk < KP::kBlocks; ++blk)
+            tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes + row * KP::kRowBytes, &tp.kpe,
+                        bars + 8 * 2 * HB, blk * KP::kBlockCols, tok, page[k], policy);
         }
       }
     }
@@ -354,7 +343,7 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
   plan_part<Cfg>(p);  // (every thread: the work list of this CTA's part; its last barrier is all 384 threads')
   if (warp >= 8) {  // the consumers meet at kBarConsumers from here on
     setmaxnreg_dec<L::kProducerRegs>();
-    if (warp < 10) produce<Cfg>(tp, part, warp - 8, s_k0, s_bars, s_free);
+    produce<Cfg>(tp, part, (warp - 8) >> 1, warp & 1, s_k0, s_bars, s_free);
     return;
   }
   setmaxnreg_inc<L::kConsumerRegs>();
@@ -403,7 +392,7 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
     else phase ^= 1u << (buf * U + unit);
   };
   // This warp is done with half `half` of buffer `buf` (its wgmmas reading it retired): the producer may load
-  // the next tile there once the WG's four warps said so. Every pair frees all four halves, a missing K1 too.
+  // the next tile there once the WG's four warps said so. Every pair frees K0's halves, and K1's where it has K1.
   auto release = [&](int buf, int half) {
     if (lane == 0) mbarrier_arrive(s_free + 8 * (2 * buf + half));
   };
@@ -470,7 +459,8 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
                          scale_log2, m_ref, m_new, scale, lsum, [&](int hh, int j, float p0, float p1) {
                            const uint32_t u = pack2<KV>(p0, p1);
                            pa[j >> 1][2 * (j & 1) + hh] = u;  // n8 tiles j = 2 kk, 2 kk + 1 form the k16 step kk
-                           sts_u32(s_pown + kv_off + PP::off(wrow + g + 8 * hh, j) + 4 * tq, u);
+                           // (no P1 for a missing K1: its buffer may already take the next K1 tile's boxes)
+                           if (present) sts_u32(s_pown + kv_off + PP::off(wrow + g + 8 * hh, j) + 4 * tq, u);
                          });
       if (tq == 0) {
         sts_f32(red_m, m_new[0]);
@@ -575,7 +565,7 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
         }
         wgmma_wait<0>();
         fence_regs(o);
-        release(b1, 0);  // K1L (ckv-left + rope, and P1)
+        if (has_k1) release(b1, 0);  // K1L (ckv-left + rope, and P1); a missing K1 is not the producer's (produce)
       } else {
         // ---- S1 = Q K1^T. Issued even without a K1 tile (its scores are then overwritten by -inf in softmax; a
         //      wgmma issue under a branch makes ptxas serialize the following wgmmas); only the waits depend on it.
@@ -628,7 +618,7 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs(pa);
-        release(b1, 1);  // K1R
+        if (has_k1) release(b1, 1);  // K1R
       }
       m_run[0] = m_end[0];
       m_run[1] = m_end[1];

@@ -33,8 +33,9 @@ def test_a_moved_edit_fails_naming_it_and_leaves_nothing(tmp_path: Path) -> None
     src = tmp_path / "templates"
     shutil.copytree(ablate.TEMPLATES, src)
     seesaw = src / "seesaw.cuh"
-    seesaw.write_text(seesaw.read_text().replace("if (groups == 0) continue;", "if (groups == 0) { continue; }"))
-    with pytest.raises(ValueError, match=r"^no-loads: seesaw.cuh holds 0 copies of 'if \(groups == 0\) continue;'"):
+    anchor = "const uint32_t stage = s_k0 + b * L::kStageBytes;"
+    seesaw.write_text(seesaw.read_text().replace(anchor, "const uint32_t stage = b * L::kStageBytes + s_k0;"))
+    with pytest.raises(ValueError, match=r"^no-loads: seesaw.cuh holds 0 copies of 'const uint32_t stage = s_k0"):
         ablate.ablate("no-loads", tmp_path / "out", src)
     assert not (tmp_path / "out" / "no-loads").exists()
 
