@@ -142,9 +142,10 @@ _TIMELINE = (
            "        if (has_k1) release(b1, 1);  // K1R\n",
            before=8, after=10),
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
-    Edit("seesaw.cuh", "      free_phase ^= 1u << slot;\n", "      free_phase ^= 1u << slot;\n      PSTAMP(2 * buf);\n"),
-    Edit("seesaw.cuh", "page[k], policy);\n        }\n      }\n    }\n  });\n",
-         "page[k], policy);\n        }\n      }\n      PSTAMP(2 * buf + 1);\n    }\n  });\n"),
+    Edit("seesaw.cuh", "        mbarrier_wait(free_bar, free_parity);\n        if (lane == 0) {\n",
+         "        mbarrier_wait(free_bar, free_parity);\n        PSTAMP(2 * buf);\n        if (lane == 0) {\n"),
+    Edit("seesaw.cuh", "        __syncwarp();\n        continue;\n",
+         "        __syncwarp();\n        PSTAMP(2 * buf + 1);\n        continue;\n"),
 )
 
 # "phases": where each consumer CTA's time goes, summed over its segments (thread 0's clock64), printed after the
@@ -199,8 +200,8 @@ _PHASES = (
 ABLATIONS: dict[str, Ablation] = {
     "no-loads": Ablation(
         "seesaw", "no kv boxes after a segment's first pair (the producer still waits for the frees), no waits",
-        (Edit("seesaw.cuh", "      const uint32_t stage = s_k0 + b * L::kStageBytes;\n",
-              "      if (it > 0) continue;\n      const uint32_t stage = s_k0 + b * L::kStageBytes;\n"),
+        (Edit("seesaw.cuh", "        mbarrier_wait(free_bar, free_parity);\n        if (lane == 0) {\n",
+              "        mbarrier_wait(free_bar, free_parity);\n        if (lane == 0 && it == 0) {\n"),
          *_FIRST_PAIR_WAITS)),
     "timeline": Ablation(
         "seesaw", "not an ablation: clock64 per event of CTA (0, 0), printed to stderr after the third call "

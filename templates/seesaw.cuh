@@ -207,6 +207,35 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int buf, 
       const int slot = pair_no % L::kPairSlots, b = 2 * slot + buf;
       const int tile = it + buf, t0 = (seg.blk_lo + tile) * N;
       if (tile >= n_tiles) continue;  // a missing K1: no load, no free (see above)
+      const uint32_t stage = s_k0 + b * L::kStageBytes;
+      const uint32_t bars = s_full + 8 * b * U;  // the unit's boxes complete on its full mbarrier
+      // the first wait on each free barrier passes (the phase before a fresh barrier's counts as complete)
+      const uint32_t free_bar = s_free + 8 * (2 * b + half), free_parity = ((free_phase >> slot) & 1u) ^ 1u;
+      free_phase ^= 1u << slot;
+      if (box_rows == N) {
+        // Whole-tile boxes (a page size that 64 divides): one box a block, its operands made warp-uniform (redux
+        // results live in uniform registers), so ptxas issues each copy as it stands, not inside a loop over the
+        // lanes' distinct values (PERF.md, twenty-eighth session).
+        const int page = __reduce_max_sync(0xffffffffu, bt_row[t0 / p.page_size]);  // every lane: the same entry
+        const int tok = __reduce_max_sync(0xffffffffu, t0 % p.page_size);
+        mbarrier_wait(free_bar, free_parity);
+        if (lane == 0) {
+#pragma unroll
+          for (int blk = half * HB; blk < half * HB + HB; ++blk) {
+            mbarrier_arrive_expect_tx(bars + 8 * blk, N * KN::kRowBytes);
+            tma_load_3d(stage + blk * KN::kBlockBytes, &tp.ckv, bars + 8 * blk, blk * 64, tok, page, policy);
+          }
+          if (rope) {
+            mbarrier_arrive_expect_tx(bars + 8 * 2 * HB, N * KP::kBlocks * KP::kRowBytes);
+#pragma unroll
+            for (int blk = 0; blk < KP::kBlocks; ++blk)
+              tma_load_3d(stage + KN::kBytes + blk * KP::kBlockBytes, &tp.kpe, bars + 8 * 2 * HB, blk * KP::kBlockCols,
+                          tok, page, policy);
+          }
+        }
+        __syncwarp();
+        continue;
+      }
       const int groups = (min(len - t0, N) + box_rows - 1) / box_rows;
       int page[kGroupIters];  // read before the wait: the block table's latency hides behind it
 #pragma unroll
@@ -214,11 +243,7 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int buf, 
         const int grp = lane + 32 * k;
         page[k] = grp < groups ? bt_row[(t0 + grp * box_rows) / p.page_size] : 0;
       }
-      // the first wait on each free barrier passes (the phase before a fresh barrier's counts as complete)
-      mbarrier_wait(s_free + 8 * (2 * b + half), ((free_phase >> slot) & 1u) ^ 1u);
-      free_phase ^= 1u << slot;
-      const uint32_t stage = s_k0 + b * L::kStageBytes;
-      const uint32_t bars = s_full + 8 * b * U;  // the unit's boxes complete on its full mbarrier
+      mbarrier_wait(free_bar, free_parity);
       if (lane == 0) {
 #pragma unroll
         for (int blk = 0; blk < HB; ++blk)

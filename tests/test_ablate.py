@@ -33,9 +33,9 @@ def test_a_moved_edit_fails_naming_it_and_leaves_nothing(tmp_path: Path) -> None
     src = tmp_path / "templates"
     shutil.copytree(ablate.TEMPLATES, src)
     seesaw = src / "seesaw.cuh"
-    anchor = "const uint32_t stage = s_k0 + b * L::kStageBytes;"
-    seesaw.write_text(seesaw.read_text().replace(anchor, "const uint32_t stage = b * L::kStageBytes + s_k0;"))
-    with pytest.raises(ValueError, match=r"^no-loads: seesaw.cuh holds 0 copies of 'const uint32_t stage = s_k0"):
+    anchor = "mbarrier_wait(free_bar, free_parity);"
+    seesaw.write_text(seesaw.read_text().replace(anchor, "mbarrier_wait(free_bar, free_parity) ;"))
+    with pytest.raises(ValueError, match=r"^no-loads: seesaw.cuh holds 0 copies of 'mbarrier_wait\(free_bar"):
         ablate.ablate("no-loads", tmp_path / "out", src)
     assert not (tmp_path / "out" / "no-loads").exists()
 
