@@ -506,23 +506,19 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
         }
       }
     };
-    // S = Q K^T over buffer `buf` into sc: the ckv halves in the order their boxes go out, then the rope (with the
-    // half freed last), each block once its mbarrier completed (when `wait`); a wgmma.fence after each wait keeps
-    // ptxas from serializing the wgmmas (a wait is a divergent spin loop). K0: left first (WG0 frees K0L after
-    // P0 V0_L, WG1 K0R after P0 V0_R); K1: right first (WG1 frees K1R after P1 V1_R, before WG0 frees K1L after
-    // P1 V1_L), so S1's right half runs while K1L's boxes land.
+    // S = Q K^T over buffer `buf` into sc: the ckv blocks left to right, then the rope, each once its mbarrier
+    // completed (when `wait`); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas (a wait is a
+    // divergent spin loop). Left first in both WGs, although K1R's boxes now go out before K1L's: S1 over the right
+    // half first was 1-3 % slower on cases 2 and 3 (PERF.md, twenty-eighth session).
     auto qk = [&](float (&sc)[SV], int buf, bool wait) {
-      const int first = (buf & 1) * HB;  // HB is a power of two: blk = i ^ first takes that half first
       fence_regs(sc);
 #pragma unroll
-      for (int i = 0; i < 2 * HB; ++i) {
-        const int blk = i ^ first;
+      for (int blk = 0; blk < 2 * HB; ++blk) {
         if (wait) wait_unit(buf, blk);
         wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-          wgmma_ss<N, KV, 0>(sc, desc_add(d_qn, QN::step(4 * blk + k)), desc_add(d_kn, kv_off + KN::step(4 * blk + k)),
-                             1);
+        for (int ks = 4 * blk; ks < 4 * blk + 4; ++ks)
+          wgmma_ss<N, KV, 0>(sc, desc_add(d_qn, QN::step(ks)), desc_add(d_kn, kv_off + KN::step(ks)), 1);
       }
       if (wait) wait_unit(buf, 2 * HB);
       wgmma_fence();
