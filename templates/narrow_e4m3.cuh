@@ -135,8 +135,10 @@ __device__ __forceinline__ void e4m3_vt_fragment(const uint32_t (&w)[4][kWords],
 }
 
 // The producer warp: walks the part's segments like the consumers and loads each tile into ring stage k %
-// kRing (k counts the part's tiles) once its consumers freed it: the row groups before the length (lane l takes
-// groups l and l + 32, b rows each: sm90.cuh tma_box_rows), C / 128 ckv boxes and a rope box per group;
+// kRing (k counts the part's tiles) once its consumers freed it. Where 64 divides the page size, a tile is one
+// box per 128-column ckv block, the rope's (and the scales') from lane 0 with warp-uniform operands; otherwise the
+// row groups before the length (lane l takes groups l and l + 32, b rows each: sm90.cuh tma_box_rows), C / 128
+// ckv boxes and a rope box per group;
 // fp8_ds_mla: also the tokens' 16 scale bytes, a box per group from the scale map (64 16-byte bulk copies a
 // tile took case 1 from 104 to 241 us), or below 8-row boxes a bulk copy per token (lanes l, l + 32: tokens l,
 // l + 32).
@@ -155,6 +157,22 @@ __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint
     const int* bt_row = block_table + static_cast<long long>(seg.req) * p.block_table_stride;
     for (int it = 0; it < n_tiles; ++it, ++k) {
       const int st = k % kRing, t0 = (seg.blk_lo + it) * N;
+      const uint32_t stage = s_base + L::kOffRing + st * L::kStageBytes;
+      if (box_rows == N) {  // whole-tile boxes: warp-uniform operands, each copy issued without a lane loop (seesaw)
+        const int page = __reduce_max_sync(0xffffffffu, bt_row[t0 / p.page_size]);  // every lane: the same entry
+        const int tok = __reduce_max_sync(0xffffffffu, t0 % p.page_size);
+        mbarrier_wait(empty + 8 * st, ((k / kRing) & 1) ^ 1);
+        if (lane == 0) {
+          mbarrier_arrive_expect_tx(full + 8 * st, N * L::kTokenBytes);
+#pragma unroll
+          for (int blk = 0; blk < L::KB::kBlocks; ++blk)
+            tma_load_3d(stage + blk * L::KB::kBlockBytes, &tp.ckv, full + 8 * st, blk * 128, tok, page, policy);
+          tma_load_3d(stage + L::KB::kBytes, &tp.kpe, full + 8 * st, 0, tok, page, policy);
+          if (L::kDs) tma_load_3d(stage + L::kScaleOff, &tp.scale, full + 8 * st, 0, tok, page, policy);
+        }
+        __syncwarp();
+        continue;
+      }
       const int groups = (min(seg.len - t0, N) + box_rows - 1) / box_rows;
       int page[2], tok_page[2];  // read before the wait: the block table's latency hides behind it
 #pragma unroll
@@ -164,7 +182,6 @@ __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint
         if (L::kDs && box_rows < 8) tok_page[i] = grp < groups * box_rows ? bt_row[(t0 + grp) / p.page_size] : 0;
       }
       mbarrier_wait(empty + 8 * st, ((k / kRing) & 1) ^ 1);  // the first pass of a fresh barrier returns at once
-      const uint32_t stage = s_base + L::kOffRing + st * L::kStageBytes;
       if (lane == 0) mbarrier_arrive_expect_tx(full + 8 * st, groups * box_rows * L::kTokenBytes);
       __syncwarp();
       if (L::kDs && box_rows < 8) {  // a box of fewer than 8 scale rows would land off TMA's 128-byte alignment
