@@ -38,9 +38,10 @@
 // pair's start; a 72 KB tile takes about 2800 cycles to land, PERF.md), so every half is freed as early as its
 // readers allow. Where shared memory holds two pairs' buffers (4 stages, ckv 256: 197 KB), pair i computes in slot
 // i % 2 (kv buffers 2 slot, 2 slot + 1, their own mbarriers and P0 / P1) and the producer fills the other slot,
-// freed by pair i - 1, while it runs: the load leaves the chain. Issuing a half costs its warp about 800 cycles
-// (4-5 boxes; PERF.md, eighth session): on producer warps that are not on the consumers' path (case 2: 312
-// -> 277 us), one per half, so that K1R's boxes do not wait behind K0R's issue.
+// freed by pair i - 1, while it runs: the load leaves the chain. The boxes go out from producer warps, off the
+// consumers' path (case 2: 312 -> 277 us, eighth session), one warp per half, so that K1R's boxes do not wait behind
+// K0R's issue, with warp-uniform operands where a box is a whole tile (page sizes that 64 divides): a half's 4-5
+// boxes then leave in ~350-450 cycles instead of ~800 (PERF.md, twenty-eighth session).
 // Q K^T waits unit by unit (ckv-left, ckv-right, the rope), so its first k-steps run while later boxes land (in
 // S1, K1L's boxes went out before K1R's); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas.
 // The other WG's V half (WG0: K1 left blocks, WG1: K0 right blocks) is not waited for again: that WG waited in
