@@ -119,5 +119,6 @@ def test_the_kernel_waits_on_the_empty_barrier_before_the_full_one() -> None:
     text = KERNEL.read_text()
     waits = re.findall(r"mbarrier_wait\((empty|full) \+ 8 \* st, ([^;]+)\);", text)
     empty, full = ("empty", "((k / kRing) & 1) ^ 1"), ("full", "(k / kRing) & 1")
-    assert waits.count(empty) == 2 and waits.count(full) == 1, waits  # the producer's empty wait, the consumer's
+    # the producer's empty waits (one on each of its two paths: whole-tile boxes, row groups), the consumer's
+    assert waits.count(empty) == 3 and waits.count(full) == 1 and len(waits) == 4, waits
     assert waits[waits.index(full) - 1] == empty
