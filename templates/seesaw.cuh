@@ -42,8 +42,8 @@
 // consumers' path (case 2: 312 -> 277 us, eighth session), one warp per half, so that K1R's boxes do not wait behind
 // K0R's issue, with warp-uniform operands where a box is a whole tile (page sizes that 64 divides): a half's 4-5
 // boxes then leave in ~350-450 cycles instead of ~800 (PERF.md, twenty-eighth session).
-// Q K^T waits unit by unit (ckv-left, ckv-right, the rope), so its first k-steps run while later boxes land (in
-// S1, K1L's boxes went out before K1R's); a wgmma.fence after each wait keeps ptxas from serializing the wgmmas.
+// Q K^T waits unit by unit (ckv-left, ckv-right, the rope), so its first k-steps run while later boxes land; a
+// wgmma.fence after each wait keeps ptxas from serializing the wgmmas.
 // The other WG's V half (WG0: K1 left blocks, WG1: K0 right blocks) is not waited for again: that WG waited in
 // its Q K^T before the hand-off this WG synced on, which orders the TMA's writes before this WG's reads
 // (pass_unit flips the parity bit only). Only a tile whose tail this WG zeroes waits for real, so that its
@@ -593,8 +593,9 @@ __device__ __forceinline__ void decode_16bit(const TmaParams& tp) {
         fence_regs(o);
         if (has_k1) release(b1, 0);  // K1L (ckv-left + rope, and P1); a missing K1 is not the producer's (produce)
       } else {
-        // ---- S1 = Q K1^T. Issued even without a K1 tile (its scores are then overwritten by -inf in softmax; a
-        //      wgmma issue under a branch makes ptxas serialize the following wgmmas); only the waits depend on it.
+        // ---- S1 = Q K1^T. Issued even without a K1 tile (its scores are then overwritten by -inf in softmax, and
+        //      the buffer may be taking the next K1 tile's boxes meanwhile; a wgmma issue under a branch makes ptxas
+        //      serialize the following wgmmas); only the waits depend on it.
         qk(sacc, b1, has_k1);
 
         // ---- P0, m0 from WG0: scale0 = 2^(m - m0); O_R += P0 V0_R (SS) runs under this WG's softmax. S1 is

@@ -18,7 +18,7 @@ from mla_gen.bench.args import parse_options
 from mla_gen.bench.cases import Case, default_suite, subsample, work
 from mla_gen.bench.impls import Peers, Reference, compare, peer_support, prepare_torch
 from mla_gen.bench.report import (Check, Record, Timing, balance_lines, format_table, json_document, make_record,
-                                  read_document, target_lines)
+                                  page_lines, read_document, target_lines)
 from mla_gen.bench.roofline import Ceilings
 from mla_gen.bench.runner import main
 from mla_gen.cost import visible_pairs
@@ -101,7 +101,10 @@ def test_default_suite() -> None:
     assert abs(sum(twin.lengths()) - sum(ragged.lengths())) <= twin.batch // 2
     m = suite["minicpm3"]
     assert (m.heads, m.ckv, m.rope, m.model) == (40, 256, 32, "minicpm3-4b") and m.sm_scale != 192 ** -0.5
-    assert all(c.page_size == 64 and c.dtype == "bf16" for c in suite.values())
+    assert all(c.page_size == 64 and c.dtype == "bf16" for c in suite.values() if c.page_of is None)
+    pages = {c.name: (c.page_of, c.page_size, c.batch, c.heads, c.seqlen) for c in suite.values() if c.page_of}
+    assert pages == {"1p16": ("1", 16, 128, 16, 4096), "1p1": ("1", 1, 128, 16, 4096),
+                     "2p16": ("2", 16, 128, 128, 4096), "2p1": ("2", 1, 128, 128, 4096)}
 
 
 def test_subsample_keeps_extremes() -> None:
@@ -167,6 +170,9 @@ def test_options_single_case_and_suite() -> None:
     assert [c.name for c in suite.cases] == ["6", "6eq"] and all(c.dtype == "fp16" for c in suite.cases)
     assert suite.peers_dir == Path("/x") and suite.families is None
     assert len(parse_options([]).cases) == len(default_suite())
+    # --page-size moves the suite's cases, not the small-page repeats (they are judged against page 64)
+    pages = {c.name: c.page_size for c in parse_options(["--page-size", "32", "--cases", "1,1p16,2p1"]).cases}
+    assert pages == {"1": 32, "1p16": 16, "2p1": 1}
     assert parse_options([]).case_timeout_s == 300 and parse_options(["--case-timeout", "20"]).case_timeout_s == 20
 
 
@@ -301,6 +307,28 @@ def test_targets_judge_dispatchs_family_against_flashmla_and_every_peer() -> Non
     assert lines[3].endswith("; faster than every peer on 1 of 2 cases with peers")
     assert len(lines) == 4
     assert target_lines([r for r in records if not r.impl.startswith("mla-gen:")]) == []
+
+
+def test_pages_judge_dispatchs_family_against_the_same_case_at_page_64() -> None:
+    c1, c2 = Case("1", 128, 16, seqlen=4096), Case("2", 128, 128, seqlen=4096)
+    c1p16, c2p1 = (Case("1p16", 128, 16, seqlen=4096, page_size=16, page_of="1"),
+                   Case("2p1", 128, 128, seqlen=4096, page_size=1, page_of="2"))
+    records = [
+        _timed(c1, "mla-gen:narrow", 150.0), _timed(c1, "mla-gen:narrow+plan", 152.0),
+        _timed(c1p16, "mla-gen:narrow", 156.0), _timed(c1p16, "mla-gen:seesaw", 140.0),
+        _timed(c1p16, "mla-gen:narrow+plan", 158.0), _timed(c1p16, "flashinfer_fa3", 160.0),
+        _timed(c2, "mla-gen:seesaw", 245.0), _timed(c2, "mla-gen:seesaw+plan", 247.0),
+        _timed(c2p1, "mla-gen:seesaw", 1300.0), _timed(c2p1, "mla-gen:narrow", 476.0),  # dispatch's wgmma not timed
+    ]
+    assert [r.page_of for r in records[2:6]] == ["1"] * 4
+    assert page_lines(records) == [
+        "pages 1p16 (B128 S4096 H16 p16): mla-gen:narrow 156.0 us / 1 mla-gen:narrow 150.0 us = 1.040 "
+        "(target <= 1.05: met)",
+        "pages 2p1 (B128 S4096 H128 p1): mla-gen:narrow 476.0 us / 2 mla-gen:seesaw 245.0 us = 1.943 "
+        "(no verdict: dispatch's family not timed on both)"]
+    assert page_lines([r for r in records if r.case != "1"]) == page_lines(records)[1:]  # no base: no line
+    assert [line.split(":")[0] for line in target_lines(records)[:4]] == ["targets 1", "targets 1p16", "targets 2",
+                                                                           "targets 2p1"]
 
 
 def test_from_json_prints_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

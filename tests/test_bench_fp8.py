@@ -160,7 +160,7 @@ def test_json_round_trip_and_from_json(tmp_path: Path, capsys: pytest.CaptureFix
     records = _records()
     doc = json.loads(json.dumps(json_document({"name": "GPU"}, CEILINGS, {"kv_dtype": "fp8_e4m3"}, [CASE1], records),
                                 allow_nan=False))
-    assert doc["schema"] == SCHEMA_VERSION == 3
+    assert doc["schema"] == SCHEMA_VERSION == 4
     assert doc["records"][1]["kv_dtype"] == "fp8_e4m3" and doc["records"][1]["vs_16bit"] == pytest.approx(0.56)
     assert read_document(doc)[2] == records
     path = tmp_path / "r.json"

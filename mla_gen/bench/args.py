@@ -146,7 +146,8 @@ def _single_case(args: argparse.Namespace, page_size: int, dtype: str) -> Case:
 
 
 def _suite(args: argparse.Namespace, page_size: int, dtype: str) -> list[Case]:
-    suite = [dataclasses.replace(c, page_size=page_size, dtype=dtype) for c in default_suite(args.seed)]
+    suite = [dataclasses.replace(c, page_size=c.page_size if c.page_of else page_size, dtype=dtype)
+             for c in default_suite(args.seed)]
     if args.cases is None:
         return suite
     names = [n.strip() for n in args.cases.split(",") if n.strip()]

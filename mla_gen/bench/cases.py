@@ -43,6 +43,7 @@ class Case:
     sm_scale: float = DEFAULT_SM_SCALE
     seed: int = 0
     twin_of: str | None = None     # the ragged case whose total tokens this equal-length case repeats
+    page_of: str | None = None     # the case this one repeats at another page size (keeps its page_size in a suite)
     model: str | None = None       # the preset it comes from
 
     def __post_init__(self) -> None:
@@ -144,7 +145,7 @@ def default_suite(seed: int = 0) -> list[Case]:
     """The suite of issue 6: four DeepSeek shapes, a single long request, a ragged batch and its
     equal-length twin (same total tokens: time(6) / time(6eq) judges the plan's balance), and
     MiniCPM3-4B (40 heads, 256/32); then DeepSeek-V3's tensor-parallel head counts, MTP query lengths,
-    a batch of 256, and few long requests."""
+    a batch of 256, few long requests, and cases 1 and 2 at pages 16 and 1 (issue 11: within 1.05x of page 64)."""
     minicpm3 = model_config("minicpm3-4b")
     ragged = Case("6", 64, 128, seqlen=None, seqlens_random=(1, 8192), seed=seed)
     lengths = ragged.lengths()
@@ -169,6 +170,9 @@ def default_suite(seed: int = 0) -> list[Case]:
         # few long requests (issue 12)
         Case("b8long", 8, 16, seqlen=16384, seed=seed),
         Case("b4long", 4, 128, seqlen=65536, seed=seed),
+        # small pages against the suite's 64 (issue 11)
+        *(Case(f"{base.name}p{page}", base.batch, base.heads, seqlen=base.seqlen, page_size=page, seed=seed,
+               page_of=base.name) for base in (Case("1", 128, 16), Case("2", 128, 128)) for page in (16, 1)),
     ]
 
 

@@ -14,7 +14,7 @@ from mla_gen.bench.roofline import Ceilings
 # ok: checked and timed; WRONG: output mismatch, not timed; n/a: the implementation cannot take the
 # case; absent: the implementation does not load here; error: it raised (message in `note`).
 STATUSES = ("ok", "WRONG", "n/a", "absent", "error")
-SCHEMA_VERSION = 3  # 2: records' spin_us, the "host" section; 3: records' kv_dtype, vs_16bit, vs_16bit_impl
+SCHEMA_VERSION = 4  # 2: records' spin_us, the "host" section; 3: records' kv_dtype, vs_16bit, vs_16bit_impl; 4: page_of
 # Issue 13's acceptance, by cache format and suite case: time on the fp8 cache / time on the bf16 cache, at most.
 FP8_TARGETS = {"fp8_e4m3": {"1": 0.58, "2": 1.0}, "fp8_ds_mla": {"1": 0.65, "2": 1.0}}
 # Issues 11 and 12's acceptance, by suite case: the reference peer's time / mla-gen's, at least (mla-gen: the
@@ -25,6 +25,7 @@ PEER_TARGETS = {"1": 1.0, "2": 1.05, "3": 1.05, "6": 1.05, "tp32": 1.0, "tp40": 
                 "mtp5": 1.0, "tp64mtp2": 1.0, "b256": 1.0, "4": 1.25, "5": 1.5, "b8long": 1.3, "b4long": 1.3}
 COPY_TARGETS = {"minicpm3": 0.80}
 BALANCE_TARGET = 1.05
+PAGE_TARGET = 1.05  # issue 11: a case at another page size over the same case at page 64, at most
 # Implementation names: mla-gen's families ("mla-gen:<family>", "+plan": dispatch's family planning the work list
 # in each timed call), the naive torch baseline; every other name is a peer.
 MLAGEN_PREFIX, PLANNER_SUFFIX, TORCH_IMPL = "mla-gen:", "+plan", "torch"
@@ -91,6 +92,7 @@ class Record:
     bound: str                    # the larger term of the floor: memory or compute
     twin_of: str | None
     kv_dtype: str | None = None   # the cache format read (bf16, fp16, fp8_e4m3, fp8_ds_mla); None: schema < 3
+    page_of: str | None = None    # the case this one repeats at another page size; None: none, or schema < 4
     time_us: float | None = None  # median
     min_us: float | None = None
     p10_us: float | None = None
@@ -146,7 +148,7 @@ def make_record(case: Case, work: Work, impl: str, ceilings: Ceilings, status: s
     return Record(case=case.name, shape=case.shape, impl=impl, status=status, note=note, bytes=work.bytes,
                   flops=work.flops, intensity=work.intensity, floor_us=floor,
                   bound=ceilings.bound(work.bytes, work.flops), twin_of=case.twin_of, kv_dtype=kv_dtype or case.dtype,
-                  **fields)
+                  page_of=case.page_of, **fields)
 
 
 def with_16bit_ratio(record: Record, baseline: Record | None) -> Record:
@@ -225,25 +227,60 @@ def balance_lines(records: Sequence[Record]) -> list[str]:
     return lines
 
 
-def target_lines(records: Sequence[Record]) -> list[str]:
-    """Per case with an mla-gen time on a 16-bit cache: dispatch's family against the reference peer (issues 11
-    and 12's bound where the case has one) or the copy bandwidth, and the peers it is not yet faster than; then
-    the bounds met and missed. Dispatch's family is the one the case's "+plan" row names, else the fastest."""
+def _dispatched(recs: Sequence[Record]) -> tuple[Record, Record] | None:
+    """(dispatch's family, the fastest family) among one case's timed 16-bit records, or None without mla-gen rows.
+    Dispatch's family is the one the case's "+plan" row names, else the fastest."""
+    ours = [r for r in recs if r.impl.startswith(MLAGEN_PREFIX) and not r.impl.endswith(PLANNER_SUFFIX)]
+    if not ours:
+        return None
+    planned = {r.impl.removesuffix(PLANNER_SUFFIX) for r in recs
+               if r.impl.startswith(MLAGEN_PREFIX) and r.impl.endswith(PLANNER_SUFFIX)}
+    fastest = min(ours, key=lambda r: r.time_us)
+    return next((r for r in ours if r.impl in planned), fastest), fastest
+
+
+def _timed_16bit(records: Sequence[Record]) -> dict[str, list[Record]]:
     timed: dict[str, list[Record]] = {}
     for r in records:
         if r.status == "ok" and not (r.kv_dtype and DType.parse(r.kv_dtype).is_fp8):
             timed.setdefault(r.case, []).append(r)
+    return timed
+
+
+def page_lines(records: Sequence[Record]) -> list[str]:
+    """Per case repeated at another page size (page_of): mla-gen's time there over the same case's at the suite's
+    page, each the family dispatch picks for its page size (its "+plan" row; without one, the fastest family
+    timed, and no verdict: dispatch's own family was not timed)."""
+    timed = _timed_16bit(records)
+    lines = []
+    for case, recs in timed.items():
+        page_of = recs[0].page_of
+        if page_of is None or page_of not in timed:
+            continue
+        mine, base = _dispatched(recs), _dispatched(timed[page_of])
+        if mine is None or base is None:
+            continue
+        ratio = mine[0].time_us / base[0].time_us
+        judged = all(any(r.impl.endswith(PLANNER_SUFFIX) for r in rs) for rs in (recs, timed[page_of]))
+        verdict = (f" (target <= {PAGE_TARGET:.2f}: {_verdict(ratio <= PAGE_TARGET)})" if judged else
+                   " (no verdict: dispatch's family not timed on both)")
+        lines.append(f"pages {case} ({mine[0].shape}): {mine[0].impl} {_us(mine[0].time_us)} us / {page_of} "
+                     f"{base[0].impl} {_us(base[0].time_us)} us = {ratio:.3f}{verdict}")
+    return lines
+
+
+def target_lines(records: Sequence[Record]) -> list[str]:
+    """Per case with an mla-gen time on a 16-bit cache: dispatch's family against the reference peer (issues 11
+    and 12's bound where the case has one) or the copy bandwidth, and the peers it is not yet faster than; then
+    the bounds met and missed. Dispatch's family is the one the case's "+plan" row names, else the fastest."""
     lines: list[str] = []
     bounds: list[tuple[bool, str]] = []  # (met, what was missed)
     ahead = with_peers = 0
-    for case, recs in timed.items():
-        ours = [r for r in recs if r.impl.startswith(MLAGEN_PREFIX) and not r.impl.endswith(PLANNER_SUFFIX)]
-        if not ours:
+    for case, recs in _timed_16bit(records).items():
+        picked = _dispatched(recs)
+        if picked is None:
             continue
-        planned = {r.impl.removesuffix(PLANNER_SUFFIX) for r in recs
-                   if r.impl.startswith(MLAGEN_PREFIX) and r.impl.endswith(PLANNER_SUFFIX)}
-        fastest = min(ours, key=lambda r: r.time_us)
-        mine = next((r for r in ours if r.impl in planned), fastest)
+        mine, fastest = picked
         parts = [f"{mine.impl} {_us(mine.time_us)} us"
                  + (f" (fastest family {fastest.impl} {_us(fastest.time_us)} us)" if fastest is not mine else "")]
         peers = [r for r in recs if not r.impl.startswith(MLAGEN_PREFIX) and r.impl != TORCH_IMPL]

@@ -30,7 +30,7 @@ from mla_gen.bench.impls import (FP8_TOL, PEER_16BIT_NOTE, PEER_TOL, NotApplicab
 from mla_gen.bench.plot import plot_roofline
 from mla_gen.bench.report import (MLAGEN_PREFIX, PLANNER_SUFFIX, TORCH_IMPL, Check, HostTimes, Record, balance_lines,
                                   flush_line, format_table, fp8_lines, header_lines, json_document, make_record,
-                                  read_document, read_host, spin_lines, target_lines, with_16bit_ratio)
+                                  page_lines, read_document, read_host, spin_lines, target_lines, with_16bit_ratio)
 from mla_gen.bench.roofline import Ceilings
 from mla_gen.bench.timing import FLUSH, FLUSH_BYTES, SPIN_CYCLES, Timer, measure_ceilings
 from mla_gen.dispatch import DeviceInfo, device_info
@@ -366,7 +366,8 @@ def report(device: dict[str, Any], ceilings: Ceilings, records: Sequence[Record]
     print("\n".join(header_lines(device, ceilings) + [flush_line(settings)]))
     print(format_table(records))
     host_lines = host.lines() if host is not None else []
-    for line in balance_lines(records) + target_lines(records) + fp8_lines(records) + spin_lines(records) + host_lines:
+    for line in (balance_lines(records) + page_lines(records) + target_lines(records) + fp8_lines(records)
+                 + spin_lines(records) + host_lines):
         print(line)
     if opts.plot_path:
         n = plot_roofline(records, ceilings, opts.plot_path, f"MLA decode, {device.get('name')}, {device.get('date')}")
