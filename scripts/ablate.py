@@ -66,19 +66,22 @@ def _instrumented(decls: str, report: str) -> tuple[Edit, ...]:
 
 # "timeline": clock64 per event of warp 0 of each WG in CTA (0, 0), request 0's first 64 pairs, into a __device__
 # array that the launcher prints after its third call
-_STAMP = """__device__ unsigned long long g_stamps[4][64][12];
+_STAMP = """__device__ unsigned long long g_stamps[4][64][24];
 #define STAMP(e) \\
   if (blockIdx.x + blockIdx.y == 0 && (threadIdx.x & 127) == 0 && seg.req == 0 && it < 128) \\
   g_stamps[wg][it / 2][e] = clock64()
+#define USTAMP(u) \\
+  if (blockIdx.x + blockIdx.y == 0 && (threadIdx.x & 127) == 0 && seg.req == 0 && pair_no < 64) \\
+  g_stamps[wg][pair_no][12 + (u)] = clock64()
 #define PSTAMP(e) \\
   if (blockIdx.x + blockIdx.y == 0 && lane == 0 && seg.req == 0 && it < 128) g_stamps[2 + half][it / 2][e] = clock64()
 """
-_PRINT_STAMPS = """  static unsigned long long st[4][64][12];
+_PRINT_STAMPS = """  static unsigned long long st[4][64][24];
   cudaMemcpyFromSymbol(st, g_stamps, sizeof(st));
   for (int w = 0; w < 4; ++w)
     for (int i = 0; i < 64 && st[w][i][0]; ++i) {
       fprintf(stderr, w < 2 ? "stamp wg%d pair %2d:" : "stamp producer%d pair %2d:", w % 2, i);
-      for (int e = 0; e < 12; ++e)
+      for (int e = 0; e < 24; ++e)
         fprintf(stderr, " %lld", st[w][i][e] ? static_cast<long long>(st[w][i][e] - st[0][0][0]) : -1LL);
       fprintf(stderr, "\\n");
     }
@@ -92,7 +95,7 @@ _PRINT_STAMPS = """  static unsigned long long st[4][64][12];
   fprintf(stderr, "steady pairs 2..%d: %.0f cycles per pair (WG0 start to start)\\n", n - 3, len / (n - 5));
   for (int w = 0; w < 4; ++w) {
     fprintf(stderr, w < 2 ? "mean wg%d:" : "mean producer%d:", w % 2);
-    for (int e = 0; e < 12; ++e) {
+    for (int e = 0; e < 24; ++e) {
       double sum = 0;
       int k = 0;
       for (int i = 2; i < n - 2; ++i)
@@ -141,6 +144,10 @@ _TIMELINE = (
     _stamp("        wgmma_wait<0>();\n        fence_regs(o);\n        fence_regs(pa);\n"
            "        if (has_k1) release(b1, 1);  // K1R\n",
            before=8, after=10),
+    # each WG's Q K^T: its unit waits passed (events 12 + unit: the ckv blocks left to right, then the rope)
+    Edit("seesaw.cuh", "        if (wait) wait_unit(buf, blk);\n", "        if (wait) wait_unit(buf, blk);\n        USTAMP(blk);\n"),
+    Edit("seesaw.cuh", "      if (wait) wait_unit(buf, 2 * HB);\n",
+         "      if (wait) wait_unit(buf, 2 * HB);\n      USTAMP(2 * HB);\n"),
     # the producer warps: a half's free wait passed (buf 0: event 0, buf 1: event 2), its boxes issued (1, 3)
     Edit("seesaw.cuh", "        mbarrier_wait(free_bar, free_parity);\n        if (lane == 0) {\n",
          "        mbarrier_wait(free_bar, free_parity);\n        PSTAMP(2 * buf);\n        if (lane == 0) {\n"),
@@ -209,9 +216,10 @@ ABLATIONS: dict[str, Ablation] = {
         "reached). WG0: 0 pair start, 1 S0's boxes landed, 2 S0 retired, 3 P0 handed over, 4 P0 V0_L retired (K0L "
         "freed), 6 P1 received, 7 P1 V1_L issued, 9 K1L freed; WG1: 0 pair start, 1 S1's boxes landed, 2 P0 "
         "received, 3 S1 retired, 4 P0 V0_R issued, 5 P1 handed over, 6 P0 V0_R retired (K0R freed), 8 P1 V1_R "
-        "issued, 10 K1R freed; producer0 / producer1 (left / right halves): 0 K0's half free, 1 its boxes issued, "
-        "2 K1's half free, 3 its boxes issued; then each row's mean event times over the steady pairs, relative "
-        "to WG0's start of the same pair, and the mean pair length",
+        "issued, 10 K1R freed; both WGs, 12 + u: their Q K^T's wait for unit u passed (the ckv blocks left to right, "
+        "then the rope: when its boxes landed, or when the WG got there); producer0 / producer1 (left / right "
+        "halves): 0 K0's half free, 1 its boxes issued, 2 K1's half free, 3 its boxes issued; then each row's mean "
+        "event times over the steady pairs, relative to WG0's start of the same pair, and the mean pair length",
         _TIMELINE),
     "phases": Ablation(
         "seesaw", "not an ablation: each consumer CTA's clock64 cycles per phase (before a segment: the input "
