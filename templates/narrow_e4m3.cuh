@@ -158,9 +158,8 @@ __device__ __forceinline__ void produce_e4m3(const TmaParams& tp, int part, uint
     for (int it = 0; it < n_tiles; ++it, ++k) {
       const int st = k % kRing, t0 = (seg.blk_lo + it) * N;
       const uint32_t stage = s_base + L::kOffRing + st * L::kStageBytes;
-      if (box_rows == N) {  // whole-tile boxes: warp-uniform operands, each copy issued without a lane loop (seesaw)
-        const int page = __reduce_max_sync(0xffffffffu, bt_row[t0 / p.page_size]);  // every lane: the same entry
-        const int tok = __reduce_max_sync(0xffffffffu, t0 % p.page_size);
+      if (box_rows == N) {  // whole-tile boxes, one a block, issued by lane 0 from uniform operands
+        const auto [page, tok] = whole_tile_page(bt_row, t0, p.page_size);
         mbarrier_wait(empty + 8 * st, ((k / kRing) & 1) ^ 1);
         if (lane == 0) {
           mbarrier_arrive_expect_tx(full + 8 * st, N * L::kTokenBytes);

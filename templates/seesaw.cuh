@@ -213,12 +213,8 @@ __device__ __forceinline__ void produce(const TmaParams& tp, int part, int buf, 
       // the first wait on each free barrier passes (the phase before a fresh barrier's counts as complete)
       const uint32_t free_bar = s_free + 8 * (2 * b + half), free_parity = ((free_phase >> slot) & 1u) ^ 1u;
       free_phase ^= 1u << slot;
-      if (box_rows == N) {
-        // Whole-tile boxes (a page size that 64 divides): one box a block, its operands made warp-uniform (redux
-        // results live in uniform registers), so ptxas issues each copy as it stands, not inside a loop over the
-        // lanes' distinct values (PERF.md, twenty-eighth session).
-        const int page = __reduce_max_sync(0xffffffffu, bt_row[t0 / p.page_size]);  // every lane: the same entry
-        const int tok = __reduce_max_sync(0xffffffffu, t0 % p.page_size);
+      if (box_rows == N) {  // whole-tile boxes, one a block, issued by lane 0 from uniform operands
+        const auto [page, tok] = whole_tile_page(bt_row, t0, p.page_size);
         mbarrier_wait(free_bar, free_parity);
         if (lane == 0) {
 #pragma unroll

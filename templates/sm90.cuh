@@ -214,6 +214,18 @@ __host__ __device__ inline int tma_box_rows(int page_size) {
   return low < 64 ? low : 64;
 }
 
+// Where a TMA box is a whole 64-token tile (64 divides the page size): the tile's page (every lane reads the same
+// block-table entry) and its first token inside the page, made warp-uniform by a redux, whose result ptxas keeps in
+// a uniform register. A copy whose operands live in per-lane registers is issued inside a loop over the lanes'
+// distinct values; with these it is issued as it stands (a half's boxes: ~800 -> ~350 cycles; PERF.md,
+// twenty-eighth session).
+struct TilePage {
+  int page, tok;
+};
+__device__ __forceinline__ TilePage whole_tile_page(const int* bt_row, int t0, int page_size) {
+  return {__reduce_max_sync(0xffffffffu, bt_row[t0 / page_size]), __reduce_max_sync(0xffffffffu, t0 % page_size)};
+}
+
 // cuTensorMapEncodeTiled from the driver, found once through the runtime (no libcuda link); null if absent.
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
